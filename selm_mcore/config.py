@@ -71,12 +71,29 @@ class DataConfig:
     max_prompt_length: int = 512
     # Skip malformed rows (with a count) instead of stopping at the first one.
     skip_bad_rows: bool = False
+    # Collation: pad each micro-batch to a multiple of this many tokens ...
+    pad_to_multiple_of: int = 64
+    # ... or, when true, every micro-batch to max_length rounded up to that multiple (equal
+    # shapes for all micro-batches; pipeline parallelism needs this).
+    pad_to_max_length: bool = False
+    # Shuffle the epoch order (seeded by train.seed); false = file order.
+    shuffle: bool = True
 
     def validate(self) -> None:
+        for key in ("max_length", "max_prompt_length", "pad_to_multiple_of"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"data.max_prompt_length={self.max_prompt_length} must be < "
                 f"data.max_length={self.max_length}")
+
+    def seq_length(self) -> int | None:
+        """Fixed padded length T of every micro-batch, or None (pad each to the multiple)."""
+        if not self.pad_to_max_length:
+            return None
+        multiple = self.pad_to_multiple_of
+        return -(-self.max_length // multiple) * multiple
 
 
 @dataclass
@@ -85,8 +102,10 @@ class LossConfig:
     # The optimism weight as the paper and reference code expose it: the loss adds
     # alpha * beta * (logp_pi(y_ref) - logp_ref(y_ref)). alpha = 0 is iterative DPO.
     alpha: float = 1e-4
+    # "sigmoid" (DPO; what SELM uses) or "ipo" (TRL's IPO on token-averaged log-probs).
     loss_type: str = "sigmoid"
-    # Optional SFT (NLL) term on the chosen response, per token.
+    # Optional SFT (NLL) term on the chosen response, per token:
+    # sft_weight * (-logp_pi(y_w) / |y_w|).
     sft_weight: float = 0.0
 
     def validate(self) -> None:
@@ -95,6 +114,8 @@ class LossConfig:
             raise ConfigError(f"loss.beta={self.beta} must be > 0")
         if self.alpha < 0:
             raise ConfigError(f"loss.alpha={self.alpha} must be >= 0 (0 = iterative DPO)")
+        if self.sft_weight < 0:
+            raise ConfigError(f"loss.sft_weight={self.sft_weight} must be >= 0 (0 = no SFT term)")
 
 
 @dataclass
@@ -118,6 +139,8 @@ class OptimConfig:
 
     def lr_for_round(self, round_index: int) -> float:
         """Peak learning rate of 1-based round ``round_index``."""
+        if round_index < 1:
+            raise ValueError(f"round_index={round_index} must be >= 1 (rounds are 1-based)")
         if self.lr_per_round:
             return self.lr_per_round[min(round_index, len(self.lr_per_round)) - 1]
         return self.lr
@@ -135,8 +158,32 @@ class TrainConfig:
     log_interval: int = 1
     output_dir: str = "outputs/train"
     tensorboard: bool = True
+    # The round's starting policy and frozen reference: a Megatron checkpoint folder (the format
+    # of docs/architecture.md) or an HF folder; empty = model.hf_dir.
+    init_from: str = ""
+    # 1-based round number; picks optim.lr_per_round[round_index - 1] when that list is set.
+    round_index: int = 1
+    # "precomputed": reference log-probs from train.ref_cache (written by `selm refpass`);
+    # "onthefly": a frozen copy of the reference computes them every step (as the reference code).
+    reference_mode: str = "precomputed"
+    # Reference log-prob cache (safetensors); empty = <output_dir>/ref_logps.safetensors.
+    ref_cache: str = ""
+    # Micro-batch size of the forward-only reference pass; 0 = train.micro_batch_size.
+    refpass_micro_batch_size: int = 0
+    # Continue from <output_dir>/checkpoints/latest when it exists.
+    resume: bool = True
+    # Step checkpoints to keep (the newest); 0 = keep all.
+    keep_checkpoints: int = 2
 
     def validate(self) -> None:
+        for key in ("global_batch_size", "micro_batch_size", "epochs", "round_index",
+                    "log_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        for key in ("max_steps", "save_interval", "refpass_micro_batch_size", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        _choice("train.reference_mode", self.reference_mode, ("precomputed", "onthefly"))
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
@@ -157,10 +204,43 @@ class GenerationConfig:
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.85
     dtype: str = "auto"
+    # KV cache size in GiB (0 = vLLM's default: gpu_memory_utilization on GPU,
+    # VLLM_CPU_KVCACHE_SPACE or its automatic size on CPU).
+    kv_cache_memory_gb: float = 0.0
+    # Skip torch.compile / CUDA graphs: starts in ~2 s instead of 10-30 s on CPU (tests, tiny
+    # models); compiled is faster for long generations.
+    enforce_eager: bool = False
+    # Stop a data-parallel engine process after this many seconds (0 = no limit).
+    engine_timeout_s: int = 0
+    # Timeout of an in-place weight update through vLLM's collective_rpc (a bad call hangs).
+    reload_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if self.n < 1 or self.max_tokens < 1:
             raise ConfigError("generation.n and generation.max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(
+                f"generation.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p={self.top_p} must be in (0, 1]")
+        if self.n > 1 and self.temperature == 0:
+            raise ConfigError(
+                f"generation.n={self.n} with temperature=0 gives {self.n} identical greedy "
+                "responses; set generation.temperature > 0 (e.g. 0.7) or generation.n=1")
+        for key in ("tensor_parallel_size", "num_engines", "max_model_len"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"generation.{key}={getattr(self, key)} must be >= 1")
+        if self.max_tokens >= self.max_model_len:
+            raise ConfigError(
+                f"generation.max_tokens={self.max_tokens} must be < generation.max_model_len="
+                f"{self.max_model_len} (prompt + response must fit); raise max_model_len")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"generation.gpu_memory_utilization={self.gpu_memory_utilization} "
+                              "must be in (0, 1]")
+        _choice("generation.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        for key in ("kv_cache_memory_gb", "engine_timeout_s", "reload_timeout_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"generation.{key}={getattr(self, key)} must be >= 0")
 
 
 @dataclass
@@ -170,11 +250,22 @@ class RankingConfig:
     model_path: str = "llm-blender/PairRM"
     # Backbone folder/name for PairRM (microsoft/deberta-v3-large by default).
     backbone: str = ""
+    # "auto" = cuda when a GPU is visible, else cpu; or "cpu", "cuda", "cuda:N".
     device: str = "auto"
     batch_size: int = 8
+    # reward_model: tokens kept per prompt + response (the end is kept).
+    max_length: int = 2048
+    # verifiable: the row field holding the checkable answer.
+    answer_key: str = "answer"
 
     def validate(self) -> None:
         _choice("ranking.kind", self.kind, ("pairrm", "reward_model", "verifiable"))
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"ranking.device={self.device!r} must be auto, cpu, cuda or cuda:N")
+        if self.batch_size < 1 or self.max_length < 1:
+            raise ConfigError("ranking.batch_size and ranking.max_length must be >= 1")
+        if self.kind != "verifiable" and not self.model_path:
+            raise ConfigError(f"ranking.kind={self.kind} needs ranking.model_path")
 
 
 @dataclass
@@ -183,10 +274,36 @@ class OnlineConfig:
     workdir: str = "outputs/selm"
     # Prompts per round for the demo / smoke runs (0 = the full portion).
     max_prompts_per_round: int = 0
+    # Held-out prompts scored each round for the reports (0 = all of data.eval_prompts_path).
+    max_eval_prompts: int = 0
+    # After the last round, export the final policy and score it on the held-out prompts.
+    final_eval: bool = True
+    # Processes for the Megatron phases (refpass, train): torchrun when nproc_per_node * nnodes > 1.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    # Multi-node: a command prefix that starts one torchrun per node (e.g. "srun --nodes=8
+    # --ntasks-per-node=1"), and the c10d rendezvous host:port every node reaches.
+    launcher: str = ""
+    rdzv_endpoint: str = ""
+    rdzv_id: str = "selm"
+    # Stop a phase's subprocess after this many seconds (0 = no limit).
+    phase_timeout_s: int = 0
+    # Files above this size are hashed by size + three 1 MiB windows (weights, optimizer shards).
+    full_hash_max_mb: int = 64
 
     def validate(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"online.rounds={self.rounds} must be >= 1")
+        for key in ("nproc_per_node", "nnodes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"online.{key}={getattr(self, key)} must be >= 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(
+                f"online.nnodes={self.nnodes} needs online.rdzv_endpoint=HOST:PORT (the first "
+                "node's address), e.g. --set online.rdzv_endpoint=$MASTER_ADDR:29500")
+        for key in ("max_prompts_per_round", "max_eval_prompts", "phase_timeout_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"online.{key}={getattr(self, key)} must be >= 0 (0 = no limit)")
 
 
 @dataclass
@@ -253,10 +370,15 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> SelmConfig:
     """Build a validated SelmConfig from nested dicts, refusing unknown sections and keys."""
     cfg = SelmConfig()
     hints = typing.get_type_hints(SelmConfig)
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections "
+                          f"({', '.join(hints)}), got {type(raw).__name__}")
     for section_name, section_values in (raw or {}).items():
         if section_name not in hints:
             raise ConfigError(
                 f"{source}: unknown section {section_name!r}; known: {', '.join(hints)}")
+        if section_values is None:  # an empty section in YAML (`data:` and nothing under it)
+            continue
         if not isinstance(section_values, dict):
             raise ConfigError(f"{source}: section {section_name!r} must be a mapping")
         section = getattr(cfg, section_name)
@@ -279,7 +401,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-7")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})[key] = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        section_type = typing.get_type_hints(SelmConfig).get(section)
+        if section_type is not None and not isinstance(value, str) and \
+                typing.get_type_hints(section_type).get(key) is str:
+            value = text  # a string field takes the text as typed (a path like 2024, "001")
+        if raw.get(section) is None:
+            raw[section] = {}
+        elif not isinstance(raw[section], dict):
+            raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping in the file")
+        raw[section][key] = value
     return raw
 
 
@@ -293,6 +427,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} does not exist")
         raw = yaml.safe_load(path.read_text()) or {}
         source = str(path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, "
+                              f"got {type(raw).__name__}")
     return from_dict(apply_overrides(raw, overrides or []), source)
 
 

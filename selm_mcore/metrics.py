@@ -1,0 +1,128 @@
+"""Per-step training metrics: a log line, TensorBoard scalars, a JSONL file and a progress bar.
+
+Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetricsWriter`` with
+``enabled=False`` so call sites stay free of rank checks::
+
+    writer = StepMetricsWriter(out_dir, total_steps=100, enabled=ctx.rank == 0, resume_step=40)
+    writer.log(41, {"loss": 0.69, "lr": 1e-7, ...})
+    writer.close()
+
+``out_dir/metrics.jsonl`` holds one JSON object per logged step; on resume, lines of steps after
+``resume_step`` (written by the interrupted run after its last checkpoint) are dropped so the file
+reads as one continuous run. TensorBoard needs the ``tensorboard`` package (pip extra
+``selm-mcore[logging]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Keys shown in the one-line step summary, in this order, with their format.
+_LINE_FIELDS = (
+    ("loss", "loss {:.6f}"),
+    ("rewards/accuracies", "acc {:.3f}"),
+    ("rewards/margins", "margin {:.4g}"),
+    ("grad_norm", "gnorm {:.4g}"),
+    ("lr", "lr {:.3e}"),
+    ("tokens_per_s", "{:.0f} tok/s"),
+    ("step_time_s", "{:.2f} s/step"),
+    ("memory_gib", "mem {:.2f} GiB"),
+)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA) or peak resident set size of this process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def format_step_line(step: int, total_steps: int, metrics: dict[str, float]) -> str:
+    """``step 3/10 | loss 0.693147 | acc 0.500 | ...`` with the fields that are present."""
+    parts = [f"step {step}/{total_steps}"]
+    for key, fmt in _LINE_FIELDS:
+        if key in metrics and metrics[key] is not None:
+            parts.append(fmt.format(metrics[key]))
+    return " | ".join(parts)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics JSONL file (empty list if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class StepMetricsWriter:
+    """Writes each logged step to the log, TensorBoard, JSONL and a progress bar (rank 0 only)."""
+
+    def __init__(self, out_dir: str | Path, *, total_steps: int, enabled: bool,
+                 tensorboard: bool = False, resume_step: int = 0, log_interval: int = 1,
+                 progress_bar: bool = True):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.log_interval = max(1, log_interval)
+        self._tb = None
+        self._jsonl = None
+        self._bar = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jsonl_path = out_dir / "metrics.jsonl"
+        kept = [r for r in read_jsonl(jsonl_path) if r.get("step", 0) <= resume_step]
+        jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._jsonl = jsonl_path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError(
+                    "train.tensorboard=true needs the tensorboard package: "
+                    "pip install 'selm-mcore[logging]' (or set train.tensorboard=false)") from exc
+            # purge_step drops events of steps after the resumed checkpoint.
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step else None)
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=resume_step, desc="train", unit="step",
+                             dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of optimizer step ``step`` (1-based)."""
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{clean.get('loss', float('nan')):.4f}", refresh=False)
+        if step % self.log_interval == 0 or step == self.total_steps:
+            logger.info(format_step_line(step, self.total_steps, clean))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None

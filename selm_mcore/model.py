@@ -1,0 +1,341 @@
+"""Megatron-Core GPTModel in the Llama-3 layout, built from a Hugging Face ``LlamaConfig``.
+
+    ctx = init_parallel(tp=2, pp=2)
+    models = build_model(hf_config, ctx)              # one GPTModel chunk per virtual stage
+    logits = models[0](input_ids, position_ids)       # [B, T, V_padded / tp] on the last stage
+
+Layout: RMSNorm, SwiGLU MLP (``linear_fc1`` = [gate; up]), grouped-query attention with a fused
+``linear_qkv``, RoPE (non-interleaved, ``rope_theta``; scaling types "default", "linear" and
+"llama3" with the config's own factors), no biases, tied or untied embeddings, vocabulary padded
+to a multiple of ``make_vocab_size_divisible_by * tp``. Transformer Engine's layer spec is used
+on GPU when TE imports, Megatron's local spec otherwise (always on CPU); both keep the same
+dist-checkpoint keys. Configs outside this layout are refused (``UnsupportedModelError``), as are
+layouts that do not divide (``ParallelLayoutError``).
+
+Notes for callers:
+* RoPE positions are always 0..T-1 (Megatron's GPTModel ignores ``position_ids`` for RoPE), so
+  batches must be right-padded; padding is then excluded by the loss mask.
+* Each chunk carries ``hf_config`` (the source config) and ``true_vocab_size``; the logits'
+  columns >= true_vocab_size are padding.
+* Megatron's own llama3 scaling hard-codes low/high frequency factors 1/4 and an original
+  context of 8192; this module instead sets ``rotary_pos_emb.inv_freq`` from the config with
+  the same formula as transformers (``rope_inv_freq``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from selm_mcore.parallel import ParallelContext, ParallelLayoutError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class UnsupportedModelError(ValueError):
+    """The HF config describes a model outside the supported Llama-3 layout."""
+
+
+# --- config helpers ---------------------------------------------------------------------------
+
+
+def load_hf_config(hf_config_or_dir):
+    """An HF config object from a config object, a dict or a folder holding config.json."""
+    from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+
+    if isinstance(hf_config_or_dir, PretrainedConfig):
+        return hf_config_or_dir
+    if isinstance(hf_config_or_dir, dict):
+        return LlamaConfig(**hf_config_or_dir)
+    path = os.fspath(hf_config_or_dir)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}/config.json not found: pass an HF model folder")
+    return AutoConfig.from_pretrained(path)
+
+
+def head_dim(hf_config) -> int:
+    """Attention head size (``head_dim`` when set, else hidden_size / num_attention_heads)."""
+    value = getattr(hf_config, "head_dim", None)
+    return int(value) if value else hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def num_query_groups(hf_config) -> int:
+    """Key/value heads (GQA groups); equals the attention heads when the config omits it."""
+    return int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
+
+
+def rope_parameters(hf_config) -> dict[str, Any]:
+    """The RoPE parameters as one dict with ``rope_type`` and ``rope_theta`` (transformers 4/5)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params = dict(params)
+    if "rope_type" not in params:
+        params["rope_type"] = params.get("type", "default")
+    return params
+
+
+def rope_inv_freq(hf_config) -> torch.Tensor:
+    """fp32 inverse RoPE frequencies [head_dim / 2] exactly as transformers computes them.
+
+    "default": 1 / theta^(2i/d). "linear": divided by ``factor``. "llama3": wavelengths above
+    ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, those
+    below ``.../high_freq_factor`` are kept, and the band between is interpolated smoothly.
+    """
+    params = rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    dim = int(head_dim(hf_config) * params.get("partial_rotary_factor", 1.0))
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    if rope_type == "default":
+        return inv_freq
+    factor = params["factor"]
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low_freq_factor = params["low_freq_factor"]
+        high_freq_factor = params["high_freq_factor"]
+        old_context_len = params["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise UnsupportedModelError(
+        f"rope_parameters.rope_type={rope_type!r} is not supported; supported: "
+        f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def validate_hf_config(hf_config) -> None:
+    """Raise UnsupportedModelError if the config is not a plain Llama(-3) decoder."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"config.json model_type={model_type!r} is not supported: only Llama-architecture "
+            f"models ({', '.join(SUPPORTED_MODEL_TYPES)}) convert to the Megatron Llama-3 layout")
+    for key in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, key, False):
+            raise UnsupportedModelError(
+                f"config.json {key}=true is not supported: the Megatron Llama-3 layout has no "
+                "biases (use a model without linear biases)")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(
+            f"config.json hidden_act={act!r} is not supported: the SwiGLU MLP needs 'silu'")
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        if getattr(hf_config, key, None):
+            raise UnsupportedModelError(
+                f"config.json {key}={getattr(hf_config, key)} describes a mixture-of-experts "
+                "model; only dense Llama models are supported")
+    if getattr(hf_config, "sliding_window", None) or getattr(hf_config, "use_sliding_window",
+                                                             False):
+        raise UnsupportedModelError(
+            f"config.json sliding_window={getattr(hf_config, 'sliding_window', None)} is not "
+            "supported: the Megatron model uses full causal attention")
+    params = rope_parameters(hf_config)
+    if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"config.json rope scaling type {params['rope_type']!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError(
+            f"config.json partial_rotary_factor={params['partial_rotary_factor']} is not "
+            "supported: RoPE must cover the whole head")
+    if hf_config.num_attention_heads % num_query_groups(hf_config) != 0:
+        raise UnsupportedModelError(
+            f"config.json num_attention_heads={hf_config.num_attention_heads} must be a multiple "
+            f"of num_key_value_heads={num_query_groups(hf_config)}")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Vocabulary rounded up to a multiple of ``divisible_by * tp`` (Megatron's convention)."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
+                    padded_vocab: int | None = None) -> None:
+    """Raise ParallelLayoutError unless tp/pp/vpp divide the model's heads, groups and layers."""
+    groups = num_query_groups(hf_config)
+    checks = [
+        (hf_config.num_attention_heads, "model.num_attention_heads", tp, "parallel.tp"),
+        (groups, "model.num_key_value_heads (query groups)", tp, "parallel.tp"),
+        (hf_config.intermediate_size, "model.intermediate_size", tp, "parallel.tp"),
+        (hf_config.num_hidden_layers, "model.num_hidden_layers", pp * (vpp or 1),
+         "parallel.pp*vpp" if vpp else "parallel.pp"),
+    ]
+    if padded_vocab is not None:
+        checks.append((padded_vocab, "padded_vocab_size", tp, "parallel.tp"))
+    for total, what, parts, knob in checks:
+        if total % parts != 0:
+            options = [d for d in range(1, total + 1) if total % d == 0 and d <= 64]
+            raise ParallelLayoutError(
+                f"{knob}={parts} must divide {what}={total}; choose one of {options}")
+    if padded_vocab is not None and padded_vocab < hf_config.vocab_size:
+        raise ParallelLayoutError(
+            f"padded_vocab_size={padded_vocab} is smaller than model.vocab_size="
+            f"{hf_config.vocab_size}")
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+def _te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE fails with ImportError or OSError (missing cuDNN) when unusable
+        return False
+    return True
+
+
+def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
+                       recompute: bool = False, use_te: bool | None = None,
+                       init_weights: bool = True):
+    """Megatron TransformerConfig for the HF Llama config under ctx's layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = ctx.device.type == "cuda"
+    use_te = _te_available() if use_te is None else use_te
+    if params_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"params_dtype={params_dtype} is not supported: use float32 or bfloat16")
+    kwargs = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=num_query_groups(hf_config),
+        kv_channels=head_dim(hf_config),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        tensor_model_parallel_size=ctx.tp,
+        pipeline_model_parallel_size=ctx.pp,
+        virtual_pipeline_model_parallel_size=ctx.vpp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=init_weights,
+        transformer_impl="transformer_engine" if use_te else "local",
+        # Fused kernels need CUDA (and TE/apex); the unfused paths are the same maths.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=use_te,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # batch_p2p_comm=True gives wrong gradients with interleaved PP over gloo.
+        batch_p2p_comm=on_gpu,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
+                padded_vocab: int | None = None, recompute: bool = False,
+                make_vocab_size_divisible_by: int = 128, use_te: bool | None = None,
+                init_weights: bool = True) -> list:
+    """Build this rank's GPTModel chunks (one per virtual pipeline stage) for an HF Llama config.
+
+    Weights are randomly initialised (seeded by init_parallel; TP-invariant on CPU); load real
+    weights with ``selm_mcore.weights.load_hf_weights`` or ``load_model_checkpoint``.
+    ``padded_vocab`` overrides the padded vocabulary (e.g. the size a checkpoint was saved at).
+    ``init_weights=False`` skips the random initialisation (weights are loaded right after).
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    hf_config = load_hf_config(hf_config)
+    validate_hf_config(hf_config)
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(hf_config.vocab_size, ctx.tp, make_vocab_size_divisible_by)
+    validate_layout(hf_config, ctx.tp, ctx.pp, ctx.vpp, padded_vocab)
+
+    use_te = _te_available() if use_te is None else use_te
+    config = transformer_config(hf_config, ctx, params_dtype=params_dtype, recompute=recompute,
+                                use_te=use_te, init_weights=init_weights)
+    layer_spec = (get_gpt_layer_with_transformer_engine_spec() if use_te
+                  else get_gpt_layer_local_spec(normalization="RMSNorm"))
+    inv_freq = rope_inv_freq(hf_config).to(ctx.device)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+
+    models = []
+    for vp_stage in range(ctx.num_chunks):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=hf_config.max_position_embeddings,
+            pre_process=_is_first_chunk(ctx, vp_stage),
+            post_process=_is_last_chunk(ctx, vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=tied,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=int(rope_parameters(hf_config)["rope_theta"]),
+            vp_stage=vp_stage if ctx.vpp else None,
+        )
+        # Megatron's llama3 scaling hard-codes its constants: use the config's frequencies.
+        model.rotary_pos_emb.inv_freq = inv_freq.clone()
+        model.hf_config = hf_config
+        model.true_vocab_size = hf_config.vocab_size
+        if ctx.device.type == "cuda":
+            model.cuda(ctx.device)
+        models.append(model)
+    logger.info("built %d Megatron chunk(s): %d layers, hidden %d, vocab %d (padded %d), tp=%d "
+                "pp=%d vpp=%s, %s spec, %s", len(models), hf_config.num_hidden_layers,
+                hf_config.hidden_size, hf_config.vocab_size, padded_vocab, ctx.tp, ctx.pp,
+                ctx.vpp, "TE" if use_te else "local", params_dtype)
+    return models
+
+
+def _is_first_chunk(ctx: ParallelContext, vp_stage: int) -> bool:
+    return ctx.pp_rank == 0 and vp_stage == 0
+
+
+def _is_last_chunk(ctx: ParallelContext, vp_stage: int) -> bool:
+    return ctx.pp_rank == ctx.pp - 1 and vp_stage == ctx.num_chunks - 1
+
+
+def chunk_layer_numbers(hf_config, ctx: ParallelContext, vp_stage: int) -> list[int]:
+    """Global (0-based) layer indices held by chunk ``vp_stage`` of this pipeline rank.
+
+    Megatron's default split: the layers are cut into pp*vpp equal slices, slice
+    ``vp_stage * pp + pp_rank`` goes to this chunk.
+    """
+    return layers_of_stage(hf_config.num_hidden_layers, ctx.pp, ctx.num_chunks, ctx.pp_rank,
+                           vp_stage)
+
+
+def layers_of_stage(num_layers: int, pp: int, num_chunks: int, pp_rank: int,
+                    vp_stage: int) -> list[int]:
+    """Global layer indices of (pp_rank, vp_stage) under Megatron's even interleaved split."""
+    per_slice = num_layers // (pp * num_chunks)
+    start = (vp_stage * pp + pp_rank) * per_slice
+    return list(range(start, start + per_slice))

@@ -1,0 +1,801 @@
+"""HF <-> Megatron weights: name/layout maps, streaming load and export, model checkpoints.
+
+    load_hf_weights(models, hf_dir, ctx)        # each rank reads only its TP/PP slices
+    for name, tensor in iter_hf_weights(models, ctx): ...   # full HF tensors, yielded on rank 0
+    save_model_checkpoint(models, ctx, M, hf_config, tokenizer_dir)
+    meta = load_model_checkpoint(models, ctx, M)
+    hf_to_mcore(hf_dir, M, tp=2, pp=2)          # spawns tp*pp gloo/NCCL ranks itself
+    mcore_to_hf(M, out_dir)                      # HF folder that transformers and vLLM load
+
+Layout maps (Llama, HF -> Megatron, per layer):
+  input_layernorm            -> input_layernorm (local spec) | linear_qkv.layer_norm_weight (TE)
+  q_proj, k_proj, v_proj     -> linear_qkv, rows interleaved per query group:
+                                [q heads of group 0; k_0; v_0; q heads of group 1; k_1; v_1; ...],
+                                TP rank r holds groups [r*G/tp, (r+1)*G/tp)
+  o_proj                     -> linear_proj (row parallel: columns split over TP)
+  post_attention_layernorm   -> pre_mlp_layernorm | linear_fc1.layer_norm_weight (TE)
+  gate_proj, up_proj         -> linear_fc1 = [gate shard r; up shard r] on TP rank r
+  down_proj                  -> linear_fc2 (row parallel)
+  embed_tokens / lm_head     -> embedding.word_embeddings / output_layer, vocab rows split over
+                                TP and padded with zero rows up to the padded vocabulary; padding
+                                is stripped on export. Tied models export no lm_head.
+
+Streaming: HF safetensors are read tensor by tensor (only this rank's slice of each), and the
+exporter writes safetensors tensor by tensor (headers are planned from the config, so no shard
+is held in memory). Peak memory of a conversion is about one rank's share of the model plus
+one full tensor (see ``tools/convert_hf/README`` numbers in the module tests' report).
+
+Megatron checkpoint folder (see docs/architecture.md):
+    M/selm_checkpoint.json   format, vocab_size, padded_vocab_size, tp, pp, dtype, ...
+    M/hf/                    config.json, generation_config.json, tokenizer files
+    M/model/                 megatron dist checkpoint (torch_dist), global coordinates
+
+CLI: ``selm convert hf-to-mcore --hf-dir H --out-dir M --tp T --pp P`` and
+``selm convert mcore-to-hf --mcore-dir M --out-dir H2`` (also tools/convert_hf/*.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from selm_mcore.model import (
+    build_model,
+    head_dim,
+    layers_of_stage,
+    load_hf_config,
+    num_query_groups,
+    validate_hf_config,
+    validate_layout,
+)
+from selm_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, run_local_ranks
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "selm-mcore/1"
+META_FILE = "selm_checkpoint.json"
+HF_INDEX_FILE = "model.safetensors.index.json"
+HF_SINGLE_FILE = "model.safetensors"
+# Tokenizer and generation files copied along with the weights (whichever exist).
+HF_AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class WeightsError(ValueError):
+    """HF weights that do not fit the model (missing file or tensor, wrong shape, config)."""
+
+
+class CheckpointError(ValueError):
+    """A Megatron checkpoint folder that is missing, incomplete or does not fit the model."""
+
+
+# --- the parameter table: one row per Megatron parameter, in HF order -------------------------
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A Megatron parameter and the HF tensor(s) it holds."""
+
+    part: str                 # embedding | output | final_norm | input_norm | qkv | proj | ...
+    layer: int | None         # global 0-based layer, None outside the decoder layers
+    kind: str                 # vocab | qkv | fc1 | row | replicated  (how it is split over TP)
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    pp_rank: int              # owning pipeline stage
+    chunk: int                # owning virtual stage on that pipeline rank
+
+
+def _layer_rows(hf_config, layer: int) -> list[tuple[str, str, tuple, tuple]]:
+    h, f = hf_config.hidden_size, hf_config.intermediate_size
+    heads, groups, hd = hf_config.num_attention_heads, num_query_groups(hf_config), head_dim(
+        hf_config)
+    p = f"model.layers.{layer}."
+    return [
+        ("input_norm", "replicated", (p + "input_layernorm.weight",), ((h,),)),
+        ("qkv", "qkv",
+         (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+          p + "self_attn.v_proj.weight"),
+         ((heads * hd, h), (groups * hd, h), (groups * hd, h))),
+        ("proj", "row", (p + "self_attn.o_proj.weight",), ((h, heads * hd),)),
+        ("post_norm", "replicated", (p + "post_attention_layernorm.weight",), ((h,),)),
+        ("fc1", "fc1", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((f, h), (f, h))),
+        ("fc2", "row", (p + "mlp.down_proj.weight",), ((h, f),)),
+    ]
+
+
+def param_table(hf_config, pp: int, num_chunks: int) -> list[ParamSpec]:
+    """Every Megatron parameter of the model with its HF tensors and owner, in HF order.
+
+    The untied output layer is listed (lm_head); with tied embeddings the output layer is the
+    embedding and is not listed.
+    """
+    v, h, n = hf_config.vocab_size, hf_config.hidden_size, hf_config.num_hidden_layers
+    first, last = (0, 0), (pp - 1, num_chunks - 1)
+    owner = {}
+    for pp_rank in range(pp):
+        for chunk in range(num_chunks):
+            for layer in layers_of_stage(n, pp, num_chunks, pp_rank, chunk):
+                owner[layer] = (pp_rank, chunk)
+    table = [ParamSpec("embedding", None, "vocab", ("model.embed_tokens.weight",), ((v, h),),
+                       *first)]
+    for layer in range(n):
+        for part, kind, names, shapes in _layer_rows(hf_config, layer):
+            table.append(ParamSpec(part, layer, kind, names, shapes, *owner[layer]))
+    table.append(ParamSpec("final_norm", None, "replicated", ("model.norm.weight",), ((h,),),
+                           *last))
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        table.append(ParamSpec("output", None, "vocab", ("lm_head.weight",), ((v, h),), *last))
+    return table
+
+
+def _layer_param(layer, part: str) -> torch.nn.Parameter:
+    """A decoder layer's parameter by part name, for the local and the TE layer specs."""
+    attn, mlp = layer.self_attention, layer.mlp
+    if part == "input_norm":
+        fused = getattr(attn.linear_qkv, "layer_norm_weight", None)
+        return fused if fused is not None else layer.input_layernorm.weight
+    if part == "post_norm":
+        fused = getattr(mlp.linear_fc1, "layer_norm_weight", None)
+        return fused if fused is not None else layer.pre_mlp_layernorm.weight
+    return {"qkv": attn.linear_qkv, "proj": attn.linear_proj, "fc1": mlp.linear_fc1,
+            "fc2": mlp.linear_fc2}[part].weight
+
+
+def _local_param(models: Sequence, spec: ParamSpec) -> torch.nn.Parameter:
+    chunk = models[spec.chunk]
+    if spec.part == "embedding":
+        return chunk.embedding.word_embeddings.weight
+    if spec.part == "output":
+        return chunk.output_layer.weight
+    if spec.part == "final_norm":
+        return chunk.decoder.final_layernorm.weight
+    for layer in chunk.decoder.layers:
+        if layer.layer_number - 1 == spec.layer:
+            return _layer_param(layer, spec.part)
+    raise RuntimeError(
+        f"layer {spec.layer} is not in chunk {spec.chunk} of this pipeline rank (it holds "
+        f"{[lay.layer_number - 1 for lay in chunk.decoder.layers]}): Megatron's layer split "
+        "differs from selm_mcore.model.layers_of_stage")
+
+
+def _hf_config_of(models: Sequence):
+    hf_config = getattr(models[0], "hf_config", None)
+    if hf_config is None:
+        raise ValueError("models must come from selm_mcore.model.build_model (no hf_config)")
+    return hf_config
+
+
+# --- reading HF safetensors -------------------------------------------------------------------
+
+
+class SafetensorsReader:
+    """Reads (slices of) tensors from an HF folder's safetensors files, one tensor at a time."""
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.hf_dir = Path(hf_dir)
+        self._handles: dict[str, object] = {}
+        index_path = self.hf_dir / HF_INDEX_FILE
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            missing = sorted(set(weight_map.values()) - {p.name for p in self.hf_dir.iterdir()})
+            if missing:
+                example = next(k for k, v in weight_map.items() if v == missing[0])
+                raise WeightsError(
+                    f"{index_path} lists shard file(s) {missing} that are not in {self.hf_dir} "
+                    f"(e.g. tensor {example!r} lives in {missing[0]}); copy the complete model "
+                    "folder")
+            self.weight_map = dict(weight_map)
+        else:
+            files = ([self.hf_dir / HF_SINGLE_FILE] if (self.hf_dir / HF_SINGLE_FILE).is_file()
+                     else sorted(self.hf_dir.glob("*.safetensors")))
+            if not files:
+                raise WeightsError(
+                    f"no safetensors weights in {self.hf_dir} (expected {HF_SINGLE_FILE} or "
+                    f"{HF_INDEX_FILE} with its shards); save the model with "
+                    "save_pretrained(safe_serialization=True)")
+            self.weight_map = {}
+            for path in files:
+                for name in self._handle(path.name).keys():
+                    self.weight_map[name] = path.name
+
+    def _handle(self, file_name: str):
+        if file_name not in self._handles:
+            self._handles[file_name] = self._safe_open(str(self.hf_dir / file_name),
+                                                       framework="pt", device="cpu")
+        return self._handles[file_name]
+
+    def _slice(self, name: str):
+        if name not in self.weight_map:
+            raise WeightsError(f"tensor {name!r} is missing from the safetensors in {self.hf_dir}")
+        return self._handle(self.weight_map[name]).get_slice(name)
+
+    def read(self, name: str, expected_shape: tuple[int, ...], rows: slice | None = None,
+             cols: slice | None = None) -> torch.Tensor:
+        """Tensor ``name`` (only ``[rows, cols]`` of it), after checking its full shape."""
+        sl = self._slice(name)
+        shape = tuple(sl.get_shape())
+        if shape != tuple(expected_shape):
+            raise WeightsError(
+                f"tensor {name!r} in {self.hf_dir / self.weight_map[name]} has shape {shape}, "
+                f"config.json implies {tuple(expected_shape)}")
+        if rows is None and cols is None:
+            return sl[:]
+        if cols is None:
+            return sl[rows]
+        return sl[rows if rows is not None else slice(None), cols]
+
+
+def _local_shard(reader: SafetensorsReader, spec: ParamSpec, hf_config, tp: int, tp_rank: int,
+                 local_rows: int) -> torch.Tensor:
+    """This TP rank's slice of the Megatron parameter ``spec``, read from the HF tensors."""
+    names, shapes = spec.hf_names, spec.hf_shapes
+    if spec.kind == "replicated":
+        return reader.read(names[0], shapes[0])
+    if spec.kind == "row":
+        cols = shapes[0][1] // tp
+        return reader.read(names[0], shapes[0], cols=slice(tp_rank * cols, (tp_rank + 1) * cols))
+    if spec.kind == "fc1":
+        rows = shapes[0][0] // tp
+        part = slice(tp_rank * rows, (tp_rank + 1) * rows)
+        return torch.cat([reader.read(names[0], shapes[0], rows=part),
+                          reader.read(names[1], shapes[1], rows=part)])
+    if spec.kind == "qkv":
+        hd, hidden = head_dim(hf_config), hf_config.hidden_size
+        groups = num_query_groups(hf_config)
+        per_group = hf_config.num_attention_heads // groups
+        local_groups = groups // tp
+        g0, g1 = tp_rank * local_groups, (tp_rank + 1) * local_groups
+        q = reader.read(names[0], shapes[0], rows=slice(g0 * per_group * hd, g1 * per_group * hd))
+        k = reader.read(names[1], shapes[1], rows=slice(g0 * hd, g1 * hd))
+        v = reader.read(names[2], shapes[2], rows=slice(g0 * hd, g1 * hd))
+        return torch.cat([q.view(local_groups, per_group * hd, hidden),
+                          k.view(local_groups, hd, hidden),
+                          v.view(local_groups, hd, hidden)], dim=1).view(-1, hidden)
+    if spec.kind == "vocab":
+        vocab = shapes[0][0]
+        start = tp_rank * local_rows
+        stop = min(start + local_rows, vocab)
+        out = torch.zeros(local_rows, shapes[0][1], dtype=torch.float32)
+        if stop > start:
+            real = reader.read(names[0], shapes[0], rows=slice(start, stop))
+            out = out.to(real.dtype)
+            out[: stop - start] = real
+        return out
+    raise AssertionError(spec.kind)
+
+
+_CONFIG_KEYS_MUST_MATCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+
+
+def _check_same_architecture(model_config, hf_dir: Path) -> None:
+    dir_config = load_hf_config(hf_dir)
+    for key in _CONFIG_KEYS_MUST_MATCH:
+        a, b = getattr(model_config, key, None), getattr(dir_config, key, None)
+        if key == "num_key_value_heads":
+            a, b = num_query_groups(model_config), num_query_groups(dir_config)
+        if a != b:
+            raise WeightsError(
+                f"{hf_dir}/config.json has {key}={b} but the model was built with {key}={a}; "
+                "build the model from the same config.json")
+
+
+def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelContext) -> None:
+    """Copy HF safetensors weights into this rank's Megatron chunks (only its slices are read).
+
+    Raises WeightsError naming the file/tensor when a shard file or tensor is missing, a shape
+    does not match, or the folder's config.json describes another architecture.
+    """
+    hf_dir = Path(hf_dir)
+    hf_config = _hf_config_of(models)
+    _check_same_architecture(hf_config, hf_dir)
+    reader = SafetensorsReader(hf_dir)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    specs = [s for s in param_table(hf_config, ctx.pp, ctx.num_chunks) if s.pp_rank == ctx.pp_rank]
+    last_chunk = models[-1]
+    if (tied and ctx.is_last_stage and getattr(last_chunk, "output_layer", None) is not None
+            and last_chunk.output_layer.weight is not None):
+        # The last stage's copy of a tied embedding (pipeline parallel): load it from the
+        # embedding, as Megatron's embedding-group all-reduce would.
+        embed = param_table(hf_config, ctx.pp, ctx.num_chunks)[0]
+        specs.append(ParamSpec("output", None, "vocab", embed.hf_names, embed.hf_shapes,
+                               ctx.pp_rank, ctx.num_chunks - 1))
+    written = set()
+    with torch.no_grad():
+        for spec in specs:
+            param = _local_param(models, spec)
+            written.add(id(param))
+            shard = _local_shard(reader, spec, hf_config, ctx.tp, ctx.tp_rank, param.shape[0])
+            if tuple(shard.shape) != tuple(param.shape):
+                raise WeightsError(
+                    f"{spec.hf_names} give a shard of shape {tuple(shard.shape)} for the Megatron "
+                    f"{spec.part} parameter of shape {tuple(param.shape)} (tp={ctx.tp})")
+            param.copy_(shard)
+    unset = [name for i, model in enumerate(models) for name, p in model.named_parameters()
+             if id(p) not in written]
+    if unset:
+        raise WeightsError(f"no HF tensor maps to the Megatron parameter(s) {unset} of this "
+                           "layer spec; extend selm_mcore.weights.param_table")
+    logger.info("loaded %d HF tensors from %s (tp rank %d, pp rank %d)",
+                sum(len(s.hf_names) for s in specs), hf_dir, ctx.tp_rank, ctx.pp_rank)
+
+
+# --- export: full HF tensors, streamed -------------------------------------------------------
+
+
+def _split_full(spec: ParamSpec, shards: list[torch.Tensor], hf_config) -> list[torch.Tensor]:
+    """HF tensors of ``spec`` from its TP shards (ordered by TP rank)."""
+    if spec.kind == "replicated":
+        return [shards[0]]
+    if spec.kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if spec.kind == "vocab":
+        return [torch.cat(shards)[: spec.hf_shapes[0][0]]]
+    if spec.kind == "fc1":
+        halves = [s.chunk(2) for s in shards]
+        return [torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])]
+    if spec.kind == "qkv":
+        hd, hidden = head_dim(hf_config), hf_config.hidden_size
+        groups = num_query_groups(hf_config)
+        per_group = hf_config.num_attention_heads // groups
+        full = torch.cat(shards).view(groups, per_group + 2, hd, hidden)
+        return [full[:, :per_group].reshape(-1, hidden), full[:, per_group].reshape(-1, hidden),
+                full[:, per_group + 1].reshape(-1, hidden)]
+    raise AssertionError(spec.kind)
+
+
+def iter_hf_weights(models: Sequence, ctx: ParallelContext
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for the whole model on global rank 0, one tensor at a time.
+
+    Every rank must iterate this generator to the end: ranks other than 0 yield nothing but take
+    part in the TP all-gathers and the pipeline sends (data-parallel replicas other than the
+    first return at once). Tensors are on ``ctx.device`` in the parameter dtype, vocabulary
+    padding stripped, HF order (embed_tokens, layers, norm, lm_head when untied).
+    """
+    if ctx.dp_rank != 0:
+        return
+    hf_config = _hf_config_of(models)
+    dtype = next(models[0].parameters()).dtype
+    stage0_rank = dist.get_global_rank(ctx.pp_group, 0) if ctx.pp > 1 else 0
+    for spec in param_table(hf_config, ctx.pp, ctx.num_chunks):
+        tensors = None
+        if ctx.pp_rank == spec.pp_rank:
+            local = _local_param(models, spec).detach()
+            if ctx.tp > 1 and spec.kind != "replicated":
+                shards = [torch.empty_like(local) for _ in range(ctx.tp)]
+                dist.all_gather(shards, local.contiguous(), group=ctx.tp_group)
+            else:
+                shards = [local]
+            if ctx.tp_rank == 0:
+                tensors = _split_full(spec, shards, hf_config)
+                if ctx.pp_rank != 0:
+                    for tensor in tensors:
+                        dist.send(tensor.contiguous(), dst=stage0_rank, group=ctx.pp_group)
+        elif ctx.pp_rank == 0 and ctx.tp_rank == 0:
+            src = dist.get_global_rank(ctx.pp_group, spec.pp_rank)
+            tensors = [torch.empty(shape, dtype=dtype, device=ctx.device)
+                       for shape in spec.hf_shapes]
+            for tensor in tensors:
+                dist.recv(tensor, src=src, group=ctx.pp_group)
+        if ctx.rank == 0:
+            yield from zip(spec.hf_names, tensors)
+
+
+class StreamingSafetensorsWriter:
+    """Writes HF safetensors shards tensor by tensor from a plan of (name, shape) in order.
+
+    The headers are computed up front from the plan, so each tensor is written to disk as it
+    arrives and nothing is buffered. Writes an index when there is more than one shard.
+    """
+
+    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.out_dir, self.dtype = Path(out_dir), dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
+        size = 0
+        for name, shape in plan:
+            nbytes = itemsize * int(torch.Size(shape).numel())
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), nbytes))
+            size += nbytes
+        n = len(shards)
+        self.files = ([HF_SINGLE_FILE] if n == 1 else
+                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self._expected = [(name, shape, i) for i, shard in enumerate(shards)
+                          for name, shape, _ in shard]
+        self._shards = shards
+        self._pos = 0
+        self._file = None
+        self._file_idx = -1
+        self.total_bytes = sum(nb for shard in shards for *_, nb in shard)
+
+    def _open(self, idx: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header, offset = {}, 0
+        for name, shape, nbytes in self._shards[idx]:
+            header[name] = {"dtype": _ST_DTYPES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.out_dir / self.files[idx], "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self._file_idx = idx
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the plan (names must come in plan order)."""
+        exp_name, exp_shape, idx = self._expected[self._pos]
+        if name != exp_name or tuple(tensor.shape) != exp_shape:
+            raise RuntimeError(f"export order: got {name} {tuple(tensor.shape)}, expected "
+                               f"{exp_name} {exp_shape}")
+        if idx != self._file_idx:
+            self._open(idx)
+        data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        self._file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._pos += 1
+
+    def close(self) -> None:
+        """Finish the last file and write the index for sharded output."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._pos != len(self._expected):
+            raise RuntimeError(f"export incomplete: wrote {self._pos} of {len(self._expected)}")
+        if len(self.files) > 1:
+            weight_map = {name: self.files[idx] for name, _, idx in self._expected}
+            (self.out_dir / HF_INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+                indent=2) + "\n")
+
+
+def export_plan(hf_config) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every exported tensor, in the order iter_hf_weights yields them."""
+    return [(name, shape) for spec in param_table(hf_config, 1, 1)
+            for name, shape in zip(spec.hf_names, spec.hf_shapes)]
+
+
+def write_hf_config_files(hf_config, out_dir: Path, aux_dir: Path | None,
+                          dtype: torch.dtype | None = None) -> None:
+    """config.json (dtype set, architectures LlamaForCausalLM) + tokenizer/generation files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = hf_config.to_diff_dict()
+    config.pop("_name_or_path", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    if dtype is not None:
+        config["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+        config.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if aux_dir is not None:
+        for name in HF_AUX_FILES:
+            if (Path(aux_dir) / name).is_file():
+                shutil.copyfile(Path(aux_dir) / name, out_dir / name)
+        if not (out_dir / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(hf_config).save_pretrained(str(out_dir))
+
+
+def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike,
+              aux_dir: str | os.PathLike | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write the model as an HF folder (rank 0 writes; every rank must call this)."""
+    hf_config = _hf_config_of(models)
+    dtype = next(models[0].parameters()).dtype
+    out_dir = Path(out_dir)
+    writer = None
+    if ctx.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = StreamingSafetensorsWriter(out_dir, export_plan(hf_config), dtype,
+                                            max_shard_bytes)
+    for name, tensor in iter_hf_weights(models, ctx):
+        writer.write(name, tensor)
+        del tensor
+    if ctx.rank == 0:
+        writer.close()
+        write_hf_config_files(hf_config, out_dir, Path(aux_dir) if aux_dir else None, dtype)
+        logger.info("wrote HF folder %s (%d file(s), %.1f MB)", out_dir, len(writer.files),
+                    writer.total_bytes / 1e6)
+    if dist.is_initialized() and ctx.world_size > 1:
+        dist.barrier()
+
+
+# --- Megatron checkpoints ---------------------------------------------------------------------
+
+
+def _sharded_state_dict(models: Sequence) -> dict:
+    # One sub-dict per chunk: the dict paths differ per chunk, but the storage keys inside the
+    # ShardedTensors are global (layer axis, vocab rows), so the checkpoint does not depend on
+    # tp, pp or vpp.
+    return {f"chunk{i}": model.sharded_state_dict(prefix="") for i, model in enumerate(models)}
+
+
+def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str | os.PathLike,
+                          hf_config=None, tokenizer_dir: str | os.PathLike | None = None,
+                          extra_meta: dict | None = None) -> None:
+    """Save the model as a selm-mcore checkpoint folder (every rank calls this).
+
+    Writes M/model (Megatron dist checkpoint, torch_dist), M/hf (config + tokenizer files from
+    ``tokenizer_dir``) and, last, M/selm_checkpoint.json, whose presence marks a complete save.
+    """
+    from megatron.core import dist_checkpointing
+
+    hf_config = hf_config if hf_config is not None else _hf_config_of(models)
+    ckpt_dir = Path(ckpt_dir)
+    model_dir = ckpt_dir / "model"
+    if ctx.rank == 0:
+        if model_dir.exists() and any(model_dir.iterdir()):
+            raise CheckpointError(
+                f"{model_dir} exists and is not empty; remove it or save to another folder")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / META_FILE).unlink(missing_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(models), str(model_dir))
+    if ctx.rank == 0:
+        write_hf_config_files(hf_config, ckpt_dir / "hf",
+                              Path(tokenizer_dir) if tokenizer_dir else None)
+        params_dtype = next(models[0].parameters()).dtype
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "vocab_size": hf_config.vocab_size,
+            "padded_vocab_size": models[0].vocab_size,
+            "num_layers": hf_config.num_hidden_layers,
+            "hidden_size": hf_config.hidden_size,
+            "tie_word_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
+            "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[params_dtype],
+            "tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp,
+            **(extra_meta or {}),
+        }
+        (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    dist.barrier()
+    logger.info("saved Megatron checkpoint %s", ckpt_dir)
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
+    """selm_checkpoint.json of a checkpoint folder, checked for format and completeness."""
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{meta_path} not found: {ckpt_dir} is not a complete selm-mcore checkpoint (an "
+            "interrupted save, or an HF folder: convert it with tools/convert_hf/hf_to_mcore.py)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}, this version "
+                              f"reads {CHECKPOINT_FORMAT!r}")
+    if not (ckpt_dir / "model").is_dir() or not (ckpt_dir / "hf" / "config.json").is_file():
+        raise CheckpointError(f"{ckpt_dir} lacks model/ or hf/config.json")
+    return meta
+
+
+def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
+                          ckpt_dir: str | os.PathLike) -> dict:
+    """Load a selm-mcore checkpoint into this rank's chunks (any tp/pp/vpp); returns its meta.
+
+    Raises CheckpointError when the checkpoint's (padded) vocabulary or shape differs from the
+    model's: build the model with ``build_model_from_checkpoint`` or
+    ``build_model(..., padded_vocab=meta["padded_vocab_size"])``.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_checkpoint_meta(ckpt_dir)
+    hf_config = _hf_config_of(models)
+    model_padded = models[0].vocab_size
+    if meta["vocab_size"] != hf_config.vocab_size or meta["padded_vocab_size"] != model_padded:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} was saved with vocab_size={meta['vocab_size']} (padded "
+            f"{meta['padded_vocab_size']}), but the model has vocab_size={hf_config.vocab_size} "
+            f"(padded {model_padded}); build the model from the checkpoint's hf/config.json with "
+            f"padded_vocab={meta['padded_vocab_size']} (selm_mcore.weights."
+            "build_model_from_checkpoint)")
+    for key, value in (("num_layers", hf_config.num_hidden_layers),
+                       ("hidden_size", hf_config.hidden_size)):
+        if meta[key] != value:
+            raise CheckpointError(f"checkpoint {ckpt_dir} has {key}={meta[key]}, the model "
+                                  f"{key}={value}")
+    state = dist_checkpointing.load(_sharded_state_dict(models), str(ckpt_dir / "model"))
+    for i, model in enumerate(models):
+        result = model.load_state_dict(state[f"chunk{i}"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt_dir} did not provide {missing}")
+    logger.info("loaded Megatron checkpoint %s (saved at tp=%s pp=%s) at tp=%d pp=%d", ckpt_dir,
+                meta.get("tp"), meta.get("pp"), ctx.tp, ctx.pp)
+    return meta
+
+
+def build_model_from_checkpoint(ckpt_dir: str | os.PathLike, ctx: ParallelContext, *,
+                                params_dtype: torch.dtype | None = None, recompute: bool = False):
+    """(models, hf_config, meta): build the model for a checkpoint folder and load it."""
+    meta = read_checkpoint_meta(ckpt_dir)
+    hf_config = load_hf_config(Path(ckpt_dir) / "hf")
+    dtype = params_dtype or _DTYPE_NAMES[meta.get("dtype", "fp32")]
+    models = build_model(hf_config, ctx, params_dtype=dtype,
+                         padded_vocab=meta["padded_vocab_size"], recompute=recompute,
+                         init_weights=False)
+    load_model_checkpoint(models, ctx, ckpt_dir)
+    return models, hf_config, meta
+
+
+# --- converters -------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _checkpoint_dtype(hf_config, dtype: str) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPE_NAMES[dtype]
+    source = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
+    return torch.bfloat16 if "bfloat16" in source else torch.float32
+
+
+def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str) -> None:
+    ctx = init_parallel(tp=tp, pp=pp)
+    try:
+        hf_config = load_hf_config(hf_dir)
+        models = build_model(hf_config, ctx, params_dtype=_checkpoint_dtype(hf_config, dtype),
+                             init_weights=False)
+        load_hf_weights(models, hf_dir, ctx)
+        save_model_checkpoint(models, ctx, out_dir, hf_config, tokenizer_dir=hf_dir)
+        logger.warning("rank %d: peak RSS %.0f MB", ctx.rank, _peak_rss_mb())
+    finally:
+        destroy_parallel()
+
+
+def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int,
+                      max_shard_bytes: int) -> None:
+    ctx = init_parallel(tp=tp, pp=pp)
+    try:
+        models, _, _ = build_model_from_checkpoint(mcore_dir, ctx)
+        export_hf(models, ctx, out_dir, aux_dir=Path(mcore_dir) / "hf",
+                  max_shard_bytes=max_shard_bytes)
+        logger.warning("rank %d: peak RSS %.0f MB", ctx.rank, _peak_rss_mb())
+    finally:
+        destroy_parallel()
+
+
+def _in_matching_launch(nprocs: int) -> bool:
+    if dist.is_initialized():
+        if dist.get_world_size() != nprocs:
+            raise RuntimeError(f"this process group has {dist.get_world_size()} ranks, the "
+                               f"conversion needs tp*pp={nprocs}")
+        return True
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == nprocs
+
+
+def _launch(argv: list[str], nprocs: int, timeout_s: float) -> None:
+    run_local_ranks(["-m", "selm_mcore.weights", *argv], nprocs, timeout_s=timeout_s,
+                    echo_rank0=True)
+
+
+def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
+                *, dtype: str = "auto", timeout_s: float = 3600.0) -> None:
+    """Convert an HF Llama folder into a selm-mcore checkpoint, sharded over tp*pp ranks.
+
+    The inputs are validated here first (config, layout, shard files); then, unless this
+    process is already one of tp*pp launched ranks, tp*pp local processes do the conversion
+    (each reads only its slices). ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32),
+    fp32 or bf16.
+    """
+    hf_config = load_hf_config(hf_dir)
+    validate_hf_config(hf_config)
+    validate_layout(hf_config, tp, pp)
+    SafetensorsReader(hf_dir)  # missing shard files fail here, before any process starts
+    if _in_matching_launch(tp * pp):
+        _hf_to_mcore_rank(str(hf_dir), str(out_dir), tp, pp, dtype)
+    else:
+        _launch(["_hf-to-mcore-rank", str(hf_dir), str(out_dir), str(tp), str(pp), dtype],
+                tp * pp, timeout_s)
+    logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
+
+
+def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1,
+                pp: int = 1, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                timeout_s: float = 3600.0) -> None:
+    """Export a selm-mcore checkpoint (saved at any tp/pp) to an HF folder.
+
+    One process by default (tp=pp=1); larger tp/pp spread the model over more local processes.
+    Writes config.json, model.safetensors (sharded above ``max_shard_bytes``, with an index),
+    the tokenizer files and generation_config.json; vocabulary padding is stripped.
+    """
+    meta = read_checkpoint_meta(mcore_dir)
+    validate_layout(load_hf_config(Path(mcore_dir) / "hf"), tp, pp,
+                    padded_vocab=meta["padded_vocab_size"])
+    if _in_matching_launch(tp * pp):
+        _mcore_to_hf_rank(str(mcore_dir), str(out_dir), tp, pp, max_shard_bytes)
+    else:
+        _launch(["_mcore-to-hf-rank", str(mcore_dir), str(out_dir), str(tp), str(pp),
+                 str(max_shard_bytes)], tp * pp, timeout_s)
+    logger.info("exported %s -> %s", mcore_dir, out_dir)
+
+
+# --- command line (``selm convert``, tools/convert_hf/*.py, and spawned ranks) ----------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``selm convert hf-to-mcore|mcore-to-hf`` arguments."""
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_mcore = sub.add_parser("hf-to-mcore", help="HF Llama folder -> Megatron checkpoint")
+    add_hf_to_mcore_arguments(to_mcore)
+    to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF folder")
+    add_mcore_to_hf_arguments(to_hf)
+
+
+def add_hf_to_mcore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-dir", required=True, help="HF model folder (safetensors)")
+    parser.add_argument("--out-dir", required=True, help="checkpoint folder to write")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--timeout-s", type=float, default=3600.0)
+
+
+def add_mcore_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mcore-dir", required=True, help="selm-mcore checkpoint folder")
+    parser.add_argument("--out-dir", required=True, help="HF folder to write")
+    parser.add_argument("--tp", type=int, default=1, help="ranks to spread the export over")
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
+    parser.add_argument("--timeout-s", type=float, default=3600.0)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run a conversion from parsed arguments (``selm convert`` and the tools/ CLIs)."""
+    if args.direction == "hf-to-mcore":
+        hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, dtype=args.dtype,
+                    timeout_s=args.timeout_s)
+    else:
+        mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
+                    max_shard_bytes=int(args.max_shard_gb * 1024**3), timeout_s=args.timeout_s)
+    return 0
+
+
+def _rank_main(argv: list[str]) -> None:
+    """Entry of a spawned conversion rank: ``python -m selm_mcore.weights _<job>-rank ...``."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    job, *rest = argv
+    if job == "_hf-to-mcore-rank":
+        hf_dir, out_dir, tp, pp, dtype = rest
+        _hf_to_mcore_rank(hf_dir, out_dir, int(tp), int(pp), dtype)
+    elif job == "_mcore-to-hf-rank":
+        mcore_dir, out_dir, tp, pp, max_shard_bytes = rest
+        _mcore_to_hf_rank(mcore_dir, out_dir, int(tp), int(pp), int(max_shard_bytes))
+    else:
+        raise SystemExit(f"unknown job {job!r}")
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1:])
