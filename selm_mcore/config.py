@@ -290,11 +290,14 @@ class OnlineConfig:
     phase_timeout_s: int = 0
     # Files above this size are hashed by size + three 1 MiB windows (weights, optimizer shards).
     full_hash_max_mb: int = 64
+    # Local processes the policy export (Megatron -> HF for vLLM) is spread over; each holds
+    # about 1/export_tp of the model in CPU memory.
+    export_tp: int = 1
 
     def validate(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"online.rounds={self.rounds} must be >= 1")
-        for key in ("nproc_per_node", "nnodes"):
+        for key in ("nproc_per_node", "nnodes", "export_tp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"online.{key}={getattr(self, key)} must be >= 1")
         if self.nnodes > 1 and not self.rdzv_endpoint:

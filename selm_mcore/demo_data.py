@@ -9,8 +9,8 @@ Every row is an UltraFeedback-binarized preference row (see ``selm_mcore.data``)
      "answer": "42"}
 
 The chosen response is the right answer, the rejected one a plausible mistake (off by one or
-ten, or the result of another operation). The held-out set (different operands, prompt-only
-rows with ``answer``) feeds the per-round reports. Generation is deterministic in ``seed``.
+ten, or the result of another operation). The held-out set (other questions, with ``answer``
+and the right answer as ``chosen``) feeds the per-round reports. Generation is deterministic in ``seed``.
 
     python -m selm_mcore.demo_data OUT_DIR [--train 64] [--eval 32] [--seed 0]
 
@@ -95,10 +95,16 @@ def train_rows(count: int, seed: int = 0) -> list[dict]:
 
 
 def eval_rows(count: int, seed: int = 0, train_count: int = 0) -> list[dict]:
-    """Held-out prompt-only rows (no question shared with the first ``train_count`` train rows)."""
+    """Held-out rows (no question shared with the first ``train_count`` train rows). ``chosen``
+    holds the right answer: the anchor a pairwise ranker (PairRM) compares responses against."""
     exclude = {p.question for p in make_problems(train_count, seed)} if train_count else set()
-    return [{"prompt_id": f"arith-eval-{i:04d}", "prompt": p.question, "answer": str(p.answer)}
-            for i, p in enumerate(make_problems(count, seed + 1000, exclude))]
+    rows = []
+    for i, problem in enumerate(make_problems(count, seed + 1000, exclude)):
+        user = {"role": "user", "content": problem.question}
+        rows.append({"prompt_id": f"arith-eval-{i:04d}", "prompt": problem.question,
+                     "chosen": [user, {"role": "assistant", "content": str(problem.answer)}],
+                     "answer": str(problem.answer)})
+    return rows
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:

@@ -19,8 +19,6 @@ excluded from the softmax (parity with HF).
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from selm_mcore.kernels.torch_logprobs import (
@@ -30,8 +28,6 @@ from selm_mcore.kernels.torch_logprobs import (
     tp_size_rank,
     vocab_shard,
 )
-
-logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "chunked", "torch")
 
@@ -83,7 +79,8 @@ def vocab_parallel_logprobs(
 
     Args:
         logits: [B, T, V/tp] (Megatron's parallel_output=True layout) or [N, V/tp]; bf16, fp16
-            or fp32; any strides. This rank holds global columns [tp_rank*V/tp, (tp_rank+1)*V/tp).
+            or fp32; any strides (sequence-first [T, B, V/tp] goes in as .transpose(0, 1), no
+            copy). This rank holds global columns [tp_rank*V/tp, (tp_rank+1)*V/tp).
         labels: global vocabulary ids, shape logits.shape[:-1].
         loss_mask: same shape, nonzero = counted, or None (all counted).
         tp_group: the tensor-parallel process group, None for TP=1.
@@ -91,7 +88,8 @@ def vocab_parallel_logprobs(
             None = every column is a real token.
         backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "chunked", "torch".
         inplace_backward: write the logits' gradient into the logits buffer; only when the
-            caller guarantees nothing else reads the logits after this call.
+            caller guarantees nothing else reads the logits after this call (not used by
+            backend="torch").
         check_labels: raise on counted labels outside [0, vocab_size) (one host sync).
 
     Returns:

@@ -305,6 +305,8 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
         model.rotary_pos_emb.inv_freq = inv_freq.clone()
         model.hf_config = hf_config
         model.true_vocab_size = hf_config.vocab_size
+        if not init_weights:
+            _mark_tensor_parallel_weights(model)
         if ctx.device.type == "cuda":
             model.cuda(ctx.device)
         models.append(model)
@@ -313,6 +315,27 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
                 hf_config.hidden_size, hf_config.vocab_size, padded_vocab, ctx.tp, ctx.pp,
                 ctx.vpp, "TE" if use_te else "local", params_dtype)
     return models
+
+
+def _mark_tensor_parallel_weights(model) -> None:
+    """Set the tensor-parallel attributes Megatron skips when perform_initialization=False.
+
+    Megatron's local layers mark their weights ``tensor_model_parallel`` only inside the random
+    initialisation; without them the optimizer treats every weight shard as a TP replica, so the
+    gradient norm (and clipping) only counts TP rank 0's shards. (Added by the trainer owner.)
+    """
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    for module in model.modules():
+        if isinstance(module, (tp_layers.ColumnParallelLinear, tp_layers.VocabParallelEmbedding)):
+            partition_dim = 0
+        elif isinstance(module, tp_layers.RowParallelLinear):
+            partition_dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            tp_layers.set_tensor_model_parallel_attributes(weight, True, partition_dim, 1)
 
 
 def _is_first_chunk(ctx: ParallelContext, vp_stage: int) -> bool:

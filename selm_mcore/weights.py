@@ -648,8 +648,13 @@ def build_model_from_checkpoint(ckpt_dir: str | os.PathLike, ctx: ParallelContex
 # --- converters -------------------------------------------------------------------------------
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _log_peak_rss(ctx: ParallelContext, job: str) -> None:
+    """Rank 0 logs every rank's peak resident memory (MB) so far."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks = [None] * ctx.world_size
+    dist.all_gather_object(peaks, round(peak_mb))
+    if ctx.rank == 0:
+        logger.info("%s: peak RSS per rank %s MB", job, " ".join(str(p) for p in peaks))
 
 
 def _checkpoint_dtype(hf_config, dtype: str) -> torch.dtype:
@@ -667,7 +672,7 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str) -
                              init_weights=False)
         load_hf_weights(models, hf_dir, ctx)
         save_model_checkpoint(models, ctx, out_dir, hf_config, tokenizer_dir=hf_dir)
-        logger.warning("rank %d: peak RSS %.0f MB", ctx.rank, _peak_rss_mb())
+        _log_peak_rss(ctx, "hf_to_mcore")
     finally:
         destroy_parallel()
 
@@ -679,7 +684,7 @@ def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int,
         models, _, _ = build_model_from_checkpoint(mcore_dir, ctx)
         export_hf(models, ctx, out_dir, aux_dir=Path(mcore_dir) / "hf",
                   max_shard_bytes=max_shard_bytes)
-        logger.warning("rank %d: peak RSS %.0f MB", ctx.rank, _peak_rss_mb())
+        _log_peak_rss(ctx, "mcore_to_hf")
     finally:
         destroy_parallel()
 

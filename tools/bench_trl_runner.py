@@ -20,7 +20,8 @@ What it measures, chosen to match our trainer's benchmark (selm_mcore/bench.py) 
 * step time = wall time between consecutive optimizer-step ends (data collation, forwards,
   backward, clipping and the AdamW update included); the first ``--warmup-steps`` are dropped;
 * tokens = non-pad tokens fed to the policy (prompt+chosen and prompt+rejected of every pair);
-* peak memory = the process's peak resident set (ru_maxrss), and the RSS after imports.
+* peak memory = the process's peak resident set (ru_maxrss) after training; also the RSS
+  after imports.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import time
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", required=True, help="HF Llama folder (config, weights, tokenizer)")
+    p.add_argument("--model-dir", required=True, help="HF Llama folder (config, weights, tokens)")
     p.add_argument("--pairs", required=True, help="JSONL of preference pairs (see module doc)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per forward")
     p.add_argument("--global-batch-size", type=int, default=1, help="pairs per optimizer step")
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     pretokenized = all("prompt_ids" in r for r in rows)
-    keys = ("prompt_ids", "chosen_ids", "rejected_ids") if pretokenized else ("prompt", "chosen", "rejected")
+    keys = (("prompt_ids", "chosen_ids", "rejected_ids") if pretokenized
+            else ("prompt", "chosen", "rejected"))
     dataset = Dataset.from_list([{k: r[k] for k in keys} for r in rows])
     accum = args.global_batch_size // args.micro_batch_size
     total_steps = args.warmup_steps + args.steps
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
                          f"{args.steps}) x global batch {args.global_batch_size}; write more pairs")
 
     class PretokenizedDPOTrainer(DPOTrainer):
-        """DPOTrainer that takes our token ids as they are (TRL's collator, loss and step unchanged)."""
+        """DPOTrainer on our token ids as they are (TRL's collator, loss and step unchanged)."""
 
         tokens_seen = 0
         padded_tokens_seen = 0
@@ -104,13 +106,15 @@ def main(argv=None) -> int:
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.ends: list[tuple[float, int, int]] = []  # (time, tokens, padded tokens) at step end
+            # (time, tokens, padded tokens) at each optimizer step's end
+            self.ends: list[tuple[float, int, int]] = []
 
         def on_step_end(self, _args, state, control, **kw):
             self.ends.append((time.perf_counter(), trainer.tokens_seen, trainer.padded_tokens_seen))
 
     config = DPOConfig(
-        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out or args.pairs)), "trl_out"),
+        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out or args.pairs)),
+                                "trl_out"),
         per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=accum,
         max_steps=total_steps,
@@ -155,7 +159,8 @@ def main(argv=None) -> int:
     if len(ends) != total_steps:
         raise SystemExit(f"expected {total_steps} optimizer steps, the trainer made {len(ends)}")
     step_times, tokens, padded = [], [], []
-    for (t_prev, n_prev, p_prev), (t, n, p) in zip(ends[args.warmup_steps - 1:-1], ends[args.warmup_steps:]):
+    for (t_prev, n_prev, p_prev), (t, n, p) in zip(ends[args.warmup_steps - 1:-1],
+                                                   ends[args.warmup_steps:]):
         step_times.append(t - t_prev)
         tokens.append(n - n_prev)
         padded.append(p - p_prev)
@@ -177,7 +182,7 @@ def main(argv=None) -> int:
         "ref_precompute_s": init_s if args.ref_mode == "precompute" else None,
         "init_s": init_s,
         "rss_after_imports_mb": rss_after_imports_mb,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     text = json.dumps(result)
     if args.out:

@@ -83,7 +83,8 @@ def test_two_dim_input_and_dispatch(logprob_case):
     torch.testing.assert_close(tokens, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seq, ref.sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
     g = _upstream(tokens.shape)
-    _assert_grad_close(torch.autograd.grad(tokens, flat, g)[0], torch.autograd.grad(ref, flat, g)[0])
+    _assert_grad_close(torch.autograd.grad(tokens, flat, g)[0],
+                       torch.autograd.grad(ref, flat, g)[0])
 
 
 def test_inplace_backward(logprob_case):
@@ -126,7 +127,8 @@ def test_emulated_tp2_matches_reference(logprob_case, dtype, vocab_size):
     shards = [vocab_shard(local_vocab, 2, rank, vocab_size) for rank in range(2)]
     parts = [logits[..., r * local_vocab : (r + 1) * local_vocab] for r in range(2)]
     results = [logprobs_forward(p, labels, counted, s, 1024) for p, s in zip(parts, shards)]
-    out, lse = combine_gathered_stats(torch.stack([stats for stats, _ in results]), counted.view(-1))
+    gathered = torch.stack([stats for stats, _ in results])  # what the all-gather returns
+    out, lse = combine_gathered_stats(gathered, counted.view(-1))
     x = logits.detach().requires_grad_()
     ref = reference_vocab_parallel_logprobs(x, labels, mask, vocab_size=vocab_size)
     torch.testing.assert_close(out.view(labels.shape), ref, rtol=1e-5, atol=1e-5)
@@ -159,3 +161,19 @@ def test_saves_8_bytes_per_token(logprob_case):
         lambda: triton_vocab_parallel_logprobs(x, labels, mask), [logits, labels, mask]
     )
     assert saved == 8 * labels.numel()
+
+
+def test_row_offsets_beyond_int32():
+    """Row 1 starts 2**31 elements into a 4 GiB virtual buffer (never touched but that row)."""
+    vocab = 1024
+    storage = torch.empty(2**31 + vocab, dtype=torch.bfloat16)
+    logits = storage.as_strided((2, 1, vocab), (2**31, vocab, 1))
+    logits.copy_(4 * torch.randn(2, 1, vocab, generator=torch.Generator().manual_seed(5)))
+    labels = torch.tensor([[5], [700]])
+    x = logits.detach().requires_grad_()
+    out = triton_vocab_parallel_logprobs(x, labels, None)
+    dense = logits.clone().requires_grad_()
+    ref = reference_vocab_parallel_logprobs(dense, labels, None)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = _upstream(labels.shape)
+    _assert_grad_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, dense, g)[0])

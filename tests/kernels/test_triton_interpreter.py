@@ -23,7 +23,9 @@ def test_triton_kernel_in_interpreter():
     cmd = [sys.executable, "-P", "-m", "pytest", str(CASES), "-q", "-rfEs"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{output[-20000:]}"
+    assert proc.returncode == 0, (
+        f"interpreter tests failed (rc={proc.returncode}):\n{output[-20000:]}"
+    )
     summary = output.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary
     print(summary)

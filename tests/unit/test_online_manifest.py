@@ -210,16 +210,20 @@ def test_records_after_an_unfinished_phase_are_forgotten(tmp_path):
     assert calls == NAMES[2:]  # everything after the hole re-ran
 
 
-def test_config_change_is_refused_but_more_rounds_are_allowed(tmp_path):
+def test_config_change_is_refused_but_launch_details_may_change(tmp_path):
     cfg = SelmConfig().to_dict()
     Manifest(tmp_path / "manifest.json", cfg).save()
     more_rounds = json.loads(json.dumps(cfg))
-    more_rounds["online"]["rounds"] = 5
+    more_rounds["online"]["rdzv_endpoint"] = "node7:29500"  # a new Slurm allocation
     Manifest(tmp_path / "manifest.json", more_rounds)  # accepted
     other_beta = json.loads(json.dumps(cfg))
     other_beta["loss"]["beta"] = 0.1
     with pytest.raises(OnlineError, match=r"loss.beta: 0.01 -> 0.1"):
         Manifest(tmp_path / "manifest.json", other_beta)
+    more_rounds = json.loads(json.dumps(cfg))
+    more_rounds["online"]["rounds"] = 5  # changes how the data is split: refused
+    with pytest.raises(OnlineError, match=r"online.rounds: 3 -> 5"):
+        Manifest(tmp_path / "manifest.json", more_rounds)
 
 
 def test_corrupt_manifest_is_refused(tmp_path):
@@ -315,3 +319,68 @@ def test_workdir_lock_refuses_a_second_run(tmp_path):
                 pass
     with online.workdir_lock(tmp_path):  # released
         pass
+
+
+def test_changed_inputs_refused_only_once_their_reader_finished(tmp_path):
+    manifest = fresh_manifest(tmp_path)
+    manifest.check_inputs({"data.train_path": ("aaa", "round1/portion"),
+                           "ranking.model_path": ("rrr", "round1/rank")})
+    manifest.record("round1/portion", "p.txt", "x", 1.0)
+    # The ranker's weights were broken and got fixed before its phase finished: accepted.
+    manifest.check_inputs({"data.train_path": ("aaa", "round1/portion"),
+                           "ranking.model_path": ("fixed", "round1/rank")})
+    assert json.loads((tmp_path / "manifest.json").read_text())["inputs"] == {
+        "data.train_path": "aaa", "ranking.model_path": "fixed"}
+    # The data changed under a finished portion: refused, naming the phase to redo.
+    with pytest.raises(OnlineError, match="data.train_path changed since round1/portion.*"
+                                          "--redo round1/portion"):
+        fresh_manifest(tmp_path).check_inputs({"data.train_path": ("bbb", "round1/portion")})
+
+
+def _resumable_chain(workdir: Path, calls: list[str], seen_partials: list[bool]) -> list[Phase]:
+    phases = make_phases(workdir, calls)[:2]
+
+    def resumable_run(partial: Path) -> None:
+        seen_partials.append((partial / "step1").exists())
+        partial.mkdir(exist_ok=True)
+        (partial / "step1").write_text("half done")
+        (partial / "final").write_text("done")
+
+    return phases + [Phase("round1/train", "round1_train", resumable_run, resumable=True)]
+
+
+def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_path, monkeypatch):
+    def kill(name, where):
+        raise SimulatedKill(name)
+
+    monkeypatch.setattr(online, "_kill_self", kill)
+    calls: list[str] = []
+    seen: list[bool] = []
+    with pytest.raises(SimulatedKill):
+        run_phases(_resumable_chain(tmp_path, calls, seen), tmp_path, fresh_manifest(tmp_path),
+                   fault=("round1/train", "work"))
+    assert seen == [False] and (tmp_path / "round1_train.partial" / "step1").exists()
+    with pytest.raises(SimulatedKill):  # inputs unchanged: the partial is continued
+        run_phases(_resumable_chain(tmp_path, calls, seen), tmp_path, fresh_manifest(tmp_path),
+                   fault=("round1/train", "work"))
+    assert seen == [False, True]
+
+    manifest = fresh_manifest(tmp_path)
+    online.redo_from(_resumable_chain(tmp_path, [], []), tmp_path, manifest, "round1/generate")
+    assert not (tmp_path / "round1_train.partial").exists()  # --redo drops later partials
+    run_phases(_resumable_chain(tmp_path, calls, seen), tmp_path, manifest)
+    assert seen == [False, True, False]
+    assert (tmp_path / "round1_train" / "final").read_text() == "done"
+    assert not (tmp_path / "round1_train.partial.inputs").exists()
+
+
+def test_resumable_partial_from_other_inputs_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(online, "_kill_self", lambda name, where: (_ for _ in ()).throw(SimulatedKill()))
+    seen: list[bool] = []
+    with pytest.raises(SimulatedKill):
+        run_phases(_resumable_chain(tmp_path, [], seen), tmp_path, fresh_manifest(tmp_path),
+                   fault=("round1/train", "work"))
+    inputs = tmp_path / "round1_train.partial.inputs"
+    inputs.write_text(json.dumps({"round1/portion": "other"}))  # started from other inputs
+    run_phases(_resumable_chain(tmp_path, [], seen), tmp_path, fresh_manifest(tmp_path))
+    assert seen == [False, False]

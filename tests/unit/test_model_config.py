@@ -1,0 +1,157 @@
+"""selm_mcore.model without a process group: RoPE frequencies against transformers, refusal of
+unsupported configs and layouts, vocab padding, and the TransformerConfig it derives."""
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from selm_mcore.model import (
+    UnsupportedModelError,
+    padded_vocab_size,
+    rope_inv_freq,
+    transformer_config,
+    validate_hf_config,
+    validate_layout,
+)
+from selm_mcore.parallel import ParallelContext, ParallelLayoutError
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    kwargs = dict(vocab_size=500, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3_short_context": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "llama3_8k": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "llama3_other_factors": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0,
+                             "high_freq_factor": 8.0, "original_max_position_embeddings": 128},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPES))
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_inv_freq_equals_transformers(name, theta):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = ROPES[name]
+    config = tiny_config(hidden_size=256, num_attention_heads=4, rope_theta=theta,
+                         rope_scaling=None if rope is None else {**rope, "rope_theta": theta})
+    ours = rope_inv_freq(config)
+    reference = LlamaRotaryEmbedding(config).inv_freq
+    assert ours.dtype == torch.float32 and ours.shape == (32,)
+    assert torch.equal(ours, reference)
+    if rope is not None:
+        inv, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, None)
+        assert torch.equal(ours, inv)
+
+
+def test_megatron_llama3_constants_are_hard_coded():
+    """Why build_model overrides rotary_pos_emb.inv_freq: Megatron's llama3 scaling fixes
+    low/high frequency factors 1/4 and original context 8192, so it matches HF only there."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    def megatron_inv_freq(config):
+        return RotaryEmbedding(kv_channels=64, rotary_percent=1.0, rotary_base=500000,
+                               rope_scaling=True, rope_scaling_factor=8.0,
+                               use_cpu_initialization=True).inv_freq
+
+    base = dict(hidden_size=256, num_attention_heads=4, rope_theta=500000.0)
+    matching = tiny_config(**base, rope_scaling={**ROPES["llama3_8k"], "rope_theta": 500000.0})
+    other = tiny_config(**base, rope_scaling={**ROPES["llama3_short_context"],
+                                             "rope_theta": 500000.0})
+    assert torch.allclose(megatron_inv_freq(matching), rope_inv_freq(matching))
+    assert not torch.allclose(megatron_inv_freq(other), rope_inv_freq(other))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                       "original_max_position_embeddings": 256}}, "yarn"),
+])
+def test_unsupported_configs_refused(overrides, key):
+    with pytest.raises(UnsupportedModelError, match=key):
+        validate_hf_config(tiny_config(**overrides))
+
+
+def test_moe_sliding_window_and_other_architectures_refused():
+    config = tiny_config()
+    config.num_local_experts = 8
+    with pytest.raises(UnsupportedModelError, match="num_local_experts=8.*mixture-of-experts"):
+        validate_hf_config(config)
+    config = tiny_config()
+    config.sliding_window = 4096
+    with pytest.raises(UnsupportedModelError, match="sliding_window=4096"):
+        validate_hf_config(config)
+    from transformers import MistralConfig
+
+    with pytest.raises(UnsupportedModelError, match="model_type='mistral'"):
+        validate_hf_config(MistralConfig())
+    validate_hf_config(tiny_config())  # the plain layout passes
+
+
+def test_layout_errors_name_the_rule_and_options():
+    with pytest.raises(ParallelLayoutError,
+                       match=r"parallel.tp=3 must divide model.num_key_value_heads \(query groups\)"
+                             r"=8; choose one of \[1, 2, 4, 8\]"):
+        validate_layout(tiny_config(num_attention_heads=24, num_key_value_heads=8,
+                                    hidden_size=768, intermediate_size=384), tp=3, pp=1)
+    with pytest.raises(ParallelLayoutError, match="parallel.pp=3 must divide "
+                                                  "model.num_hidden_layers=4"):
+        validate_layout(tiny_config(), tp=1, pp=3)
+    with pytest.raises(ParallelLayoutError, match="parallel.pp\\*vpp=8"):
+        validate_layout(tiny_config(), tp=1, pp=2, vpp=4)
+    with pytest.raises(ParallelLayoutError, match="padded_vocab_size=501"):
+        validate_layout(tiny_config(), tp=2, pp=1, padded_vocab=501)
+    # SmolLM2-135M: 9 heads, 3 query groups -> tp must be 1, 3 (or 9 for heads only).
+    smol = tiny_config(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                       intermediate_size=1536, num_hidden_layers=30)
+    with pytest.raises(ParallelLayoutError, match="parallel.tp=2 must divide "
+                                                  "model.num_attention_heads=9"):
+        validate_layout(smol, tp=2, pp=1)
+    validate_layout(smol, tp=3, pp=2)
+    validate_layout(tiny_config(), tp=2, pp=2, vpp=2, padded_vocab=512)
+
+
+@pytest.mark.parametrize("vocab, tp, divisible_by, expected", [
+    (500, 1, 128, 512), (500, 2, 128, 512), (500, 4, 128, 512), (513, 2, 128, 768),
+    (49152, 3, 128, 49152), (128256, 8, 128, 129024), (32000, 1, 1, 32000)])
+def test_padded_vocab_size(vocab, tp, divisible_by, expected):
+    padded = padded_vocab_size(vocab, tp, divisible_by)
+    assert padded == expected and padded % (divisible_by * tp) == 0 and padded >= vocab
+
+
+def _ctx(tp=1, pp=1, vpp=None):
+    return ParallelContext(rank=0, world_size=tp * pp, tp=tp, pp=pp, vpp=vpp, dp=1, tp_rank=0,
+                           pp_rank=0, dp_rank=0, tp_group=None, pp_group=None, dp_group=None,
+                           device=torch.device("cpu"))
+
+
+def test_transformer_config_llama3_layout():
+    config = tiny_config(head_dim=48, num_attention_heads=4, hidden_size=128, rms_norm_eps=1e-6)
+    tc = transformer_config(config, _ctx(tp=2, pp=2), params_dtype=torch.bfloat16,
+                            recompute=True, use_te=False)
+    assert (tc.num_layers, tc.hidden_size, tc.ffn_hidden_size) == (4, 128, 256)
+    assert (tc.num_attention_heads, tc.num_query_groups, tc.kv_channels) == (4, 2, 48)
+    assert tc.normalization == "RMSNorm" and tc.layernorm_epsilon == 1e-6
+    assert tc.gated_linear_unit and tc.activation_func is torch.nn.functional.silu
+    assert not tc.add_bias_linear and not tc.add_qkv_bias
+    assert tc.hidden_dropout == 0.0 and tc.attention_dropout == 0.0
+    assert tc.bf16 and tc.params_dtype == torch.bfloat16 and tc.pipeline_dtype == torch.bfloat16
+    assert tc.use_cpu_initialization and not tc.batch_p2p_comm  # CPU / gloo rules
+    assert (tc.recompute_granularity, tc.recompute_method) == ("full", "uniform")
+    assert tc.transformer_impl == "local"
+    fp32 = transformer_config(config, _ctx(), use_te=False)
+    assert not fp32.bf16 and fp32.params_dtype == torch.float32
+    assert fp32.recompute_granularity is None
+    with pytest.raises(ValueError, match="float16"):
+        transformer_config(config, _ctx(), params_dtype=torch.float16, use_te=False)

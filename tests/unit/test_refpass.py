@@ -1,0 +1,151 @@
+"""The reference log-prob cache: key, staleness errors, batch order, DP sharding of the pass.
+
+The cache's values against HF transformers and the precomputed == on-the-fly equality are in
+tests/dist/test_train_parallel.py (they need Megatron processes).
+"""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from selm_mcore.config import load_config
+from selm_mcore.data import PreferenceDataset, collate_preferences
+from selm_mcore.refpass import (
+    ReferenceLogps,
+    StaleReferenceCacheError,
+    _shard_for_rank,
+    load_reference_cache,
+    reference_key,
+)
+
+
+def _row(prompt, chosen, rejected, yref):
+    user = {"role": "user", "content": prompt}
+    return {"prompt": prompt, "chosen": [user, {"role": "assistant", "content": chosen}],
+            "rejected": [user, {"role": "assistant", "content": rejected}],
+            "reference_response": yref}
+
+
+ROWS = [_row("What is 2 plus 3?", "5.", "6.", "The answer is 5."),
+        _row("Name a color.", "Blue.", "Seven.", "Red."),
+        _row("Say hello.", "Hello!", "Bye.", "Hello there."),
+        _row("What is the sum of 4 and 4?", "8", "9", "It is 8.")]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from selm_mcore.assets import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("refpass")
+    model = root / "model"
+    build_tiny_llama(model)
+    pairs = write_rows(root / "pairs.jsonl", ROWS)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    dataset = PreferenceDataset.from_file(pairs, tokenizer, max_length=64, max_prompt_length=32)
+    key = reference_key(dataset, model, max_length=64, max_prompt_length=32)
+    n = len(dataset)
+    logps = ReferenceLogps(chosen=-torch.arange(n, dtype=torch.float32),
+                           rejected=-100 - torch.arange(n, dtype=torch.float32),
+                           yref=-200 - torch.arange(n, dtype=torch.float32))
+    cache = root / "ref_logps.safetensors"
+    logps.save(cache, key)
+    return SimpleNamespace(root=root, model=model, pairs=pairs, tokenizer=tokenizer,
+                           dataset=dataset, key=key, cache=cache)
+
+
+def test_cache_roundtrip_in_batch_order(setup):
+    logps = load_reference_cache(setup.cache, setup.key)
+    batch = collate_preferences([setup.dataset[2], setup.dataset[0]], pad_id=0)
+    assert logps.for_batch(batch).tolist() == [-2.0, -0.0, -102.0, -100.0, -202.0, -200.0]
+
+
+def _stale_key(setup, what):
+    root, model = setup.root, setup.model
+    if what == "data.max_length":
+        return reference_key(setup.dataset, model, max_length=96, max_prompt_length=32)
+    if what == "data rows":
+        rows = [dict(r) for r in ROWS]
+        rows[1] = _row("Name a color.", "Green.", "Seven.", "Red.")
+        dataset = PreferenceDataset.from_file(write_rows(root / "pairs2.jsonl", rows),
+                                              setup.tokenizer, max_length=64,
+                                              max_prompt_length=32)
+        return reference_key(dataset, model, max_length=64, max_prompt_length=32)
+    if what == "reference checkpoint":
+        from safetensors.torch import load_file, save_file
+
+        other = root / "trained"
+        shutil.copytree(model, other, dirs_exist_ok=True)
+        weights = load_file(str(other / "model.safetensors"))
+        weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+        save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+        return reference_key(setup.dataset, other, max_length=64, max_prompt_length=32)
+    if what == "tokenizer files":
+        other = root / "retokenized"
+        shutil.copytree(model, other, dirs_exist_ok=True)
+        config = json.loads((other / "tokenizer_config.json").read_text())
+        config["model_max_length"] = 123
+        (other / "tokenizer_config.json").write_text(json.dumps(config))
+        return reference_key(setup.dataset, other, max_length=64, max_prompt_length=32)
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize("what", ["data.max_length", "data rows", "reference checkpoint",
+                                  "tokenizer files"])
+def test_stale_cache_is_refused_naming_what_changed(setup, what):
+    stale = _stale_key(setup, what)
+    assert stale.digest != setup.key.digest
+    with pytest.raises(StaleReferenceCacheError) as err:
+        load_reference_cache(setup.cache, stale)
+    message = str(err.value)
+    assert what in message and "selm refpass" in message and str(setup.cache) in message
+
+
+def test_missing_or_foreign_cache_is_refused(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="selm refpass"):
+        load_reference_cache(tmp_path / "none.safetensors", setup.key)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(StaleReferenceCacheError, match="not a reference cache"):
+        load_reference_cache(foreign, setup.key)
+
+
+def test_train_refuses_a_stale_cache_before_starting_processes(setup, tmp_path):
+    import torch.distributed as dist
+
+    from selm_mcore.trainer import train_round
+
+    cfg = load_config(None, [
+        f"model.hf_dir={setup.model}", f"data.train_path={setup.pairs}", "data.max_length=96",
+        "data.max_prompt_length=32", "train.global_batch_size=2", f"train.ref_cache={setup.cache}",
+        f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(StaleReferenceCacheError, match="data.max_length"):
+        train_round(cfg)
+    assert not dist.is_initialized()
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("num_examples,dp,micro", [(16, 2, 2), (7, 3, 2), (2, 4, 1), (5, 1, 3)])
+def test_refpass_shards_cover_every_example_once(setup, num_examples, dp, micro):
+    examples = [setup.dataset[i % len(setup.dataset)] for i in range(num_examples)]
+    from dataclasses import replace
+
+    dataset = PreferenceDataset([replace(e, index=i) for i, e in enumerate(examples)])
+    shards = [_shard_for_rank(dataset, SimpleNamespace(dp=dp, dp_rank=r), micro)
+              for r in range(dp)]
+    owned = [o for _, o in shards]
+    assert sorted(i for o in owned for i in o) == list(range(num_examples))  # disjoint, complete
+    # Every rank runs the same number of equal micro-batches (pipelines stay in lock step).
+    assert len({len(groups) for groups, _ in shards}) == 1
+    assert {len(g) for groups, _ in shards for g in groups} == {micro}

@@ -1,0 +1,95 @@
+"""Bad inputs to the converters each raise one clear error, before any rank is started:
+a missing shard file, a config with attention bias, tp=3 for 8 query groups, a missing or
+misshapen tensor, an HF folder passed as a Megatron checkpoint. (A checkpoint loaded into a
+model of another vocabulary size needs Megatron ranks: tests/dist/test_convert_roundtrip.py.)"""
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from selm_mcore.assets import build_tiny_llama
+from selm_mcore.model import UnsupportedModelError
+from selm_mcore.parallel import ParallelLayoutError
+from selm_mcore.weights import (
+    CheckpointError,
+    SafetensorsReader,
+    WeightsError,
+    _check_same_architecture,
+    hf_to_mcore,
+    mcore_to_hf,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    build_tiny_llama(folder)
+    return folder
+
+
+def test_missing_shard_file(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(tiny_dir)).save_pretrained(str(sharded),
+                                                                        max_shard_size="1MB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    SafetensorsReader(sharded)  # complete: fine
+    (sharded / shards[1]).unlink()
+    with pytest.raises(WeightsError, match=rf"model.safetensors.index.json lists shard file\(s\) "
+                                           rf"\['{shards[1]}'\] that are not in"):
+        hf_to_mcore(sharded, tmp_path / "out", tp=1, pp=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_attention_bias_refused(tmp_path):
+    build_tiny_llama(tmp_path / "bias", attention_bias=True)
+    with pytest.raises(UnsupportedModelError, match="attention_bias=true is not supported"):
+        hf_to_mcore(tmp_path / "bias", tmp_path / "out", tp=1, pp=1)
+
+
+def test_tp3_for_8_query_groups_refused(tmp_path):
+    # Only config.json is needed: the layout is checked before any weight is read.
+    LlamaConfig(vocab_size=500, hidden_size=768, intermediate_size=384, num_hidden_layers=4,
+                num_attention_heads=24, num_key_value_heads=8).save_pretrained(str(tmp_path))
+    with pytest.raises(ParallelLayoutError,
+                       match=r"parallel.tp=3 must divide model.num_key_value_heads "
+                             r"\(query groups\)=8; choose one of \[1, 2, 4, 8\]"):
+        hf_to_mcore(tmp_path, tmp_path / "out", tp=3, pp=1)
+
+
+def test_missing_and_misshapen_tensors(tmp_path, tiny_dir):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    tensors["model.norm.weight"] = torch.ones(64)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(tmp_path)
+    with pytest.raises(WeightsError, match="'model.layers.2.mlp.up_proj.weight' is missing"):
+        reader.read("model.layers.2.mlp.up_proj.weight", (256, 128))
+    with pytest.raises(WeightsError, match=r"'model.norm.weight' in .*model.safetensors has "
+                                           r"shape \(64,\), config.json implies \(128,\)"):
+        reader.read("model.norm.weight", (128,))
+
+
+def test_no_weights_and_other_architecture(tmp_path, tiny_dir):
+    LlamaConfig(vocab_size=500, hidden_size=128, num_attention_heads=4).save_pretrained(
+        str(tmp_path))
+    with pytest.raises(WeightsError, match="no safetensors weights"):
+        SafetensorsReader(tmp_path)
+    from selm_mcore.model import load_hf_config
+
+    with pytest.raises(WeightsError, match="has hidden_size=128 but the model was built with "
+                                           "hidden_size=256"):
+        config = load_hf_config(tiny_dir)
+        config.hidden_size = 256
+        _check_same_architecture(config, tiny_dir)
+
+
+def test_hf_folder_is_not_a_checkpoint(tmp_path, tiny_dir):
+    with pytest.raises(CheckpointError, match="selm_checkpoint.json not found.*hf_to_mcore"):
+        mcore_to_hf(tiny_dir, tmp_path / "out")
