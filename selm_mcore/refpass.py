@@ -259,6 +259,10 @@ def _num_real_tokens(example: TokenizedExample) -> int:
     return sum(len(example.prompt_ids) + len(r) for r in example.responses)
 
 
+def _longest_sequence(example: TokenizedExample) -> int:
+    return len(example.prompt_ids) + max(map(len, example.responses))
+
+
 def collate_micro_batches(dataset: PreferenceDataset, index_groups: Sequence[Sequence[int]], *,
                           pad_id: int, pad_to_multiple_of: int,
                           seq_length: int | None = None,
@@ -270,13 +274,12 @@ def collate_micro_batches(dataset: PreferenceDataset, index_groups: Sequence[Seq
     (rounded up to ``pad_to_multiple_of``; or ``seq_length`` when fixed).
     """
     examples = [[dataset[i] for i in group] for group in index_groups]
-    longest = max(len(e.prompt_ids) + max(map(len, e.responses))
-                  for group in examples for e in group)
+    longest = max(_longest_sequence(e) for group in examples for e in group)
     t = padded_length(longest, pad_to_multiple_of, seq_length)
     out = []
     for group in examples:
         batch = collate_preferences(group, pad_id=pad_id, seq_length=t)
-        if device is not None and device.type != "cpu":
+        if device is not None:
             batch = batch.to(device)
         out.append(MicroBatch(batch=batch, num_tokens=sum(map(_num_real_tokens, group))))
     return out
@@ -356,11 +359,8 @@ def _shard_for_rank(dataset: PreferenceDataset, ctx,
     the DP ranks; each rank's share is filled up to the same number of whole micro-batches with
     repeats, which are computed but not written (every rank runs the same number of calls).
     """
-    def length(i: int) -> int:
-        e = dataset[i]
-        return len(e.prompt_ids) + max(map(len, e.responses))
-
-    order = sorted(range(len(dataset)), key=length, reverse=True)
+    order = sorted(range(len(dataset)), key=lambda i: _longest_sequence(dataset[i]),
+                   reverse=True)
     per_rank = -(-len(order) // ctx.dp)
     owned = order[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
     num_micro = -(-per_rank // micro_batch_size)
@@ -406,9 +406,11 @@ def compute_reference_logps(models: list, ctx, dataset: PreferenceDataset, *, pa
         bar.close()
     # Each example was written by exactly one rank (last stage, TP rank 0 of one DP replica):
     # a sum over the world gathers them exactly (x + 0 = x).
-    if ctx.world_size > 1:
-        dist.all_reduce(values)
-        dist.all_reduce(counts)
+    if ctx.world_size > 1:  # on the backend's device (NCCL needs CUDA tensors)
+        gathered = torch.cat([values, counts[:, None]], 1).to(ctx.device)
+        dist.all_reduce(gathered)
+        gathered = gathered.cpu()
+        values, counts = gathered[:, :-1], gathered[:, -1]
     missing = (counts != 1).nonzero().flatten()
     if missing.numel():
         raise RuntimeError(f"reference pass covered examples {missing[:10].tolist()} "

@@ -71,7 +71,8 @@ class WinCounts:
     ``yref_chosen``: y_ref became the new chosen response (best, ties included);
     ``yref_rejected``: it became the new rejected response; ``yref_dropped``: neither.
     ``original_kept``: the pair is exactly the original (y_w, y_l); ``original_flipped``:
-    the original chosen response became the rejected one; ``full_ties``: chosen == rejected.
+    the original chosen response became the rejected one; ``full_ties``: chosen == rejected;
+    ``dropped_empty``: pairs left out of training for an empty response (set by the caller).
     """
 
     pairs: int = 0
@@ -81,6 +82,7 @@ class WinCounts:
     original_kept: int = 0
     original_flipped: int = 0
     full_ties: int = 0
+    dropped_empty: int = 0
 
     @classmethod
     def of(cls, selections: Sequence[tuple[int, int]]) -> WinCounts:
@@ -167,7 +169,8 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError("report plots need matplotlib: pip install 'selm-mcore[reports]'") from exc
+        raise ImportError(
+            "report plots need matplotlib: pip install 'selm-mcore[reports]'") from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -254,7 +257,8 @@ def render_markdown(summary: RoundSummary, history: Sequence[RoundSummary]) -> s
                   f"- y_ref became chosen: {w.yref_chosen}; rejected: {w.yref_rejected}; "
                   f"dropped: {w.yref_dropped}",
                   f"- original pair kept: {w.original_kept}; original chosen became rejected: "
-                  f"{w.original_flipped}; full ties (chosen == rejected): {w.full_ties}", ""]
+                  f"{w.original_flipped}; full ties (chosen == rejected): {w.full_ties}",
+                  f"- left out of training for an empty response: {w.dropped_empty}", ""]
     if summary.train is not None and summary.train.steps:
         t = summary.train
         lines += ["## Training", "",

@@ -143,7 +143,7 @@ def build_optimizer(ddp_models: list, optim: OptimConfig, *, peak_lr: float,
                                   config_overrides=get_standard_config_overrides(config))
 
 
-def wrap_ddp(models: list, params_dtype: torch.dtype) -> list:
+def wrap_ddp(models: list) -> list:
     """Megatron DDP around each chunk (gradient buffers for the distributed optimizer)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -171,27 +171,23 @@ def wrap_ddp(models: list, params_dtype: torch.dtype) -> list:
 def selm_step_loss(micro_batch: MicroBatch, logits: torch.Tensor, *, cfg: SelmConfig, tp_group,
                    vocab_size: int):
     """Loss of one micro-batch on the last stage: (mean loss, per-example sums for logging)."""
-    batch = micro_batch.batch
-    policy = batch.split(sequence_logps(logits, batch, tp_group=tp_group, vocab_size=vocab_size))
-    reference = batch.split(micro_batch.ref_logps.to(logits.device))
-    chosen_tokens, rejected_tokens, _ = batch.split(batch.loss_mask.sum(-1))
-    loss, metrics = _selm_loss(policy, reference, chosen_tokens, rejected_tokens, cfg)
-    sums = {"loss": loss.detach().sum(),
-            "num_examples": torch.tensor(float(batch.num_examples)),
-            "num_tokens": torch.tensor(float(micro_batch.num_tokens))}
-    sums.update({name: value.sum() for name, value in metrics.items()})
-    return loss.mean(), sums
-
-
-def _selm_loss(policy, reference, chosen_tokens, rejected_tokens, cfg: SelmConfig):
     from selm_mcore.loss import selm_loss
 
-    (policy_chosen, policy_rejected, policy_yref) = policy
-    (ref_chosen, ref_rejected, ref_yref) = reference
-    return selm_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, policy_yref,
-                     ref_yref, beta=cfg.loss.beta, alpha=cfg.loss.alpha,
-                     loss_type=cfg.loss.loss_type, sft_weight=cfg.loss.sft_weight,
-                     chosen_num_tokens=chosen_tokens, rejected_num_tokens=rejected_tokens)
+    batch = micro_batch.batch
+    policy_chosen, policy_rejected, policy_yref = batch.split(
+        sequence_logps(logits, batch, tp_group=tp_group, vocab_size=vocab_size))
+    ref_chosen, ref_rejected, ref_yref = batch.split(micro_batch.ref_logps.to(logits.device))
+    chosen_tokens, rejected_tokens, _ = batch.split(batch.loss_mask.sum(-1))
+    loss, metrics = selm_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, policy_yref, ref_yref,
+        beta=cfg.loss.beta, alpha=cfg.loss.alpha, loss_type=cfg.loss.loss_type,
+        sft_weight=cfg.loss.sft_weight, chosen_num_tokens=chosen_tokens,
+        rejected_num_tokens=rejected_tokens)
+    counts = torch.tensor([batch.num_examples, micro_batch.num_tokens], dtype=torch.float64,
+                          device=logits.device)
+    sums = {"loss": loss.detach().sum(), "num_examples": counts[0], "num_tokens": counts[1]}
+    sums.update({name: value.sum() for name, value in metrics.items()})
+    return loss.mean(), sums
 
 
 def reduce_step_metrics(reduced: list[dict[str, torch.Tensor]], ctx) -> dict[str, float]:
@@ -202,11 +198,12 @@ def reduce_step_metrics(reduced: list[dict[str, torch.Tensor]], ctx) -> dict[str
     (e.g. no y_ref) are NaN and dropped.
     """
     names = SUMMED_METRICS + COUNTS
-    totals = torch.zeros(len(names), dtype=torch.float64)
-    if ctx.is_last_stage:
-        for i, name in enumerate(names):
-            values = [r[name] for r in reduced if name in r]
-            totals[i] = sum(float(v) for v in values) if values else float("nan")
+    totals = torch.zeros(len(names), dtype=torch.float64, device=ctx.device)
+    if ctx.is_last_stage and reduced:
+        missing = torch.tensor(float("nan"), dtype=torch.float64, device=ctx.device)
+        totals = torch.stack([
+            torch.stack([r[name].detach().double() if name in r else missing for name in names])
+            for r in reduced]).sum(0)
     if ctx.dp > 1:
         dist.all_reduce(totals, group=ctx.dp_group)
     if ctx.pp > 1:
@@ -293,7 +290,7 @@ def train_round(cfg: SelmConfig) -> Path:
         params_dtype = dtype_of(cfg)
         models, hf_config = load_start_model(cfg, ctx, resume_from or source,
                                              recompute=cfg.model.recompute)
-        ddp_models = wrap_ddp(models, params_dtype)
+        ddp_models = wrap_ddp(models)
         peak_lr = cfg.optim.lr_for_round(cfg.train.round_index)
         optimizer = build_optimizer(ddp_models, cfg.optim, peak_lr=peak_lr,
                                     params_dtype=params_dtype)

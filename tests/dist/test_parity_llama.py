@@ -34,7 +34,8 @@ def megatron_logits(models, ctx, input_ids):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = input_ids.shape
-    positions = torch.arange(seq).unsqueeze(0)
+    input_ids = input_ids.to(ctx.device)
+    positions = torch.arange(seq, device=ctx.device).unsqueeze(0)
 
     def forward_step(data_iterator, model):
         tokens = next(data_iterator)
@@ -53,7 +54,7 @@ def megatron_logits(models, ctx, input_ids):
     local = torch.cat(outputs)  # [B, T, V/tp]
     shards = [torch.empty_like(local) for _ in range(ctx.tp)]
     dist.all_gather(shards, local.contiguous(), group=ctx.tp_group)
-    return torch.cat(shards, dim=-1)
+    return torch.cat(shards, dim=-1).cpu()
 
 
 def megatron_grads(models, ctx, input_ids, labels, vocab):
@@ -65,7 +66,8 @@ def megatron_grads(models, ctx, input_ids, labels, vocab):
     from selm_mcore.weights import iter_hf_weights
 
     batch, seq = input_ids.shape
-    positions = torch.arange(seq).unsqueeze(0)
+    input_ids, labels = input_ids.to(ctx.device), labels.to(ctx.device)
+    positions = torch.arange(seq, device=ctx.device).unsqueeze(0)
 
     def forward_step(data_iterator, model):
         tokens, targets = next(data_iterator)
@@ -90,7 +92,7 @@ def megatron_grads(models, ctx, input_ids, labels, vocab):
     for model in models:  # export the gradients in HF layout with the weights' own exporter
         for param in model.parameters():
             param.data = param.grad
-    grads = dict(iter_hf_weights(models, ctx))
+    grads = {name: grad.cpu() for name, grad in iter_hf_weights(models, ctx)}
     return grads if ctx.rank == 0 else None
 
 
@@ -258,3 +260,17 @@ def test_smollm2_parity_tp1_tp3(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(sys.argv[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(600)
+def test_gpu_te_spec_parity(tmp_path):
+    """On a GPU: the model (Transformer Engine layer spec when TE imports) in bf16 is as close
+    to HF fp32 as HF's own bf16 model. Skipped without CUDA."""
+    from selm_mcore.assets import build_tiny_llama
+
+    build_tiny_llama(tmp_path / "untied", rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
+                     max_position_embeddings=512, seed=3)
+    _check_parity({"untied": tmp_path / "untied"}, {"untied": []}, tmp_path / "out", nprocs=1,
+                  timeout_s=540, bf16_layouts={"untied": ["1x1"]})

@@ -12,8 +12,9 @@ real CLI (``python -m selm_mcore.cli ...``) under ``run_local_ranks`` with a har
 * PP2 with VPP2 (interleaved 1F1B) and activation recompute, DP2 (distributed optimizer):
   equal to the baseline;
 * DP2 killed (SIGKILL) after step 3 with a checkpoint at step 2, resumed at DP2: steps 3-5
-  equal the baseline; TP2xPP2 killed likewise and resumed at TP1 (the checkpoint reshards):
-  steps 1-2 (TP2xPP2) and 3-5 (TP1) equal the baseline.
+  equal the baseline; its step-4 checkpoint resumed at DP1 gives the baseline's step 5;
+  TP2xPP2 killed likewise and resumed at TP1 (the checkpoint reshards): steps 1-3 (TP2xPP2)
+  and 3-5 (TP1) equal the baseline.
 
 Tolerance 1e-5 (fp32; measured: loss <= 3e-7, grad norm (~3) <= 4e-6).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -188,12 +190,21 @@ def test_pp2_interleaved_with_recompute_matches_tp1(ws):
 
 @pytest.mark.timeout(900)
 def test_dp2_killed_and_resumed_matches_tp1(ws):
-    partial = train(ws, "dp2", 2, "train.save_interval=2", killed_after=3)
+    args = ("train.save_interval=2", "train.keep_checkpoints=2")
+    partial = train(ws, "dp2", 2, *args, killed_after=3)
     assert [r["step"] for r in partial] == [1, 2, 3]
     assert_steps_equal(partial, ws["baseline"], range(1, 4))
-    resumed = train(ws, "dp2", 2, "train.save_interval=2")
+    resumed = train(ws, "dp2", 2, *args)
     assert [r["step"] for r in resumed] == list(range(1, NUM_STEPS + 1))
     assert_steps_equal(resumed, ws["baseline"], range(1, NUM_STEPS + 1))
+    # Checkpoints at steps 2, 4 and 5 (the end); the oldest was pruned.
+    ckpt = ws["root"] / "dp2" / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000004", "step_0000005"]
+    # The DP2 step-4 checkpoint (distributed-optimizer shards over 2 ranks) resumes at DP1.
+    shutil.rmtree(ckpt / "step_0000005")
+    (ckpt / "latest").write_text("step_0000004\n")
+    at_dp1 = train(ws, "dp2", 1, *args)
+    assert_steps_equal(at_dp1, ws["baseline"], range(1, NUM_STEPS + 1))
 
 
 @pytest.mark.timeout(900)

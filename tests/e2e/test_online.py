@@ -21,6 +21,7 @@ Checks, each against something computed independently of the code under test:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +35,8 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
-pytest.importorskip("llm_blender")
+if importlib.util.find_spec("llm_blender") is None:  # imported through ranking's compat fixes
+    pytest.skip("llm-blender is not installed (extra selm-mcore[ranking])", allow_module_level=True)
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +89,7 @@ def write_config(assets: Path, workdir: Path, **sections) -> Path:
                  "max_length": 128, "max_prompt_length": 48, "pad_to_multiple_of": 16},
         "loss": {"beta": 0.1, "alpha": 0.5},
         # A large learning rate, so training changes the tiny model's greedy outputs.
-        "optim": {"lr": 1e-2, "lr_per_round": [1e-2, 5e-3], "warmup_ratio": 0.0},
+        "optim": {"lr": 5e-3, "lr_per_round": [5e-3, 2e-3], "warmup_ratio": 0.0},
         "train": {"global_batch_size": 2, "micro_batch_size": 1, "tensorboard": False,
                   "save_interval": 1, "keep_checkpoints": 1},
         "generation": {"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
@@ -165,10 +167,13 @@ def test_pairs_follow_the_best_worst_rule(reference_run, assets):
         portion = read_jsonl(round_dir / "portion.jsonl")
         generations = {r["prompt_id"]: r["responses"][0]
                        for r in read_jsonl(round_dir / "generate" / "generations.jsonl")}
-        pairs = read_jsonl(round_dir / "rank" / "pairs.jsonl")
-        assert [p["prompt_id"] for p in pairs] == [r["prompt_id"] for r in portion]
-        for row, pair in zip(portion, pairs):
+        pairs = {p["prompt_id"]: p for p in read_jsonl(round_dir / "rank" / "pairs.jsonl")}
+        for row in portion:
             y_ref = generations[row["prompt_id"]]
+            if not y_ref.strip():  # an EOS-only answer: the pair is left out of training
+                assert row["prompt_id"] not in pairs
+                continue
+            pair = pairs[row["prompt_id"]]
             candidates = [y_ref, row["chosen"][-1]["content"], row["rejected"][-1]["content"]]
             lengths = [length(c) for c in candidates]
             best = lengths.index(max(lengths))    # the longest wins; ties to the first index

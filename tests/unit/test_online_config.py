@@ -117,3 +117,33 @@ def test_phase_plan(tmp_path):
     cfg.online.final_eval = False
     names = [p.name for p in RoundPhases(cfg, RunPaths(tmp_path)).build(manifest)]
     assert "round1/refpass" not in names and not any(n.startswith("final/") for n in names)
+
+
+def _pair(chosen, rejected, y_ref):
+    user = {"role": "user", "content": "q"}
+    return {"chosen": [user, {"role": "assistant", "content": chosen}],
+            "rejected": [user, {"role": "assistant", "content": rejected}],
+            "reference_response": y_ref}
+
+
+def test_pairs_with_an_empty_response_leave_training():
+    from selm_mcore.online import drop_empty_responses
+
+    pairs = [_pair("a", "b", "c"), _pair("a", "", "x"), _pair("a", "b", "  \n")]
+    stats = [{}, {}, {}]
+    assert drop_empty_responses(pairs, stats) == [pairs[0]]
+    assert [s["dropped_empty"] for s in stats] == [False, True, True]
+
+
+def test_heldout_scores_with_the_verifiable_ranker():
+    from selm_mcore.online import EVAL_ID_PREFIX, score_eval_responses
+    from selm_mcore.ranking import VerifiableAnswerRanker
+
+    rows = [{"prompt_id": "a", "prompt": "What is 2 + 2?", "answer": "4"},
+            {"prompt_id": "b", "prompt": "What is 3 + 3?", "answer": "6"}]
+    generations = {EVAL_ID_PREFIX + "a": ["2 + 2 = 4"], EVAL_ID_PREFIX + "b": ["It is 7."],
+                   "a": ["not a held-out response"]}
+    scored = score_eval_responses(VerifiableAnswerRanker(), rows, generations, "answer")
+    assert [r["prompt_id"] for r in scored] == ["a", "b"]
+    assert scored[0]["response"] == "2 + 2 = 4" and scored[0]["score"] > 1.0  # correct
+    assert scored[1]["score"] == 0.0                                         # wrong

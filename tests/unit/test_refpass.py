@@ -149,3 +149,12 @@ def test_refpass_shards_cover_every_example_once(setup, num_examples, dp, micro)
     # Every rank runs the same number of equal micro-batches (pipelines stay in lock step).
     assert len({len(groups) for groups, _ in shards}) == 1
     assert {len(g) for groups, _ in shards for g in groups} == {micro}
+
+
+def test_example_tiny_cpu_config_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu.yaml"
+    cfg = load_config(path, ["parallel.tp=2", "parallel.pp=2"])
+    assert cfg.train.reference_mode == "precomputed" and cfg.train.save_interval > 0
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0

@@ -1,0 +1,51 @@
+"""Trainer checkpoint bookkeeping that needs no processes: `latest`, the state file, refusals.
+
+Saving, resuming and resharding real checkpoints is tested in tests/dist/test_train_parallel.py.
+"""
+
+import json
+
+import pytest
+
+from selm_mcore.checkpoint import (
+    TRAIN_STATE_FORMAT,
+    ResumeError,
+    _check_scheduler,
+    find_latest,
+    read_train_state,
+)
+
+SCHEDULE = {"max_lr": 5e-7, "min_lr": 0.0, "lr_warmup_steps": 48, "lr_decay_steps": 478,
+            "lr_decay_style": "cosine", "num_steps": 40}
+
+
+def write_state(path, step=40):
+    (path / "train").mkdir(parents=True)
+    (path / "train" / "state.json").write_text(json.dumps({
+        "format": TRAIN_STATE_FORMAT, "step": step, "data": {"consumed_samples": 5120},
+        "scheduler": SCHEDULE, "layout": {"tp": 2, "pp": 2}, "extra": {"data_hash": "ab"}}))
+
+
+def test_latest_names_the_newest_complete_checkpoint(tmp_path):
+    assert find_latest(tmp_path) is None
+    write_state(tmp_path / "step_0000040")
+    (tmp_path / "latest").write_text("step_0000040\n")
+    assert find_latest(tmp_path) == tmp_path / "step_0000040"
+    state = read_train_state(tmp_path / "step_0000040")
+    assert (state.step, state.data["consumed_samples"]) == (40, 5120)
+    assert state.extra == {"data_hash": "ab", "layout": {"tp": 2, "pp": 2}}
+
+
+def test_latest_pointing_at_an_incomplete_folder_is_refused(tmp_path):
+    (tmp_path / "step_0000080" / "model").mkdir(parents=True)
+    (tmp_path / "latest").write_text("step_0000080\n")
+    with pytest.raises(ResumeError, match="not a complete checkpoint"):
+        find_latest(tmp_path)
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path):
+    _check_scheduler(tmp_path, SCHEDULE, {**SCHEDULE, "num_steps": 0})  # same schedule: fine
+    with pytest.raises(ResumeError, match=r"optim.lr .*5e-07.*3e-07"):
+        _check_scheduler(tmp_path, SCHEDULE, {**SCHEDULE, "max_lr": 3e-7})
+    with pytest.raises(ResumeError, match="the number of steps"):
+        _check_scheduler(tmp_path, SCHEDULE, {**SCHEDULE, "lr_decay_steps": 300})
