@@ -37,7 +37,12 @@ YREF, CHOSEN, REJECTED = 0, 1, 2
 
 @dataclass
 class ScoreStats:
-    """Summary of one policy's held-out scores (higher is better)."""
+    """Summary of one policy's held-out scores (higher is better).
+
+    ``positive``: the share of scores > 0. With PairRM (scored against the held-out chosen
+    response) that is the win rate over it; with the verifiable ranker, the share of correct
+    answers.
+    """
 
     n: int
     mean: float
@@ -45,6 +50,7 @@ class ScoreStats:
     median: float
     p10: float
     p90: float
+    positive: float = 0.0
 
     @classmethod
     def of(cls, scores: Sequence[float]) -> ScoreStats:
@@ -53,7 +59,8 @@ class ScoreStats:
         ordered = sorted(float(s) for s in scores)
         return cls(n=len(ordered), mean=statistics.fmean(ordered),
                    std=statistics.pstdev(ordered), median=statistics.median(ordered),
-                   p10=_quantile(ordered, 0.1), p90=_quantile(ordered, 0.9))
+                   p10=_quantile(ordered, 0.1), p90=_quantile(ordered, 0.9),
+                   positive=sum(s > 0 for s in ordered) / len(ordered))
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:
@@ -243,12 +250,14 @@ def render_markdown(summary: RoundSummary, history: Sequence[RoundSummary]) -> s
     title = f"Round {summary.round}" if summary.round else "Final policy"
     lines = [f"# SELM {title}", "", f"Generator: {summary.generator}", ""]
     lines += ["## Held-out scores (greedy responses, ranker scores)", "",
-              "| policy | n | mean | std | p10 | median | p90 |", "|---|---|---|---|---|---|---|"]
+              "| policy | n | mean | std | p10 | median | p90 | share > 0 |",
+              "|---|---|---|---|---|---|---|---|"]
     for item in [*history, summary]:
         s = item.eval_scores
         if s is not None:
             lines.append(f"| {item.generator} | {s.n} | {_fmt(s.mean)} | {_fmt(s.std)} | "
-                         f"{_fmt(s.p10)} | {_fmt(s.median)} | {_fmt(s.p90)} |")
+                         f"{_fmt(s.p10)} | {_fmt(s.median)} | {_fmt(s.p90)} | "
+                         f"{s.positive:.3f} |")
     lines += ["", "![score distributions](scores.png)", ""]
     if summary.wins is not None:
         w = summary.wins
@@ -296,7 +305,7 @@ def read_summary(report_dir: str | os.PathLike) -> RoundSummary:
 # --- the final table ---------------------------------------------------------------------------
 
 
-TABLE_COLUMNS = ("policy", "held-out score", "pairs", "y_ref chosen/rejected/dropped",
+TABLE_COLUMNS = ("policy", "held-out score", "score > 0", "pairs", "y_ref chosen/rejected/dropped",
                  "orig. flipped", "reward chosen", "reward rejected", "reward acc",
                  "loss first->last", "round time (s)")
 
@@ -315,15 +324,17 @@ def format_round_table(summaries: Sequence[RoundSummary]) -> str:
     if final and rounds:
         scored_by[rounds[-1].round] = final[0].eval_scores
 
-    def score(index: int) -> str:
+    def score(index: int) -> list[str]:
         stats = scored_by.get(index)
-        return "-" if stats is None else f"{stats.mean:.3f} ± {stats.std:.3f} (n={stats.n})"
+        if stats is None:
+            return ["-", "-"]
+        return [f"{stats.mean:.3f} ± {stats.std:.3f} (n={stats.n})", f"{stats.positive:.3f}"]
 
-    rows = [["start", score(0), "", "", "", "", "", "", "", ""]]
+    rows = [["start", *score(0), "", "", "", "", "", "", "", ""]]
     for s in rounds:
         w, t = s.wins, s.train
         rows.append([
-            f"round {s.round}", score(s.round),
+            f"round {s.round}", *score(s.round),
             str(w.pairs) if w else "-",
             f"{w.yref_chosen}/{w.yref_rejected}/{w.yref_dropped}" if w else "-",
             str(w.original_flipped) if w else "-",

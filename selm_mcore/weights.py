@@ -293,7 +293,8 @@ def read_local_shard(reader: SafetensorsReader, spec: ParamSpec, hf_config, tp: 
         out.copy_(reader.read(names[0], shapes[0]))
     elif spec.kind == "row":
         cols = shapes[0][1] // tp
-        out.copy_(reader.read(names[0], shapes[0], cols=slice(tp_rank * cols, (tp_rank + 1) * cols)))
+        part = slice(tp_rank * cols, (tp_rank + 1) * cols)
+        out.copy_(reader.read(names[0], shapes[0], cols=part))
     elif spec.kind == "fc1":
         rows = shapes[0][0] // tp
         part = slice(tp_rank * rows, (tp_rank + 1) * rows)
@@ -367,7 +368,7 @@ def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelCo
             param = _local_param(models, spec)
             written.add(id(param))
             read_local_shard(reader, spec, hf_config, ctx.tp, ctx.tp_rank, param.data)
-    unset = [name for i, model in enumerate(models) for name, p in model.named_parameters()
+    unset = [name for model in models for name, p in model.named_parameters()
              if id(p) not in written]
     if unset:
         raise WeightsError(f"no HF tensor maps to the Megatron parameter(s) {unset} of this "
@@ -407,7 +408,8 @@ def iter_hf_weights(models: Sequence, ctx: ParallelContext
     Every rank must iterate this generator to the end: ranks other than 0 yield nothing but take
     part in the TP all-gathers and the pipeline sends (data-parallel replicas other than the
     first return at once). Tensors are on ``ctx.device`` in the parameter dtype, vocabulary
-    padding stripped, HF order (embed_tokens, layers, norm, lm_head when untied).
+    padding stripped, HF order (embed_tokens, layers, norm, lm_head when untied); some alias
+    the parameters (norm weights at TP1), so copy a tensor to keep it past a training step.
     """
     if ctx.dp_rank != 0:
         return
@@ -569,8 +571,11 @@ def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike
 def _sharded_state_dict(models: Sequence) -> dict:
     # One sub-dict per chunk: the dict paths differ per chunk, but the storage keys inside the
     # ShardedTensors are global (layer axis, vocab rows), so the checkpoint does not depend on
-    # tp, pp or vpp.
-    return {f"chunk{i}": model.sharded_state_dict(prefix="") for i, model in enumerate(models)}
+    # tp, pp or vpp. Modules' "_extra_state" (Transformer Engine FP8 metadata, None in the
+    # local spec) is left out, so a checkpoint also moves between the local and the TE spec.
+    return {f"chunk{i}": {key: value for key, value in model.sharded_state_dict(prefix="").items()
+                          if not key.endswith("_extra_state")}
+            for i, model in enumerate(models)}
 
 
 def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str | os.PathLike,

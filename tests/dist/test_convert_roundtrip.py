@@ -74,7 +74,8 @@ def _assert_same_hf_model(original: Path, exported: Path) -> None:
     m1 = AutoModelForCausalLM.from_pretrained(str(original), dtype=torch.float32).eval()
     m2 = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
     assert m2.dtype == torch.float32
-    ids = torch.randint(0, m1.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, m1.config.vocab_size, (2, 40), generator=gen)
     with torch.no_grad():
         assert torch.equal(m1(ids).logits, m2(ids).logits)
     c1, c2 = m1.config.to_dict(), m2.config.to_dict()
@@ -82,9 +83,11 @@ def _assert_same_hf_model(original: Path, exported: Path) -> None:
         c1.pop(key, None)
         c2.pop(key, None)
     assert c1 == c2
-    t1, t2 = AutoTokenizer.from_pretrained(str(original)), AutoTokenizer.from_pretrained(str(exported))
+    t1 = AutoTokenizer.from_pretrained(str(original))
+    t2 = AutoTokenizer.from_pretrained(str(exported))
     assert t1.chat_template and t1.chat_template == t2.chat_template
-    assert t1("hello world, what is 2 plus 2?")["input_ids"] == t2("hello world, what is 2 plus 2?")["input_ids"]
+    text = "hello world, what is 2 plus 2?"
+    assert t1(text)["input_ids"] == t2(text)["input_ids"]
     assert GenerationConfig.from_pretrained(str(exported)).eos_token_id == m1.config.eos_token_id
 
 

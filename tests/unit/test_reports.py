@@ -23,6 +23,7 @@ def test_score_stats_match_numpy():
         assert stats.median == pytest.approx(np.median(scores), abs=1e-12)
         assert stats.p10 == pytest.approx(np.quantile(scores, 0.1), abs=1e-12)
         assert stats.p90 == pytest.approx(np.quantile(scores, 0.9), abs=1e-12)
+        assert stats.positive == pytest.approx(np.mean(np.asarray(scores) > 0), abs=1e-12)
     with pytest.raises(ValueError, match="no scores"):
         ScoreStats.of([])
 
@@ -89,14 +90,16 @@ def test_round_report_files_and_final_table(tmp_path):
     final = RoundSummary(round=0, generator="round 1 policy",
                          eval_scores=ScoreStats.of(round1_scores), eval_score_values=round1_scores)
     write_round_report(tmp_path / "final", final, [round1])
-    assert "| start | 4 | 0.25 |" in (tmp_path / "final" / "report.md").read_text()
-    assert "| round 1 policy | 4 | 0.75 |" in (tmp_path / "final" / "report.md").read_text()
+    final_md = (tmp_path / "final" / "report.md").read_text()
+    assert "| start | 4 | 0.25 |" in final_md and final_md.count("| 0.250 |") == 1
+    assert "| round 1 policy | 4 | 0.75 |" in final_md and "| 0.750 |" in final_md
 
     table = format_round_table([final, round1]).splitlines()
     assert len(table) == 4  # header, rule, start, round 1
-    assert table[2].startswith("| start | 0.250 ± 0.433 (n=4) |")
+    assert table[2].startswith("| start | 0.250 ± 0.433 (n=4) | 0.250 |")
     # round 1's row shows the scores of the policy round 1 trained (from the final evaluation)
-    assert table[3].startswith("| round 1 | 0.750 ± 0.433 (n=4) | 2 | 1/1/0 | 0 | 0.1 | -0.05 | 0.5 |")
+    assert table[3].startswith(
+        "| round 1 | 0.750 ± 0.433 (n=4) | 0.750 | 2 | 1/1/0 | 0 | 0.1 | -0.05 | 0.5 |")
     assert "0.6931->0.61" in table[3] and table[3].endswith("| 30 |")
 
 
@@ -106,7 +109,7 @@ def test_table_without_final_eval_leaves_last_policy_unscored():
     table = format_round_table(rounds).splitlines()
     assert table[2].startswith("| start | 1.000")
     assert table[3].startswith("| round 1 | 2.000")
-    assert table[4].startswith("| round 2 | - |")
+    assert table[4].startswith("| round 2 | - | - |")
 
 
 def test_constant_scores_still_plot(tmp_path):

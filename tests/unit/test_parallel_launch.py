@@ -1,0 +1,38 @@
+"""selm_mcore.parallel.run_local_ranks (behind tests/dist/launch.py): torchrun's environment per
+rank, every rank's stderr on failure, and a hard timeout that kills all ranks."""
+import json
+
+import pytest
+
+from selm_mcore.parallel import LaunchError, run_local_ranks
+
+ENV_PROBE = ("import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', "
+             "'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS', "
+             "'EXTRA')}))")
+
+
+def test_ranks_get_torchrun_environment():
+    outs = run_local_ranks(["-c", ENV_PROBE], 3, timeout_s=60, env={"EXTRA": "x"})
+    envs = [json.loads(out) for out in outs]
+    assert [e["RANK"] for e in envs] == ["0", "1", "2"] == [e["LOCAL_RANK"] for e in envs]
+    assert {e["WORLD_SIZE"] for e in envs} == {"3"} == {e["LOCAL_WORLD_SIZE"] for e in envs}
+    assert len({e["MASTER_PORT"] for e in envs}) == 1 and envs[0]["MASTER_ADDR"] == "127.0.0.1"
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"} and envs[0]["EXTRA"] == "x"
+
+
+def test_failure_reports_every_rank():
+    script = ("import os, sys, time\n"
+              "if os.environ['RANK'] == '1':\n"
+              "    sys.stderr.write('rank one broke\\n'); sys.exit(3)\n"
+              "time.sleep(60)\n")
+    with pytest.raises(LaunchError) as info:
+        run_local_ranks(["-c", script], 2, timeout_s=120)
+    message = str(info.value)
+    assert "failed" in message and "rank 1 exit code 3" in message and "rank one broke" in message
+    assert "--- rank 0 exit code -9" in message  # the sleeping rank was killed, not waited for
+
+
+def test_timeout_kills_all_ranks():
+    with pytest.raises(LaunchError, match="timed out after 2 s") as info:
+        run_local_ranks(["-c", "import time; time.sleep(60)"], 2, timeout_s=2)
+    assert str(info.value).count("exit code -9") == 2
