@@ -348,7 +348,7 @@ def run_worker(cmd: Sequence[str], out_json: Path, *, threads: int, timeout_s: f
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT,
-                                  env=thread_env(threads), timeout=timeout_s, cwd=REPO_ROOT)
+                                  env=thread_env(threads), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise BenchError(f"`{' '.join(map(str, cmd))}` ran longer than {timeout_s:.0f} s "
                              f"(log: {log_path}); raise --timeout-s or use fewer steps") from None
@@ -510,7 +510,7 @@ def _ensure_reference_cache(args, overrides: Sequence[str], workdir: Path) -> fl
     start = time.perf_counter()
     log = workdir / "refpass.log"
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
                               env=thread_env(args.threads), timeout=args.timeout_s)
     if proc.returncode != 0:
         raise BenchError(f"the reference pass failed (status {proc.returncode}, log {log}):\n"
@@ -794,7 +794,7 @@ def _config_arg(args) -> list[str]:
 
 
 def _workdir(args, mode: str) -> Path:
-    path = Path(args.workdir) if args.workdir else REPO_ROOT / "outputs" / "bench" / mode
+    path = Path(args.workdir).absolute() if args.workdir else REPO_ROOT / "outputs" / "bench" / mode
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -35,7 +35,7 @@ def run_bench(*args: str, timeout: float = TIMEOUT_S) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "selm_mcore.cli", "bench", *args], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"selm bench {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-5000:]}"
     return proc.stdout
