@@ -38,6 +38,8 @@ def setup_logging() -> None:
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Megatron logs every DDP bucket's parameter list at INFO: keep its warnings only.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -832,6 +832,7 @@ def _rank_main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # as selm_mcore.cli does
     job, *rest = argv
     if job == "_hf-to-mcore-rank":
         hf_dir, out_dir, tp, pp, dtype = rest
