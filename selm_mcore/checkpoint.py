@@ -27,7 +27,8 @@ measures, taken by ``load_optimizer_state`` (see ../shared/notes/cpu_stack.md):
   torch's AdamW then increments once per parameter, skewing bias correction).
 
 Loading never unpickles objects a user did not make: json and safetensors here, Megatron's
-dist checkpoint tensors through ``torch.load(weights_only=True)``.
+dist checkpoints through ``selm_mcore.safe_load`` (restricted unpickler for the DCP
+``.metadata``, ``torch.load(weights_only=True)`` for tensors and common.pt).
 """
 
 from __future__ import annotations
@@ -129,12 +130,13 @@ def save_optimizer_state(optimizer, models: Sequence, out_dir: str | Path) -> No
 
 def load_optimizer_state(optimizer, models: Sequence, in_dir: str | Path) -> None:
     """Load a state written by ``save_optimizer_state`` at any TP/PP/DP (see module doc)."""
-    from megatron.core import dist_checkpointing
+    # issue 4 item 7: the dist checkpoint is read without unrestricted unpickling.
+    from selm_mcore.safe_load import load_dist_checkpoint
 
     _prefill_adam_state(optimizer)
     sharded = optimizer.sharded_state_dict(_model_sharded_state_dict(models), is_loading=True,
                                            metadata=OPTIMIZER_SHARDING)
-    loaded = dist_checkpointing.load({"optimizer": sharded}, str(in_dir))["optimizer"]
+    loaded = load_dist_checkpoint({"optimizer": sharded}, in_dir)["optimizer"]
     dist_optimizers = _distributed_optimizers(optimizer)
     states = [loaded] if len(dist_optimizers) == 1 else [loaded[i] for i in sorted(loaded)]
     for dist_opt, state in zip(dist_optimizers, states):

@@ -644,7 +644,8 @@ def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
     model's: build the model with ``build_model_from_checkpoint`` or
     ``build_model(..., padded_vocab=meta["padded_vocab_size"])``.
     """
-    from megatron.core import dist_checkpointing
+    # issue 4 item 7: the dist checkpoint is read without unrestricted unpickling.
+    from selm_mcore.safe_load import load_dist_checkpoint
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_checkpoint_meta(ckpt_dir)
@@ -662,7 +663,7 @@ def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
         if meta[key] != value:
             raise CheckpointError(f"checkpoint {ckpt_dir} has {key}={meta[key]}, the model "
                                   f"{key}={value}")
-    state = dist_checkpointing.load(_sharded_state_dict(models), str(ckpt_dir / "model"))
+    state = load_dist_checkpoint(_sharded_state_dict(models), ckpt_dir / "model")
     for i, model in enumerate(models):
         result = model.load_state_dict(state[f"chunk{i}"], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

