@@ -51,6 +51,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -378,24 +379,46 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
 # --- subprocesses ------------------------------------------------------------------------------
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a child's whole process group (torchrun ranks, vLLM engine processes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_command(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
                 timeout_s: float | None = None, tail_lines: int = 30) -> None:
     """Run ``cmd``, teeing its output to our stdout and ``log_path``; raise PhaseFailed on rc != 0.
 
-    The error names the command, the exit status, the log file and the last lines of output.
+    The child runs in its own process group, which is killed when the timeout passes or this
+    process is interrupted, and cleared of stragglers when the child exits. The error names the
+    command, the exit status, the log file and the last lines of output.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("$ %s", shlex.join(cmd))
     tail: list[bytes] = []
+    pending = b""
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **(env or {})}, start_new_session=True)
         deadline = None if not timeout_s else time.monotonic() + timeout_s
-        pending = b""
+        fd = proc.stdout.fileno()
         try:
             while True:
-                chunk = os.read(proc.stdout.fileno(), 65536)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PhaseFailed(f"`{shlex.join(cmd)}` ran longer than "
+                                      f"online.phase_timeout_s={timeout_s} s and was killed "
+                                      f"(log: {log_path})")
+                ready, _, _ = select.select([fd], [], [], 1.0)
+                if not ready:
+                    # A child killed without cleanup can leave helpers (checkpoint writers)
+                    # that hold the pipe open: the child's exit ends the phase, not EOF.
+                    if proc.poll() is not None:
+                        break
+                    continue
+                chunk = os.read(fd, 65536)
                 if not chunk:
                     break
                 sys.stdout.buffer.write(chunk)
@@ -404,11 +427,8 @@ def run_command(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = 
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 tail = (tail + lines)[-tail_lines:]
-                if deadline is not None and time.monotonic() > deadline:
-                    proc.kill()
-                    raise PhaseFailed(f"`{shlex.join(cmd)}` ran longer than {timeout_s} s; "
-                                      f"killed (log: {log_path})")
         finally:
+            _kill_group(proc)
             proc.stdout.close()
             returncode = proc.wait()
     if returncode != 0:
@@ -511,18 +531,19 @@ class RunPaths:
         return self.logs / (phase_name.replace("/", "_") + ".log")
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """Raw rows of a JSONL or Parquet file (validation is data.read_rows' job)."""
+def _read_records(path: Path) -> dict[int, dict[str, Any]]:
+    """Raw rows of a JSONL or Parquet file by 1-based row (JSONL: line) number, as
+    data.read_rows numbers them in ``PreferenceRow.source`` (validation is its job)."""
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise ImportError(
                 "reading Parquet needs pyarrow: pip install 'selm-mcore[data]'") from exc
-        return pq.read_table(path).to_pylist()
-    from selm_mcore.generation import read_jsonl
-
-    return read_jsonl(path)
+        return dict(enumerate(pq.read_table(path).to_pylist(), start=1))
+    with open(path, encoding="utf-8") as handle:
+        return {number: json.loads(line) for number, line in enumerate(handle, start=1)
+                if line.strip()}
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -542,7 +563,7 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
         raise ValueError("data.train_path is empty: point it at the preference (or prompt) rows")
     loaded = read_rows(train_path, skip_bad_rows=cfg.data.skip_bad_rows)
     # Only the verifiable ranker reads a column beyond the file schema (its answers).
-    raw = _read_records(train_path) if cfg.ranking.kind == "verifiable" else []
+    raw = _read_records(train_path) if cfg.ranking.kind == "verifiable" else {}
     portion = split_rounds(loaded.rows, cfg.online.rounds)[round_index - 1]
     if cfg.online.max_prompts_per_round:
         portion = portion[:cfg.online.max_prompts_per_round]
@@ -551,7 +572,7 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
         file_row = int(row.source.rsplit(":", 1)[1])
         record = row.to_record()
         record.setdefault("prompt_id", f"row-{file_row}")
-        answer = raw[file_row - 1].get(cfg.ranking.answer_key) if file_row <= len(raw) else None
+        answer = raw.get(file_row, {}).get(cfg.ranking.answer_key)
         if answer is not None:
             record[cfg.ranking.answer_key] = answer
         if record["prompt_id"] in seen:
@@ -574,7 +595,7 @@ def read_eval_rows(cfg: SelmConfig) -> list[dict[str, Any]]:
     path = Path(cfg.data.eval_prompts_path)
     if not path.is_file():
         raise FileNotFoundError(f"data.eval_prompts_path={path} does not exist")
-    rows = _read_records(path)
+    rows = list(_read_records(path).values())
     if cfg.online.max_eval_prompts:
         rows = rows[:cfg.online.max_eval_prompts]
     for index, row in enumerate(rows):
@@ -979,13 +1000,22 @@ def run_online(cfg: SelmConfig, *, redo: str | None = None, list_only: bool = Fa
     print(f"SELM run {paths.workdir}: {cfg.online.rounds} round(s), "
           f"{len(timings)} phase(s) run now in {time.perf_counter() - start:.0f} s")
     print(reports.format_round_table(collect_summaries(paths, cfg.online.rounds)))
+    print()
+    print("Phase times (s), as recorded when each phase ran:")
+    print(reports.format_phase_times(
+        {name: record["seconds"] for name, record in manifest.phases.items()}))
     final_report = paths.final_dir / "report" / "report.md"
     print(f"reports: {paths.workdir}/round_*/report/report.md"
           + (f", {final_report}" if final_report.exists() else ""))
     return 0
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds run_command, which kills the running phase
+
+
 def main(args) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # e.g. Slurm's time limit
     try:
         cfg = config_from_args(args)
         return run_online(cfg, redo=args.redo, list_only=args.list_phases)
@@ -998,6 +1028,9 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--rank-worker":
-        sys.exit(rank_worker(sys.argv[2]))
+        # Through the package import, so the worker logs as selm_mcore.online, not __main__.
+        from selm_mcore.online import rank_worker as _rank_worker
+
+        sys.exit(_rank_worker(sys.argv[2]))
     sys.exit("usage: python -m selm_mcore.online --rank-worker SPEC.json "
              "(internal; use `selm run`)")

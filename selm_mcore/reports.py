@@ -346,3 +346,29 @@ def format_round_table(summaries: Sequence[RoundSummary]) -> str:
     header = "| " + " | ".join(TABLE_COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
     return "\n".join([header, rule, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def format_phase_times(phase_seconds: dict[str, float]) -> str:
+    """A markdown table of seconds per phase kind (rows) and round (columns), from the
+    manifest's ``{"round1/generate": 12.3, ..., "final/rank": 4.5}``."""
+    groups: list[str] = []
+    kinds: list[str] = []
+    for name in phase_seconds:
+        group, kind = name.split("/", 1)
+        groups += [group] if group not in groups else []
+        kinds += [kind] if kind not in kinds else []
+    header = "| phase | " + " | ".join(groups) + " | total |"
+    rule = "|" + "|".join("---" for _ in range(len(groups) + 2)) + "|"
+    lines = [header, rule]
+    for kind in [*kinds, "total"]:
+        cells = []
+        for group in groups:
+            if kind == "total":
+                value = sum(v for n, v in phase_seconds.items() if n.startswith(group + "/"))
+            else:
+                value = phase_seconds.get(f"{group}/{kind}")
+            cells.append("-" if value is None else f"{value:.1f}")
+        total = sum(v for n, v in phase_seconds.items()
+                    if kind == "total" or n.endswith("/" + kind))
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {total:.1f} |")
+    return "\n".join(lines)

@@ -64,6 +64,7 @@ def test_write_portion_takes_contiguous_thirds_and_keeps_answers(tmp_path):
     rows = [_pref(i, answer=str(i)) for i in range(10)]
     rows[4]["prompt_id"] = "given-id"
     train = _write(tmp_path, rows)
+    train.write_text("\n" + train.read_text().replace("\n", "\n\n", 2))  # blank lines
     cfg = load_config(None, [f"data.train_path={train}", "online.rounds=3",
                              "ranking.kind=verifiable"])
     portions = []
@@ -74,7 +75,8 @@ def test_write_portion_takes_contiguous_thirds_and_keeps_answers(tmp_path):
     assert [[r["prompt"] for r in p] for p in portions] == [
         ["q0", "q1", "q2"], ["q3", "q4", "q5"], ["q6", "q7", "q8"]]
     assert portions[1][1]["prompt_id"] == "given-id"
-    assert portions[0][0]["prompt_id"] == "row-1" and portions[0][0]["answer"] == "0"
+    assert portions[0][0]["prompt_id"] == "row-2" and portions[0][0]["answer"] == "0"
+    assert [r["answer"] for p in portions for r in p] == [str(i) for i in range(9)]
     assert portions[0][0]["chosen"][-1] == {"role": "assistant", "content": "a0"}
 
     capped = load_config(None, [f"data.train_path={train}", "online.rounds=3",

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,36 @@ def test_resumable_partial_from_other_inputs_is_dropped(tmp_path, monkeypatch):
     inputs.write_text(json.dumps({"round1/portion": "other"}))  # started from other inputs
     run_phases(_resumable_chain(tmp_path, [], seen), tmp_path, fresh_manifest(tmp_path))
     assert seen == [False, False]
+
+
+def test_run_command_timeout_kills_a_silent_child_and_its_children(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    with pytest.raises(PhaseFailed, match="ran longer than online.phase_timeout_s=2"):
+        run_command([sys.executable, "-c", code], tmp_path / "slow.log", timeout_s=2)
+    grandchild = int(pid_file.read_text())
+
+    def alive(pid: int) -> bool:
+        try:  # a killed process may linger as a zombie until init reaps it
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    for _ in range(50):
+        if not alive(grandchild):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"grandchild {grandchild} survived the timeout")
+
+
+@pytest.mark.timeout(60)  # broken, it waits for the helper's 600 s
+def test_run_command_returns_when_a_killed_child_leaves_a_helper_holding_the_pipe(tmp_path):
+    """A SIGKILLed trainer can leave checkpoint-writer processes with our pipe open."""
+    code = ("import os, subprocess, sys; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "print('parent dies now', flush=True); os.kill(os.getpid(), 9)")
+    with pytest.raises(PhaseFailed, match="killed by signal 9"):
+        run_command([sys.executable, "-c", code], tmp_path / "lingering.log")

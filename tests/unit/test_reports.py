@@ -116,3 +116,16 @@ def test_constant_scores_still_plot(tmp_path):
     plot_score_distributions({"a": [1.0, 1.0], "b": [1.0]}, tmp_path / "s.png")
     assert _png_shape(tmp_path / "s.png")[0] > 100
     assert json.dumps(RoundSummary(round=1, generator="x").to_json())
+
+
+def test_phase_times_table():
+    from selm_mcore.reports import format_phase_times
+
+    table = format_phase_times({"round1/generate": 10.0, "round1/train": 5.0,
+                                "round2/export": 2.0, "round2/generate": 8.0,
+                                "final/generate": 3.5}).splitlines()
+    assert table[0] == "| phase | round1 | round2 | final | total |"
+    assert table[2] == "| generate | 10.0 | 8.0 | 3.5 | 21.5 |"
+    assert table[3] == "| train | 5.0 | - | - | 5.0 |"
+    assert table[4] == "| export | - | 2.0 | - | 2.0 |"
+    assert table[5] == "| total | 15.0 | 10.0 | 3.5 | 28.5 |"
