@@ -145,8 +145,11 @@ def test_two_rounds_run_and_print_the_table(reference_run):
                 "round2/generate", "round2/rank", "round2/refpass", "round2/train",
                 "round2/report", "final/export", "final/generate", "final/rank", "final/report"]
     assert list(manifest["phases"]) == expected
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert [row.split("|")[1].strip() for row in table[1:]] == ["start", "round 1", "round 2"]
+    lines = result.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| policy |")))
+    table = lines[start:lines.index("", start)]
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["start", "round 1", "round 2"]
+    assert "| phase | round1 | round2 | final | total |" in lines  # the phase timer table
     for t in (1, 2):
         assert (workdir / f"round_{t}" / "report" / "scores.png").stat().st_size > 1000
         assert "y_ref became chosen" in (workdir / f"round_{t}/report/report.md").read_text()
