@@ -377,6 +377,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def paired_ratio(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str
+                 ) -> float | None:
+    """Median over repeats of a[r][key] / b[r][key]: repeat r of both sides ran back to back,
+    so this ratio is steadier than the ratio of medians when the machine's load drifts."""
+    ratios = [x[key] / y[key] for x, y in zip(a, b) if x.get(key) and y.get(key)]
+    return statistics.median(ratios) if ratios else None
+
+
 # --- phases of an online run ----------------------------------------------------------------------
 
 PHASE_ORDER = ("portion", "export", "generate", "rank", "refpass", "train", "report")
@@ -719,9 +727,11 @@ def run_compare_trl(args) -> dict[str, Any]:
                         results[name][-1]["tokens_per_s"])
         loads.append(load_average())
     rows = [_summarise_side(name, res) for name, res in results.items()]
-    ours = rows[0]
+    ours, ours_runs = rows[0], results[rows[0]["impl"]]
     for row in rows:
         row["tokens_per_s_vs_this"] = _ratio(ours["tokens_per_s"], row["tokens_per_s"])
+        row["paired_tokens_per_s_vs_this"] = paired_ratio(ours_runs, results[row["impl"]],
+                                                          "tokens_per_s")
         row["memory_vs_this"] = _ratio(ours["peak_memory_mb"], row["peak_memory_mb"])
     print(f"ours vs TRL DPOTrainer: {cfg.model.hf_dir}, fp32, {args.threads} thread(s), micro "
           f"batch {cfg.train.micro_batch_size} / global {cfg.train.global_batch_size} pairs, "
@@ -732,7 +742,9 @@ def run_compare_trl(args) -> dict[str, Any]:
         ("step_time_s", "step s", ".3f"), ("tokens_per_step", "tok/step", ".0f"),
         ("padded_tokens_per_step", "padded/step", ".0f"), ("peak_memory_mb", "peak RSS MiB", ".0f"),
         ("tokens_per_s_vs_this", "ours/this tok/s", ".2f"),
+        ("paired_tokens_per_s_vs_this", "paired", ".2f"),
         ("memory_vs_this", "ours/this mem", ".2f")]))
+    print("ours/this = ratio of the medians; paired = median of the per-repeat ratios")
     return {"mode": "compare-trl", "model": cfg.model.hf_dir, "threads": args.threads,
             "micro_batch_size": cfg.train.micro_batch_size,
             "global_batch_size": cfg.train.global_batch_size, "steps": args.steps,
@@ -763,6 +775,9 @@ def run_refmode(args) -> dict[str, Any]:
     ratio = _ratio(rows[0]["step_time_s"], rows[1]["step_time_s"])
     rows[0]["step_time_vs_onthefly"] = ratio
     rows[1]["step_time_vs_onthefly"] = 1.0
+    rows[0]["paired_step_time_vs_onthefly"] = paired_ratio(
+        results["precomputed"], results["onthefly"], "step_time_s")
+    rows[1]["paired_step_time_vs_onthefly"] = 1.0
     onthefly_how = results["onthefly"][0].get("onthefly_how", "")
     print(f"reference log-probs precomputed vs on the fly: {cfg.model.hf_dir}, "
           f"{'SELM with y_ref' if with_yref else 'DPO'}, {args.threads} thread(s), median of "
@@ -772,10 +787,12 @@ def run_refmode(args) -> dict[str, Any]:
     print(format_table(rows, [
         ("impl", "mode", ""), ("step_time_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".1f"),
         ("peak_memory_mb", "peak MiB", ".0f"),
-        ("step_time_vs_onthefly", "step / on-the-fly", ".2f")]))
+        ("step_time_vs_onthefly", "step / on-the-fly", ".2f"),
+        ("paired_step_time_vs_onthefly", "paired", ".2f")]))
     return {"mode": "refmode", "model": cfg.model.hf_dir, "threads": args.threads,
             "with_yref": with_yref, "repeats": args.repeats, "load_average": loads,
             "onthefly_how": onthefly_how, "precomputed_vs_onthefly_step_time": ratio,
+            "precomputed_vs_onthefly_step_time_paired": rows[0]["paired_step_time_vs_onthefly"],
             "rows": rows, "raw": results}
 
 
@@ -885,6 +902,8 @@ def run_generation(args) -> dict[str, Any]:
         for b in backends]
     ratio = _ratio(rows[0]["tokens_per_s"], rows[1]["tokens_per_s"])
     rows[0]["speedup"], rows[1]["speedup"] = ratio, 1.0
+    rows[0]["paired_speedup"] = paired_ratio(results["vllm"], results["hf"], "tokens_per_s")
+    rows[1]["paired_speedup"] = 1.0
     print(f"greedy generation: {cfg.model.hf_dir}, {args.num_prompts} prompts, max "
           f"{args.max_tokens} new tokens (stop at EOS), {args.threads} thread(s), median of "
           f"{args.repeats} interleaved repeats; load average {loads[0]} -> {loads[-1]}")
@@ -892,10 +911,11 @@ def run_generation(args) -> dict[str, Any]:
         ("impl", "backend", ""), ("tokens_per_s", "tokens/s", ".1f"),
         ("generated_tokens", "new tokens", ".0f"), ("seconds", "gen s", ".2f"),
         ("engine_start_s", "engine start s", ".1f"), ("peak_rss_mb", "peak RSS MiB", ".0f"),
-        ("speedup", "vs transformers", ".2f")]))
+        ("speedup", "vs transformers", ".2f"), ("paired_speedup", "paired", ".2f")]))
     return {"mode": "generation", "model": cfg.model.hf_dir, "threads": args.threads,
             "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
-            "repeats": args.repeats, "load_average": loads, "vllm_vs_hf": ratio, "rows": rows,
+            "repeats": args.repeats, "load_average": loads, "vllm_vs_hf": ratio,
+            "vllm_vs_hf_paired": rows[0]["paired_speedup"], "rows": rows,
             "raw": results}
 
 

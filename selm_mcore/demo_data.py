@@ -3,13 +3,16 @@
 Every row is an UltraFeedback-binarized preference row (see ``selm_mcore.data``) plus an
 ``answer`` column that a verifiable-answer ranker checks responses against::
 
-    {"prompt_id": "arith-train-0007", "prompt": "What is 17 + 25? Reply with the number only.",
-     "chosen":   [{"role": "user", ...}, {"role": "assistant", "content": "42"}],
-     "rejected": [{"role": "user", ...}, {"role": "assistant", "content": "43"}],
+    {"prompt_id": "arith-train-0007",
+     "prompt": "What is 17 + 25? Reply with the equation and its result.",
+     "chosen":   [{"role": "user", ...}, {"role": "assistant", "content": "17 + 25 = 42"}],
+     "rejected": [{"role": "user", ...}, {"role": "assistant", "content": "17 + 25 = 43"}],
      "answer": "42"}
 
-The chosen response is the right answer, the rejected one a plausible mistake (off by one or
-ten, or the result of another operation). The held-out set (other questions, with ``answer``
+The chosen response states the equation with the right result, the rejected one with a
+plausible mistake (off by one or ten, or the result of another operation). Small chat models
+answer these in that form and then often ramble; the verifiable ranker (the last number of a
+response must be the answer; shorter correct answers win) turns that into preferences. The held-out set (other questions, with ``answer``
 and the right answer as ``chosen``) feeds the per-round reports. The sets are deterministic in
 ``seed``.
 
@@ -29,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-INSTRUCTION = "Reply with the number only."
+INSTRUCTION = "Reply with the equation and its result."
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Problem:
     @property
     def question(self) -> str:
         return f"What is {self.left} {self.op} {self.right}? {INSTRUCTION}"
+
+    def statement(self, result: int) -> str:
+        return f"{self.left} {self.op} {self.right} = {result}"
 
     def wrong_answer(self, rng: random.Random) -> int:
         """A plausible mistake: off by one, off by ten, or another operation's result."""
@@ -88,8 +94,9 @@ def train_rows(count: int, seed: int = 0) -> list[dict]:
         rows.append({
             "prompt_id": f"arith-train-{i:04d}",
             "prompt": problem.question,
-            "chosen": [user, {"role": "assistant", "content": str(problem.answer)}],
-            "rejected": [user, {"role": "assistant", "content": str(problem.wrong_answer(rng))}],
+            "chosen": [user, {"role": "assistant", "content": problem.statement(problem.answer)}],
+            "rejected": [user, {"role": "assistant",
+                                "content": problem.statement(problem.wrong_answer(rng))}],
             "answer": str(problem.answer),
         })
     return rows
@@ -103,7 +110,8 @@ def eval_rows(count: int, seed: int = 0, train_count: int = 0) -> list[dict]:
     for i, problem in enumerate(make_problems(count, seed + 1000, exclude)):
         user = {"role": "user", "content": problem.question}
         rows.append({"prompt_id": f"arith-eval-{i:04d}", "prompt": problem.question,
-                     "chosen": [user, {"role": "assistant", "content": str(problem.answer)}],
+                     "chosen": [user, {"role": "assistant",
+                                       "content": problem.statement(problem.answer)}],
                      "answer": str(problem.answer)})
     return rows
 
