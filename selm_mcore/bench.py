@@ -514,7 +514,7 @@ def _ensure_reference_cache(args, overrides: Sequence[str], workdir: Path) -> fl
     # `selm refpass` needs a config file: the resolved one (overrides applied).
     resolved = workdir / "refpass_config.yaml"
     save_config(cfg, resolved)
-    cmd = [sys.executable, "-m", "selm_mcore.cli", "refpass", str(resolved)]
+    cmd = [sys.executable, "-P", "-m", "selm_mcore.cli", "refpass", str(resolved)]
     start = time.perf_counter()
     log = workdir / "refpass.log"
     with open(log, "w") as out:
@@ -663,7 +663,7 @@ def _pairs_for(cfg, args, workdir: Path, *, num_pairs: int, with_yref: bool) -> 
 def _ours_command(args, workdir: Path, pairs: Path, out_json: Path, *, ref_mode: str,
                   extra_overrides: Sequence[str] = ()) -> list[str]:
     """``selm bench train`` for one repeat in its own process (same pairs, shared ref cache)."""
-    cmd = [sys.executable, "-m", "selm_mcore.cli", "bench", "train", *_config_arg(args),
+    cmd = [sys.executable, "-P", "-m", "selm_mcore.cli", "bench", "train", *_config_arg(args),
            "--pairs", str(pairs), "--ref-mode", ref_mode, "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup_steps), "--repeats", "1",
            "--threads", str(args.threads), "--workdir", str(workdir),
@@ -882,7 +882,7 @@ def run_generation(args) -> dict[str, Any]:
     for repeat in range(args.repeats):
         for backend in backends:
             out = workdir / f"{backend}-{repeat}.json"
-            cmd = [sys.executable, "-m", "selm_mcore.cli", "bench", "generation",
+            cmd = [sys.executable, "-P", "-m", "selm_mcore.cli", "bench", "generation",
                    *_config_arg(args), "--backend", backend, "--num-prompts", str(args.num_prompts),
                    "--prompt-tokens", str(args.prompt_tokens), "--max-tokens",
                    str(args.max_tokens), "--hf-batch-size", str(args.hf_batch_size),

@@ -407,7 +407,7 @@ def _run_engines(model_dir, prompts: Sequence[PromptRow], gen_cfg: GenerationCon
             log_path = workdir / f"engine{engine}.log"
             with log_path.open("w") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "selm_mcore.generation", "--engine-spec",
+                    [sys.executable, "-P", "-m", "selm_mcore.generation", "--engine-spec",
                      str(spec_path)],
                     env=_engine_env(engine, len(bounds), gen_cfg.tensor_parallel_size, on_cpu),
                     stdout=log, stderr=subprocess.STDOUT)

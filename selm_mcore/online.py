@@ -69,6 +69,9 @@ from selm_mcore.config import (ConfigError, SelmConfig, add_config_arguments, co
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "selm-online/1"
+# Children (and torchrun's workers) never get the working directory on sys.path: from the
+# repository root it would make the folder kernels/ importable as a top-level package.
+SAFE_PATH_ENV = {"PYTHONSAFEPATH": "1"}
 FAULT_ENV = "SELM_FAULT"
 FAULT_POINTS = ("work", "published")
 # Config keys a resumed run may change: they do not alter what finished phases produced.
@@ -402,7 +405,8 @@ def run_command(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = 
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **SAFE_PATH_ENV, **(env or {})},
+                                start_new_session=True)
         deadline = None if not timeout_s else time.monotonic() + timeout_s
         fd = proc.stdout.fileno()
         try:

@@ -41,3 +41,15 @@ def test_in_process_kernels_resolve_to_repo_folder():
 
     assert Path(selm_mcore.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
     assert str(REPO) not in [str(Path(p).resolve()) for p in sys.path if p]
+
+
+def test_phase_children_started_from_the_repo_root_cannot_import_top_level_kernels(
+        tmp_path, monkeypatch):
+    """`selm run` starts its phases with `python -m ...`, which would put the working directory
+    on sys.path; from the repository root that would expose kernels/ as a top-level package."""
+    from selm_mcore.online import run_command
+
+    monkeypatch.chdir(REPO)
+    probe = ("import importlib.util, sys; import selm_mcore.kernels; "
+             "sys.exit(3 if importlib.util.find_spec('kernels') else 0)")
+    run_command([sys.executable, "-c", probe], tmp_path / "probe.log", timeout_s=120)
