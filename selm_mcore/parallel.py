@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -249,6 +250,12 @@ def run_local_ranks(argv: Sequence[str], nprocs: int, *, timeout_s: float,
                     proc.kill()
             for proc in procs:
                 proc.wait()
+                # A rank killed without cleanup leaves helpers (Megatron's checkpoint writers)
+                # behind; each rank leads its own process group, so clear that group.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             if echo_rank0 and errs:
                 _echo_new(errs[0], echoed)
         if failed or timed_out:

@@ -36,3 +36,33 @@ def test_timeout_kills_all_ranks():
     with pytest.raises(LaunchError, match="timed out after 2 s") as info:
         run_local_ranks(["-c", "import time; time.sleep(60)"], 2, timeout_s=2)
     assert str(info.value).count("exit code -9") == 2
+
+
+def test_helpers_left_by_a_killed_rank_are_cleared(tmp_path):
+    """A rank that dies without cleanup (SIGKILL) can leave helper processes behind, as Megatron's
+    checkpoint writers do; the launcher clears each rank's process group."""
+    import os
+    import time
+
+    pid_file = tmp_path / "helper.pid"
+    script = ("import os, signal, subprocess\n"
+              "helper = subprocess.Popen(['sleep', '300'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    with pytest.raises(LaunchError):
+        run_local_ranks(["-c", script], 1, timeout_s=60)
+    helper_pid = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(helper_pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # reaped by init once killed; a zombie still answers kill(0)
+            with open(f"/proc/{helper_pid}/stat") as stat:
+                if stat.read().split(")")[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"helper process {helper_pid} left running after its rank was killed")
