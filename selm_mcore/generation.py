@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config import GenerationConfig, add_config_arguments, config_from_args
+from selm_mcore.data import prompt_conversation, raw_prompt
+from selm_mcore.dataset import encode_prompt
+from selm_mcore.files import read_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,47 +50,6 @@ CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 class GenerationError(RuntimeError):
     """vLLM could not start or generate; the round must stop."""
-
-
-# --- JSONL files ------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All rows of a JSONL file (blank lines skipped); a bad line names the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: a row must be a JSON object")
-            rows.append(row)
-    return rows
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write rows to a temporary file next to ``path``, fsync, then rename over ``path``: a
-    reader (or a resumed run) sees the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -101,25 +63,17 @@ class PromptRow:
 
 
 def prompt_row(row: Mapping[str, Any], where: str) -> PromptRow:
-    """A prompt from a row: ``prompt`` (str) becomes one user turn; otherwise ``messages`` with
-    trailing assistant turns dropped (UltraFeedback's ``messages`` holds the chosen reply)."""
+    """A prompt from a row (``selm_mcore.data.prompt_conversation`` says which conversation)."""
     if "prompt_id" not in row:
         raise ValueError(f"{where}: missing 'prompt_id'")
-    if isinstance(row.get("prompt"), str):
-        return PromptRow(str(row["prompt_id"]), row["prompt"],
-                         [{"role": "user", "content": row["prompt"]}])
-    messages = [dict(m) for m in row.get("messages") or []]
-    while messages and messages[-1].get("role") == "assistant":
-        messages.pop()
-    if not messages or messages[-1].get("role") != "user":
-        raise ValueError(f"{where}: needs 'prompt' (str) or 'messages' ending with a user turn")
-    return PromptRow(str(row["prompt_id"]), messages[-1]["content"], messages)
+    messages = prompt_conversation(row, where)
+    return PromptRow(str(row["prompt_id"]), raw_prompt(row, messages), messages)
 
 
 def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
     """Prompt rows of a JSONL file; prompt_ids must be unique (they key the join with ranking)."""
     prompts, seen = [], {}
-    for index, row in enumerate(read_jsonl(path)):
+    for index, row in enumerate(read_records(path)):
         prompt = prompt_row(row, f"{path} row {index}")
         if prompt.prompt_id in seen:
             raise ValueError(f"{path} row {index}: prompt_id {prompt.prompt_id!r} repeats row "
@@ -222,7 +176,8 @@ class VLLMGenerator:
         logger.info("vLLM engine on %s started in %.1f s (%s)", self.model_dir,
                     self.start_seconds, "cpu" if self.on_cpu else "cuda")
 
-    # Rendering is done here, not by vLLM, so the prompt tokens are exactly the training ones.
+    # Rendering is done here (selm_mcore.dataset.encode_prompt), not by vLLM, so the prompt
+    # tokens are exactly the training ones.
     def render(self, conversations: Sequence[Sequence[Mapping[str, str]] | str],
                labels: Sequence[str] | None = None) -> list[list[int]]:
         """Chat template + generation prompt, tokenised once without extra special tokens."""
@@ -230,9 +185,7 @@ class VLLMGenerator:
         for index, conversation in enumerate(conversations):
             messages = ([{"role": "user", "content": conversation}]
                         if isinstance(conversation, str) else [dict(m) for m in conversation])
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = encode_prompt(self.tokenizer, messages)
             if len(ids) >= self.cfg.max_model_len:
                 label = labels[index] if labels is not None else f"#{index}"
                 raise ValueError(
@@ -407,7 +360,7 @@ def _run_engines(model_dir, prompts: Sequence[PromptRow], gen_cfg: GenerationCon
             log_path = workdir / f"engine{engine}.log"
             with log_path.open("w") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-P", "-m", "selm_mcore.generation", "--engine-spec",
+                    [sys.executable, "-P", "-m", "selm_mcore.cli", "_worker", "engine",
                      str(spec_path)],
                     env=_engine_env(engine, len(bounds), gen_cfg.tensor_parallel_size, on_cpu),
                     stdout=log, stderr=subprocess.STDOUT)
@@ -434,7 +387,7 @@ def _run_engines(model_dir, prompts: Sequence[PromptRow], gen_cfg: GenerationCon
                 proc.wait()
     merged = []
     for engine, start, end, _, _, out_path in procs:
-        rows = read_jsonl(out_path)
+        rows = read_records(out_path)
         expected = [p.prompt_id for p in prompts[start:end]]
         if [r["prompt_id"] for r in rows] != expected:
             raise GenerationError(f"engine {engine} output {out_path} does not match its prompt "
@@ -466,13 +419,10 @@ def generate_file(model_dir: str | os.PathLike, prompts_path: str | os.PathLike,
     return rows
 
 
-def _engine_main(spec_path: str) -> int:
-    """Entry of one data-parallel engine process (started by ``_run_engines``)."""
-    from selm_mcore.cli import setup_logging
-
-    setup_logging()
-    spec = json.loads(Path(spec_path).read_text())
-    prompts = [PromptRow(**row) for row in read_jsonl(spec["prompts"])]
+def worker_main(spec: dict) -> int:
+    """One data-parallel engine process (``selm _worker engine SPEC``, started by
+    ``_run_engines``)."""
+    prompts = [PromptRow(**row) for row in read_records(spec["prompts"])]
     rows = _generate_rows(spec["model_dir"], prompts, GenerationConfig(**spec["gen_cfg"]),
                           spec["trust_remote_code"], spec["seed_offset"])
     write_jsonl_atomic(spec["out"], rows)
@@ -501,9 +451,3 @@ def main(args) -> int:
                   trust_remote_code=cfg.model.trust_remote_code)
     return 0
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--engine-spec":
-        sys.exit(_engine_main(sys.argv[2]))
-    sys.exit("usage: python -m selm_mcore.generation --engine-spec SPEC.json "
-             "(internal; use `selm generate`)")

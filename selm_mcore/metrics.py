@@ -1,4 +1,4 @@
-"""Per-step training metrics: a log line, TensorBoard scalars, a JSONL file and a progress bar.
+"""Per-step training metrics (a log line, TensorBoard, JSONL, a progress bar), FLOPs and MFU.
 
 Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetricsWriter`` with
 ``enabled=False`` so call sites stay free of rank checks::
@@ -9,21 +9,36 @@ Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetr
 
 ``out_dir/metrics.jsonl`` holds one JSON object per logged step; on resume, lines of steps after
 ``resume_step`` (written by the interrupted run after its last checkpoint) are dropped so the file
-reads as one continuous run. TensorBoard needs the ``tensorboard`` package (pip extra
-``selm-mcore[logging]``).
+reads as one continuous run; non-finite values are written as NaN / Infinity (never dropped).
+TensorBoard needs the ``tensorboard`` package (pip extra ``selm-mcore[logging]``).
+
+Model FLOPs (``training_flops``): with N = matmul weights per token (per layer q, k, v, o and the
+three SwiGLU projections, plus the LM head; the embedding lookup is no matmul) and a sequence of
+s tokens, one forward costs ``2*N*s + 2*L*d_q*s*(s+1)`` (the second term: causal attention
+scores and weighted values, d_q = heads * head_dim, each query attending to its own and earlier
+positions). The policy's forward + backward costs 3x its forward; a reference forward inside the
+step (on the fly) is counted separately, once. Norms, softmax, RoPE and the loss are not counted.
+
+MFU = policy model FLOP/s per device / device peak. Peaks: NVIDIA H100/H200 989 TFLOP/s dense
+bf16 (A100 312); on CPU the fp32 GEMM rate measured on this machine with the same thread count
+(``measure_cpu_peak_flops``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import resource
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+
+from selm_mcore.files import read_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +51,7 @@ _LINE_FIELDS = (
     ("lr", "lr {:.3e}"),
     ("tokens_per_s", "{:.0f} tok/s"),
     ("step_time_s", "{:.2f} s/step"),
+    ("mfu", "MFU {:.3f}"),
     ("memory_gib", "mem {:.2f} GiB"),
 )
 
@@ -58,14 +74,6 @@ def format_step_line(step: int, total_steps: int, metrics: dict[str, float]) -> 
     return " | ".join(parts)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics JSONL file (empty list if it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class StepMetricsWriter:
     """Writes each logged step to the log, TensorBoard, JSONL and a progress bar (rank 0 only)."""
 
@@ -83,8 +91,9 @@ class StepMetricsWriter:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path = out_dir / "metrics.jsonl"
-        kept = [r for r in read_jsonl(jsonl_path) if r.get("step", 0) <= resume_step]
-        jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if jsonl_path.exists():
+            write_jsonl_atomic(jsonl_path, [r for r in read_records(jsonl_path)
+                                            if r.get("step", 0) <= resume_step])
         self._jsonl = jsonl_path.open("a")
         if tensorboard:
             try:
@@ -106,7 +115,7 @@ class StepMetricsWriter:
         """Record the metrics of optimizer step ``step`` (1-based)."""
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -126,3 +135,122 @@ class StepMetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
         self._bar = self._tb = self._jsonl = None
+
+
+# --- FLOPs and MFU ----------------------------------------------------------------------------
+
+
+GPU_PEAK_BF16_FLOPS = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,  # SXM; the PCIe card is 756 TFLOP/s
+    "A100": 312e12,
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP formula needs from a Llama config."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> ModelShape:
+        """From an HF config object or a plain dict (config.json)."""
+        get = (hf_config.get if isinstance(hf_config, dict)
+               else lambda key, default=None: getattr(hf_config, key, default))
+        heads = int(get("num_attention_heads"))
+        return cls(
+            num_layers=int(get("num_hidden_layers")),
+            hidden_size=int(get("hidden_size")),
+            ffn_hidden_size=int(get("intermediate_size")),
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
+            vocab_size=int(get("vocab_size")),
+        )
+
+    @classmethod
+    def from_dir(cls, hf_dir: str | os.PathLike) -> ModelShape:
+        path = Path(hf_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: model.hf_dir must be an HF model folder")
+        return cls.from_hf_config(json.loads(path.read_text()))
+
+    @property
+    def query_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def matmul_params(self) -> int:
+        """N: weights that take part in a matmul per token (layers + LM head, no embedding)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attention = h * self.query_dim + 2 * h * kv + self.query_dim * h
+        mlp = 3 * h * self.ffn_hidden_size
+        return self.num_layers * (attention + mlp) + h * self.vocab_size
+
+
+def forward_flops(shape: ModelShape, seq_lens: Iterable[int], *, causal: bool = True) -> float:
+    """FLOPs of one forward over sequences of the given (non-pad) lengths (module docstring).
+
+    ``causal=False`` counts the full s x s score matrix (what an unmasked matmul executes); the
+    benchmarks use the causal count.
+    """
+    seq_lens = [int(s) for s in seq_lens]
+    dense = 2 * shape.matmul_params() * sum(seq_lens)
+    if causal:
+        attention = sum(2 * shape.num_layers * shape.query_dim * s * (s + 1) for s in seq_lens)
+    else:
+        attention = sum(4 * shape.num_layers * shape.query_dim * s * s for s in seq_lens)
+    return float(dense + attention)
+
+
+def training_flops(shape: ModelShape, seq_lens: Iterable[int], *, reference_forward: bool,
+                   causal: bool = True) -> dict[str, float]:
+    """Model FLOPs of one optimizer step over the policy's sequences.
+
+    {"policy": 3 x forward (forward + backward), "reference": one forward when the reference
+    log-probs are computed inside the step (on the fly), else 0, "total": the sum}.
+    """
+    forward = forward_flops(shape, seq_lens, causal=causal)
+    reference = forward if reference_forward else 0.0
+    return {"policy": 3.0 * forward, "reference": reference, "total": 3.0 * forward + reference}
+
+
+def measure_cpu_peak_flops(threads: int, *, size: int = 1024, seconds: float = 1.0) -> float:
+    """Best fp32 GEMM rate (FLOP/s) of torch.mm on ``size``^2 matrices with ``threads`` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+        a = torch.randn(size, size, generator=generator)
+        b = torch.randn(size, size, generator=generator)
+        out = torch.empty(size, size)
+        torch.mm(a, b, out=out)  # warm-up
+        best = 0.0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def device_peak(device: str, threads: int, *, seconds: float = 1.0) -> dict[str, Any]:
+    """{"flops": peak FLOP/s, "source": how it was obtained} for "cuda" or "cpu"."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_BF16_FLOPS.items():
+            if key in name:
+                return {"flops": flops, "source": f"{name}: {flops / 1e12:.0f} TFLOP/s dense bf16 "
+                                                   "(vendor peak)"}
+        return {"flops": float("nan"), "source": f"{name}: peak unknown, MFU not reported"}
+    flops = measure_cpu_peak_flops(threads, seconds=seconds)
+    return {"flops": flops, "source": f"measured fp32 GEMM (torch.mm 1024^3) on {threads} "
+                                      f"thread(s): {flops / 1e9:.1f} GFLOP/s"}

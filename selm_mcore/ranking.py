@@ -1,10 +1,6 @@
-"""Rank candidate responses and turn the ranking into new preference pairs.
-
-SELM step 3 (see ``docs/architecture.md`` and the reference notes): per prompt, rank
-``[y_ref, y_w, y_l]`` (in this order) against the raw prompt text; the best-ranked candidate
-becomes the new chosen, the worst-ranked the new rejected, and ties go to the first index, so
-y_ref wins ties and a full tie gives chosen == rejected (a zero DPO gradient). The original y_w
-can end up rejected. Prompt-only rows rank their k generated samples instead.
+"""Rankers: score candidate responses per prompt (PairRM via llm-blender, reward models,
+verifiable answers). What SELM makes of the scores (new pairs, held-out scores, ``selm rank``)
+is ``selm_mcore.pairs``.
 
 Rankers share one small interface (``Ranker``): ``scores(prompts, candidates) -> (n, c) float``
 (higher is better) and ``rank(...) -> (n, c) int`` (1 = best, ties share the better rank, as
@@ -18,35 +14,27 @@ llm-blender does). Implementations:
 * ``VerifiableAnswerRanker``: rows carrying a checkable ``answer``; a correct final answer beats a
   wrong one, and among correct answers the shorter one wins.
 
-``build_tiny_pairrm(out_dir)`` writes an offline PairRM-shaped ranker (tiny DeBERTa-v2 backbone,
-PairRM's checkpoint layout and weight names) whose order is known: it prefers longer (or
-shorter) candidates. Tests and the CPU demo use it where the real PairRM weights are absent.
-
-Run as ``selm rank CONFIG --rows ROWS.jsonl --generations GEN.jsonl --out PAIRS.jsonl``.
+``selm_mcore.assets.build_tiny_pairrm(out_dir)`` writes an offline PairRM-shaped ranker whose
+order is known; tests use it where the real PairRM weights are absent.
 """
 
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import math
-import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from selm_mcore.config import RankingConfig, add_config_arguments, config_from_args
-from selm_mcore.generation import read_jsonl, write_jsonl_atomic
+from selm_mcore.config import RankingConfig
 
 logger = logging.getLogger(__name__)
 
 PAIRRM_PREFIX_TOKENS = ["<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"]
-PREFERENCE_CANDIDATES = ("y_ref", "y_w", "y_l")
 
 
 class RankerError(RuntimeError):
@@ -364,289 +352,3 @@ def build_ranker(cfg: RankingConfig, *, trust_remote_code: bool = False) -> Rank
     if cfg.kind == "verifiable":
         return VerifiableAnswerRanker()
     raise ValueError(f"ranking.kind={cfg.kind!r} is not one of pairrm, reward_model, verifiable")
-
-
-# --- new preference pairs ---------------------------------------------------------------------
-
-
-def _prompt_messages(row: Mapping[str, Any], where: str) -> list[dict]:
-    """The conversation up to the response: chosen minus its last (assistant) turn for preference
-    rows; ``messages`` minus trailing assistant turns, or [user: prompt], for prompt-only rows."""
-    if "chosen" in row:
-        chosen = row["chosen"]
-        if not isinstance(chosen, list) or not chosen or chosen[-1].get("role") != "assistant":
-            raise ValueError(f"{where}: 'chosen' must be a message list ending with an assistant "
-                             "turn (UltraFeedback-binarized schema)")
-        return [dict(m) for m in chosen[:-1]]
-    if isinstance(row.get("prompt"), str):
-        return [{"role": "user", "content": row["prompt"]}]
-    messages = list(row.get("messages") or [])
-    while messages and messages[-1].get("role") == "assistant":
-        messages.pop()
-    if not messages:
-        raise ValueError(f"{where}: needs 'prompt' (str) or 'messages' ending with a user turn")
-    return [dict(m) for m in messages]
-
-
-def _prompt_text(row: Mapping[str, Any], messages: list[dict]) -> str:
-    if isinstance(row.get("prompt"), str):
-        return row["prompt"]
-    return next(m["content"] for m in reversed(messages) if m.get("role") == "user")
-
-
-def _last_assistant(conversation: Any, key: str, where: str) -> str:
-    if (not isinstance(conversation, list) or not conversation
-            or conversation[-1].get("role") != "assistant"):
-        raise ValueError(f"{where}: '{key}' must be a message list ending with an assistant turn")
-    return conversation[-1]["content"]
-
-
-def build_pairs(rows: Sequence[Mapping[str, Any]], y_refs: Mapping[str, Sequence[str] | str],
-                ranker: Ranker, *, answer_key: str = "answer"
-                ) -> tuple[list[dict], list[dict]]:
-    """New preference rows from ranked candidates (SELM step 3).
-
-    ``rows``: preference rows (UltraFeedback-binarized: prompt, prompt_id, chosen, rejected) or
-    prompt-only rows (prompt_id + prompt or messages). ``y_refs``: prompt_id -> the policy's
-    responses (``generate_file`` output; a str counts as one response).
-
-    * Preference row: candidates [y_ref, y_w, y_l] with y_ref = responses[0].
-    * Prompt-only row: candidates = all its responses (k >= 2); reference_response = the first.
-
-    Ranked against the raw prompt text. chosen = the best rank, rejected = the worst rank, ties to
-    the lowest index (so y_ref wins ties; a full tie gives chosen == rejected).
-
-    Returns (new rows, per-row stats). New rows keep the schema: prompt, prompt_id, chosen,
-    rejected, messages (= chosen), score_chosen, score_rejected (ranker scores) and
-    reference_response (y_ref, whatever the ranker did with it); other input keys are kept.
-    Stats: prompt_id, candidate names, scores, ranks, chosen/rejected index and name.
-    """
-    groups: dict[int, list[int]] = {}
-    prepared = []
-    for index, row in enumerate(rows):
-        prompt_id = row.get("prompt_id")
-        where = f"row {index} (prompt_id={prompt_id!r})"
-        if prompt_id is None:
-            raise ValueError(f"row {index}: missing 'prompt_id'")
-        if prompt_id not in y_refs:
-            raise KeyError(f"{where}: no generated response for this prompt_id in the "
-                           "generations; regenerate this round's responses")
-        responses = y_refs[prompt_id]
-        responses = [responses] if isinstance(responses, str) else list(responses)
-        if not responses:
-            raise ValueError(f"{where}: the generations hold no response")
-        messages = _prompt_messages(row, where)
-        if "chosen" in row or "rejected" in row:
-            y_w = _last_assistant(row.get("chosen"), "chosen", where)
-            y_l = _last_assistant(row.get("rejected"), "rejected", where)
-            candidates, names = [responses[0], y_w, y_l], list(PREFERENCE_CANDIDATES)
-        else:
-            if len(responses) < 2:
-                raise ValueError(f"{where}: a prompt-only row needs >= 2 generated responses to "
-                                 f"form a pair, got {len(responses)}; set generation.n >= 2")
-            candidates = responses
-            names = [f"sample_{k}" for k in range(len(responses))]
-        prepared.append((row, messages, _prompt_text(row, messages), candidates, names))
-        groups.setdefault(len(candidates), []).append(index)
-
-    scores: list[np.ndarray | None] = [None] * len(prepared)
-    for indices in groups.values():
-        group_scores = ranker.scores([prepared[i][2] for i in indices],
-                                     [prepared[i][3] for i in indices],
-                                     answers=[prepared[i][0].get(answer_key) for i in indices])
-        for i, s in zip(indices, group_scores):
-            scores[i] = s
-
-    new_rows, stats = [], []
-    for (row, messages, prompt, candidates, names), row_scores in zip(prepared, scores):
-        ranks = ranks_from_scores(row_scores[None])[0]
-        best, worst = int(np.argmin(ranks)), int(np.argmax(ranks))  # first index wins ties
-        chosen = messages + [{"role": "assistant", "content": candidates[best]}]
-        rejected = messages + [{"role": "assistant", "content": candidates[worst]}]
-        new_row = {k: v for k, v in row.items() if k != "responses"}
-        new_row.update(prompt=prompt, prompt_id=row["prompt_id"], chosen=chosen,
-                       rejected=rejected, messages=chosen,
-                       score_chosen=float(row_scores[best]),
-                       score_rejected=float(row_scores[worst]),
-                       reference_response=candidates[0])
-        new_rows.append(new_row)
-        stats.append({
-            "prompt_id": row["prompt_id"], "candidates": names,
-            "scores": [float(s) for s in row_scores], "ranks": [int(r) for r in ranks],
-            "chosen_index": best, "rejected_index": worst,
-            "chosen": names[best], "rejected": names[worst], "tie": best == worst,
-        })
-    return new_rows, stats
-
-
-def summarize_stats(stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Counts for reports: how often each candidate was chosen / rejected, full ties, and the
-    mean score of y_ref (the policy's greedy response)."""
-    summary: dict[str, Any] = {"rows": len(stats), "ties": sum(bool(s["tie"]) for s in stats)}
-    for s in stats:
-        summary[f"chosen_{s['chosen']}"] = summary.get(f"chosen_{s['chosen']}", 0) + 1
-        summary[f"rejected_{s['rejected']}"] = summary.get(f"rejected_{s['rejected']}", 0) + 1
-    ref_scores = [s["scores"][0] for s in stats]
-    summary["mean_score_first"] = float(np.mean(ref_scores)) if ref_scores else float("nan")
-    return summary
-
-
-def load_generations(path: str | os.PathLike) -> dict[str, list[str]]:
-    """``generate_file`` output -> {prompt_id: responses}."""
-    out: dict[str, list[str]] = {}
-    for index, row in enumerate(read_jsonl(path)):
-        if "prompt_id" not in row or not isinstance(row.get("responses"), list):
-            raise ValueError(f"{path} row {index}: expected keys prompt_id and responses (list)")
-        out[row["prompt_id"]] = row["responses"]
-    return out
-
-
-# --- a tiny offline PairRM --------------------------------------------------------------------
-
-_TINY_WORDS = (
-    "the a an of to and in is it that for on with as was be by this are or at from have not but "
-    "what which one all were when we there can your if will each about how up out then so would "
-    "answer question number plus minus times sum is are yes no good bad because step first next "
-    "final result help please thanks sorry hello world story sea cat dog water"
-).split()
-
-
-def _tiny_deberta_tokenizer():
-    """A DeBERTa-v2 (Unigram, Metaspace) tokenizer built from a hand-written vocabulary: the
-    DeBERTa special tokens, every printable ASCII character (alone and word-initial) and a few
-    common words. No download, no training; with PairRM's four prefix tokens added."""
-    import string
-
-    from transformers import DebertaV2Tokenizer
-
-    vocab = [("[PAD]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0), ("[UNK]", 0.0), ("\u2581", -9.0)]
-    for char in string.ascii_letters + string.digits + string.punctuation:
-        vocab += [(char, -10.0), ("\u2581" + char, -10.5)]
-    vocab += [("\u2581" + word, -4.0 - 0.1 * len(word)) for word in _TINY_WORDS]
-    vocab.append(("[MASK]", 0.0))
-    tokenizer = DebertaV2Tokenizer(vocab=vocab, unk_id=3, model_max_length=4096)
-    tokenizer.add_tokens(PAIRRM_PREFIX_TOKENS)
-    return tokenizer
-
-
-def build_tiny_pairrm(out_dir: str | os.PathLike, seed: int = 0, *, prefer: str = "longer",
-                      hidden_size: int = 32) -> Path:
-    """Write a tiny PairRM-shaped llm-blender ranker folder that loads fully offline.
-
-    Layout (as llm-blender's ``loadranker`` expects for llm-blender/PairRM)::
-
-        out_dir/config.json        RankerConfig (pairranker, deberta, PairRM's max lengths),
-                                   model_name = out_dir/backbone (absolute path)
-        out_dir/model.safetensors  CrossCompareReranker state dict (pretrained_model.*,
-                                   head_layer.1/.4.*), the names PairRM's checkpoint uses
-        out_dir/backbone/          tiny DeBERTa-v2 config + weights + tokenizer (with
-                                   <|source|> <|candidate1|> <|candidate2|> <|candidate|>)
-
-    ``prefer``: "longer" or "shorter" gives a known order: the comparison only sees where the
-    second candidate starts, i.e. the first candidate's token count. Absolute position embeddings
-    encode the position; attention and feed-forward outputs are zeroed so every layer passes its
-    input through (LayerNorm only); the head reads one normalised position feature that is
-    monotone in the position. So score_i grows (or falls) strictly with candidate i's token
-    length and equal-length candidates tie exactly. "random" keeps the random head (near-ties).
-    """
-    import torch
-    from safetensors.torch import save_model
-    from transformers import DebertaV2Config, DebertaV2Model
-
-    if prefer not in ("longer", "shorter", "random"):
-        raise ValueError(f"prefer={prefer!r} must be 'longer', 'shorter' or 'random'")
-    out_dir = Path(out_dir).absolute()
-    backbone_dir = out_dir / "backbone"
-    backbone_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tiny_deberta_tokenizer()
-    tokenizer.save_pretrained(str(backbone_dir))
-    config = DebertaV2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=2560,
-        type_vocab_size=0, position_biased_input=True, relative_attention=True,
-        pos_att_type=["p2c", "c2p"], position_buckets=256, max_relative_positions=-1,
-        norm_rel_ebd="layer_norm", share_att_key=True, layer_norm_eps=1e-7,
-        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)
-    torch.manual_seed(seed)
-    DebertaV2Model(config).save_pretrained(str(backbone_dir))
-    ranker_config = {
-        "ranker_type": "pairranker", "model_type": "deberta", "model_name": str(backbone_dir),
-        "cache_dir": None, "load_checkpoint": None, "source_maxlength": 1224,
-        "candidate_maxlength": 412, "n_tasks": 1, "num_pos": 5, "num_neg": 5,
-        "sub_sampling_mode": "all_pair", "sub_sampling_ratio": 0.4, "loss_type": "instructgpt",
-        "reduce_type": "linear", "inference_mode": "bubble", "drop_out": 0.05, "fp16": True,
-        "device": None,
-    }
-    (out_dir / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
-
-    # Build the ranker module with llm-blender's own code so the weight names are its names.
-    llm_blender = import_llm_blender()
-    from llm_blender.blender.blender_utils import load_ranker
-
-    cfg = llm_blender.RankerConfig.from_dict({**ranker_config, "cache_dir": None})
-    ranker, _, _ = load_ranker(cfg)
-    if prefer != "random":
-        _set_length_preference(ranker, hidden_size, sign=1.0 if prefer == "longer" else -1.0)
-    save_model(ranker, str(out_dir / "model.safetensors"))
-    return out_dir
-
-
-def _set_length_preference(ranker, hidden: int, sign: float) -> None:
-    """Weights that make the pair comparison a function of the second candidate's position."""
-    import torch
-
-    backbone = ranker.pretrained_model
-    with torch.no_grad():
-        backbone.embeddings.word_embeddings.weight.zero_()
-        positions = torch.arange(backbone.embeddings.position_embeddings.num_embeddings,
-                                 dtype=torch.float32)
-        table = torch.zeros(len(positions), backbone.embeddings.embedding_size)
-        # Feature pair (-p, +p) and a constant pair (c, -c): zero mean, so after LayerNorm
-        # feature 0 equals -sqrt(H/2) * p / sqrt(p^2 + c^2), strictly decreasing in p.
-        table[:, 0], table[:, 1] = -positions, positions
-        table[:, 2], table[:, 3] = 4096.0, -4096.0
-        backbone.embeddings.position_embeddings.weight.copy_(table)
-        for layer in backbone.encoder.layer:
-            for dense in (layer.attention.output.dense, layer.output.dense):
-                dense.weight.zero_()
-                dense.bias.zero_()
-        first, last = ranker.head_layer[1], ranker.head_layer[4]
-        first.weight.zero_()
-        first.bias.zero_()
-        first.weight[0, hidden] = 0.5  # reads feature 0 of the candidate prefix token
-        last.weight.zero_()
-        last.bias.zero_()
-        # M[i, j] = h(cand1 prefix) - h(cand2 prefix at p0 + len_i); h falls with p, so
-        # score_i = mean_j (h(p0 + len_j) - h(p0 + len_i)) rises with len_i for sign = +1.
-        last.weight[0, 0] = sign
-
-
-# --- CLI: selm rank ---------------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--rows", required=True,
-                        help="JSONL of this round's rows (preference or prompt-only)")
-    parser.add_argument("--generations", required=True,
-                        help="JSONL written by `selm generate` (prompt_id, responses)")
-    parser.add_argument("--out", required=True, help="JSONL of new preference pairs")
-    parser.add_argument("--stats", default=None,
-                        help="JSONL of per-row ranking stats (default: OUT with .stats.jsonl)")
-
-
-def main(args) -> int:
-    cfg = config_from_args(args)
-    rows = read_jsonl(args.rows)
-    generations = load_generations(args.generations)
-    ranker = build_ranker(cfg.ranking, trust_remote_code=cfg.model.trust_remote_code)
-    logger.info("ranking %d rows with %s", len(rows), ranker.name)
-    new_rows, stats = build_pairs(rows, generations, ranker, answer_key=cfg.ranking.answer_key)
-    out = Path(args.out)
-    write_jsonl_atomic(out, new_rows)
-    stats_path = Path(args.stats) if args.stats else out.with_name(out.stem + ".stats.jsonl")
-    write_jsonl_atomic(stats_path, stats)
-    logger.info("wrote %d pairs to %s; %s", len(new_rows), out,
-                json.dumps(summarize_stats(stats)))
-    return 0

@@ -17,11 +17,9 @@ rows). The key hashes (tokenised data rows, tokenizer files, reference checkpoin
 the trainer recomputes it and refuses a cache whose key differs (``StaleReferenceCacheError``
 names the parts that changed and the command that rebuilds the cache).
 
-The forward and log-prob code path is the trainer's: ``collate_micro_batches`` +
-``run_micro_batches`` (Megatron's ``get_forward_backward_func``; 1F1B, interleaved when VPP > 1)
-with ``sequence_logps`` (``selm_mcore.logprobs.vocab_parallel_logprobs`` on the vocab-parallel
-logits). The trainer's on-the-fly reference mode calls ``micro_batch_reference_logps`` below, the
-same function this pass runs per group of micro-batches.
+The forward and log-prob code path is the trainer's (``selm_mcore.mcore.forward``): the pass
+runs ``forward_only_logps`` per group of micro-batches, the same function the trainer's
+on-the-fly reference mode calls.
 
 Shape legend: B examples per micro-batch, S = 2 or 3 sequences per example (chosen, rejected,
 y_ref), N = S * B sequences, T padded tokens, V/tp vocabulary columns on this rank.
@@ -30,26 +28,23 @@ y_ref), N = S * B sequences, T padded tokens, V/tp vocabulary columns on this ra
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from selm_mcore.batches import PreferenceBatch
 from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
-from selm_mcore.data import (
-    PreferenceBatch,
-    PreferenceDataset,
-    TokenizedExample,
-    collate_preferences,
-    padded_length,
-)
+from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
+from selm_mcore.files import atomic_open, hash_path
+from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
+from selm_mcore.mcore.forward import collate_micro_batches, forward_only_logps, longest_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +63,6 @@ class StaleReferenceCacheError(RuntimeError):
 
 def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def is_megatron_checkpoint(path: str | Path) -> bool:
-    """True for a folder in the Megatron checkpoint format (docs/architecture.md)."""
-    return (Path(path) / "selm_checkpoint.json").is_file()
-
-
-def hf_files_dir(model_path: str | Path) -> Path:
-    """The folder with config.json and tokenizer files of an HF folder or Megatron checkpoint."""
-    path = Path(model_path)
-    return path / "hf" if is_megatron_checkpoint(path) else path
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -108,10 +92,8 @@ def reference_fingerprint(model_path: str | Path) -> str:
 
     Megatron checkpoint: ``selm_checkpoint.json``, ``hf/config.json`` and the ``model/`` dist
     checkpoint. HF folder: ``config.json`` and the ``*.safetensors`` / ``*.bin`` weights. Large
-    files are fingerprinted by size and sampled windows (``selm_mcore.online.hash_path``).
+    files are fingerprinted by size and sampled windows (``selm_mcore.files.hash_path``).
     """
-    from selm_mcore.online import hash_path
-
     path = Path(model_path)
     if is_megatron_checkpoint(path):
         parts = [path / "selm_checkpoint.json", path / "hf" / "config.json", path / "model"]
@@ -191,7 +173,7 @@ class ReferenceLogps:
 
     def save(self, path: str | Path, key: ReferenceKey) -> None:
         """Write the cache atomically (temp file + rename)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {"ref_chosen_logps": self.chosen, "ref_rejected_logps": self.rejected}
         if self.yref is not None:
@@ -200,11 +182,8 @@ class ReferenceLogps:
         metadata = {"format": CACHE_FORMAT, "key": key.digest,
                     "key_json": json.dumps(dataclasses.asdict(key), sort_keys=True),
                     "num_examples": str(len(self))}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        with atomic_open(path, "wb") as handle:
+            handle.write(save(tensors, metadata=metadata))
 
 
 def load_reference_cache(path: str | Path, expected: ReferenceKey) -> ReferenceLogps:
@@ -239,119 +218,11 @@ def load_reference_cache(path: str | Path, expected: ReferenceKey) -> ReferenceL
                           yref=tensors.get("ref_yref_logps"))
 
 
-# --- the forward path shared with the trainer -------------------------------------------------
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of B examples as N = S*B sequences, plus what the loss needs.
-
-    ``ref_logps`` [N]: reference sequence log-probs in the batch's order (trainer only).
-    ``num_tokens``: real (unpadded) tokens over the N sequences, for throughput.
-    """
-
-    batch: PreferenceBatch
-    num_tokens: int
-    ref_logps: torch.Tensor | None = None
-
-
-def _num_real_tokens(example: TokenizedExample) -> int:
-    return sum(len(example.prompt_ids) + len(r) for r in example.responses)
-
-
-def _longest_sequence(example: TokenizedExample) -> int:
-    return len(example.prompt_ids) + max(map(len, example.responses))
-
-
-def collate_micro_batches(dataset: PreferenceDataset, index_groups: Sequence[Sequence[int]], *,
-                          pad_id: int, pad_to_multiple_of: int,
-                          seq_length: int | None = None,
-                          device: torch.device | None = None) -> list[MicroBatch]:
-    """Collate groups of example indices into micro-batches that share one padded length T.
-
-    Megatron's pipeline schedule sends [T, N, hidden] activations between stages with one shape
-    per call, so every micro-batch of a call is padded to the longest sequence of all of them
-    (rounded up to ``pad_to_multiple_of``; or ``seq_length`` when fixed).
-    """
-    examples = [[dataset[i] for i in group] for group in index_groups]
-    longest = max(_longest_sequence(e) for group in examples for e in group)
-    t = padded_length(longest, pad_to_multiple_of, seq_length)
-    out = []
-    for group in examples:
-        batch = collate_preferences(group, pad_id=pad_id, seq_length=t)
-        if device is not None:
-            batch = batch.to(device)
-        out.append(MicroBatch(batch=batch, num_tokens=sum(map(_num_real_tokens, group))))
-    return out
-
-
-def sequence_logps(logits: torch.Tensor, batch: PreferenceBatch, *, tp_group,
-                   vocab_size: int) -> torch.Tensor:
-    """[N] fp32 summed response log-probs from this rank's vocab-parallel logits [N, T, V/tp]."""
-    from selm_mcore.logprobs import vocab_parallel_logprobs
-
-    _, seq_logps = vocab_parallel_logprobs(logits, batch.labels, batch.loss_mask,
-                                           tp_group=tp_group, vocab_size=vocab_size)
-    return seq_logps
-
-
-def _forward_step(data_iterator, model, *, loss_fn: Callable):
-    """Megatron ``forward_step_func``: one micro-batch through one model chunk.
-
-    Every chunk consumes every micro-batch from its own iterator (inputs are only used on the
-    first stage, labels only on the last), so interleaved schedules stay aligned.
-    """
-    micro_batch = next(data_iterator)
-    batch = micro_batch.batch
-    output = model(batch.tokens, batch.position_ids, attention_mask=None)
-    return output, functools.partial(loss_fn, micro_batch)
-
-
-def run_micro_batches(models: list, micro_batches: Sequence[MicroBatch], loss_fn: Callable, *,
-                      forward_only: bool) -> list[dict[str, torch.Tensor]]:
-    """Run micro-batches through Megatron's pipeline schedule (1F1B; interleaved with VPP).
-
-    ``loss_fn(micro_batch, output)`` runs on the last pipeline stage and returns
-    ``(loss, reduced: dict)``; the returned list holds each micro-batch's ``reduced`` dict on the
-    last stage and is empty elsewhere. All micro-batches must share one padded length.
-    """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    shapes = {tuple(mb.batch.tokens.shape) for mb in micro_batches}
-    if len(shapes) != 1:
-        raise ValueError(f"micro-batches of one call must share a shape, got {sorted(shapes)}")
-    (num_sequences, seq_length), = shapes
-    step = functools.partial(_forward_step, loss_fn=loss_fn)
-    data_iterator = ([iter(micro_batches) for _ in models] if len(models) > 1
-                     else iter(micro_batches))
-    forward_backward = get_forward_backward_func()
-    return forward_backward(
-        forward_step_func=step, data_iterator=data_iterator, model=models,
-        num_microbatches=len(micro_batches), seq_length=seq_length,
-        micro_batch_size=num_sequences, forward_only=forward_only)
-
-
-def micro_batch_reference_logps(models: list, ctx, micro_batches: Sequence[MicroBatch],
-                                vocab_size: int) -> list[torch.Tensor] | None:
-    """Forward-only log-probs [N] of each micro-batch (last stage; None on other stages)."""
-    tp_group = ctx.tp_group if ctx.tp > 1 else None
-
-    def collect(micro_batch: MicroBatch, output: torch.Tensor):
-        seq = sequence_logps(output, micro_batch.batch, tp_group=tp_group, vocab_size=vocab_size)
-        return output.new_zeros(()), {"seq_logps": seq.detach().float()}
-
-    with torch.no_grad():
-        reduced = run_micro_batches(models, micro_batches, collect, forward_only=True)
-    if not ctx.is_last_stage:
-        return None
-    return [r["seq_logps"] for r in reduced]
-
-
 # --- the pass over a whole dataset ------------------------------------------------------------
 
 
-def _shard_for_rank(dataset: PreferenceDataset, ctx,
-                    micro_batch_size: int) -> tuple[list[list[int]], set[int]]:
+def shard_for_rank(dataset: PreferenceDataset, ctx,
+                   micro_batch_size: int) -> tuple[list[list[int]], set[int]]:
     """This DP rank's micro-batches of example indices for the reference pass, and the indices
     it owns.
 
@@ -359,7 +230,7 @@ def _shard_for_rank(dataset: PreferenceDataset, ctx,
     the DP ranks; each rank's share is filled up to the same number of whole micro-batches with
     repeats, which are computed but not written (every rank runs the same number of calls).
     """
-    order = sorted(range(len(dataset)), key=lambda i: _longest_sequence(dataset[i]),
+    order = sorted(range(len(dataset)), key=lambda i: longest_sequence(dataset[i]),
                    reverse=True)
     per_rank = -(-len(order) // ctx.dp)
     owned = order[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
@@ -377,7 +248,7 @@ def compute_reference_logps(models: list, ctx, dataset: PreferenceDataset, *, pa
     """Reference log-probs of every example of ``dataset``, identical on every rank."""
     vocab_size = models[0].true_vocab_size
     sequences_per_example = 3 if dataset.has_yref else 2
-    groups, owned = _shard_for_rank(dataset, ctx, micro_batch_size)
+    groups, owned = shard_for_rank(dataset, ctx, micro_batch_size)
     # Every rank of the world runs the same number of calls (pipelines stay in lock step).
     values = torch.zeros(len(dataset), sequences_per_example, dtype=torch.float64)
     counts = torch.zeros(len(dataset), dtype=torch.float64)
@@ -392,7 +263,7 @@ def compute_reference_logps(models: list, ctx, dataset: PreferenceDataset, *, pa
         micro_batches = collate_micro_batches(dataset, call_groups, pad_id=pad_id,
                                               pad_to_multiple_of=pad_to_multiple_of,
                                               seq_length=seq_length, device=ctx.device)
-        logps = micro_batch_reference_logps(models, ctx, micro_batches, vocab_size)
+        logps = forward_only_logps(models, ctx, micro_batches, vocab_size)
         if writer:
             for micro_batch, seq in zip(micro_batches, logps):
                 per_example = seq.cpu().double().view(sequences_per_example, -1).t()
@@ -423,91 +294,20 @@ def compute_reference_logps(models: list, ctx, dataset: PreferenceDataset, *, pa
 # --- the `selm refpass` command ---------------------------------------------------------------
 
 
-def reference_source(cfg: SelmConfig) -> Path:
-    """The round's reference / starting policy: train.init_from, else model.hf_dir."""
-    source = cfg.train.init_from or cfg.model.hf_dir
-    if not source:
-        raise ValueError("no model to start from: set train.init_from (a Megatron checkpoint or "
-                         "HF folder) or model.hf_dir")
-    if not Path(source).is_dir():
-        raise FileNotFoundError(f"train.init_from / model.hf_dir = {source} is not a folder")
-    return Path(source)
-
-
-def ref_cache_path(cfg: SelmConfig) -> Path:
-    """train.ref_cache, else <train.output_dir>/ref_logps.safetensors."""
-    return Path(cfg.train.ref_cache or Path(cfg.train.output_dir) / "ref_logps.safetensors")
-
-
-def load_tokenizer(cfg: SelmConfig, model_path: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(hf_files_dir(model_path)),
-                                         trust_remote_code=cfg.model.trust_remote_code)
-
-
-def pad_token_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither pad_token_id nor eos_token_id")
-    return int(pad)
-
-
-def load_dataset(cfg: SelmConfig, tokenizer) -> PreferenceDataset:
-    if not cfg.data.train_path:
-        raise ValueError("data.train_path is empty: point it at the round's preference pairs "
-                         "(JSONL or Parquet)")
-    return PreferenceDataset.from_file(cfg.data.train_path, tokenizer,
-                                       max_length=cfg.data.max_length,
-                                       max_prompt_length=cfg.data.max_prompt_length,
-                                       skip_bad_rows=cfg.data.skip_bad_rows)
-
-
-def params_dtype(cfg: SelmConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-
-
-def load_start_model(cfg: SelmConfig, ctx, source: str | Path, *,
-                     recompute: bool = False) -> tuple[list, Any]:
-    """(model chunks, HF config) of ``source``: a Megatron checkpoint folder or an HF folder."""
-    from selm_mcore.model import build_model, load_hf_config
-    from selm_mcore.weights import build_model_from_checkpoint, load_hf_weights
-
-    if is_megatron_checkpoint(source):
-        models, hf_config, _ = build_model_from_checkpoint(
-            source, ctx, params_dtype=params_dtype(cfg), recompute=recompute)
-        return models, hf_config
-    hf_config = load_hf_config(source)
-    models = build_model(hf_config, ctx, params_dtype=params_dtype(cfg), recompute=recompute,
-                         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                         init_weights=False)
-    load_hf_weights(models, source, ctx)
-    return models, hf_config
-
-
-def load_frozen_model(cfg: SelmConfig, ctx, source: str | Path) -> list:
-    """The reference model chunks of ``source``, in eval mode and without gradients."""
-    models, _ = load_start_model(cfg, ctx, source)
-    for model in models:
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-    return models
-
-
 def run_refpass(cfg: SelmConfig) -> Path:
     """Compute and write the reference cache of ``cfg``'s data; returns its path."""
-    from selm_mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.mcore.checkpoint import load_frozen_policy
+    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
     ctx = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,
                         seed=cfg.parallel.seed)
     try:
-        source = reference_source(cfg)
-        tokenizer = load_tokenizer(cfg, source)
-        dataset = load_dataset(cfg, tokenizer)
+        source = cfg.start_model()
+        tokenizer = load_tokenizer(cfg.model, hf_files_dir(source))
+        dataset = load_preferences(cfg.data, tokenizer)
         key = reference_key(dataset, source, max_length=cfg.data.max_length,
                             max_prompt_length=cfg.data.max_prompt_length)
-        models = load_frozen_model(cfg, ctx, source)
+        models = load_frozen_policy(source, ctx, cfg.model)
         micro_batch_size = cfg.train.refpass_micro_batch_size or cfg.train.micro_batch_size
         start = time.perf_counter()
         logps = compute_reference_logps(
@@ -515,7 +315,7 @@ def run_refpass(cfg: SelmConfig) -> Path:
             micro_batch_size=micro_batch_size, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
             seq_length=cfg.data.seq_length())
         elapsed = time.perf_counter() - start
-        path = ref_cache_path(cfg)
+        path = cfg.train.ref_cache_path()
         if ctx.rank == 0:
             logps.save(path, key)
             logger.info("reference pass: %d examples in %.1f s -> %s (key %s...)", len(dataset),

@@ -4,28 +4,33 @@
     selm train   CONFIG --set train.output_dir=OUT          # then train (resumes if interrupted)
     torchrun --nproc-per-node 4 -m selm_mcore.cli train CONFIG --set parallel.tp=2 parallel.pp=2
 
-Reads top to bottom in ``train_round``: the policy starts from ``train.init_from`` (a Megatron
-checkpoint folder or an HF folder; default ``model.hf_dir``), which is also the frozen reference.
+``train_round`` reads top to bottom: ``load_round_data`` (data and reference log-probs, before
+any process group exists, so a stale cache or bad data fails first), ``build_training`` (the
+policy from ``train.init_from`` or ``model.hf_dir``, a Megatron checkpoint folder or an HF
+folder, which is also the frozen reference; Megatron DDP + the distributed optimizer (AdamW);
+warm-up + cosine / linear / constant schedule; the resumed step), then ``train_step`` until the
+round's steps are done, with step checkpoints and the final model.
+
 Each optimizer step takes ``train.global_batch_size`` examples (``DistributedBatchSampler``, a
 slice per DP rank), splits them into micro-batches of ``train.micro_batch_size`` examples, each
 one [S*B, T] forward of its chosen, rejected and y_ref sequences, and runs Megatron's
-``get_forward_backward_func`` (1F1B; interleaved with ``parallel.vpp``). The loss (SELM /
-DPO / IPO, ``selm_mcore.loss``) is computed on the last pipeline stage from the fused
-vocab-parallel log-probs and the reference log-probs: precomputed by ``selm refpass``
-(``train.reference_mode=precomputed``; the cache key is checked) or computed on the fly by a
-frozen copy (``onthefly``). Megatron DDP + the distributed optimizer (AdamW), warm-up + cosine /
-linear / constant schedule (``OptimizerParamScheduler``), gradient clipping, bf16 with
-``model.dtype=bf16``, activation recompute with ``model.recompute``.
+``get_forward_backward_func`` (1F1B; interleaved with ``parallel.vpp``) through
+``selm_mcore.mcore.forward``. The loss (SELM / DPO / IPO, ``selm_mcore.loss``) is computed on the
+last pipeline stage from the fused vocab-parallel log-probs and the reference log-probs:
+precomputed by ``selm refpass`` (``train.reference_mode=precomputed``; the cache key is checked)
+or computed on the fly by a frozen copy (``onthefly``).
 
 Loss scaling: each micro-batch returns the mean loss of its B examples; the schedule divides it
 by the number of micro-batches and DDP averages gradients over DP, so the gradient is that of
 the mean over the global batch. Logged values are exact global means (per-example sums and
 counts reduced over micro-batches, DP and the pipeline), never the schedule's divided tensor.
+The step line also shows MFU (``selm_mcore.metrics``: policy model FLOP/s per device over the
+device peak).
 
 Outputs in ``train.output_dir``:
     final/                 the trained policy: a Megatron checkpoint folder (docs/architecture.md)
     checkpoints/step_*/    with train.save_interval > 0: every N steps and at the end, with the
-                           optimizer, scheduler, data position and RNG (selm_mcore.checkpoint)
+                           optimizer, scheduler, data position and RNG (selm_mcore.mcore.checkpoint)
     metrics.jsonl          one record per step (rank 0); tensorboard/ with train.tensorboard
     ref_logps.safetensors  the reference cache, when train.ref_cache is not set
 
@@ -43,30 +48,32 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from selm_mcore.config import OptimConfig, SelmConfig, add_config_arguments, config_from_args
-from selm_mcore.refpass import (
+from selm_mcore.batches import DistributedBatchSampler, micro_batches
+from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
+from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
+from selm_mcore.mcore.checkpoint import DTYPES, hf_files_dir
+from selm_mcore.mcore.forward import (
     MicroBatch,
     collate_micro_batches,
-    hf_files_dir,
-    load_dataset,
-    load_frozen_model,
-    load_reference_cache,
-    load_start_model,
-    load_tokenizer,
-    micro_batch_reference_logps,
-    pad_token_id,
-    ref_cache_path,
-    reference_key,
-    reference_source,
+    forward_only_logps,
     run_micro_batches,
     sequence_logps,
 )
+from selm_mcore.metrics import (
+    ModelShape,
+    StepMetricsWriter,
+    device_peak,
+    forward_flops,
+    peak_memory_gib,
+)
+from selm_mcore.refpass import ReferenceLogps, load_reference_cache, reference_key
 
 logger = logging.getLogger(__name__)
 
@@ -78,98 +85,14 @@ SUMMED_METRICS = (
     "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected",
     "logps/pi_response", "logps/ref_response",
 )
-COUNTS = ("num_examples", "num_tokens")
+COUNTS = ("num_examples", "num_tokens", "model_flops")
 
 
-# --- optimizer and schedule -------------------------------------------------------------------
-
-
-def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """ceil(ratio * total) as transformers computes it, below total (Megatron needs one decay
-    step)."""
-    return min(math.ceil(total_steps * warmup_ratio), max(total_steps - 1, 0))
-
-
-def build_lr_scheduler(optimizer, optim: OptimConfig, *, peak_lr: float, total_steps: int):
-    """Megatron's OptimizerParamScheduler: linear warm-up from 0, then cosine/linear/constant.
-
-    Equals transformers' get_{cosine,linear,constant}_schedule_with_warmup when min_lr = 0: the
-    learning rate of step k (0-based) is the schedule at k; ``scheduler.step(1)`` after each
-    optimizer step advances it.
-    """
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    total_steps = max(total_steps, 1)
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=peak_lr,
-        min_lr=min(optim.min_lr, peak_lr),
-        lr_warmup_steps=warmup_steps(total_steps, optim.warmup_ratio),
-        lr_decay_steps=total_steps,
-        lr_decay_style=optim.schedule,
-        start_wd=optim.weight_decay,
-        end_wd=optim.weight_decay,
-        wd_incr_steps=total_steps,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=False,
-    )
-
-
-def build_optimizer(ddp_models: list, optim: OptimConfig, *, peak_lr: float,
-                    params_dtype: torch.dtype):
-    """Megatron's distributed optimizer (AdamW; no weight decay on 1-D params and biases)."""
-    from megatron.core.optimizer import (
-        OptimizerConfig,
-        get_megatron_optimizer,
-        get_standard_config_overrides,
-    )
-
-    config = OptimizerConfig(
-        optimizer="adam",
-        lr=peak_lr,
-        min_lr=min(optim.min_lr, peak_lr),
-        weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1,
-        adam_beta2=optim.adam_beta2,
-        adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad,
-        bf16=params_dtype == torch.bfloat16,
-        params_dtype=params_dtype,
-        use_distributed_optimizer=True,
-    )
-    return get_megatron_optimizer(config, ddp_models,
-                                  config_overrides=get_standard_config_overrides(config))
-
-
-def wrap_ddp(models: list) -> list:
-    """Megatron DDP around each chunk (gradient buffers for the distributed optimizer)."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
-    ddp_models = []
-    for i, model in enumerate(models):
-        ddp_models.append(DistributedDataParallel(
-            model.config, ddp_config, model,
-            # Chunks after the first skip bucketing (Megatron's own rule for interleaving).
-            disable_bucketing=i > 0))
-    # The schedule calls this after the last backward: DP grad reduce-scatter, tied-embedding
-    # all-reduce across the pipeline.
-    models[0].config.finalize_model_grads_func = finalize_model_grads
-    return ddp_models
-
-
-# --- one step ---------------------------------------------------------------------------------
+# --- the loss of one micro-batch and the step's metrics ----------------------------------------
 
 
 def selm_step_loss(micro_batch: MicroBatch, logits: torch.Tensor, *, cfg: SelmConfig, tp_group,
-                   vocab_size: int):
+                   vocab_size: int, shape: ModelShape):
     """Loss of one micro-batch on the last stage: (mean loss, per-example sums for logging)."""
     from selm_mcore.loss import selm_loss
 
@@ -183,9 +106,12 @@ def selm_step_loss(micro_batch: MicroBatch, logits: torch.Tensor, *, cfg: SelmCo
         beta=cfg.loss.beta, alpha=cfg.loss.alpha, loss_type=cfg.loss.loss_type,
         sft_weight=cfg.loss.sft_weight, chosen_num_tokens=chosen_tokens,
         rejected_num_tokens=rejected_tokens)
-    counts = torch.tensor([batch.num_examples, micro_batch.num_tokens], dtype=torch.float64,
-                          device=logits.device)
-    sums = {"loss": loss.detach().sum(), "num_examples": counts[0], "num_tokens": counts[1]}
+    # Policy forward + backward = 3 forwards over the real (unpadded) sequences.
+    flops = 3.0 * forward_flops(shape, micro_batch.sequence_lengths)
+    counts = torch.tensor([batch.num_examples, micro_batch.num_tokens, flops],
+                          dtype=torch.float64, device=logits.device)
+    sums = {"loss": loss.detach().sum(), "num_examples": counts[0], "num_tokens": counts[1],
+            "model_flops": counts[2]}
     sums.update({name: value.sum() for name, value in metrics.items()})
     return loss.mean(), sums
 
@@ -223,7 +149,7 @@ def _maybe_kill_after(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# --- the round --------------------------------------------------------------------------------
+# --- building a round -------------------------------------------------------------------------
 
 
 def total_train_steps(cfg: SelmConfig, num_examples: int) -> int:
@@ -235,152 +161,202 @@ def total_train_steps(cfg: SelmConfig, num_examples: int) -> int:
     return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
 
-def _num_microbatches(cfg: SelmConfig, ctx) -> int:
-    """Micro-batches per step on each DP rank (the global batch must split evenly)."""
-    if cfg.train.global_batch_size % (ctx.dp * cfg.train.micro_batch_size):
-        raise ValueError(
-            f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
-            f"data-parallel size ({ctx.dp}) * train.micro_batch_size "
-            f"({cfg.train.micro_batch_size})")
-    return cfg.train.global_batch_size // (ctx.dp * cfg.train.micro_batch_size)
+@dataclass
+class RoundData:
+    """What a round trains on, loaded before any process group exists."""
+
+    source: Path                          # the starting policy and frozen reference
+    tokenizer: Any
+    dataset: PreferenceDataset
+    reference_cache: ReferenceLogps | None   # None: computed on the fly
+    total_steps: int
 
 
-def train_round(cfg: SelmConfig) -> Path:
-    """Train one round; returns the folder of the final model (``<output_dir>/final``)."""
-    from selm_mcore.checkpoint import (
-        ResumeError,
-        find_latest,
-        load_training_state,
-        save_checkpoint,
-        save_model_atomic,
-    )
-    from selm_mcore.data import DistributedBatchSampler, micro_batches
-    from selm_mcore.metrics import StepMetricsWriter, peak_memory_gib
-    from selm_mcore.parallel import destroy_parallel, init_parallel
-    from selm_mcore.refpass import params_dtype as dtype_of
-
-    # Data and reference log-probs first: a stale cache or bad data fails before any process
-    # group or model exists.
-    source = reference_source(cfg)
-    tokenizer = load_tokenizer(cfg, source)
-    dataset = load_dataset(cfg, tokenizer)
+def load_round_data(cfg: SelmConfig) -> RoundData:
+    """The round's data and (precomputed) reference log-probs; a bad row or a stale cache fails
+    here, before a model is built."""
+    source = cfg.start_model()
+    tokenizer = load_tokenizer(cfg.model, hf_files_dir(source))
+    dataset = load_preferences(cfg.data, tokenizer)
     if cfg.loss.alpha > 0 and not dataset.has_yref:
         raise ValueError(
             f"loss.alpha={cfg.loss.alpha} needs y_ref: the rows of {cfg.data.train_path} have no "
             "reference_response; generate it (selm generate) or set loss.alpha=0 (iterative DPO)")
-    total_steps = total_train_steps(cfg, len(dataset))
     reference_cache = None
     if cfg.train.reference_mode == "precomputed":
         key = reference_key(dataset, source, max_length=cfg.data.max_length,
                             max_prompt_length=cfg.data.max_prompt_length)
-        reference_cache = load_reference_cache(ref_cache_path(cfg), key)
+        reference_cache = load_reference_cache(cfg.train.ref_cache_path(), key)
+    return RoundData(source=source, tokenizer=tokenizer, dataset=dataset,
+                     reference_cache=reference_cache,
+                     total_steps=total_train_steps(cfg, len(dataset)))
 
+
+@dataclass
+class Training:
+    """Everything the steps of a round use, built once by ``build_training``."""
+
+    cfg: SelmConfig
+    ctx: Any
+    data: RoundData
+    models: list                  # the unwrapped GPTModel chunks (checkpoints, export)
+    ddp_models: list
+    ref_models: list | None       # the frozen reference (reference_mode=onthefly)
+    optimizer: Any
+    scheduler: Any
+    sampler: DistributedBatchSampler
+    loss_fn: Any
+    pad_id: int
+    step: int                     # optimizer steps done (resumed from a checkpoint or 0)
+    resumed_from: Path | None
+    checkpoint_kwargs: dict[str, Any]
+    device_peak_flops: float
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.cfg.train.global_batch_size // (self.ctx.dp * self.cfg.train.micro_batch_size)
+
+
+def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
+    """Policy (resumed from ``<output_dir>/checkpoints/latest`` when there is one), reference,
+    DDP, optimizer, schedule and sampler of a round."""
+    from selm_mcore.mcore.checkpoint import (
+        ResumeError,
+        find_latest,
+        load_frozen_policy,
+        load_policy,
+        load_training_state,
+    )
+    from selm_mcore.mcore.optim import build_lr_scheduler, build_optimizer, wrap_ddp
+
+    cfg.validate(world_size=ctx.world_size)
+    ref_models = None
+    if cfg.train.reference_mode == "onthefly":
+        ref_models = load_frozen_policy(data.source, ctx, cfg.model)
+
+    checkpoints = Path(cfg.train.output_dir) / "checkpoints"
+    resume_from = find_latest(checkpoints) if cfg.train.resume else None
+    models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
+                                    recompute=cfg.model.recompute)
+    ddp_models = wrap_ddp(models)
+    peak_lr = cfg.optim.lr_for_round(cfg.train.round_index)
+    optimizer = build_optimizer(ddp_models, cfg.optim, peak_lr=peak_lr,
+                                params_dtype=DTYPES[cfg.model.dtype])
+    scheduler = build_lr_scheduler(optimizer, cfg.optim, peak_lr=peak_lr,
+                                   total_steps=data.total_steps)
+    sampler = DistributedBatchSampler(
+        len(data.dataset), cfg.train.global_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
+        shuffle=cfg.data.shuffle, seed=cfg.train.seed)
+    step = 0
+    if resume_from is not None:
+        state = load_training_state(resume_from, models=models, optimizer=optimizer,
+                                    scheduler=scheduler, ctx=ctx)
+        if state.extra.get("data_hash") != data.dataset.content_hash():
+            raise ResumeError(
+                f"cannot resume from {resume_from}: it was trained on other data than "
+                f"{cfg.data.train_path}; set train.resume=false or use another train.output_dir")
+        step = state.step
+        sampler.load_state_dict(state.data)
+
+    loss_fn = functools.partial(selm_step_loss, cfg=cfg,
+                                tp_group=ctx.tp_group if ctx.tp > 1 else None,
+                                vocab_size=models[0].true_vocab_size,
+                                shape=ModelShape.from_hf_config(hf_config))
+    checkpoint_kwargs = dict(models=models, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
+                             hf_config=hf_config, tokenizer_dir=hf_files_dir(data.source),
+                             keep=cfg.train.keep_checkpoints,
+                             extra={"data_hash": data.dataset.content_hash()})
+    peak = device_peak(ctx.device.type, torch.get_num_threads(), seconds=0.25)
+    return Training(cfg=cfg, ctx=ctx, data=data, models=models, ddp_models=ddp_models,
+                    ref_models=ref_models, optimizer=optimizer, scheduler=scheduler,
+                    sampler=sampler, loss_fn=loss_fn, pad_id=pad_token_id(data.tokenizer),
+                    step=step, resumed_from=resume_from, checkpoint_kwargs=checkpoint_kwargs,
+                    device_peak_flops=peak["flops"])
+
+
+# --- one step ---------------------------------------------------------------------------------
+
+
+def train_step(run: Training, indices: list[int]) -> dict[str, float]:
+    """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
+    cfg, ctx = run.cfg, run.ctx
+    start = time.perf_counter()
+    batches = collate_micro_batches(
+        run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size), pad_id=run.pad_id,
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of, seq_length=cfg.data.seq_length(),
+        device=ctx.device)
+    if run.ref_models is not None:
+        ref_logps = forward_only_logps(run.ref_models, ctx, batches,
+                                       run.models[0].true_vocab_size)
+        for micro_batch, logps in zip(batches, ref_logps or []):
+            micro_batch.ref_logps = logps
+    else:
+        for micro_batch in batches:
+            micro_batch.ref_logps = run.data.reference_cache.for_batch(micro_batch.batch)
+
+    for model in run.ddp_models:
+        model.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    reduced = run_micro_batches(run.ddp_models, batches, run.loss_fn, forward_only=False)
+    lr = run.optimizer.param_groups[0]["lr"]
+    update_ok, grad_norm, _ = run.optimizer.step()
+    if not update_ok:
+        logger.warning("step %d: optimizer step skipped (non-finite gradients)", run.step + 1)
+    run.scheduler.step(1)
+    run.step += 1
+    elapsed = time.perf_counter() - start
+    metrics = reduce_step_metrics(reduced, ctx)
+    flops_per_device = metrics.pop("model_flops") / ctx.world_size
+    metrics.update(grad_norm=grad_norm, lr=lr, step_time_s=elapsed,
+                   tokens_per_s=metrics["num_tokens"] / elapsed,
+                   mfu=flops_per_device / elapsed / run.device_peak_flops,
+                   memory_gib=peak_memory_gib(ctx.device))
+    return metrics
+
+
+# --- the round --------------------------------------------------------------------------------
+
+
+def train_round(cfg: SelmConfig) -> Path:
+    """Train one round; returns the folder of the final model (``<output_dir>/final``)."""
+    from selm_mcore.mcore.checkpoint import save_checkpoint, save_model_atomic
+    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+
+    data = load_round_data(cfg)
     ctx = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,
                         seed=cfg.parallel.seed)
-    output_dir = Path(cfg.train.output_dir)
-    checkpoints = output_dir / "checkpoints"
     try:
-        num_microbatches = _num_microbatches(cfg, ctx)
-        ref_models = None
-        if cfg.train.reference_mode == "onthefly":
-            ref_models = load_frozen_model(cfg, ctx, source)
-
-        # Policy: from the latest checkpoint of this run, else from the round's start.
-        resume_from = find_latest(checkpoints) if cfg.train.resume else None
-        params_dtype = dtype_of(cfg)
-        models, hf_config = load_start_model(cfg, ctx, resume_from or source,
-                                             recompute=cfg.model.recompute)
-        ddp_models = wrap_ddp(models)
-        peak_lr = cfg.optim.lr_for_round(cfg.train.round_index)
-        optimizer = build_optimizer(ddp_models, cfg.optim, peak_lr=peak_lr,
-                                    params_dtype=params_dtype)
-        scheduler = build_lr_scheduler(optimizer, cfg.optim, peak_lr=peak_lr,
-                                       total_steps=total_steps)
-        sampler = DistributedBatchSampler(
-            len(dataset), cfg.train.global_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
-            shuffle=cfg.data.shuffle, seed=cfg.train.seed)
-        step = 0
-        if resume_from is not None:
-            state = load_training_state(resume_from, models=models, optimizer=optimizer,
-                                        scheduler=scheduler, ctx=ctx)
-            if state.extra.get("data_hash") != dataset.content_hash():
-                raise ResumeError(
-                    f"cannot resume from {resume_from}: it was trained on other data than "
-                    f"{cfg.data.train_path}; set train.resume=false or use another "
-                    "train.output_dir")
-            step = state.step
-            sampler.load_state_dict(state.data)
-
+        run = build_training(cfg, ctx, data)
+        total_steps = data.total_steps
+        output_dir = Path(cfg.train.output_dir)
         writer = StepMetricsWriter(output_dir, total_steps=total_steps, enabled=ctx.rank == 0,
-                                   tensorboard=cfg.train.tensorboard, resume_step=step,
+                                   tensorboard=cfg.train.tensorboard, resume_step=run.step,
                                    log_interval=cfg.train.log_interval)
         logger.info("training %d steps (from step %d): %d examples, global batch %d = %d "
-                    "micro-batches x %d x dp %d, peak lr %.3g, reference %s", total_steps, step,
-                    len(dataset), cfg.train.global_batch_size, num_microbatches,
-                    cfg.train.micro_batch_size, ctx.dp, peak_lr, cfg.train.reference_mode)
-        tp_group = ctx.tp_group if ctx.tp > 1 else None
-        vocab_size = models[0].true_vocab_size
-        loss_fn = functools.partial(selm_step_loss, cfg=cfg, tp_group=tp_group,
-                                    vocab_size=vocab_size)
-        pad_id = pad_token_id(tokenizer)
-        checkpoint_kwargs = dict(models=models, optimizer=optimizer, scheduler=scheduler,
-                                 ctx=ctx, hf_config=hf_config, tokenizer_dir=hf_files_dir(source),
-                                 keep=cfg.train.keep_checkpoints,
-                                 extra={"data_hash": dataset.content_hash()})
-        last_saved = step if resume_from is not None else -1
-        while step < total_steps:
-            if len(sampler) == 0:  # epoch done: the next one (a new order when shuffling)
-                sampler = DistributedBatchSampler(
-                    len(dataset), cfg.train.global_batch_size, dp_rank=ctx.dp_rank,
-                    dp_size=ctx.dp, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
-                    epoch=sampler.epoch + 1)
-            for indices in sampler:
-                start = time.perf_counter()
-                batches = collate_micro_batches(
-                    dataset, micro_batches(indices, cfg.train.micro_batch_size), pad_id=pad_id,
-                    pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-                    seq_length=cfg.data.seq_length(), device=ctx.device)
-                if ref_models is not None:
-                    ref_logps = micro_batch_reference_logps(ref_models, ctx, batches, vocab_size)
-                    for micro_batch, logps in zip(batches, ref_logps or []):
-                        micro_batch.ref_logps = logps
-                else:
-                    for micro_batch in batches:
-                        micro_batch.ref_logps = reference_cache.for_batch(micro_batch.batch)
-
-                for model in ddp_models:
-                    model.zero_grad_buffer()
-                optimizer.zero_grad()
-                reduced = run_micro_batches(ddp_models, batches, loss_fn, forward_only=False)
-                lr = optimizer.param_groups[0]["lr"]
-                update_ok, grad_norm, _ = optimizer.step()
-                if not update_ok:
-                    logger.warning("step %d: optimizer step skipped (non-finite gradients)",
-                                   step + 1)
-                scheduler.step(1)
-                step += 1
-                elapsed = time.perf_counter() - start
-                metrics = reduce_step_metrics(reduced, ctx)
-                metrics.update(grad_norm=grad_norm, lr=lr, step_time_s=elapsed,
-                               tokens_per_s=metrics["num_tokens"] / elapsed,
-                               memory_gib=peak_memory_gib(ctx.device))
-                writer.log(step, metrics)
-
-                if cfg.train.save_interval and (step % cfg.train.save_interval == 0
-                                                or step == total_steps):
-                    save_checkpoint(checkpoints, step, data_state=sampler.state_dict(),
-                                    **checkpoint_kwargs)
-                    last_saved = step
-                _maybe_kill_after(step)
-                if step >= total_steps:
-                    break
+                    "micro-batches x %d x dp %d, peak lr %.3g, reference %s", total_steps,
+                    run.step, len(data.dataset), cfg.train.global_batch_size,
+                    run.num_microbatches, cfg.train.micro_batch_size, ctx.dp,
+                    cfg.optim.lr_for_round(cfg.train.round_index), cfg.train.reference_mode)
+        checkpoints = output_dir / "checkpoints"
+        last_saved = run.step if run.resumed_from is not None else -1
+        batches: Iterator[list[int]] = run.sampler.batches()
+        while run.step < total_steps:
+            metrics = train_step(run, next(batches))
+            writer.log(run.step, metrics)
+            if cfg.train.save_interval and (run.step % cfg.train.save_interval == 0
+                                            or run.step == total_steps):
+                save_checkpoint(checkpoints, run.step, data_state=run.sampler.state_dict(),
+                                **run.checkpoint_kwargs)
+                last_saved = run.step
+            _maybe_kill_after(run.step)
         writer.close()
-        if cfg.train.save_interval and last_saved != step:
-            save_checkpoint(checkpoints, step, data_state=sampler.state_dict(),
-                            **checkpoint_kwargs)
-        final = save_model_atomic(models, ctx, output_dir / "final", hf_config=hf_config,
-                                  tokenizer_dir=hf_files_dir(source))
-        logger.info("round done: %d steps, final model %s", step, final)
+        if cfg.train.save_interval and last_saved != run.step:
+            save_checkpoint(checkpoints, run.step, data_state=run.sampler.state_dict(),
+                            **run.checkpoint_kwargs)
+        final = save_model_atomic(run.models, ctx, output_dir / "final",
+                                  hf_config=run.checkpoint_kwargs["hf_config"],
+                                  tokenizer_dir=hf_files_dir(data.source))
+        logger.info("round done: %d steps, final model %s", run.step, final)
         return final
     finally:
         destroy_parallel()

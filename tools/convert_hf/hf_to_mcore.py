@@ -4,25 +4,12 @@
 
 Starts tp*pp local ranks (gloo on CPU, NCCL on GPU) that each read only their slices of the HF
 tensors and write one Megatron dist checkpoint (global coordinates: it loads at any layout
-whose tp/pp divide the model). Same as ``selm convert hf-to-mcore``; the work is done by
-selm_mcore.weights.hf_to_mcore.
+whose tp/pp divide the model). The same as ``selm convert hf-to-mcore``
+(``selm_mcore.mcore.convert``).
 """
-import argparse
-import logging
 import sys
 
-from selm_mcore import weights
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    weights.add_hf_to_mcore_arguments(parser)
-    args = parser.parse_args(argv)
-    args.direction = "hf-to-mcore"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    return weights.main(args)
-
+from selm_mcore.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", "hf-to-mcore", *sys.argv[1:]]))

@@ -1,29 +1,14 @@
-"""Export a selm-mcore Megatron checkpoint (saved at any TP/PP) to an HF Llama folder.
+"""Export a selm-mcore Megatron checkpoint (saved at any TP/PP) as an HF folder.
 
-    python tools/convert_hf/mcore_to_hf.py --mcore-dir M --out-dir H2 [--max-shard-gb 4]
+    python tools/convert_hf/mcore_to_hf.py --mcore-dir M --out-dir H [--tp T] [--max-shard-gb 4]
 
-Writes config.json, model.safetensors (sharded with an index above --max-shard-gb),
-generation_config.json and the tokenizer files, vocabulary padding stripped, so transformers
-and vLLM load the folder as is. One process by default (--tp/--pp spread a large model over
-local ranks). Same as ``selm convert mcore-to-hf``; the work is done by
-selm_mcore.weights.mcore_to_hf.
+Writes config.json, model.safetensors (sharded with an index above --max-shard-gb), the tokenizer
+files and generation_config.json: a folder transformers and vLLM load as is. The same as
+``selm convert mcore-to-hf`` (``selm_mcore.mcore.convert``).
 """
-import argparse
-import logging
 import sys
 
-from selm_mcore import weights
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    weights.add_mcore_to_hf_arguments(parser)
-    args = parser.parse_args(argv)
-    args.direction = "mcore-to-hf"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    return weights.main(args)
-
+from selm_mcore.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", "mcore-to-hf", *sys.argv[1:]]))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from selm_mcore.parallel import ParallelContext, ParallelLayoutError
+from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
     """Build this rank's GPTModel chunks (one per virtual pipeline stage) for an HF Llama config.
 
     Weights are randomly initialised (seeded by init_parallel; TP-invariant on CPU); load real
-    weights with ``selm_mcore.weights.load_hf_weights`` or ``load_model_checkpoint``.
+    weights with ``selm_mcore.mcore.weights.load_hf_weights`` or ``load_model_checkpoint``.
     ``padded_vocab`` overrides the padded vocabulary (e.g. the size a checkpoint was saved at).
     ``init_weights=False`` skips the random initialisation (weights are loaded right after).
     """
@@ -323,7 +323,7 @@ def _mark_tensor_parallel_weights(model) -> None:
 
     Megatron's local layers mark their weights ``tensor_model_parallel`` only inside the random
     initialisation; without them the optimizer treats every weight shard as a TP replica, so the
-    gradient norm (and clipping) only counts TP rank 0's shards. (Added by the trainer owner.)
+    gradient norm (and clipping) only counts TP rank 0's shards.
     """
     from megatron.core.tensor_parallel import layers as tp_layers
 
@@ -345,16 +345,6 @@ def _is_first_chunk(ctx: ParallelContext, vp_stage: int) -> bool:
 
 def _is_last_chunk(ctx: ParallelContext, vp_stage: int) -> bool:
     return ctx.pp_rank == ctx.pp - 1 and vp_stage == ctx.num_chunks - 1
-
-
-def chunk_layer_numbers(hf_config, ctx: ParallelContext, vp_stage: int) -> list[int]:
-    """Global (0-based) layer indices held by chunk ``vp_stage`` of this pipeline rank.
-
-    Megatron's default split: the layers are cut into pp*vpp equal slices, slice
-    ``vp_stage * pp + pp_rank`` goes to this chunk.
-    """
-    return layers_of_stage(hf_config.num_hidden_layers, ctx.pp, ctx.num_chunks, ctx.pp_rank,
-                           vp_stage)
 
 
 def layers_of_stage(num_layers: int, pp: int, num_chunks: int, pp_rank: int,

@@ -1,11 +1,8 @@
-"""HF <-> Megatron weights: name/layout maps, streaming load and export, model checkpoints.
+"""HF <-> Megatron weights: the name/layout maps, streaming load from HF, streaming export.
 
     load_hf_weights(models, hf_dir, ctx)        # each rank reads only its TP/PP slices
     for name, tensor in iter_hf_weights(models, ctx): ...   # full HF tensors, yielded on rank 0
-    save_model_checkpoint(models, ctx, M, hf_config, tokenizer_dir)
-    meta = load_model_checkpoint(models, ctx, M)
-    hf_to_mcore(hf_dir, M, tp=2, pp=2)          # spawns tp*pp gloo/NCCL ranks itself
-    mcore_to_hf(M, out_dir)                      # HF folder that transformers and vLLM load
+    export_hf(models, ctx, out_dir, aux_dir)    # an HF folder that transformers and vLLM load
 
 Layout maps (Llama, HF -> Megatron, per layer):
   input_layernorm            -> input_layernorm (local spec) | linear_qkv.layer_norm_weight (TE)
@@ -28,27 +25,17 @@ weights; a process with torch + Megatron imported takes ~0.48 GB before any weig
   hf_to_mcore  ~ 0.48 GB + 1.0 x (model bytes / (tp*pp)) + ~0.2 GB of dist-checkpoint save
   mcore_to_hf  ~ 0.48 GB + 1.0 x (model bytes / (tp*pp)) + the SwiGLU fc1 weights (Megatron
                merges the [gate; up] halves into new tensors on load: ~0.4 of a Llama's bytes)
-so a model is never held twice; spread a large one over more local ranks with tp/pp.
-
-Megatron checkpoint folder (see docs/architecture.md):
-    M/selm_checkpoint.json   format, vocab_size, padded_vocab_size, tp, pp, dtype, ...
-    M/hf/                    config.json, generation_config.json, tokenizer files
-    M/model/                 megatron dist checkpoint (torch_dist), global coordinates
-
-CLI: ``selm convert hf-to-mcore --hf-dir H --out-dir M --tp T --pp P`` and
-``selm convert mcore-to-hf --mcore-dir M --out-dir H2`` (also tools/convert_hf/*.py).
+so a model is never held twice; spread a large one over more local ranks with tp/pp
+(``selm_mcore.mcore.convert``). The Megatron checkpoint folder is ``selm_mcore.mcore.checkpoint``'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -56,21 +43,11 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from selm_mcore.model import (
-    build_model,
-    head_dim,
-    layers_of_stage,
-    load_hf_config,
-    num_query_groups,
-    validate_hf_config,
-    validate_layout,
-)
-from selm_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, run_local_ranks
+from selm_mcore.mcore.model import head_dim, layers_of_stage, load_hf_config, num_query_groups
+from selm_mcore.mcore.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "selm-mcore/1"
-META_FILE = "selm_checkpoint.json"
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_SINGLE_FILE = "model.safetensors"
 # Tokenizer and generation files copied along with the weights (whichever exist).
@@ -81,15 +58,10 @@ HF_AUX_FILES = (
 )
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class WeightsError(ValueError):
     """HF weights that do not fit the model (missing file or tensor, wrong shape, config)."""
-
-
-class CheckpointError(ValueError):
-    """A Megatron checkpoint folder that is missing, incomplete or does not fit the model."""
 
 
 # --- the parameter table: one row per Megatron parameter, in HF order -------------------------
@@ -178,13 +150,13 @@ def _local_param(models: Sequence, spec: ParamSpec) -> torch.nn.Parameter:
     raise RuntimeError(
         f"layer {spec.layer} is not in chunk {spec.chunk} of this pipeline rank (it holds "
         f"{[lay.layer_number - 1 for lay in chunk.decoder.layers]}): Megatron's layer split "
-        "differs from selm_mcore.model.layers_of_stage")
+        "differs from selm_mcore.mcore.model.layers_of_stage")
 
 
-def _hf_config_of(models: Sequence):
+def hf_config_of(models: Sequence):
     hf_config = getattr(models[0], "hf_config", None)
     if hf_config is None:
-        raise ValueError("models must come from selm_mcore.model.build_model (no hf_config)")
+        raise ValueError("models must come from selm_mcore.mcore.model.build_model (no hf_config)")
     return hf_config
 
 
@@ -330,7 +302,7 @@ _CONFIG_KEYS_MUST_MATCH = ("vocab_size", "hidden_size", "intermediate_size", "nu
                            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
 
 
-def _check_same_architecture(model_config, hf_dir: Path) -> None:
+def check_same_architecture(model_config, hf_dir: Path) -> None:
     dir_config = load_hf_config(hf_dir)
     for key in _CONFIG_KEYS_MUST_MATCH:
         a, b = getattr(model_config, key, None), getattr(dir_config, key, None)
@@ -349,8 +321,8 @@ def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelCo
     does not match, or the folder's config.json describes another architecture.
     """
     hf_dir = Path(hf_dir)
-    hf_config = _hf_config_of(models)
-    _check_same_architecture(hf_config, hf_dir)
+    hf_config = hf_config_of(models)
+    check_same_architecture(hf_config, hf_dir)
     reader = SafetensorsReader(hf_dir)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     specs = [s for s in param_table(hf_config, ctx.pp, ctx.num_chunks) if s.pp_rank == ctx.pp_rank]
@@ -372,7 +344,7 @@ def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelCo
              if id(p) not in written]
     if unset:
         raise WeightsError(f"no HF tensor maps to the Megatron parameter(s) {unset} of this "
-                           "layer spec; extend selm_mcore.weights.param_table")
+                           "layer spec; extend selm_mcore.mcore.weights.param_table")
     logger.info("loaded %d HF tensors from %s (tp rank %d, pp rank %d)",
                 sum(len(s.hf_names) for s in specs), hf_dir, ctx.tp_rank, ctx.pp_rank)
 
@@ -380,7 +352,7 @@ def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelCo
 # --- export: full HF tensors, streamed -------------------------------------------------------
 
 
-def _split_full(spec: ParamSpec, shards: list[torch.Tensor], hf_config) -> list[torch.Tensor]:
+def split_full(spec: ParamSpec, shards: list[torch.Tensor], hf_config) -> list[torch.Tensor]:
     """HF tensors of ``spec`` from its TP shards (ordered by TP rank)."""
     if spec.kind == "replicated":
         return [shards[0]]
@@ -413,7 +385,7 @@ def iter_hf_weights(models: Sequence, ctx: ParallelContext
     """
     if ctx.dp_rank != 0:
         return
-    hf_config = _hf_config_of(models)
+    hf_config = hf_config_of(models)
     dtype = next(models[0].parameters()).dtype
     stage0_rank = dist.get_global_rank(ctx.pp_group, 0) if ctx.pp > 1 else 0
     for spec in param_table(hf_config, ctx.pp, ctx.num_chunks):
@@ -426,7 +398,7 @@ def iter_hf_weights(models: Sequence, ctx: ParallelContext
             else:
                 shards = [local]
             if ctx.tp_rank == 0:
-                tensors = _split_full(spec, shards, hf_config)
+                tensors = split_full(spec, shards, hf_config)
                 if ctx.pp_rank != 0:
                     for tensor in tensors:
                         dist.send(tensor.contiguous(), dst=stage0_rank, group=ctx.pp_group)
@@ -545,7 +517,7 @@ def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike
               aux_dir: str | os.PathLike | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write the model as an HF folder (rank 0 writes; every rank must call this)."""
-    hf_config = _hf_config_of(models)
+    hf_config = hf_config_of(models)
     dtype = next(models[0].parameters()).dtype
     out_dir = Path(out_dir)
     writer = None
@@ -565,285 +537,3 @@ def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike
         dist.barrier()
 
 
-# --- Megatron checkpoints ---------------------------------------------------------------------
-
-
-def _sharded_state_dict(models: Sequence) -> dict:
-    # One sub-dict per chunk: the dict paths differ per chunk, but the storage keys inside the
-    # ShardedTensors are global (layer axis, vocab rows), so the checkpoint does not depend on
-    # tp, pp or vpp. Modules' "_extra_state" (Transformer Engine FP8 metadata, None in the
-    # local spec) is left out, so a checkpoint also moves between the local and the TE spec.
-    return {f"chunk{i}": {key: value for key, value in model.sharded_state_dict(prefix="").items()
-                          if not key.endswith("_extra_state")}
-            for i, model in enumerate(models)}
-
-
-def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str | os.PathLike,
-                          hf_config=None, tokenizer_dir: str | os.PathLike | None = None,
-                          extra_meta: dict | None = None) -> None:
-    """Save the model as a selm-mcore checkpoint folder (every rank calls this).
-
-    Writes M/model (Megatron dist checkpoint, torch_dist), M/hf (config + tokenizer files from
-    ``tokenizer_dir``) and, last, M/selm_checkpoint.json, whose presence marks a complete save.
-    """
-    from megatron.core import dist_checkpointing
-
-    hf_config = hf_config if hf_config is not None else _hf_config_of(models)
-    ckpt_dir = Path(ckpt_dir)
-    model_dir = ckpt_dir / "model"
-    if ctx.rank == 0:
-        if model_dir.exists() and any(model_dir.iterdir()):
-            raise CheckpointError(
-                f"{model_dir} exists and is not empty; remove it or save to another folder")
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / META_FILE).unlink(missing_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(models), str(model_dir))
-    if ctx.rank == 0:
-        write_hf_config_files(hf_config, ckpt_dir / "hf",
-                              Path(tokenizer_dir) if tokenizer_dir else None)
-        params_dtype = next(models[0].parameters()).dtype
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "vocab_size": hf_config.vocab_size,
-            "padded_vocab_size": models[0].vocab_size,
-            "num_layers": hf_config.num_hidden_layers,
-            "hidden_size": hf_config.hidden_size,
-            "tie_word_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
-            "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[params_dtype],
-            "tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp,
-            **(extra_meta or {}),
-        }
-        (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    dist.barrier()
-    logger.info("saved Megatron checkpoint %s", ckpt_dir)
-
-
-def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
-    """selm_checkpoint.json of a checkpoint folder, checked for format and completeness."""
-    ckpt_dir = Path(ckpt_dir)
-    meta_path = ckpt_dir / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(
-            f"{meta_path} not found: {ckpt_dir} is not a complete selm-mcore checkpoint (an "
-            "interrupted save, or an HF folder: convert it with tools/convert_hf/hf_to_mcore.py)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}, this version "
-                              f"reads {CHECKPOINT_FORMAT!r}")
-    if not (ckpt_dir / "model").is_dir() or not (ckpt_dir / "hf" / "config.json").is_file():
-        raise CheckpointError(f"{ckpt_dir} lacks model/ or hf/config.json")
-    return meta
-
-
-def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
-                          ckpt_dir: str | os.PathLike) -> dict:
-    """Load a selm-mcore checkpoint into this rank's chunks (any tp/pp/vpp); returns its meta.
-
-    Raises CheckpointError when the checkpoint's (padded) vocabulary or shape differs from the
-    model's: build the model with ``build_model_from_checkpoint`` or
-    ``build_model(..., padded_vocab=meta["padded_vocab_size"])``.
-    """
-    # issue 4 item 7: the dist checkpoint is read without unrestricted unpickling.
-    from selm_mcore.safe_load import load_dist_checkpoint
-
-    ckpt_dir = Path(ckpt_dir)
-    meta = read_checkpoint_meta(ckpt_dir)
-    hf_config = _hf_config_of(models)
-    model_padded = models[0].vocab_size
-    if meta["vocab_size"] != hf_config.vocab_size or meta["padded_vocab_size"] != model_padded:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} was saved with vocab_size={meta['vocab_size']} (padded "
-            f"{meta['padded_vocab_size']}), but the model has vocab_size={hf_config.vocab_size} "
-            f"(padded {model_padded}); build the model from the checkpoint's hf/config.json with "
-            f"padded_vocab={meta['padded_vocab_size']} (selm_mcore.weights."
-            "build_model_from_checkpoint)")
-    for key, value in (("num_layers", hf_config.num_hidden_layers),
-                       ("hidden_size", hf_config.hidden_size)):
-        if meta[key] != value:
-            raise CheckpointError(f"checkpoint {ckpt_dir} has {key}={meta[key]}, the model "
-                                  f"{key}={value}")
-    state = load_dist_checkpoint(_sharded_state_dict(models), ckpt_dir / "model")
-    for i, model in enumerate(models):
-        result = model.load_state_dict(state[f"chunk{i}"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing:
-            raise CheckpointError(f"checkpoint {ckpt_dir} did not provide {missing}")
-    logger.info("loaded Megatron checkpoint %s (saved at tp=%s pp=%s) at tp=%d pp=%d", ckpt_dir,
-                meta.get("tp"), meta.get("pp"), ctx.tp, ctx.pp)
-    return meta
-
-
-def build_model_from_checkpoint(ckpt_dir: str | os.PathLike, ctx: ParallelContext, *,
-                                params_dtype: torch.dtype | None = None, recompute: bool = False):
-    """(models, hf_config, meta): build the model for a checkpoint folder and load it."""
-    meta = read_checkpoint_meta(ckpt_dir)
-    hf_config = load_hf_config(Path(ckpt_dir) / "hf")
-    dtype = params_dtype or _DTYPE_NAMES[meta.get("dtype", "fp32")]
-    models = build_model(hf_config, ctx, params_dtype=dtype,
-                         padded_vocab=meta["padded_vocab_size"], recompute=recompute,
-                         init_weights=False)
-    load_model_checkpoint(models, ctx, ckpt_dir)
-    return models, hf_config, meta
-
-
-# --- converters -------------------------------------------------------------------------------
-
-
-def _log_peak_rss(ctx: ParallelContext, job: str) -> None:
-    """Rank 0 logs every rank's peak resident memory (MB) so far."""
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peaks = [None] * ctx.world_size
-    dist.all_gather_object(peaks, round(peak_mb))
-    if ctx.rank == 0:
-        logger.info("%s: peak RSS per rank %s MB", job, " ".join(str(p) for p in peaks))
-
-
-def _checkpoint_dtype(hf_config, dtype: str) -> torch.dtype:
-    if dtype != "auto":
-        return _DTYPE_NAMES[dtype]
-    source = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
-    return torch.bfloat16 if "bfloat16" in source else torch.float32
-
-
-def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str) -> None:
-    ctx = init_parallel(tp=tp, pp=pp)
-    try:
-        hf_config = load_hf_config(hf_dir)
-        models = build_model(hf_config, ctx, params_dtype=_checkpoint_dtype(hf_config, dtype),
-                             init_weights=False)
-        load_hf_weights(models, hf_dir, ctx)
-        save_model_checkpoint(models, ctx, out_dir, hf_config, tokenizer_dir=hf_dir)
-        _log_peak_rss(ctx, "hf_to_mcore")
-    finally:
-        destroy_parallel()
-
-
-def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int,
-                      max_shard_bytes: int) -> None:
-    ctx = init_parallel(tp=tp, pp=pp)
-    try:
-        models, _, _ = build_model_from_checkpoint(mcore_dir, ctx)
-        export_hf(models, ctx, out_dir, aux_dir=Path(mcore_dir) / "hf",
-                  max_shard_bytes=max_shard_bytes)
-        _log_peak_rss(ctx, "mcore_to_hf")
-    finally:
-        destroy_parallel()
-
-
-def _in_matching_launch(nprocs: int) -> bool:
-    if dist.is_initialized():
-        if dist.get_world_size() != nprocs:
-            raise RuntimeError(f"this process group has {dist.get_world_size()} ranks, the "
-                               f"conversion needs tp*pp={nprocs}")
-        return True
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == nprocs
-
-
-def _launch(argv: list[str], nprocs: int, timeout_s: float) -> None:
-    run_local_ranks(["-m", "selm_mcore.weights", *argv], nprocs, timeout_s=timeout_s,
-                    echo_rank0=True)
-
-
-def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
-                *, dtype: str = "auto", timeout_s: float = 3600.0) -> None:
-    """Convert an HF Llama folder into a selm-mcore checkpoint, sharded over tp*pp ranks.
-
-    The inputs are validated here first (config, layout, shard files); then, unless this
-    process is already one of tp*pp launched ranks, tp*pp local processes do the conversion
-    (each reads only its slices). ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32),
-    fp32 or bf16.
-    """
-    hf_config = load_hf_config(hf_dir)
-    validate_hf_config(hf_config)
-    validate_layout(hf_config, tp, pp)
-    SafetensorsReader(hf_dir)  # missing shard files fail here, before any process starts
-    if _in_matching_launch(tp * pp):
-        _hf_to_mcore_rank(str(hf_dir), str(out_dir), tp, pp, dtype)
-    else:
-        _launch(["_hf-to-mcore-rank", str(hf_dir), str(out_dir), str(tp), str(pp), dtype],
-                tp * pp, timeout_s)
-    logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
-
-
-def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1,
-                pp: int = 1, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                timeout_s: float = 3600.0) -> None:
-    """Export a selm-mcore checkpoint (saved at any tp/pp) to an HF folder.
-
-    One process by default (tp=pp=1); larger tp/pp spread the model over more local processes.
-    Writes config.json, model.safetensors (sharded above ``max_shard_bytes``, with an index),
-    the tokenizer files and generation_config.json; vocabulary padding is stripped.
-    """
-    meta = read_checkpoint_meta(mcore_dir)
-    validate_layout(load_hf_config(Path(mcore_dir) / "hf"), tp, pp,
-                    padded_vocab=meta["padded_vocab_size"])
-    if _in_matching_launch(tp * pp):
-        _mcore_to_hf_rank(str(mcore_dir), str(out_dir), tp, pp, max_shard_bytes)
-    else:
-        _launch(["_mcore-to-hf-rank", str(mcore_dir), str(out_dir), str(tp), str(pp),
-                 str(max_shard_bytes)], tp * pp, timeout_s)
-    logger.info("exported %s -> %s", mcore_dir, out_dir)
-
-
-# --- command line (``selm convert``, tools/convert_hf/*.py, and spawned ranks) ----------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``selm convert hf-to-mcore|mcore-to-hf`` arguments."""
-    sub = parser.add_subparsers(dest="direction", required=True)
-    to_mcore = sub.add_parser("hf-to-mcore", help="HF Llama folder -> Megatron checkpoint")
-    add_hf_to_mcore_arguments(to_mcore)
-    to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF folder")
-    add_mcore_to_hf_arguments(to_hf)
-
-
-def add_hf_to_mcore_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf-dir", required=True, help="HF model folder (safetensors)")
-    parser.add_argument("--out-dir", required=True, help="checkpoint folder to write")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
-    parser.add_argument("--timeout-s", type=float, default=3600.0)
-
-
-def add_mcore_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mcore-dir", required=True, help="selm-mcore checkpoint folder")
-    parser.add_argument("--out-dir", required=True, help="HF folder to write")
-    parser.add_argument("--tp", type=int, default=1, help="ranks to spread the export over")
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
-    parser.add_argument("--timeout-s", type=float, default=3600.0)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run a conversion from parsed arguments (``selm convert`` and the tools/ CLIs)."""
-    if args.direction == "hf-to-mcore":
-        hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, dtype=args.dtype,
-                    timeout_s=args.timeout_s)
-    else:
-        mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
-                    max_shard_bytes=int(args.max_shard_gb * 1024**3), timeout_s=args.timeout_s)
-    return 0
-
-
-def _rank_main(argv: list[str]) -> None:
-    """Entry of a spawned conversion rank: ``python -m selm_mcore.weights _<job>-rank ...``."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # as selm_mcore.cli does
-    job, *rest = argv
-    if job == "_hf-to-mcore-rank":
-        hf_dir, out_dir, tp, pp, dtype = rest
-        _hf_to_mcore_rank(hf_dir, out_dir, int(tp), int(pp), dtype)
-    elif job == "_mcore-to-hf-rank":
-        mcore_dir, out_dir, tp, pp, max_shard_bytes = rest
-        _mcore_to_hf_rank(mcore_dir, out_dir, int(tp), int(pp), int(max_shard_bytes))
-    else:
-        raise SystemExit(f"unknown job {job!r}")
-
-
-if __name__ == "__main__":
-    _rank_main(sys.argv[1:])

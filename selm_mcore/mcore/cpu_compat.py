@@ -10,11 +10,11 @@ dist checkpointing run over gloo, numerically equal to TP=1 in fp32.
     from selm_mcore import cpu_compat
     cpu_compat.apply()      # idempotent; a no-op when CUDA is available
 
-``selm_mcore.parallel.init_parallel`` calls ``apply()``; nothing else needs to. The patches
+``selm_mcore.mcore.parallel.init_parallel`` calls ``apply()``; nothing else needs to. The patches
 touch private Megatron names, so megatron-core is pinned to ``MEGATRON_CORE_VERSION`` on CPU and
 ``tests/unit/test_cpu_compat.py`` fails loudly (via ``check_patch_targets``) if a name moves.
 
-What is patched (see ../shared/notes/cpu_stack.md for the measurements behind each item):
+What is patched:
 
 * RNG: Megatron's ``CudaRNGStatesTracker`` is replaced by ``CpuRNGStatesTracker`` (same API,
   CPU generator states), and ``tensor_parallel.random._get_cuda_rng_state`` /
@@ -83,11 +83,11 @@ def check_patch_targets() -> None:
         import megatron.core
 
         raise RuntimeError(
-            "selm_mcore.cpu_compat targets private names of megatron-core "
+            "selm_mcore.mcore.cpu_compat targets private names of megatron-core "
             f"{MEGATRON_CORE_VERSION}, but these are missing in the installed megatron-core "
             f"{getattr(megatron.core, '__version__', '?')}: {', '.join(missing)}. "
             f"Install megatron-core=={MEGATRON_CORE_VERSION} on CPU machines, or port "
-            "selm_mcore/cpu_compat.py to the new names."
+            "selm_mcore/mcore/cpu_compat.py to the new names."
         )
 
 
@@ -104,10 +104,6 @@ def _is_cuda_device(device) -> bool:
     if isinstance(device, str):
         return device == "cuda" or device.startswith("cuda:")
     return False
-
-
-def _cpu_if_cuda(value):
-    return torch.device("cpu") if _is_cuda_device(value) else value
 
 
 _CUDA_TYPE_NAMES = {
@@ -251,7 +247,7 @@ def apply(force: bool = False) -> bool:
     version = getattr(megatron.core, "__version__", "?")
     if version != MEGATRON_CORE_VERSION:
         logger.warning(
-            "selm_mcore.cpu_compat was written for megatron-core==%s, found %s; "
+            "selm_mcore.mcore.cpu_compat was written for megatron-core==%s, found %s; "
             "checking the private names it patches", MEGATRON_CORE_VERSION, version)
     check_patch_targets()
 

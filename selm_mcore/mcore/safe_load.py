@@ -1,6 +1,6 @@
 """Load Megatron dist checkpoints (torch_dist) without unpickling arbitrary objects.
 
-    from selm_mcore.safe_load import load_dist_checkpoint
+    from selm_mcore.mcore.safe_load import load_dist_checkpoint
     state = load_dist_checkpoint(sharded_state_dict, ckpt_dir)   # = dist_checkpointing.load
 
 A torch_dist checkpoint folder holds four kinds of files, read here as follows:
@@ -28,7 +28,7 @@ Megatron-core 0.16.1 builds its reader inside ``TorchDistLoadShardedStrategy.loa
 module function ``strategies.torch._get_filesystem_reader`` and offers no argument for it, so
 ``SafeTorchDistLoadStrategy`` swaps that function for the duration of its own calls only (and
 fails loudly if the name moves). Every dist-checkpoint load in selm-mcore goes through
-``load_dist_checkpoint``: ``weights.load_model_checkpoint`` and
+``load_dist_checkpoint``: ``checkpoint.load_model_checkpoint`` and
 ``checkpoint.load_optimizer_state``.
 """
 
@@ -101,7 +101,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(
             f"{self.source}: refusing to unpickle the global {module}.{name}: a "
             "torch.distributed.checkpoint metadata file holds only DCP metadata classes, "
-            "torch.Size and dtypes (selm_mcore.safe_load.DCP_METADATA_GLOBALS). The file was not "
+            "torch.Size and dtypes (selm_mcore.mcore.safe_load.DCP_METADATA_GLOBALS). The file was not "
             "written by torch.distributed.checkpoint (or was tampered with); do not load it, "
             "re-create the checkpoint from a source you trust")
 
@@ -202,7 +202,7 @@ def _megatron_reader(factory: Callable[..., FileSystemReader]) -> Iterator[None]
     if not callable(getattr(mcore_torch_strategy, _READER_HOOK, None)):
         raise RuntimeError(
             f"megatron.core.dist_checkpointing.strategies.torch.{_READER_HOOK} is gone: "
-            "selm_mcore.safe_load is written against megatron-core==0.16.1; pin that version "
+            "selm_mcore.mcore.safe_load is written against megatron-core==0.16.1; pin that version "
             "or port the hook (loading without it would unpickle .metadata unrestricted)")
     original = getattr(mcore_torch_strategy, _READER_HOOK)
     setattr(mcore_torch_strategy, _READER_HOOK, factory)
@@ -260,7 +260,7 @@ class WeightsOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
         # Unreachable with SafeTorchDistLoadStrategy (it loads ShardedObjects itself); Megatron's
         # version would torch.load per-object .pt files with torch's default weights_only.
         raise UnsafeCheckpointError(
-            f"{checkpoint_dir}: per-object .pt files are not loaded by selm_mcore.safe_load")
+            f"{checkpoint_dir}: per-object .pt files are not loaded by selm_mcore.mcore.safe_load")
 
 
 def load_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,

@@ -1,0 +1,164 @@
+"""Throughput benchmarks: ``selm bench MODE ...`` prints a table and writes it as JSON (--json).
+
+Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` overrides):
+
+    train CONFIG         our trainer: tokens/s, step time, TFLOP/s, MFU, peak memory
+                         (reference precomputed, or ``--ref-mode onthefly``)
+    refmode CONFIG       our trainer, precomputed vs on-the-fly reference: step time ratio
+    compare-trl CONFIG   ours vs TRL's DPOTrainer (on-the-fly reference and
+                         precompute_ref_log_probs): same model, pairs, token ids, lengths,
+                         batch sizes, dtype, threads, steps
+    generation CONFIG    vLLM (selm_mcore.generation) vs transformers ``generate`` tokens/s
+    logprob-path         training steps with the fused log-prob kernel vs Megatron's
+                         cross-entropy path (what tools/bench_gpu.sh runs on a GPU)
+    phases WORKDIR       seconds per phase of each round, from an online run's manifest
+    flops CONFIG         the FLOP formula's numbers and the device peak, nothing run
+
+Fairness rules: both sides use the same dtype and thread count (set before torch starts its
+pools), unmeasured warm-up steps, and the median of several repeats. Side-by-side modes run each
+implementation in its own process, one repeat of each in turn (ours, peer, ours, peer, ...), so
+a change of machine load hits both sides alike; every result records the load average.
+
+Definitions:
+
+* tokens = non-pad tokens fed to the policy per optimizer step (prompt + response of every
+  chosen, rejected and, with SELM's optimism term, y_ref sequence).
+* step time = one optimizer step's wall time: collation, reference log-probs (looked up, or
+  computed on the fly), forwards, backward, clipping, optimizer update. Ours: the trainer's own
+  ``step_time_s``; TRL: the time between consecutive ``on_step_end`` callbacks.
+* model FLOPs and MFU: ``selm_mcore.metrics`` (the formula, the device peaks), stated with
+  every table.
+* peak memory = the process's peak resident set (CPU) or peak allocated memory (CUDA) during
+  training (ours: the trainer's per-step record, so the final checkpoint save is excluded).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from selm_mcore.bench.common import BenchError, load_average, write_json
+
+
+def _add_common(parser, *, config: bool = True, threads_default: int | None = None) -> None:
+    if config:
+        # As selm_mcore.config.add_config_arguments, but the file is optional (defaults + --set).
+        parser.add_argument("config", nargs="?", default=None,
+                            help="YAML config file (optional: defaults + --set overrides)")
+        parser.add_argument("--set", dest="overrides", action="append", default=[],
+                            metavar="SECTION.KEY=VALUE", help="override one config value")
+    parser.add_argument("--threads", type=int,
+                        default=threads_default or int(os.environ.get("OMP_NUM_THREADS", 0) or
+                                                       len(os.sched_getaffinity(0))),
+                        help="torch threads of every benchmarked process (default: "
+                             "$OMP_NUM_THREADS, else all cores)")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+
+
+def _add_steps(parser, *, repeats: int) -> None:
+    parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per repeat")
+    parser.add_argument("--warmup-steps", type=int, default=1,
+                        help="optimizer steps before measuring (>= 1)")
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="repeats; the tables show the median")
+
+
+def _add_pairs(parser) -> None:
+    parser.add_argument("--prompt-tokens", type=int, default=64,
+                        help="synthetic pairs: prompt length (chat template included)")
+    parser.add_argument("--chosen-tokens", type=int, default=128,
+                        help="synthetic pairs: chosen response length (EOS included); also y_ref")
+    parser.add_argument("--rejected-tokens", type=int, default=128,
+                        help="synthetic pairs: rejected response length (EOS included)")
+    parser.add_argument("--workdir", default="",
+                        help="folder for pairs, per-process logs and JSON (default "
+                             "outputs/bench/MODE)")
+    parser.add_argument("--timeout-s", type=float, default=1800,
+                        help="limit per benchmarked process")
+
+
+def add_arguments(parser) -> None:
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    p = modes.add_parser("train", help="our trainer: tokens/s, TFLOP/s, MFU, peak memory")
+    _add_common(p)
+    _add_steps(p, repeats=3)
+    _add_pairs(p)
+    p.add_argument("--pairs", default="",
+                   help="preference JSONL to train on (default: data.train_path, else synthetic "
+                        "pairs written to the workdir)")
+    p.add_argument("--ref-mode", choices=("precomputed", "onthefly"), default="precomputed",
+                   help="reference log-probs from the offline pass, or computed in every step")
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip measuring the CPU GEMM peak (no MFU; used by the side-by-side modes)")
+
+    p = modes.add_parser("refmode", help="our trainer: precomputed vs on-the-fly reference")
+    _add_common(p)
+    _add_steps(p, repeats=3)
+    _add_pairs(p)
+
+    p = modes.add_parser("compare-trl", help="ours vs TRL DPOTrainer, same work, side by side")
+    _add_common(p)
+    _add_steps(p, repeats=3)
+    _add_pairs(p)
+    p.add_argument("--trl-python", default="",
+                   help="python of a TRL environment (default: built/reused by "
+                        "tools/setup_trl_env.sh)")
+    p.add_argument("--trl-modes", nargs="+", choices=("onthefly", "precompute"),
+                   default=["onthefly", "precompute"], help="which TRL configurations to run")
+
+    p = modes.add_parser("generation", help="vLLM vs transformers generate tokens/s")
+    _add_common(p)
+    p.add_argument("--backend", choices=("both", "vllm", "hf"), default="both")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="synthetic prompt length")
+    p.add_argument("--prompts", default="", help="prompt rows (JSONL) instead of synthetic ones")
+    p.add_argument("--max-tokens", type=int, default=128, help="max new tokens (stop at EOS)")
+    p.add_argument("--hf-batch-size", type=int, default=0,
+                   help="transformers generate batch (default: all prompts at once)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default="")
+    p.add_argument("--timeout-s", type=float, default=1800)
+
+    p = modes.add_parser("logprob-path",
+                         help="one training step: fused log-prob kernel vs Megatron CE path")
+    _add_common(p, config=False)
+    p.add_argument("--hf-dir", default="", help="HF folder whose config to use (default: "
+                                                "Llama-3-8B's shape)")
+    p.add_argument("--layers", type=int, default=0, help="use this many layers (0 = all)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--seq-length", type=int, default=1024, help="tokens per sequence")
+    p.add_argument("--micro-batch-size", type=int, default=2, help="pairs per micro-batch")
+    p.add_argument("--global-batch-size", type=int, default=4, help="pairs per step")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--paths", nargs="+", choices=("fused", "megatron-ce"),
+                   default=["fused", "megatron-ce"])
+
+    p = modes.add_parser("phases", help="time per phase of an online run (from its manifest)")
+    p.add_argument("workdir", help="online.workdir of a `selm run`")
+    p.add_argument("--json", default="")
+
+    p = modes.add_parser("flops", help="print the FLOP formula's numbers and the device peak")
+    _add_common(p)
+    p.add_argument("--seq-length", type=int, default=1024)
+
+
+def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
+    """Mode name -> its runner (imported when a mode runs: the modes import torch, vLLM...)."""
+    from selm_mcore.bench import generation, logprob_path, phases, train, trl
+
+    return {"train": train.run_train, "refmode": train.run_refmode,
+            "compare-trl": trl.run_compare_trl, "generation": generation.run_generation,
+            "logprob-path": logprob_path.run_logprob_path, "phases": phases.run_phases_mode,
+            "flops": phases.run_flops}
+
+
+def main(args) -> int:
+    if getattr(args, "warmup_steps", 1) < 1 and args.mode != "logprob-path":
+        raise BenchError("--warmup-steps must be >= 1: a measured step starts where the last "
+                         "warm-up step ended")
+    result = _modes()[args.mode](args)
+    result["load_average_end"] = load_average()
+    write_json(args.json, result)
+    return 0

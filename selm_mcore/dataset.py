@@ -1,0 +1,231 @@
+"""Tokenised preference examples: chat template, tokenisation, truncation, the dataset.
+
+Needs only a Hugging Face tokenizer object (duck-typed); no torch, no Megatron.
+
+Tokenisation (a documented, clean choice; the reference code inherits chat-template quirks):
+
+* prompt   = ``apply_chat_template(prompt conversation, add_generation_prompt=True)`` as text,
+  encoded once with ``add_special_tokens=False`` (the template itself writes any BOS); vLLM
+  generation renders prompts with the same function, so its prompt tokens are the training ones;
+* response = the assistant content encoded once with ``add_special_tokens=False``, then the
+  tokenizer's EOS id appended;
+* only response tokens (EOS included) carry labels.
+
+Truncation as the reference code (TRL 0.8.6 ``tokenize_row``, truncation_mode keep_end): when
+``len(prompt) + longest response > max_length`` the prompt keeps its LAST ``max_prompt_length``
+tokens; if still too long, every response is cut to ``max_length - max_prompt_length`` tokens
+(the EOS may be cut off, as there). One prompt is shared by chosen, rejected and y_ref, so y_ref
+counts in "longest response" too: every sequence of an example then fits ``max_length``.
+
+    tokenizer = load_tokenizer(cfg.model, tokenizer_dir)
+    dataset = load_preferences(cfg.data, tokenizer)      # PreferenceDataset, indices 0..n-1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from selm_mcore.data import PreferenceRow, read_rows
+
+logger = logging.getLogger(__name__)
+
+
+# --- tokenisation -----------------------------------------------------------------------------
+
+
+def load_tokenizer(model_cfg, tokenizer_dir: str | os.PathLike):
+    """The HF tokenizer of a model folder (remote code only with model.trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir),
+                                         trust_remote_code=model_cfg.trust_remote_code)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id right-padding uses: pad_token_id, else eos_token_id (padding is never a label)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither pad_token_id nor eos_token_id")
+    return int(pad)
+
+
+def render_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
+    """The chat-templated prompt with the generation prompt, as text."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, "
+                        "expected str; does the tokenizer have a chat template?")
+    return text
+
+
+def encode_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Prompt token ids: the templated text encoded once, no special tokens added."""
+    return list(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False))
+
+
+def encode_response(tokenizer, content: str) -> list[int]:
+    """Response token ids: the assistant content encoded once (no special tokens) + EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; set eos_token in its config")
+    return list(tokenizer.encode(content, add_special_tokens=False)) + [tokenizer.eos_token_id]
+
+
+def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int,
+             max_prompt_length: int) -> tuple[list[int], list[list[int]], bool, bool]:
+    """The reference code's truncation (see the module docstring).
+
+    Returns (prompt_ids, responses, prompt_truncated, response_truncated).
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length={max_prompt_length} < "
+                         f"max_length={max_length}")
+    longest = max(len(r) for r in responses)
+    prompt_truncated = response_truncated = False
+    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        prompt_truncated = True
+    if len(prompt_ids) + longest > max_length:
+        limit = max_length - max_prompt_length
+        response_truncated = any(len(r) > limit for r in responses)
+        responses = [r[:limit] for r in responses]
+    return prompt_ids, responses, prompt_truncated, response_truncated
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example's token ids: the shared prompt and each response (EOS included)."""
+
+    index: int
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+    yref_ids: tuple[int, ...] | None = None
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+    @property
+    def responses(self) -> list[tuple[int, ...]]:
+        """chosen, rejected[, y_ref]: the collation order."""
+        out = [self.chosen_ids, self.rejected_ids]
+        if self.yref_ids is not None:
+            out.append(self.yref_ids)
+        return out
+
+
+@dataclass
+class TruncationStats:
+    num_examples: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+
+
+def tokenize_row(row: PreferenceRow, tokenizer, *, index: int, max_length: int,
+                 max_prompt_length: int) -> TokenizedExample:
+    """Tokenise and truncate one preference row (y_ref too, when the row has one)."""
+    if not row.has_pair:
+        raise ValueError(f"{row.source}: a prompt-only row cannot be tokenised for training; "
+                         "generate and rank responses first")
+    prompt_ids = encode_prompt(tokenizer, row.prompt_messages)
+    responses = [encode_response(tokenizer, row.chosen), encode_response(tokenizer, row.rejected)]
+    if row.reference_response is not None:
+        responses.append(encode_response(tokenizer, row.reference_response))
+    prompt_ids, responses, prompt_cut, response_cut = truncate(
+        prompt_ids, responses, max_length, max_prompt_length)
+    return TokenizedExample(
+        index=index,
+        prompt_ids=tuple(prompt_ids),
+        chosen_ids=tuple(responses[0]),
+        rejected_ids=tuple(responses[1]),
+        yref_ids=tuple(responses[2]) if len(responses) == 3 else None,
+        prompt_truncated=prompt_cut,
+        response_truncated=response_cut,
+    )
+
+
+def row_hash(example: TokenizedExample) -> str:
+    """sha256 of one tokenised example (prompt and every response, in order)."""
+    digest = hashlib.sha256()
+    for part in (example.prompt_ids, *example.responses):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(np.asarray(part, dtype="<i8").tobytes())
+    if example.yref_ids is None:
+        digest.update(b"no-yref")
+    return digest.hexdigest()
+
+
+def content_hash(examples: Sequence[TokenizedExample]) -> str:
+    """sha256 over the ordered row hashes: the data part of the reference-cache key."""
+    digest = hashlib.sha256(f"selm-data/1 {len(examples)}".encode())
+    for example in examples:
+        digest.update(bytes.fromhex(row_hash(example)))
+    return digest.hexdigest()
+
+
+class PreferenceDataset:
+    """Tokenised examples with stable indices 0..len-1 (the order of the rows given)."""
+
+    def __init__(self, examples: Sequence[TokenizedExample],
+                 stats: TruncationStats | None = None):
+        for i, example in enumerate(examples):
+            if example.index != i:
+                raise ValueError(f"example {i} has index {example.index}; indices must be 0..n-1")
+        with_yref = {example.yref_ids is not None for example in examples}
+        if len(with_yref) > 1:
+            raise ValueError("some examples have y_ref and others do not")
+        self.examples = list(examples)
+        self.has_yref = with_yref == {True}
+        self.stats = stats or TruncationStats(num_examples=len(self.examples))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[PreferenceRow], tokenizer, *, max_length: int,
+                  max_prompt_length: int) -> PreferenceDataset:
+        stats = TruncationStats(num_examples=len(rows))
+        examples = []
+        for i, row in enumerate(rows):
+            example = tokenize_row(row, tokenizer, index=i, max_length=max_length,
+                                   max_prompt_length=max_prompt_length)
+            stats.prompt_truncated += example.prompt_truncated
+            stats.response_truncated += example.response_truncated
+            examples.append(example)
+        logger.info(
+            "tokenised %d examples (max_length %d, max_prompt_length %d): %d prompts truncated "
+            "(kept the last %d tokens), %d examples with responses cut to %d tokens",
+            stats.num_examples, max_length, max_prompt_length, stats.prompt_truncated,
+            max_prompt_length, stats.response_truncated, max_length - max_prompt_length)
+        return cls(examples, stats)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, tokenizer, *, max_length: int,
+                  max_prompt_length: int, skip_bad_rows: bool = False) -> PreferenceDataset:
+        loaded = read_rows(path, kind="preference", skip_bad_rows=skip_bad_rows)
+        return cls.from_rows(loaded.rows, tokenizer, max_length=max_length,
+                             max_prompt_length=max_prompt_length)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> TokenizedExample:
+        return self.examples[index]
+
+    def content_hash(self) -> str:
+        return content_hash(self.examples)
+
+    def max_sequence_length(self) -> int:
+        return max(len(e.prompt_ids) + max(map(len, e.responses)) for e in self.examples)
+
+
+def load_preferences(data_cfg, tokenizer) -> PreferenceDataset:
+    """The tokenised preference pairs of ``data.train_path`` (rules of ``data_cfg``)."""
+    if not data_cfg.train_path:
+        raise ValueError("data.train_path is empty: point it at the round's preference pairs "
+                         "(JSONL or Parquet)")
+    return PreferenceDataset.from_file(data_cfg.train_path, tokenizer,
+                                       max_length=data_cfg.max_length,
+                                       max_prompt_length=data_cfg.max_prompt_length,
+                                       skip_bad_rows=data_cfg.skip_bad_rows)

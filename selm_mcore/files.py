@@ -1,0 +1,213 @@
+"""Reading and writing the project's files: one record reader, one atomic writer, one hasher.
+
+    for row, record in iter_records("train.jsonl"): ...   # (1-based row, dict | DataError)
+    rows = read_records("pairs.parquet")                  # dicts; the first bad row raises
+    write_jsonl_atomic(path, rows); write_json_atomic(path, obj); write_text_atomic(path, text)
+    digest = hash_path(folder_or_file)
+
+Records are JSONL (one JSON object per line; blank lines are not rows) or Parquet
+(``pip install selm-mcore[data]``). A bad row becomes a ``DataError`` naming the file, the 1-based
+row (the line number in JSONL), the rule and a fix.
+
+Every write goes to a temporary file in the same folder, is fsynced and renamed over the target:
+a reader (or a resumed run) sees the old file or the complete new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class DataError(ValueError):
+    """A user-fixable problem in a data file, naming the file, the 1-based row, the rule, a fix."""
+
+    def __init__(self, path: str | os.PathLike, row: int | None, rule: str, fix: str):
+        self.path = str(path)
+        self.row = row
+        self.rule = rule
+        self.fix = fix
+        where = f"{self.path} row {row}" if row is not None else self.path
+        super().__init__(f"{where}: {rule}. Fix: {fix}")
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | DataError]]:
+    """Yield (1-based row, raw dict) or (row, DataError) for rows that do not even parse.
+
+    A missing file or an unknown suffix raises ``DataError`` at once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "the file does not exist", "check the path (data.train_path, "
+                        "data.eval_prompts_path or the file named on the command line)")
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        yield from _iter_jsonl(path)
+    elif suffix in PARQUET_SUFFIXES:
+        yield from _iter_parquet(path)
+    else:
+        raise DataError(path, None, f"unknown file type {suffix!r}",
+                        "use JSONL (.jsonl, one JSON object per line) or Parquet (.parquet)")
+
+
+def read_records(path: str | os.PathLike, *, with_row_numbers: bool = False
+                 ) -> list[dict] | list[tuple[int, dict]]:
+    """Every record of a JSONL or Parquet file; the first row that does not parse raises.
+
+    ``with_row_numbers`` returns (1-based row, record) pairs, the numbers ``DataError`` uses.
+    """
+    records = []
+    for row, record in iter_records(path):
+        if isinstance(record, DataError):
+            raise record
+        records.append((row, record) if with_row_numbers else record)
+    return records
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue  # blank lines (e.g. a trailing newline) are not rows
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_number, DataError(
+                    path, line_number, f"the line is not valid UTF-8 (byte {exc.start}: "
+                    f"{raw[exc.start:exc.start + 4]!r})", "re-encode the file as UTF-8")
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield line_number, DataError(
+                    path, line_number, f"invalid JSON ({exc.msg} at column {exc.colno})",
+                    "write exactly one JSON object per line (check quotes, escapes, commas)")
+                continue
+            if not isinstance(record, dict):
+                yield line_number, DataError(
+                    path, line_number,
+                    f"a row must be a JSON object, got {type(record).__name__}",
+                    "write one {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} object "
+                    "per line")
+                continue
+            yield line_number, record
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError("reading Parquet needs pyarrow: pip install 'selm-mcore[data]'") from exc
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(path, None, f"not a readable Parquet file ({exc})",
+                        "rewrite the file with pyarrow/pandas, or use JSONL") from exc
+    row_number = 0
+    for batch in parquet_file.iter_batches(batch_size=1024):
+        try:
+            records = batch.to_pylist()
+        except UnicodeDecodeError:  # a string column holding invalid UTF-8: find the row(s)
+            records = []
+            for i in range(batch.num_rows):
+                try:
+                    records.extend(batch.slice(i, 1).to_pylist())
+                except UnicodeDecodeError as exc:
+                    records.append(DataError(path, row_number + i + 1,
+                                             f"a text field is not valid UTF-8 ({exc.reason})",
+                                             "re-encode the text as UTF-8"))
+        for record in records:
+            row_number += 1
+            yield row_number, record
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success fsync it and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object per line (non-ASCII kept), written atomically."""
+    with atomic_open(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Indented JSON (non-JSON values written with ``str``), written atomically."""
+    with atomic_open(path) as handle:
+        json.dump(obj, handle, indent=2, default=str)
+        handle.write("\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path) as handle:
+        handle.write(text)
+
+
+# --- content hashes ---------------------------------------------------------------------------
+
+
+def _hash_file(path: Path, digest: Any, full_hash_max_bytes: int) -> None:
+    size = path.stat().st_size
+    digest.update(size.to_bytes(8, "little"))
+    chunk = 1 << 20
+    with open(path, "rb") as f:
+        if size <= full_hash_max_bytes:
+            while block := f.read(chunk):
+                digest.update(block)
+        else:
+            # Multi-GB weights / optimizer shards: size + head + middle + tail is enough to catch
+            # truncation, replacement and partial writes without reading terabytes per resume.
+            for offset in (0, size // 2 - chunk // 2, size - chunk):
+                f.seek(max(offset, 0))
+                digest.update(f.read(chunk))
+
+
+def hash_path(path: str | os.PathLike, full_hash_max_bytes: int = 64 << 20) -> str:
+    """sha256 of a file, or of a folder's sorted (relative path, size, content) entries.
+
+    Files larger than ``full_hash_max_bytes`` are fingerprinted by size and three 1 MiB windows.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        _hash_file(path, digest, full_hash_max_bytes)
+    elif path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path).as_posix()).encode() + b"\0")
+            _hash_file(file, digest, full_hash_max_bytes)
+    else:
+        raise FileNotFoundError(f"{path} does not exist")
+    return digest.hexdigest()

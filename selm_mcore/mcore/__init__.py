@@ -1,0 +1,14 @@
+"""Everything that touches Megatron-Core, and the only package that imports ``megatron.core``.
+
+    parallel    torch.distributed + Megatron's TP/PP/VPP/DP groups -> ParallelContext
+    cpu_compat  the CPU compatibility layer for megatron-core (applied only without CUDA)
+    safe_load   dist-checkpoint loading without unpickling arbitrary objects
+    model       GPTModel in the Llama-3 layout from an HF config
+    weights     HF <-> Megatron name/layout maps, streaming load and export
+    checkpoint  the Megatron checkpoint folder: model saves/loads, step checkpoints
+    optim       DDP, the distributed optimizer, the LR schedule, the optimizer's saved state
+    forward     micro-batches through Megatron's pipeline schedule, sequence log-probs
+    convert     HF <-> Megatron conversion (``selm convert``)
+
+The rest of selm_mcore talks to Megatron only through these modules' plain functions.
+"""

@@ -1,0 +1,194 @@
+"""HF <-> Megatron checkpoint conversion: ``selm convert`` and tools/convert_hf/*.py.
+
+    hf_to_mcore(hf_dir, M, tp=2, pp=2)   # spawns tp*pp gloo/NCCL ranks itself
+    mcore_to_hf(M, out_dir)              # HF folder that transformers and vLLM load
+
+    selm convert hf-to-mcore --hf-dir H --out-dir M --tp T --pp P
+    selm convert mcore-to-hf --mcore-dir M --out-dir H2
+
+Inputs are validated in the calling process first (config, layout, shard files); then, unless
+this process is already one of tp*pp launched ranks, tp*pp local processes
+(``selm _worker convert SPEC``, started by ``selm_mcore.launch.run_local_ranks``) do the work,
+each reading only its slices. The streaming and memory rules are in ``selm_mcore.mcore.weights``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from selm_mcore.launch import run_local_ranks
+from selm_mcore.mcore.checkpoint import (
+    DTYPES,
+    build_model_from_checkpoint,
+    read_checkpoint_meta,
+    save_model_checkpoint,
+)
+from selm_mcore.mcore.model import build_model, load_hf_config, validate_hf_config, validate_layout
+from selm_mcore.mcore.parallel import ParallelContext, destroy_parallel, init_parallel
+from selm_mcore.mcore.weights import (
+    DEFAULT_MAX_SHARD_BYTES,
+    SafetensorsReader,
+    export_hf,
+    load_hf_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _log_peak_rss(ctx: ParallelContext, job: str) -> None:
+    """Rank 0 logs every rank's peak resident memory (MB) so far."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks = [None] * ctx.world_size
+    dist.all_gather_object(peaks, round(peak_mb))
+    if ctx.rank == 0:
+        logger.info("%s: peak RSS per rank %s MB", job, " ".join(str(p) for p in peaks))
+
+
+def _checkpoint_dtype(hf_config, dtype: str) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    source = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
+    return torch.bfloat16 if "bfloat16" in source else torch.float32
+
+
+def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str) -> None:
+    ctx = init_parallel(tp=tp, pp=pp)
+    try:
+        hf_config = load_hf_config(hf_dir)
+        models = build_model(hf_config, ctx, params_dtype=_checkpoint_dtype(hf_config, dtype),
+                             init_weights=False)
+        load_hf_weights(models, hf_dir, ctx)
+        save_model_checkpoint(models, ctx, out_dir, hf_config, tokenizer_dir=hf_dir)
+        _log_peak_rss(ctx, "hf_to_mcore")
+    finally:
+        destroy_parallel()
+
+
+def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int,
+                      max_shard_bytes: int) -> None:
+    ctx = init_parallel(tp=tp, pp=pp)
+    try:
+        models, _, _ = build_model_from_checkpoint(mcore_dir, ctx)
+        export_hf(models, ctx, out_dir, aux_dir=Path(mcore_dir) / "hf",
+                  max_shard_bytes=max_shard_bytes)
+        _log_peak_rss(ctx, "mcore_to_hf")
+    finally:
+        destroy_parallel()
+
+
+def _in_matching_launch(nprocs: int) -> bool:
+    if dist.is_initialized():
+        if dist.get_world_size() != nprocs:
+            raise RuntimeError(f"this process group has {dist.get_world_size()} ranks, the "
+                               f"conversion needs tp*pp={nprocs}")
+        return True
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == nprocs
+
+
+def _launch(spec: dict, nprocs: int, timeout_s: float) -> None:
+    """Run ``spec`` on nprocs local ranks (``selm _worker convert SPEC``)."""
+    with tempfile.TemporaryDirectory(prefix="selm-convert-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        run_local_ranks(["-P", "-m", "selm_mcore.cli", "_worker", "convert", str(spec_path)],
+                        nprocs, timeout_s=timeout_s, echo_rank0=True)
+
+
+def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
+                *, dtype: str = "auto", timeout_s: float = 3600.0) -> None:
+    """Convert an HF Llama folder into a selm-mcore checkpoint, sharded over tp*pp ranks.
+
+    ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32), fp32 or bf16.
+    """
+    hf_config = load_hf_config(hf_dir)
+    validate_hf_config(hf_config)
+    validate_layout(hf_config, tp, pp)
+    SafetensorsReader(hf_dir)  # missing shard files fail here, before any process starts
+    if _in_matching_launch(tp * pp):
+        _hf_to_mcore_rank(str(hf_dir), str(out_dir), tp, pp, dtype)
+    else:
+        _launch({"job": "hf-to-mcore", "hf_dir": str(hf_dir), "out_dir": str(out_dir),
+                 "tp": tp, "pp": pp, "dtype": dtype}, tp * pp, timeout_s)
+    logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
+
+
+def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1,
+                pp: int = 1, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                timeout_s: float = 3600.0) -> None:
+    """Export a selm-mcore checkpoint (saved at any tp/pp) to an HF folder.
+
+    One process by default (tp=pp=1); larger tp/pp spread the model over more local processes.
+    Writes config.json, model.safetensors (sharded above ``max_shard_bytes``, with an index),
+    the tokenizer files and generation_config.json; vocabulary padding is stripped.
+    """
+    meta = read_checkpoint_meta(mcore_dir)
+    validate_layout(load_hf_config(Path(mcore_dir) / "hf"), tp, pp,
+                    padded_vocab=meta["padded_vocab_size"])
+    if _in_matching_launch(tp * pp):
+        _mcore_to_hf_rank(str(mcore_dir), str(out_dir), tp, pp, max_shard_bytes)
+    else:
+        _launch({"job": "mcore-to-hf", "mcore_dir": str(mcore_dir), "out_dir": str(out_dir),
+                 "tp": tp, "pp": pp, "max_shard_bytes": max_shard_bytes}, tp * pp, timeout_s)
+    logger.info("exported %s -> %s", mcore_dir, out_dir)
+
+
+def worker_main(spec: dict) -> int:
+    """One conversion rank (``selm _worker convert SPEC``)."""
+    if spec["job"] == "hf-to-mcore":
+        _hf_to_mcore_rank(spec["hf_dir"], spec["out_dir"], spec["tp"], spec["pp"], spec["dtype"])
+    elif spec["job"] == "mcore-to-hf":
+        _mcore_to_hf_rank(spec["mcore_dir"], spec["out_dir"], spec["tp"], spec["pp"],
+                          spec["max_shard_bytes"])
+    else:
+        raise ValueError(f"unknown conversion job {spec['job']!r}")
+    return 0
+
+
+# --- command line (``selm convert`` and tools/convert_hf/*.py) ---------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``selm convert hf-to-mcore|mcore-to-hf`` arguments."""
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_mcore = sub.add_parser("hf-to-mcore", help="HF Llama folder -> Megatron checkpoint")
+    add_hf_to_mcore_arguments(to_mcore)
+    to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF folder")
+    add_mcore_to_hf_arguments(to_hf)
+
+
+def add_hf_to_mcore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-dir", required=True, help="HF model folder (safetensors)")
+    parser.add_argument("--out-dir", required=True, help="checkpoint folder to write")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--timeout-s", type=float, default=3600.0)
+
+
+def add_mcore_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mcore-dir", required=True, help="selm-mcore checkpoint folder")
+    parser.add_argument("--out-dir", required=True, help="HF folder to write")
+    parser.add_argument("--tp", type=int, default=1, help="ranks to spread the export over")
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
+    parser.add_argument("--timeout-s", type=float, default=3600.0)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run a conversion from parsed arguments (``selm convert`` and the tools/ CLIs)."""
+    if args.direction == "hf-to-mcore":
+        hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, dtype=args.dtype,
+                    timeout_s=args.timeout_s)
+    else:
+        mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
+                    max_shard_bytes=int(args.max_shard_gb * 1024**3), timeout_s=args.timeout_s)
+    return 0

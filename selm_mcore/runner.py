@@ -1,0 +1,393 @@
+"""A resumable runner of phases: the manifest, the phase loop, subprocesses, the workdir lock.
+
+Knows nothing of SELM (``selm_mcore.online`` builds the phase list). A ``Phase`` writes one
+output (a file or a folder) under the workdir; ``run_phases`` runs the phases in order:
+
+* a phase writes ``<output>.partial``, renamed into place only after it succeeded, and only
+  then recorded in ``WORKDIR/manifest.json`` (always replaced atomically) with a hash of its
+  output and the time it took;
+* a rerun skips recorded phases after checking their outputs still hash the same (a changed
+  output, a changed config or a changed input under a finished phase is refused, never
+  reused), removes unrecorded leftovers and resumes at the first unfinished phase; a
+  ``resumable`` phase keeps its own leftover partial output (the trainer resumes from its step
+  checkpoints) when the phases before it are unchanged;
+* a failed phase stops the run with its error, also written to the manifest's ``last_error``.
+
+``run_command`` runs a phase's child process in its own process group, tees its output to the
+console and a log file, and kills the group on a timeout, an interrupt or its exit.
+
+Fault hook (tests): ``SELM_FAULT=round1/generate`` SIGKILLs this process inside that phase, after
+its work wrote the partial output and before it is published;
+``SELM_FAULT=round1/generate:published`` kills it after the rename, before the manifest records
+the phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selm_mcore.files import hash_path, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "selm-online/1"
+# Children (and torchrun's workers) never get the working directory on sys.path: from the
+# repository root it would make the folder kernels/ importable as a top-level package.
+SAFE_PATH_ENV = {"PYTHONSAFEPATH": "1"}
+FAULT_ENV = "SELM_FAULT"
+FAULT_POINTS = ("work", "published")
+
+
+class OnlineError(RuntimeError):
+    """A run that cannot go on: a failed phase, a changed output, an inconsistent manifest."""
+
+
+class PhaseFailed(RuntimeError):
+    """A phase's command exited non-zero (or its in-process work raised)."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Manifest:
+    """The record of finished phases, ``WORKDIR/manifest.json``; every change is written atomically.
+
+    Layout: ``{"format", "config", "phases": {name: {"output", "sha256", "seconds",
+    "finished_at"}}, "last_error"}``; ``phases`` keeps insertion (= execution) order.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any], *,
+                 mutable_keys: frozenset[str] = frozenset()):
+        """``mutable_keys``: flattened config keys (``a.b``) a resumed run may change."""
+        self.path = Path(path)
+        self.mutable_keys = mutable_keys
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as exc:
+                raise OnlineError(
+                    f"{self.path} is not valid JSON ({exc}); it is only ever replaced atomically, "
+                    "so it was edited by hand: fix it or start a new online.workdir") from None
+            if data.get("format") != MANIFEST_FORMAT:
+                raise OnlineError(
+                    f"{self.path}: format {data.get('format')!r} is not {MANIFEST_FORMAT!r}; "
+                    "use a new online.workdir")
+            self._check_config(data.get("config", {}), config)
+            data["config"] = config
+            data.setdefault("inputs", {})
+            self.data = data
+        else:
+            self.data = {"format": MANIFEST_FORMAT, "config": config, "inputs": {}, "phases": {}}
+
+    def check_inputs(self, current: dict[str, tuple[str, str]]) -> None:
+        """Refuse an input (data file, start model, ranker) whose content changed after a phase
+        that reads it finished; then record the current hashes.
+
+        ``current``: {input name: (content hash, first phase that reads it)}. A changed input
+        whose first reader has not finished yet (e.g. ranker weights fixed after a failed rank
+        phase) is accepted.
+        """
+        recorded = self.data["inputs"]
+        for key, (digest, first_reader) in sorted(current.items()):
+            if key in recorded and recorded[key] != digest and first_reader in self.phases:
+                raise OnlineError(
+                    f"{self.path}: the content of {key} changed since {first_reader} (and the "
+                    "phases after it) used it; resuming would mix old and new data. Fix: restore "
+                    f"the old content, rerun with --redo {first_reader} to recompute from there, "
+                    "or start a new online.workdir.")
+        self.data["inputs"] = {key: digest for key, (digest, _) in current.items()}
+        self.save()
+
+    def _check_config(self, recorded: dict[str, Any], current: dict[str, Any]) -> None:
+        old, new = _flatten(recorded), _flatten(current)
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if k not in self.mutable_keys and old.get(k) != new.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+            raise OnlineError(
+                f"{self.path}: the config differs from the one this run started with ({details}). "
+                "Finished phases were produced with the old values, so resuming would mix them. "
+                "Fix: restore the old values, start a new online.workdir, or rerun with "
+                "--redo PHASE to recompute from the first affected phase.")
+
+    @property
+    def phases(self) -> dict[str, dict[str, Any]]:
+        return self.data["phases"]
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    def record(self, name: str, output: str, sha256: str, seconds: float) -> None:
+        self.phases[name] = {
+            "output": output,
+            "sha256": sha256,
+            "seconds": round(seconds, 3),
+            "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        self.data.pop("last_error", None)
+        self.save()
+
+    def record_error(self, name: str, message: str) -> None:
+        self.data["last_error"] = {"phase": name, "message": message[-4000:]}
+        self.save()
+
+    def forget_from(self, names: list[str], first: str) -> list[str]:
+        """Drop the records of ``first`` and every phase after it in ``names``; return them."""
+        if first not in names:
+            raise OnlineError(f"--redo {first}: no such phase; phases are: {', '.join(names)}")
+        dropped = [n for n in names[names.index(first):] if n in self.phases]
+        for name in dropped:
+            del self.phases[name]
+        self.save()
+        return dropped
+
+
+@dataclass
+class Phase:
+    """One step of the loop: ``run(partial)`` must create ``partial`` (a file or a folder).
+
+    ``resumable``: the phase continues its own leftover ``partial`` after a kill (the trainer
+    resumes from its step checkpoints) instead of starting over. The leftover is kept only when
+    the recorded outputs of every earlier phase are those it was started with.
+    """
+
+    name: str                          # "round1/generate"
+    output: str                        # relative to the workdir: "round_1/generate"
+    run: Callable[[Path], None]
+    resumable: bool = False
+
+
+def parse_fault(value: str | None) -> tuple[str, str] | None:
+    """``"round1/train"`` -> ("round1/train", "work"); ``"x:published"`` -> ("x", "published")."""
+    if not value:
+        return None
+    name, _, point = value.partition(":")
+    point = point or "work"
+    if point not in FAULT_POINTS:
+        raise OnlineError(f"{FAULT_ENV}={value!r}: point {point!r} is not one of {FAULT_POINTS}")
+    return name, point
+
+
+def _kill_self(name: str, point: str) -> None:
+    logger.warning("%s: fault hook %s=%s:%s fires, killing this process", name, FAULT_ENV, name,
+                   point)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
+               full_hash_max_bytes: int = 64 << 20, fault: tuple[str, str] | None = None,
+               on_phase_done: Callable[[Phase, float], None] | None = None) -> dict[str, float]:
+    """Run ``phases`` in order, skipping recorded ones; return {phase name: seconds run now}.
+
+    Raises OnlineError when a recorded output changed or a phase failed (the error is also
+    written to the manifest's ``last_error``).
+    """
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate phase names in {names}")
+    unknown = [n for n in manifest.phases if n not in names]
+    if unknown:
+        logger.info("manifest lists phases this config does not run (kept): %s", ", ".join(unknown))
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest.save()
+    timings: dict[str, float] = {}
+    for index, phase in enumerate(phases):
+        output = workdir / phase.output
+        record = manifest.phases.get(phase.name)
+        tag = f"[{index + 1}/{len(phases)}] {phase.name}"
+        if record is not None:
+            if not output.exists():
+                raise OnlineError(
+                    f"{phase.name}: its output {output} is missing but the manifest "
+                    f"{manifest.path} records it as finished. Fix: restore it, or rerun with "
+                    f"--redo {phase.name}.")
+            digest = hash_path(output, full_hash_max_bytes)
+            if digest != record["sha256"]:
+                raise OnlineError(
+                    f"{phase.name}: output {output} changed since the manifest recorded it "
+                    f"(sha256 {record['sha256'][:12]}... now {digest[:12]}...); later phases may "
+                    f"have used the old content, so it is refused. Fix: restore it, or rerun with "
+                    f"--redo {phase.name} to recompute it and everything after it.")
+            logger.info("%s: done earlier (%.1f s), output verified, skipping", tag,
+                        record["seconds"])
+            continue
+        # Phases after an unfinished one depend on it: their records (if any) are stale.
+        later = [n for n in names[index + 1:] if n in manifest.phases]
+        if later:
+            logger.warning("%s: forgetting later records that depend on it: %s", tag,
+                           ", ".join(later))
+            manifest.forget_from(names, names[index + 1])
+        partial = output.with_name(output.name + ".partial")
+        inputs_file = output.with_name(output.name + ".partial.inputs")
+        inputs = {n: manifest.phases[n]["sha256"] for n in names[:index] if n in manifest.phases}
+        keep_partial = (phase.resumable and partial.is_dir() and inputs_file.is_file()
+                        and json.loads(inputs_file.read_text()) == inputs)
+        for leftover in ((output,) if keep_partial else (partial, output)):
+            if leftover.exists() or leftover.is_symlink():
+                logger.info("%s: removing unrecorded leftover %s", tag, leftover)
+                _remove(leftover)
+        if keep_partial:
+            logger.info("%s: continuing the interrupted %s", tag, partial)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if phase.resumable:
+            write_json_atomic(inputs_file, inputs)
+        logger.info("%s: started", tag)
+        start = time.perf_counter()
+        try:
+            phase.run(partial)
+        except PhaseFailed as exc:
+            message = f"{phase.name} failed: {exc}"
+            manifest.record_error(phase.name, message)
+            raise OnlineError(message) from None
+        except Exception as exc:
+            message = f"{phase.name} failed: {type(exc).__name__}: {exc}"
+            manifest.record_error(phase.name, message)
+            raise OnlineError(message) from exc
+        if fault == (phase.name, "work"):
+            _kill_self(phase.name, "work")
+        if not (partial.exists() or partial.is_symlink()):
+            message = f"{phase.name} finished without writing its output {partial}"
+            manifest.record_error(phase.name, message)
+            raise OnlineError(message)
+        os.replace(partial, output)
+        if inputs_file.exists():
+            inputs_file.unlink()
+        if fault == (phase.name, "published"):
+            _kill_self(phase.name, "published")
+        seconds = time.perf_counter() - start
+        manifest.record(phase.name, phase.output, hash_path(output, full_hash_max_bytes), seconds)
+        timings[phase.name] = seconds
+        logger.info("%s: done in %.1f s", tag, seconds)
+        if on_phase_done is not None:
+            on_phase_done(phase, seconds)
+    return timings
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a child's whole process group (torchrun ranks, vLLM engine processes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_command(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
+                timeout_s: float | None = None, tail_lines: int = 30) -> None:
+    """Run ``cmd``, teeing its output to our stdout and ``log_path``; raise PhaseFailed on rc != 0.
+
+    The child runs in its own process group, which is killed when the timeout passes or this
+    process is interrupted, and cleared of stragglers when the child exits. The error names the
+    command, the exit status, the log file and the last lines of output.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("$ %s", shlex.join(cmd))
+    tail: list[bytes] = []
+    pending = b""
+    with open(log_path, "ab") as log:
+        log.write(f"$ {shlex.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, **SAFE_PATH_ENV, **(env or {})},
+                                start_new_session=True)
+        deadline = None if not timeout_s else time.monotonic() + timeout_s
+        fd = proc.stdout.fileno()
+        try:
+            while True:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PhaseFailed(f"`{shlex.join(cmd)}` ran longer than "
+                                      f"online.phase_timeout_s={timeout_s} s and was killed "
+                                      f"(log: {log_path})")
+                ready, _, _ = select.select([fd], [], [], 1.0)
+                if not ready:
+                    # A child killed without cleanup can leave helpers (checkpoint writers)
+                    # that hold the pipe open: the child's exit ends the phase, not EOF.
+                    if proc.poll() is not None:
+                        break
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                tail = (tail + lines)[-tail_lines:]
+        finally:
+            _kill_group(proc)
+            proc.stdout.close()
+            returncode = proc.wait()
+    if returncode != 0:
+        tail = (tail + ([pending] if pending else []))[-tail_lines:]
+        text = "\n".join(line.decode(errors="replace").rstrip("\r") for line in tail)
+        how = (f"was killed by signal {-returncode}" if returncode < 0
+               else f"exited with status {returncode}")
+        raise PhaseFailed(f"`{shlex.join(cmd)}` {how} (full log: {log_path}); last output:\n{text}")
+
+
+def selm_command(subcommand: str, *args: str) -> list[str]:
+    """``python -m selm_mcore.cli SUBCOMMAND ARGS`` with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "selm_mcore.cli", subcommand, *args]
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the workdir, refusing a second ``selm run`` on the same one."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OnlineError(
+                f"another `selm run` holds {workdir}/.lock; wait for it to finish or use another "
+                "online.workdir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def redo_from(phases: list[Phase], workdir: Path, manifest: Manifest, first: str) -> list[str]:
+    """``--redo FIRST``: forget FIRST and every later phase, and drop their partial outputs."""
+    names = [p.name for p in phases]
+    dropped = manifest.forget_from(names, first)
+    for phase in phases[names.index(first):]:
+        output = workdir / phase.output
+        for leftover in (output.with_name(output.name + ".partial"),
+                         output.with_name(output.name + ".partial.inputs")):
+            if leftover.exists() or leftover.is_symlink():
+                _remove(leftover)
+    return dropped
