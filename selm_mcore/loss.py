@@ -34,6 +34,27 @@ import torch.nn.functional as F
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
+def _check_inputs(*, beta: float, alpha: float, loss_type: str,
+                  **tensors: torch.Tensor | None) -> None:
+    """Refuse settings and shapes ``selm_loss`` cannot use, naming the argument."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be > 0")
+    if alpha < 0:
+        raise ValueError(f"alpha={alpha} must be >= 0 (0 = iterative DPO)")
+    if (tensors["policy_yref_logps"] is None) != (tensors["ref_yref_logps"] is None):
+        raise ValueError("pass both policy_yref_logps and ref_yref_logps, or neither")
+    if alpha > 0 and tensors["policy_yref_logps"] is None:
+        raise ValueError(f"alpha={alpha} > 0 needs y_ref log-probs (policy_yref_logps, "
+                         "ref_yref_logps); set alpha=0 for plain DPO")
+    shape = tensors["policy_chosen_logps"].shape
+    for name, value in tensors.items():
+        if value is not None and (value.dim() != 1 or value.shape != shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}; every input must be [B] "
+                             f"with B={shape[0] if len(shape) else '?'}")
+
+
 def selm_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -55,27 +76,12 @@ def selm_loss(
     given. ``chosen_num_tokens`` (response tokens of y_w, [B]) is required for ``sft_weight > 0``
     and, with ``rejected_num_tokens``, for ``loss_type="ipo"``.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-    if beta <= 0:
-        raise ValueError(f"beta={beta} must be > 0")
-    if alpha < 0:
-        raise ValueError(f"alpha={alpha} must be >= 0 (0 = iterative DPO)")
-    if (policy_yref_logps is None) != (ref_yref_logps is None):
-        raise ValueError("pass both policy_yref_logps and ref_yref_logps, or neither")
-    if alpha > 0 and policy_yref_logps is None:
-        raise ValueError(f"alpha={alpha} > 0 needs y_ref log-probs (policy_yref_logps, "
-                         "ref_yref_logps); set alpha=0 for plain DPO")
-    named = {"policy_chosen_logps": policy_chosen_logps,
-             "policy_rejected_logps": policy_rejected_logps,
-             "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
-             "policy_yref_logps": policy_yref_logps, "ref_yref_logps": ref_yref_logps,
-             "chosen_num_tokens": chosen_num_tokens, "rejected_num_tokens": rejected_num_tokens}
-    shape = policy_chosen_logps.shape
-    for name, value in named.items():
-        if value is not None and (value.dim() != 1 or value.shape != shape):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}; every input must be [B] "
-                             f"with B={shape[0] if len(shape) else '?'}")
+    _check_inputs(
+        beta=beta, alpha=alpha, loss_type=loss_type, policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, policy_yref_logps=policy_yref_logps,
+        ref_yref_logps=ref_yref_logps, chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens)
 
     # fp32 throughout; the reference side never carries gradient.
     pi_chosen = policy_chosen_logps.float()

@@ -208,6 +208,66 @@ def _kill_self(name: str, point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _verify_recorded(phase: Phase, output: Path, record: dict[str, Any], manifest: Manifest,
+                     full_hash_max_bytes: int) -> None:
+    """A recorded phase's output must still be there, with the content that was recorded."""
+    if not output.exists():
+        raise OnlineError(
+            f"{phase.name}: its output {output} is missing but the manifest {manifest.path} "
+            f"records it as finished. Fix: restore it, or rerun with --redo {phase.name}.")
+    digest = hash_path(output, full_hash_max_bytes)
+    if digest != record["sha256"]:
+        raise OnlineError(
+            f"{phase.name}: output {output} changed since the manifest recorded it "
+            f"(sha256 {record['sha256'][:12]}... now {digest[:12]}...); later phases may have "
+            f"used the old content, so it is refused. Fix: restore it, or rerun with "
+            f"--redo {phase.name} to recompute it and everything after it.")
+
+
+def _prepare_partial(phase: Phase, output: Path, inputs: dict[str, str], tag: str) -> Path:
+    """Clear what an interrupted attempt left (keeping a resumable phase's partial output when
+    the phases before it are unchanged); returns the partial output path to write."""
+    partial = output.with_name(output.name + ".partial")
+    inputs_file = output.with_name(output.name + ".partial.inputs")
+    keep_partial = (phase.resumable and partial.is_dir() and inputs_file.is_file()
+                    and json.loads(inputs_file.read_text()) == inputs)
+    for leftover in ((output,) if keep_partial else (partial, output)):
+        if leftover.exists() or leftover.is_symlink():
+            logger.info("%s: removing unrecorded leftover %s", tag, leftover)
+            _remove(leftover)
+    if keep_partial:
+        logger.info("%s: continuing the interrupted %s", tag, partial)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if phase.resumable:
+        write_json_atomic(inputs_file, inputs)
+    return partial
+
+
+def _run_and_publish(phase: Phase, partial: Path, output: Path, manifest: Manifest,
+                     fault: tuple[str, str] | None) -> None:
+    """Run the phase into ``partial`` and rename it to ``output`` (errors go to the manifest)."""
+    try:
+        phase.run(partial)
+    except PhaseFailed as exc:
+        message = f"{phase.name} failed: {exc}"
+        manifest.record_error(phase.name, message)
+        raise OnlineError(message) from None
+    except Exception as exc:
+        message = f"{phase.name} failed: {type(exc).__name__}: {exc}"
+        manifest.record_error(phase.name, message)
+        raise OnlineError(message) from exc
+    if fault == (phase.name, "work"):
+        _kill_self(phase.name, "work")
+    if not (partial.exists() or partial.is_symlink()):
+        message = f"{phase.name} finished without writing its output {partial}"
+        manifest.record_error(phase.name, message)
+        raise OnlineError(message)
+    os.replace(partial, output)
+    output.with_name(output.name + ".partial.inputs").unlink(missing_ok=True)
+    if fault == (phase.name, "published"):
+        _kill_self(phase.name, "published")
+
+
 def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
                full_hash_max_bytes: int = 64 << 20, fault: tuple[str, str] | None = None,
                on_phase_done: Callable[[Phase, float], None] | None = None) -> dict[str, float]:
@@ -230,18 +290,7 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
         record = manifest.phases.get(phase.name)
         tag = f"[{index + 1}/{len(phases)}] {phase.name}"
         if record is not None:
-            if not output.exists():
-                raise OnlineError(
-                    f"{phase.name}: its output {output} is missing but the manifest "
-                    f"{manifest.path} records it as finished. Fix: restore it, or rerun with "
-                    f"--redo {phase.name}.")
-            digest = hash_path(output, full_hash_max_bytes)
-            if digest != record["sha256"]:
-                raise OnlineError(
-                    f"{phase.name}: output {output} changed since the manifest recorded it "
-                    f"(sha256 {record['sha256'][:12]}... now {digest[:12]}...); later phases may "
-                    f"have used the old content, so it is refused. Fix: restore it, or rerun with "
-                    f"--redo {phase.name} to recompute it and everything after it.")
+            _verify_recorded(phase, output, record, manifest, full_hash_max_bytes)
             logger.info("%s: done earlier (%.1f s), output verified, skipping", tag,
                         record["seconds"])
             continue
@@ -251,43 +300,11 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
             logger.warning("%s: forgetting later records that depend on it: %s", tag,
                            ", ".join(later))
             manifest.forget_from(names, names[index + 1])
-        partial = output.with_name(output.name + ".partial")
-        inputs_file = output.with_name(output.name + ".partial.inputs")
         inputs = {n: manifest.phases[n]["sha256"] for n in names[:index] if n in manifest.phases}
-        keep_partial = (phase.resumable and partial.is_dir() and inputs_file.is_file()
-                        and json.loads(inputs_file.read_text()) == inputs)
-        for leftover in ((output,) if keep_partial else (partial, output)):
-            if leftover.exists() or leftover.is_symlink():
-                logger.info("%s: removing unrecorded leftover %s", tag, leftover)
-                _remove(leftover)
-        if keep_partial:
-            logger.info("%s: continuing the interrupted %s", tag, partial)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if phase.resumable:
-            write_json_atomic(inputs_file, inputs)
+        partial = _prepare_partial(phase, output, inputs, tag)
         logger.info("%s: started", tag)
         start = time.perf_counter()
-        try:
-            phase.run(partial)
-        except PhaseFailed as exc:
-            message = f"{phase.name} failed: {exc}"
-            manifest.record_error(phase.name, message)
-            raise OnlineError(message) from None
-        except Exception as exc:
-            message = f"{phase.name} failed: {type(exc).__name__}: {exc}"
-            manifest.record_error(phase.name, message)
-            raise OnlineError(message) from exc
-        if fault == (phase.name, "work"):
-            _kill_self(phase.name, "work")
-        if not (partial.exists() or partial.is_symlink()):
-            message = f"{phase.name} finished without writing its output {partial}"
-            manifest.record_error(phase.name, message)
-            raise OnlineError(message)
-        os.replace(partial, output)
-        if inputs_file.exists():
-            inputs_file.unlink()
-        if fault == (phase.name, "published"):
-            _kill_self(phase.name, "published")
+        _run_and_publish(phase, partial, output, manifest, fault)
         seconds = time.perf_counter() - start
         manifest.record(phase.name, phase.output, hash_path(output, full_hash_max_bytes), seconds)
         timings[phase.name] = seconds

@@ -7,7 +7,7 @@ imports nothing from selm_mcore; ``selm bench compare-trl`` starts it as
         --micro-batch-size 2 --global-batch-size 4 --max-length 512 --steps 4 --warmup-steps 1 \
         --threads 2 --ref-mode onthefly --out result.json
 
-What it measures, chosen to match our trainer's benchmark (selm_mcore/bench.py) exactly:
+What it measures, chosen to match our trainer's benchmark (selm_mcore/bench/train.py) exactly:
 * the same HF Llama folder in fp32 (``bf16=False``, no autocast), no gradient checkpointing,
   AdamW (torch), grad-norm clipping 1.0, dropout off, sigmoid DPO loss, the same beta and lr;
 * the SAME token ids: rows of ``--pairs`` carry ``prompt_ids`` / ``chosen_ids`` /

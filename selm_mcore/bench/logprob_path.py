@@ -3,6 +3,7 @@ Megatron's vocab-parallel cross entropy (what tools/bench_gpu.sh runs on a GPU).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any
@@ -34,11 +35,59 @@ def _random_examples(num_examples: int, prompt_tokens: int, response_tokens: int
             for i in range(num_examples)]
 
 
+def _model_config(args):
+    """(HF config, its name in the table): --hf-dir's config or Llama-3-8B's shape, --layers."""
+    from transformers import LlamaConfig
+
+    from selm_mcore.mcore.model import load_hf_config
+
+    if args.hf_dir:
+        hf_config, name = load_hf_config(args.hf_dir), args.hf_dir
+    else:
+        hf_config, name = LlamaConfig(**LLAMA3_8B_SHAPE), "Llama-3-8B shape"
+    if args.layers:
+        hf_config.num_hidden_layers = args.layers
+        name += f", {args.layers} of its layers"
+    return hf_config, name
+
+
+def _time_steps(step, warmup_steps: int, steps: int) -> tuple[list[float], int]:
+    """(seconds of each measured step, tokens over them); ``step(i)`` returns its tokens.
+    Resets the CUDA peak-memory counter first and synchronises around every timed step."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup_steps):
+        step(i)
+    times, tokens = [], 0
+    for i in range(warmup_steps, warmup_steps + steps):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens += step(i)
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times, tokens
+
+
+def _print_table(rows: list[dict[str, Any]], args, shape_name: str, peak: dict) -> None:
+    print(f"one DPO training step, {shape_name}, {args.dtype}, TP1, "
+          f"{args.global_batch_size} pairs x 2 sequences x {args.seq_length} tokens per step "
+          f"(micro-batch {args.micro_batch_size} pairs), AdamW, median of {args.steps} steps after "
+          f"{args.warmup_steps} warm-up; peak: {peak['source']}")
+    print(format_table(rows, [
+        ("path", "log-prob path", ""), ("step_time_s", "step s", ".3f"),
+        ("tokens_per_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".3g"), ("mfu", "MFU", ".3f"),
+        ("peak_memory_gib", "peak GiB", ".2f")]))
+
+
 def run_logprob_path(args) -> dict[str, Any]:
     """DPO training steps of one model with each log-prob path; tokens/s, MFU, peak memory."""
     import torch
-    from transformers import LlamaConfig
-
     from selm_mcore.dataset import PreferenceDataset
     from selm_mcore.loss import selm_loss
     from selm_mcore.mcore.forward import (
@@ -47,19 +96,11 @@ def run_logprob_path(args) -> dict[str, Any]:
         run_micro_batches,
         sequence_logps,
     )
-    from selm_mcore.mcore.model import build_model, load_hf_config
+    from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
     torch.set_num_threads(args.threads)
-    if args.hf_dir:
-        hf_config = load_hf_config(args.hf_dir)
-        shape_name = args.hf_dir
-    else:
-        hf_config = LlamaConfig(**LLAMA3_8B_SHAPE)
-        shape_name = "Llama-3-8B shape"
-    if args.layers:
-        hf_config.num_hidden_layers = args.layers
-        shape_name += f", {args.layers} of its layers"
+    hf_config, shape_name = _model_config(args)
     on_gpu = torch.cuda.is_available()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     ctx = init_parallel(tp=1, pp=1, seed=1234)
@@ -104,20 +145,8 @@ def run_logprob_path(args) -> dict[str, Any]:
         rows = []
         for name in args.paths:
             fn = paths[name]
-            if on_gpu:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            for i in range(args.warmup_steps):
-                step(fn, i)
-            times, tokens = [], 0
-            for i in range(args.warmup_steps, args.warmup_steps + args.steps):
-                if on_gpu:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                tokens += step(fn, i)
-                if on_gpu:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+            times, tokens = _time_steps(functools.partial(step, fn), args.warmup_steps,
+                                        args.steps)
             tokens_per_step = tokens / args.steps
             step_time = statistics.median(times)
             flops = training_flops(shape, [seq_len] * (2 * args.global_batch_size),
@@ -130,14 +159,7 @@ def run_logprob_path(args) -> dict[str, Any]:
             })
     finally:
         destroy_parallel()
-    print(f"one DPO training step, {shape_name}, {args.dtype}, TP1, "
-          f"{args.global_batch_size} pairs x 2 sequences x {args.seq_length} tokens per step "
-          f"(micro-batch {args.micro_batch_size} pairs), AdamW, median of {args.steps} steps after "
-          f"{args.warmup_steps} warm-up; peak: {peak['source']}")
-    print(format_table(rows, [
-        ("path", "log-prob path", ""), ("step_time_s", "step s", ".3f"),
-        ("tokens_per_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".3g"), ("mfu", "MFU", ".3f"),
-        ("peak_memory_gib", "peak GiB", ".2f")]))
+    _print_table(rows, args, shape_name, peak)
     return {"mode": "logprob-path", "shape": shape_name, "dtype": args.dtype,
             "layers": hf_config.num_hidden_layers, "seq_length": args.seq_length,
             "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,

@@ -89,6 +89,25 @@ def _step_examples(cfg, num_examples: int, num_steps: int) -> list[list[int]]:
     return list(itertools.islice(sampler.batches(), num_steps))
 
 
+def _repeat_result(records: Sequence[dict], step_examples: Sequence[Sequence[int]], dataset,
+                   shape: ModelShape, window: range, *, onthefly: bool, peak: dict | None,
+                   steps: int) -> dict[str, Any]:
+    """Throughput of one repeat (the steps in ``window``) from the trainer's step records."""
+    seconds = sum(records[i]["step_time_s"] for i in window)
+    tokens = sum(records[i]["num_tokens"] for i in window)
+    flops = [training_flops(shape, sequence_lengths([dataset[j] for j in examples]),
+                            reference_forward=onthefly) for examples in step_examples]
+    policy_flops = sum(f["policy"] for f in flops)
+    return {
+        "tokens_per_s": tokens / seconds,
+        "step_time_s": statistics.median(records[i]["step_time_s"] for i in window),
+        "tokens_per_step": tokens / steps,
+        "policy_tflops": policy_flops / seconds / 1e12,
+        "total_tflops": sum(f["total"] for f in flops) / seconds / 1e12,
+        "mfu": policy_flops / seconds / peak["flops"] if peak else None,
+    }
+
+
 def run_train(args) -> dict[str, Any]:
     """Our trainer in this process (``selm_mcore.trainer.train_round``), measured from the
     per-step records it writes (metrics.jsonl: step_time_s, num_tokens, memory_gib)."""
@@ -132,33 +151,20 @@ def run_train(args) -> dict[str, Any]:
     onthefly = args.ref_mode == "onthefly"
     peak = None if args.no_peak else device_peak("cuda" if cuda_available() else "cpu",
                                                  args.threads)
-    repeats = []
-    for r in range(args.repeats):
-        window = range(args.warmup_steps + r * args.steps, args.warmup_steps + (r + 1) * args.steps)
-        seconds = sum(records[i]["step_time_s"] for i in window)
-        tokens = sum(records[i]["num_tokens"] for i in window)
-        flops = [training_flops(shape, sequence_lengths([dataset[j] for j in step_examples[i]]),
-                                reference_forward=onthefly) for i in window]
-        policy_flops = sum(f["policy"] for f in flops)
-        repeats.append({
-            "tokens_per_s": tokens / seconds,
-            "step_time_s": statistics.median(records[i]["step_time_s"] for i in window),
-            "tokens_per_step": tokens / args.steps,
-            "policy_tflops": policy_flops / seconds / 1e12,
-            "total_tflops": sum(f["total"] for f in flops) / seconds / 1e12,
-            "mfu": policy_flops / seconds / peak["flops"] if peak else None,
-        })
+    repeats = [_repeat_result(records, [step_examples[i] for i in window], dataset, shape,
+                              window, onthefly=onthefly, peak=peak, steps=args.steps)
+               for window in (range(args.warmup_steps + r * args.steps,
+                                    args.warmup_steps + (r + 1) * args.steps)
+                              for r in range(args.repeats))]
     row = {"impl": f"selm-mcore ({args.ref_mode} ref)", **median_summary(repeats, (
         "tokens_per_s", "step_time_s", "tokens_per_step", "policy_tflops", "total_tflops", "mfu"))}
     memory_gib = max(r.get("memory_gib", 0.0) for r in records)
     # The trainer's per-step peak (RSS on CPU, allocated on CUDA): the final save is excluded.
     row.update(peak_memory_mb=memory_gib * 1024, refpass_s=refpass_s)
     longest = max(sequence_lengths(dataset.examples))
-    padded = statistics.mean(
-        len(step_examples[i]) * (3 if dataset.has_yref else 2) *
-        padded_length_of([dataset[j] for j in step_examples[i]], cfg)
-        for i in range(total_steps))
-    row["padded_tokens_per_step"] = padded
+    row["padded_tokens_per_step"] = statistics.mean(
+        len(examples) * (3 if dataset.has_yref else 2) *
+        padded_length_of([dataset[j] for j in examples], cfg) for examples in step_examples)
     print(f"selm-mcore training: {cfg.model.hf_dir}, {cfg.model.dtype}, tp={cfg.parallel.tp} "
           f"pp={cfg.parallel.pp}, {args.threads} thread(s), micro batch "
           f"{cfg.train.micro_batch_size} / global {cfg.train.global_batch_size} pairs"
@@ -166,7 +172,7 @@ def run_train(args) -> dict[str, Any]:
           f"{args.ref_mode}; median of {args.repeats} x {args.steps} steps after "
           f"{args.warmup_steps} warm-up; load average {load_average()}")
     if peak:
-        print(f"MFU = policy model FLOP/s (fwd+bwd, causal attention; see selm_mcore/bench.py) / "
+        print(f"MFU = policy model FLOP/s (fwd+bwd, causal attention; see selm_mcore/metrics.py) / "
               f"peak; peak: {peak['source']}")
     print(format_table([row], [
         ("impl", "implementation", ""), ("tokens_per_s", "tokens/s", ".1f"),
