@@ -1,11 +1,10 @@
 """Shared launcher for multi-process (gloo) tests: N local ranks, a timeout, readable failures.
 
-In a test (the test module imports this file by path, see ``load_launch`` below or copy the two
-lines)::
+In a test (tests/dist/conftest.py puts this folder on sys.path; a worker script run by path
+has it there from Python itself)::
 
-    from launch import run_distributed, results          # tests/dist is on sys.path for
-                                                          # worker scripts, not for tests
-    outs = run_distributed(WORKERS / "my_worker.py", nprocs=4, args=[tmp_path],
+    from launch import run_distributed, results
+    outs = run_distributed(Path(__file__).resolve(), nprocs=4, args=["--worker", tmp_path],
                            timeout_s=180)
     per_rank = results(outs)          # what each rank passed to emit(), as JSON values
 
@@ -13,7 +12,7 @@ In a worker script (run as ``python tests/dist/my_worker.py ARGS`` on every rank
 folder is on sys.path, the repository root is not)::
 
     from launch import emit
-    from selm_mcore.parallel import init_parallel, destroy_parallel
+    from selm_mcore.mcore.parallel import init_parallel, destroy_parallel
 
     def main():
         ctx = init_parallel(tp=2, pp=2)        # env:// from the variables set below
@@ -38,7 +37,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from selm_mcore.parallel import LaunchError, run_local_ranks
+from selm_mcore.launch import LaunchError, run_local_ranks
 
 __all__ = ["run_distributed", "emit", "results", "LaunchError", "REPO_ROOT", "DIST_DIR"]
 

@@ -94,10 +94,11 @@ def _assert_same_hf_model(original: Path, exported: Path) -> None:
 def _worker(mcore_dir: str, out_dir: str) -> None:
     from launch import emit
 
-    from selm_mcore.model import build_model, load_hf_config
-    from selm_mcore.parallel import init_parallel
-    from selm_mcore.weights import (CheckpointError, build_model_from_checkpoint,
-                                    load_model_checkpoint, mcore_to_hf)
+    from selm_mcore.mcore.checkpoint import (CheckpointError, build_model_from_checkpoint,
+                                             load_model_checkpoint)
+    from selm_mcore.mcore.convert import mcore_to_hf
+    from selm_mcore.mcore.model import build_model, load_hf_config
+    from selm_mcore.mcore.parallel import init_parallel
 
     ctx = init_parallel(tp=1, pp=1)
     models, hf_config, meta = build_model_from_checkpoint(mcore_dir, ctx)

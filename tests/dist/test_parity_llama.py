@@ -68,7 +68,7 @@ def megatron_grads(models, ctx, input_ids, labels, vocab):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from selm_mcore.weights import iter_hf_weights
+    from selm_mcore.mcore.weights import iter_hf_weights
 
     batch, seq = input_ids.shape
     input_ids, labels = input_ids.to(ctx.device), labels.to(ctx.device)
@@ -113,10 +113,10 @@ def job(model: str, layout: str, *, kind: str = "logits", bf16: bool = False,
 def _worker(out_dir: str) -> None:
     from launch import emit
 
-    from selm_mcore.model import build_model
-    from selm_mcore.parallel import destroy_parallel, init_parallel
-    from selm_mcore.weights import (build_model_from_checkpoint, load_hf_weights,
-                                    save_model_checkpoint)
+    from selm_mcore.mcore.checkpoint import build_model_from_checkpoint, save_model_checkpoint
+    from selm_mcore.mcore.model import build_model
+    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.mcore.weights import load_hf_weights
 
     out = Path(out_dir)
     spec = json.loads((out / "jobs.json").read_text())

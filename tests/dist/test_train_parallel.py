@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selm_mcore.metrics import read_jsonl
+from selm_mcore.files import read_records
 
 NUM_STEPS = 5
 TOL = 1e-5
@@ -42,39 +42,26 @@ def _sentence(rng: random.Random, low: int, high: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
-def write_pairs(path: Path, num_rows: int = 16, seed: int = 0) -> None:
+def pair_rows(preference_row, num_rows: int = 16, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    rows = []
-    for _ in range(num_rows):
-        prompt = _sentence(rng, 3, 14) + "?"
-        user = {"role": "user", "content": prompt}
-        rows.append({
-            "prompt": prompt,
-            "chosen": [user, {"role": "assistant", "content": _sentence(rng, 1, 12)}],
-            "rejected": [user, {"role": "assistant", "content": _sentence(rng, 1, 12)}],
-            "reference_response": _sentence(rng, 1, 12),
-        })
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [preference_row(_sentence(rng, 3, 14) + "?", _sentence(rng, 1, 12),
+                           _sentence(rng, 1, 12), reference_response=_sentence(rng, 1, 12))
+            for _ in range(num_rows)]
 
 
-def write_config(path: Path, model_dir: Path, pairs: Path, cache: Path) -> None:
-    path.write_text(f"""
-model: {{hf_dir: {model_dir}}}
-data: {{train_path: {pairs}, max_length: 64, max_prompt_length: 32, pad_to_multiple_of: 8}}
-loss: {{beta: 0.1, alpha: 0.5}}
-optim: {{lr: 1.0e-3, warmup_ratio: 0.2, clip_grad: 1.0, weight_decay: 0.01}}
-train:
-  global_batch_size: 8
-  micro_batch_size: 2
-  max_steps: {NUM_STEPS}
-  ref_cache: {cache}
-  tensorboard: false
-  keep_checkpoints: 0
-""")
+def config_sections(model_dir: Path, pairs: Path, cache: Path) -> dict:
+    return dict(
+        model={"hf_dir": str(model_dir)},
+        data={"train_path": str(pairs), "max_length": 64, "max_prompt_length": 32,
+              "pad_to_multiple_of": 8},
+        loss={"beta": 0.1, "alpha": 0.5},
+        optim={"lr": 1.0e-3, "warmup_ratio": 0.2, "clip_grad": 1.0, "weight_decay": 0.01},
+        train={"global_batch_size": 8, "micro_batch_size": 2, "max_steps": NUM_STEPS,
+               "ref_cache": str(cache), "tensorboard": False, "keep_checkpoints": 0})
 
 
 def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
-    from selm_mcore.parallel import run_local_ranks
+    from selm_mcore.launch import run_local_ranks
 
     args = ["-m", "selm_mcore.cli", subcommand, str(config)]
     for item in overrides:
@@ -86,7 +73,7 @@ def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
 def train(ws: dict, name: str, nprocs: int, *overrides: str, killed_after: int | None = None
           ) -> list[dict]:
     """Run `selm train` in ws/name; return its metrics records (one per step)."""
-    from selm_mcore.parallel import LaunchError
+    from selm_mcore.launch import LaunchError
 
     out = ws["root"] / name
     args = [f"train.output_dir={out}", *overrides]
@@ -101,7 +88,7 @@ def train(ws: dict, name: str, nprocs: int, *overrides: str, killed_after: int |
                 launch(nprocs, "train", ws["config"], *args)
         finally:
             del os.environ["SELM_TRAIN_KILL_AFTER_STEP"]
-    return read_jsonl(out / "metrics.jsonl")
+    return read_records(out / "metrics.jsonl")
 
 
 def assert_steps_equal(records: list[dict], baseline: list[dict], steps: range) -> None:
@@ -113,16 +100,12 @@ def assert_steps_equal(records: list[dict], baseline: list[dict], steps: range) 
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_row):
     """Model, pairs, config; the reference pass at DP2xPP2 and the TP1 baseline."""
-    from selm_mcore.assets import build_tiny_llama
-
     root = tmp_path_factory.mktemp("train_parallel")
-    model_dir, pairs, cache = root / "model", root / "pairs.jsonl", root / "ref_logps.safetensors"
-    build_tiny_llama(model_dir)
-    write_pairs(pairs)
-    config = root / "config.yaml"
-    write_config(config, model_dir, pairs, cache)
+    model_dir, cache = tiny_llama_dir, root / "ref_logps.safetensors"
+    pairs = write_jsonl(root / "pairs.jsonl", pair_rows(preference_row))
+    config = write_config(root / "config.yaml", **config_sections(model_dir, pairs, cache))
     ws = {"root": root, "model": model_dir, "pairs": pairs, "cache": cache, "config": config}
     launch(4, "refpass", config, "parallel.pp=2", f"train.output_dir={root / 'refpass'}")
     ws["baseline"] = train(ws, "tp1", 1)
@@ -134,7 +117,7 @@ def hf_sequence_logps(model_dir: Path, pairs: Path) -> torch.Tensor:
     """[N, 3] summed response log-probs of chosen, rejected, y_ref with HF transformers."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from selm_mcore.data import PreferenceDataset
+    from selm_mcore.dataset import PreferenceDataset
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     dataset = PreferenceDataset.from_file(pairs, tokenizer, max_length=64, max_prompt_length=32)

@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from selm_mcore.assets import build_tiny_llama
 from selm_mcore.config import GenerationConfig
+from selm_mcore.files import read_records, write_jsonl_atomic
 
 pytest.importorskip("vllm")
 
@@ -31,17 +30,10 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    build_tiny_llama(path, seed=0)
-    return path
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_dir):
+def generator(tiny_llama_dir):
     from selm_mcore.generation import VLLMGenerator
 
-    gen = VLLMGenerator(tiny_dir, GenerationConfig(**ENGINE_KW))
+    gen = VLLMGenerator(tiny_llama_dir, GenerationConfig(**ENGINE_KW))
     yield gen
     gen.close()
 
@@ -52,20 +44,20 @@ def hf_greedy(model, prompt_ids, max_new_tokens=MAX_TOKENS):
     return out[0, len(prompt_ids):].tolist()
 
 
-def test_render_uses_chat_template_once(generator, tiny_dir):
+def test_render_uses_chat_template_once(generator, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     expected = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
                                              add_generation_prompt=True, tokenize=False)
     assert expected.endswith("<|im_start|>assistant\n")
     assert generator.render(["hi"]) == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
 
 
-def test_greedy_matches_hf_token_for_token(generator, tiny_dir):
+def test_greedy_matches_hf_token_for_token(generator, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     outputs = generator.generate_outputs(CONVERSATIONS)
     for prompt_ids, completions in zip(generator.render(CONVERSATIONS), outputs):
         assert len(completions) == 1
@@ -90,10 +82,10 @@ def test_seeded_sampling_is_reproducible(generator):
     assert other_seed != first
 
 
-def test_reload_weights_serves_the_new_weights(generator, tiny_dir):
+def test_reload_weights_serves_the_new_weights(generator, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     prompt_ids = generator.render(CONVERSATIONS)
     before = [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)]
     torch.manual_seed(1)
@@ -105,7 +97,7 @@ def test_reload_weights_serves_the_new_weights(generator, tiny_dir):
         assert after != before
         assert after == [hf_greedy(hf, ids) for ids in prompt_ids]
     finally:  # from the folder's safetensors: the original weights again
-        generator.reload_weights(weights_path=tiny_dir)
+        generator.reload_weights(weights_path=tiny_llama_dir)
     assert [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)] == before
 
 
@@ -116,13 +108,6 @@ def run_selm(args, cwd, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def write_config(path: Path, **generation):
-    import yaml
-
-    path.write_text(yaml.safe_dump({"generation": {**ENGINE_KW, **generation}}))
-    return path
 
 
 PROMPT_ROWS = [
@@ -136,7 +121,7 @@ PROMPT_ROWS = [
 
 
 @pytest.fixture(scope="module")
-def eos_model_dir(tiny_dir, tmp_path_factory):
+def eos_model_dir(tiny_llama_dir, tmp_path_factory):
     """The tiny model with one extra EOS id: a token its greedy continuation of p0 emits
     early, so "stop at EOS" is observable on a random model."""
     import shutil
@@ -144,10 +129,10 @@ def eos_model_dir(tiny_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tmp_path_factory.mktemp("tiny_eos")
-    for item in tiny_dir.iterdir():
+    for item in tiny_llama_dir.iterdir():
         shutil.copy(item, path / item.name)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT_ROWS[0]["prompt"]}],
                                         add_generation_prompt=True, tokenize=False)
     greedy = hf_greedy(hf, tokenizer(ids, add_special_tokens=False)["input_ids"])
@@ -158,22 +143,21 @@ def eos_model_dir(tiny_dir, tmp_path_factory):
     return path
 
 
-def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path):
+def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, write_config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from selm_mcore.generation import read_jsonl, write_jsonl_atomic
 
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl_atomic(prompts, PROMPT_ROWS)
     results = {}
     for engines in (1, 2):
-        config = write_config(tmp_path / f"gen{engines}.yaml", num_engines=engines, n=2,
-                              temperature=1.0, seed=3)
+        config = write_config(tmp_path / f"gen{engines}.yaml",
+                              generation={**ENGINE_KW, "num_engines": engines, "n": 2,
+                                          "temperature": 1.0, "seed": 3})
         out = tmp_path / f"out{engines}.jsonl"
         proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(out),
                          "--model-dir", str(eos_model_dir)], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[engines] = read_jsonl(out)
+        results[engines] = read_records(out)
     # Atomic write: no temporary files or engine folders are left next to the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["prompts.jsonl", "gen1.yaml", "gen2.yaml", "out1.jsonl", "out2.jsonl"])
@@ -187,12 +171,12 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path):
     assert results[2] == results[1], "2 data-parallel engines must give the 1-engine output"
 
     # Greedy with the extra EOS: vLLM stops where HF stops.
-    config = write_config(tmp_path / "greedy.yaml")
+    config = write_config(tmp_path / "greedy.yaml", generation=ENGINE_KW)
     out = tmp_path / "greedy.jsonl"
     proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(out),
                      "--model-dir", str(eos_model_dir)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = read_jsonl(out)[0]
+    row = read_records(out)[0]
     tokenizer = AutoTokenizer.from_pretrained(eos_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(eos_model_dir, dtype=torch.float32).eval()
     text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
@@ -204,12 +188,12 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path):
     assert row["responses"] == [tokenizer.decode(reference[:-1], skip_special_tokens=True)]
 
 
-def test_errors_surface_with_nonzero_exit(tiny_dir, tmp_path):
-    from selm_mcore.generation import check_model_dir, generate_file, write_jsonl_atomic
+def test_errors_surface_with_nonzero_exit(tiny_llama_dir, tmp_path, write_config):
+    from selm_mcore.generation import check_model_dir, generate_file
 
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl_atomic(prompts, PROMPT_ROWS[:2])
-    config = write_config(tmp_path / "gen.yaml", num_engines=2)
+    config = write_config(tmp_path / "gen.yaml", generation={**ENGINE_KW, "num_engines": 2})
 
     with pytest.raises(FileNotFoundError, match="no config.json"):
         generate_file(tmp_path / "missing", prompts, tmp_path / "o.jsonl", GenerationConfig())
@@ -229,7 +213,7 @@ def test_errors_surface_with_nonzero_exit(tiny_dir, tmp_path):
     # An engine that fails to start (corrupt weights) stops the data-parallel run.
     broken = tmp_path / "broken"
     broken.mkdir()
-    for item in tiny_dir.iterdir():
+    for item in tiny_llama_dir.iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out",

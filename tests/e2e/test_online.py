@@ -2,7 +2,7 @@
 
 Everything runs as a user would run it (``selm run CONFIG`` in a subprocess), on a 4-layer
 Llama with head_dim 32 and 8 preference rows (2 rounds x 4 pairs, 2 optimizer steps a round).
-The ranker is ``ranking.build_tiny_pairrm(prefer="longer")``: PairRM's architecture and
+The ranker is ``assets.build_tiny_pairrm(prefer="longer")``: PairRM's architecture and
 llm-blender's classes with head weights set so a candidate's score grows with its token count,
 so the expected pairs are computed here from token counts alone.
 
@@ -17,6 +17,8 @@ Checks, each against something computed independently of the code under test:
   then a rerun: it resumes and ends with exactly the weights and pairs of an uninterrupted run;
 * a generation failure and a ranker failure stop the run: exit status 1, the phase and the
   cause named, nothing after it run.
+
+The rank phase runs the public ``selm rank`` (new pairs and held-out scores in one process).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+from selm_mcore.files import read_records
 
 pytest.importorskip("vllm")
 if importlib.util.find_spec("llm_blender") is None:  # imported through ranking's compat fixes
@@ -43,66 +48,58 @@ pytestmark = pytest.mark.slow
 RUN_TIMEOUT_S = 1200  # one `selm run` (~2 min on 2 idle cores; shared machines are slower)
 
 
-def _rows() -> list[dict]:
+def _rows(preference_row) -> list[dict]:
     """8 pairs whose responses span short, medium and long, so y_ref lands anywhere."""
     responses = ["6.", "It is 5.", "The answer is five.",
                  "The answer is 5 because 2 plus 3 is 5, and 5 is the sum of 2 and 3 here.",
                  "First add the two numbers step by step, then write the result: the sum is 5. "
                  "So the final answer is 5, which I checked twice."]
-    rows = []
-    for i in range(8):
-        user = {"role": "user", "content": f"What is {i + 2} plus {3 * i + 1}?"}
-        chosen = responses[(i * 2) % len(responses)]
-        rejected = responses[(i * 3 + 1) % len(responses)]
-        rows.append({"prompt_id": f"p{i}", "prompt": user["content"],
-                     "chosen": [user, {"role": "assistant", "content": chosen}],
-                     "rejected": [user, {"role": "assistant", "content": rejected}]})
-    return rows
+    return [preference_row(f"What is {i + 2} plus {3 * i + 1}?",
+                           responses[(i * 2) % len(responses)],
+                           responses[(i * 3 + 1) % len(responses)], prompt_id=f"p{i}")
+            for i in range(8)]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from selm_mcore.assets import build_tiny_llama
-    from selm_mcore.ranking import build_tiny_pairrm
+def assets(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_row):
+    """Model, ranker and data; ``assets.config(workdir, **sections)`` writes a run's config."""
+    from selm_mcore.assets import build_tiny_pairrm
 
     root = tmp_path_factory.mktemp("online_assets")
-    build_tiny_llama(root / "tiny_llama", seed=0)
     build_tiny_pairrm(root / "tiny_pairrm", prefer="longer")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    write_jsonl(root / "train.jsonl", _rows(preference_row))
     evals = []
     for i in range(4):
         user = {"role": "user", "content": f"What is {i} times {i + 1}?"}
         evals.append({"prompt_id": f"e{i}", "prompt": user["content"],
                       "chosen": [user, {"role": "assistant", "content": f"It is {i * (i + 1)}."}]})
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
-    return root
+    write_jsonl(root / "eval.jsonl", evals)
 
+    def config(workdir: Path, **sections) -> Path:
+        """The e2e config; ``sections`` override whole keys, e.g. online={"final_eval": False}."""
+        values = {
+            "model": {"hf_dir": str(tiny_llama_dir), "dtype": "fp32"},
+            "data": {"train_path": str(root / "train.jsonl"),
+                     "eval_prompts_path": str(root / "eval.jsonl"),
+                     "max_length": 128, "max_prompt_length": 48, "pad_to_multiple_of": 16},
+            "loss": {"beta": 0.1, "alpha": 0.1},
+            # A large learning rate for visible weight changes (larger ones make the tiny model
+            # answer everything with EOS alone).
+            "optim": {"lr": 1e-3, "lr_per_round": [1e-3, 5e-4], "warmup_ratio": 0.0},
+            "train": {"global_batch_size": 2, "micro_batch_size": 1, "tensorboard": False,
+                      "save_interval": 1, "keep_checkpoints": 1},
+            "generation": {"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
+                           "kv_cache_memory_gb": 0.25, "dtype": "float32"},
+            "ranking": {"kind": "pairrm", "model_path": str(root / "tiny_pairrm"),
+                        "device": "cpu"},
+            "online": {"rounds": 2, "workdir": str(workdir)},
+        }
+        for section, overrides in sections.items():
+            values[section].update(overrides)
+        return write_config(workdir.parent / f"{workdir.name}.yaml", **values)
 
-def write_config(assets: Path, workdir: Path, **sections) -> Path:
-    """The e2e config; ``sections`` override whole keys, e.g. online={"final_eval": False}."""
-    import yaml
-
-    config = {
-        "model": {"hf_dir": str(assets / "tiny_llama"), "dtype": "fp32"},
-        "data": {"train_path": str(assets / "train.jsonl"),
-                 "eval_prompts_path": str(assets / "eval.jsonl"),
-                 "max_length": 128, "max_prompt_length": 48, "pad_to_multiple_of": 16},
-        "loss": {"beta": 0.1, "alpha": 0.1},
-        # A large learning rate for visible weight changes (larger ones make the tiny model
-        # answer everything with EOS alone).
-        "optim": {"lr": 1e-3, "lr_per_round": [1e-3, 5e-4], "warmup_ratio": 0.0},
-        "train": {"global_batch_size": 2, "micro_batch_size": 1, "tensorboard": False,
-                  "save_interval": 1, "keep_checkpoints": 1},
-        "generation": {"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
-                       "kv_cache_memory_gb": 0.25, "dtype": "float32"},
-        "ranking": {"kind": "pairrm", "model_path": str(assets / "tiny_pairrm"), "device": "cpu"},
-        "online": {"rounds": 2, "workdir": str(workdir)},
-    }
-    for section, values in sections.items():
-        config[section].update(values)
-    path = workdir.parent / f"{workdir.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return SimpleNamespace(root=root, tiny_llama=tiny_llama_dir,
+                           tiny_pairrm=root / "tiny_pairrm", config=config)
 
 
 def selm_run(config: Path, *extra: str, env: dict[str, str] | None = None):
@@ -112,10 +109,6 @@ def selm_run(config: Path, *extra: str, env: dict[str, str] | None = None):
                    TOKENIZERS_PARALLELISM="false", **(env or {}))
     return subprocess.run([sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
                           env=run_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def checkpoint_tensors(ckpt_dir: Path, scratch: Path) -> dict[str, torch.Tensor]:
@@ -132,7 +125,7 @@ def checkpoint_tensors(ckpt_dir: Path, scratch: Path) -> dict[str, torch.Tensor]
 def reference_run(assets, tmp_path_factory):
     """One uninterrupted 2-round run (with the final evaluation)."""
     workdir = tmp_path_factory.mktemp("reference") / "run"
-    result = selm_run(write_config(assets, workdir))
+    result = selm_run(assets.config(workdir))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     return workdir, result
 
@@ -160,7 +153,7 @@ def test_pairs_follow_the_best_worst_rule(reference_run, assets):
     from transformers import AutoTokenizer
 
     workdir, _ = reference_run
-    tokenizer = AutoTokenizer.from_pretrained(str(assets / "tiny_pairrm" / "backbone"))
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_pairrm / "backbone"))
 
     def length(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -168,10 +161,10 @@ def test_pairs_follow_the_best_worst_rule(reference_run, assets):
     outcomes = set()
     for t in (1, 2):
         round_dir = workdir / f"round_{t}"
-        portion = read_jsonl(round_dir / "portion.jsonl")
+        portion = read_records(round_dir / "portion.jsonl")
         generations = {r["prompt_id"]: r["responses"][0]
-                       for r in read_jsonl(round_dir / "generate" / "generations.jsonl")}
-        pairs = {p["prompt_id"]: p for p in read_jsonl(round_dir / "rank" / "pairs.jsonl")}
+                       for r in read_records(round_dir / "generate" / "generations.jsonl")}
+        pairs = {p["prompt_id"]: p for p in read_records(round_dir / "rank" / "pairs.jsonl")}
         for row in portion:
             y_ref = generations[row["prompt_id"]]
             if not y_ref.strip():  # an EOS-only answer: the pair is left out of training
@@ -206,11 +199,11 @@ def test_reference_pass_and_training_ran(reference_run, assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     workdir, _ = reference_run
-    model = AutoModelForCausalLM.from_pretrained(str(assets / "tiny_llama"),
+    model = AutoModelForCausalLM.from_pretrained(str(assets.tiny_llama),
                                                  dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(assets / "tiny_llama"))
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_llama))
     cache = load_file(str(workdir / "round_1" / "refpass" / "ref_logps.safetensors"))
-    pairs = read_jsonl(workdir / "round_1" / "rank" / "pairs.jsonl")
+    pairs = read_records(workdir / "round_1" / "rank" / "pairs.jsonl")
     assert cache["ref_chosen_logps"].shape == (len(pairs),)
     for i, pair in enumerate(pairs):
         messages = pair["chosen"][:-1]
@@ -220,14 +213,14 @@ def test_reference_pass_and_training_ran(reference_run, assets):
             expected = _hf_sequence_logps(model, tokenizer, messages, response)
             assert float(cache[f"ref_{name}_logps"][i]) == pytest.approx(expected, abs=1e-3), (i, name)
     for t in (1, 2):
-        steps = read_jsonl(workdir / f"round_{t}" / "train" / "metrics.jsonl")
+        steps = read_records(workdir / f"round_{t}" / "train" / "metrics.jsonl")
         assert [s["step"] for s in steps] == [1, 2]
         assert steps[0]["loss/preference"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def _megatron_to_vllm_names(state: dict[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
     """Map Megatron's stacked, group-interleaved tensors to vLLM's fused Llama parameter names
-    (written from the layout in docs/architecture.md, independently of selm_mcore.weights)."""
+    (written from the layout in docs/architecture.md, independently of selm_mcore.mcore.weights)."""
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     hidden = hf_config.hidden_size
     head_dim = hidden // heads
@@ -293,10 +286,10 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     policy_hf = workdir / "round_2" / "policy_hf"
     assert f"--model-dir {policy_hf}" in (workdir / "logs" / "round2_generate.log").read_text()
     state = checkpoint_tensors(workdir / "round_1" / "train" / "final", tmp_path / "r1.pt")
-    trained = _hf_model_from_megatron(state, assets / "tiny_llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(assets / "tiny_llama"))
-    rows = read_jsonl(workdir / "round_2" / "generate" / "prompts.jsonl")
-    recorded = read_jsonl(workdir / "round_2" / "generate" / "generations.jsonl")
+    trained = _hf_model_from_megatron(state, assets.tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_llama))
+    rows = read_records(workdir / "round_2" / "generate" / "prompts.jsonl")
+    recorded = read_records(workdir / "round_2" / "generate" / "generations.jsonl")
     gen_cfg = load_config(workdir / "config.yaml").generation  # the run's resolved config
 
     with VLLMGenerator(policy_hf, gen_cfg) as generator:
@@ -330,7 +323,7 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     # ...and that policy is not the start model: training moved the weights.
     from safetensors.torch import load_file
 
-    start_weights = load_file(str(assets / "tiny_llama" / "model.safetensors"))
+    start_weights = load_file(str(assets.tiny_llama / "model.safetensors"))
     assert not torch.equal(start_weights["model.layers.0.mlp.down_proj.weight"],
                            trained.state_dict()["model.layers.0.mlp.down_proj.weight"])
 
@@ -340,7 +333,7 @@ def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, asset
     """One kill per kind of phase, each rerun resuming the previous kill; then compare."""
     reference_dir, _ = reference_run
     workdir = tmp_path / "run"
-    config = write_config(assets, workdir, online={"final_eval": False})
+    config = assets.config(workdir, online={"final_eval": False})
     kills = ["round1/portion", "round1/generate", "round1/rank:published", "round1/refpass",
              "round1/train", "round1/report", "round2/export"]
     previous = None
@@ -376,10 +369,10 @@ def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, asset
 
 def test_generation_failure_stops_the_run(assets, tmp_path):
     broken = tmp_path / "broken_llama"
-    shutil.copytree(assets / "tiny_llama", broken)
+    shutil.copytree(assets.tiny_llama, broken)
     (broken / "model.safetensors").write_bytes(b"\0" * 64)  # not a safetensors file
     workdir = tmp_path / "run"
-    result = selm_run(write_config(assets, workdir, model={"hf_dir": str(broken)}))
+    result = selm_run(assets.config(workdir, model={"hf_dir": str(broken)}))
     assert result.returncode == 1
     assert "round1/generate failed" in result.stderr
     assert "starting vLLM" in result.stderr  # the cause, from the child's output
@@ -392,11 +385,11 @@ def test_generation_failure_stops_the_run(assets, tmp_path):
 
 def test_ranker_failure_stops_the_run(assets, tmp_path):
     broken = tmp_path / "broken_pairrm"
-    shutil.copytree(assets / "tiny_pairrm", broken)
+    shutil.copytree(assets.tiny_pairrm, broken)
     (broken / "model.safetensors").write_bytes(b"\0" * 64)
     workdir = tmp_path / "run"
-    result = selm_run(write_config(assets, workdir, ranking={"model_path": str(broken)},
-                                   online={"final_eval": False}))
+    result = selm_run(assets.config(workdir, ranking={"model_path": str(broken)},
+                                    online={"final_eval": False}))
     assert result.returncode == 1
     assert "round1/rank failed" in result.stderr
     assert "loading the PairRM ranker" in result.stderr

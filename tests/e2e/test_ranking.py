@@ -1,7 +1,8 @@
 """PairRM ranking through the real llm-blender (Blender.loadranker + Blender.rank) on a tiny,
-offline PairRM-shaped ranker whose order is known (longer candidates win), plus `selm rank`."""
+offline PairRM-shaped ranker whose order is known (longer candidates win), `selm rank` as the
+online loop runs it (new pairs and held-out scores from one ranker load), and the llm-blender
+compatibility fix in a fresh process."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from selm_mcore.generation import read_jsonl, write_jsonl_atomic
-from selm_mcore.ranking import PairRMRanker, RankerError, build_pairs, build_tiny_pairrm
+from selm_mcore.assets import build_tiny_pairrm
+from selm_mcore.files import read_records, write_jsonl_atomic
+from selm_mcore.pairs import EVAL_ID_PREFIX, build_pairs
+from selm_mcore.ranking import PairRMRanker, RankerError
 
 PROMPTS = ["What is 2 plus 3?", "Tell me a story about the sea."]
 CANDIDATES = [
@@ -55,12 +58,9 @@ def test_ties_share_the_better_rank(ranker):
     np.testing.assert_array_equal(ranker.rank(["Q"], candidates), [[2, 1, 2]])
 
 
-def test_build_pairs_with_pairrm(ranker):
+def test_build_pairs_with_pairrm(ranker, preference_row):
     def row(prompt_id, prompt, y_w, y_l):
-        user = {"role": "user", "content": prompt}
-        return {"prompt": prompt, "prompt_id": prompt_id,
-                "chosen": [user, {"role": "assistant", "content": y_w}],
-                "rejected": [user, {"role": "assistant", "content": y_l}]}
+        return preference_row(prompt, y_w, y_l, prompt_id=prompt_id)
 
     rows = [
         row("a", PROMPTS[0], "Five.", "It is five, since two and three make five in total."),
@@ -80,21 +80,31 @@ def test_build_pairs_with_pairrm(ranker):
     assert [r["reference_response"] for r in new_rows] == [y_refs[k][0] for k in "abc"]
 
 
-def test_selm_rank_cli(tiny_pairrm, tmp_path):
+def test_selm_rank_cli(tiny_pairrm, ranker, tmp_path, write_config):
     rows = [{"prompt_id": "q1", "prompt": PROMPTS[0], "answer": "5"},
             {"prompt_id": "q2", "prompt": PROMPTS[1]}]
     write_jsonl_atomic(tmp_path / "rows.jsonl", rows)
+    # Held-out prompt e1 with its chosen response: PairRM scores the policy's answer against it.
+    anchor = "Two plus three is five."
+    write_jsonl_atomic(tmp_path / "eval.jsonl", [
+        {"prompt_id": "e1", "prompt": PROMPTS[0],
+         "chosen": [{"role": "user", "content": PROMPTS[0]},
+                    {"role": "assistant", "content": anchor}]}])
     write_jsonl_atomic(tmp_path / "gen.jsonl", [
         {"prompt_id": "q1", "prompt": PROMPTS[0], "responses": CANDIDATES[0]},
-        {"prompt_id": "q2", "prompt": PROMPTS[1], "responses": CANDIDATES[1]}])
-    (tmp_path / "cfg.yaml").write_text(json.dumps({"ranking": {
+        {"prompt_id": "q2", "prompt": PROMPTS[1], "responses": CANDIDATES[1]},
+        {"prompt_id": EVAL_ID_PREFIX + "e1", "prompt": PROMPTS[0], "responses": ["It is 5."]}])
+    write_config(tmp_path / "cfg.yaml", ranking={
         "kind": "pairrm", "model_path": str(tiny_pairrm),
-        "backbone": str(tiny_pairrm / "backbone"), "device": "cpu"}}))
+        "backbone": str(tiny_pairrm / "backbone"), "device": "cpu"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def selm_rank(*overrides):
         args = ["rank", str(tmp_path / "cfg.yaml"), "--rows", str(tmp_path / "rows.jsonl"),
-                "--generations", str(tmp_path / "gen.jsonl"), "--out", str(tmp_path / "pairs.jsonl")]
+                "--generations", str(tmp_path / "gen.jsonl"),
+                "--out", str(tmp_path / "pairs.jsonl"),
+                "--eval-rows", str(tmp_path / "eval.jsonl"),
+                "--eval-out", str(tmp_path / "eval_scores.jsonl")]
         for item in overrides:
             args += ["--set", item]
         return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], env=env,
@@ -102,17 +112,21 @@ def test_selm_rank_cli(tiny_pairrm, tmp_path):
 
     proc = selm_rank()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pairs = read_jsonl(tmp_path / "pairs.jsonl")
-    stats = read_jsonl(tmp_path / "pairs.stats.jsonl")
+    pairs = read_records(tmp_path / "pairs.jsonl")
+    stats = read_records(tmp_path / "pairs.stats.jsonl")
     assert [p["chosen"][-1]["content"] for p in pairs] == [CANDIDATES[0][1], CANDIDATES[1][0]]
     assert [p["rejected"][-1]["content"] for p in pairs] == [CANDIDATES[0][0], CANDIDATES[1][1]]
     assert [s["chosen_index"] for s in stats] == [1, 0]
+    (scored,) = read_records(tmp_path / "eval_scores.jsonl")
+    assert scored["prompt_id"] == "e1" and scored["response"] == "It is 5."
+    expected = ranker.scores([PROMPTS[0]], [["It is 5.", anchor]])[0, 0]
+    assert scored["score"] == pytest.approx(expected, abs=1e-4)
 
     # A ranker failure stops with a clear error and a non-zero exit; the old output survives.
     proc = selm_rank("ranking.kind=verifiable")
     assert proc.returncode != 0
     assert "prompt 1 has no answer" in proc.stderr
-    assert read_jsonl(tmp_path / "pairs.jsonl") == pairs
+    assert read_records(tmp_path / "pairs.jsonl") == pairs
 
 
 def test_loading_errors_are_clear(tiny_pairrm, tmp_path, monkeypatch):
@@ -125,3 +139,27 @@ def test_loading_errors_are_clear(tiny_pairrm, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network
     with pytest.raises(RankerError, match="not a local folder"):
         PairRMRanker("llm-blender/definitely-not-here", device="cpu")
+
+
+def test_llm_blender_imports_with_the_compat_fix():
+    """In a fresh process: fails loudly when llm-blender (or transformers) moves so the fix no
+    longer applies; llm-blender loads without vLLM and its collator no longer needs
+    ``batch_encode_plus``."""
+    code = (
+        "import sys\n"
+        "from selm_mcore.ranking import import_llm_blender\n"
+        "lb = import_llm_blender()\n"
+        "from llm_blender.pair_ranker import collator\n"
+        "from llm_blender.blender import blender\n"
+        "import transformers.utils.hub as hub\n"
+        "assert collator.encode_texts.__module__ == 'selm_mcore.ranking'\n"
+        "assert hub.TRANSFORMERS_CACHE\n"
+        "assert 'vllm' not in sys.modules and blender.is_vllm_imported is False\n"
+        "assert import_llm_blender() is lb\n"
+        "print('ok', hasattr(__import__('transformers').PreTrainedTokenizerBase,"
+        " 'batch_encode_plus'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().startswith("ok")

@@ -4,14 +4,15 @@ Saving, resuming and resharding real checkpoints is tested in tests/dist/test_tr
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from selm_mcore.checkpoint import (
+from selm_mcore.mcore.checkpoint import (
     TRAIN_STATE_FORMAT,
     ResumeError,
-    _check_scheduler,
     find_latest,
+    load_training_state,
     read_train_state,
 )
 
@@ -19,10 +20,10 @@ SCHEDULE = {"max_lr": 5e-7, "min_lr": 0.0, "lr_warmup_steps": 48, "lr_decay_step
             "lr_decay_style": "cosine", "num_steps": 40}
 
 
-def write_state(path, step=40):
+def write_state(path, step=40, fmt=TRAIN_STATE_FORMAT):
     (path / "train").mkdir(parents=True)
     (path / "train" / "state.json").write_text(json.dumps({
-        "format": TRAIN_STATE_FORMAT, "step": step, "data": {"consumed_samples": 5120},
+        "format": fmt, "step": step, "data": {"consumed_samples": 5120},
         "scheduler": SCHEDULE, "layout": {"tp": 2, "pp": 2}, "extra": {"data_hash": "ab"}}))
 
 
@@ -43,9 +44,33 @@ def test_latest_pointing_at_an_incomplete_folder_is_refused(tmp_path):
         find_latest(tmp_path)
 
 
-def test_resume_with_another_schedule_is_refused(tmp_path):
-    _check_scheduler(tmp_path, SCHEDULE, {**SCHEDULE, "num_steps": 0})  # same schedule: fine
+def test_state_of_another_format_is_refused(tmp_path):
+    write_state(tmp_path / "old", fmt="selm-train-state/0")
+    with pytest.raises(ResumeError, match="format 'selm-train-state/0'"):
+        read_train_state(tmp_path / "old")
+
+
+class OptimizerReached(Exception):
+    """Raised by the fake optimizer: loading got past the schedule check to the optimizer."""
+
+
+class FakeOptimizer:
+    @property
+    def chained_optimizers(self):
+        raise OptimizerReached
+
+
+def test_resume_with_another_schedule_is_refused_before_any_state_is_loaded(tmp_path):
+    write_state(tmp_path / "step_0000040")
+
+    def resume(current_schedule):
+        return load_training_state(tmp_path / "step_0000040", models=[],
+                                   optimizer=FakeOptimizer(), ctx=None,
+                                   scheduler=SimpleNamespace(state_dict=lambda: current_schedule))
+
+    with pytest.raises(OptimizerReached):  # same schedule (num_steps is no part of it): accepted
+        resume({**SCHEDULE, "num_steps": 0})
     with pytest.raises(ResumeError, match=r"optim.lr .*5e-07.*3e-07"):
-        _check_scheduler(tmp_path, SCHEDULE, {**SCHEDULE, "max_lr": 3e-7})
+        resume({**SCHEDULE, "max_lr": 3e-7})
     with pytest.raises(ResumeError, match="the number of steps"):
-        _check_scheduler(tmp_path, SCHEDULE, {**SCHEDULE, "lr_decay_steps": 300})
+        resume({**SCHEDULE, "lr_decay_steps": 300})

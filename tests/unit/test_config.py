@@ -157,3 +157,36 @@ def test_save_and_load_round_trip(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file /nonexistent.yaml does not exist"):
         load_config("/nonexistent.yaml")
+
+
+def test_start_model_prefers_init_from_and_refuses_missing_folders(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "ckpt").mkdir()
+    cfg = load_config(None, [f"model.hf_dir={tmp_path / 'hf'}"])
+    assert cfg.start_model() == tmp_path / "hf"
+    cfg.train.init_from = str(tmp_path / "ckpt")  # round t > 1: the previous round's policy
+    assert cfg.start_model() == tmp_path / "ckpt"
+    with pytest.raises(ConfigError, match="no model to start from: set train.init_from"):
+        load_config(None).start_model()
+    cfg.train.init_from = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"missing is not a folder"):
+        cfg.start_model()
+
+
+def test_ref_cache_path_defaults_into_the_output_dir(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'out'}"])
+    assert cfg.train.ref_cache_path() == tmp_path / "out" / "ref_logps.safetensors"
+    cfg.train.ref_cache = str(tmp_path / "cache.safetensors")
+    assert cfg.train.ref_cache_path() == tmp_path / "cache.safetensors"
+
+
+def test_validate_with_a_world_size_checks_the_data_parallel_split():
+    cfg = load_config(None, ["parallel.tp=2", "train.global_batch_size=8",
+                             "train.micro_batch_size=2"])
+    assert cfg.validate(world_size=4) is cfg  # dp 2 x micro 2 divides 8
+    with pytest.raises(ConfigError, match=r"3 processes must be a multiple of parallel.tp \* "
+                                          r"parallel.pp = 2"):
+        cfg.validate(world_size=3)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=8 must be a multiple of the "
+                                          r"data-parallel size 3 .* train.micro_batch_size=2"):
+        cfg.validate(world_size=6)

@@ -1,11 +1,13 @@
-"""The CPU compatibility layer for megatron-core: the private names it patches still exist
-(fails loudly when megatron-core moves them), and each replacement behaves like what it
-replaces, checked against plain torch. Nothing here calls apply(): the pytest process stays
-unpatched (the dist tests run the patched stack in their own processes)."""
+"""The CPU compatibility layer for megatron-core, in this (unpatched) process: the private
+Megatron names it patches still exist (fails loudly when megatron-core moves them) and
+``CudaToCpuMode`` behaves like the CUDA calls it replaces. Nothing here calls apply(): the pytest
+process stays unpatched; the patched stack (the RNG tracker, the causal mask, current_device,
+the RNG state hooks) is checked through Megatron's own functions in a worker process by
+tests/dist/test_cpu_compat_applied.py."""
 import pytest
 import torch
 
-from selm_mcore import cpu_compat
+from selm_mcore.mcore import cpu_compat
 
 
 def test_patch_targets_exist_in_installed_megatron():
@@ -25,27 +27,6 @@ def test_missing_private_name_is_reported(monkeypatch):
         cpu_compat.check_patch_targets()
 
 
-def test_cpu_rng_tracker_forks_named_streams():
-    tracker = cpu_compat._cpu_tracker_class()()
-    tracker.add("model-parallel-rng", 123)
-    torch.manual_seed(7)
-    expected_default = torch.rand(5)
-    torch.manual_seed(7)
-    with tracker.fork("model-parallel-rng"):
-        first = torch.rand(3)
-    default = torch.rand(5)  # the default stream continues as if fork() never happened
-    with tracker.fork("model-parallel-rng"):
-        second = torch.rand(3)
-    torch.manual_seed(123)
-    assert torch.equal(first, torch.rand(3)) and torch.equal(second, torch.rand(3))
-    assert torch.equal(default, expected_default)
-    with pytest.raises(RuntimeError, match="seed 123 already exists"):
-        tracker.add("other", 123)
-    with pytest.raises(RuntimeError, match="not added"):
-        with tracker.fork("missing"):
-            pass
-
-
 def test_cuda_to_cpu_mode():
     with cpu_compat.CudaToCpuMode():
         zeros = torch.zeros([], dtype=torch.int, device="cuda")
@@ -60,15 +41,12 @@ def test_cuda_to_cpu_mode():
     assert torch.ones(2).type() == "torch.FloatTensor"  # outside the mode: unchanged
 
 
-def test_cpu_replacements():
-    mask = cpu_compat._cpu_default_causal_mask(4)
-    assert torch.equal(mask, torch.ones(4, 4).triu(1).bool())
-    assert cpu_compat._cpu_current_device() == torch.device("cpu")
-    state = torch.get_rng_state()
-    assert torch.equal(cpu_compat._cpu_get_rng_state(), state)
-    torch.rand(3)
-    cpu_compat._cpu_set_rng_state(state)
-    assert torch.equal(torch.get_rng_state(), state)
+def test_this_process_stays_unpatched():
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA apply() is a no-op anyway")
+    assert not cpu_compat.is_applied()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()  # the real one: no CUDA here
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,6 +1,6 @@
 """selm_mcore.loss against an independent plain-torch computation on HF transformers log-probs.
 
-Path under test: data.collate_preferences -> one padded forward of the HF tiny Llama over all
+Path under test: batches.collate_preferences -> one padded forward of the HF tiny Llama over all
 3B sequences -> token log-probs from the padded logits -> selm_loss. Independent path: one
 unpadded forward per sequence, the response log-probs summed token by token, and the SELM formula
 written out with torch.log(torch.sigmoid(.)). Loss, its gradient w.r.t. the policy logits and the
@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 
-from selm_mcore.assets import build_tiny_llama
-from selm_mcore.data import PreferenceDataset, PreferenceRow, collate_preferences
+from selm_mcore.batches import collate_preferences
+from selm_mcore.data import PreferenceRow
+from selm_mcore.dataset import PreferenceDataset
 from selm_mcore.loss import selm_loss
 
 BETA, ALPHA = 0.1, 0.5  # large, so that the optimism term visibly moves loss and gradient
@@ -31,11 +32,10 @@ PAIRS = [  # (prompt, chosen, rejected, y_ref)
 
 
 @pytest.fixture(scope="module")
-def models_and_data(tmp_path_factory):
+def models_and_data(tiny_llama_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    model_dir = tmp_path_factory.mktemp("tiny_llama")
-    build_tiny_llama(model_dir, num_hidden_layers=2)
+    model_dir = tiny_llama_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reference = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     policy = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()

@@ -1,18 +1,19 @@
-"""selm_mcore.model without a process group: RoPE frequencies against transformers, refusal of
+"""selm_mcore.mcore.model without a process group: RoPE frequencies against transformers, refusal of
 unsupported configs and layouts, vocab padding, and the TransformerConfig it derives."""
 import pytest
 import torch
 from transformers import LlamaConfig
 
-from selm_mcore.model import (
+from selm_mcore.mcore.model import (
     UnsupportedModelError,
+    layers_of_stage,
     padded_vocab_size,
     rope_inv_freq,
     transformer_config,
     validate_hf_config,
     validate_layout,
 )
-from selm_mcore.parallel import ParallelContext, ParallelLayoutError
+from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -128,6 +129,14 @@ def test_layout_errors_name_the_rule_and_options():
 def test_padded_vocab_size(vocab, tp, divisible_by, expected):
     padded = padded_vocab_size(vocab, tp, divisible_by)
     assert padded == expected and padded % (divisible_by * tp) == 0 and padded >= vocab
+
+
+def test_layers_of_stage_follow_megatrons_interleaved_split():
+    # 8 layers, pp 2, vpp 2: chunk 0 of stage 0 = 0-1, of stage 1 = 2-3; chunk 1: 4-5, 6-7.
+    split = {(r, v): layers_of_stage(8, 2, 2, r, v) for r in range(2) for v in range(2)}
+    assert split == {(0, 0): [0, 1], (1, 0): [2, 3], (0, 1): [4, 5], (1, 1): [6, 7]}
+    assert layers_of_stage(4, 1, 1, 0, 0) == [0, 1, 2, 3]
+    assert [layers_of_stage(30, 3, 1, r, 0)[0] for r in range(3)] == [0, 10, 20]
 
 
 def _ctx(tp=1, pp=1, vpp=None):

@@ -1,14 +1,24 @@
-"""Example configs load and validate; run-level checks refuse bad layouts before any phase."""
+"""selm_mcore.online without running phases: example configs load and validate, run-level checks
+refuse bad layouts before any phase, round portions, the phase plan and the phase commands."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from selm_mcore.config import ConfigError, load_config
-from selm_mcore.online import (RoundPhases, RunPaths, validate_run, write_portion)
+from selm_mcore.config import ConfigError, SelmConfig, load_config
+from selm_mcore.online import (
+    RoundPhases,
+    RunPaths,
+    check_run_inputs,
+    generation_input,
+    megatron_command,
+    write_portion,
+)
+from selm_mcore.runner import Manifest, OnlineError, selm_command
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -20,6 +30,7 @@ def test_example_configs_load(name):
     assert world % (cfg.parallel.tp * cfg.parallel.pp) == 0
     dp = world // (cfg.parallel.tp * cfg.parallel.pp)
     assert cfg.train.global_batch_size % (dp * cfg.train.micro_batch_size) == 0
+    cfg.validate(world_size=world)
 
 
 def test_reference_recipe_in_the_llama3_8b_config():
@@ -32,38 +43,35 @@ def test_reference_recipe_in_the_llama3_8b_config():
     assert cfg.ranking.kind == "pairrm" and cfg.model.dtype == "bf16"
 
 
-def _write(tmp_path, rows, name="train.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def test_online_config_validation():
+    with pytest.raises(ConfigError, match="rdzv_endpoint"):
+        load_config(None, ["online.nnodes=2"])
+    with pytest.raises(ConfigError, match="online.rounds"):
+        load_config(None, ["online.rounds=0"])
 
 
-def _pref(i, answer=None):
-    user = {"role": "user", "content": f"q{i}"}
-    row = {"prompt": f"q{i}", "chosen": [user, {"role": "assistant", "content": f"a{i}"}],
-           "rejected": [user, {"role": "assistant", "content": f"b{i}"}]}
-    if answer is not None:
-        row["answer"] = answer
-    return row
-
-
-def test_validate_run_refuses_bad_layouts(tmp_path):
-    train = _write(tmp_path, [_pref(0)])
+def test_check_run_inputs_refuses_bad_layouts_and_missing_inputs(tmp_path, write_jsonl,
+                                                                  preference_row):
+    train = write_jsonl(tmp_path / "train.jsonl", [preference_row("q0", "a0", "b0")])
     base = [f"model.hf_dir={tmp_path}", f"data.train_path={train}"]
-    validate_run(load_config(None, base + ["train.global_batch_size=8"]))
+    check_run_inputs(load_config(None, base + ["train.global_batch_size=8"]))
     with pytest.raises(ConfigError, match="multiple of parallel.tp \\* parallel.pp = 4"):
-        validate_run(load_config(None, base + ["online.nproc_per_node=6", "parallel.tp=4"]))
+        check_run_inputs(load_config(None, base + ["online.nproc_per_node=6", "parallel.tp=4"]))
     with pytest.raises(ConfigError, match="data-parallel size 4"):
-        validate_run(load_config(None, base + ["online.nproc_per_node=8", "parallel.tp=2",
-                                               "train.global_batch_size=6"]))
+        check_run_inputs(load_config(None, base + ["online.nproc_per_node=8", "parallel.tp=2",
+                                                   "train.global_batch_size=6"]))
     with pytest.raises(ConfigError, match="model.hf_dir"):
-        validate_run(load_config(None, [f"data.train_path={train}"]))
+        check_run_inputs(load_config(None, [f"data.train_path={train}"]))
+    with pytest.raises(ConfigError, match="data.train_path=.*missing.jsonl.* is not a file"):
+        check_run_inputs(load_config(None, [f"model.hf_dir={tmp_path}",
+                                            f"data.train_path={tmp_path / 'missing.jsonl'}"]))
 
 
-def test_write_portion_takes_contiguous_thirds_and_keeps_answers(tmp_path):
-    rows = [_pref(i, answer=str(i)) for i in range(10)]
+def test_write_portion_takes_contiguous_thirds_and_keeps_answers(tmp_path, write_jsonl,
+                                                                 preference_row):
+    rows = [preference_row(f"q{i}", f"a{i}", f"b{i}", answer=str(i)) for i in range(10)]
     rows[4]["prompt_id"] = "given-id"
-    train = _write(tmp_path, rows)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
     train.write_text("\n" + train.read_text().replace("\n", "\n\n", 2))  # blank lines
     cfg = load_config(None, [f"data.train_path={train}", "online.rounds=3",
                              "ranking.kind=verifiable"])
@@ -84,17 +92,16 @@ def test_write_portion_takes_contiguous_thirds_and_keeps_answers(tmp_path):
     assert write_portion(capped, 2, tmp_path / "capped.jsonl") == 2
 
 
-def test_write_portion_refuses_repeated_prompt_ids(tmp_path):
-    rows = [dict(_pref(i), prompt_id="same") for i in range(4)]
-    cfg = load_config(None, [f"data.train_path={_write(tmp_path, rows)}", "online.rounds=2"])
+def test_write_portion_refuses_repeated_prompt_ids(tmp_path, write_jsonl, preference_row):
+    rows = [preference_row(f"q{i}", f"a{i}", f"b{i}", prompt_id="same") for i in range(4)]
+    cfg = load_config(None, [f"data.train_path={write_jsonl(tmp_path / 'train.jsonl', rows)}",
+                             "online.rounds=2"])
     with pytest.raises(ValueError, match="prompt_id 'same' repeats row 1"):
         write_portion(cfg, 1, tmp_path / "p.jsonl")
 
 
-def test_pairrm_needs_anchored_heldout_rows_at_start(tmp_path):
-    from selm_mcore.online import OnlineError
-
-    evals = _write(tmp_path, [{"prompt_id": "e0", "prompt": "q"}], "eval.jsonl")
+def test_pairrm_needs_anchored_heldout_rows_at_start(tmp_path, write_jsonl):
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt_id": "e0", "prompt": "q"}])
     cfg = load_config(None, [f"data.eval_prompts_path={evals}", "ranking.kind=pairrm"])
     with pytest.raises(OnlineError, match="held-out prompt 'e0'.*no 'chosen'"):
         RoundPhases(cfg, RunPaths(tmp_path))
@@ -102,12 +109,11 @@ def test_pairrm_needs_anchored_heldout_rows_at_start(tmp_path):
     assert RoundPhases(cfg, RunPaths(tmp_path)).eval_rows[0]["prompt_id"] == "e0"
 
 
-def test_phase_plan(tmp_path):
-    evals = _write(tmp_path, [{"prompt_id": "e0", "prompt": "q", "answer": "1"}], "eval.jsonl")
+def test_phase_plan(tmp_path, write_jsonl):
+    evals = write_jsonl(tmp_path / "eval.jsonl",
+                        [{"prompt_id": "e0", "prompt": "q", "answer": "1"}])
     cfg = load_config(None, [f"data.eval_prompts_path={evals}", "ranking.kind=verifiable",
                              "online.rounds=2", f"model.hf_dir={tmp_path}"])
-    from selm_mcore.online import Manifest
-
     manifest = Manifest(tmp_path / "manifest.json", cfg.to_dict())
     names = [p.name for p in RoundPhases(cfg, RunPaths(tmp_path)).build(manifest)]
     assert names == ["round1/portion", "round1/generate", "round1/rank", "round1/refpass",
@@ -121,31 +127,31 @@ def test_phase_plan(tmp_path):
     assert "round1/refpass" not in names and not any(n.startswith("final/") for n in names)
 
 
-def _pair(chosen, rejected, y_ref):
-    user = {"role": "user", "content": "q"}
-    return {"chosen": [user, {"role": "assistant", "content": chosen}],
-            "rejected": [user, {"role": "assistant", "content": rejected}],
-            "reference_response": y_ref}
+def test_generation_inputs_carry_the_conversation_to_continue(preference_row):
+    row = preference_row("q0", "a0", "b0", prompt_id="p0")
+    row["chosen"] = [{"role": "system", "content": "Be brief."}] + row["chosen"]
+    assert generation_input(row, "eval::p0") == {"prompt_id": "eval::p0",
+                                                  "messages": row["chosen"][:-1]}
+    assert generation_input({"prompt": "Hi"}, "x")["messages"] == [{"role": "user",
+                                                                    "content": "Hi"}]
+    with pytest.raises(ValueError, match="prompt_id 'p9'"):
+        generation_input({"prompt_id": "p9"}, "p9")
 
 
-def test_pairs_with_an_empty_response_leave_training():
-    from selm_mcore.online import drop_empty_responses
-
-    pairs = [_pair("a", "b", "c"), _pair("a", "", "x"), _pair("a", "b", "  \n")]
-    stats = [{}, {}, {}]
-    assert drop_empty_responses(pairs, stats) == [pairs[0]]
-    assert [s["dropped_empty"] for s in stats] == [False, True, True]
-
-
-def test_heldout_scores_with_the_verifiable_ranker():
-    from selm_mcore.online import EVAL_ID_PREFIX, score_eval_responses
-    from selm_mcore.ranking import VerifiableAnswerRanker
-
-    rows = [{"prompt_id": "a", "prompt": "What is 2 + 2?", "answer": "4"},
-            {"prompt_id": "b", "prompt": "What is 3 + 3?", "answer": "6"}]
-    generations = {EVAL_ID_PREFIX + "a": ["2 + 2 = 4"], EVAL_ID_PREFIX + "b": ["It is 7."],
-                   "a": ["not a held-out response"]}
-    scored = score_eval_responses(VerifiableAnswerRanker(), rows, generations, "answer")
-    assert [r["prompt_id"] for r in scored] == ["a", "b"]
-    assert scored[0]["response"] == "2 + 2 = 4" and scored[0]["score"] > 1.0  # correct
-    assert scored[1]["score"] == 0.0                                         # wrong
+def test_megatron_command_plain_torchrun_and_multinode():
+    cfg = SelmConfig()
+    plain = megatron_command(cfg, "train", "c.yaml")
+    assert plain == selm_command("train", "c.yaml")
+    assert plain == [sys.executable, "-m", "selm_mcore.cli", "train", "c.yaml"]
+    cfg.online.nproc_per_node = 8
+    single = megatron_command(cfg, "refpass", "c.yaml")
+    assert single[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=8"]
+    assert "--standalone" in single
+    assert single[-4:] == ["-m", "selm_mcore.cli", "refpass", "c.yaml"]
+    cfg.online.nnodes = 4
+    cfg.online.rdzv_endpoint = "node0:29500"
+    cfg.online.launcher = "srun --nodes=4 --ntasks-per-node=1"
+    multi = megatron_command(cfg, "train", "c.yaml")
+    assert multi[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", sys.executable]
+    assert "--nnodes=4" in multi and "--rdzv-endpoint=node0:29500" in multi
+    assert "--standalone" not in multi

@@ -11,45 +11,35 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from selm_mcore.batches import collate_preferences
 from selm_mcore.config import load_config
-from selm_mcore.data import PreferenceDataset, collate_preferences
+from selm_mcore.dataset import PreferenceDataset
 from selm_mcore.refpass import (
     ReferenceLogps,
     StaleReferenceCacheError,
-    _shard_for_rank,
     load_reference_cache,
     reference_key,
+    shard_for_rank,
 )
 
-
-def _row(prompt, chosen, rejected, yref):
-    user = {"role": "user", "content": prompt}
-    return {"prompt": prompt, "chosen": [user, {"role": "assistant", "content": chosen}],
-            "rejected": [user, {"role": "assistant", "content": rejected}],
-            "reference_response": yref}
-
-
-ROWS = [_row("What is 2 plus 3?", "5.", "6.", "The answer is 5."),
-        _row("Name a color.", "Blue.", "Seven.", "Red."),
-        _row("Say hello.", "Hello!", "Bye.", "Hello there."),
-        _row("What is the sum of 4 and 4?", "8", "9", "It is 8.")]
+# (prompt, chosen, rejected, y_ref)
+PAIRS = [("What is 2 plus 3?", "5.", "6.", "The answer is 5."),
+         ("Name a color.", "Blue.", "Seven.", "Red."),
+         ("Say hello.", "Hello!", "Bye.", "Hello there."),
+         ("What is the sum of 4 and 4?", "8", "9", "It is 8.")]
 
 
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def rows_of(preference_row, pairs):
+    return [preference_row(p, c, r, reference_response=y) for p, c, r, y in pairs]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_llama_dir, write_jsonl, preference_row):
     from transformers import AutoTokenizer
 
-    from selm_mcore.assets import build_tiny_llama
-
     root = tmp_path_factory.mktemp("refpass")
-    model = root / "model"
-    build_tiny_llama(model)
-    pairs = write_rows(root / "pairs.jsonl", ROWS)
+    model = tiny_llama_dir  # read-only here: the stale-key cases change copies of it
+    pairs = write_jsonl(root / "pairs.jsonl", rows_of(preference_row, PAIRS))
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     dataset = PreferenceDataset.from_file(pairs, tokenizer, max_length=64, max_prompt_length=32)
     key = reference_key(dataset, model, max_length=64, max_prompt_length=32)
@@ -60,7 +50,8 @@ def setup(tmp_path_factory):
     cache = root / "ref_logps.safetensors"
     logps.save(cache, key)
     return SimpleNamespace(root=root, model=model, pairs=pairs, tokenizer=tokenizer,
-                           dataset=dataset, key=key, cache=cache)
+                           dataset=dataset, key=key, cache=cache, write_jsonl=write_jsonl,
+                           preference_row=preference_row)
 
 
 def test_cache_roundtrip_in_batch_order(setup):
@@ -74,9 +65,10 @@ def _stale_key(setup, what):
     if what == "data.max_length":
         return reference_key(setup.dataset, model, max_length=96, max_prompt_length=32)
     if what == "data rows":
-        rows = [dict(r) for r in ROWS]
-        rows[1] = _row("Name a color.", "Green.", "Seven.", "Red.")
-        dataset = PreferenceDataset.from_file(write_rows(root / "pairs2.jsonl", rows),
+        pairs = list(PAIRS)
+        pairs[1] = ("Name a color.", "Green.", "Seven.", "Red.")
+        rows = rows_of(setup.preference_row, pairs)
+        dataset = PreferenceDataset.from_file(setup.write_jsonl(root / "pairs2.jsonl", rows),
                                               setup.tokenizer, max_length=64,
                                               max_prompt_length=32)
         return reference_key(dataset, model, max_length=64, max_prompt_length=32)
@@ -142,7 +134,7 @@ def test_refpass_shards_cover_every_example_once(setup, num_examples, dp, micro)
     from dataclasses import replace
 
     dataset = PreferenceDataset([replace(e, index=i) for i, e in enumerate(examples)])
-    shards = [_shard_for_rank(dataset, SimpleNamespace(dp=dp, dp_rank=r), micro)
+    shards = [shard_for_rank(dataset, SimpleNamespace(dp=dp, dp_rank=r), micro)
               for r in range(dp)]
     owned = [o for _, o in shards]
     assert sorted(i for o in owned for i in o) == list(range(num_examples))  # disjoint, complete

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from selm_mcore.config import OptimConfig
-from selm_mcore.trainer import build_lr_scheduler, warmup_steps
+from selm_mcore.mcore.optim import build_lr_scheduler, warmup_steps
 
 HF_SCHEDULES = {
     "cosine": get_cosine_schedule_with_warmup,

@@ -9,30 +9,18 @@ import torch
 from transformers import LlamaConfig
 
 from selm_mcore.assets import build_tiny_llama
-from selm_mcore.model import UnsupportedModelError
-from selm_mcore.parallel import ParallelLayoutError
-from selm_mcore.weights import (
-    CheckpointError,
-    SafetensorsReader,
-    WeightsError,
-    _check_same_architecture,
-    hf_to_mcore,
-    mcore_to_hf,
-)
+from selm_mcore.mcore.checkpoint import CheckpointError
+from selm_mcore.mcore.convert import hf_to_mcore, mcore_to_hf
+from selm_mcore.mcore.model import UnsupportedModelError, load_hf_config
+from selm_mcore.mcore.parallel import ParallelLayoutError
+from selm_mcore.mcore.weights import SafetensorsReader, WeightsError, check_same_architecture
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    build_tiny_llama(folder)
-    return folder
-
-
-def test_missing_shard_file(tmp_path, tiny_dir):
+def test_missing_shard_file(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     sharded = tmp_path / "sharded"
-    AutoModelForCausalLM.from_pretrained(str(tiny_dir)).save_pretrained(str(sharded),
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).save_pretrained(str(sharded),
                                                                         max_shard_size="1MB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -61,10 +49,10 @@ def test_tp3_for_8_query_groups_refused(tmp_path):
         hf_to_mcore(tmp_path, tmp_path / "out", tp=3, pp=1)
 
 
-def test_missing_and_misshapen_tensors(tmp_path, tiny_dir):
+def test_missing_and_misshapen_tensors(tmp_path, tiny_llama_dir):
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    tensors = load_file(str(tiny_llama_dir / "model.safetensors"))
     del tensors["model.layers.2.mlp.up_proj.weight"]
     tensors["model.norm.weight"] = torch.ones(64)
     save_file(tensors, str(tmp_path / "model.safetensors"))
@@ -76,20 +64,18 @@ def test_missing_and_misshapen_tensors(tmp_path, tiny_dir):
         reader.read("model.norm.weight", (128,))
 
 
-def test_no_weights_and_other_architecture(tmp_path, tiny_dir):
+def test_no_weights_and_other_architecture(tmp_path, tiny_llama_dir):
     LlamaConfig(vocab_size=500, hidden_size=128, num_attention_heads=4).save_pretrained(
         str(tmp_path))
     with pytest.raises(WeightsError, match="no safetensors weights"):
         SafetensorsReader(tmp_path)
-    from selm_mcore.model import load_hf_config
-
     with pytest.raises(WeightsError, match="has hidden_size=128 but the model was built with "
                                            "hidden_size=256"):
-        config = load_hf_config(tiny_dir)
+        config = load_hf_config(tiny_llama_dir)
         config.hidden_size = 256
-        _check_same_architecture(config, tiny_dir)
+        check_same_architecture(config, tiny_llama_dir)
 
 
-def test_hf_folder_is_not_a_checkpoint(tmp_path, tiny_dir):
+def test_hf_folder_is_not_a_checkpoint(tmp_path, tiny_llama_dir):
     with pytest.raises(CheckpointError, match="selm_checkpoint.json not found.*hf_to_mcore"):
-        mcore_to_hf(tiny_dir, tmp_path / "out")
+        mcore_to_hf(tiny_llama_dir, tmp_path / "out")

@@ -1,4 +1,4 @@
-"""HF <-> Megatron tensor layouts of selm_mcore.weights, single process, against references
+"""HF <-> Megatron tensor layouts of selm_mcore.mcore.weights, single process, against references
 written out here with explicit per-head loops: QKV interleaved per query group, fc1 = [gate;
 up] per TP shard, row-parallel columns, padded vocabulary rows; export re-joins them exactly;
 the streaming safetensors writer produces files safetensors and the reader read back."""
@@ -9,15 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from selm_mcore.model import padded_vocab_size
-from selm_mcore.weights import (
+from selm_mcore.mcore.model import padded_vocab_size
+from selm_mcore.mcore.weights import (
     HF_INDEX_FILE,
     SafetensorsReader,
     StreamingSafetensorsWriter,
-    read_local_shard,
-    _split_full,
     export_plan,
     param_table,
+    read_local_shard,
+    split_full,
 )
 
 CONFIG = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -78,7 +78,7 @@ def test_shards_match_reference_and_rejoin_exactly(hf_tensors, tp):
         for rank, shard in enumerate(shards):
             assert torch.equal(shard, reference_shard(spec, tensors, tp, rank, padded)), \
                 (spec.part, rank)
-        for name, full in zip(spec.hf_names, _split_full(spec, shards, CONFIG)):
+        for name, full in zip(spec.hf_names, split_full(spec, shards, CONFIG)):
             assert torch.equal(full, tensors[name]), name
 
 

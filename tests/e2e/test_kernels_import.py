@@ -1,14 +1,17 @@
-"""The folder kernels/ is importable only as ``selm_mcore.kernels``.
+"""The folder kernels/ is importable only as ``selm_mcore.kernels``, also in child processes.
 
 A top-level package named ``kernels`` would collide with the PyPI package ``kernels`` that
 transformers probes for (it would then try to load hub kernels). Checked from a process
-started outside the repository, as an installed user would run it.
+started outside the repository, as an installed user would run it, and from a phase child that
+``selm run`` starts in the repository root. (The pytest process itself: tests/unit/test_layout.py.)
 """
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from selm_mcore.runner import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,19 +39,10 @@ def test_kernels_folder_is_selm_mcore_kernels_only():
     assert probe["transformers_kernels_available"] is False
 
 
-def test_in_process_kernels_resolve_to_repo_folder():
-    import selm_mcore.kernels
-
-    assert Path(selm_mcore.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
-    assert str(REPO) not in [str(Path(p).resolve()) for p in sys.path if p]
-
-
 def test_phase_children_started_from_the_repo_root_cannot_import_top_level_kernels(
         tmp_path, monkeypatch):
     """`selm run` starts its phases with `python -m ...`, which would put the working directory
     on sys.path; from the repository root that would expose kernels/ as a top-level package."""
-    from selm_mcore.online import run_command
-
     monkeypatch.chdir(REPO)
     probe = ("import importlib.util, sys; import selm_mcore.kernels; "
              "sys.exit(3 if importlib.util.find_spec('kernels') else 0)")

@@ -1,10 +1,11 @@
-"""selm_mcore.parallel.run_local_ranks (behind tests/dist/launch.py): torchrun's environment per
-rank, every rank's stderr on failure, and a hard timeout that kills all ranks."""
+"""selm_mcore.launch.run_local_ranks (behind tests/dist/launch.py): torchrun's environment per
+rank, every rank's stderr on failure, a hard timeout that kills all ranks, and helpers a killed
+rank leaves behind."""
 import json
 
 import pytest
 
-from selm_mcore.parallel import LaunchError, run_local_ranks
+from selm_mcore.launch import LaunchError, free_port, run_local_ranks
 
 ENV_PROBE = ("import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', "
              "'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS', "
@@ -66,3 +67,12 @@ def test_helpers_left_by_a_killed_rank_are_cleared(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"helper process {helper_pid} left running after its rank was killed")
+
+
+def test_free_port_can_be_bound():
+    import socket
+
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
+    assert 0 < port < 65536

@@ -1,0 +1,89 @@
+"""Fixtures shared by every test folder (unit, kernels, dist, e2e).
+
+* ``tiny_llama_dir``: one tiny random Llama HF folder (``selm_mcore.assets.build_tiny_llama``
+  with its defaults: 4 layers, hidden 128, head_dim 32, untied, seed 0, the tiny ChatML
+  tokenizer), built once per session. Treat it as read-only: a test that changes files copies
+  it first; a test that needs another config builds its own.
+* ``tiny_tokenizer_dir`` / ``tiny_tokenizer``: the tiny ChatML tokenizer alone (session).
+* ``write_jsonl(path, rows) -> path``: one ``json.dumps`` line per row (ASCII escapes, so a
+  lone surrogate in a string is written as ``\\ud800`` and reaches the reader as such).
+* ``write_config(path, **sections) -> path``: a YAML config file, e.g.
+  ``write_config(p, model={"hf_dir": str(d)}, train={"global_batch_size": 2})``.
+* ``preference_row(prompt, chosen, rejected, **extra) -> dict``: one row in the
+  UltraFeedback-binarized schema (one user turn, then the assistant's answer).
+
+Helpers are fixtures returning callables because test modules are imported with
+``--import-mode=importlib`` (pytest.ini): a conftest cannot be imported from a test module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from selm_mcore.assets import build_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny_llama(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from selm_mcore.assets import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+def _write_jsonl(path, rows) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _write_config(path, **sections) -> Path:
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def _preference_row(prompt: str, chosen: str, rejected: str, **extra) -> dict:
+    user = {"role": "user", "content": prompt}
+    return {"prompt": prompt,
+            "chosen": [user, {"role": "assistant", "content": chosen}],
+            "rejected": [user, {"role": "assistant", "content": rejected}], **extra}
+
+
+@pytest.fixture(scope="session")
+def write_jsonl():
+    return _write_jsonl
+
+
+@pytest.fixture(scope="session")
+def write_config():
+    return _write_config
+
+
+@pytest.fixture(scope="session")
+def preference_row():
+    return _preference_row

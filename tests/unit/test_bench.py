@@ -1,0 +1,63 @@
+"""The benchmark helpers that need no process: tables, median summaries, phase times read from
+an online manifest, and the benchmark pairs (what the peer reads is what our pipeline trains on).
+
+The benchmarks themselves run in tests/e2e/test_bench_smoke.py; their FLOP formula is tested in
+test_metrics.py. No timing is asserted anywhere: these check what the numbers mean.
+"""
+
+import json
+
+import pytest
+
+from selm_mcore.bench.common import format_table, median_summary
+from selm_mcore.bench.pairs import write_benchmark_pairs
+from selm_mcore.bench.phases import phase_times
+from selm_mcore.dataset import PreferenceDataset
+from selm_mcore.runner import Manifest
+
+
+def test_phase_times_read_the_online_manifest(tmp_path):
+    manifest = Manifest(tmp_path / "manifest.json", {"online": {"rounds": 1}})
+    for name, seconds in [("round1/export", 1.5), ("round1/generate", 10.0),
+                          ("round1/rank", 2.0), ("round1/refpass", 3.0), ("round1/train", 20.0),
+                          ("final/generate", 4.0)]:
+        manifest.record(name, name.replace("/", "_"), "0" * 64, seconds)
+    rows = {r["round"]: r for r in phase_times(tmp_path)}
+    assert rows["round1"]["generate"] == 10.0 and rows["round1"]["train"] == 20.0
+    assert rows["round1"]["total"] == pytest.approx(36.5)
+    assert rows["final"] == {"round": "final", "generate": 4.0, "total": 4.0}
+    json.dumps(rows)  # the JSON output must serialise
+
+
+def test_median_summary_and_table():
+    summary = median_summary([{"a": 1.0}, {"a": 5.0}, {"a": 2.0}, {"a": None}], ["a"])
+    assert summary["a"] == 2.0 and summary["a_all"] == [1.0, 5.0, 2.0]
+    table = format_table([{"name": "ours", "x": 1234.5}, {"name": "trl", "x": None}],
+                         [("name", "impl", ""), ("x", "tok/s", ".0f")])
+    lines = table.splitlines()
+    assert lines[0].split() == ["impl", "tok/s"]
+    assert lines[2].split() == ["ours", "1234"] and lines[3].split() == ["trl", "-"]
+
+
+def test_benchmark_pairs_carry_the_pipelines_token_ids(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    path = tmp_path / "pairs.jsonl"
+    write_benchmark_pairs(path, tokenizer, num_pairs=6, prompt_tokens=40, chosen_tokens=30,
+                          rejected_tokens=20, yref_tokens=25)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    dataset = PreferenceDataset.from_file(path, tokenizer, max_length=1024,
+                                          max_prompt_length=512)
+    assert dataset.has_yref and len(dataset) == 6
+    for row, example in zip(rows, dataset.examples):
+        # What the peer reads is exactly what our pipeline trains on.
+        assert row["prompt_ids"] == list(example.prompt_ids)
+        assert row["chosen_ids"] == list(example.chosen_ids)
+        assert row["rejected_ids"] == list(example.rejected_ids)
+        assert row["chosen_ids"][-1] == tokenizer.eos_token_id
+        # Lengths land near the targets (random word tokens re-encode to ~one token each).
+        assert abs(len(example.prompt_ids) - 40) <= 3
+        assert abs(len(example.chosen_ids) - 30) <= 3
+        assert abs(len(example.rejected_ids) - 20) <= 3
+        assert abs(len(example.yref_ids) - 25) <= 3

@@ -1,0 +1,217 @@
+"""selm_mcore.dataset: chat template, tokenisation, truncation, hashing, the tokenised dataset.
+
+Token ids are checked against tokenising by hand with the tiny ChatML tokenizer (a real
+PreTrainedTokenizerFast, built offline), not against dataset.py's own helpers. ``sample_rows``
+(tests/unit/conftest.py): two single-turn rows and a multi-turn row with a system turn, all with
+y_ref.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+
+from selm_mcore.batches import collate_preferences
+from selm_mcore.config import DataConfig, ModelConfig
+from selm_mcore.data import read_rows
+from selm_mcore.dataset import (
+    PreferenceDataset,
+    content_hash,
+    encode_prompt,
+    encode_response,
+    load_preferences,
+    load_tokenizer,
+    pad_token_id,
+    render_prompt,
+    row_hash,
+    tokenize_row,
+    truncate,
+)
+
+
+def chatml(messages):
+    """The tiny tokenizer's template, written out by hand."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + "<|im_start|>assistant\n"
+
+
+@pytest.fixture
+def dataset(tmp_path, write_jsonl, sample_rows, tiny_tokenizer):
+    rows = read_rows(write_jsonl(tmp_path / "d.jsonl", sample_rows)).rows
+    return PreferenceDataset.from_rows(rows, tiny_tokenizer, max_length=256,
+                                       max_prompt_length=128)
+
+
+# --- tokenisation -----------------------------------------------------------------------------
+
+
+def test_tokens_and_labels_match_hand_tokenisation(dataset, sample_rows, tiny_tokenizer):
+    tokenizer = tiny_tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for record, example in zip(sample_rows, dataset.examples, strict=True):
+        history = record["chosen"][:-1]
+        assert list(example.prompt_ids) == tokenizer(chatml(history),
+                                                     add_special_tokens=False)["input_ids"]
+        # the template writes no BOS of its own: exactly one <|im_start|> per turn
+        assert example.prompt_ids.count(tokenizer.bos_token_id) == len(history) + 1
+        for content, ids in ((record["chosen"][-1]["content"], example.chosen_ids),
+                             (record["rejected"][-1]["content"], example.rejected_ids),
+                             (record["reference_response"], example.yref_ids)):
+            assert list(ids) == tokenizer(content, add_special_tokens=False)["input_ids"] + [eos]
+
+    batch = collate_preferences(dataset.examples, pad_id=tokenizer.pad_token_id)
+    responses = [e.chosen_ids for e in dataset.examples] + \
+        [e.rejected_ids for e in dataset.examples] + [e.yref_ids for e in dataset.examples]
+    contents = [r["chosen"][-1]["content"] for r in sample_rows] + \
+        [r["rejected"][-1]["content"] for r in sample_rows] + \
+        [r["reference_response"] for r in sample_rows]
+    for i, (ids, content) in enumerate(zip(responses, contents, strict=True)):
+        mask = batch.loss_mask[i].bool()
+        # the labelled positions are exactly the response (and EOS), nothing of the prompt
+        assert batch.labels[i][mask].tolist() == list(ids)
+        assert tokenizer.decode(batch.labels[i][mask]) == content + "<|im_end|>"
+        prompt_len = len(dataset.examples[i % 3].prompt_ids)
+        assert batch.tokens[i, :prompt_len].tolist() == list(dataset.examples[i % 3].prompt_ids)
+        assert mask.nonzero()[0].item() == prompt_len - 1
+
+
+def test_prompt_and_response_encoders(sample_rows, tiny_tokenizer):
+    """The helpers generation shares with training: templated text, its ids, response + EOS."""
+    history = sample_rows[2]["chosen"][:-1]
+    assert render_prompt(tiny_tokenizer, history) == chatml(history)
+    assert encode_prompt(tiny_tokenizer, history) == tiny_tokenizer(
+        chatml(history), add_special_tokens=False)["input_ids"]
+    assert encode_response(tiny_tokenizer, "It is 5.") == tiny_tokenizer(
+        "It is 5.", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+
+
+def test_tokenizer_loading_and_pad_id(tiny_tokenizer_dir, tiny_tokenizer):
+    tokenizer = load_tokenizer(ModelConfig(), tiny_tokenizer_dir)
+    assert tokenizer("What is 2 plus 3?")["input_ids"] == \
+        tiny_tokenizer("What is 2 plus 3?")["input_ids"]
+    assert pad_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    no_pad = type("NoPad", (), {"pad_token_id": None, "eos_token_id": 7})()
+    assert pad_token_id(no_pad) == 7  # padding is never a label: EOS serves
+    with pytest.raises(ValueError, match="neither pad_token_id nor eos_token_id"):
+        pad_token_id(type("Bare", (), {"pad_token_id": None, "eos_token_id": None})())
+
+
+def test_prompt_only_row_cannot_be_tokenised(tmp_path, write_jsonl, tiny_tokenizer):
+    row = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi there."}])).rows[0]
+    with pytest.raises(ValueError, match="prompt-only row cannot be tokenised"):
+        tokenize_row(row, tiny_tokenizer, index=0, max_length=64, max_prompt_length=32)
+
+
+def test_parquet_and_jsonl_give_identical_tokens(tmp_path, write_jsonl, sample_rows,
+                                                 tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # one row lacks prompt_id: Parquet stores a null there
+    rows = [sample_rows[0], {k: v for k, v in sample_rows[1].items() if k != "prompt_id"},
+            sample_rows[2]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    datasets = {fmt: PreferenceDataset.from_file(tmp_path / f"d.{fmt}", tiny_tokenizer,
+                                                 max_length=64, max_prompt_length=32)
+                for fmt in ("jsonl", "parquet")}
+    assert datasets["jsonl"].examples == datasets["parquet"].examples
+    assert datasets["jsonl"].content_hash() == datasets["parquet"].content_hash()
+
+
+# --- truncation -------------------------------------------------------------------------------
+
+
+def test_truncate_rules():
+    prompt = list(range(100, 180))  # 80 tokens
+    short, long_ = list(range(10)), list(range(50))
+    # fits: untouched
+    assert truncate(prompt[:20], [short, short], 64, 32) == (prompt[:20], [short, short], False,
+                                                             False)
+    # long prompt, short responses: keep the prompt's END only
+    p, r, pc, rc = truncate(prompt, [short, short[:5]], 64, 32)
+    assert p == prompt[-32:] and r == [short, short[:5]] and (pc, rc) == (True, False)
+    # long prompt and long response: both cut, every response to max_length - max_prompt_length
+    p, r, pc, rc = truncate(prompt, [long_, short], 64, 32)
+    assert p == prompt[-32:] and r == [long_[:32], short] and (pc, rc) == (True, True)
+    # short prompt, long response: the prompt stays, responses cut to 32 (as the reference does)
+    p, r, pc, rc = truncate(prompt[:20], [short, long_], 64, 32)
+    assert p == prompt[:20] and r == [short, long_[:32]] and (pc, rc) == (False, True)
+    # a long y_ref (third response) counts in "longest"
+    p, r, pc, rc = truncate(prompt[:40], [short, short, long_], 64, 32)
+    assert p == prompt[8:40] and r == [short, short, long_[:32]] and (pc, rc) == (True, True)
+
+
+def test_truncation_counts_and_keep_end_on_real_rows(tmp_path, write_jsonl, preference_row,
+                                                     tiny_tokenizer, caplog):
+    tokenizer = tiny_tokenizer
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    long_answer = "the answer is " * 30
+    rows = [
+        preference_row("Short?", "Yes.", "No."),
+        preference_row(long_prompt, "Yes.", "No."),                 # prompt cut
+        preference_row(long_prompt, long_answer, "No."),            # prompt and responses cut
+        preference_row("Short?", "Yes.", long_answer),              # responses cut only
+    ]
+    loaded = read_rows(write_jsonl(tmp_path / "d.jsonl", rows)).rows
+    with caplog.at_level(logging.INFO, logger="selm_mcore.dataset"):
+        dataset = PreferenceDataset.from_rows(loaded, tokenizer, max_length=64,
+                                              max_prompt_length=32)
+    assert (dataset.stats.prompt_truncated, dataset.stats.response_truncated) == (2, 2)
+    assert "2 prompts truncated" in caplog.text and "2 examples with responses cut to 32" in \
+        caplog.text
+    full_prompt = tokenizer(chatml([{"role": "user", "content": long_prompt}]),
+                            add_special_tokens=False)["input_ids"]
+    assert len(full_prompt) > 32
+    assert list(dataset[1].prompt_ids) == full_prompt[-32:]  # ends with the generation prompt
+    assert tokenizer.decode(dataset[1].prompt_ids).endswith("<|im_start|>assistant\n")
+    full_answer = tokenizer(long_answer, add_special_tokens=False)["input_ids"]
+    assert list(dataset[2].chosen_ids) == full_answer[:32]  # EOS cut off, as in the reference
+    assert list(dataset[3].rejected_ids) == full_answer[:32]
+    assert len(dataset[3].prompt_ids) < 32 and not dataset[3].prompt_truncated
+    assert dataset.max_sequence_length() <= 64
+    assert not dataset[0].prompt_truncated and not dataset[0].response_truncated
+
+
+# --- hashing and the dataset ------------------------------------------------------------------
+
+
+def test_row_and_content_hash(tmp_path, write_jsonl, sample_rows, tiny_tokenizer, dataset):
+    rows = read_rows(write_jsonl(tmp_path / "again.jsonl", sample_rows)).rows
+    again = PreferenceDataset.from_rows(rows, tiny_tokenizer, max_length=256,
+                                        max_prompt_length=128)
+    assert dataset.content_hash() == again.content_hash() and len(dataset.content_hash()) == 64
+    example = dataset[0]
+    changed = replace(example, chosen_ids=example.chosen_ids[:-1] + (7,))
+    no_yref = replace(example, yref_ids=None)
+    assert len({row_hash(example), row_hash(changed), row_hash(no_yref)}) == 3
+    # moving a token from the prompt to a response changes the hash (lengths are hashed)
+    moved = replace(example, prompt_ids=example.prompt_ids[:-1],
+                    chosen_ids=example.prompt_ids[-1:] + example.chosen_ids)
+    assert row_hash(moved) != row_hash(example)
+    assert content_hash(dataset.examples[::-1]) != dataset.content_hash()
+    cut = PreferenceDataset.from_rows(rows, tiny_tokenizer, max_length=24, max_prompt_length=12)
+    assert cut.content_hash() != dataset.content_hash()
+
+
+def test_dataset_refuses_bad_indices_and_mixed_yref(dataset):
+    examples = dataset.examples
+    with pytest.raises(ValueError, match="example 0 has index 1"):
+        PreferenceDataset([examples[1]])
+    with pytest.raises(ValueError, match="some examples have y_ref and others do not"):
+        PreferenceDataset([examples[0], replace(examples[1], yref_ids=None)])
+
+
+def test_load_preferences_follows_the_data_config(tmp_path, write_jsonl, sample_rows,
+                                                  tiny_tokenizer, dataset):
+    path = write_jsonl(tmp_path / "train.jsonl", sample_rows)
+    loaded = load_preferences(DataConfig(train_path=str(path), max_length=256,
+                                         max_prompt_length=128), tiny_tokenizer)
+    assert loaded.examples == dataset.examples and loaded.has_yref
+    short = load_preferences(DataConfig(train_path=str(path), max_length=24,
+                                        max_prompt_length=12), tiny_tokenizer)
+    assert short.max_sequence_length() <= 24 and short.stats.prompt_truncated > 0
+    with pytest.raises(ValueError, match="data.train_path is empty"):
+        load_preferences(DataConfig(train_path=""), tiny_tokenizer)
