@@ -19,9 +19,16 @@ Helpers are fixtures returning callables because test modules are imported with
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+
+# Helper modules several test folders import by name (e.g. ``payloads``); dist workers get the
+# same folder from tests/dist/launch.py.
+SUPPORT_DIR = str(Path(__file__).resolve().parent / "support")
+if SUPPORT_DIR not in sys.path:
+    sys.path.insert(0, SUPPORT_DIR)
 
 
 @pytest.fixture(scope="session")

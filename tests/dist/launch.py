@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,6 +44,9 @@ __all__ = ["run_distributed", "emit", "results", "LaunchError", "REPO_ROOT", "DI
 
 DIST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DIST_DIR.parents[1]
+# Worker scripts import the shared test helpers of tests/support by name (e.g. ``payloads``).
+if str(DIST_DIR.parent / "support") not in sys.path:
+    sys.path.insert(0, str(DIST_DIR.parent / "support"))
 _MARK = "@@selm-result@@ "
 
 OFFLINE_ENV = {

@@ -13,9 +13,7 @@ The metadata reader alone, in the pytest process: tests/unit/test_safe_load.py.
 """
 
 import json
-import os
 import pickle
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -23,26 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# This file is also run as a worker script: the shared payload lives in tests/support.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from payloads import FORBIDDEN, TouchOnUnpickle, write_pickle  # noqa: E402
+
 WORKER_TIMEOUT_S = 300
-
-
-class TouchOnUnpickle:
-    """Unpickling this runs ``touch PATH`` through os.system: the payload of every test here."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(self.path)}",)
-
-
-FORBIDDEN = f"{os.system.__module__}.system"  # posix.system on Linux
-
-
-def write_pickle(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(obj))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,32 +7,9 @@ folder. Real Megatron checkpoints (model and optimizer) saved, loaded and tamper
 tests/dist/test_safe_load_checkpoint.py.
 """
 
-import os
-import pickle
-import shlex
-from pathlib import Path
-
 import pytest
 import torch
-
-
-class TouchOnUnpickle:
-    """Unpickling this runs ``touch PATH`` through os.system: the payload of every test here."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(self.path)}",)
-
-
-FORBIDDEN = f"{os.system.__module__}.system"  # posix.system on Linux
-
-
-def write_pickle(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(obj))
-    return path
+from payloads import FORBIDDEN, TouchOnUnpickle, write_pickle
 
 
 # --- in this process --------------------------------------------------------------------------
