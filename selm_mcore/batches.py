@@ -55,6 +55,10 @@ class PreferenceBatch:
             loss_mask=self.loss_mask.to(device), position_ids=self.position_ids.to(device),
             example_indices=self.example_indices.to(device), has_yref=self.has_yref)
 
+    def response_lengths(self) -> torch.Tensor:
+        """[N] response tokens of each sequence (the labels each sequence sums)."""
+        return self.loss_mask.sum(-1)
+
     def split(self, per_sequence: torch.Tensor):
         """Split a per-sequence tensor [N, ...] into (chosen, rejected, yref or None), each [B]."""
         b = self.num_examples

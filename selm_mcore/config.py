@@ -78,11 +78,28 @@ class DataConfig:
     pad_to_max_length: bool = False
     # Shuffle the epoch order (seeded by train.seed); false = file order.
     shuffle: bool = True
+    # How the sequences of a micro-batch are laid out (selm_mcore.packing):
+    #   shared_prompt  each pair's prompt once, then its 2-3 responses, pairs packed into rows
+    #                  of pack_tokens (the fastest: no padding, no repeated prompt, LM head on
+    #                  response positions only)
+    #   pack           every sequence packed into rows of pack_tokens (no padding)
+    #   none           one right-padded row per sequence, train.micro_batch_size pairs per
+    #                  micro-batch (the plain layout)
+    packing: str = "shared_prompt"
+    # Tokens per packed micro-batch; 0 = the longest packed pair of the round's data (rounded
+    # up to pad_to_multiple_of), so every pair fits and no budget is wasted.
+    pack_tokens: int = 0
+    # Tokens per packed micro-batch of the forward-only reference pass; 0 = 2 * pack_tokens.
+    refpass_pack_tokens: int = 0
 
     def validate(self) -> None:
+        _choice("data.packing", self.packing, ("shared_prompt", "pack", "none"))
         for key in ("max_length", "max_prompt_length", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+        for key in ("pack_tokens", "refpass_pack_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 0 (0 = automatic)")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"data.max_prompt_length={self.max_prompt_length} must be < "
@@ -338,12 +355,14 @@ class SelmConfig:
                     f"{model_parallel}; change online.nproc_per_node / online.nnodes or the "
                     "layout")
             dp = world_size // model_parallel
-            if self.train.global_batch_size % (dp * self.train.micro_batch_size):
+            # Packed micro-batches hold as many pairs as fit: only none splits by micro_batch_size.
+            micro = self.train.micro_batch_size if self.data.packing == "none" else 1
+            if self.train.global_batch_size % (dp * micro):
                 raise ConfigError(
                     f"train.global_batch_size={self.train.global_batch_size} must be a multiple "
                     f"of the data-parallel size {dp} (= {world_size} processes / tp*pp "
-                    f"{model_parallel}) times train.micro_batch_size="
-                    f"{self.train.micro_batch_size}")
+                    f"{model_parallel})"
+                    + (f" times train.micro_batch_size={micro}" if micro > 1 else ""))
         return self
 
     def start_model(self) -> Path:

@@ -216,6 +216,18 @@ class PreferenceDataset:
     def content_hash(self) -> str:
         return content_hash(self.examples)
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Refuse token ids outside the model's vocabulary (a tokenizer that does not belong to
+        the model): checked once here instead of on every micro-batch."""
+        for example in self.examples:
+            for ids in (example.prompt_ids, *example.responses):
+                if ids and (max(ids) >= vocab_size or min(ids) < 0):
+                    bad = max(ids) if max(ids) >= vocab_size else min(ids)
+                    raise ValueError(
+                        f"example {example.index} holds token id {bad}, outside the model's "
+                        f"vocabulary [0, {vocab_size}): the tokenizer does not belong to the "
+                        "model; use the model folder's own tokenizer")
+
     def max_sequence_length(self) -> int:
         return max(len(e.prompt_ids) + max(map(len, e.responses)) for e in self.examples)
 

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -49,7 +49,9 @@ _LINE_FIELDS = (
     ("rewards/margins", "margin {:.4g}"),
     ("grad_norm", "gnorm {:.4g}"),
     ("lr", "lr {:.3e}"),
+    ("pairs_per_s", "{:.3g} pairs/s"),
     ("tokens_per_s", "{:.0f} tok/s"),
+    ("packing_efficiency", "pack {:.2f}"),
     ("step_time_s", "{:.2f} s/step"),
     ("mfu", "MFU {:.3f}"),
     ("memory_gib", "mem {:.2f} GiB"),
@@ -207,6 +209,23 @@ def forward_flops(shape: ModelShape, seq_lens: Iterable[int], *, causal: bool = 
     else:
         attention = sum(4 * shape.num_layers * shape.query_dim * s * s for s in seq_lens)
     return float(dense + attention)
+
+
+def packed_forward_flops(shape: ModelShape, segments: Iterable[Sequence[int]],
+                         num_head_positions: int) -> float:
+    """FLOPs of one forward over a packed layout (``selm_mcore.packing`` segments rows: row,
+    start, prompt_len, r1, r2, r3): every fed token through the layers once, the LM head on the
+    head positions only, and attention as the groups attend (the prompt causally; each response
+    over the prompt and causally over itself). Counted as ``forward_flops`` counts."""
+    tokens = attended = 0
+    for _, _, prompt, *responses in segments:
+        tokens += prompt + sum(responses)
+        attended += prompt * (prompt + 1) // 2
+        attended += sum(r * prompt + r * (r + 1) // 2 for r in responses)
+    head = shape.hidden_size * shape.vocab_size
+    layers = shape.matmul_params() - head
+    return float(2 * layers * tokens + 2 * head * num_head_positions
+                 + 4 * shape.num_layers * shape.query_dim * attended)
 
 
 def training_flops(shape: ModelShape, seq_lens: Iterable[int], *, reference_forward: bool,

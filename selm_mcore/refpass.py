@@ -43,8 +43,14 @@ from selm_mcore.batches import PreferenceBatch
 from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
 from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
 from selm_mcore.files import atomic_open, hash_path
+from selm_mcore.packing import pack_budget
 from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
-from selm_mcore.mcore.forward import collate_micro_batches, forward_only_logps, longest_sequence
+from selm_mcore.mcore.forward import (
+    collate_micro_batches,
+    forward_only_logps,
+    longest_sequence,
+    pack_micro_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -243,26 +249,48 @@ def shard_for_rank(dataset: PreferenceDataset, ctx,
 
 def compute_reference_logps(models: list, ctx, dataset: PreferenceDataset, *, pad_id: int,
                             micro_batch_size: int, pad_to_multiple_of: int,
-                            seq_length: int | None = None,
+                            seq_length: int | None = None, pack_tokens: int = 0,
+                            shared_prompt: bool = False,
                             progress: bool = True) -> ReferenceLogps:
-    """Reference log-probs of every example of ``dataset``, identical on every rank."""
+    """Reference log-probs of every example of ``dataset``, identical on every rank.
+
+    ``pack_tokens > 0`` packs this rank's examples first-fit-decreasing into rows of that many
+    tokens (``selm_mcore.packing``; ``shared_prompt`` as data.packing), else micro-batches of
+    ``micro_batch_size`` right-padded examples.
+    """
     vocab_size = models[0].true_vocab_size
     sequences_per_example = 3 if dataset.has_yref else 2
     groups, owned = shard_for_rank(dataset, ctx, micro_batch_size)
-    # Every rank of the world runs the same number of calls (pipelines stay in lock step).
+    if pack_tokens:
+        # Rows of one fixed shape: a call can hold many micro-batches (a small pipeline bubble).
+        groups = [sorted(owned)] if owned else []
+        per_call = REFPASS_MICROBATCHES_PER_CALL * ctx.pp
+    else:
+        per_call = REFPASS_MICROBATCHES_PER_CALL
     values = torch.zeros(len(dataset), sequences_per_example, dtype=torch.float64)
     counts = torch.zeros(len(dataset), dtype=torch.float64)
+
+    def micro_batch_calls():
+        if not pack_tokens:
+            for start in range(0, len(groups), per_call):
+                yield collate_micro_batches(dataset, groups[start:start + per_call],
+                                            pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of,
+                                            seq_length=seq_length, device=ctx.device)
+            return
+        packed = pack_micro_batches(
+            dataset, groups[0] if groups else [], budget=pack_tokens, shared_prompt=shared_prompt,
+            pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of, fixed_length=ctx.pp > 1,
+            num_microbatches_multiple=ctx.pp if ctx.vpp else 1, device=ctx.device)
+        for start in range(0, len(packed), per_call):
+            yield packed[start:start + per_call]
+
     bar = None
     if progress and ctx.rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(groups), desc="refpass", unit="micro-batch", mininterval=1.0)
+        bar = tqdm(total=len(owned), desc="refpass", unit="pair", mininterval=1.0)
     writer = ctx.is_last_stage and ctx.tp_rank == 0
-    for start in range(0, len(groups), REFPASS_MICROBATCHES_PER_CALL):
-        call_groups = groups[start:start + REFPASS_MICROBATCHES_PER_CALL]
-        micro_batches = collate_micro_batches(dataset, call_groups, pad_id=pad_id,
-                                              pad_to_multiple_of=pad_to_multiple_of,
-                                              seq_length=seq_length, device=ctx.device)
+    for micro_batches in micro_batch_calls():
         logps = forward_only_logps(models, ctx, micro_batches, vocab_size)
         if writer:
             for micro_batch, seq in zip(micro_batches, logps):
@@ -272,7 +300,8 @@ def compute_reference_logps(models: list, ctx, dataset: PreferenceDataset, *, pa
                         values[i] = per_example[row]
                         counts[i] = 1.0
         if bar is not None:
-            bar.update(len(call_groups))
+            bar.update(len({i for mb in micro_batches
+                            for i in mb.batch.example_indices.tolist()} & owned))
     if bar is not None:
         bar.close()
     # Each example was written by exactly one rank (last stage, TP rank 0 of one DP replica):
@@ -307,13 +336,16 @@ def run_refpass(cfg: SelmConfig) -> Path:
         dataset = load_preferences(cfg.data, tokenizer)
         key = reference_key(dataset, source, max_length=cfg.data.max_length,
                             max_prompt_length=cfg.data.max_prompt_length)
-        models = load_frozen_policy(source, ctx, cfg.model)
+        pack_tokens = pack_budget(cfg.data, dataset.examples, refpass=True)
+        models = load_frozen_policy(source, ctx, cfg.model, packed=pack_tokens > 0)
+        dataset.check_token_ids(models[0].true_vocab_size)
         micro_batch_size = cfg.train.refpass_micro_batch_size or cfg.train.micro_batch_size
         start = time.perf_counter()
         logps = compute_reference_logps(
             models, ctx, dataset, pad_id=pad_token_id(tokenizer),
             micro_batch_size=micro_batch_size, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-            seq_length=cfg.data.seq_length())
+            seq_length=cfg.data.seq_length(), pack_tokens=pack_tokens,
+            shared_prompt=cfg.data.packing == "shared_prompt")
         elapsed = time.perf_counter() - start
         path = cfg.train.ref_cache_path()
         if ctx.rank == 0:

@@ -63,6 +63,7 @@ from selm_mcore.mcore.forward import (
     MicroBatch,
     collate_micro_batches,
     forward_only_logps,
+    pack_micro_batches,
     run_micro_batches,
     sequence_logps,
 )
@@ -71,8 +72,10 @@ from selm_mcore.metrics import (
     StepMetricsWriter,
     device_peak,
     forward_flops,
+    packed_forward_flops,
     peak_memory_gib,
 )
+from selm_mcore.packing import pack_budget
 from selm_mcore.refpass import ReferenceLogps, load_reference_cache, reference_key
 
 logger = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ SUMMED_METRICS = (
     "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected",
     "logps/pi_response", "logps/ref_response",
 )
-COUNTS = ("num_examples", "num_tokens", "model_flops")
+COUNTS = ("num_examples", "num_tokens", "num_computed", "num_response_tokens", "model_flops")
 
 
 # --- the loss of one micro-batch and the step's metrics ----------------------------------------
@@ -100,19 +103,28 @@ def selm_step_loss(micro_batch: MicroBatch, logits: torch.Tensor, *, cfg: SelmCo
     policy_chosen, policy_rejected, policy_yref = batch.split(
         sequence_logps(logits, batch, tp_group=tp_group, vocab_size=vocab_size))
     ref_chosen, ref_rejected, ref_yref = batch.split(micro_batch.ref_logps.to(logits.device))
-    chosen_tokens, rejected_tokens, _ = batch.split(batch.loss_mask.sum(-1))
+    response_lengths = batch.response_lengths().to(logits.device)
+    chosen_tokens, rejected_tokens, _ = batch.split(response_lengths)
     loss, metrics = selm_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, policy_yref, ref_yref,
         beta=cfg.loss.beta, alpha=cfg.loss.alpha, loss_type=cfg.loss.loss_type,
         sft_weight=cfg.loss.sft_weight, chosen_num_tokens=chosen_tokens,
         rejected_num_tokens=rejected_tokens)
-    # Policy forward + backward = 3 forwards over the real (unpadded) sequences.
-    flops = 3.0 * forward_flops(shape, micro_batch.sequence_lengths)
-    counts = torch.tensor([batch.num_examples, micro_batch.num_tokens, flops],
-                          dtype=torch.float64, device=logits.device)
+    # Policy forward + backward = 3 forwards of the layout actually computed.
+    if micro_batch.packed:
+        flops = 3.0 * packed_forward_flops(shape, batch.segments.tolist(),
+                                           batch.head_index.numel())
+    else:
+        flops = 3.0 * forward_flops(shape, micro_batch.sequence_lengths)
+    counts = torch.tensor([batch.num_examples, micro_batch.num_tokens, micro_batch.num_computed,
+                           flops], dtype=torch.float64, device=logits.device)
     sums = {"loss": loss.detach().sum(), "num_examples": counts[0], "num_tokens": counts[1],
-            "model_flops": counts[2]}
+            "num_computed": counts[2], "model_flops": counts[3],
+            "num_response_tokens": response_lengths.sum().double()}
     sums.update({name: value.sum() for name, value in metrics.items()})
+    if micro_batch.loss_scale is not None:
+        # Megatron divides by the micro-batch count: scaled so the gradient is the global mean.
+        return loss.sum() * micro_batch.loss_scale, sums
     return loss.mean(), sums
 
 
@@ -170,6 +182,11 @@ class RoundData:
     dataset: PreferenceDataset
     reference_cache: ReferenceLogps | None   # None: computed on the fly
     total_steps: int
+    pack_tokens: int                      # tokens per packed micro-batch (0: packing none)
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_tokens > 0
 
 
 def load_round_data(cfg: SelmConfig) -> RoundData:
@@ -189,7 +206,8 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
         reference_cache = load_reference_cache(cfg.train.ref_cache_path(), key)
     return RoundData(source=source, tokenizer=tokenizer, dataset=dataset,
                      reference_cache=reference_cache,
-                     total_steps=total_train_steps(cfg, len(dataset)))
+                     total_steps=total_train_steps(cfg, len(dataset)),
+                     pack_tokens=pack_budget(cfg.data, dataset.examples))
 
 
 @dataclass
@@ -214,6 +232,7 @@ class Training:
 
     @property
     def num_microbatches(self) -> int:
+        """Micro-batches per step of packing none (packed steps have as many as the rows)."""
         return self.cfg.train.global_batch_size // (self.ctx.dp * self.cfg.train.micro_batch_size)
 
 
@@ -232,12 +251,13 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
     cfg.validate(world_size=ctx.world_size)
     ref_models = None
     if cfg.train.reference_mode == "onthefly":
-        ref_models = load_frozen_policy(data.source, ctx, cfg.model)
+        ref_models = load_frozen_policy(data.source, ctx, cfg.model, packed=data.packed)
 
     checkpoints = Path(cfg.train.output_dir) / "checkpoints"
     resume_from = find_latest(checkpoints) if cfg.train.resume else None
     models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
-                                    recompute=cfg.model.recompute)
+                                    recompute=cfg.model.recompute, packed=data.packed)
+    data.dataset.check_token_ids(models[0].true_vocab_size)
     ddp_models = wrap_ddp(models)
     peak_lr = cfg.optim.lr_for_round(cfg.train.round_index)
     optimizer = build_optimizer(ddp_models, cfg.optim, peak_lr=peak_lr,
@@ -281,10 +301,18 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
     """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
     cfg, ctx = run.cfg, run.ctx
     start = time.perf_counter()
-    batches = collate_micro_batches(
-        run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size), pad_id=run.pad_id,
-        pad_to_multiple_of=cfg.data.pad_to_multiple_of, seq_length=cfg.data.seq_length(),
-        device=ctx.device)
+    if run.data.packed:
+        batches = pack_micro_batches(
+            run.data.dataset, indices, budget=run.data.pack_tokens,
+            shared_prompt=cfg.data.packing == "shared_prompt", pad_id=run.pad_id,
+            pad_to_multiple_of=cfg.data.pad_to_multiple_of, fixed_length=ctx.pp > 1,
+            num_microbatches_multiple=ctx.pp if ctx.vpp else 1, examples_per_step=len(indices),
+            device=ctx.device)
+    else:
+        batches = collate_micro_batches(
+            run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size),
+            pad_id=run.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+            seq_length=cfg.data.seq_length(), device=ctx.device)
     if run.ref_models is not None:
         ref_logps = forward_only_logps(run.ref_models, ctx, batches,
                                        run.models[0].true_vocab_size)
@@ -309,6 +337,9 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
     flops_per_device = metrics.pop("model_flops") / ctx.world_size
     metrics.update(grad_norm=grad_norm, lr=lr, step_time_s=elapsed,
                    tokens_per_s=metrics["num_tokens"] / elapsed,
+                   pairs_per_s=metrics["num_examples"] / elapsed,
+                   packing_efficiency=metrics["num_tokens"] / max(metrics["num_computed"], 1),
+                   tflops=flops_per_device / elapsed / 1e12,
                    mfu=flops_per_device / elapsed / run.device_peak_flops,
                    memory_gib=peak_memory_gib(ctx.device))
     return metrics
@@ -332,10 +363,12 @@ def train_round(cfg: SelmConfig) -> Path:
         writer = StepMetricsWriter(output_dir, total_steps=total_steps, enabled=ctx.rank == 0,
                                    tensorboard=cfg.train.tensorboard, resume_step=run.step,
                                    log_interval=cfg.train.log_interval)
-        logger.info("training %d steps (from step %d): %d examples, global batch %d = %d "
-                    "micro-batches x %d x dp %d, peak lr %.3g, reference %s", total_steps,
-                    run.step, len(data.dataset), cfg.train.global_batch_size,
-                    run.num_microbatches, cfg.train.micro_batch_size, ctx.dp,
+        layout = (f"packing {cfg.data.packing} in micro-batches of {data.pack_tokens} tokens"
+                  if data.packed else f"{run.num_microbatches} micro-batches x "
+                  f"{cfg.train.micro_batch_size} pairs")
+        logger.info("training %d steps (from step %d): %d examples, global batch %d over dp %d, "
+                    "%s, peak lr %.3g, reference %s", total_steps, run.step, len(data.dataset),
+                    cfg.train.global_batch_size, ctx.dp, layout,
                     cfg.optim.lr_for_round(cfg.train.round_index), cfg.train.reference_mode)
         checkpoints = output_dir / "checkpoints"
         last_saved = run.step if run.resumed_from is not None else -1

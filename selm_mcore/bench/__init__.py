@@ -2,17 +2,22 @@
 
 Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` overrides):
 
-    train CONFIG         our trainer: tokens/s, step time, TFLOP/s, MFU, peak memory
+    train CONFIG         our trainer: pairs/s, tokens/s, step time, TFLOP/s, MFU, peak memory
                          (reference precomputed, or ``--ref-mode onthefly``)
-    refmode CONFIG       our trainer, precomputed vs on-the-fly reference: step time ratio
-    compare-trl CONFIG   ours vs TRL's DPOTrainer (on-the-fly reference and
-                         precompute_ref_log_probs): same model, pairs, token ids, lengths,
-                         batch sizes, dtype, threads, steps
+    compare-trl CONFIG   ours (the config's data.packing and packing none) vs TRL's
+                         DPOTrainer (precompute_ref_log_probs; on-the-fly with --trl-modes):
+                         same model, pairs, token ids, batch sizes, dtype, threads, steps
+    packing CONFIG       ours with each data.packing on the same pairs (SELM with loss.alpha>0)
+    refmode CONFIG       ours, precomputed vs on-the-fly reference
     generation CONFIG    vLLM (selm_mcore.generation) vs transformers ``generate`` tokens/s
     logprob-path         training steps with the fused log-prob kernel vs Megatron's
                          cross-entropy path (what tools/bench_gpu.sh runs on a GPU)
     phases WORKDIR       seconds per phase of each round, from an online run's manifest
     flops CONFIG         the FLOP formula's numbers and the device peak, nothing run
+
+Pairs: synthetic rows written once per run (``--profile uniform``: the given lengths;
+``realistic``: long-tailed lengths shaped like public preference data, ``--length-scale`` to
+shrink them; ``selm_mcore.bench.pairs``), with the token ids every side trains on.
 
 Fairness rules: both sides use the same dtype and thread count (set before torch starts its
 pools), unmeasured warm-up steps, and the median of several repeats. Side-by-side modes run each
@@ -21,8 +26,11 @@ a change of machine load hits both sides alike; every result records the load av
 
 Definitions:
 
-* tokens = non-pad tokens fed to the policy per optimizer step (prompt + response of every
-  chosen, rejected and, with SELM's optimism term, y_ref sequence).
+* pairs/s = preference pairs (prompt, chosen, rejected[, y_ref]) trained per second; response
+  tokens/s = their response tokens per second (the work every layout must do).
+* tokens = non-pad tokens fed to the policy per optimizer step (with data.packing=shared_prompt
+  a pair's prompt counts once); computed tokens = the tokens of the padded shapes the model
+  runs on, per pair.
 * step time = one optimizer step's wall time: collation, reference log-probs (looked up, or
   computed on the fly), forwards, backward, clipping, optimizer update. Ours: the trainer's own
   ``step_time_s``; TRL: the time between consecutive ``on_step_end`` callbacks.
@@ -70,6 +78,11 @@ def _add_pairs(parser) -> None:
                         help="synthetic pairs: chosen response length (EOS included); also y_ref")
     parser.add_argument("--rejected-tokens", type=int, default=128,
                         help="synthetic pairs: rejected response length (EOS included)")
+    parser.add_argument("--profile", choices=("uniform", "realistic"), default="uniform",
+                        help="synthetic pair lengths: the three lengths above, or long-tailed "
+                             "ones like real preference data (selm_mcore/bench/pairs.py)")
+    parser.add_argument("--length-scale", type=float, default=1.0,
+                        help="realistic profile: multiply every length (e.g. 0.5 on a CPU)")
     parser.add_argument("--workdir", default="",
                         help="folder for pairs, per-process logs and JSON (default "
                              "outputs/bench/MODE)")
@@ -89,8 +102,6 @@ def add_arguments(parser) -> None:
                         "pairs written to the workdir)")
     p.add_argument("--ref-mode", choices=("precomputed", "onthefly"), default="precomputed",
                    help="reference log-probs from the offline pass, or computed in every step")
-    p.add_argument("--no-peak", action="store_true",
-                   help="skip measuring the CPU GEMM peak (no MFU; used by the side-by-side modes)")
 
     p = modes.add_parser("refmode", help="our trainer: precomputed vs on-the-fly reference")
     _add_common(p)
@@ -105,7 +116,14 @@ def add_arguments(parser) -> None:
                    help="python of a TRL environment (default: built/reused by "
                         "tools/setup_trl_env.sh)")
     p.add_argument("--trl-modes", nargs="+", choices=("onthefly", "precompute"),
-                   default=["onthefly", "precompute"], help="which TRL configurations to run")
+                   default=["precompute"], help="which TRL configurations to run")
+
+    p = modes.add_parser("packing", help="ours with each data.packing, side by side")
+    _add_common(p)
+    _add_steps(p, repeats=3)
+    _add_pairs(p)
+    p.add_argument("--packings", nargs="+", choices=("shared_prompt", "pack", "none"),
+                   default=["shared_prompt", "pack", "none"], help="the layouts to compare")
 
     p = modes.add_parser("generation", help="vLLM vs transformers generate tokens/s")
     _add_common(p)
@@ -146,10 +164,11 @@ def add_arguments(parser) -> None:
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     """Mode name -> its runner (imported when a mode runs: the modes import torch, vLLM...)."""
-    from selm_mcore.bench import generation, logprob_path, phases, train, trl
+    from selm_mcore.bench import compare, generation, logprob_path, phases, train
 
-    return {"train": train.run_train, "refmode": train.run_refmode,
-            "compare-trl": trl.run_compare_trl, "generation": generation.run_generation,
+    return {"train": train.run_train, "refmode": compare.run_refmode,
+            "compare-trl": compare.run_compare_trl, "packing": compare.run_packing,
+            "generation": generation.run_generation,
             "logprob-path": logprob_path.run_logprob_path, "phases": phases.run_phases_mode,
             "flops": phases.run_flops}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -31,17 +32,54 @@ def words(tokenizer, pool: list[int], rng: random.Random, num_tokens: int) -> st
     return "".join(tokenizer.decode([rng.choice(pool)]) for _ in range(max(1, num_tokens))).strip()
 
 
-def write_benchmark_pairs(path: str | os.PathLike, tokenizer, *, num_pairs: int, prompt_tokens: int,
-                          chosen_tokens: int, rejected_tokens: int, yref_tokens: int = 0,
+PROFILES = ("uniform", "realistic")
+# The realistic profile at scale 1, shaped like public preference data (UltraFeedback-like):
+# log-normal lengths with long tails, prompt median ~150 tokens (at most 512), responses median
+# ~300 (prompt + response at most 1024). --length-scale shrinks every length for small machines.
+REALISTIC_PROMPT = dict(median=150, sigma=0.9, low=8, high=512)
+REALISTIC_RESPONSE = dict(median=300, sigma=0.7, low=4, total=1024)
+
+
+def pair_lengths(profile: str, num_pairs: int, *, prompt_tokens: int, chosen_tokens: int,
+                 rejected_tokens: int, with_yref: bool, scale: float = 1.0,
+                 seed: int = 0) -> list[tuple[int, int, int, int]]:
+    """Target (prompt, chosen, rejected, y_ref) token lengths of each pair (y_ref 0 without).
+
+    ``uniform``: the given lengths for every pair (y_ref as long as chosen); ``realistic``: drawn
+    from ``REALISTIC_PROMPT`` / ``REALISTIC_RESPONSE`` with every length times ``scale``.
+    """
+    if profile not in PROFILES:
+        raise BenchError(f"--profile {profile!r} is not one of {', '.join(PROFILES)}")
+    if profile == "uniform":
+        yref = chosen_tokens if with_yref else 0
+        return [(prompt_tokens, chosen_tokens, rejected_tokens, yref)] * num_pairs
+    rng = random.Random(seed)
+
+    def draw(median: float, sigma: float, low: float, high: float) -> int:
+        value = median * scale * math.exp(sigma * rng.gauss(0.0, 1.0))
+        return int(min(max(value, low * scale, 2), high * scale))
+
+    out = []
+    for _ in range(num_pairs):
+        prompt = draw(**REALISTIC_PROMPT)
+        room = REALISTIC_RESPONSE["total"] - prompt / scale
+        responses = [draw(REALISTIC_RESPONSE["median"], REALISTIC_RESPONSE["sigma"],
+                          REALISTIC_RESPONSE["low"], room) for _ in range(3)]
+        out.append((prompt, responses[0], responses[1], responses[2] if with_yref else 0))
+    return out
+
+
+def write_benchmark_pairs(path: str | os.PathLike, tokenizer, lengths: Sequence[tuple], *,
                           max_length: int = 1024, max_prompt_length: int = 512,
                           seed: int = 0) -> list:
-    """Write ``num_pairs`` synthetic preference rows and return their TokenizedExamples.
+    """Write one synthetic preference row per (prompt, chosen, rejected, y_ref) target length
+    and return their TokenizedExamples.
 
     Rows follow the training schema (``selm_mcore.data``: prompt, chosen/rejected conversations,
-    ``reference_response`` when ``yref_tokens > 0``) and also carry the token ids our data
-    pipeline made of them (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), so a peer that reads
-    the ids trains on exactly our sequences. Lengths are targets: random word tokens re-encode to
-    about the asked count (the tables report the real counts).
+    ``reference_response`` when y_ref > 0) and also carry the token ids our data pipeline made
+    of them (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), so a peer that reads the ids
+    trains on exactly our sequences. Lengths are targets: random word tokens re-encode to about
+    the asked count (the tables report the real counts); our truncation rules then apply.
     """
     from selm_mcore.data import read_rows
     from selm_mcore.dataset import PreferenceDataset, encode_prompt
@@ -53,7 +91,7 @@ def write_benchmark_pairs(path: str | os.PathLike, tokenizer, *, num_pairs: int,
     # The chat template adds its own tokens around the user turn: aim the content below it.
     overhead = len(encode_prompt(tokenizer, [{"role": "user", "content": "x"}])) - 1
     records = []
-    for i in range(num_pairs):
+    for i, (prompt_tokens, chosen_tokens, rejected_tokens, yref_tokens) in enumerate(lengths):
         prompt = words(tokenizer, pool, rng, prompt_tokens - overhead)
         user = [{"role": "user", "content": prompt}]
         record = {
@@ -92,12 +130,21 @@ def pairs_for(cfg, args, workdir: Path, *, num_pairs: int, with_yref: bool) -> P
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     path = workdir / "pairs.jsonl"
-    write_benchmark_pairs(
-        path, tokenizer, num_pairs=num_pairs, prompt_tokens=args.prompt_tokens,
-        chosen_tokens=args.chosen_tokens, rejected_tokens=args.rejected_tokens,
-        yref_tokens=args.chosen_tokens if with_yref else 0, max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length, seed=cfg.train.seed)
+    lengths = pair_lengths(args.profile, num_pairs, prompt_tokens=args.prompt_tokens,
+                           chosen_tokens=args.chosen_tokens, rejected_tokens=args.rejected_tokens,
+                           with_yref=with_yref, scale=args.length_scale, seed=cfg.train.seed)
+    write_benchmark_pairs(path, tokenizer, lengths, max_length=cfg.data.max_length,
+                          max_prompt_length=cfg.data.max_prompt_length, seed=cfg.train.seed)
     return path
+
+
+def pair_stats(examples: Sequence) -> dict[str, float]:
+    """Mean tokens per pair of ``examples``: prompt, responses (all of a pair), sequences fed
+    unpacked (prompt once per response)."""
+    n = max(len(examples), 1)
+    return {"prompt_tokens_per_pair": sum(len(e.prompt_ids) for e in examples) / n,
+            "response_tokens_per_pair": sum(len(r) for e in examples for r in e.responses) / n,
+            "sequence_tokens_per_pair": sum(sequence_lengths(examples)) / n}
 
 
 def benchmark_prompts(tokenizer, *, num_prompts: int, prompt_tokens: int, path: str = "",

@@ -201,37 +201,40 @@ def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
 
 
 def build_model_from_checkpoint(ckpt_dir: str | os.PathLike, ctx: ParallelContext, *,
-                                params_dtype: torch.dtype | None = None, recompute: bool = False):
+                                params_dtype: torch.dtype | None = None, recompute: bool = False,
+                                packed: bool = False):
     """(models, hf_config, meta): build the model for a checkpoint folder and load it."""
     meta = read_checkpoint_meta(ckpt_dir)
     hf_config = load_hf_config(Path(ckpt_dir) / "hf")
     dtype = params_dtype or DTYPES[meta.get("dtype", "fp32")]
     models = build_model(hf_config, ctx, params_dtype=dtype,
                          padded_vocab=meta["padded_vocab_size"], recompute=recompute,
-                         init_weights=False)
+                         init_weights=False, packed=packed)
     load_model_checkpoint(models, ctx, ckpt_dir)
     return models, hf_config, meta
 
 
 def load_policy(source: str | Path, ctx: ParallelContext, model_cfg, *,
-                recompute: bool = False) -> tuple[list, Any]:
-    """(model chunks, HF config) of ``source``: a Megatron checkpoint folder or an HF folder."""
+                recompute: bool = False, packed: bool = False) -> tuple[list, Any]:
+    """(model chunks, HF config) of ``source``: a Megatron checkpoint folder or an HF folder.
+    ``packed``: the chunks take packed micro-batches (``selm_mcore.mcore.model.build_model``)."""
     dtype = DTYPES[model_cfg.dtype]
     if is_megatron_checkpoint(source):
         models, hf_config, _ = build_model_from_checkpoint(source, ctx, params_dtype=dtype,
-                                                           recompute=recompute)
+                                                           recompute=recompute, packed=packed)
         return models, hf_config
     hf_config = load_hf_config(source)
     models = build_model(hf_config, ctx, params_dtype=dtype, recompute=recompute,
                          make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
-                         init_weights=False)
+                         init_weights=False, packed=packed)
     load_hf_weights(models, source, ctx)
     return models, hf_config
 
 
-def load_frozen_policy(source: str | Path, ctx: ParallelContext, model_cfg) -> list:
+def load_frozen_policy(source: str | Path, ctx: ParallelContext, model_cfg, *,
+                       packed: bool = False) -> list:
     """The model chunks of ``source`` in eval mode and without gradients (a reference)."""
-    models, _ = load_policy(source, ctx, model_cfg)
+    models, _ = load_policy(source, ctx, model_cfg, packed=packed)
     for model in models:
         model.eval()
         for param in model.parameters():

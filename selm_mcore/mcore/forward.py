@@ -1,14 +1,19 @@
 """The one forward path of the reference pass and the trainer: micro-batches through Megatron.
 
-    micro_batches = collate_micro_batches(dataset, index_groups, pad_id=..., ...)
+    micro_batches = collate_micro_batches(dataset, index_groups, pad_id=..., ...)   # packing none
+    micro_batches = pack_micro_batches(dataset, indices, budget=..., ...)           # pack/shared
     reduced = run_micro_batches(models, micro_batches, loss_fn, forward_only=False)   # train
     logps = forward_only_logps(models, ctx, micro_batches, vocab_size)               # reference
 
 ``run_micro_batches`` drives Megatron's ``get_forward_backward_func`` (1F1B; interleaved with
 VPP); ``sequence_logps`` turns the last stage's vocab-parallel logits into summed response
 log-probs (``selm_mcore.logprobs``, the fused kernel on GPU). Megatron's pipeline schedule sends
-[T, N, hidden] activations between stages with one shape per call, so the micro-batches of one
-call share one padded length T.
+[T, N, hidden] activations between stages with one shape per call, so with pipeline parallelism
+the micro-batches of one call share one padded length T (packed rows: the budget).
+
+Packed micro-batches (``selm_mcore.packing``) hold a varying number of pairs; each carries a
+``loss_scale`` so that, after Megatron divides every micro-batch's loss by their count, the
+gradient is still the mean over the global batch of pairs.
 
 Shape legend: B examples per micro-batch, S = 2 or 3 sequences per example (chosen, rejected,
 y_ref), N = S * B sequences, T padded tokens, V/tp vocabulary columns on this rank.
@@ -24,6 +29,7 @@ import torch
 
 from selm_mcore.batches import PreferenceBatch, collate_preferences, padded_length
 from selm_mcore.dataset import PreferenceDataset, TokenizedExample
+from selm_mcore.packing import PackedBatch, collate_packed, pack_examples
 
 
 @dataclass
@@ -31,17 +37,23 @@ class MicroBatch:
     """One micro-batch of B examples as N = S*B sequences, plus what the loss needs.
 
     ``ref_logps`` [N]: reference sequence log-probs in the batch's order (trainer only).
-    ``sequence_lengths``: real (unpadded) length of each of the N sequences, for throughput and
-    FLOPs; ``num_tokens`` is their sum.
+    ``sequence_lengths``: real (unpadded) length of each of the N sequences as if unpacked.
+    ``num_tokens``: tokens fed to the model (no padding; a shared prompt counts once);
+    ``num_computed``: tokens the model computes on (padding included).
+    ``loss_scale``: packed micro-batches return ``sum of per-pair losses * loss_scale`` (None:
+    the mean over the micro-batch, as unpacked ones do).
     """
 
-    batch: PreferenceBatch
+    batch: PreferenceBatch | PackedBatch
     sequence_lengths: list[int]
+    num_tokens: int
+    num_computed: int
+    loss_scale: float | None = None
     ref_logps: torch.Tensor | None = None
 
     @property
-    def num_tokens(self) -> int:
-        return sum(self.sequence_lengths)
+    def packed(self) -> bool:
+        return isinstance(self.batch, PackedBatch)
 
 
 def sequence_lengths(examples: Sequence[TokenizedExample]) -> list[int]:
@@ -74,15 +86,61 @@ def collate_micro_batches(dataset: PreferenceDataset, index_groups: Sequence[Seq
         batch = collate_preferences(group, pad_id=pad_id, seq_length=t)
         if device is not None:
             batch = batch.to(device)
-        out.append(MicroBatch(batch=batch, sequence_lengths=sequence_lengths(group)))
+        lengths = sequence_lengths(group)
+        out.append(MicroBatch(batch=batch, sequence_lengths=lengths, num_tokens=sum(lengths),
+                              num_computed=batch.tokens.numel()))
     return out
 
 
-def sequence_logps(logits: torch.Tensor, batch: PreferenceBatch, *, tp_group,
+def pack_micro_batches(dataset: PreferenceDataset, indices: Sequence[int], *, budget: int,
+                       shared_prompt: bool, pad_id: int, pad_to_multiple_of: int,
+                       fixed_length: bool, num_microbatches_multiple: int = 1,
+                       examples_per_step: int | None = None,
+                       device: torch.device | None = None) -> list[MicroBatch]:
+    """The examples ``indices`` packed first-fit-decreasing into rows of ``budget`` tokens, one
+    row per micro-batch (``selm_mcore.packing``).
+
+    ``fixed_length``: every row is ``budget`` long (pipeline parallelism), else each is trimmed to
+    its tokens rounded up to ``pad_to_multiple_of``. ``examples_per_step`` (this rank's share of
+    the global batch) sets each micro-batch's ``loss_scale``; None for forward-only passes.
+    """
+    bins = pack_examples([dataset[i] for i in indices], budget, shared_prompt,
+                         num_bins_multiple=num_microbatches_multiple)
+    scale = None if examples_per_step is None else len(bins) / examples_per_step
+    out = []
+    for group in bins:
+        batch = collate_packed(group, pad_id=pad_id, shared_prompt=shared_prompt,
+                               has_yref=dataset.has_yref,
+                               row_length=budget if fixed_length else None,
+                               pad_to_multiple_of=pad_to_multiple_of)
+        if device is not None:
+            batch = batch.to(device)
+        out.append(MicroBatch(batch=batch, sequence_lengths=sequence_lengths(group),
+                              num_tokens=batch.num_tokens, num_computed=batch.tokens.numel(),
+                              loss_scale=scale))
+    return out
+
+
+def sequence_logps(logits: torch.Tensor, batch: PreferenceBatch | PackedBatch, *, tp_group,
                    vocab_size: int) -> torch.Tensor:
-    """[N] fp32 summed response log-probs from this rank's vocab-parallel logits [N, T, V/tp]."""
+    """[N] fp32 summed response log-probs from this rank's vocab-parallel logits: [N, T, V/tp]
+    of an unpacked batch, or [M, V/tp] of a packed batch's head positions.
+
+    The packed head logits are read by nothing but the log-prob kernel, so its backward writes
+    the gradient into their buffer (no second [M, V/tp] tensor); their labels are token ids of
+    the tokenizer, checked against the vocabulary when the data is loaded (no host sync here).
+    """
     from selm_mcore.logprobs import vocab_parallel_logprobs
 
+    if isinstance(batch, PackedBatch):
+        if batch.head_index.numel() == 0:  # a filler micro-batch (interleaved pipelines)
+            return logits.float().sum() * 0.0 + logits.new_zeros(batch.num_sequences,
+                                                                 dtype=torch.float32)
+        token_logps, _ = vocab_parallel_logprobs(
+            logits, batch.head_labels, None, tp_group=tp_group, vocab_size=vocab_size,
+            inplace_backward=True, check_labels=False)
+        return token_logps.new_zeros(batch.num_sequences).index_add(0, batch.head_sequence,
+                                                                    token_logps)
     _, seq_logps = vocab_parallel_logprobs(logits, batch.labels, batch.loss_mask,
                                            tp_group=tp_group, vocab_size=vocab_size)
     return seq_logps
@@ -96,7 +154,11 @@ def _forward_step(data_iterator, model, *, loss_fn: Callable):
     """
     micro_batch = next(data_iterator)
     batch = micro_batch.batch
-    output = model(batch.tokens, batch.position_ids, attention_mask=None)
+    if micro_batch.packed:
+        output = model(batch.tokens, batch.position_ids, packed_layout=batch.segments,
+                       head_index=batch.head_index)
+    else:
+        output = model(batch.tokens, batch.position_ids, attention_mask=None)
     return output, functools.partial(loss_fn, micro_batch)
 
 
@@ -106,14 +168,16 @@ def run_micro_batches(models: list, micro_batches: Sequence[MicroBatch], loss_fn
 
     ``loss_fn(micro_batch, output)`` runs on the last pipeline stage and returns
     ``(loss, reduced: dict)``; the returned list holds each micro-batch's ``reduced`` dict on the
-    last stage and is empty elsewhere. All micro-batches must share one padded length.
+    last stage and is empty elsewhere. With pipeline parallelism all micro-batches must share
+    one shape (the activations sent between stages have one shape per call).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     shapes = {tuple(mb.batch.tokens.shape) for mb in micro_batches}
-    if len(shapes) != 1:
-        raise ValueError(f"micro-batches of one call must share a shape, got {sorted(shapes)}")
-    (num_sequences, seq_length), = shapes
+    if len(shapes) != 1 and models[0].config.pipeline_model_parallel_size > 1:
+        raise ValueError(f"micro-batches of one pipelined call must share a shape, got "
+                         f"{sorted(shapes)}")
+    num_sequences, seq_length = max(shapes)
     step = functools.partial(_forward_step, loss_fn=loss_fn)
     data_iterator = ([iter(micro_batches) for _ in models] if len(models) > 1
                      else iter(micro_batches))
@@ -125,7 +189,7 @@ def run_micro_batches(models: list, micro_batches: Sequence[MicroBatch], loss_fn
 
 
 def forward_only_logps(models: list, ctx, micro_batches: Sequence[MicroBatch],
-                                vocab_size: int) -> list[torch.Tensor] | None:
+                       vocab_size: int) -> list[torch.Tensor] | None:
     """Forward-only log-probs [N] of each micro-batch (last stage; None on other stages)."""
     tp_group = ctx.tp_group if ctx.tp > 1 else None
 

@@ -24,6 +24,7 @@ Notes for callers:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -205,7 +206,7 @@ def _te_available() -> bool:
 
 def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
                        recompute: bool = False, use_te: bool | None = None,
-                       init_weights: bool = True):
+                       init_weights: bool = True, packed: bool = False):
     """Megatron TransformerConfig for the HF Llama config under ctx's layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -243,7 +244,8 @@ def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.fl
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
-        apply_rope_fusion=use_te,
+        # TE's fused RoPE takes one position per row; packed rows carry positions per token.
+        apply_rope_fusion=use_te and not packed,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         # batch_p2p_comm=True gives wrong gradients with interleaved PP over gloo.
@@ -258,19 +260,22 @@ def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.fl
 def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
                 padded_vocab: int | None = None, recompute: bool = False,
                 make_vocab_size_divisible_by: int = 128, use_te: bool | None = None,
-                init_weights: bool = True) -> list:
+                init_weights: bool = True, packed: bool = False) -> list:
     """Build this rank's GPTModel chunks (one per virtual pipeline stage) for an HF Llama config.
 
     Weights are randomly initialised (seeded by init_parallel; TP-invariant on CPU); load real
     weights with ``selm_mcore.mcore.weights.load_hf_weights`` or ``load_model_checkpoint``.
     ``padded_vocab`` overrides the padded vocabulary (e.g. the size a checkpoint was saved at).
     ``init_weights=False`` skips the random initialisation (weights are loaded right after).
+    ``packed=True`` puts ``PackedAttention`` in the layer spec: the chunks then take packed
+    micro-batches (``SelmGPTModel``'s packed forward; ``data.packing`` pack / shared_prompt).
     """
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+
+    from selm_mcore.mcore.gpt import SelmGPTModel
 
     hf_config = load_hf_config(hf_config)
     validate_hf_config(hf_config)
@@ -280,15 +285,20 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
 
     use_te = _te_available() if use_te is None else use_te
     config = transformer_config(hf_config, ctx, params_dtype=params_dtype, recompute=recompute,
-                                use_te=use_te, init_weights=init_weights)
+                                use_te=use_te, init_weights=init_weights, packed=packed)
     layer_spec = (get_gpt_layer_with_transformer_engine_spec() if use_te
                   else get_gpt_layer_local_spec(normalization="RMSNorm"))
+    if packed:
+        from selm_mcore.mcore.attention import PackedAttention
+
+        layer_spec = copy.deepcopy(layer_spec)
+        layer_spec.submodules.self_attention.submodules.core_attention = PackedAttention
     inv_freq = rope_inv_freq(hf_config).to(ctx.device)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
 
     models = []
     for vp_stage in range(ctx.num_chunks):
-        model = GPTModel(
+        model = SelmGPTModel(
             config=config,
             transformer_layer_spec=layer_spec,
             vocab_size=padded_vocab,
