@@ -57,7 +57,7 @@ def ws(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_r
         data={"train_path": str(pairs), "max_length": 96, "max_prompt_length": 48,
               "pad_to_multiple_of": 1},
         loss={"beta": 0.1, "alpha": 0.5},
-        optim={"lr": 1.0e-3, "warmup_ratio": 0.2, "clip_grad": 1.0},
+        optim={"lr": 2.0e-4, "warmup_ratio": 0.2, "clip_grad": 1.0},
         train={"global_batch_size": 4, "micro_batch_size": 2, "max_steps": NUM_STEPS,
                "ref_cache": str(root / "ref_logps.safetensors"), "tensorboard": False,
                "keep_checkpoints": 0, "seed": 7})

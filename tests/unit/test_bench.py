@@ -44,8 +44,7 @@ def test_benchmark_pairs_carry_the_pipelines_token_ids(tiny_llama_dir, tmp_path)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     path = tmp_path / "pairs.jsonl"
-    write_benchmark_pairs(path, tokenizer, num_pairs=6, prompt_tokens=40, chosen_tokens=30,
-                          rejected_tokens=20, yref_tokens=25)
+    write_benchmark_pairs(path, tokenizer, [(40, 30, 20, 25)] * 6)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     dataset = PreferenceDataset.from_file(path, tokenizer, max_length=1024,
                                           max_prompt_length=512)
@@ -61,3 +60,24 @@ def test_benchmark_pairs_carry_the_pipelines_token_ids(tiny_llama_dir, tmp_path)
         assert abs(len(example.chosen_ids) - 30) <= 3
         assert abs(len(example.rejected_ids) - 20) <= 3
         assert abs(len(example.yref_ids) - 25) <= 3
+
+
+def test_realistic_profile_is_long_tailed_within_its_bounds():
+    import statistics
+
+    from selm_mcore.bench.pairs import REALISTIC_PROMPT, REALISTIC_RESPONSE, pair_lengths
+
+    lengths = pair_lengths("realistic", 2000, prompt_tokens=0, chosen_tokens=0,
+                           rejected_tokens=0, with_yref=True, scale=1.0, seed=0)
+    prompts = [p for p, *_ in lengths]
+    responses = [r for _, *rs in lengths for r in rs]
+    assert abs(statistics.median(prompts) - REALISTIC_PROMPT["median"]) < 15
+    assert abs(statistics.median(responses) - REALISTIC_RESPONSE["median"]) < 25
+    assert max(prompts) == REALISTIC_PROMPT["high"]  # the tail reaches the cap
+    assert all(p + max(rs) <= REALISTIC_RESPONSE["total"] for p, *rs in lengths)
+    assert statistics.mean(prompts) > statistics.median(prompts)  # skewed to the right
+    half = pair_lengths("realistic", 2000, prompt_tokens=0, chosen_tokens=0, rejected_tokens=0,
+                        with_yref=False, scale=0.5, seed=0)
+    assert all(y == 0 for *_, y in half)
+    assert max(p for p, *_ in half) == REALISTIC_PROMPT["high"] // 2
+    assert all(p + max(c, r) <= REALISTIC_RESPONSE["total"] // 2 for p, c, r, _ in half)

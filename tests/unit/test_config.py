@@ -181,8 +181,15 @@ def test_ref_cache_path_defaults_into_the_output_dir(tmp_path):
 
 
 def test_validate_with_a_world_size_checks_the_data_parallel_split():
+    packed = load_config(None, ["parallel.tp=2", "train.global_batch_size=8",
+                                "train.micro_batch_size=4"])
+    assert packed.data.packing == "shared_prompt"
+    assert packed.validate(world_size=4) is packed  # packed: only dp must divide the batch
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=8 must be a multiple of the "
+                                          r"data-parallel size 3 \(= 6 processes"):
+        packed.validate(world_size=6)
     cfg = load_config(None, ["parallel.tp=2", "train.global_batch_size=8",
-                             "train.micro_batch_size=2"])
+                             "train.micro_batch_size=2", "data.packing=none"])
     assert cfg.validate(world_size=4) is cfg  # dp 2 x micro 2 divides 8
     with pytest.raises(ConfigError, match=r"3 processes must be a multiple of parallel.tp \* "
                                           r"parallel.pp = 2"):
@@ -190,3 +197,12 @@ def test_validate_with_a_world_size_checks_the_data_parallel_split():
     with pytest.raises(ConfigError, match=r"train.global_batch_size=8 must be a multiple of the "
                                           r"data-parallel size 3 .* train.micro_batch_size=2"):
         cfg.validate(world_size=6)
+
+
+def test_packing_keys_are_validated():
+    assert load_config(None).data.packing == "shared_prompt"  # the fastest correct layout
+    with pytest.raises(ConfigError, match=r"data.packing='padded' is not one of shared_prompt, "
+                                          r"pack, none"):
+        load_config(None, ["data.packing=padded"])
+    with pytest.raises(ConfigError, match=r"data.pack_tokens=-1 must be >= 0 \(0 = automatic\)"):
+        load_config(None, ["data.pack_tokens=-1"])
