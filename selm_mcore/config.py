@@ -71,10 +71,12 @@ class DataConfig:
     max_prompt_length: int = 512
     # Skip malformed rows (with a count) instead of stopping at the first one.
     skip_bad_rows: bool = False
-    # Collation: pad each micro-batch to a multiple of this many tokens ...
+    # Collation: pad each micro-batch to a multiple of this many tokens (packed rows and the
+    # automatic packing budget too) ...
     pad_to_multiple_of: int = 64
-    # ... or, when true, every micro-batch to max_length rounded up to that multiple (equal
-    # shapes for all micro-batches; pipeline parallelism needs this).
+    # ... or, when true, every micro-batch of packing none to max_length rounded up to that
+    # multiple (equal shapes: pipeline parallelism needs them; packed rows are then always
+    # pack_tokens long).
     pad_to_max_length: bool = False
     # Shuffle the epoch order (seeded by train.seed); false = file order.
     shuffle: bool = True

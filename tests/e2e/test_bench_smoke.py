@@ -38,19 +38,17 @@ def run_bench(*args: str, timeout: float = TIMEOUT_S) -> str:
 def tiny_settings(model_dir) -> list[str]:
     return ["--set", f"model.hf_dir={model_dir}", "--set", "train.global_batch_size=2",
             "--set", "train.micro_batch_size=1", "--set", "data.shuffle=false",
+            "--set", "data.pad_to_multiple_of=8",
             "--prompt-tokens", "24", "--chosen-tokens", "20", "--rejected-tokens", "16",
             "--steps", "1", "--warmup-steps", "1", "--threads", "1"]
 
 
-def step_tokens(pairs_path: Path, global_batch_size: int, with_yref: bool) -> list[int]:
-    """Real tokens per optimizer step, counted from the ids stored in the pairs file."""
+def step_tokens(pairs_path: Path, global_batch_size: int, *, shared_prompt: bool) -> list[int]:
+    """Tokens fed per optimizer step, counted from the ids stored in the pairs file: the prompt
+    once per pair (data.packing=shared_prompt) or once per sequence (pack, none)."""
     rows = [json.loads(line) for line in pairs_path.read_text().splitlines()]
-    per_row = []
-    for row in rows:
-        prompt = len(row["prompt_ids"])
-        n = 2 * prompt + len(row["chosen_ids"]) + len(row["rejected_ids"])
-        assert not with_yref
-        per_row.append(n)
+    per_row = [(1 if shared_prompt else 2) * len(row["prompt_ids"]) + len(row["chosen_ids"])
+               + len(row["rejected_ids"]) for row in rows]
     return [sum(per_row[i:i + global_batch_size])
             for i in range(0, len(per_row), global_batch_size)]
 
@@ -61,38 +59,52 @@ def test_refmode_smoke_runs_our_trainer_both_ways(tiny_llama_dir, tmp_path):
                        "--repeats", "1", "--workdir", str(tmp_path), "--json", str(out))
     result = json.loads(out.read_text())
     assert "precomputed" in stdout and "onthefly" in stdout
-    expected = step_tokens(tmp_path / "pairs.jsonl", 2, with_yref=False)
+    expected = step_tokens(tmp_path / "pairs.jsonl", 2, shared_prompt=True)
     for mode in ("precomputed", "onthefly"):
-        (run,) = result["raw"][mode]
-        assert run["ref_mode"] == mode
+        (run,) = result["raw"][f"selm-mcore ({mode})"]
+        assert run["ref_mode"] == mode and run["packing"] == "shared_prompt"
         assert len(run["step_times_s"]) == 2  # 1 warm-up + 1 measured
         # data.shuffle=false: step 2 (the measured one) trains on pairs 2 and 3.
         assert run["tokens_per_step"] == expected[1]
-        assert run["tokens_per_s"] > 0 and run["step_time_s"] > 0
-        assert math.isfinite(run["policy_tflops"]) and run["policy_tflops"] > 0
-        assert run["mfu"] is None  # --no-peak in the side-by-side workers
-    pre, fly = result["raw"]["precomputed"][0], result["raw"]["onthefly"][0]
-    # The reference forward is counted only when it runs inside the step.
-    assert fly["total_tflops"] > fly["policy_tflops"]
-    assert pre["total_tflops"] == pytest.approx(pre["policy_tflops"])
+        assert run["pairs_per_s"] == pytest.approx(2 / run["step_time_s"])
+        assert math.isfinite(run["tflops"]) and run["tflops"] > 0 and run["mfu"] > 0
     # The precomputed run needed the offline pass; its cache file is keyed and reused.
     assert (tmp_path / "ref_logps.safetensors").is_file()
-    assert result["precomputed_vs_onthefly_step_time"] == pytest.approx(
-        result["rows"][0]["step_time_s"] / result["rows"][1]["step_time_s"])
+    first, second = result["rows"]
+    assert second["pairs_vs_first"] == pytest.approx(first["pairs_per_s"] / second["pairs_per_s"])
 
 
-def test_train_mode_reports_mfu_against_a_measured_peak(tiny_llama_dir, tmp_path):
+def test_train_mode_reports_mfu_and_pairs(tiny_llama_dir, tmp_path):
     out = tmp_path / "train.json"
     stdout = run_bench("train", *tiny_settings(tiny_llama_dir), "--set", "loss.alpha=0",
                        "--repeats", "2", "--workdir", str(tmp_path), "--json", str(out))
     result = json.loads(out.read_text())
-    assert "MFU" in stdout and "measured fp32 GEMM" in result["peak"]["source"]
+    assert "MFU" in stdout and "pairs/s" in stdout
     assert len(result["repeat_results"]) == 2 and len(result["step_times_s"]) == 3
-    expected = step_tokens(tmp_path / "pairs.jsonl", 2, with_yref=False)
+    expected = step_tokens(tmp_path / "pairs.jsonl", 2, shared_prompt=True)
     assert [r["tokens_per_step"] for r in result["repeat_results"]] == expected[1:3]
-    for r in result["repeat_results"]:
-        assert 0 < r["mfu"] == pytest.approx(r["policy_tflops"] * 1e12 / result["peak"]["flops"])
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    for step, r in zip((1, 2), result["repeat_results"]):
+        responses = sum(len(row["chosen_ids"]) + len(row["rejected_ids"])
+                        for row in rows[2 * step:2 * step + 2])
+        assert r["response_tokens_per_s"] == pytest.approx(responses / r["step_time_s"])
+        assert 0 < r["packing_efficiency"] <= 1 and r["mfu"] > 0
     assert result["peak_memory_mb"] > 0
+
+
+def test_packing_modes_side_by_side(tiny_llama_dir, tmp_path):
+    out = tmp_path / "packing.json"
+    run_bench("packing", *tiny_settings(tiny_llama_dir), "--set", "loss.alpha=0.5",
+              "--repeats", "1", "--workdir", str(tmp_path), "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["with_yref"]
+    rows = {row["impl"]: row for row in result["rows"]}
+    computed = [rows[f"selm-mcore (packing {p})"]["computed_tokens_per_pair"]
+                for p in ("shared_prompt", "pack", "none")]
+    # One prompt per pair < one prompt per sequence < padded rows.
+    assert computed[0] < computed[1] < computed[2]
+    stats = result["pair_stats"]
+    assert computed[0] >= stats["prompt_tokens_per_pair"] + stats["response_tokens_per_pair"]
 
 
 def _trl_env_ready() -> bool:
@@ -108,22 +120,23 @@ def test_compare_trl_smoke_same_tokens_on_both_sides(tiny_llama_dir, tmp_path):
     run_bench("compare-trl", *tiny_settings(tiny_llama_dir), "--repeats", "1",
               "--workdir", str(tmp_path), "--json", str(out))
     result = json.loads(out.read_text())
-    ours, trl_onthefly, trl_precompute = result["rows"]
-    assert trl_onthefly["impl"].startswith("trl") and "precompute" in trl_precompute["impl"]
-    expected = step_tokens(tmp_path / "pairs.jsonl", 2, with_yref=False)
+    shared, unpacked, trl = result["rows"]
+    assert "shared_prompt" in shared["impl"] and "none" in unpacked["impl"]
+    assert "precompute" in trl["impl"]
+    pairs = tmp_path / "pairs.jsonl"
     # Ours reads the pairs in file order (data.shuffle=false); TRL samples its own order, so
     # its measured step holds some 2 of the 4 pairs: the same ids, a different draw.
-    assert ours["tokens_per_step"] == expected[1]
-    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
-    per_pair = sorted(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
-                      for r in rows)
-    for trl in (trl_onthefly, trl_precompute):
-        assert per_pair[0] + per_pair[1] <= trl["tokens_per_step"] <= per_pair[-1] + per_pair[-2]
-        assert trl["tokens_per_s"] > 0 and trl["peak_memory_mb"] > 0
-        assert result["raw"][trl["impl"]][0]["versions"]["trl"]
-    assert ours["tokens_per_s_vs_this"] == 1.0
-    assert trl_onthefly["tokens_per_s_vs_this"] == pytest.approx(
-        ours["tokens_per_s"] / trl_onthefly["tokens_per_s"])
+    assert result["raw"][shared["impl"]][0]["tokens_per_step"] == step_tokens(
+        pairs, 2, shared_prompt=True)[1]
+    assert result["raw"][unpacked["impl"]][0]["tokens_per_step"] == step_tokens(
+        pairs, 2, shared_prompt=False)[1]
+    per_pair = sorted(step_tokens(pairs, 1, shared_prompt=False))
+    trl_run = result["raw"][trl["impl"]][0]
+    assert per_pair[0] + per_pair[1] <= trl_run["tokens_per_step"] <= per_pair[-1] + per_pair[-2]
+    assert trl_run["pairs_per_s"] == pytest.approx(2 / trl_run["step_time_s"])
+    assert trl["peak_memory_mb"] > 0 and trl_run["versions"]["trl"]
+    assert shared["pairs_vs_first"] == 1.0
+    assert trl["pairs_vs_first"] == pytest.approx(shared["pairs_per_s"] / trl["pairs_per_s"])
 
 
 def test_hf_generate_counts_new_tokens(tiny_llama_dir):
