@@ -318,7 +318,7 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
                                   dtype=torch.long), max_new_tokens=gen_cfg.max_tokens,
                                   do_sample=False)[0, len(ids):]
         text = tokenizer.decode(greedy, skip_special_tokens=True)
-        assert generated["responses"][0] == text, generated["prompt_id"]
+        assert generated["responses"][0] == text.strip(), generated["prompt_id"]
 
     # ...and that policy is not the start model: training moved the weights.
     from safetensors.torch import load_file
