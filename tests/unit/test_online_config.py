@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -129,6 +130,33 @@ def test_write_portion_keeps_the_original_boundaries_and_counts_skipped(
     strict = load_config(None, [f"data.train_path={train}", "online.rounds=3"])
     with pytest.raises(DataError, match="row 1: chosen has an empty.*data.skip_bad_rows=true"):
         write_portion(strict, 2, tmp_path / "p.jsonl")
+
+
+def test_portion_with_no_valid_row_stops_naming_it(tmp_path, write_jsonl, preference_row):
+    rows = [preference_row(f"q{i}", f"a{i}", f"b{i}") for i in range(6)]
+    for row in rows[3:]:
+        row["rejected"][-1]["content"] = " "
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = load_config(None, [f"data.train_path={train}", "online.rounds=2",
+                             "data.skip_bad_rows=true"])
+    assert write_portion(cfg, 1, tmp_path / "p1.jsonl") == 3
+    with pytest.raises(ValueError, match="every one of the 3 rows of portion 2 \\(file rows 4..6\\)"):
+        write_portion(cfg, 2, tmp_path / "p2.jsonl")
+
+
+def test_docs_state_the_round_order_the_code_runs(tmp_path):
+    cfg = load_config(None, ["online.rounds=2", f"model.hf_dir={tmp_path}"])
+    names = [p.name for p in RoundPhases(cfg, RunPaths(tmp_path)).build(
+        Manifest(tmp_path / "manifest.json", cfg.to_dict()))]
+    assert [n.split("/")[1] for n in names if n.startswith("round2/")] == [
+        "portion", "export", "generate", "rank", "refpass", "train", "report"]
+    root = EXAMPLES.parents[1]
+    # consecutive arrows: generate (...) -> rank (...) -> reference pass -> train -> export
+    chain = re.compile(r"generate[^>]{0,40}-> rank[^>]{0,40}-> reference pass -> train -> export")
+    for doc in (root / "README.md", root / "docs" / "architecture.md",
+                root / "selm_mcore" / "online.py", root / "examples" / "selm_cpu_demo.sh"):
+        text = re.sub(r"\n#? *", " ", doc.read_text())  # one line, without comment marks
+        assert chain.search(text), doc
 
 
 def test_warmup_round_reads_the_first_portion_of_original_pairs(tmp_path, write_jsonl,
