@@ -28,7 +28,12 @@ With online.warmup_dpo_round (the paper's Zephyr recipe) a round 0 comes first: 
 ``round0/rank`` (held-out scores of the start model only, when there are held-out prompts),
 ``round0/refpass``, ``round0/train`` (plain DPO: loss.alpha = 0, learning rate
 optim.lr_per_round[0]) and ``round0/report``; round 1 then exports, generates from and starts
-from round 0's policy, and round t reads portion t + 1 with optim.lr_per_round[t].
+from round 0's policy, and round t reads portion t + 1 with optim.lr_per_round[t]. This reads
+the reference's Zephyr script (train_zephyr.sh with dpo_config_full.yaml): its first of 4
+iterations is TRL's plain DPOTrainer on train_prefs[0 : 61135 // 4] (the original pairs, no
+y_ref) from the SFT model, with the SELM rounds' settings but alpha (beta 0.01, lr 5e-7, cosine,
+10% warm-up, one epoch, max length 1024 / prompt 512); the SELM iterations then take the next
+quarters from its policy (lr 5e-7, 5e-7, 1e-7).
 
 Processes: every phase but portion and report runs a public ``selm`` subcommand in its own
 process (``selm generate``, ``selm rank``, ``selm refpass``, ``selm train``, ``selm convert``), so

@@ -16,7 +16,7 @@ training summary (mean implicit rewards, reward accuracy, margins, first/last lo
 
 At the end of ``selm run``, ``format_round_table`` prints one row per policy: ``start`` is the
 initial policy, ``round t`` the policy that round t trained, with the statistics of that round's
-data and training. Plots need matplotlib (``pip install 'selm-mcore[reports]'``); they use the
+data and training (``round 0 (DPO warm-up)`` first, when online.warmup_dpo_round is set). Plots need matplotlib (``pip install 'selm-mcore[reports]'``); they use the
 Agg backend and never open a window.
 """
 
