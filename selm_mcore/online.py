@@ -3,22 +3,37 @@
     selm run CONFIG [--set a.b=v ...] [--redo PHASE] [--list-phases]
 
 One linear list of phases; for round t = 1..T each phase writes one output under
-``WORKDIR/round_t/`` (the phase runner, its manifest and resumption rules: ``selm_mcore.runner``):
+``WORKDIR/round_t/`` (the phase runner, its manifest and resumption rules: ``selm_mcore.runner``).
+A round runs, in this order:
 
-    portion   portion t of data.train_path (data.split_rounds)               portion.jsonl
-    export    the policy trained in round t-1 as an HF folder for vLLM        policy_hf/
-              (round 1 generates from model.hf_dir itself)
-    generate  greedy y_ref for the portion and the held-out prompts (vLLM)    generate/
+    portion   portion t of data.train_path (selm_mcore.portions)           portion.jsonl
+    export    the policy trained in round t-1 as an HF folder for vLLM       policy_hf/
+              (every round but the first: it generates from model.hf_dir)
+    generate  greedy y_ref for the portion and the held-out prompts (vLLM)   generate/
     rank      rank [y_ref, y_w, y_l]: best/worst -> new pairs with a
-              reference_response column; held-out scores (one ranker load)  rank/
-    refpass   reference log-probs of chosen / rejected / y_ref                refpass/
-    train     one round of SELM training -> Megatron checkpoint train/final   train/
-    report    held-out score distribution, implicit rewards, win counts       report/
+              reference_response column; held-out scores (one ranker load) rank/
+    refpass   reference log-probs of chosen / rejected / y_ref               refpass/
+    train     one round of SELM training -> Megatron checkpoint train/final  train/
+    report    held-out score distribution, implicit rewards, win counts      report/
 
-then ``final/export``, ``final/generate``, ``final/rank`` and ``final/report`` score the last
-policy on the held-out prompts (online.final_eval). The round's starting policy and frozen
-reference is round t-1's ``train/final`` (round 1: model.hf_dir). At the end a table with one row
-per policy is printed (``reports.format_round_table``).
+so the data flows generate -> rank -> reference pass -> train -> export (opening the next
+round) -> generate ... Then ``final/export``, ``final/generate``, ``final/rank`` and
+``final/report`` score the last policy on the held-out prompts (online.final_eval). The round's
+starting policy and frozen reference is round t-1's ``train/final`` (the first round:
+model.hf_dir). At the end a table with one row per policy is printed
+(``reports.format_round_table``).
+
+With online.warmup_dpo_round (the paper's Zephyr recipe) a round 0 comes first: ``round0/portion``
+(the first of rounds + 1 portions: the original chosen/rejected pairs), ``round0/generate`` and
+``round0/rank`` (held-out scores of the start model only, when there are held-out prompts),
+``round0/refpass``, ``round0/train`` (plain DPO: loss.alpha = 0, learning rate
+optim.lr_per_round[0]) and ``round0/report``; round 1 then exports, generates from and starts
+from round 0's policy, and round t reads portion t + 1 with optim.lr_per_round[t]. This reads
+the reference's Zephyr script (train_zephyr.sh with dpo_config_full.yaml): its first of 4
+iterations is TRL's plain DPOTrainer on train_prefs[0 : 61135 // 4] (the original pairs, no
+y_ref) from the SFT model, with the SELM rounds' settings but alpha (beta 0.01, lr 5e-7, cosine,
+10% warm-up, one epoch, max length 1024 / prompt 512); the SELM iterations then take the next
+quarters from its policy (lr 5e-7, 5e-7, 1e-7).
 
 Processes: every phase but portion and report runs a public ``selm`` subcommand in its own
 process (``selm generate``, ``selm rank``, ``selm refpass``, ``selm train``, ``selm convert``), so
@@ -44,9 +59,10 @@ from typing import Any
 
 from selm_mcore.config import (ConfigError, SelmConfig, add_config_arguments, config_from_args,
                                save_config)
-from selm_mcore.data import prompt_conversation, read_rows, split_rounds
+from selm_mcore.data import prompt_conversation
 from selm_mcore.files import hash_path, read_records, write_jsonl_atomic
 from selm_mcore.pairs import EVAL_ID_PREFIX, eval_anchor
+from selm_mcore.portions import first_round, write_portion
 from selm_mcore.runner import (
     FAULT_ENV,
     Manifest,
@@ -124,41 +140,6 @@ class RunPaths:
         return self.logs / (phase_name.replace("/", "_") + ".log")
 
 
-def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
-    """Portion ``round_index`` of data.train_path (data.split_rounds), capped at
-    online.max_prompts_per_round, as validated rows in the file schema plus the ranking's answer
-    column; rows without a prompt_id get ``row-<file row>``. Returns the row count."""
-    train_path = Path(cfg.data.train_path)
-    if not cfg.data.train_path:
-        raise ValueError("data.train_path is empty: point it at the preference (or prompt) rows")
-    loaded = read_rows(train_path, skip_bad_rows=cfg.data.skip_bad_rows)
-    # Only the verifiable ranker reads a column beyond the file schema (its answers).
-    raw = (dict(read_records(train_path, with_row_numbers=True))
-           if cfg.ranking.kind == "verifiable" else {})
-    portion = split_rounds(loaded.rows, cfg.online.rounds)[round_index - 1]
-    if cfg.online.max_prompts_per_round:
-        portion = portion[:cfg.online.max_prompts_per_round]
-    records, seen = [], {}
-    for row in portion:
-        file_row = int(row.source.rsplit(":", 1)[1])
-        record = row.to_record()
-        record.setdefault("prompt_id", f"row-{file_row}")
-        answer = raw.get(file_row, {}).get(cfg.ranking.answer_key)
-        if answer is not None:
-            record[cfg.ranking.answer_key] = answer
-        if record["prompt_id"] in seen:
-            raise ValueError(
-                f"{train_path} row {file_row}: prompt_id {record['prompt_id']!r} repeats row "
-                f"{seen[record['prompt_id']]}; prompt ids key generations to rows, make them "
-                "unique")
-        seen[record["prompt_id"]] = file_row
-        records.append(record)
-    write_jsonl_atomic(out_path, records)
-    logger.info("round %d: %d rows (portion %d of %d of %s)", round_index, len(records),
-                round_index, cfg.online.rounds, train_path)
-    return len(records)
-
-
 def read_eval_rows(cfg: SelmConfig) -> list[dict[str, Any]]:
     """The held-out rows (the first online.max_eval_prompts), [] without data.eval_prompts_path."""
     if not cfg.data.eval_prompts_path:
@@ -202,16 +183,30 @@ class RoundPhases:
 
     # Policy of round t: what it generates from (HF) and what training starts from.
     def policy_hf(self, t: int) -> Path:
-        """HF folder vLLM serves in round t (round 1: model.hf_dir)."""
-        if t == 1:
+        """HF folder vLLM serves in round t (the first round: model.hf_dir)."""
+        if t == first_round(self.cfg):
             return Path(self.cfg.model.hf_dir).absolute()
         return self.paths.round_dir(t) / "policy_hf"
 
     def policy_start(self, t: int) -> Path:
-        """The round's starting policy and frozen reference (Megatron checkpoint for t > 1)."""
-        if t == 1:
+        """The round's starting policy and frozen reference (the first round: model.hf_dir,
+        later: round t-1's Megatron checkpoint)."""
+        if t == first_round(self.cfg):
             return Path(self.cfg.model.hf_dir).absolute()
         return self.paths.round_dir(t - 1) / "train" / "final"
+
+    def train_data(self, t: int) -> Path:
+        """What round t trains on: the ranked pairs (the warm-up: its portion's original pairs)."""
+        round_dir = self.paths.round_dir(t)
+        return round_dir / "portion.jsonl" if t == 0 else round_dir / "rank" / "pairs.jsonl"
+
+    def round_overrides(self, t: int) -> dict[str, Any]:
+        """Config overrides the Megatron phases of round t share: the learning-rate schedule
+        position, and for the warm-up alpha = 0 (plain DPO, as the reference's first round)."""
+        overrides: dict[str, Any] = dict(train__round_index=t + 1 - first_round(self.cfg))
+        if t == 0:
+            overrides["loss__alpha"] = 0
+        return overrides
 
     def _run(self, name: str, cmd: list[str]) -> None:
         run_command(cmd, self.paths.log(name), timeout_s=self.timeout_s)
@@ -274,10 +269,9 @@ class RoundPhases:
         def run(partial: Path) -> None:
             partial.mkdir()
             cmd = megatron_command(self.cfg, "refpass", str(self.paths.config), *self._overrides(
-                train__init_from=self.policy_start(t),
-                data__train_path=round_dir / "rank" / "pairs.jsonl",
+                train__init_from=self.policy_start(t), data__train_path=self.train_data(t),
                 train__ref_cache=partial / "ref_logps.safetensors",
-                train__output_dir=partial, train__round_index=t))
+                train__output_dir=partial, **self.round_overrides(t)))
             self._run(name, cmd)
 
         return Phase(name, self.paths.rel(round_dir / "refpass"), run)
@@ -289,8 +283,8 @@ class RoundPhases:
         def run(partial: Path) -> None:
             partial.mkdir(exist_ok=True)
             overrides = dict(train__init_from=self.policy_start(t),
-                             data__train_path=round_dir / "rank" / "pairs.jsonl",
-                             train__output_dir=partial, train__round_index=t)
+                             data__train_path=self.train_data(t), train__output_dir=partial,
+                             **self.round_overrides(t))
             if self.cfg.train.reference_mode == "precomputed":
                 overrides["train__ref_cache"] = round_dir / "refpass" / "ref_logps.safetensors"
             self._run(name, megatron_command(self.cfg, "train", str(self.paths.config),
@@ -304,38 +298,66 @@ class RoundPhases:
 
     def report(self, name: str, round_index: int, generator: str, rank_dir: Path,
                train_dir: Path | None, out: Path, history_dirs: list[Path],
-               manifest: Manifest) -> Phase:
+               manifest: Manifest, warmup: bool = False) -> Phase:
         def run(partial: Path) -> None:
             write_report(partial, round_index=round_index, generator=generator,
                          rank_dir=rank_dir, train_dir=train_dir, history_dirs=history_dirs,
-                         phase_seconds=_round_seconds(manifest, name.split("/")[0]))
+                         phase_seconds=_round_seconds(manifest, name.split("/")[0]),
+                         warmup=warmup)
 
         return Phase(name, self.paths.rel(out), run)
+
+    def warmup_round(self, manifest: Manifest) -> list[Phase]:
+        """Round 0, the offline DPO warm-up: its portion's original pairs, alpha = 0, from
+        model.hf_dir; held-out scores of the start model when there are held-out prompts."""
+        round_dir = self.paths.round_dir(0)
+        phases = [self.portion(0)]
+        if self.eval_rows:
+            phases.append(self.generate("round0/generate", self.policy_hf(0),
+                                        round_dir / "generate", None))
+            phases.append(self.rank("round0/rank", round_dir / "generate", round_dir / "rank",
+                                    None))
+        if self.cfg.train.reference_mode == "precomputed":
+            phases.append(self.refpass(0))
+        phases.append(self.train(0))
+        phases.append(self.report("round0/report", 0, "start", round_dir / "rank",
+                                  round_dir / "train", round_dir / "report", [], manifest,
+                                  warmup=True))
+        return phases
+
+    def selm_round(self, t: int, manifest: Manifest, reports: list[Path]) -> list[Phase]:
+        """SELM round t: generate -> rank -> reference pass -> train (-> report); the export of
+        the previous round's policy for vLLM opens every round but the first."""
+        round_dir = self.paths.round_dir(t)
+        portion = round_dir / "portion.jsonl"
+        phases = [self.portion(t)]
+        if t > first_round(self.cfg):
+            phases.append(self.export(f"round{t}/export", self.policy_start(t),
+                                      self.policy_hf(t)))
+        phases.append(self.generate(f"round{t}/generate", self.policy_hf(t),
+                                    round_dir / "generate", portion))
+        phases.append(self.rank(f"round{t}/rank", round_dir / "generate", round_dir / "rank",
+                                portion))
+        if self.cfg.train.reference_mode == "precomputed":
+            phases.append(self.refpass(t))
+        phases.append(self.train(t))
+        generator = "start" if t == first_round(self.cfg) else f"round {t - 1} policy"
+        phases.append(self.report(f"round{t}/report", t, generator, round_dir / "rank",
+                                  round_dir / "train", round_dir / "report", list(reports),
+                                  manifest))
+        return phases
 
     def build(self, manifest: Manifest) -> list[Phase]:
         """Every phase of the run, in order."""
         phases: list[Phase] = []
         reports: list[Path] = []
         rounds = self.cfg.online.rounds
+        if self.cfg.online.warmup_dpo_round:
+            phases += self.warmup_round(manifest)
+            reports.append(self.paths.round_dir(0) / "report")
         for t in range(1, rounds + 1):
-            round_dir = self.paths.round_dir(t)
-            portion = round_dir / "portion.jsonl"
-            phases.append(self.portion(t))
-            if t > 1:
-                phases.append(self.export(f"round{t}/export", self.policy_start(t),
-                                          self.policy_hf(t)))
-            phases.append(self.generate(f"round{t}/generate", self.policy_hf(t),
-                                        round_dir / "generate", portion))
-            phases.append(self.rank(f"round{t}/rank", round_dir / "generate", round_dir / "rank",
-                                    portion))
-            if self.cfg.train.reference_mode == "precomputed":
-                phases.append(self.refpass(t))
-            phases.append(self.train(t))
-            generator = "start" if t == 1 else f"round {t - 1} policy"
-            phases.append(self.report(f"round{t}/report", t, generator, round_dir / "rank",
-                                      round_dir / "train", round_dir / "report", list(reports),
-                                      manifest))
-            reports.append(round_dir / "report")
+            phases += self.selm_round(t, manifest, reports)
+            reports.append(self.paths.round_dir(t) / "report")
         if self.cfg.online.final_eval and self.eval_rows:
             final = self.paths.final_dir
             last_policy = self.paths.round_dir(rounds) / "train" / "final"
@@ -356,12 +378,12 @@ def _round_seconds(manifest: Manifest, prefix: str) -> dict[str, float]:
 
 def write_report(out_dir: Path, *, round_index: int, generator: str, rank_dir: Path,
                  train_dir: Path | None, history_dirs: list[Path],
-                 phase_seconds: dict[str, float]) -> None:
-    """The report of one round (or of the final evaluation, round_index 0)."""
+                 phase_seconds: dict[str, float], warmup: bool = False) -> None:
+    """The report of one round (or of the final evaluation, round_index 0 without warmup)."""
     from selm_mcore import reports
 
     summary = reports.RoundSummary(round=round_index, generator=generator,
-                                   phase_seconds=phase_seconds)
+                                   phase_seconds=phase_seconds, warmup=warmup)
     if (rank_dir / "eval_scores.jsonl").is_file():
         scores = [row["score"] for row in read_records(rank_dir / "eval_scores.jsonl")]
         summary.eval_score_values = scores
@@ -391,16 +413,33 @@ def add_arguments(parser) -> None:
                         help="print the phases and whether each is done, then exit")
 
 
+def first_readers(cfg: SelmConfig) -> dict[str, str]:
+    """{input: the first phase that reads it} (the DPO warm-up round 0 generates and ranks only
+    when there are held-out prompts)."""
+    if not cfg.online.warmup_dpo_round:
+        return {"data.train_path": "round1/portion", "model.hf_dir": "round1/generate",
+                "data.eval_prompts_path": "round1/generate", "ranking": "round1/rank"}
+    first_megatron = "round0/refpass" if cfg.train.reference_mode == "precomputed" else \
+        "round0/train"
+    held_out = bool(cfg.data.eval_prompts_path)
+    return {"data.train_path": "round0/portion",
+            "model.hf_dir": "round0/generate" if held_out else first_megatron,
+            "data.eval_prompts_path": "round0/generate",
+            "ranking": "round0/rank" if held_out else "round1/rank"}
+
+
 def input_hashes(cfg: SelmConfig, full_hash_max_bytes: int) -> dict[str, tuple[str, str]]:
     """{input: (content hash, first phase that reads it)} for what a run reads from outside its
     workdir."""
-    inputs = {"data.train_path": (cfg.data.train_path, "round1/portion"),
-              "model.hf_dir": (cfg.model.hf_dir, "round1/generate"),
-              "data.eval_prompts_path": (cfg.data.eval_prompts_path, "round1/generate")}
+    readers = first_readers(cfg)
+    inputs = {"data.train_path": (cfg.data.train_path, readers["data.train_path"]),
+              "model.hf_dir": (cfg.model.hf_dir, readers["model.hf_dir"]),
+              "data.eval_prompts_path": (cfg.data.eval_prompts_path,
+                                         readers["data.eval_prompts_path"])}
     if cfg.ranking.kind != "verifiable" and Path(cfg.ranking.model_path).exists():
-        inputs["ranking.model_path"] = (cfg.ranking.model_path, "round1/rank")
+        inputs["ranking.model_path"] = (cfg.ranking.model_path, readers["ranking"])
         if cfg.ranking.backbone:
-            inputs["ranking.backbone"] = (cfg.ranking.backbone, "round1/rank")
+            inputs["ranking.backbone"] = (cfg.ranking.backbone, readers["ranking"])
     return {key: (hash_path(path, full_hash_max_bytes), first)
             for key, (path, first) in inputs.items() if path}
 
@@ -408,7 +447,7 @@ def input_hashes(cfg: SelmConfig, full_hash_max_bytes: int) -> dict[str, tuple[s
 def collect_summaries(paths: RunPaths, rounds: int):
     from selm_mcore import reports
 
-    dirs = [paths.round_dir(t) / "report" for t in range(1, rounds + 1)]
+    dirs = [paths.round_dir(t) / "report" for t in range(0, rounds + 1)]
     dirs.append(paths.final_dir / "report")
     return [reports.read_summary(d) for d in dirs if (d / "summary.json").is_file()]
 

@@ -14,6 +14,13 @@
 All sequences of a pair land in the same micro-batch. The pairs of a step (one DP rank's slice)
 are packed first-fit-decreasing into as few rows as fit; each row is one micro-batch.
 
+What bounds a pair: truncation (``selm_mcore.dataset``) decides the prompt and chosen/rejected
+from the pair alone and cuts y_ref on its own to what fits after that prompt, so each sequence
+(prompt + response) is at most data.max_length tokens. A pair of P prompt tokens then takes at
+most ``3 * max_length`` tokens in ``pack`` and ``P + 3 * (max_length - P)`` in
+``shared_prompt`` (2 instead of 3 without y_ref); ``auto_budget`` is the longest actual pair and
+``check_budget`` refuses a budget some pair does not fit.
+
 The layout reaches the attention as ``PackedBatch.segments``, an int64 CPU tensor [G, 6] with one
 row per group of tokens that attend to each other (a pair in shared_prompt, a sequence in pack):
 ``(row, start, prompt_len, r1, r2, r3)``: tokens ``[start, start + prompt_len)`` attend causally;

@@ -4,8 +4,10 @@ SELM step 3 (see ``docs/architecture.md``): per prompt, rank ``[y_ref, y_w, y_l]
 order) against the raw prompt text; the best-ranked candidate becomes the new chosen, the
 worst-ranked the new rejected, and ties go to the first index, so y_ref wins ties and a full tie
 gives chosen == rejected (a zero DPO gradient). The original y_w can end up rejected. Prompt-only
-rows rank their k generated samples instead. Pairs with an empty chosen, rejected or y_ref are
-dropped (and counted): the data schema refuses empty responses.
+rows rank their k generated samples instead. Generated responses are stripped of surrounding
+whitespace before ranking and training, as the reference code does (``selm generate`` writes
+them stripped already; generations from elsewhere are stripped here). Pairs with an empty
+chosen, rejected or y_ref are dropped (and counted): the data schema refuses empty responses.
 
 The held-out score of a policy is the ranker's score of its response to each held-out prompt
 (pairwise rankers: against the row's chosen response).
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from selm_mcore.config import add_config_arguments, config_from_args
-from selm_mcore.data import prompt_conversation, raw_prompt
+from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.files import read_records, write_jsonl_atomic
 from selm_mcore.ranking import PairRMRanker, Ranker, build_ranker, ranks_from_scores
 
@@ -56,7 +58,8 @@ def build_pairs(rows: Sequence[Mapping[str, Any]], y_refs: Mapping[str, Sequence
     prompt-only rows (prompt_id + prompt or messages). ``y_refs``: prompt_id -> the policy's
     responses (``generate_file`` output; a str counts as one response).
 
-    * Preference row: candidates [y_ref, y_w, y_l] with y_ref = responses[0].
+    * Preference row: candidates [y_ref, y_w, y_l] with y_ref = responses[0] (every generated
+      response stripped of surrounding whitespace, as the reference code).
     * Prompt-only row: candidates = all its responses (k >= 2); reference_response = the first.
 
     Ranked against the raw prompt text. chosen = the best rank, rejected = the worst rank, ties to
@@ -79,6 +82,7 @@ def build_pairs(rows: Sequence[Mapping[str, Any]], y_refs: Mapping[str, Sequence
                            "generations; regenerate this round's responses")
         responses = y_refs[prompt_id]
         responses = [responses] if isinstance(responses, str) else list(responses)
+        responses = [strip_response(r) for r in responses]
         if not responses:
             raise ValueError(f"{where}: the generations hold no response")
         messages = prompt_conversation(row, where)
@@ -174,7 +178,7 @@ def score_eval_responses(ranker, eval_rows: list[dict[str, Any]],
         key = EVAL_ID_PREFIX + str(row["prompt_id"])
         if key not in generations:
             raise KeyError(f"held-out prompt {row['prompt_id']!r} has no generated response")
-        response = generations[key][0]
+        response = strip_response(generations[key][0])
         prompts.append(raw_prompt(row, prompt_conversation(row, f"held-out prompt {key!r}")))
         if isinstance(ranker, PairRMRanker):
             anchor = eval_anchor(row)

@@ -16,7 +16,7 @@ training summary (mean implicit rewards, reward accuracy, margins, first/last lo
 
 At the end of ``selm run``, ``format_round_table`` prints one row per policy: ``start`` is the
 initial policy, ``round t`` the policy that round t trained, with the statistics of that round's
-data and training. Plots need matplotlib (``pip install 'selm-mcore[reports]'``); they use the
+data and training (``round 0 (DPO warm-up)`` first, when online.warmup_dpo_round is set). Plots need matplotlib (``pip install 'selm-mcore[reports]'``); they use the
 Agg backend and never open a window.
 """
 
@@ -145,7 +145,8 @@ class TrainStats:
 
 @dataclass
 class RoundSummary:
-    """Everything the report of one round says; ``round`` 0 labels the final evaluation."""
+    """Everything the report of one round says; ``round`` 0 labels the final evaluation, or,
+    with ``warmup``, the offline DPO warm-up round that precedes the SELM rounds."""
 
     round: int
     generator: str                       # which policy generated this round's data and scores
@@ -154,6 +155,7 @@ class RoundSummary:
     wins: WinCounts | None = None
     train: TrainStats | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    warmup: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,7 +168,8 @@ class RoundSummary:
             eval_score_values=list(data.get("eval_score_values", [])),
             wins=WinCounts(**data["wins"]) if data.get("wins") else None,
             train=TrainStats(**data["train"]) if data.get("train") else None,
-            phase_seconds=dict(data.get("phase_seconds", {})))
+            phase_seconds=dict(data.get("phase_seconds", {})),
+            warmup=bool(data.get("warmup", False)))
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -247,7 +250,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def render_markdown(summary: RoundSummary, history: Sequence[RoundSummary]) -> str:
     """The round's report.md (``history``: earlier rounds' summaries, for the score table)."""
-    title = f"Round {summary.round}" if summary.round else "Final policy"
+    if summary.warmup:
+        title = f"Round {summary.round} (DPO warm-up on the original pairs)"
+    else:
+        title = f"Round {summary.round}" if summary.round else "Final policy"
     lines = [f"# SELM {title}", "", f"Generator: {summary.generator}", ""]
     lines += ["## Held-out scores (greedy responses, ranker scores)", "",
               "| policy | n | mean | std | p10 | median | p90 | share > 0 |",
@@ -311,18 +317,20 @@ TABLE_COLUMNS = ("policy", "held-out score", "score > 0", "pairs", "y_ref chosen
 
 
 def format_round_table(summaries: Sequence[RoundSummary]) -> str:
-    """One markdown row per policy: start, then the policy trained in each round.
+    """One markdown row per policy: start, then the policy trained in each round (a DPO
+    warm-up round 0 first, when the run has one).
 
     A round's summary holds the scores of its *generator* (the previous policy), so the scores of
-    the policy round t trained come from round t+1's summary or the final evaluation (round 0).
+    the policy round t trained come from round t+1's summary or the final evaluation.
     """
-    rounds = sorted((s for s in summaries if s.round > 0), key=lambda s: s.round)
-    final = [s for s in summaries if s.round == 0]
-    scored_by = {}  # policy index (0 = start) -> its held-out scores
+    rounds = sorted((s for s in summaries if s.round > 0 or s.warmup), key=lambda s: s.round)
+    final = [s for s in summaries if s.round == 0 and not s.warmup]
+    scored_by = {}  # round that trained the policy (start: the first round - 1) -> its scores
     for s in rounds:
         scored_by[s.round - 1] = s.eval_scores
     if final and rounds:
         scored_by[rounds[-1].round] = final[0].eval_scores
+    start = rounds[0].round - 1 if rounds else 0
 
     def score(index: int) -> list[str]:
         stats = scored_by.get(index)
@@ -330,11 +338,11 @@ def format_round_table(summaries: Sequence[RoundSummary]) -> str:
             return ["-", "-"]
         return [f"{stats.mean:.3f} ± {stats.std:.3f} (n={stats.n})", f"{stats.positive:.3f}"]
 
-    rows = [["start", *score(0), "", "", "", "", "", "", "", ""]]
+    rows = [["start", *score(start), "", "", "", "", "", "", "", ""]]
     for s in rounds:
         w, t = s.wins, s.train
         rows.append([
-            f"round {s.round}", *score(s.round),
+            f"round {s.round}" + (" (DPO warm-up)" if s.warmup else ""), *score(s.round),
             str(w.pairs) if w else "-",
             f"{w.yref_chosen}/{w.yref_rejected}/{w.yref_dropped}" if w else "-",
             str(w.original_flipped) if w else "-",

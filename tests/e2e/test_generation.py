@@ -27,6 +27,8 @@ CONVERSATIONS = [
      {"role": "user", "content": "Tell me a story about the sea."}],
     "Please explain the answer step by step. " * 25,
 ]
+# Longer than the engine's max_model_len (about 690 tokens with the tiny tokenizer).
+LONG_PROMPT = "Please explain the answer step by step. " * 40
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,22 @@ def test_reload_weights_serves_the_new_weights(generator, tiny_llama_dir):
     assert [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)] == before
 
 
+def test_prompt_longer_than_the_context_keeps_its_end(generator, tiny_llama_dir):
+    """A prompt past generation.max_model_len - max_tokens is truncated, not an error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": LONG_PROMPT}],
+                                         add_generation_prompt=True, tokenize=False)
+    full = tokenizer(text, add_special_tokens=False)["input_ids"]
+    context = ENGINE_KW["max_model_len"] - MAX_TOKENS
+    assert len(full) > ENGINE_KW["max_model_len"]
+    (completions,) = generator.generate_outputs([LONG_PROMPT])
+    assert completions[0].prompt_tokens_cut == len(full) - context
+    assert completions[0].token_ids == hf_greedy(hf, full[-context:])  # the end, as training
+
+
 # --- files and CLI (subprocesses) --------------------------------------------------------------
 
 
@@ -117,6 +135,7 @@ PROMPT_ROWS = [
     {"prompt_id": "p2", "prompt": "Name three animals."},
     {"prompt_id": "p3", "prompt": "Why is the sea salty?"},
     {"prompt_id": "p4", "prompt": "Write one word."},
+    {"prompt_id": "p5", "prompt": LONG_PROMPT},
 ]
 
 
@@ -165,10 +184,15 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
     assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in PROMPT_ROWS]
     assert rows[1]["prompt"] == "Tell me a story."
     for row in rows:
-        assert set(row) == {"prompt_id", "prompt", "responses", "finish_reasons"}
+        assert set(row) == {"prompt_id", "prompt", "responses", "finish_reasons",
+                            "prompt_tokens_cut"}
         assert len(row["responses"]) == 2 and all(isinstance(t, str) for t in row["responses"])
+        assert all(t == t.strip() for t in row["responses"])  # stripped, as the reference
         assert set(row["finish_reasons"]) <= {"stop", "length"}
+    # The long prompt is truncated to the generation context and counted, the others are whole.
+    assert [bool(r["prompt_tokens_cut"]) for r in rows] == [False] * 5 + [True]
     assert results[2] == results[1], "2 data-parallel engines must give the 1-engine output"
+    assert "1 prompts truncated to the generation context of 488 tokens" in proc.stderr
 
     # Greedy with the extra EOS: vLLM stops where HF stops.
     config = write_config(tmp_path / "greedy.yaml", generation=ENGINE_KW)
@@ -185,7 +209,7 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
     reference = hf_greedy(hf, prompt_ids)  # HF reads the same generation_config.json
     assert len(reference) < MAX_TOKENS and reference[-1] in hf.generation_config.eos_token_id
     assert row["finish_reasons"] == ["stop"]
-    assert row["responses"] == [tokenizer.decode(reference[:-1], skip_special_tokens=True)]
+    assert row["responses"] == [tokenizer.decode(reference[:-1], skip_special_tokens=True).strip()]
 
 
 def test_errors_surface_with_nonzero_exit(tiny_llama_dir, tmp_path, write_config):

@@ -16,7 +16,10 @@ Checks, each against something computed independently of the code under test:
 * a kill inside each kind of phase (SIGKILL via SELM_FAULT, and the trainer killed mid-round)
   then a rerun: it resumes and ends with exactly the weights and pairs of an uninterrupted run;
 * a generation failure and a ranker failure stop the run: exit status 1, the phase and the
-  cause named, nothing after it run.
+  cause named, nothing after it run;
+* the DPO warm-up round (online.warmup_dpo_round): plain DPO on the first portion's original
+  pairs, then round 1 from its policy (the reference log-probs of round 1 equal HF's on round 0's
+  checkpoint mapped by hand), resumable after a kill, the switch part of the run's identity.
 
 The rank phase runs the public ``selm rank`` (new pairs and held-out scores in one process).
 """
@@ -318,7 +321,7 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
                                   dtype=torch.long), max_new_tokens=gen_cfg.max_tokens,
                                   do_sample=False)[0, len(ids):]
         text = tokenizer.decode(greedy, skip_special_tokens=True)
-        assert generated["responses"][0] == text, generated["prompt_id"]
+        assert generated["responses"][0] == text.strip(), generated["prompt_id"]
 
     # ...and that policy is not the start model: training moved the weights.
     from safetensors.torch import load_file
@@ -365,6 +368,66 @@ def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, asset
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S)
+def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference_row):
+    """online.warmup_dpo_round: round 0 trains plain DPO on the first half's original pairs, round
+    1 generates from, starts from and is referenced against round 0's policy; a kill inside
+    round 0's training resumes; a changed warm-up switch is refused."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    workdir = tmp_path / "run"
+    config = assets.config(workdir, data={"eval_prompts_path": ""},
+                           online={"rounds": 1, "warmup_dpo_round": True, "final_eval": False})
+    result = selm_run(config, env={"SELM_FAULT": "round0/train"})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-4000:]
+    result = selm_run(config)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert list(manifest["phases"]) == [
+        "round0/portion", "round0/refpass", "round0/train", "round0/report",
+        "round1/portion", "round1/export", "round1/generate", "round1/rank", "round1/refpass",
+        "round1/train", "round1/report"]
+    assert "| round 0 (DPO warm-up) |" in result.stdout
+
+    # round 0: the first half of the file, its original pairs, no y_ref, alpha = 0
+    rows = _rows(preference_row)
+    portion0 = read_records(workdir / "round_0" / "portion.jsonl")
+    assert [r["chosen"] for r in portion0] == [r["chosen"] for r in rows[:4]]
+    assert [r["rejected"] for r in portion0] == [r["rejected"] for r in rows[:4]]
+    assert [r["prompt_id"] for r in read_records(workdir / "round_1" / "portion.jsonl")] == \
+        [f"p{i}" for i in range(4, 8)]
+    steps0 = read_records(workdir / "round_0" / "train" / "metrics.jsonl")
+    steps1 = read_records(workdir / "round_1" / "train" / "metrics.jsonl")
+    assert [s["step"] for s in steps0] == [1, 2]
+    assert steps0[0]["loss/preference"] == pytest.approx(math.log(2), abs=1e-5)
+    assert all("logps/pi_response" not in s for s in steps0)  # no y_ref in the warm-up
+    assert all("logps/pi_response" in s for s in steps1)
+    # optim.lr_per_round = [1e-3, 5e-4]: the warm-up takes the first entry, round 1 the second
+    assert steps0[0]["lr"] == pytest.approx(2 * steps1[0]["lr"])
+
+    # round 1's reference (its cached log-probs) is round 0's trained policy, mapped by hand
+    state = checkpoint_tensors(workdir / "round_0" / "train" / "final", tmp_path / "r0.pt")
+    warm = _hf_model_from_megatron(state, assets.tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_llama))
+    cache = load_file(str(workdir / "round_1" / "refpass" / "ref_logps.safetensors"))
+    pairs = read_records(workdir / "round_1" / "rank" / "pairs.jsonl")
+    for i, pair in enumerate(pairs):
+        expected = _hf_sequence_logps(warm, tokenizer, pair["chosen"][:-1],
+                                      pair["chosen"][-1]["content"])
+        assert float(cache["ref_chosen_logps"][i]) == pytest.approx(expected, abs=1e-3), i
+    start_weights = load_file(str(assets.tiny_llama / "model.safetensors"))
+    assert not torch.equal(start_weights["model.layers.0.mlp.down_proj.weight"],
+                           warm.state_dict()["model.layers.0.mlp.down_proj.weight"])
+    assert "round_0/train/final" in (workdir / "logs" / "round1_export.log").read_text()
+
+    # the finished run resumes to nothing; switching the warm-up off is refused
+    again = selm_run(config, "--list-phases")
+    assert again.returncode == 0 and "todo" not in again.stdout
+    changed = selm_run(config, "--set", "online.warmup_dpo_round=false")
+    assert changed.returncode == 1 and "online.warmup_dpo_round" in changed.stderr
 
 
 def test_generation_failure_stops_the_run(assets, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from selm_mcore.data import (
     DataError,
+    file_portion,
     prompt_conversation,
     raw_prompt,
     read_rows,
@@ -226,6 +227,30 @@ def test_split_rounds_contiguous_equal_tail_unused():
     assert [len(p) for p in split_rounds(range(61135), 4)] == [15283] * 4
     with pytest.raises(ValueError, match="cannot be split into 12"):
         split_rounds(rows, 12)
+
+
+def test_file_portions_split_the_original_rows_and_skip_inside(tmp_path, preference_row):
+    """Bad rows are skipped inside their portion; the boundaries are those of the whole file
+    (12 records -> rows 1-4, 5-8, 9-12), as the reference slices train_prefs[a:b]."""
+    lines = [json.dumps(preference_row(f"q{i}", f"a{i}", f"b{i}")) for i in range(12)]
+    lines[0] = json.dumps(preference_row("q0", "a0", "  "))  # an empty response
+    lines[1] = "{not json"
+    lines[6] = json.dumps({"prompt": "q6"})  # no pair in a preference file
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n\n")  # a trailing blank line is not a row
+    loaded = read_rows(path, skip_bad_rows=True)
+    assert loaded.num_skipped == 3 and loaded.record_rows == list(range(1, 13))
+    portions = [file_portion(loaded, 3, k) for k in (1, 2, 3)]
+    assert [[r.prompt for r in p.rows] for p in portions] == [
+        ["q2", "q3"], ["q4", "q5", "q7"], ["q8", "q9", "q10", "q11"]]
+    assert [(p.first_row, p.last_row, p.num_records) for p in portions] == [
+        (1, 4, 4), (5, 8, 4), (9, 12, 4)]
+    assert [[e.row for e in p.skipped] for p in portions] == [[1, 2], [7], []]
+    # quarters of the same file (the Zephyr split), the remainder unused
+    assert [(p.first_row, p.last_row) for p in (file_portion(loaded, 5, k) for k in (1, 5))] == \
+        [(1, 2), (9, 10)]
+    with pytest.raises(ValueError, match="portion 4 does not exist"):
+        file_portion(loaded, 3, 4)
 
 
 # --- which conversation a row continues -------------------------------------------------------

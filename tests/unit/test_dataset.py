@@ -139,9 +139,65 @@ def test_truncate_rules():
     # short prompt, long response: the prompt stays, responses cut to 32 (as the reference does)
     p, r, pc, rc = truncate(prompt[:20], [short, long_], 64, 32)
     assert p == prompt[:20] and r == [short, long_[:32]] and (pc, rc) == (False, True)
-    # a long y_ref (third response) counts in "longest"
-    p, r, pc, rc = truncate(prompt[:40], [short, short, long_], 64, 32)
-    assert p == prompt[8:40] and r == [short, short, long_[:32]] and (pc, rc) == (True, True)
+
+
+def test_yref_is_truncated_on_its_own():
+    """The pair alone decides; y_ref never shortens the prompt, chosen or rejected."""
+    prompt = list(range(100, 180))  # 80 tokens
+    short, long_, yref = list(range(10)), list(range(50)), list(range(500, 560))
+    # the pair fits (40 + 10 <= 64): nothing of it is cut; y_ref gets the 64 - 40 = 24 that fit
+    p, r, pc, rc = truncate(prompt[:40], [short, short, yref], 64, 32)
+    assert p == prompt[:40] and r == [short, short, yref[:24]] and (pc, rc) == (False, False)
+    # a short y_ref stays whole
+    assert truncate(prompt[:40], [short, short, yref[:5]], 64, 32)[1] == [short, short, yref[:5]]
+    # the pair is cut: y_ref follows the pair's rule (max_length - max_prompt_length = 32), even
+    # where the short prompt would leave it 64 - 20 = 44 (the reference code)
+    p, r, pc, rc = truncate(prompt[:20], [long_, short, yref], 64, 32)
+    assert p == prompt[:20] and r == [long_[:32], short, yref[:32]] and (pc, rc) == (False, True)
+    p, r, pc, rc = truncate(prompt, [long_, short, yref], 64, 32)
+    assert p == prompt[-32:] and r == [long_[:32], short, yref[:32]] and (pc, rc) == (True, True)
+    # the prompt is cut for the pair, y_ref fills the rest after it: 64 - 32
+    p, r, pc, rc = truncate(prompt, [short, short, yref], 64, 32)
+    assert p == prompt[-32:] and r == [short, short, yref[:32]] and (pc, rc) == (True, False)
+
+
+def _reference_tokenize_row(prompt, chosen, rejected, yref, max_length, max_prompt_length):
+    """SELMTrainer.tokenize_row's truncation (keep_end), transliterated: every answer carries its
+    own copy of the prompt; the length check uses the longer of chosen and rejected."""
+    answers = {name: {"prompt": list(prompt), "response": list(ids)}
+               for name, ids in (("chosen", chosen), ("rejected", rejected), ("yref", yref))}
+    longer = max(len(chosen), len(rejected))
+    for answer in answers.values():
+        if len(answer["prompt"]) + longer > max_length:
+            answer["prompt"] = answer["prompt"][-max_prompt_length:]
+    for answer in answers.values():
+        if len(answer["prompt"]) + longer > max_length:
+            answer["response"] = answer["response"][:max_length - max_prompt_length]
+    return answers
+
+
+def test_truncation_matches_the_reference_code_and_bounds_every_sequence():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        max_length = rng.randint(8, 80)
+        max_prompt_length = rng.randint(1, max_length - 1)
+        prompt, chosen, rejected, yref = ([rng.randint(0, 99) for _ in range(rng.randint(1, 120))]
+                                          for _ in range(4))
+        p, (c, r, y), _, _ = truncate(prompt, [chosen, rejected, yref], max_length,
+                                      max_prompt_length)
+        ref = _reference_tokenize_row(prompt, chosen, rejected, yref, max_length,
+                                      max_prompt_length)
+        assert all(ref[name]["prompt"] == p for name in ref)  # one shared prompt, as there
+        assert (c, r) == (ref["chosen"]["response"], ref["rejected"]["response"])
+        pair_cut = len(ref["chosen"]["prompt"]) + max(len(chosen), len(rejected)) > max_length
+        if pair_cut:
+            assert y == ref["yref"]["response"]
+        else:  # the reference leaves y_ref whole; here it is cut to what fits after the prompt
+            assert y == yref[:max_length - len(p)]
+        assert all(len(p) + len(seq) <= max_length for seq in (c, r, y))  # the packing bound
+        assert y and c and r
 
 
 def test_truncation_counts_and_keep_end_on_real_rows(tmp_path, write_jsonl, preference_row,
@@ -160,8 +216,8 @@ def test_truncation_counts_and_keep_end_on_real_rows(tmp_path, write_jsonl, pref
         dataset = PreferenceDataset.from_rows(loaded, tokenizer, max_length=64,
                                               max_prompt_length=32)
     assert (dataset.stats.prompt_truncated, dataset.stats.response_truncated) == (2, 2)
-    assert "2 prompts truncated" in caplog.text and "2 examples with responses cut to 32" in \
-        caplog.text
+    assert "2 prompts truncated" in caplog.text and \
+        "2 examples with chosen/rejected cut to 32" in caplog.text
     full_prompt = tokenizer(chatml([{"role": "user", "content": long_prompt}]),
                             add_special_tokens=False)["input_ids"]
     assert len(full_prompt) > 32
@@ -173,6 +229,46 @@ def test_truncation_counts_and_keep_end_on_real_rows(tmp_path, write_jsonl, pref
     assert len(dataset[3].prompt_ids) < 32 and not dataset[3].prompt_truncated
     assert dataset.max_sequence_length() <= 64
     assert not dataset[0].prompt_truncated and not dataset[0].response_truncated
+
+
+def test_long_yref_leaves_the_pair_whole_on_real_rows(tmp_path, write_jsonl, preference_row,
+                                                      tiny_tokenizer, caplog):
+    """A long generated y_ref (rows as the rank phase writes them) against a short pair."""
+    from selm_mcore.packing import auto_budget, check_budget
+
+    tokenizer = tiny_tokenizer
+    prompt = " ".join(f"word{i}" for i in range(12))
+    long_yref = "the answer is " * 30
+    rows = [preference_row(prompt, "Yes.", "No.", reference_response=long_yref),
+            preference_row(prompt, "Yes.", "No.", reference_response="Maybe.")]
+    loaded = read_rows(write_jsonl(tmp_path / "d.jsonl", rows)).rows
+    with caplog.at_level(logging.INFO, logger="selm_mcore.dataset"):
+        dataset = PreferenceDataset.from_rows(loaded, tokenizer, max_length=64,
+                                              max_prompt_length=32)
+    full_prompt = tokenizer(chatml([{"role": "user", "content": prompt}]),
+                            add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    assert 32 < len(full_prompt) < 60  # longer than max_prompt_length, but the pair fits
+    example = dataset[0]
+    assert list(example.prompt_ids) == full_prompt and not example.prompt_truncated
+    for ids, text in ((example.chosen_ids, "Yes."), (example.rejected_ids, "No.")):
+        assert list(ids) == tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+    full_yref = tokenizer(long_yref, add_special_tokens=False)["input_ids"]
+    assert list(example.yref_ids) == full_yref[:64 - len(full_prompt)]
+    assert example.yref_truncated and not example.response_truncated
+    assert not dataset[1].yref_truncated
+    assert (dataset.stats.prompt_truncated, dataset.stats.response_truncated,
+            dataset.stats.yref_truncated) == (0, 0, 1)
+    assert "1 y_ref cut to fit" in caplog.text
+    # the packing bound: every sequence fits max_length, so a budget of 3 * max_length always
+    # holds a pair, and the automatic budget is the longest actual pair
+    assert dataset.max_sequence_length() <= 64
+    for shared in (True, False):
+        check_budget(dataset.examples, 3 * 64, shared)
+        assert auto_budget(dataset.examples, shared, 1) == max(
+            (len(e.prompt_ids) if shared else 0)
+            + sum(len(r) + (0 if shared else len(e.prompt_ids)) for r in e.responses)
+            for e in dataset.examples)
 
 
 # --- hashing and the dataset ------------------------------------------------------------------

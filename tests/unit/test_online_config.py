@@ -4,16 +4,20 @@ refuse bad layouts before any phase, round portions, the phase plan and the phas
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from selm_mcore.config import ConfigError, SelmConfig, load_config
+from selm_mcore.files import DataError
 from selm_mcore.online import (
     RoundPhases,
     RunPaths,
     check_run_inputs,
+    first_readers,
     generation_input,
     megatron_command,
     write_portion,
@@ -98,6 +102,122 @@ def test_write_portion_refuses_repeated_prompt_ids(tmp_path, write_jsonl, prefer
                              "online.rounds=2"])
     with pytest.raises(ValueError, match="prompt_id 'same' repeats row 1"):
         write_portion(cfg, 1, tmp_path / "p.jsonl")
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_write_portion_keeps_the_original_boundaries_and_counts_skipped(
+        tmp_path, write_jsonl, preference_row, caplog):
+    rows = [preference_row(f"q{i}", f"a{i}", f"b{i}") for i in range(12)]
+    rows[0]["chosen"][-1]["content"] = ""  # rows 1 and 2 of the file fail validation
+    del rows[1]["rejected"]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = load_config(None, [f"data.train_path={train}", "online.rounds=3",
+                             "data.skip_bad_rows=true"])
+    portions = []
+    with caplog.at_level(logging.INFO, logger="selm_mcore.portions"):
+        for t in (1, 2, 3):
+            write_portion(cfg, t, tmp_path / f"p{t}.jsonl")
+            portions.append([r["prompt"] for r in _read_jsonl(tmp_path / f"p{t}.jsonl")])
+    # thirds of the 12 original rows; not thirds of the 10 valid ones
+    assert portions == [["q2", "q3"], ["q4", "q5", "q6", "q7"], ["q8", "q9", "q10", "q11"]]
+    assert "portion 1 of 3" in caplog.text and "file rows 1..4 (4 rows), 2 valid, 2 skipped" \
+        in caplog.text and "file rows 5..8 (4 rows), 4 valid, 0 skipped" in caplog.text
+    assert f"skipped {train} row 1: chosen has an empty final assistant response" in caplog.text
+
+    strict = load_config(None, [f"data.train_path={train}", "online.rounds=3"])
+    with pytest.raises(DataError, match="row 1: chosen has an empty.*data.skip_bad_rows=true"):
+        write_portion(strict, 2, tmp_path / "p.jsonl")
+
+
+def test_portion_with_no_valid_row_stops_naming_it(tmp_path, write_jsonl, preference_row):
+    rows = [preference_row(f"q{i}", f"a{i}", f"b{i}") for i in range(6)]
+    for row in rows[3:]:
+        row["rejected"][-1]["content"] = " "
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = load_config(None, [f"data.train_path={train}", "online.rounds=2",
+                             "data.skip_bad_rows=true"])
+    assert write_portion(cfg, 1, tmp_path / "p1.jsonl") == 3
+    with pytest.raises(ValueError, match="every one of the 3 rows of portion 2 \\(file rows 4..6\\)"):
+        write_portion(cfg, 2, tmp_path / "p2.jsonl")
+
+
+def test_docs_state_the_round_order_the_code_runs(tmp_path):
+    cfg = load_config(None, ["online.rounds=2", f"model.hf_dir={tmp_path}"])
+    names = [p.name for p in RoundPhases(cfg, RunPaths(tmp_path)).build(
+        Manifest(tmp_path / "manifest.json", cfg.to_dict()))]
+    assert [n.split("/")[1] for n in names if n.startswith("round2/")] == [
+        "portion", "export", "generate", "rank", "refpass", "train", "report"]
+    root = EXAMPLES.parents[1]
+    # consecutive arrows: generate (...) -> rank (...) -> reference pass -> train -> export
+    chain = re.compile(r"generate[^>]{0,40}-> rank[^>]{0,40}-> reference pass -> train -> export")
+    for doc in (root / "README.md", root / "docs" / "architecture.md",
+                root / "selm_mcore" / "online.py", root / "examples" / "selm_cpu_demo.sh"):
+        text = re.sub(r"\n#? *", " ", doc.read_text())  # one line, without comment marks
+        assert chain.search(text), doc
+
+
+def test_warmup_round_reads_the_first_portion_of_original_pairs(tmp_path, write_jsonl,
+                                                                 preference_row):
+    rows = [preference_row(f"q{i}", f"a{i}", f"b{i}", reference_response=f"r{i}")
+            for i in range(10)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = load_config(None, [f"data.train_path={train}", "online.rounds=2",
+                             "online.warmup_dpo_round=true"])
+    portions = {}
+    for t in (0, 1, 2):
+        assert write_portion(cfg, t, tmp_path / f"p{t}.jsonl") == 3  # 10 // (2 + 1)
+        portions[t] = _read_jsonl(tmp_path / f"p{t}.jsonl")
+    assert {t: [r["prompt"] for r in p] for t, p in portions.items()} == {
+        0: ["q0", "q1", "q2"], 1: ["q3", "q4", "q5"], 2: ["q6", "q7", "q8"]}
+    assert all("reference_response" not in r for r in portions[0])  # plain DPO pairs
+    assert portions[0][0]["chosen"] == rows[0]["chosen"]
+    assert [r["reference_response"] for r in portions[1]] == ["r3", "r4", "r5"]
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}"} for i in range(6)])
+    cfg = load_config(None, [f"data.train_path={prompts}", "online.rounds=2",
+                             "online.warmup_dpo_round=true"])
+    with pytest.raises(ValueError, match="warmup_dpo_round=true.*prompt-only rows"):
+        write_portion(cfg, 0, tmp_path / "p.jsonl")
+    assert write_portion(cfg, 1, tmp_path / "p.jsonl") == 2
+
+
+def test_phase_plan_with_the_dpo_warmup_round(tmp_path, write_jsonl):
+    evals = write_jsonl(tmp_path / "eval.jsonl",
+                        [{"prompt_id": "e0", "prompt": "q", "answer": "1"}])
+    cfg = load_config(None, [f"data.eval_prompts_path={evals}", "ranking.kind=verifiable",
+                             "online.rounds=2", f"model.hf_dir={tmp_path}",
+                             "online.warmup_dpo_round=true", "online.final_eval=false"])
+    paths = RunPaths(tmp_path / "run")
+    plan = RoundPhases(cfg, paths)
+    names = [p.name for p in plan.build(Manifest(tmp_path / "manifest.json", cfg.to_dict()))]
+    assert names == ["round0/portion", "round0/generate", "round0/rank", "round0/refpass",
+                     "round0/train", "round0/report",
+                     "round1/portion", "round1/export", "round1/generate", "round1/rank",
+                     "round1/refpass", "round1/train", "round1/report",
+                     "round2/portion", "round2/export", "round2/generate", "round2/rank",
+                     "round2/refpass", "round2/train", "round2/report"]
+    # round 0: plain DPO on its portion, from the start model, lr_per_round[0]
+    assert plan.train_data(0) == paths.round_dir(0) / "portion.jsonl"
+    assert plan.round_overrides(0) == {"train__round_index": 1, "loss__alpha": 0}
+    assert plan.policy_start(0) == plan.policy_hf(0) == tmp_path
+    # round 1: the ranked pairs, from round 0's policy, lr_per_round[1]
+    assert plan.train_data(1) == paths.round_dir(1) / "rank" / "pairs.jsonl"
+    assert plan.round_overrides(1) == {"train__round_index": 2}
+    assert plan.policy_start(1) == paths.round_dir(0) / "train" / "final"
+    assert plan.policy_hf(1) == paths.round_dir(1) / "policy_hf"
+    assert first_readers(cfg)["model.hf_dir"] == "round0/generate"
+
+    cfg.data.eval_prompts_path = ""
+    names = [p.name for p in RoundPhases(cfg, paths).build(Manifest(
+        tmp_path / "m2.json", cfg.to_dict()))]
+    assert names[:4] == ["round0/portion", "round0/refpass", "round0/train", "round0/report"]
+    assert first_readers(cfg) == {"data.train_path": "round0/portion",
+                                  "model.hf_dir": "round0/refpass",
+                                  "data.eval_prompts_path": "round0/generate",
+                                  "ranking": "round1/rank"}
 
 
 def test_pairrm_needs_anchored_heldout_rows_at_start(tmp_path, write_jsonl):

@@ -234,3 +234,28 @@ def test_selm_rank_refuses_half_given_jobs(tmp_path, write_config):
         selm_rank(config, "--generations", "g.jsonl", "--eval-out", "e.jsonl")
     with pytest.raises(ValueError, match="nothing to do"):
         selm_rank(config, "--generations", "g.jsonl")
+
+
+def test_generated_responses_are_stripped_before_ranking_and_training(pref_row):
+    """As the reference code strips vLLM's text: y_ref (and prompt-only samples) without
+    surrounding whitespace; the dataset's own y_w / y_l stay as they are."""
+    rows = [pref_row("a", " w_a ", "l_a"), {"prompt_id": "t", "prompt": "Yo"}]
+    y_refs = {"a": ["\n  r_a \n"], "t": [" t0", "t1\n"]}
+    ranker = TableRanker({"r_a": 3, " w_a ": 2, "l_a": 1, "t0": 0, "t1": 5})
+    new_rows, _ = build_pairs(rows, y_refs, ranker)
+    seen = sorted((tuple(c) for _, cands in ranker.calls for c in cands), key=len)
+    assert seen == [("t0", "t1"), ("r_a", " w_a ", "l_a")]
+    assert new_rows[0]["chosen"][-1]["content"] == "r_a"
+    assert new_rows[0]["reference_response"] == "r_a"
+    assert new_rows[0]["rejected"][-1]["content"] == "l_a"
+    assert (new_rows[1]["chosen"][-1]["content"], new_rows[1]["rejected"][-1]["content"],
+            new_rows[1]["reference_response"]) == ("t1", "t0", "t0")
+
+
+def test_heldout_responses_are_stripped_before_scoring():
+    ranker = VerifiableAnswerRanker()
+    rows = [{"prompt_id": "e1", "prompt": "What is 4 + 4?", "answer": "8"}]
+    (scored,) = score_eval_responses(ranker, rows, {EVAL_ID_PREFIX + "e1": ["  That makes 8.\n"]},
+                                     "answer")
+    assert scored["response"] == "That makes 8."
+    assert scored["score"] == pytest.approx(1 + 1 / (1 + len("That makes 8.")))

@@ -129,3 +129,19 @@ def test_phase_times_table():
     assert table[3] == "| train | 5.0 | - | - | 5.0 |"
     assert table[4] == "| export | - | 2.0 | - | 2.0 |"
     assert table[5] == "| total | 15.0 | 10.0 | 3.5 | 28.5 |"
+
+
+def test_table_with_a_dpo_warmup_round(tmp_path):
+    """Round 0 (the DPO warm-up) scores the start model; round 1 scores the warm-up policy."""
+    warmup = RoundSummary(round=0, generator="start", eval_scores=ScoreStats.of([0.0]),
+                          warmup=True)
+    round1 = RoundSummary(round=1, generator="round 0 policy", eval_scores=ScoreStats.of([1.0]))
+    final = RoundSummary(round=0, generator="round 1 policy", eval_scores=ScoreStats.of([2.0]))
+    table = format_round_table([final, round1, warmup]).splitlines()
+    assert len(table) == 5  # header, rule, start, round 0, round 1
+    assert table[2].startswith("| start | 0.000")
+    assert table[3].startswith("| round 0 (DPO warm-up) | 1.000")
+    assert table[4].startswith("| round 1 | 2.000")
+    write_round_report(tmp_path / "r0", warmup, [])
+    assert read_summary(tmp_path / "r0") == warmup
+    assert "# SELM Round 0 (DPO warm-up" in (tmp_path / "r0" / "report.md").read_text()
