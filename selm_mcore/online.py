@@ -473,7 +473,8 @@ def run_online(cfg: SelmConfig, *, redo: str | None = None, list_only: bool = Fa
     fault = parse_fault(os.environ.get(FAULT_ENV))
     start = time.perf_counter()
     with workdir_lock(paths.workdir):
-        manifest = Manifest(paths.manifest, cfg.to_dict(), mutable_keys=RESUME_MUTABLE_KEYS)
+        manifest = Manifest(paths.manifest, cfg.to_dict(), mutable_keys=RESUME_MUTABLE_KEYS,
+                            defaults=SelmConfig().to_dict())
         save_config(cfg, paths.config)
         phases = RoundPhases(cfg, paths, cfg.online.phase_timeout_s).build(manifest)
         if fault is not None and fault[0] not in {p.name for p in phases}:

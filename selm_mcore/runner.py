@@ -87,10 +87,14 @@ class Manifest:
     """
 
     def __init__(self, path: str | os.PathLike, config: dict[str, Any], *,
-                 mutable_keys: frozenset[str] = frozenset()):
-        """``mutable_keys``: flattened config keys (``a.b``) a resumed run may change."""
+                 mutable_keys: frozenset[str] = frozenset(),
+                 defaults: dict[str, Any] | None = None):
+        """``mutable_keys``: flattened config keys (``a.b``) a resumed run may change.
+        ``defaults``: the config's default values; a key the recorded config lacks (a run
+        started by a version without it) counts as unchanged while it keeps its default."""
         self.path = Path(path)
         self.mutable_keys = mutable_keys
+        self.defaults = _flatten(defaults or {})
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
@@ -130,6 +134,7 @@ class Manifest:
 
     def _check_config(self, recorded: dict[str, Any], current: dict[str, Any]) -> None:
         old, new = _flatten(recorded), _flatten(current)
+        old.update({k: v for k, v in self.defaults.items() if k not in old})
         changed = sorted(k for k in old.keys() | new.keys()
                          if k not in self.mutable_keys and old.get(k) != new.get(k))
         if changed:

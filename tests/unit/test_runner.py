@@ -217,6 +217,21 @@ def test_config_change_is_refused_but_listed_keys_may_change(tmp_path):
         Manifest(tmp_path / "manifest.json", more_rounds, mutable_keys=RESUME_MUTABLE_KEYS)
 
 
+def test_a_key_added_since_the_run_started_counts_as_unchanged_at_its_default(tmp_path):
+    cfg = SelmConfig().to_dict()
+    older = json.loads(json.dumps(cfg))
+    del older["data"]["packing"]  # a run started by a version without this key
+    Manifest(tmp_path / "manifest.json", older).save()
+    defaults = SelmConfig().to_dict()
+    Manifest(tmp_path / "manifest.json", cfg, defaults=defaults)  # accepted: still the default
+    changed = json.loads(json.dumps(cfg))
+    changed["data"]["packing"] = "none"
+    with pytest.raises(OnlineError, match=r"data.packing: 'shared_prompt' -> 'none'"):
+        Manifest(tmp_path / "manifest.json", changed, defaults=defaults)
+    with pytest.raises(OnlineError, match=r"data.packing: None -> 'shared_prompt'"):
+        Manifest(tmp_path / "manifest.json", cfg)  # without defaults: a difference
+
+
 def test_corrupt_manifest_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(OnlineError, match="not valid JSON"):
