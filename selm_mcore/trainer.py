@@ -63,9 +63,11 @@ from selm_mcore.mcore.forward import (
     MicroBatch,
     collate_micro_batches,
     forward_only_logps,
+    length_multiple,
     pack_micro_batches,
     run_micro_batches,
     sequence_logps,
+    token_multiple,
 )
 from selm_mcore.metrics import (
     ModelShape,
@@ -75,6 +77,7 @@ from selm_mcore.metrics import (
     packed_forward_flops,
     peak_memory_gib,
 )
+from selm_mcore.mcore.model import sequence_length_multiple
 from selm_mcore.packing import pack_budget
 from selm_mcore.refpass import ReferenceLogps, load_reference_cache, reference_key
 
@@ -207,7 +210,8 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
     return RoundData(source=source, tokenizer=tokenizer, dataset=dataset,
                      reference_cache=reference_cache,
                      total_steps=total_train_steps(cfg, len(dataset)),
-                     pack_tokens=pack_budget(cfg.data, dataset.examples))
+                     pack_tokens=pack_budget(cfg.data, dataset.examples,
+                                             multiple=sequence_length_multiple(cfg.parallel.tp)))
 
 
 @dataclass
@@ -258,6 +262,9 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
     models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
                                     recompute=cfg.model.recompute, packed=data.packed)
     data.dataset.check_token_ids(models[0].true_vocab_size)
+    if data.pack_tokens % token_multiple(models):
+        raise RuntimeError(f"packed rows of {data.pack_tokens} tokens do not split over "
+                           f"{token_multiple(models)} sequence-parallel ranks")
     ddp_models = wrap_ddp(models)
     peak_lr = cfg.optim.lr_for_round(cfg.train.round_index)
     optimizer = build_optimizer(ddp_models, cfg.optim, peak_lr=peak_lr,
@@ -301,17 +308,19 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
     """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
     cfg, ctx = run.cfg, run.ctx
     start = time.perf_counter()
+    # Sequence parallelism needs T to be a multiple of tp (a no-op without it).
+    pad_to_multiple_of = length_multiple(cfg.data.pad_to_multiple_of, run.models)
     if run.data.packed:
         batches = pack_micro_batches(
             run.data.dataset, indices, budget=run.data.pack_tokens,
             shared_prompt=cfg.data.packing == "shared_prompt", pad_id=run.pad_id,
-            pad_to_multiple_of=cfg.data.pad_to_multiple_of, fixed_length=ctx.pp > 1,
+            pad_to_multiple_of=pad_to_multiple_of, fixed_length=ctx.pp > 1,
             num_microbatches_multiple=ctx.pp if ctx.vpp else 1, examples_per_step=len(indices),
             device=ctx.device)
     else:
         batches = collate_micro_batches(
             run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size),
-            pad_id=run.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+            pad_id=run.pad_id, pad_to_multiple_of=pad_to_multiple_of,
             seq_length=cfg.data.seq_length(), device=ctx.device)
     if run.ref_models is not None:
         ref_logps = forward_only_logps(run.ref_models, ctx, batches,
@@ -348,9 +357,23 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
 # --- the round --------------------------------------------------------------------------------
 
 
+def save_step_checkpoint(run: Training, root: Path, *, last: bool) -> None:
+    """Step checkpoint ``run.step`` under ``root``: the optimizer state dp-reshardable inside
+    the round, fully reshardable for the round's ``last`` one (or every one with
+    train.reshardable_checkpoints)."""
+    from selm_mcore.mcore.checkpoint import save_checkpoint
+    from selm_mcore.mcore.optim import sync_params
+
+    sync_params(run.ddp_models)
+    save_checkpoint(root, run.step, data_state=run.sampler.state_dict(),
+                    reshardable=last or run.cfg.train.reshardable_checkpoints,
+                    **run.checkpoint_kwargs)
+
+
 def train_round(cfg: SelmConfig) -> Path:
     """Train one round; returns the folder of the final model (``<output_dir>/final``)."""
-    from selm_mcore.mcore.checkpoint import save_checkpoint, save_model_atomic
+    from selm_mcore.mcore.checkpoint import save_model_atomic
+    from selm_mcore.mcore.optim import sync_params
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
     data = load_round_data(cfg)
@@ -378,14 +401,13 @@ def train_round(cfg: SelmConfig) -> Path:
             writer.log(run.step, metrics)
             if cfg.train.save_interval and (run.step % cfg.train.save_interval == 0
                                             or run.step == total_steps):
-                save_checkpoint(checkpoints, run.step, data_state=run.sampler.state_dict(),
-                                **run.checkpoint_kwargs)
+                save_step_checkpoint(run, checkpoints, last=run.step == total_steps)
                 last_saved = run.step
             _maybe_kill_after(run.step)
         writer.close()
         if cfg.train.save_interval and last_saved != run.step:
-            save_checkpoint(checkpoints, run.step, data_state=run.sampler.state_dict(),
-                            **run.checkpoint_kwargs)
+            save_step_checkpoint(run, checkpoints, last=run.step == total_steps)
+        sync_params(run.ddp_models)
         final = save_model_atomic(run.models, ctx, output_dir / "final",
                                   hf_config=run.checkpoint_kwargs["hf_config"],
                                   tokenizer_dir=hf_files_dir(data.source))
