@@ -357,16 +357,22 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
 # --- the round --------------------------------------------------------------------------------
 
 
-def save_step_checkpoint(run: Training, root: Path, *, last: bool) -> None:
-    """Step checkpoint ``run.step`` under ``root``: the optimizer state dp-reshardable inside
-    the round, fully reshardable for the round's ``last`` one (or every one with
-    train.reshardable_checkpoints)."""
+def step_checkpoint_reshardable(cfg: SelmConfig, step: int, total_steps: int) -> bool:
+    """Whether checkpoint ``step`` stores the optimizer state fully reshardable: the round's
+    last one (or every one with train.reshardable_checkpoints); in-round ones are
+    dp_reshardable (no gather; the same tp/pp/vpp resumes them)."""
+    return step == total_steps or cfg.train.reshardable_checkpoints
+
+
+def save_step_checkpoint(run: Training, root: Path) -> None:
+    """Step checkpoint ``run.step`` under ``root`` (every rank calls this)."""
     from selm_mcore.mcore.checkpoint import save_checkpoint
     from selm_mcore.mcore.optim import sync_params
 
-    sync_params(run.ddp_models)
+    sync_params(run.ddp_models)  # the weights of this step (overlapped all-gather)
     save_checkpoint(root, run.step, data_state=run.sampler.state_dict(),
-                    reshardable=last or run.cfg.train.reshardable_checkpoints,
+                    reshardable=step_checkpoint_reshardable(run.cfg, run.step,
+                                                            run.data.total_steps),
                     **run.checkpoint_kwargs)
 
 
@@ -401,12 +407,12 @@ def train_round(cfg: SelmConfig) -> Path:
             writer.log(run.step, metrics)
             if cfg.train.save_interval and (run.step % cfg.train.save_interval == 0
                                             or run.step == total_steps):
-                save_step_checkpoint(run, checkpoints, last=run.step == total_steps)
+                save_step_checkpoint(run, checkpoints)
                 last_saved = run.step
             _maybe_kill_after(run.step)
         writer.close()
         if cfg.train.save_interval and last_saved != run.step:
-            save_step_checkpoint(run, checkpoints, last=run.step == total_steps)
+            save_step_checkpoint(run, checkpoints)
         sync_params(run.ddp_models)
         final = save_model_atomic(run.models, ctx, output_dir / "final",
                                   hf_config=run.checkpoint_kwargs["hf_config"],
