@@ -30,7 +30,9 @@ device peak).
 Outputs in ``train.output_dir``:
     final/                 the trained policy: a Megatron checkpoint folder (docs/architecture.md)
     checkpoints/step_*/    with train.save_interval > 0: every N steps and at the end, with the
-                           optimizer, scheduler, data position and RNG (selm_mcore.mcore.checkpoint)
+                           optimizer, scheduler, data position and RNG (selm_mcore.mcore.checkpoint;
+                           the optimizer state dp-reshardable in the round, fully reshardable at
+                           the end or with train.reshardable_checkpoints)
     metrics.jsonl          one record per step (rank 0); tensorboard/ with train.tensorboard
     ref_logps.safetensors  the reference cache, when train.ref_cache is not set
 
@@ -69,6 +71,7 @@ from selm_mcore.mcore.forward import (
     sequence_logps,
     token_multiple,
 )
+from selm_mcore.mcore.model import sequence_length_multiple
 from selm_mcore.metrics import (
     ModelShape,
     StepMetricsWriter,
@@ -77,7 +80,6 @@ from selm_mcore.metrics import (
     packed_forward_flops,
     peak_memory_gib,
 )
-from selm_mcore.mcore.model import sequence_length_multiple
 from selm_mcore.packing import pack_budget
 from selm_mcore.refpass import ReferenceLogps, load_reference_cache, reference_key
 
