@@ -27,20 +27,31 @@ class ConfigError(ValueError):
     """A user-fixable problem in a config file or override."""
 
 
+# model.recompute: the same names as selm_mcore.mcore.model.RECOMPUTE_MODES (no Megatron import
+# here: the config loads before any phase).
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+
+
 @dataclass
 class ModelConfig:
     # HF folder of the starting policy (round 1's generator, policy and reference).
     hf_dir: str = ""
     # Parameter dtype: "fp32" (CPU default, exact parity tests) or "bf16" (GPU).
     dtype: str = "fp32"
-    # Activation recompute (full, per layer) to trade compute for memory.
-    recompute: bool = False
+    # Activation recompute, trading compute for memory: "none" (keep every activation),
+    # "selective" (recompute the core attention: its [heads, T, T] scores in the unfused local
+    # attention; TE's fused attention keeps none, so little to gain there) or "full" (each layer
+    # keeps only its input, ~1/3 more compute). true/false are read as full/none.
+    recompute: str | bool = "none"
     # Model/tokenizer loads keep remote code off unless the user opts in.
     trust_remote_code: bool = False
     make_vocab_size_divisible_by: int = 128
 
     def validate(self) -> None:
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        if isinstance(self.recompute, bool):  # the former boolean: true meant full recompute
+            self.recompute = "full" if self.recompute else "none"
+        _choice("model.recompute", self.recompute, RECOMPUTE_CHOICES)
 
 
 @dataclass
@@ -194,6 +205,12 @@ class TrainConfig:
     resume: bool = True
     # Step checkpoints to keep (the newest); 0 = keep all.
     keep_checkpoints: int = 2
+    # Optimizer state format of the step checkpoints. false: in-round checkpoints are saved
+    # dp-reshardable (each rank writes its own shard, no gather; resumable at the same tp/pp/vpp,
+    # any dp) and the round's last one fully reshardable; true: every checkpoint fully
+    # reshardable (resumable at any layout; gathers each replica's optimizer state on its
+    # DP rank 0's host at every save).
+    reshardable_checkpoints: bool = False
 
     def ref_cache_path(self) -> Path:
         """train.ref_cache, else <train.output_dir>/ref_logps.safetensors."""

@@ -87,16 +87,22 @@ def check_budget(examples: Sequence[TokenizedExample], budget: int, shared_promp
             "data.max_length / data.max_prompt_length so truncation shortens such pairs")
 
 
-def pack_budget(data_cfg, examples: Sequence[TokenizedExample], *, refpass: bool = False) -> int:
+def pack_budget(data_cfg, examples: Sequence[TokenizedExample], *, refpass: bool = False,
+                multiple: int = 1) -> int:
     """Tokens per packed micro-batch under ``data_cfg`` (0 with data.packing=none): data.pack_tokens,
     else the longest pair; the forward-only reference pass packs twice as much by default
-    (data.refpass_pack_tokens). Every pair must fit (``PackingError`` otherwise)."""
+    (data.refpass_pack_tokens). Every pair must fit (``PackingError`` otherwise).
+
+    ``multiple``: the budget is rounded up to a multiple of it (sequence parallelism needs
+    rows of a multiple of tp tokens: ``selm_mcore.mcore.model.sequence_length_multiple``).
+    """
     if data_cfg.packing == "none":
         return 0
     shared = data_cfg.packing == "shared_prompt"
     budget = data_cfg.pack_tokens or auto_budget(examples, shared, data_cfg.pad_to_multiple_of)
     if refpass:
         budget = data_cfg.refpass_pack_tokens or 2 * budget
+    budget = -(-budget // multiple) * multiple
     check_budget(examples, budget, shared)
     return budget
 

@@ -48,15 +48,19 @@ from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
 from selm_mcore.mcore.forward import (
     collate_micro_batches,
     forward_only_logps,
+    length_multiple,
     longest_sequence,
     pack_micro_batches,
 )
+from selm_mcore.mcore.model import sequence_length_multiple
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "selm-refcache/1"
 CACHE_NAMES = ("ref_chosen_logps", "ref_rejected_logps", "ref_yref_logps")
-# Micro-batches per forward_backward call of the reference pass (one padded length per call).
+# Micro-batches per forward_backward call of the reference pass, per pipeline stage (one padded
+# length per call): with pp stages a call of m micro-batches idles (pp - 1) / (m + pp - 1) of
+# the time, ~11% at 8 * pp.
 REFPASS_MICROBATCHES_PER_CALL = 8
 
 
@@ -227,20 +231,27 @@ def load_reference_cache(path: str | Path, expected: ReferenceKey) -> ReferenceL
 # --- the pass over a whole dataset ------------------------------------------------------------
 
 
-def shard_for_rank(dataset: PreferenceDataset, ctx,
-                   micro_batch_size: int) -> tuple[list[list[int]], set[int]]:
+def microbatches_per_call(pp: int) -> int:
+    """Micro-batches per forward-only pipeline call of the reference pass (a multiple of pp)."""
+    return REFPASS_MICROBATCHES_PER_CALL * pp
+
+
+def shard_for_rank(dataset: PreferenceDataset, ctx, micro_batch_size: int, *,
+                   num_microbatches_multiple: int = 1) -> tuple[list[list[int]], set[int]]:
     """This DP rank's micro-batches of example indices for the reference pass, and the indices
     it owns.
 
     Examples are ordered by length (less padding per micro-batch) and dealt out contiguously to
-    the DP ranks; each rank's share is filled up to the same number of whole micro-batches with
-    repeats, which are computed but not written (every rank runs the same number of calls).
+    the DP ranks; each rank's share is filled up to the same number of whole micro-batches
+    (a multiple of ``num_microbatches_multiple``: interleaved pipelines need a multiple of pp)
+    with repeats, which are computed but not written (every rank runs the same number of calls).
     """
     order = sorted(range(len(dataset)), key=lambda i: longest_sequence(dataset[i]),
                    reverse=True)
     per_rank = -(-len(order) // ctx.dp)
     owned = order[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
     num_micro = -(-per_rank // micro_batch_size)
+    num_micro = -(-num_micro // num_microbatches_multiple) * num_microbatches_multiple
     filler = (owned or order)[-1]
     indices = owned + [filler] * (num_micro * micro_batch_size - len(owned))
     groups = [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
@@ -260,13 +271,14 @@ def compute_reference_logps(models: list, ctx, dataset: PreferenceDataset, *, pa
     """
     vocab_size = models[0].true_vocab_size
     sequences_per_example = 3 if dataset.has_yref else 2
-    groups, owned = shard_for_rank(dataset, ctx, micro_batch_size)
+    pad_to_multiple_of = length_multiple(pad_to_multiple_of, models)
+    groups, owned = shard_for_rank(dataset, ctx, micro_batch_size,
+                                   num_microbatches_multiple=ctx.pp if ctx.vpp else 1)
     if pack_tokens:
-        # Rows of one fixed shape: a call can hold many micro-batches (a small pipeline bubble).
         groups = [sorted(owned)] if owned else []
-        per_call = REFPASS_MICROBATCHES_PER_CALL * ctx.pp
-    else:
-        per_call = REFPASS_MICROBATCHES_PER_CALL
+    # Many micro-batches per call keep the pipeline bubble small; every DP rank has as many
+    # groups (filled with repeats), so all ranks make the same number of calls.
+    per_call = microbatches_per_call(ctx.pp)
     values = torch.zeros(len(dataset), sequences_per_example, dtype=torch.float64)
     counts = torch.zeros(len(dataset), dtype=torch.float64)
 
@@ -336,7 +348,8 @@ def run_refpass(cfg: SelmConfig) -> Path:
         dataset = load_preferences(cfg.data, tokenizer)
         key = reference_key(dataset, source, max_length=cfg.data.max_length,
                             max_prompt_length=cfg.data.max_prompt_length)
-        pack_tokens = pack_budget(cfg.data, dataset.examples, refpass=True)
+        pack_tokens = pack_budget(cfg.data, dataset.examples, refpass=True,
+                                  multiple=sequence_length_multiple(cfg.parallel.tp))
         models = load_frozen_policy(source, ctx, cfg.model, packed=pack_tokens > 0)
         dataset.check_token_ids(models[0].true_vocab_size)
         micro_batch_size = cfg.train.refpass_micro_batch_size or cfg.train.micro_batch_size

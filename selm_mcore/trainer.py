@@ -30,7 +30,9 @@ device peak).
 Outputs in ``train.output_dir``:
     final/                 the trained policy: a Megatron checkpoint folder (docs/architecture.md)
     checkpoints/step_*/    with train.save_interval > 0: every N steps and at the end, with the
-                           optimizer, scheduler, data position and RNG (selm_mcore.mcore.checkpoint)
+                           optimizer, scheduler, data position and RNG (selm_mcore.mcore.checkpoint;
+                           the optimizer state dp-reshardable in the round, fully reshardable at
+                           the end or with train.reshardable_checkpoints)
     metrics.jsonl          one record per step (rank 0); tensorboard/ with train.tensorboard
     ref_logps.safetensors  the reference cache, when train.ref_cache is not set
 
@@ -63,10 +65,13 @@ from selm_mcore.mcore.forward import (
     MicroBatch,
     collate_micro_batches,
     forward_only_logps,
+    length_multiple,
     pack_micro_batches,
     run_micro_batches,
     sequence_logps,
+    token_multiple,
 )
+from selm_mcore.mcore.model import sequence_length_multiple
 from selm_mcore.metrics import (
     ModelShape,
     StepMetricsWriter,
@@ -207,7 +212,8 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
     return RoundData(source=source, tokenizer=tokenizer, dataset=dataset,
                      reference_cache=reference_cache,
                      total_steps=total_train_steps(cfg, len(dataset)),
-                     pack_tokens=pack_budget(cfg.data, dataset.examples))
+                     pack_tokens=pack_budget(cfg.data, dataset.examples,
+                                             multiple=sequence_length_multiple(cfg.parallel.tp)))
 
 
 @dataclass
@@ -258,6 +264,9 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
     models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
                                     recompute=cfg.model.recompute, packed=data.packed)
     data.dataset.check_token_ids(models[0].true_vocab_size)
+    if data.pack_tokens % token_multiple(models):
+        raise RuntimeError(f"packed rows of {data.pack_tokens} tokens do not split over "
+                           f"{token_multiple(models)} sequence-parallel ranks")
     ddp_models = wrap_ddp(models)
     peak_lr = cfg.optim.lr_for_round(cfg.train.round_index)
     optimizer = build_optimizer(ddp_models, cfg.optim, peak_lr=peak_lr,
@@ -301,17 +310,19 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
     """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
     cfg, ctx = run.cfg, run.ctx
     start = time.perf_counter()
+    # Sequence parallelism needs T to be a multiple of tp (a no-op without it).
+    pad_to_multiple_of = length_multiple(cfg.data.pad_to_multiple_of, run.models)
     if run.data.packed:
         batches = pack_micro_batches(
             run.data.dataset, indices, budget=run.data.pack_tokens,
             shared_prompt=cfg.data.packing == "shared_prompt", pad_id=run.pad_id,
-            pad_to_multiple_of=cfg.data.pad_to_multiple_of, fixed_length=ctx.pp > 1,
+            pad_to_multiple_of=pad_to_multiple_of, fixed_length=ctx.pp > 1,
             num_microbatches_multiple=ctx.pp if ctx.vpp else 1, examples_per_step=len(indices),
             device=ctx.device)
     else:
         batches = collate_micro_batches(
             run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size),
-            pad_id=run.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+            pad_id=run.pad_id, pad_to_multiple_of=pad_to_multiple_of,
             seq_length=cfg.data.seq_length(), device=ctx.device)
     if run.ref_models is not None:
         ref_logps = forward_only_logps(run.ref_models, ctx, batches,
@@ -348,9 +359,29 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
 # --- the round --------------------------------------------------------------------------------
 
 
+def step_checkpoint_reshardable(cfg: SelmConfig, step: int, total_steps: int) -> bool:
+    """Whether checkpoint ``step`` stores the optimizer state fully reshardable: the round's
+    last one (or every one with train.reshardable_checkpoints); in-round ones are
+    dp_reshardable (no gather; the same tp/pp/vpp resumes them)."""
+    return step == total_steps or cfg.train.reshardable_checkpoints
+
+
+def save_step_checkpoint(run: Training, root: Path) -> None:
+    """Step checkpoint ``run.step`` under ``root`` (every rank calls this)."""
+    from selm_mcore.mcore.checkpoint import save_checkpoint
+    from selm_mcore.mcore.optim import sync_params
+
+    sync_params(run.ddp_models)  # the weights of this step (overlapped all-gather)
+    save_checkpoint(root, run.step, data_state=run.sampler.state_dict(),
+                    reshardable=step_checkpoint_reshardable(run.cfg, run.step,
+                                                            run.data.total_steps),
+                    **run.checkpoint_kwargs)
+
+
 def train_round(cfg: SelmConfig) -> Path:
     """Train one round; returns the folder of the final model (``<output_dir>/final``)."""
-    from selm_mcore.mcore.checkpoint import save_checkpoint, save_model_atomic
+    from selm_mcore.mcore.checkpoint import save_model_atomic
+    from selm_mcore.mcore.optim import sync_params
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
     data = load_round_data(cfg)
@@ -378,14 +409,13 @@ def train_round(cfg: SelmConfig) -> Path:
             writer.log(run.step, metrics)
             if cfg.train.save_interval and (run.step % cfg.train.save_interval == 0
                                             or run.step == total_steps):
-                save_checkpoint(checkpoints, run.step, data_state=run.sampler.state_dict(),
-                                **run.checkpoint_kwargs)
+                save_step_checkpoint(run, checkpoints)
                 last_saved = run.step
             _maybe_kill_after(run.step)
         writer.close()
         if cfg.train.save_interval and last_saved != run.step:
-            save_checkpoint(checkpoints, run.step, data_state=run.sampler.state_dict(),
-                            **run.checkpoint_kwargs)
+            save_step_checkpoint(run, checkpoints)
+        sync_params(run.ddp_models)
         final = save_model_atomic(run.models, ctx, output_dir / "final",
                                   hf_config=run.checkpoint_kwargs["hf_config"],
                                   tokenizer_dir=hf_files_dir(data.source))

@@ -18,8 +18,14 @@ newest complete one. Every rank writes into a ``.<name>.tmp`` folder first; rank
 into place and only then updates ``latest``, so a crash leaves either the previous checkpoint or
 the new one, never a half-written folder that ``latest`` names. ``keep`` prunes older ones.
 
-Resume at another layout: the model and the optimizer state reshard; the RNG states are
-restored only when tp, pp and dp match (dropout-free training does not depend on them).
+Optimizer state format (recorded in state.json as ``optimizer.format``): in-round checkpoints
+are ``dp_reshardable`` (each rank writes its own shard, no gather: fast, no host copy of the
+whole state) and the round's last one ``fully_reshardable`` (``save_checkpoint(reshardable=
+True)``; every one with ``train.reshardable_checkpoints``). Resume at another layout: the model
+always reshards; a fully reshardable optimizer state loads at any tp/pp/vpp/dp, a dp_reshardable
+one only at the tp/pp/vpp and gradient buckets it was saved with (any dp), otherwise the resume
+is refused naming the fix. The RNG states are restored only when tp, pp and dp match
+(dropout-free training does not depend on them).
 
 Loading never unpickles objects a user did not make: json and safetensors here, Megatron's
 dist checkpoints through ``selm_mcore.mcore.safe_load``.
@@ -31,7 +37,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -270,6 +276,9 @@ class TrainState:
     data: dict[str, int]
     scheduler: dict[str, Any]
     extra: dict[str, Any]
+    # {"format": dp_reshardable | fully_reshardable, "layout": what a dp_reshardable state
+    # needs to match}; empty for checkpoints written before the format was recorded.
+    optimizer: dict[str, Any] = field(default_factory=dict)
 
 
 def step_dir_name(step: int) -> str:
@@ -321,14 +330,23 @@ def _layout(ctx: ParallelContext) -> dict[str, Any]:
 def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer, scheduler,
                     data_state: dict[str, int], ctx: ParallelContext, hf_config,
                     tokenizer_dir: str | Path | None, keep: int = 0,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, reshardable: bool = True) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically (every rank calls this).
 
-    ``models`` are the unwrapped GPTModel chunks; ``extra`` (JSON) is stored in state.json.
+    ``models`` are the unwrapped GPTModel chunks whose weights are current (with overlapped
+    parameter all-gathers: after ``optim.sync_params``); ``extra`` (JSON) is stored in
+    state.json. ``reshardable``: the optimizer state in the fully reshardable format (resumable
+    at any layout), else dp_reshardable (no gather; resumable at the same tp/pp/vpp).
     """
     from safetensors.torch import save_file
 
-    from selm_mcore.mcore.optim import save_optimizer_state
+    from selm_mcore.mcore.optim import (
+        DP_RESHARDABLE,
+        FULLY_RESHARDABLE,
+        distributed_optimizers,
+        optimizer_state_layout,
+        save_optimizer_state,
+    )
 
     root = Path(root)
     final = root / step_dir_name(step)
@@ -339,12 +357,15 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
         (tmp / "train" / "rng").mkdir()
     _barrier(ctx)
     save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
-    save_optimizer_state(optimizer, models, tmp / "train" / "optimizer")
+    sharding = FULLY_RESHARDABLE if reshardable else DP_RESHARDABLE
+    save_optimizer_state(optimizer, models, tmp / "train" / "optimizer", sharding=sharding)
     save_file(_rng_tensors(), str(tmp / "train" / "rng" / f"rank_{ctx.rank:05d}.safetensors"))
     _barrier(ctx)
     if ctx.rank == 0:
+        layout = optimizer_state_layout(ctx, distributed_optimizers(optimizer)[0].ddp_config)
         state = {"format": TRAIN_STATE_FORMAT, "step": step, "data": data_state,
                  "scheduler": scheduler.state_dict(), "layout": _layout(ctx),
+                 "optimizer": {"format": sharding, "layout": layout},
                  "extra": extra or {}}
         (tmp / "train" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         _replace_dir(tmp, final)
@@ -367,7 +388,8 @@ def read_train_state(path: str | Path) -> TrainState:
         raise ResumeError(f"{state_path} has format {state.get('format')!r}, this version reads "
                           f"{TRAIN_STATE_FORMAT!r}")
     return TrainState(step=int(state["step"]), data=state["data"], scheduler=state["scheduler"],
-                      extra={**state.get("extra", {}), "layout": state.get("layout", {})})
+                      extra={**state.get("extra", {}), "layout": state.get("layout", {})},
+                      optimizer=state.get("optimizer", {}))
 
 
 def load_training_state(path: str | Path, *, models: Sequence, optimizer, scheduler,
@@ -379,12 +401,23 @@ def load_training_state(path: str | Path, *, models: Sequence, optimizer, schedu
     """
     from safetensors.torch import load_file
 
-    from selm_mcore.mcore.optim import load_optimizer_state
+    from selm_mcore.mcore.optim import (
+        DP_RESHARDABLE,
+        OPTIMIZER_SHARDING,
+        check_optimizer_state_layout,
+        distributed_optimizers,
+        load_optimizer_state,
+        optimizer_state_layout,
+    )
 
     path = Path(path)
     state = read_train_state(path)
     _check_scheduler(path, state.scheduler, scheduler.state_dict())
-    load_optimizer_state(optimizer, models, path / "train" / "optimizer")
+    sharding = state.optimizer.get("format", OPTIMIZER_SHARDING["distrib_optim_sharding_type"])
+    if sharding == DP_RESHARDABLE:
+        current = optimizer_state_layout(ctx, distributed_optimizers(optimizer)[0].ddp_config)
+        check_optimizer_state_layout(path, sharding, state.optimizer.get("layout", {}), current)
+    load_optimizer_state(optimizer, models, path / "train" / "optimizer", sharding=sharding)
     scheduler.load_state_dict(state.scheduler)
     saved_layout = state.extra.get("layout", {})
     rng_file = path / "train" / "rng" / f"rank_{ctx.rank:05d}.safetensors"

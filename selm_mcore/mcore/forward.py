@@ -22,6 +22,7 @@ y_ref), N = S * B sequences, T padded tokens, V/tp vocabulary columns on this ra
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -56,6 +57,21 @@ class MicroBatch:
         return isinstance(self.batch, PackedBatch)
 
 
+def token_multiple(models: Sequence) -> int:
+    """What the chunks need each micro-batch's length T to be a multiple of: tp under sequence
+    parallelism (T/tp positions per rank, also in the pipeline's p2p messages), else 1."""
+    config = models[0].config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def length_multiple(pad_to_multiple_of: int, models: Sequence | None = None, *,
+                    multiple: int = 1) -> int:
+    """``pad_to_multiple_of`` made a multiple of what the model needs (``token_multiple`` of
+    ``models``, or ``multiple``): the padding multiple to collate micro-batches with."""
+    need = token_multiple(models) if models is not None else multiple
+    return math.lcm(pad_to_multiple_of, need)
+
+
 def sequence_lengths(examples: Sequence[TokenizedExample]) -> list[int]:
     """Real lengths of the examples' sequences in collation order (chosen.., rejected.., yref..)."""
     if not examples:
@@ -80,6 +96,8 @@ def collate_micro_batches(dataset: PreferenceDataset, index_groups: Sequence[Seq
     """
     examples = [[dataset[i] for i in group] for group in index_groups]
     longest = max(longest_sequence(e) for group in examples for e in group)
+    if seq_length is not None:
+        seq_length = -(-seq_length // pad_to_multiple_of) * pad_to_multiple_of
     t = padded_length(longest, pad_to_multiple_of, seq_length)
     out = []
     for group in examples:
@@ -126,9 +144,11 @@ def sequence_logps(logits: torch.Tensor, batch: PreferenceBatch | PackedBatch, *
     """[N] fp32 summed response log-probs from this rank's vocab-parallel logits: [N, T, V/tp]
     of an unpacked batch, or [M, V/tp] of a packed batch's head positions.
 
-    The packed head logits are read by nothing but the log-prob kernel, so its backward writes
-    the gradient into their buffer (no second [M, V/tp] tensor); their labels are token ids of
-    the tokenizer, checked against the vocabulary when the data is loaded (no host sync here).
+    The logits (GPTModel's output: a fresh [N, T, V/tp] tensor, or the packed head rows) are
+    read by nothing but the log-prob kernel, so its backward writes the gradient into their
+    buffer (no second logits-sized tensor); their labels are token ids of the tokenizer,
+    checked against the vocabulary when the data is loaded
+    (``PreferenceDataset.check_token_ids``), so no per-micro-batch check (a host sync) here.
     """
     from selm_mcore.logprobs import vocab_parallel_logprobs
 
@@ -142,7 +162,8 @@ def sequence_logps(logits: torch.Tensor, batch: PreferenceBatch | PackedBatch, *
         return token_logps.new_zeros(batch.num_sequences).index_add(0, batch.head_sequence,
                                                                     token_logps)
     _, seq_logps = vocab_parallel_logprobs(logits, batch.labels, batch.loss_mask,
-                                           tp_group=tp_group, vocab_size=vocab_size)
+                                           tp_group=tp_group, vocab_size=vocab_size,
+                                           inplace_backward=True, check_labels=False)
     return seq_logps
 
 
@@ -177,6 +198,11 @@ def run_micro_batches(models: list, micro_batches: Sequence[MicroBatch], loss_fn
     if len(shapes) != 1 and models[0].config.pipeline_model_parallel_size > 1:
         raise ValueError(f"micro-batches of one pipelined call must share a shape, got "
                          f"{sorted(shapes)}")
+    multiple = token_multiple(models)
+    if any(shape[1] % multiple for shape in shapes):
+        raise ValueError(f"micro-batch lengths {sorted({s[1] for s in shapes})} must be "
+                         f"multiples of {multiple} (sequence parallelism splits T over tp "
+                         "ranks): collate with pad_to_multiple_of = forward.length_multiple(...)")
     num_sequences, seq_length = max(shapes)
     step = functools.partial(_forward_step, loss_fn=loss_fn)
     data_iterator = ([iter(micro_batches) for _ in models] if len(models) > 1

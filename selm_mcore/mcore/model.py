@@ -194,6 +194,9 @@ def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
 # --- building ---------------------------------------------------------------------------------
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
 def _te_available() -> bool:
     if not torch.cuda.is_available():
         return False
@@ -204,14 +207,81 @@ def _te_available() -> bool:
     return True
 
 
+def _wgrad_fusion_available() -> bool:
+    """Apex's ``fused_weight_gradient_mlp_cuda`` extension (built with --cuda_ext) imports.
+
+    Megatron's own ColumnParallelLinear (the LM head in every spec, every linear in the local
+    spec) refuses ``gradient_accumulation_fusion=True`` without it; TE's layers do not need it.
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def recompute_mode(recompute: str | bool | None) -> str:
+    """The activation recompute choice as one of RECOMPUTE_MODES (true = "full", false or None =
+    "none": the meaning of the former boolean ``model.recompute``)."""
+    if recompute is None or recompute is False:
+        return "none"
+    if recompute is True:
+        return "full"
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"model.recompute={recompute!r} must be one of "
+                         f"{', '.join(RECOMPUTE_MODES)} (or true = full, false = none)")
+    return recompute
+
+
+def recompute_settings(recompute: str | bool | None) -> dict[str, Any]:
+    """TransformerConfig fields of a recompute choice.
+
+    none: every activation is kept. selective: Megatron's selective recompute of the core
+    attention (the [b, heads, T, T] scores of the unfused local attention; TE's fused attention
+    keeps no scores, so there it saves little). full: each layer keeps only its input and
+    recomputes the rest in backward (uniform, one layer per unit): ~1/3 more compute.
+    """
+    mode = recompute_mode(recompute)
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}
+
+
+def uses_sequence_parallel(tp: int, use_te: bool | None = None) -> bool:
+    """Sequence parallelism is on with tp > 1 and Transformer Engine's layer spec (GPU); the
+    local spec (always on CPU) runs without it."""
+    use_te = _te_available() if use_te is None else use_te
+    return bool(use_te) and tp > 1
+
+
+def sequence_length_multiple(tp: int, use_te: bool | None = None) -> int:
+    """What every micro-batch's token count T must be a multiple of: tp under sequence
+    parallelism (each rank holds T/tp positions between layers and in the pipeline's p2p
+    messages), else 1."""
+    return tp if uses_sequence_parallel(tp, use_te) else 1
+
+
 def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
-                       recompute: bool = False, use_te: bool | None = None,
-                       init_weights: bool = True, packed: bool = False):
-    """Megatron TransformerConfig for the HF Llama config under ctx's layout."""
+                       recompute: str | bool = "none", use_te: bool | None = None,
+                       init_weights: bool = True, packed: bool = False,
+                       wgrad_fusion: bool | None = None):
+    """Megatron TransformerConfig for the HF Llama config under ctx's layout.
+
+    On GPU: sequence parallelism with tp > 1 and the TE spec (``uses_sequence_parallel``),
+    gradient accumulation fused into the weight-gradient GEMMs when apex's extension imports
+    (``wgrad_fusion``; None = probe), batched p2p. On CPU all of these stay off.
+    ``recompute``: "none", "selective" or "full" (``recompute_settings``; true = full).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = ctx.device.type == "cuda"
     use_te = _te_available() if use_te is None else use_te
+    wgrad_fusion = _wgrad_fusion_available() if wgrad_fusion is None else wgrad_fusion
     if params_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"params_dtype={params_dtype} is not supported: use float32 or bfloat16")
     kwargs = dict(
@@ -247,18 +317,23 @@ def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.fl
         # TE's fused RoPE takes one position per row; packed rows carry positions per token.
         apply_rope_fusion=use_te and not packed,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        # Needs apex's fused_weight_gradient_mlp_cuda: Megatron's ColumnParallelLinear (the LM
+        # head in both specs) refuses the flag without it.
+        gradient_accumulation_fusion=on_gpu and wgrad_fusion,
+        sequence_parallel=on_gpu and uses_sequence_parallel(ctx.tp, use_te),
         # batch_p2p_comm=True gives wrong gradients with interleaved PP over gloo.
         batch_p2p_comm=on_gpu,
     )
-    if recompute:
-        kwargs.update(recompute_granularity="full", recompute_method="uniform",
-                      recompute_num_layers=1)
+    kwargs.update(recompute_settings(recompute))
+    if on_gpu and not wgrad_fusion:
+        logger.info("gradient_accumulation_fusion off: apex's fused_weight_gradient_mlp_cuda "
+                    "extension is not installed (pip install apex with --cuda_ext to fuse "
+                    "the weight-gradient accumulation)")
     return TransformerConfig(**kwargs)
 
 
 def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
-                padded_vocab: int | None = None, recompute: bool = False,
+                padded_vocab: int | None = None, recompute: str | bool = "none",
                 make_vocab_size_divisible_by: int = 128, use_te: bool | None = None,
                 init_weights: bool = True, packed: bool = False) -> list:
     """Build this rank's GPTModel chunks (one per virtual pipeline stage) for an HF Llama config.
@@ -269,6 +344,7 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
     ``init_weights=False`` skips the random initialisation (weights are loaded right after).
     ``packed=True`` puts ``PackedAttention`` in the layer spec: the chunks then take packed
     micro-batches (``SelmGPTModel``'s packed forward; ``data.packing`` pack / shared_prompt).
+    ``recompute``: "none", "selective" or "full" activation recompute (true = full).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,

@@ -12,9 +12,11 @@ real CLI (``python -m selm_mcore.cli ...``) under ``run_local_ranks`` with a har
 * PP2 with VPP2 (interleaved 1F1B) and activation recompute, DP2 (distributed optimizer):
   equal to the baseline;
 * DP2 killed (SIGKILL) after step 3 with a checkpoint at step 2, resumed at DP2: steps 3-5
-  equal the baseline; its step-4 checkpoint resumed at DP1 gives the baseline's step 5;
-  TP2xPP2 killed likewise and resumed at TP1 (the checkpoint reshards): steps 1-3 (TP2xPP2)
-  and 3-5 (TP1) equal the baseline.
+  equal the baseline; its in-round step-4 checkpoint (optimizer state dp_reshardable) resumed
+  at DP1 gives the baseline's step 5, and resuming it at TP2 is refused naming the fix; the
+  round's last checkpoint (step 5) is fully reshardable;
+  TP2xPP2 with train.reshardable_checkpoints=true killed likewise and resumed at TP1 (the
+  checkpoint reshards): steps 1-3 (TP2xPP2) and 3-5 (TP1) equal the baseline.
 
 Tolerance 1e-5 (fp32; measured: loss <= 3e-7, grad norm (~3) <= 4e-6).
 """
@@ -89,6 +91,10 @@ def train(ws: dict, name: str, nprocs: int, *overrides: str, killed_after: int |
         finally:
             del os.environ["SELM_TRAIN_KILL_AFTER_STEP"]
     return read_records(out / "metrics.jsonl")
+
+
+def optimizer_format(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "train" / "state.json").read_text())["optimizer"]["format"]
 
 
 def assert_steps_equal(records: list[dict], baseline: list[dict], steps: range) -> None:
@@ -183,21 +189,29 @@ def test_dp2_killed_and_resumed_matches_tp1(ws):
     # Checkpoints at steps 2, 4 and 5 (the end); the oldest was pruned.
     ckpt = ws["root"] / "dp2" / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000004", "step_0000005"]
-    # The DP2 step-4 checkpoint (distributed-optimizer shards over 2 ranks) resumes at DP1.
+    assert optimizer_format(ckpt / "step_0000004") == "dp_reshardable"   # in the round
+    assert optimizer_format(ckpt / "step_0000005") == "fully_reshardable"  # the round's last
+    # The DP2 step-4 checkpoint (distributed-optimizer shards over 2 ranks) resumes at DP1 ...
     shutil.rmtree(ckpt / "step_0000005")
     (ckpt / "latest").write_text("step_0000004\n")
+    # ... but not at another tp: refused with the fix.
+    from selm_mcore.launch import LaunchError
+
+    with pytest.raises(LaunchError, match="dp_reshardable format.*parallel.tp=1"):
+        train(ws, "dp2", 2, "parallel.tp=2", *args)
     at_dp1 = train(ws, "dp2", 1, *args)
     assert_steps_equal(at_dp1, ws["baseline"], range(1, NUM_STEPS + 1))
 
 
 @pytest.mark.timeout(900)
 def test_tp2pp2_checkpoint_resumes_at_tp1(ws):
-    partial = train(ws, "tp2pp2", 4, "parallel.tp=2", "parallel.pp=2", "train.save_interval=2",
-                    killed_after=3)
+    args = ("train.save_interval=2", "train.reshardable_checkpoints=true")
+    partial = train(ws, "tp2pp2", 4, "parallel.tp=2", "parallel.pp=2", *args, killed_after=3)
     assert_steps_equal(partial, ws["baseline"], range(1, 4))
     ckpt = ws["root"] / "tp2pp2" / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_0000002"
     state = json.loads((ckpt / "step_0000002" / "train" / "state.json").read_text())
     assert state["layout"]["tp"] == 2 and state["layout"]["pp"] == 2
-    resumed = train(ws, "tp2pp2", 1, "train.save_interval=2")
+    assert state["optimizer"]["format"] == "fully_reshardable"
+    resumed = train(ws, "tp2pp2", 1, *args)
     assert_steps_equal(resumed, ws["baseline"], range(3, NUM_STEPS + 1))

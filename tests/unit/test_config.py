@@ -206,3 +206,27 @@ def test_packing_keys_are_validated():
         load_config(None, ["data.packing=padded"])
     with pytest.raises(ConfigError, match=r"data.pack_tokens=-1 must be >= 0 \(0 = automatic\)"):
         load_config(None, ["data.pack_tokens=-1"])
+
+
+@pytest.mark.parametrize("value, expected", [("true", "full"), ("false", "none"),
+                                             ("selective", "selective"), ("none", "none"),
+                                             ("full", "full")])
+def test_recompute_takes_a_choice_or_the_former_boolean(tmp_path, value, expected):
+    assert load_config(write(tmp_path, f"model:\n  recompute: {value}\n")).model.recompute \
+        == expected
+    assert load_config(None, [f"model.recompute={value}"]).model.recompute == expected
+
+
+def test_recompute_refuses_other_values():
+    with pytest.raises(ConfigError, match="model.recompute='partial' is not one of none, "
+                                          "selective, full"):
+        load_config(None, ["model.recompute=partial"])
+
+
+def test_example_configs_pick_a_recompute_choice():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "examples" / "configs"
+    choices = {path.name: load_config(path).model.recompute for path in configs.glob("*.yaml")}
+    assert choices["selm_llama3_8b.yaml"] == "none"  # 8B at TP2 fits without recompute
+    assert set(choices.values()) <= {"none", "selective", "full"}

@@ -1,5 +1,6 @@
 """selm_mcore.mcore.model without a process group: RoPE frequencies against transformers, refusal of
-unsupported configs and layouts, vocab padding, and the TransformerConfig it derives."""
+unsupported configs and layouts, vocab padding, and the TransformerConfig it derives (on CPU and
+for a GPU layout: sequence parallelism, fused weight-gradient accumulation, recompute choices)."""
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -8,8 +9,12 @@ from selm_mcore.mcore.model import (
     UnsupportedModelError,
     layers_of_stage,
     padded_vocab_size,
+    recompute_mode,
+    recompute_settings,
     rope_inv_freq,
+    sequence_length_multiple,
     transformer_config,
+    uses_sequence_parallel,
     validate_hf_config,
     validate_layout,
 )
@@ -164,3 +169,65 @@ def test_transformer_config_llama3_layout():
     assert fp32.recompute_granularity is None
     with pytest.raises(ValueError, match="float16"):
         transformer_config(config, _ctx(), params_dtype=torch.float16, use_te=False)
+
+
+def _gpu_ctx(tp=2, pp=2, vpp=None, dp=2):
+    return ParallelContext(rank=0, world_size=tp * pp * dp, tp=tp, pp=pp, vpp=vpp, dp=dp,
+                           tp_rank=0, pp_rank=0, dp_rank=0, tp_group=None, pp_group=None,
+                           dp_group=None, device=torch.device("cuda", 0))
+
+
+@pytest.fixture
+def te_rope_probe(monkeypatch):
+    """TransformerConfig refuses apply_rope_fusion unless TE's fused RoPE kernel imported: the
+    one availability probe a GPU layout's config meets without TE installed."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", object())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_transformer_config_of_a_gpu_layout_turns_on_the_gpu_paths(te_rope_probe, packed):
+    config = tiny_config()
+    tc = transformer_config(config, _gpu_ctx(tp=2), params_dtype=torch.bfloat16, use_te=True,
+                            wgrad_fusion=True, packed=packed, recompute="selective")
+    assert tc.sequence_parallel and tc.gradient_accumulation_fusion and tc.batch_p2p_comm
+    assert tc.transformer_impl == "transformer_engine" and not tc.use_cpu_initialization
+    assert tc.apply_rope_fusion is not packed  # packed rows carry a position per token
+    assert (tc.recompute_granularity, tc.recompute_modules) == ("selective", ["core_attn"])
+    # Without apex's fused wgrad extension Megatron's LM head refuses the flag: off.
+    assert not transformer_config(config, _gpu_ctx(tp=2), use_te=True, wgrad_fusion=False,
+                                  packed=packed).gradient_accumulation_fusion
+    # No sequence parallelism at tp=1, nor with the local spec (no TE).
+    assert not transformer_config(config, _gpu_ctx(tp=1), use_te=True, wgrad_fusion=True,
+                                  packed=packed).sequence_parallel
+    assert not transformer_config(config, _gpu_ctx(tp=2), use_te=False, wgrad_fusion=True,
+                                  packed=packed).sequence_parallel
+
+
+def test_transformer_config_on_cpu_keeps_the_gpu_paths_off():
+    tc = transformer_config(tiny_config(), _ctx(tp=2, pp=2), use_te=False, wgrad_fusion=True)
+    assert not tc.sequence_parallel and not tc.gradient_accumulation_fusion
+    assert not tc.batch_p2p_comm and tc.use_cpu_initialization
+
+
+@pytest.mark.parametrize("recompute, expected", [
+    ("none", (None, None, None)), (False, (None, None, None)), (None, (None, None, None)),
+    ("selective", ("selective", None, None)),
+    ("full", ("full", "uniform", 1)), (True, ("full", "uniform", 1)),
+])
+def test_recompute_choice_maps_to_megatron(recompute, expected):
+    tc = transformer_config(tiny_config(), _ctx(), recompute=recompute, use_te=False)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == expected
+    assert recompute_mode(recompute) == {None: "none", "selective": "selective",
+                                         "full": "full"}[expected[0]]
+    with pytest.raises(ValueError, match="model.recompute='partial' must be one of none, "
+                                         "selective, full"):
+        recompute_settings("partial")
+
+
+def test_sequence_length_multiple_follows_sequence_parallelism():
+    assert sequence_length_multiple(4, use_te=True) == 4
+    assert sequence_length_multiple(4, use_te=False) == 1
+    assert sequence_length_multiple(1, use_te=True) == 1
+    assert uses_sequence_parallel(2, use_te=True) and not uses_sequence_parallel(2, use_te=False)
