@@ -127,6 +127,7 @@ class LossConfig:
     sft_weight: float = 0.0
 
     def validate(self) -> None:
+        check_numbers("loss", self)
         _choice("loss.loss_type", self.loss_type, ("sigmoid", "ipo"))
 
 
@@ -145,9 +146,10 @@ class OptimConfig:
     clip_grad: float = 1.0
 
     def validate(self) -> None:
+        check_numbers("optim", self)
         _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         peaks = self.lr_per_round or [self.lr]
-        if all(math.isfinite(v) for v in [self.min_lr, *peaks]) and self.min_lr > min(peaks):
+        if self.min_lr > min(peaks):
             where = ("optim.lr" if not self.lr_per_round else
                      "every optim.lr_per_round entry, the smallest")
             raise ConfigError(f"optim.min_lr={self.min_lr} must be <= {where}={min(peaks)} (the "
@@ -236,6 +238,7 @@ class GenerationConfig:
     reload_timeout_s: float = 600.0
 
     def validate(self) -> None:
+        check_numbers("generation", self)
         if self.n < 1 or self.max_tokens < 1:
             raise ConfigError("generation.n and generation.max_tokens must be >= 1")
         if self.n > 1 and self.temperature == 0:
@@ -335,7 +338,6 @@ class SelmConfig:
     def validate(self, world_size: int | None = None) -> SelmConfig:
         """Every section's rules, then the cross-section ones; with ``world_size`` (processes of
         the Megatron phases) also the data-parallel split of the batch."""
-        check_numbers(self)
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         if world_size is not None:
@@ -372,7 +374,8 @@ class SelmConfig:
 
 
 # The range of each float value (every float value must also be finite: NaN passes every
-# comparison and inf trains to an all-NaN model). Keys without a rule need only be finite.
+# comparison and inf trains to an all-NaN model). Keys without a rule need only be finite. A
+# section with float fields calls check_numbers first in its validate().
 NUMBER_RULES = {
     "loss.beta": "> 0", "loss.alpha": ">= 0", "loss.sft_weight": ">= 0",
     "optim.lr": ">= 0", "optim.lr_per_round": ">= 0", "optim.min_lr": ">= 0",
@@ -395,23 +398,21 @@ def _satisfies(value: float, rule: str) -> bool:
     return value >= float(bound) if op == ">=" else value > float(bound)
 
 
-def check_numbers(cfg: SelmConfig) -> None:
-    """Every float value (list entries too) is finite and within its ``NUMBER_RULES`` range."""
-    for section_field in dataclasses.fields(cfg):
-        section = getattr(cfg, section_field.name)
-        for name, annotation in typing.get_type_hints(type(section)).items():
-            if "float" not in str(annotation):
-                continue
-            key, value = f"{section_field.name}.{name}", getattr(section, name)
-            items = ([(f"{key}[{i}]", v) for i, v in enumerate(value)]
-                     if isinstance(value, list) else [(key, value)])
-            rule = NUMBER_RULES.get(key, "")
-            for item_key, item in items:
-                if isinstance(item, bool) or not isinstance(item, (int, float)):
-                    continue  # None of an optional field; types are checked on load
-                if not math.isfinite(item) or (rule and not _satisfies(item, rule)):
-                    raise ConfigError(f"{item_key}={item!r} must be a finite number {rule}"
-                                      .rstrip())
+def check_numbers(section_name: str, section: Any) -> None:
+    """Every float value of a section (list entries too) is finite and within its
+    ``NUMBER_RULES`` range (each section's ``validate`` calls this first)."""
+    for name, annotation in typing.get_type_hints(type(section)).items():
+        if "float" not in str(annotation):
+            continue
+        key, value = f"{section_name}.{name}", getattr(section, name)
+        items = ([(f"{key}[{i}]", v) for i, v in enumerate(value)]
+                 if isinstance(value, list) else [(key, value)])
+        rule = NUMBER_RULES.get(key, "")
+        for item_key, item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue  # None of an optional field; types are checked on load
+            if not math.isfinite(item) or (rule and not _satisfies(item, rule)):
+                raise ConfigError(f"{item_key}={item!r} must be a finite number {rule}".rstrip())
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
