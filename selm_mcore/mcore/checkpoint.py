@@ -233,7 +233,8 @@ def load_policy(source: str | Path, ctx: ParallelContext, model_cfg, *,
                                                            recompute=recompute, packed=packed)
         return models, hf_config
     verify_checksums_together(source, ctx, fix=f"export {source} again (selm convert "
-                              "mcore-to-hf --overwrite) or point at an intact copy")
+                              "mcore-to-hf --overwrite) or point at an intact copy",
+                              expected=False)
     hf_config = load_hf_config(source)
     models = build_model(hf_config, ctx, params_dtype=dtype, recompute=recompute,
                          make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,

@@ -11,8 +11,8 @@ dist checkpoint's metadata, JSON files) and writes ``folder/checksums.json``
 
 Loading: the listed files are dealt out to the ranks (largest first, round robin); each checks
 its share and every rank raises the same ``ChecksumError`` (the first bad file of the lowest
-rank) when any share is bad. A folder without a checksum list (saved by an older version) is
-loaded unchecked with a warning.
+rank) when any share is bad. A folder without a checksum list (a checkpoint saved by an older
+version, an HF folder from elsewhere) is loaded unchecked.
 """
 
 from __future__ import annotations
@@ -74,13 +74,14 @@ def _selected(name: str, under: tuple[str, ...]) -> bool:
 
 
 def verify_checksums_together(folder: str | os.PathLike, ctx, *, fix: str,
-                              under: Iterable[str] = ("",)) -> None:
+                              under: Iterable[str] = ("",), expected: bool = True) -> None:
     """Check the listed files below ``folder/<under>``, shared among the ranks (every rank calls
-    this); raises the same ``ChecksumError`` on every rank when a file is bad."""
+    this); raises the same ``ChecksumError`` on every rank when a file is bad. ``expected``:
+    warn when the folder has no list (False for HF folders, which come from anywhere)."""
     folder, under = Path(folder), tuple(under)
     entries = read_checksums(folder, fix=fix)
     if entries is None:
-        if ctx.rank == 0:
+        if expected and ctx.rank == 0:
             logger.warning("%s has no %s (saved by an older version): loaded unchecked", folder,
                            CHECKSUM_FILE)
         return
