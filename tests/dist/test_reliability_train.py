@@ -17,7 +17,9 @@ poisoned (``SELM_TRAIN_NAN_AT_STEP=3``); the tests then check, against files rea
 * every kind of checkpoint file (model and optimizer .distcp, RNG safetensors, state.json,
   selm_checkpoint.json, hf/config.json, the dist checkpoint's .metadata), a truncated shard and
   a flipped byte in an exported HF folder, each loaded by the function the trainer uses for it
-  (in the worker): ``ChecksumError`` naming that file; the intact copies load.
+  (in the worker): ``ChecksumError`` naming that file; the intact copies load;
+* the trainer's non-finite checks on real DDP gradient buffers and parameters find one bad
+  value (and no false alarm on huge finite gradients).
 
 The reference cache (a flipped log-prob, a truncated file) is covered in
 tests/unit/test_refpass.py; the checksum list itself in tests/unit/test_files.py.
@@ -34,6 +36,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 NUM_STEPS = 4
 LAUNCH_TIMEOUT_S = 240
@@ -262,6 +265,13 @@ def test_intact_checkpoint_files_load(damaged):
 
 
 @pytest.mark.timeout(600)
+def test_the_trainer_finds_one_non_finite_gradient_or_parameter(damaged):
+    assert damaged["finite_checks"] == {
+        "grads_zero": True, "grads_one_inf": False, "grads_huge_finite": True,
+        "params_loaded": True, "params_one_nan": False}
+
+
+@pytest.mark.timeout(600)
 def test_generate_refuses_a_damaged_export_before_starting_vllm(exported, tmp_path):
     from selm_mcore.config import GenerationConfig
     from selm_mcore.files import ChecksumError
@@ -318,6 +328,27 @@ def _damage(checkpoints: Path, root: Path, case: str):
     return step, file
 
 
+def _finite_checks(models, ddp_models, ctx) -> dict:
+    """The trainer's checks on real DDP gradient buffers and parameters, one bad value each."""
+    from selm_mcore.mcore.optim import grads_are_finite, params_are_finite
+
+    out = {}
+    for model in ddp_models:
+        model.zero_grad_buffer()
+    out["grads_zero"] = grads_are_finite(ddp_models, ctx)
+    buffer = ddp_models[0].buffers[0]
+    buffer.grad_data[buffer.grad_data.numel() // 3] = float("inf")
+    out["grads_one_inf"] = grads_are_finite(ddp_models, ctx)
+    buffer.grad_data.fill_(3.0e38)  # finite, but their sum overflows fp32: still finite
+    out["grads_huge_finite"] = grads_are_finite(ddp_models, ctx)
+    out["params_loaded"] = params_are_finite(models, ctx)
+    param = list(models[0].parameters())[-1]
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    out["params_one_nan"] = params_are_finite(models, ctx)
+    return out
+
+
 def _worker(checkpoints: Path, exported: Path, root: Path, hf_dir: Path) -> None:
     from selm_mcore.config import ModelConfig, OptimConfig
     from selm_mcore.mcore.checkpoint import (build_model_from_checkpoint, load_policy,
@@ -328,8 +359,8 @@ def _worker(checkpoints: Path, exported: Path, root: Path, hf_dir: Path) -> None
     ctx = init_parallel(tp=1, pp=1)
     models, _, _ = build_model_from_checkpoint(checkpoints / "step_0000002", ctx)
     optim_cfg = OptimConfig(lr=1e-3, warmup_ratio=0.25)
-    optimizer = build_optimizer(wrap_ddp(models), optim_cfg, peak_lr=1e-3,
-                                params_dtype=models[0].embedding.word_embeddings.weight.dtype)
+    ddp_models = wrap_ddp(models)
+    optimizer = build_optimizer(ddp_models, optim_cfg, peak_lr=1e-3, params_dtype=torch.float32)
     scheduler = build_lr_scheduler(optimizer, optim_cfg, peak_lr=1e-3, total_steps=NUM_STEPS)
     state = load_training_state(checkpoints / "step_0000002", models=models, optimizer=optimizer,
                                 scheduler=scheduler, ctx=ctx)
@@ -353,6 +384,7 @@ def _worker(checkpoints: Path, exported: Path, root: Path, hf_dir: Path) -> None
     weights = copy / "model.safetensors"
     flip_byte(weights, safetensors_data_offset(weights) + 100)
     results["exported_hf"] = _attempt(lambda: load_policy(copy, ctx, ModelConfig()), weights)
+    results["finite_checks"] = _finite_checks(models, ddp_models, ctx)
     (root / "results.json").write_text(json.dumps(results, indent=2))
     destroy_parallel()
 

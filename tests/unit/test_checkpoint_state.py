@@ -47,3 +47,18 @@ def test_state_of_another_format_is_refused(tmp_path):
     write_state(tmp_path / "old", fmt="selm-train-state/0")
     with pytest.raises(ResumeError, match="format 'selm-train-state/0'"):
         read_train_state(tmp_path / "old")
+
+
+def test_corruption_fix_offers_the_previous_kept_checkpoint(tmp_path):
+    from selm_mcore.mcore.checkpoint import corruption_fix
+
+    for step in (20, 40, 60):
+        write_state(tmp_path / f"step_00000{step}", step=step)
+    (tmp_path / "step_0000050").mkdir()  # incomplete: never offered
+    (tmp_path / "latest").write_text("step_0000060\n")
+    fix = corruption_fix(tmp_path / "step_0000060")
+    assert fix.startswith(f"resume from the previous kept checkpoint {tmp_path / 'step_0000040'}")
+    assert f"`echo step_0000040 > {tmp_path / 'latest'}`" in fix
+    assert f"`rm -r {tmp_path / 'step_0000060'}`" in fix
+    assert "no earlier checkpoint is kept" in corruption_fix(tmp_path / "step_0000020")
+    assert corruption_fix(tmp_path / "final").startswith(f"re-create {tmp_path / 'final'}")
