@@ -49,7 +49,11 @@ def run_checksums(args) -> dict[str, Any]:
 
     from selm_mcore.config import ModelConfig
     from selm_mcore.files import checksum_files
-    from selm_mcore.mcore.checkpoint import load_model_checkpoint, load_policy, save_model_checkpoint
+    from selm_mcore.mcore.checkpoint import (
+        load_model_checkpoint,
+        load_policy,
+        save_model_checkpoint,
+    )
     from selm_mcore.mcore.checksums import record_checksums
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
     from selm_mcore.mcore.weights import export_hf
