@@ -395,8 +395,9 @@ def _check_before_update(run: Training, step: int, metrics: dict[str, float]) ->
     what = (f"the loss is {loss}" if not math.isfinite(loss) else "the loss is finite") + \
         (" and the gradients are finite" if grads_ok else ", a gradient holds NaN or infinity")
     lr = run.optimizer.param_groups[0]["lr"]
+    logged = {k: v for k, v in metrics.items() if k != "model_flops"}
     raise_non_finite(run.cfg.train.output_dir, step, what,
-                     {**metrics, "grad_norm": float("nan"), "lr": lr}, lr=lr, applied=False)
+                     {**logged, "grad_norm": float("nan"), "lr": lr}, lr=lr, applied=False)
 
 
 def _check_parameters(run: Training) -> None:
