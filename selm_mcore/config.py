@@ -14,6 +14,7 @@ the rules that span sections (and, given the number of processes, the parallel l
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,13 +140,8 @@ class LossConfig:
     sft_weight: float = 0.0
 
     def validate(self) -> None:
+        check_numbers("loss", self)
         _choice("loss.loss_type", self.loss_type, ("sigmoid", "ipo"))
-        if self.beta <= 0:
-            raise ConfigError(f"loss.beta={self.beta} must be > 0")
-        if self.alpha < 0:
-            raise ConfigError(f"loss.alpha={self.alpha} must be >= 0 (0 = iterative DPO)")
-        if self.sft_weight < 0:
-            raise ConfigError(f"loss.sft_weight={self.sft_weight} must be >= 0 (0 = no SFT term)")
 
 
 @dataclass
@@ -163,9 +159,14 @@ class OptimConfig:
     clip_grad: float = 1.0
 
     def validate(self) -> None:
+        check_numbers("optim", self)
         _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        peaks = self.lr_per_round or [self.lr]
+        if self.min_lr > min(peaks):
+            where = ("optim.lr" if not self.lr_per_round else
+                     "every optim.lr_per_round entry, the smallest")
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be <= {where}={min(peaks)} (the "
+                              "peak learning rate); lower optim.min_lr")
 
     def lr_for_round(self, round_index: int) -> float:
         """Peak learning rate of 1-based round ``round_index``."""
@@ -257,13 +258,9 @@ class GenerationConfig:
     reload_timeout_s: float = 600.0
 
     def validate(self) -> None:
+        check_numbers("generation", self)
         if self.n < 1 or self.max_tokens < 1:
             raise ConfigError("generation.n and generation.max_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError(
-                f"generation.temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"generation.top_p={self.top_p} must be in (0, 1]")
         if self.n > 1 and self.temperature == 0:
             raise ConfigError(
                 f"generation.n={self.n} with temperature=0 gives {self.n} identical greedy "
@@ -275,13 +272,9 @@ class GenerationConfig:
             raise ConfigError(
                 f"generation.max_tokens={self.max_tokens} must be < generation.max_model_len="
                 f"{self.max_model_len} (prompt + response must fit); raise max_model_len")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"generation.gpu_memory_utilization={self.gpu_memory_utilization} "
-                              "must be in (0, 1]")
         _choice("generation.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        for key in ("kv_cache_memory_gb", "engine_timeout_s", "reload_timeout_s"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"generation.{key}={getattr(self, key)} must be >= 0")
+        if self.engine_timeout_s < 0:
+            raise ConfigError(f"generation.engine_timeout_s={self.engine_timeout_s} must be >= 0")
 
 
 @dataclass
@@ -403,6 +396,48 @@ class SelmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The range of each float value (every float value must also be finite: NaN passes every
+# comparison and inf trains to an all-NaN model). Keys without a rule need only be finite. A
+# section with float fields calls check_numbers first in its validate().
+NUMBER_RULES = {
+    "loss.beta": "> 0", "loss.alpha": ">= 0", "loss.sft_weight": ">= 0",
+    "optim.lr": ">= 0", "optim.lr_per_round": ">= 0", "optim.min_lr": ">= 0",
+    "optim.weight_decay": ">= 0", "optim.adam_beta1": "in [0, 1)",
+    "optim.adam_beta2": "in [0, 1)", "optim.adam_eps": "> 0", "optim.warmup_ratio": "in [0, 1)",
+    "optim.clip_grad": ">= 0",
+    "generation.temperature": ">= 0", "generation.top_p": "in (0, 1]",
+    "generation.gpu_memory_utilization": "in (0, 1]", "generation.kv_cache_memory_gb": ">= 0",
+    "generation.reload_timeout_s": ">= 0",
+}
+
+
+def _satisfies(value: float, rule: str) -> bool:
+    """``value`` within ``rule``: "> x", ">= x" or an interval "in [a, b)" (any brackets)."""
+    if rule.startswith("in "):
+        low, high = (float(x) for x in rule[4:-1].split(","))
+        return ((low <= value) if rule[3] == "[" else (low < value)) and \
+            ((value <= high) if rule[-1] == "]" else (value < high))
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_numbers(section_name: str, section: Any) -> None:
+    """Every float value of a section (list entries too) is finite and within its
+    ``NUMBER_RULES`` range (each section's ``validate`` calls this first)."""
+    for name, annotation in typing.get_type_hints(type(section)).items():
+        if "float" not in str(annotation):
+            continue
+        key, value = f"{section_name}.{name}", getattr(section, name)
+        items = ([(f"{key}[{i}]", v) for i, v in enumerate(value)]
+                 if isinstance(value, list) else [(key, value)])
+        rule = NUMBER_RULES.get(key, "")
+        for item_key, item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue  # None of an optional field; types are checked on load
+            if not math.isfinite(item) or (rule and not _satisfies(item, rule)):
+                raise ConfigError(f"{item_key}={item!r} must be a finite number {rule}".rstrip())
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

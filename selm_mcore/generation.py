@@ -45,7 +45,7 @@ from typing import Any
 from selm_mcore.config import GenerationConfig, add_config_arguments, config_from_args
 from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.dataset import encode_prompt
-from selm_mcore.files import read_records, write_jsonl_atomic
+from selm_mcore.files import read_records, verify_checksums, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -443,6 +443,8 @@ def generate_file(model_dir: str | os.PathLike, prompts_path: str | os.PathLike,
     gen_cfg.validate()
     prompts = load_prompts(prompts_path)
     check_model_dir(model_dir, on_cpu=not _cuda_available())
+    verify_checksums(model_dir, fix=f"export {model_dir} again (selm convert mcore-to-hf "
+                     "--overwrite) or point at an intact copy")
     start = time.perf_counter()
     if gen_cfg.num_engines > 1 and len(prompts) > 1:
         out_dir = Path(out_path).absolute().parent

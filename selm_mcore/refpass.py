@@ -10,7 +10,8 @@ y_ref per example in a safetensors file (``train.ref_cache``, default
 ``<train.output_dir>/ref_logps.safetensors``)::
 
     ref_chosen_logps [N] fp32, ref_rejected_logps [N] fp32, ref_yref_logps [N] fp32 (with y_ref)
-    metadata: format, key (sha256), key_json (its components), num_examples
+    metadata: format, key (sha256), key_json (its components), num_examples,
+              tensors_sha256 (of the tensors' names, shapes and bytes: checked on every load)
 
 Row i of each tensor belongs to example i of ``PreferenceDataset`` (file order after any skipped
 rows). The key hashes (tokenised data rows, tokenizer files, reference checkpoint, max lengths);
@@ -42,7 +43,7 @@ import torch.distributed as dist
 from selm_mcore.batches import PreferenceBatch
 from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
 from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
-from selm_mcore.files import atomic_open, hash_path
+from selm_mcore.files import ChecksumError, atomic_open, hash_path
 from selm_mcore.packing import pack_budget
 from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
 from selm_mcore.mcore.forward import (
@@ -159,6 +160,16 @@ def reference_key(dataset: PreferenceDataset, reference_path: str | Path, *, max
 # --- the cache file ---------------------------------------------------------------------------
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
+    digest = hashlib.sha256(b"selm-tensors/1")
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class ReferenceLogps:
     """Per-example reference log-probs [num_examples] (fp32); ``yref`` is None without y_ref."""
@@ -191,7 +202,7 @@ class ReferenceLogps:
         tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()}
         metadata = {"format": CACHE_FORMAT, "key": key.digest,
                     "key_json": json.dumps(dataclasses.asdict(key), sort_keys=True),
-                    "num_examples": str(len(self))}
+                    "num_examples": str(len(self)), "tensors_sha256": tensors_digest(tensors)}
         with atomic_open(path, "wb") as handle:
             handle.write(save(tensors, metadata=metadata))
 
@@ -206,7 +217,12 @@ def load_reference_cache(path: str | Path, expected: ReferenceKey) -> ReferenceL
     if not path.is_file():
         raise FileNotFoundError(f"reference cache {path} (train.ref_cache) does not exist: "
                                 f"{rebuild}, or set train.reference_mode=onthefly")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise ChecksumError(path, f"not a readable safetensors file ({exc}; truncated or "
+                            "corrupt)", rebuild) from None
+    with handle as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != CACHE_FORMAT:
             raise StaleReferenceCacheError(
@@ -223,6 +239,13 @@ def load_reference_cache(path: str | Path, expected: ReferenceKey) -> ReferenceL
                 f"this run uses (cache key {metadata.get('key', '?')[:12]}..., this run "
                 f"{expected.digest[:12]}...); {rebuild}")
         tensors = {name: f.get_tensor(name) for name in f.keys()}
+    recorded = metadata.get("tensors_sha256")
+    if recorded is None:
+        logger.warning("reference cache %s has no tensors_sha256 (an older version): loaded "
+                       "unchecked", path)
+    elif tensors_digest(tensors) != recorded:
+        raise ChecksumError(path, "the log-probs differ from the tensors_sha256 recorded when the "
+                            "cache was written (corrupt)", rebuild)
     return ReferenceLogps(chosen=tensors["ref_chosen_logps"],
                           rejected=tensors["ref_rejected_logps"],
                           yref=tensors.get("ref_yref_logps"))

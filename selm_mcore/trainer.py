@@ -36,8 +36,21 @@ Outputs in ``train.output_dir``:
     metrics.jsonl          one record per step (rank 0); tensorboard/ with train.tensorboard
     ref_logps.safetensors  the reference cache, when train.ref_cache is not set
 
-Fault hook (tests): with ``SELM_TRAIN_KILL_AFTER_STEP=k`` every rank SIGKILLs itself right after
-step k (and its checkpoint, if one is due), as a crash would.
+Non-finite values: after the backward of each step the loss (reduced over the data-parallel
+ranks and the pipeline) and every rank's gradients are checked before the optimizer reads
+them; a NaN or infinity stops the run with ``NonFiniteError`` naming the step, before the
+update is applied and before anything is saved. The step checkpoints on disk stay as they
+were (``latest`` names the last good one), no final model is written, and metrics.jsonl holds
+the bad step's values. The parameters are checked again before every save.
+
+Resume: a step checkpoint stores what defines the run (``selm_mcore.guards.run_identity``: the
+start model's fingerprint, the data hash, the loss and optimizer settings, the number of steps;
+nothing that depends on tp/pp/dp/vpp or the packing layout); a resume whose run differs is
+refused with ``ResumeError`` naming each differing key before any model is loaded.
+
+Fault hooks (tests): with ``SELM_TRAIN_KILL_AFTER_STEP=k`` every rank SIGKILLs itself right after
+step k (and its checkpoint, if one is due), as a crash would; ``SELM_TRAIN_NAN_AT_STEP=k``
+makes the loss of step k NaN (``selm_mcore.guards``).
 
 Shape legend: B examples per micro-batch, S = 2 or 3 sequences per example, N = S * B, T tokens.
 """
@@ -60,6 +73,13 @@ import torch.distributed as dist
 from selm_mcore.batches import DistributedBatchSampler, micro_batches
 from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
 from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
+from selm_mcore.guards import (
+    NonFiniteError,
+    check_resume,
+    loss_fn_for_step,
+    raise_non_finite,
+    run_identity,
+)
 from selm_mcore.mcore.checkpoint import DTYPES, hf_files_dir
 from selm_mcore.mcore.forward import (
     MicroBatch,
@@ -81,7 +101,12 @@ from selm_mcore.metrics import (
     peak_memory_gib,
 )
 from selm_mcore.packing import pack_budget
-from selm_mcore.refpass import ReferenceLogps, load_reference_cache, reference_key
+from selm_mcore.refpass import (
+    ReferenceLogps,
+    load_reference_cache,
+    reference_fingerprint,
+    reference_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,22 +163,27 @@ def reduce_step_metrics(reduced: list[dict[str, torch.Tensor]], ctx) -> dict[str
 
     The last stage sums its micro-batches; a sum over DP and then over the pipeline (other
     stages contribute zeros) gives every rank the totals. Metrics this run does not produce
-    (e.g. no y_ref) are NaN and dropped.
+    (e.g. no y_ref) are left out; produced ones are kept even when NaN or infinite.
     """
     names = SUMMED_METRICS + COUNTS
-    totals = torch.zeros(len(names), dtype=torch.float64, device=ctx.device)
+    # [sums of every name, then 1 per name the micro-batches produce]
+    totals = torch.zeros(2 * len(names), dtype=torch.float64, device=ctx.device)
     if ctx.is_last_stage and reduced:
-        missing = torch.tensor(float("nan"), dtype=torch.float64, device=ctx.device)
-        totals = torch.stack([
-            torch.stack([r[name].detach().double() if name in r else missing for name in names])
+        zero = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        sums = torch.stack([
+            torch.stack([r[name].detach().double() if name in r else zero for name in names])
             for r in reduced]).sum(0)
+        produced = torch.tensor([float(name in reduced[0]) for name in names],
+                                dtype=torch.float64, device=ctx.device)
+        totals = torch.cat([sums, produced])
     if ctx.dp > 1:
         dist.all_reduce(totals, group=ctx.dp_group)
     if ctx.pp > 1:
         dist.all_reduce(totals, group=ctx.pp_group)
-    sums = dict(zip(names, totals.tolist()))
+    sums = dict(zip(names, totals[:len(names)].tolist()))
+    produced = dict(zip(names, totals[len(names):].tolist()))
     count = sums["num_examples"]
-    out = {name: sums[name] / count for name in SUMMED_METRICS if not math.isnan(sums[name])}
+    out = {name: sums[name] / count for name in SUMMED_METRICS if produced[name] > 0}
     out.update({name: sums[name] for name in COUNTS})
     return out
 
@@ -188,6 +218,7 @@ class RoundData:
     reference_cache: ReferenceLogps | None   # None: computed on the fly
     total_steps: int
     pack_tokens: int                      # tokens per packed micro-batch (0: packing none)
+    source_fingerprint: str = ""          # reference_fingerprint(source): the start model
 
     @property
     def packed(self) -> bool:
@@ -204,16 +235,18 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
         raise ValueError(
             f"loss.alpha={cfg.loss.alpha} needs y_ref: the rows of {cfg.data.train_path} have no "
             "reference_response; generate it (selm generate) or set loss.alpha=0 (iterative DPO)")
-    reference_cache = None
+    reference_cache, fingerprint = None, ""
     if cfg.train.reference_mode == "precomputed":
         key = reference_key(dataset, source, max_length=cfg.data.max_length,
                             max_prompt_length=cfg.data.max_prompt_length)
         reference_cache = load_reference_cache(cfg.train.ref_cache_path(), key)
+        fingerprint = key.reference
     return RoundData(source=source, tokenizer=tokenizer, dataset=dataset,
                      reference_cache=reference_cache,
                      total_steps=total_train_steps(cfg, len(dataset)),
                      pack_tokens=pack_budget(cfg.data, dataset.examples,
-                                             multiple=sequence_length_multiple(cfg.parallel.tp)))
+                                             multiple=sequence_length_multiple(cfg.parallel.tp)),
+                     source_fingerprint=fingerprint or reference_fingerprint(source))
 
 
 @dataclass
@@ -246,11 +279,11 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
     """Policy (resumed from ``<output_dir>/checkpoints/latest`` when there is one), reference,
     DDP, optimizer, schedule and sampler of a round."""
     from selm_mcore.mcore.checkpoint import (
-        ResumeError,
         find_latest,
         load_frozen_policy,
         load_policy,
         load_training_state,
+        read_train_state,
     )
     from selm_mcore.mcore.optim import build_lr_scheduler, build_optimizer, wrap_ddp
 
@@ -261,6 +294,10 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
 
     checkpoints = Path(cfg.train.output_dir) / "checkpoints"
     resume_from = find_latest(checkpoints) if cfg.train.resume else None
+    identity = run_identity(cfg, start_model=data.source_fingerprint,
+                            data_hash=data.dataset.content_hash(), steps=data.total_steps)
+    if resume_from is not None:  # refused before any model is loaded
+        check_resume(resume_from, read_train_state(resume_from).extra.get("run"), identity)
     models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
                                     recompute=cfg.model.recompute, packed=data.packed)
     data.dataset.check_token_ids(models[0].true_vocab_size)
@@ -280,10 +317,6 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
     if resume_from is not None:
         state = load_training_state(resume_from, models=models, optimizer=optimizer,
                                     scheduler=scheduler, ctx=ctx)
-        if state.extra.get("data_hash") != data.dataset.content_hash():
-            raise ResumeError(
-                f"cannot resume from {resume_from}: it was trained on other data than "
-                f"{cfg.data.train_path}; set train.resume=false or use another train.output_dir")
         step = state.step
         sampler.load_state_dict(state.data)
 
@@ -294,7 +327,7 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
     checkpoint_kwargs = dict(models=models, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
                              hf_config=hf_config, tokenizer_dir=hf_files_dir(data.source),
                              keep=cfg.train.keep_checkpoints,
-                             extra={"data_hash": data.dataset.content_hash()})
+                             extra={"run": identity})
     peak = device_peak(ctx.device.type, torch.get_num_threads(), seconds=0.25)
     return Training(cfg=cfg, ctx=ctx, data=data, models=models, ddp_models=ddp_models,
                     ref_models=ref_models, optimizer=optimizer, scheduler=scheduler,
@@ -336,15 +369,21 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
     for model in run.ddp_models:
         model.zero_grad_buffer()
     run.optimizer.zero_grad()
-    reduced = run_micro_batches(run.ddp_models, batches, run.loss_fn, forward_only=False)
+    step = run.step + 1
+    reduced = run_micro_batches(run.ddp_models, batches, loss_fn_for_step(run.loss_fn, step),
+                                forward_only=False)
+    metrics = reduce_step_metrics(reduced, ctx)
     lr = run.optimizer.param_groups[0]["lr"]
+    _check_before_update(run, step, metrics)
     update_ok, grad_norm, _ = run.optimizer.step()
     if not update_ok:
-        logger.warning("step %d: optimizer step skipped (non-finite gradients)", run.step + 1)
+        logger.warning("step %d: optimizer step skipped (non-finite gradients)", step)
+    elif grad_norm is not None and not math.isfinite(grad_norm):
+        raise_non_finite(cfg.train.output_dir, step, f"the gradient norm is {grad_norm}",
+                         {**metrics, "grad_norm": grad_norm, "lr": lr}, lr=lr, applied=True)
     run.scheduler.step(1)
-    run.step += 1
+    run.step = step
     elapsed = time.perf_counter() - start
-    metrics = reduce_step_metrics(reduced, ctx)
     flops_per_device = metrics.pop("model_flops") / ctx.world_size
     metrics.update(grad_norm=grad_norm, lr=lr, step_time_s=elapsed,
                    tokens_per_s=metrics["num_tokens"] / elapsed,
@@ -354,6 +393,32 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
                    mfu=flops_per_device / elapsed / run.device_peak_flops,
                    memory_gib=peak_memory_gib(ctx.device))
     return metrics
+
+
+def _check_before_update(run: Training, step: int, metrics: dict[str, float]) -> None:
+    """Stop before the optimizer reads gradients when the loss or any gradient is not finite."""
+    from selm_mcore.mcore.optim import grads_are_finite
+
+    loss = metrics.get("loss", float("nan"))
+    grads_ok = grads_are_finite(run.ddp_models, run.ctx)
+    if math.isfinite(loss) and grads_ok:
+        return
+    what = (f"the loss is {loss}" if not math.isfinite(loss) else "the loss is finite") + \
+        (" and the gradients are finite" if grads_ok else ", a gradient holds NaN or infinity")
+    lr = run.optimizer.param_groups[0]["lr"]
+    logged = {k: v for k, v in metrics.items() if k != "model_flops"}
+    raise_non_finite(run.cfg.train.output_dir, step, what,
+                     {**logged, "grad_norm": float("nan"), "lr": lr}, lr=lr, applied=False)
+
+
+def _check_parameters(run: Training) -> None:
+    """Refuse to save a model with a non-finite parameter (every rank calls this)."""
+    from selm_mcore.mcore.optim import params_are_finite
+
+    if not params_are_finite(run.models, run.ctx):
+        raise_non_finite(run.cfg.train.output_dir, run.step, "a parameter is NaN or infinite "
+                         "before a save", {}, lr=run.optimizer.param_groups[0]["lr"],
+                         applied=True)
 
 
 # --- the round --------------------------------------------------------------------------------
@@ -372,6 +437,7 @@ def save_step_checkpoint(run: Training, root: Path) -> None:
     from selm_mcore.mcore.optim import sync_params
 
     sync_params(run.ddp_models)  # the weights of this step (overlapped all-gather)
+    _check_parameters(run)
     save_checkpoint(root, run.step, data_state=run.sampler.state_dict(),
                     reshardable=step_checkpoint_reshardable(run.cfg, run.step,
                                                             run.data.total_steps),
@@ -405,7 +471,12 @@ def train_round(cfg: SelmConfig) -> Path:
         last_saved = run.step if run.resumed_from is not None else -1
         batches: Iterator[list[int]] = run.sampler.batches()
         while run.step < total_steps:
-            metrics = train_step(run, next(batches))
+            try:
+                metrics = train_step(run, next(batches))
+            except NonFiniteError as exc:
+                writer.log(exc.step, exc.metrics)
+                writer.close()
+                raise
             writer.log(run.step, metrics)
             if cfg.train.save_interval and (run.step % cfg.train.save_interval == 0
                                             or run.step == total_steps):
@@ -416,6 +487,7 @@ def train_round(cfg: SelmConfig) -> Path:
         if cfg.train.save_interval and last_saved != run.step:
             save_step_checkpoint(run, checkpoints)
         sync_params(run.ddp_models)
+        _check_parameters(run)
         final = save_model_atomic(run.models, ctx, output_dir / "final",
                                   hf_config=run.checkpoint_kwargs["hf_config"],
                                   tokenizer_dir=hf_files_dir(data.source))

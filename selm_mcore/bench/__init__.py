@@ -13,6 +13,7 @@ Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` 
     logprob-path         training steps with the fused log-prob kernel vs Megatron's
                          cross-entropy path (what tools/bench_gpu.sh runs on a GPU)
     phases WORKDIR       seconds per phase of each round, from an online run's manifest
+    checksums HF_DIR     seconds per GB the checksums add to saving and loading checkpoints
     flops CONFIG         the FLOP formula's numbers and the device peak, nothing run
 
 Pairs: synthetic rows written once per run (``--profile uniform``: the given lengths;
@@ -157,6 +158,14 @@ def add_arguments(parser) -> None:
     p.add_argument("workdir", help="online.workdir of a `selm run`")
     p.add_argument("--json", default="")
 
+    p = modes.add_parser("checksums", help="seconds per GB the checksums add to saves/loads")
+    p.add_argument("hf_dir", help="HF Llama folder to save and load (e.g. `python -m "
+                                  "selm_mcore.assets smollm2` prints SmolLM2's)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default="", help="where the saves go (default "
+                                                 "outputs/bench/checksums)")
+    p.add_argument("--json", default="")
+
     p = modes.add_parser("flops", help="print the FLOP formula's numbers and the device peak")
     _add_common(p)
     p.add_argument("--seq-length", type=int, default=1024)
@@ -164,13 +173,13 @@ def add_arguments(parser) -> None:
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     """Mode name -> its runner (imported when a mode runs: the modes import torch, vLLM...)."""
-    from selm_mcore.bench import compare, generation, logprob_path, phases, train
+    from selm_mcore.bench import checksums, compare, generation, logprob_path, phases, train
 
     return {"train": train.run_train, "refmode": compare.run_refmode,
             "compare-trl": compare.run_compare_trl, "packing": compare.run_packing,
             "generation": generation.run_generation,
             "logprob-path": logprob_path.run_logprob_path, "phases": phases.run_phases_mode,
-            "flops": phases.run_flops}
+            "flops": phases.run_flops, "checksums": checksums.run_checksums}
 
 
 def main(args) -> int:

@@ -3,14 +3,17 @@
 This module is the one owner of the folder layout (docs/architecture.md)::
 
     M/selm_checkpoint.json   format, vocab_size, padded_vocab_size, tp, pp, dtype, ...
-                             (written last: its presence marks a complete save)
+                             (its presence marks a complete save)
+    M/checksums.json         size and sha256 of every file of model/, hf/ and
+                             selm_checkpoint.json (written last; ``selm_mcore.mcore.checksums``)
     M/hf/                    HF config.json, generation_config.json, tokenizer files
     M/model/                 Megatron dist checkpoint (torch_dist), global coordinates: any
                              TP/PP/VPP whose tp divides the heads/groups/padded vocabulary loads it
     M/train/                 step checkpoints only: optimizer/ (the distributed optimizer's
                              state, ``selm_mcore.mcore.optim``), rng/rank_*.safetensors (each
                              rank's torch and Megatron-tracker RNG states), state.json (step,
-                             scheduler, data position, layout, what defines the run)
+                             scheduler, data position, layout, what defines the run),
+                             checksums.json (of the files of train/, written last)
 
 Converter output and a round's final policy are model-only folders; the trainer's step
 checkpoints live in ``OUT/checkpoints/step_0000040/`` with ``OUT/checkpoints/latest`` naming the
@@ -28,7 +31,9 @@ is refused naming the fix. The RNG states are restored only when tp, pp and dp m
 (dropout-free training does not depend on them).
 
 Loading never unpickles objects a user did not make: json and safetensors here, Megatron's
-dist checkpoints through ``selm_mcore.mcore.safe_load``.
+dist checkpoints through ``selm_mcore.mcore.safe_load``. Loading checks the files against
+their checksums first (shared among the ranks); a missing, truncated or changed file raises
+``ChecksumError`` naming it and the previous kept step checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from selm_mcore.files import write_text_atomic
+from selm_mcore.files import read_checksums, verify_checksums, write_text_atomic
+from selm_mcore.mcore.checksums import record_checksums, verify_checksums_together
 from selm_mcore.mcore.model import build_model, load_hf_config
 from selm_mcore.mcore.parallel import ParallelContext
 from selm_mcore.mcore.weights import hf_config_of, load_hf_weights, write_hf_config_files
@@ -148,6 +154,7 @@ def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str 
             **(extra_meta or {}),
         }
         (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    record_checksums(ckpt_dir, ctx, under=("model", "hf", META_FILE))
     dist.barrier()
     logger.info("saved Megatron checkpoint %s", ckpt_dir)
 
@@ -160,6 +167,7 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{meta_path} not found: {ckpt_dir} is not a complete selm-mcore checkpoint (an "
             "interrupted save, or an HF folder: convert it with tools/convert_hf/hf_to_mcore.py)")
+    _verify_small_files(ckpt_dir)
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}, this version "
@@ -195,6 +203,7 @@ def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
         if meta[key] != value:
             raise CheckpointError(f"checkpoint {ckpt_dir} has {key}={meta[key]}, the model "
                                   f"{key}={value}")
+    verify_checksums_together(ckpt_dir, ctx, fix=corruption_fix(ckpt_dir), under=("model",))
     state = load_dist_checkpoint(_sharded_state_dict(models), ckpt_dir / "model")
     for i, model in enumerate(models):
         result = model.load_state_dict(state[f"chunk{i}"], strict=False)
@@ -229,6 +238,9 @@ def load_policy(source: str | Path, ctx: ParallelContext, model_cfg, *,
         models, hf_config, _ = build_model_from_checkpoint(source, ctx, params_dtype=dtype,
                                                            recompute=recompute, packed=packed)
         return models, hf_config
+    verify_checksums_together(source, ctx, fix=f"export {source} again (selm convert "
+                              "mcore-to-hf --overwrite) or point at an intact copy",
+                              expected=False)
     hf_config = load_hf_config(source)
     models = build_model(hf_config, ctx, params_dtype=dtype, recompute=recompute,
                          make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
@@ -368,6 +380,8 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
                  "optimizer": {"format": sharding, "layout": layout},
                  "extra": extra or {}}
         (tmp / "train" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    record_checksums(tmp / "train", ctx)
+    if ctx.rank == 0:
         _replace_dir(tmp, final)
         write_text_atomic(root / LATEST_FILE, final.name + "\n")
         if keep > 0:
@@ -383,6 +397,8 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
 def read_train_state(path: str | Path) -> TrainState:
     """The JSON part of a checkpoint (step, data position, scheduler, extra)."""
     state_path = Path(path) / "train" / "state.json"
+    if read_checksums(state_path.parent, fix=corruption_fix(path)) is not None:
+        verify_checksums(state_path.parent, ["state.json"], fix=corruption_fix(path))
     state = json.loads(state_path.read_text())
     if state.get("format") != TRAIN_STATE_FORMAT:
         raise ResumeError(f"{state_path} has format {state.get('format')!r}, this version reads "
@@ -411,8 +427,8 @@ def load_training_state(path: str | Path, *, models: Sequence, optimizer, schedu
     )
 
     path = Path(path)
+    verify_checksums_together(path / "train", ctx, fix=corruption_fix(path))
     state = read_train_state(path)
-    _check_scheduler(path, state.scheduler, scheduler.state_dict())
     sharding = state.optimizer.get("format", OPTIMIZER_SHARDING["distrib_optim_sharding_type"])
     if sharding == DP_RESHARDABLE:
         current = optimizer_state_layout(ctx, distributed_optimizers(optimizer)[0].ddp_config)
@@ -431,14 +447,28 @@ def load_training_state(path: str | Path, *, models: Sequence, optimizer, schedu
     return state
 
 
-def _check_scheduler(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a resume whose learning-rate schedule differs from the checkpoint's."""
-    keys = {"max_lr": "optim.lr (or lr_per_round)", "min_lr": "optim.min_lr",
-            "lr_warmup_steps": "optim.warmup_ratio", "lr_decay_steps": "the number of steps",
-            "lr_decay_style": "optim.schedule"}
-    changed = [f"{name} ({key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r})"
-               for key, name in keys.items() if saved.get(key) != current.get(key)]
-    if changed:
-        raise ResumeError(f"cannot resume from {path}: the learning-rate schedule differs in "
-                          f"{'; '.join(changed)}. Resume with the checkpoint's config, or set "
-                          "train.resume=false / another train.output_dir to start over")
+def corruption_fix(ckpt_dir: str | Path) -> str:
+    """What to do about a corrupt checkpoint: resume from the previous kept step checkpoint
+    (named, with the command that selects it), else re-create the folder."""
+    ckpt_dir = Path(ckpt_dir)
+    root = ckpt_dir.parent
+    if not ckpt_dir.name.startswith(STEP_PREFIX):
+        return (f"re-create {ckpt_dir} (run the conversion or the training round that wrote it "
+                "again), or point at an intact copy")
+    earlier = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.name < ckpt_dir.name
+                      and (p / "train" / "state.json").is_file()), reverse=True)
+    if earlier:
+        return (f"resume from the previous kept checkpoint {earlier[0]}: run `echo "
+                f"{earlier[0].name} > {root / LATEST_FILE}` and `rm -r {ckpt_dir}`, then start "
+                "the same command again")
+    return (f"no earlier checkpoint is kept in {root}: remove {ckpt_dir} and {root / LATEST_FILE}"
+            " and start over (or set train.resume=false / another train.output_dir)")
+
+
+def _verify_small_files(ckpt_dir: Path) -> None:
+    """The JSON and HF files of a checkpoint folder against its checksums (each process)."""
+    fix = corruption_fix(ckpt_dir)
+    entries = read_checksums(ckpt_dir, fix=fix)
+    if entries is not None:
+        verify_checksums(ckpt_dir, [n for n in sorted(entries) if not n.startswith("model/")],
+                         fix=fix)

@@ -4,12 +4,17 @@
     mcore_to_hf(M, out_dir)              # HF folder that transformers and vLLM load
 
     selm convert hf-to-mcore --hf-dir H --out-dir M --tp T --pp P
-    selm convert mcore-to-hf --mcore-dir M --out-dir H2
+    selm convert mcore-to-hf --mcore-dir M --out-dir H2 [--overwrite]
 
 Inputs are validated in the calling process first (config, layout, shard files); then, unless
 this process is already one of tp*pp launched ranks, tp*pp local processes
 (``selm _worker convert SPEC``, started by ``selm_mcore.launch.run_local_ranks``) do the work,
 each reading only its slices. The streaming and memory rules are in ``selm_mcore.mcore.weights``.
+
+An export writes into ``.<name>.export-tmp`` next to the target (with ``checksums.json``) and
+renames it into place when complete, so a reader never sees a partial or mixed folder. A
+non-empty target is refused (stale shards or index files would be loaded with the new ones)
+unless ``overwrite`` is given; then the old folder is swapped out in one step and deleted.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import json
 import logging
 import os
 import resource
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from selm_mcore.files import replace_dir
 from selm_mcore.launch import run_local_ranks
 from selm_mcore.mcore.checkpoint import (
     DTYPES,
@@ -121,23 +128,65 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
     logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
 
 
+class ExportTargetError(FileExistsError):
+    """An export target that holds files and may not be replaced."""
+
+
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless ``overwrite``, as the export target."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportTargetError(f"--out-dir {out_dir} is a file, not a folder; choose a folder")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries and not overwrite:
+        raise ExportTargetError(
+            f"--out-dir {out_dir} is not empty ({len(entries)} entries: "
+            f"{', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); stale weight or "
+            "index files there would be loaded with the new ones. Pass --overwrite to replace "
+            "the folder, or export into an empty or new folder")
+
+
+def export_tmp_dir(out_dir: str | os.PathLike) -> Path:
+    """The folder an export of ``out_dir`` is written to before it is renamed into place."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.export-tmp")
+
+
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1,
                 pp: int = 1, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                timeout_s: float = 3600.0) -> None:
+                timeout_s: float = 3600.0, overwrite: bool = False) -> None:
     """Export a selm-mcore checkpoint (saved at any tp/pp) to an HF folder.
 
     One process by default (tp=pp=1); larger tp/pp spread the model over more local processes.
     Writes config.json, model.safetensors (sharded above ``max_shard_bytes``, with an index),
-    the tokenizer files and generation_config.json; vocabulary padding is stripped.
+    the tokenizer files, generation_config.json and checksums.json; vocabulary padding is
+    stripped. A non-empty ``out_dir`` is refused unless ``overwrite`` (see the module doc).
     """
     meta = read_checkpoint_meta(mcore_dir)
     validate_layout(load_hf_config(Path(mcore_dir) / "hf"), tp, pp,
                     padded_vocab=meta["padded_vocab_size"])
+    out_dir = Path(out_dir)
+    check_export_target(out_dir, overwrite)
+    tmp = export_tmp_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     if _in_matching_launch(tp * pp):
-        _mcore_to_hf_rank(str(mcore_dir), str(out_dir), tp, pp, max_shard_bytes)
+        # Only rank 0 writes files (selm_mcore.mcore.weights.export_hf).
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _mcore_to_hf_rank(str(mcore_dir), str(tmp), tp, pp, max_shard_bytes)
+        if rank == 0:
+            replace_dir(tmp, out_dir)
     else:
-        _launch({"job": "mcore-to-hf", "mcore_dir": str(mcore_dir), "out_dir": str(out_dir),
-                 "tp": tp, "pp": pp, "max_shard_bytes": max_shard_bytes}, tp * pp, timeout_s)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _launch({"job": "mcore-to-hf", "mcore_dir": str(mcore_dir), "out_dir": str(tmp),
+                     "tp": tp, "pp": pp, "max_shard_bytes": max_shard_bytes}, tp * pp,
+                    timeout_s)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, out_dir)
     logger.info("exported %s -> %s", mcore_dir, out_dir)
 
 
@@ -181,6 +230,8 @@ def add_mcore_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
     parser.add_argument("--timeout-s", type=float, default=3600.0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out-dir (swapped in once the export is done)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -190,5 +241,6 @@ def main(args: argparse.Namespace) -> int:
                     timeout_s=args.timeout_s)
     else:
         mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
-                    max_shard_bytes=int(args.max_shard_gb * 1024**3), timeout_s=args.timeout_s)
+                    max_shard_bytes=int(args.max_shard_gb * 1024**3), timeout_s=args.timeout_s,
+                    overwrite=args.overwrite)
     return 0

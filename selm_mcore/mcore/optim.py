@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from selm_mcore.config import OptimConfig
 
@@ -187,6 +188,36 @@ def sync_params(ddp_models: list) -> None:
     for model in ddp_models:
         if model.ddp_config.overlap_param_gather:
             model.start_param_sync(force_sync=True)
+
+
+# --- finiteness checks ------------------------------------------------------------------------
+
+
+def _all_finite(tensors, ctx) -> bool:
+    """True when every element of ``tensors`` on every rank is finite (one world all-reduce).
+
+    A float64 sum of all elements is NaN or infinite exactly when an element is (a float64 sum
+    of finite fp32/bf16 values cannot overflow), and needs no tensor-sized temporary.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for tensor in tensors:
+        total += tensor.detach().sum(dtype=torch.float64)
+    bad = (~torch.isfinite(total)).to(torch.float32)
+    if ctx.world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def grads_are_finite(ddp_models: list, ctx) -> bool:
+    """Every gradient of every rank finite: checks the DDP gradient buffers after the backward
+    and the gradient reduction, before the optimizer reads them (every rank calls this)."""
+    return _all_finite([buffer.grad_data for model in ddp_models
+                        for buffer in model.buffers + model.expert_parallel_buffers], ctx)
+
+
+def params_are_finite(models: Sequence, ctx) -> bool:
+    """Every parameter of every rank finite (every rank calls this)."""
+    return _all_finite([param for model in models for param in model.parameters()], ctx)
 
 
 # --- the optimizer state in a checkpoint ------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from selm_mcore.files import checksum_files, list_files, write_checksums
 from selm_mcore.mcore.model import head_dim, layers_of_stage, load_hf_config, num_query_groups
 from selm_mcore.mcore.parallel import ParallelContext
 
@@ -516,7 +517,8 @@ def write_hf_config_files(hf_config, out_dir: Path, aux_dir: Path | None,
 def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike,
               aux_dir: str | os.PathLike | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write the model as an HF folder (rank 0 writes; every rank must call this)."""
+    """Write the model as an HF folder with checksums.json (rank 0 writes; every rank calls
+    this)."""
     hf_config = hf_config_of(models)
     dtype = next(models[0].parameters()).dtype
     out_dir = Path(out_dir)
@@ -531,6 +533,7 @@ def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike
     if ctx.rank == 0:
         writer.close()
         write_hf_config_files(hf_config, out_dir, Path(aux_dir) if aux_dir else None, dtype)
+        write_checksums(out_dir, checksum_files(out_dir, list_files(out_dir)))
         logger.info("wrote HF folder %s (%d file(s), %.1f MB)", out_dir, len(writer.files),
                     writer.total_bytes / 1e6)
     if dist.is_initialized() and ctx.world_size > 1:

@@ -6,8 +6,9 @@ distributed optimizer is saved with ``mcore.checkpoint.save_checkpoint``; the mo
 ``mcore.checkpoint.load_model_checkpoint`` and the optimizer through
 ``mcore.checkpoint.load_training_state`` with tensors identical to those before the save;
 tampered copies (malicious ``.metadata`` for model and optimizer; a real-looking ``.metadata``
-that turns a weight into a bytes entry pointing at a malicious pickle) are refused with no file
-created, while Megatron's default loader does run the bytes payload (the control).
+that turns a weight into a bytes entry pointing at a malicious pickle), whose checksum lists the
+attacker rewrote too, are refused with no file created, while Megatron's default loader does
+run the bytes payload (the control).
 
 The metadata reader alone, in the pytest process: tests/unit/test_safe_load.py.
 """
@@ -142,6 +143,14 @@ def _bytes_entry_copy(src: Path, dst: Path, marker: Path) -> Path:
     return evil
 
 
+def _forge_checksums(folder: Path) -> None:
+    """Whoever can write checkpoint files can rewrite their checksum list: recompute it, so the
+    loads below reach the unpickler."""
+    from selm_mcore.files import checksum_files, read_checksums, write_checksums
+
+    write_checksums(folder, checksum_files(folder, read_checksums(folder, fix="")))
+
+
 def _worker(root: Path, hf_dir: Path) -> None:
     from megatron.core import dist_checkpointing
 
@@ -192,6 +201,7 @@ def _worker(root: Path, hf_dir: Path) -> None:
     copy = root / "tampered_model"
     shutil.copytree(ckpt, copy)
     bad = write_pickle(copy / "model" / ".metadata", TouchOnUnpickle(marker))
+    _forge_checksums(copy)
     tampered["model_metadata"] = _attempt(lambda: load_model_checkpoint(fresh, ctx, copy),
                                           marker, bad)
 
@@ -199,12 +209,14 @@ def _worker(root: Path, hf_dir: Path) -> None:
     copy = root / "tampered_optimizer"
     shutil.copytree(ckpt, copy)
     bad = write_pickle(copy / "train" / "optimizer" / ".metadata", TouchOnUnpickle(marker))
+    _forge_checksums(copy / "train")
     tampered["optimizer_metadata"] = _attempt(
         lambda: load_optimizer_state(optimizer, models, copy / "train" / "optimizer"),
         marker, bad)
 
     marker = root / "pwned_bytes_entry"
     evil = _bytes_entry_copy(ckpt, root / "tampered_bytes", marker)
+    _forge_checksums(root / "tampered_bytes")
     tampered["model_bytes_entry"] = _attempt(
         lambda: load_model_checkpoint(fresh, ctx, root / "tampered_bytes"), marker, evil)
 

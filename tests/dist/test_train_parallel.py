@@ -16,7 +16,8 @@ real CLI (``python -m selm_mcore.cli ...``) under ``run_local_ranks`` with a har
   at DP1 gives the baseline's step 5, and resuming it at TP2 is refused naming the fix; the
   round's last checkpoint (step 5) is fully reshardable;
   TP2xPP2 with train.reshardable_checkpoints=true killed likewise and resumed at TP1 (the
-  checkpoint reshards): steps 1-3 (TP2xPP2) and 3-5 (TP1) equal the baseline.
+  checkpoint reshards): steps 1-3 (TP2xPP2) and 3-5 (TP1) equal the baseline; its checksum
+  lists name every file, the shards of all four ranks among them, with the sha256 computed here.
 
 Tolerance 1e-5 (fp32; measured: loss <= 3e-7, grad norm (~3) <= 4e-6).
 """
@@ -103,6 +104,24 @@ def assert_steps_equal(records: list[dict], baseline: list[dict], steps: range) 
         got, want = by_step[step], baseline[step - 1]
         for key in ("loss", "grad_norm"):
             assert abs(got[key] - want[key]) <= TOL, (step, key, got[key], want[key])
+
+
+def assert_checksums_cover_every_rank(step_dir: Path, ranks: int) -> None:
+    """Both checksum lists of a step checkpoint hold every file with its sha256 (hashed here),
+    including the files each rank wrote."""
+    import hashlib
+
+    from selm_mcore.files import list_files
+    from selm_mcore.mcore.checksums import file_owner
+
+    for folder, under in ((step_dir, ("model", "hf", "selm_checkpoint.json")),
+                          (step_dir / "train", ("",))):
+        listed = json.loads((folder / "checksums.json").read_text())["files"]
+        assert sorted(listed) == list_files(folder, under)
+        for name, entry in listed.items():
+            assert entry["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        owners = {file_owner(n) for n in listed if n.endswith((".distcp", ".safetensors"))}
+        assert owners == set(range(ranks)), (folder, owners)
 
 
 @pytest.fixture(scope="module")
@@ -213,5 +232,6 @@ def test_tp2pp2_checkpoint_resumes_at_tp1(ws):
     state = json.loads((ckpt / "step_0000002" / "train" / "state.json").read_text())
     assert state["layout"]["tp"] == 2 and state["layout"]["pp"] == 2
     assert state["optimizer"]["format"] == "fully_reshardable"
+    assert_checksums_cover_every_rank(ckpt / "step_0000002", ranks=4)
     resumed = train(ws, "tp2pp2", 1, *args)
     assert_steps_equal(resumed, ws["baseline"], range(3, NUM_STEPS + 1))

@@ -1,10 +1,10 @@
 """Trainer checkpoint bookkeeping that needs no processes: `latest`, the state file, refusals.
 
-Saving, resuming and resharding real checkpoints is tested in tests/dist/test_train_parallel.py.
+Saving, resuming and resharding real checkpoints is tested in tests/dist/test_train_parallel.py;
+the run identity a resume must match in tests/unit/test_guards.py.
 """
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +12,6 @@ from selm_mcore.mcore.checkpoint import (
     TRAIN_STATE_FORMAT,
     ResumeError,
     find_latest,
-    load_training_state,
     read_train_state,
 )
 
@@ -50,27 +49,16 @@ def test_state_of_another_format_is_refused(tmp_path):
         read_train_state(tmp_path / "old")
 
 
-class OptimizerReached(Exception):
-    """Raised by the fake optimizer: loading got past the schedule check to the optimizer."""
+def test_corruption_fix_offers_the_previous_kept_checkpoint(tmp_path):
+    from selm_mcore.mcore.checkpoint import corruption_fix
 
-
-class FakeOptimizer:
-    @property
-    def chained_optimizers(self):
-        raise OptimizerReached
-
-
-def test_resume_with_another_schedule_is_refused_before_any_state_is_loaded(tmp_path):
-    write_state(tmp_path / "step_0000040")
-
-    def resume(current_schedule):
-        return load_training_state(tmp_path / "step_0000040", models=[],
-                                   optimizer=FakeOptimizer(), ctx=None,
-                                   scheduler=SimpleNamespace(state_dict=lambda: current_schedule))
-
-    with pytest.raises(OptimizerReached):  # same schedule (num_steps is no part of it): accepted
-        resume({**SCHEDULE, "num_steps": 0})
-    with pytest.raises(ResumeError, match=r"optim.lr .*5e-07.*3e-07"):
-        resume({**SCHEDULE, "max_lr": 3e-7})
-    with pytest.raises(ResumeError, match="the number of steps"):
-        resume({**SCHEDULE, "lr_decay_steps": 300})
+    for step in (20, 40, 60):
+        write_state(tmp_path / f"step_00000{step}", step=step)
+    (tmp_path / "step_0000050").mkdir()  # incomplete: never offered
+    (tmp_path / "latest").write_text("step_0000060\n")
+    fix = corruption_fix(tmp_path / "step_0000060")
+    assert fix.startswith(f"resume from the previous kept checkpoint {tmp_path / 'step_0000040'}")
+    assert f"`echo step_0000040 > {tmp_path / 'latest'}`" in fix
+    assert f"`rm -r {tmp_path / 'step_0000060'}`" in fix
+    assert "no earlier checkpoint is kept" in corruption_fix(tmp_path / "step_0000020")
+    assert corruption_fix(tmp_path / "final").startswith(f"re-create {tmp_path / 'final'}")

@@ -117,9 +117,9 @@ def test_override_into_a_non_mapping_section():
     ("data.pad_to_multiple_of=0", "data.pad_to_multiple_of=0 must be >= 1"),
     ("data.max_length=0", "data.max_length=0 must be >= 1"),
     ("loss.loss_type=hinge", "loss.loss_type='hinge' is not one of sigmoid, ipo"),
-    ("loss.beta=0", "loss.beta=0.0 must be > 0"),
-    ("loss.alpha=-1e-4", "loss.alpha=-0.0001 must be >= 0"),
-    ("loss.sft_weight=-1", "loss.sft_weight=-1.0 must be >= 0"),
+    ("loss.beta=0", "loss.beta=0.0 must be a finite number > 0"),
+    ("loss.alpha=-1e-4", "loss.alpha=-0.0001 must be a finite number >= 0"),
+    ("loss.sft_weight=-1", "loss.sft_weight=-1.0 must be a finite number >= 0"),
     ("train.micro_batch_size=0", "train.micro_batch_size=0 must be >= 1"),
     ("train.global_batch_size=6", "train.global_batch_size=6 must be a multiple of "
                                   "train.micro_batch_size=4"),
@@ -230,3 +230,58 @@ def test_example_configs_pick_a_recompute_choice():
     choices = {path.name: load_config(path).model.recompute for path in configs.glob("*.yaml")}
     assert choices["selm_llama3_8b.yaml"] == "none"  # 8B at TP2 fits without recompute
     assert set(choices.values()) <= {"none", "selective", "full"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.beta=.nan", "loss.beta=nan must be a finite number > 0"),
+    ("loss.beta=nan", "loss.beta=nan must be a finite number > 0"),  # YAML text, as --set gives
+    ("loss.beta=.inf", "loss.beta=inf must be a finite number > 0"),
+    ("loss.alpha=.nan", "loss.alpha=nan must be a finite number >= 0"),
+    ("loss.sft_weight=-.inf", "loss.sft_weight=-inf must be a finite number >= 0"),
+    ("optim.lr=.inf", "optim.lr=inf must be a finite number >= 0"),
+    ("optim.lr=-1e-7", "optim.lr=-1e-07 must be a finite number >= 0"),
+    ("optim.lr_per_round=[1.0e-6, .nan]", r"optim.lr_per_round\[1\]=nan must be a finite number"),
+    ("optim.min_lr=.nan", "optim.min_lr=nan must be a finite number >= 0"),
+    ("optim.min_lr=1e-6", r"optim.min_lr=1e-06 must be <= optim.lr=5e-07 \(the peak"),
+    ("optim.adam_beta1=1", r"optim.adam_beta1=1.0 must be a finite number in \[0, 1\)"),
+    ("optim.adam_beta2=.nan", r"optim.adam_beta2=nan must be a finite number in \[0, 1\)"),
+    ("optim.adam_eps=0", "optim.adam_eps=0.0 must be a finite number > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be a finite number >= 0"),
+    ("optim.warmup_ratio=1", r"optim.warmup_ratio=1.0 must be a finite number in \[0, 1\)"),
+    ("optim.clip_grad=.nan", "optim.clip_grad=nan must be a finite number >= 0"),
+    ("generation.temperature=.nan", "generation.temperature=nan must be a finite number >= 0"),
+    ("generation.top_p=0", r"generation.top_p=0.0 must be a finite number in \(0, 1\]"),
+    ("generation.gpu_memory_utilization=.inf", "generation.gpu_memory_utilization=inf must"),
+    ("generation.reload_timeout_s=.nan", "generation.reload_timeout_s=nan must be a finite"),
+])
+def test_numbers_must_be_finite_and_in_range(override, message):
+    with pytest.raises(ConfigError, match=f"<defaults>: {message}"):
+        load_config(None, [override])
+
+
+def test_min_lr_is_checked_against_every_round_lr():
+    load_config(None, ["optim.lr_per_round=[1.0e-6, 1.0e-7]", "optim.min_lr=1e-7"])
+    with pytest.raises(ConfigError, match=r"optim.min_lr=2e-07 must be <= every "
+                                          r"optim.lr_per_round entry, the smallest=1e-07"):
+        load_config(None, ["optim.lr_per_round=[1.0e-6, 1.0e-7]", "optim.min_lr=2e-7"])
+
+
+def test_every_float_field_is_checked_for_finiteness():
+    """A float field without a range rule still refuses NaN (no field escapes the walk)."""
+    import dataclasses
+    import typing
+
+    from selm_mcore.config import NUMBER_RULES, SelmConfig
+
+    cfg = SelmConfig()
+    float_keys = [f"{s.name}.{name}" for s in dataclasses.fields(cfg)
+                  for name, kind in typing.get_type_hints(type(getattr(cfg, s.name))).items()
+                  if "float" in str(kind)]
+    assert set(NUMBER_RULES) <= set(float_keys)
+    for key in float_keys:
+        section, name = key.split(".")
+        bad = SelmConfig()
+        value = [float("nan")] if key == "optim.lr_per_round" else float("nan")
+        setattr(getattr(bad, section), name, value)
+        with pytest.raises(ConfigError, match=rf"{key}(\[0\])?=nan must be a finite number"):
+            bad.validate()

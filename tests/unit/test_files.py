@@ -1,4 +1,6 @@
-"""selm_mcore.files: the record reader (JSONL / Parquet, row numbers), atomic writes, hash_path."""
+"""selm_mcore.files: the record reader (JSONL / Parquet, row numbers), atomic writes, hash_path,
+checksum lists (checked against hashlib directly; real checkpoints in tests/dist/) and the
+atomic folder swap."""
 
 from __future__ import annotations
 
@@ -8,13 +10,20 @@ import os
 import pytest
 
 from selm_mcore.files import (
+    CHECKSUM_FILE,
+    ChecksumError,
     DataError,
     atomic_open,
+    checksum_files,
     hash_path,
     iter_records,
+    list_files,
     read_records,
+    replace_dir,
+    verify_checksums,
     write_json_atomic,
     write_jsonl_atomic,
+    write_checksums,
     write_text_atomic,
 )
 
@@ -110,3 +119,81 @@ def test_hash_path_folders_and_large_file_fingerprint(tmp_path):
     assert hash_path(big, full_hash_max_bytes=small_limit) != fingerprint
     with pytest.raises(FileNotFoundError):
         hash_path(tmp_path / "nope")
+
+
+def _saved_folder(tmp_path):
+    folder = tmp_path / "saved"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "__0_0.distcp").write_bytes(os.urandom(3000))
+    (folder / "meta.json").write_text('{"a": 1}\n')
+    write_checksums(folder, checksum_files(folder, list_files(folder)))
+    return folder
+
+
+def test_checksum_list_records_size_and_sha256(tmp_path):
+    import hashlib
+
+    folder = _saved_folder(tmp_path)
+    manifest = json.loads((folder / CHECKSUM_FILE).read_text())
+    assert manifest["algorithm"] == "sha256"
+    assert sorted(manifest["files"]) == ["meta.json", "model/__0_0.distcp"]  # not itself
+    data = (folder / "model" / "__0_0.distcp").read_bytes()
+    assert manifest["files"]["model/__0_0.distcp"] == {
+        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert verify_checksums(folder, fix="x") == len(data) + 9
+    assert list_files(folder, ["model"]) == ["model/__0_0.distcp"]
+    assert list_files(folder, ["meta.json"]) == ["meta.json"]
+
+
+@pytest.mark.parametrize("damage,problem", [
+    ("flip", "the content differs from the sha256 recorded"),
+    ("truncate", r"the file has 2999 bytes, 3000 were saved \(truncated"),
+    ("delete", "the file is missing"),
+])
+def test_a_damaged_file_is_named_with_the_fix(tmp_path, damage, problem):
+    folder = _saved_folder(tmp_path)
+    shard = folder / "model" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[1234] ^= 0x01
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(data[:-1]))
+    else:
+        shard.unlink()
+    with pytest.raises(ChecksumError, match=rf"{shard}: {problem}.*Fix: use the copy") as info:
+        verify_checksums(folder, fix="use the copy")
+    assert info.value.path == str(shard)
+    verify_checksums(folder, ["meta.json"], fix="x")  # a subset skips the bad file
+
+
+def test_an_unreadable_checksum_list_is_named(tmp_path):
+    folder = _saved_folder(tmp_path)
+    (folder / CHECKSUM_FILE).write_text("{not json")
+    with pytest.raises(ChecksumError, match=rf"{folder / CHECKSUM_FILE}: the checksum list is "
+                                            "unreadable"):
+        verify_checksums(folder, fix="x")
+    (folder / CHECKSUM_FILE).unlink()
+    assert verify_checksums(folder, fix="x") == 0  # an older folder without a list
+
+
+def test_replace_dir_swaps_a_folder_in_without_leftovers(tmp_path):
+    from selm_mcore.files import _exchange
+
+    old, new = tmp_path / "out", tmp_path / ".out.tmp"
+    old.mkdir()
+    (old / "model-00001-of-00002.safetensors").write_text("stale")
+    new.mkdir()
+    (new / "model.safetensors").write_text("fresh")
+    replace_dir(new, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in old.iterdir()] == ["model.safetensors"]
+    new.mkdir()
+    replace_dir(new, tmp_path / "absent")
+    assert (tmp_path / "absent").is_dir() and not new.exists()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").touch()
+    assert _exchange(a, b)  # Linux: one atomic swap
+    assert (b / "x").exists() and not (a / "x").exists()

@@ -102,6 +102,32 @@ def test_stale_cache_is_refused_naming_what_changed(setup, what):
     assert what in message and "selm refpass" in message and str(setup.cache) in message
 
 
+def _tensor_data_offset(path) -> int:
+    """Where the tensor bytes of a safetensors file start (8-byte length + JSON header)."""
+    import struct
+
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_cache_is_refused_naming_the_file(setup, tmp_path, damage):
+    from selm_mcore.files import ChecksumError
+
+    cache = tmp_path / "ref_logps.safetensors"
+    shutil.copyfile(setup.cache, cache)
+    data = bytearray(cache.read_bytes())
+    if damage == "flip":  # one bit of a stored log-prob: still a valid float, a wrong value
+        data[_tensor_data_offset(cache) + 5] ^= 0x01
+        problem = "the log-probs differ from the tensors_sha256"
+    else:
+        data = data[:-3]
+        problem = "not a readable safetensors file .*truncated or corrupt"
+    cache.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=rf"{cache}: {problem}.*Fix: rerun `selm refpass"):
+        load_reference_cache(cache, setup.key)
+
+
 def test_missing_or_foreign_cache_is_refused(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="selm refpass"):
         load_reference_cache(tmp_path / "none.safetensors", setup.key)

@@ -118,3 +118,17 @@ def test_step_loss_and_reduced_metrics_match_an_independent_computation(tiny_lla
     for reduced in sums:
         del reduced["loss/optimism"]
     assert "loss/optimism" not in reduce_step_metrics(sums, ctx)
+
+
+def test_reduced_metrics_keep_a_non_finite_loss():
+    """A NaN or infinite loss is reported as such (a metric no micro-batch produces is not)."""
+    from selm_mcore.trainer import COUNTS
+
+    def micro(loss):
+        sums = {name: torch.tensor(1.0, dtype=torch.float64) for name in COUNTS}
+        return {**sums, "loss": torch.tensor(loss, dtype=torch.float64)}
+
+    ctx = SimpleNamespace(device=torch.device("cpu"), is_last_stage=True, dp=1, pp=1)
+    assert math.isnan(reduce_step_metrics([micro(0.5), micro(float("nan"))], ctx)["loss"])
+    assert reduce_step_metrics([micro(0.5), micro(float("inf"))], ctx)["loss"] == math.inf
+    assert "loss/optimism" not in reduce_step_metrics([micro(0.5)], ctx)

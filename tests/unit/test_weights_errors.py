@@ -1,6 +1,7 @@
 """Bad inputs to the converters each raise one clear error, before any rank is started:
 a missing shard file, a config with attention bias, tp=3 for 8 query groups, a missing or
-misshapen tensor, an HF folder passed as a Megatron checkpoint. (A checkpoint loaded into a
+misshapen tensor, an HF folder passed as a Megatron checkpoint, a non-empty export target
+without overwrite. (A checkpoint loaded into a
 model of another vocabulary size needs Megatron ranks: tests/dist/test_convert_roundtrip.py.)"""
 import json
 
@@ -79,3 +80,23 @@ def test_no_weights_and_other_architecture(tmp_path, tiny_llama_dir):
 def test_hf_folder_is_not_a_checkpoint(tmp_path, tiny_llama_dir):
     with pytest.raises(CheckpointError, match="selm_checkpoint.json not found.*hf_to_mcore"):
         mcore_to_hf(tiny_llama_dir, tmp_path / "out")
+
+
+def test_export_target_must_be_empty_unless_overwrite(tmp_path):
+    from selm_mcore.mcore.convert import ExportTargetError, check_export_target, export_tmp_dir
+
+    check_export_target(tmp_path / "new", overwrite=False)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_export_target(tmp_path / "empty", overwrite=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in ("a", "b", "c", "d", "e"):
+        (full / name).touch()
+    with pytest.raises(ExportTargetError, match=r"full is not empty \(5 entries: a, b, c, d, "
+                                                r"\.\.\.\); stale .*Pass --overwrite"):
+        check_export_target(full, overwrite=False)
+    check_export_target(full, overwrite=True)
+    (tmp_path / "file").touch()
+    with pytest.raises(ExportTargetError, match="is a file"):
+        check_export_target(tmp_path / "file", overwrite=True)
+    assert export_tmp_dir(tmp_path / "out") == tmp_path / ".out.export-tmp"
