@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from selm_mcore.launch import run_local_ranks
+from selm_mcore.preflight import check_output_dir, model_bytes, num_params
 from selm_mcore.mcore.checkpoint import (
     DTYPES,
     build_model_from_checkpoint,
@@ -113,6 +114,9 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
     validate_hf_config(hf_config)
     validate_layout(hf_config, tp, pp)
     SafetensorsReader(hf_dir)  # missing shard files fail here, before any process starts
+    bytes_per_param = _checkpoint_dtype(hf_config, dtype).itemsize
+    check_output_dir(Path(out_dir).absolute().parent, what="--out-dir",
+                     needed_bytes=num_params(hf_dir) * bytes_per_param)
     if _in_matching_launch(tp * pp):
         _hf_to_mcore_rank(str(hf_dir), str(out_dir), tp, pp, dtype)
     else:
@@ -133,6 +137,8 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp:
     meta = read_checkpoint_meta(mcore_dir)
     validate_layout(load_hf_config(Path(mcore_dir) / "hf"), tp, pp,
                     padded_vocab=meta["padded_vocab_size"])
+    check_output_dir(Path(out_dir).absolute().parent, what="--out-dir",
+                     needed_bytes=model_bytes(Path(mcore_dir) / "hf", meta.get("dtype", "fp32")))
     if _in_matching_launch(tp * pp):
         _mcore_to_hf_rank(str(mcore_dir), str(out_dir), tp, pp, max_shard_bytes)
     else:

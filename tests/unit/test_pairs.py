@@ -234,3 +234,18 @@ def test_selm_rank_refuses_half_given_jobs(tmp_path, write_config):
         selm_rank(config, "--generations", "g.jsonl", "--eval-out", "e.jsonl")
     with pytest.raises(ValueError, match="nothing to do"):
         selm_rank(config, "--generations", "g.jsonl")
+
+
+def test_rank_warns_about_repeated_prompt_ids(caplog):
+    import logging
+
+    from selm_mcore.pairs import warn_repeated_prompt_ids
+
+    rows = [{"prompt_id": "a"}, {"prompt_id": "b"}, {"prompt_id": "a"}, {"prompt": "no id"},
+            {"prompt_id": "b"}]
+    with caplog.at_level(logging.WARNING, logger="selm_mcore.pairs"):
+        assert warn_repeated_prompt_ids(rows, "rows.jsonl") == 2
+    assert ("rows.jsonl: 2 rows repeat an earlier row's prompt_id and so share its generated "
+            "response (e.g. row 3 repeats prompt_id 'a' of row 1; row 5 repeats prompt_id 'b' "
+            "of row 2)") in caplog.text
+    assert warn_repeated_prompt_ids(rows[:2], "rows.jsonl") == 0
