@@ -5,8 +5,9 @@
 * the torchrun parent of a 2-rank ``selm train`` killed: both ranks (each in its own session,
   so a process-group kill would miss them) and their helpers die;
 * ``selm run`` killed while its ``selm generate`` phase runs: the phase's process tree dies;
-* ``run_local_ranks`` and the data-parallel vLLM engines use the same mechanism as ``selm run``
-  (a death signal set between fork and exec), checked here through a parent that is killed.
+* ``selm generate`` killed while its data-parallel vLLM engine processes start: they die;
+* ``run_local_ranks`` and ``run_command`` (the same mechanism as ``selm run``: a death signal
+  set between fork and exec) checked through a plain parent that is killed.
 
 Each test captures the whole process tree (walking /proc) before the kill, then waits up to
 ``GRACE_S`` seconds for every captured process to be gone (zombies count as gone). Linux only.
@@ -200,4 +201,23 @@ def test_children_of_our_launchers_die_with_the_launcher(tmp_path, launcher):
     proc = _start([sys.executable, str(script), launcher], tmp_path / "parent.log")
     expected = 2 if launcher == "ranks" else 1
     wait_until(lambda: len(descendants(proc.pid)) >= expected, 60, "the children", proc)
+    kill_and_check_tree(proc, descendants(proc.pid))
+
+
+@pytest.mark.timeout(300)
+def test_sigkilled_selm_generate_leaves_no_engine(train_config, tmp_path, tiny_llama_dir):
+    """Data-parallel vLLM engines (``selm _worker engine``) die with ``selm generate``."""
+    config, _ = train_config
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt_id": "p{i}", "prompt": "What is {i} plus 1?"}}\n'
+                               for i in range(4)))
+    proc = _start([sys.executable, "-m", "selm_mcore.cli", "generate", str(config), "--prompts",
+                   str(prompts), "--out", str(tmp_path / "gen.jsonl"), "--model-dir",
+                   str(tiny_llama_dir), "--set", "generation.num_engines=2"],
+                  tmp_path / "generate.log")
+
+    def engines() -> list[int]:
+        return [pid for pid in descendants(proc.pid) if "_worker engine" in cmdline(pid)]
+
+    wait_until(lambda: len(engines()) == 2, START_TIMEOUT_S, "two engine processes", proc)
     kill_and_check_tree(proc, descendants(proc.pid))
