@@ -12,6 +12,16 @@ when its subcommand runs (Megatron and vLLM imports cost seconds).
 Child processes the commands start for themselves (a data-parallel vLLM engine, a conversion
 rank) enter through one hidden command, ``selm _worker KIND SPEC.json``: the module of KIND
 (``WORKERS``) runs ``worker_main(spec)`` on the JSON object in SPEC.json.
+
+Errors, the same for every command (``report_errors``): a user error (``selm_mcore.errors``:
+a bad config, data row, checkpoint or layout, a missing input file, a full disk) prints one
+line, ``selm CMD: error: MESSAGE`` (plus the module's ``ERROR_HINT``, if it has one), and exits
+with status 1; a bug raises, so Python prints its traceback. Under torchrun only rank 0 prints
+a user error, except errors one rank can meet alone (its own files and disk), which every rank
+that meets them prints. Ctrl-C exits with status 130.
+
+A process started by torchrun or by one of our launchers dies with that launcher
+(``selm_mcore.lifetime.bind_to_launcher``).
 """
 
 from __future__ import annotations
@@ -22,7 +32,11 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from selm_mcore.errors import is_rank_local, user_message
+from selm_mcore.lifetime import bind_to_launcher
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -71,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     setup_logging()
-    return int(module.main(args) or 0)
+    bind_to_launcher()
+    return report_errors(f"selm {name}", lambda: module.main(args),
+                         hint=getattr(module, "ERROR_HINT", None))
 
 
 def run_worker(argv: list[str]) -> int:
@@ -80,8 +96,34 @@ def run_worker(argv: list[str]) -> int:
         sys.exit(f"usage: selm _worker {{{','.join(WORKERS)}}} SPEC.json (internal)")
     kind, spec_path = argv
     setup_logging()
-    spec = json.loads(Path(spec_path).read_text())
-    return int(importlib.import_module(WORKERS[kind]).worker_main(spec) or 0)
+    bind_to_launcher()
+
+    def work() -> int:
+        spec = json.loads(Path(spec_path).read_text())
+        return importlib.import_module(WORKERS[kind]).worker_main(spec)
+
+    return report_errors(f"selm _worker {kind}", work)
+
+
+def report_errors(label: str, work: Callable[[], int | None], hint: str | None = None) -> int:
+    """Run ``work``; a user error prints one message and returns 1, a bug raises."""
+    try:
+        return int(work() or 0)
+    except KeyboardInterrupt:
+        print(f"{label}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or is_rank_local(exc):
+            where = f" (rank {rank})" if rank else ""
+            lines = [f"{label}{where}: error: {message}"] + ([hint] if hint else [])
+            for handler in logging.getLogger().handlers:  # the log first: the error ends it
+                handler.flush()
+            print("\n".join(lines), file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

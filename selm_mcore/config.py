@@ -105,13 +105,16 @@ class DataConfig:
     pack_tokens: int = 0
     # Tokens per packed micro-batch of the forward-only reference pass; 0 = 2 * pack_tokens.
     refpass_pack_tokens: int = 0
+    # A row with more text than this (UTF-8 bytes of prompt, messages and responses) is refused
+    # (or skipped with skip_bad_rows) before tokenisation; 0 = no limit.
+    max_row_bytes: int = 1_000_000
 
     def validate(self) -> None:
         _choice("data.packing", self.packing, ("shared_prompt", "pack", "none"))
         for key in ("max_length", "max_prompt_length", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
-        for key in ("pack_tokens", "refpass_pack_tokens"):
+        for key in ("pack_tokens", "refpass_pack_tokens", "max_row_bytes"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 0 (0 = automatic)")
         if self.max_prompt_length >= self.max_length:
@@ -514,20 +517,53 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-7")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
+        field_type = _override_field_type(item, section, key)
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
-        section_type = typing.get_type_hints(SelmConfig).get(section)
-        if section_type is not None and not isinstance(value, str) and \
-                typing.get_type_hints(section_type).get(key) is str:
+        if not isinstance(value, str) and field_type is str:
             value = text  # a string field takes the text as typed (a path like 2024, "001")
+        try:
+            value = _coerce(dotted, value, field_type)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {item}: {exc}") from None
         if raw.get(section) is None:
             raw[section] = {}
         elif not isinstance(raw[section], dict):
             raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping in the file")
         raw[section][key] = value
     return raw
+
+
+def _override_field_type(item: str, section: str, key: str) -> Any:
+    """The annotation of ``section.key``; an unknown one blames the override, not the file."""
+    sections = typing.get_type_hints(SelmConfig)
+    if section not in sections:
+        raise ConfigError(f"--set {item}: unknown section {section!r}; known: "
+                          f"{', '.join(sections)}")
+    fields = typing.get_type_hints(sections[section])
+    if key not in fields:
+        raise ConfigError(f"--set {item}: unknown key {section}.{key}; known: "
+                          f"{', '.join(f'{section}.{name}' for name in fields)}")
+    return fields[key]
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of ``path``; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        detail = f"{context}, {problem}" if context else problem
+        start = getattr(exc, "context_mark", None)
+        if start is not None and mark is not None and start.line != mark.line:
+            detail += f" (what it was parsing began at line {start.line + 1})"
+        raise ConfigError(f"{where}: YAML syntax error: {detail}. Fix the YAML there (check "
+                          "indentation, a missing ':' or an unclosed quote/bracket)") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SelmConfig:
@@ -538,7 +574,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path) or {}
         source = str(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections, "
@@ -548,10 +584,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def save_config(cfg: SelmConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    from selm_mcore.files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def add_config_arguments(parser) -> None:

@@ -19,7 +19,14 @@ rounds generate the pairs) has just ``prompt`` [+ ``prompt_id``]. Other columns 
 null optional field counts as absent (Parquet fills missing columns with nulls).
 
 A bad row raises ``DataError`` naming file, 1-based row (line), the rule and the fix; with
-``skip_bad_rows=True`` such rows are skipped, and their count is logged and returned.
+``skip_bad_rows=True`` such rows are skipped, and their count is logged and returned. A row
+with more than ``max_row_bytes`` of text (data.max_row_bytes) is such a bad row: it is refused
+before tokenisation, which would otherwise cost memory in proportion (a 10 MB row: 3.4 GB).
+
+Repeated rows, repeated prompt_ids and rows whose chosen equals their rejected response are
+valid but suspicious (a duplicated file, a merge gone wrong, a full tie in ranking: no
+preference signal); ``read_rows`` counts them (``find_duplicates``) and logs a warning with the
+counts and the first rows concerned.
 
 Round portions (``file_portion``) are contiguous, equal slices of the ORIGINAL file's records,
 as the reference code slices its data; skipped rows leave their portion smaller and never shift
@@ -41,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from selm_mcore.errors import InputError
 from selm_mcore.files import DataError, iter_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -55,7 +63,11 @@ _SCHEMA_HINT = (
 
 __all__ = ["DataError", "PreferenceRow", "LoadedRows", "Portion", "read_rows", "write_rows",
            "split_rounds", "file_portion", "source_row", "prompt_conversation", "raw_prompt",
-           "strip_response"]
+           "strip_response", "DuplicateReport", "find_duplicates"]
+# The fields a row's text is read from (other columns are ignored, so not counted).
+_TEXT_FIELDS = ("prompt", "chosen", "rejected", "reference_response")
+# How many rows of each kind a duplicate warning names.
+_NAMED_DUPLICATES = 3
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -109,6 +121,7 @@ class LoadedRows:
     num_skipped: int = 0
     skipped: list[DataError] = field(default_factory=list)
     record_rows: list[int] = field(default_factory=list)
+    duplicates: DuplicateReport | None = None
 
 
 @dataclass
@@ -126,14 +139,16 @@ class Portion:
     skipped: list[DataError]
 
 
-def read_rows(path: str | os.PathLike, *, kind: str = "auto",
-              skip_bad_rows: bool = False) -> LoadedRows:
+def read_rows(path: str | os.PathLike, *, kind: str = "auto", skip_bad_rows: bool = False,
+              max_row_bytes: int = 0) -> LoadedRows:
     """Read and validate a JSONL or Parquet file of preference (or prompt-only) rows.
 
     kind: "preference" (prompt + chosen + rejected), "prompt" (prompt [+ prompt_id]; any pair
     columns are ignored) or "auto" (preference when the first row has ``chosen`` or ``rejected``).
     In a preference file either every row has ``reference_response`` or none does (the first valid
-    row decides). Raises ``DataError`` on the first bad row unless ``skip_bad_rows``.
+    row decides). Raises ``DataError`` on the first bad row unless ``skip_bad_rows``; a row with
+    more than ``max_row_bytes`` bytes of text (0 = no limit) is a bad row. Repeated rows and
+    prompt_ids and chosen == rejected are counted (``LoadedRows.duplicates``) and logged.
     """
     if kind not in ("auto", "preference", "prompt"):
         raise ValueError(f"kind={kind!r} must be one of auto, preference, prompt")
@@ -147,6 +162,7 @@ def read_rows(path: str | os.PathLike, *, kind: str = "auto",
         try:
             if isinstance(record, DataError):
                 raise record
+            _check_row_size(record, max_row_bytes, path, row_number)
             if kind == "auto":
                 kind = "preference" if ("chosen" in record or "rejected" in record) else "prompt"
             row = _parse_record(record, kind, f"{path}:{row_number}", path, row_number)
@@ -183,8 +199,96 @@ def read_rows(path: str | os.PathLike, *, kind: str = "auto",
         raise DataError(path, None, f"all {num_records} rows are invalid (first: {skipped[0]})",
                         "fix the file; " + _SCHEMA_HINT)
     logger.info("%s: read %d %s rows", path, len(rows), kind)
+    duplicates = find_duplicates(rows)
+    if duplicates.any():
+        logger.warning("%s: %s", path, duplicates.summary())
     return LoadedRows(path=str(path), kind=kind, rows=rows, num_skipped=len(skipped),
-                      skipped=skipped, record_rows=record_rows)
+                      skipped=skipped, record_rows=record_rows, duplicates=duplicates)
+
+
+def _text_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_bytes(v) for v in value)
+    return 0
+
+
+def _check_row_size(record: dict, max_row_bytes: int, path: Path, row: int) -> None:
+    if not max_row_bytes:
+        return
+    size = sum(_text_bytes(record.get(name)) for name in _TEXT_FIELDS)
+    if size > max_row_bytes:
+        raise DataError(path, row, f"the row holds {size} bytes of text (prompt, conversations, "
+                        f"reference_response), over data.max_row_bytes={max_row_bytes}",
+                        "shorten or drop the row, raise data.max_row_bytes (0 = no limit), or "
+                        "set data.skip_bad_rows=true to skip such rows")
+
+
+# --- duplicates -------------------------------------------------------------------------------
+
+
+@dataclass
+class DuplicateReport:
+    """Counts of suspicious but valid rows, with the first few rows of each kind named."""
+
+    repeated_rows: int = 0            # rows equal to an earlier row (prompt, responses)
+    repeated_prompt_ids: int = 0      # rows whose prompt_id an earlier row already has
+    chosen_equals_rejected: int = 0   # preference rows without a preference
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def any(self) -> bool:
+        return bool(self.repeated_rows or self.repeated_prompt_ids or self.chosen_equals_rejected)
+
+    def summary(self) -> str:
+        parts = []
+        for count, kind, what in (
+                (self.repeated_rows, "repeated_rows", "rows repeat an earlier row"),
+                (self.repeated_prompt_ids, "repeated_prompt_ids",
+                 "rows repeat an earlier row's prompt_id"),
+                (self.chosen_equals_rejected, "chosen_equals_rejected",
+                 "rows have chosen == rejected (no preference: a zero DPO gradient)")):
+            if count:
+                parts.append(f"{count} {what} (e.g. {'; '.join(self.examples[kind])})")
+        return "; ".join(parts) + ". Check the data (deduplicate it) if this is not intended"
+
+
+def find_duplicates(rows: Sequence[PreferenceRow]) -> DuplicateReport:
+    """Count repeated rows, repeated prompt_ids and chosen == rejected (``row.source`` names
+    them)."""
+    report = DuplicateReport()
+    first_row: dict[tuple, str] = {}
+    first_id: dict[str, str] = {}
+
+    def note(kind: str, text: str) -> None:
+        examples = report.examples.setdefault(kind, [])
+        if len(examples) < _NAMED_DUPLICATES:
+            examples.append(text)
+
+    for row in rows:
+        where = row.source.rsplit(":", 1)[-1] if row.source else "?"
+        key = (tuple((m["role"], m["content"]) for m in row.prompt_messages), row.prompt,
+               row.chosen, row.rejected, row.reference_response)
+        if key in first_row:
+            report.repeated_rows += 1
+            note("repeated_rows", f"row {where} repeats row {first_row[key]}")
+        else:
+            first_row[key] = where
+        if row.prompt_id is not None:
+            if row.prompt_id in first_id:
+                report.repeated_prompt_ids += 1
+                note("repeated_prompt_ids", f"row {where} repeats prompt_id {row.prompt_id!r} "
+                     f"of row {first_id[row.prompt_id]}")
+            else:
+                first_id[row.prompt_id] = where
+        if row.has_pair and row.chosen == row.rejected:
+            report.chosen_equals_rejected += 1
+            note("chosen_equals_rejected", f"row {where}")
+    return report
 
 
 def write_rows(rows: Sequence[PreferenceRow], path: str | os.PathLike) -> None:
@@ -198,7 +302,7 @@ def split_rounds(rows: Sequence[Any], num_rounds: int) -> list[list[Any]]:
         raise ValueError(f"num_rounds={num_rounds} must be >= 1")
     size = len(rows) // num_rounds
     if size == 0:
-        raise ValueError(f"{len(rows)} rows cannot be split into {num_rounds} non-empty rounds; "
+        raise InputError(f"{len(rows)} rows cannot be split into {num_rounds} non-empty rounds; "
                          "use more data or fewer rounds (online.rounds)")
     return [list(rows[r * size:(r + 1) * size]) for r in range(num_rounds)]
 

@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from selm_mcore.data import PreferenceRow, read_rows
+from selm_mcore.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def pad_token_id(tokenizer) -> int:
     """The id right-padding uses: pad_token_id, else eos_token_id (padding is never a label)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("the tokenizer has neither pad_token_id nor eos_token_id")
+        raise InputError("the tokenizer has neither pad_token_id nor eos_token_id")
     return int(pad)
 
 
@@ -84,7 +85,7 @@ def encode_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
 def encode_response(tokenizer, content: str) -> list[int]:
     """Response token ids: the assistant content encoded once (no special tokens) + EOS."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; set eos_token in its config")
+        raise InputError("the tokenizer has no eos_token_id; set eos_token in its config")
     return list(tokenizer.encode(content, add_special_tokens=False)) + [tokenizer.eos_token_id]
 
 
@@ -161,7 +162,7 @@ def tokenize_row(row: PreferenceRow, tokenizer, *, index: int, max_length: int,
                  max_prompt_length: int) -> TokenizedExample:
     """Tokenise and truncate one preference row (y_ref too, when the row has one)."""
     if not row.has_pair:
-        raise ValueError(f"{row.source}: a prompt-only row cannot be tokenised for training; "
+        raise InputError(f"{row.source}: a prompt-only row cannot be tokenised for training; "
                          "generate and rank responses first")
     prompt_ids = encode_prompt(tokenizer, row.prompt_messages)
     responses = [encode_response(tokenizer, row.chosen), encode_response(tokenizer, row.rejected)]
@@ -238,8 +239,10 @@ class PreferenceDataset:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer, *, max_length: int,
-                  max_prompt_length: int, skip_bad_rows: bool = False) -> PreferenceDataset:
-        loaded = read_rows(path, kind="preference", skip_bad_rows=skip_bad_rows)
+                  max_prompt_length: int, skip_bad_rows: bool = False,
+                  max_row_bytes: int = 0) -> PreferenceDataset:
+        loaded = read_rows(path, kind="preference", skip_bad_rows=skip_bad_rows,
+                           max_row_bytes=max_row_bytes)
         return cls.from_rows(loaded.rows, tokenizer, max_length=max_length,
                              max_prompt_length=max_prompt_length)
 
@@ -259,7 +262,7 @@ class PreferenceDataset:
             for ids in (example.prompt_ids, *example.responses):
                 if ids and (max(ids) >= vocab_size or min(ids) < 0):
                     bad = max(ids) if max(ids) >= vocab_size else min(ids)
-                    raise ValueError(
+                    raise InputError(
                         f"example {example.index} holds token id {bad}, outside the model's "
                         f"vocabulary [0, {vocab_size}): the tokenizer does not belong to the "
                         "model; use the model folder's own tokenizer")
@@ -271,9 +274,10 @@ class PreferenceDataset:
 def load_preferences(data_cfg, tokenizer) -> PreferenceDataset:
     """The tokenised preference pairs of ``data.train_path`` (rules of ``data_cfg``)."""
     if not data_cfg.train_path:
-        raise ValueError("data.train_path is empty: point it at the round's preference pairs "
+        raise InputError("data.train_path is empty: point it at the round's preference pairs "
                          "(JSONL or Parquet)")
     return PreferenceDataset.from_file(data_cfg.train_path, tokenizer,
                                        max_length=data_cfg.max_length,
                                        max_prompt_length=data_cfg.max_prompt_length,
-                                       skip_bad_rows=data_cfg.skip_bad_rows)
+                                       skip_bad_rows=data_cfg.skip_bad_rows,
+                                       max_row_bytes=data_cfg.max_row_bytes)

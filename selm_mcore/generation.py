@@ -45,7 +45,10 @@ from typing import Any
 from selm_mcore.config import GenerationConfig, add_config_arguments, config_from_args
 from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.dataset import encode_prompt
+from selm_mcore.errors import InputError
 from selm_mcore.files import read_records, verify_checksums, write_jsonl_atomic
+from selm_mcore.lifetime import child_env, die_with_parent_preexec
+from selm_mcore.preflight import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class PromptRow:
 def prompt_row(row: Mapping[str, Any], where: str) -> PromptRow:
     """A prompt from a row (``selm_mcore.data.prompt_conversation`` says which conversation)."""
     if "prompt_id" not in row:
-        raise ValueError(f"{where}: missing 'prompt_id'")
+        raise InputError(f"{where}: missing 'prompt_id'")
     messages = prompt_conversation(row, where)
     return PromptRow(str(row["prompt_id"]), raw_prompt(row, messages), messages)
 
@@ -82,7 +85,7 @@ def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
     for index, row in enumerate(read_records(path)):
         prompt = prompt_row(row, f"{path} row {index}")
         if prompt.prompt_id in seen:
-            raise ValueError(f"{path} row {index}: prompt_id {prompt.prompt_id!r} repeats row "
+            raise InputError(f"{path} row {index}: prompt_id {prompt.prompt_id!r} repeats row "
                              f"{seen[prompt.prompt_id]}; prompt ids must be unique")
         seen[prompt.prompt_id] = index
         prompts.append(prompt)
@@ -109,7 +112,7 @@ def check_model_dir(model_dir: str | os.PathLike, *, on_cpu: bool) -> dict:
     config = json.loads(config_path.read_text())
     quant = (config.get("quantization_config") or {}).get("quant_method")
     if quant == "gguf" and not any(model_dir.glob("*.gguf")):
-        raise ValueError(
+        raise InputError(
             f"{config_path}: quantization_config says gguf but the folder holds no .gguf file "
             "(dequantised weights saved with the GGUF loader's config); delete the "
             "quantization_config entry from config.json")
@@ -119,7 +122,7 @@ def check_model_dir(model_dir: str | os.PathLike, *, on_cpu: bool) -> dict:
         head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads
                                               else None)
         if head_dim is not None and head_dim not in CPU_HEAD_DIMS:
-            raise ValueError(
+            raise InputError(
                 f"{config_path}: head_dim={head_dim} is not supported by vLLM on CPU (one of "
                 f"{', '.join(map(str, CPU_HEAD_DIMS))}); build the model with a supported head "
                 "size (e.g. hidden_size/num_attention_heads = 32) or generate on a GPU")
@@ -166,7 +169,7 @@ class VLLMGenerator:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir),
                                                        trust_remote_code=trust_remote_code)
         if not self.tokenizer.chat_template:
-            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template; add one "
+            raise InputError(f"{self.model_dir}: the tokenizer has no chat template; add one "
                              "(tokenizer_config.json chat_template) to render prompts")
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir), tokenizer=str(self.model_dir),
@@ -368,7 +371,7 @@ def _engine_env(engine: int, num_engines: int, tp: int, on_cpu: bool) -> dict[st
 
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     if len(devices) < num_engines * tp:
-        raise ValueError(
+        raise InputError(
             f"generation.num_engines={num_engines} x tensor_parallel_size={tp} needs "
             f"{num_engines * tp} GPUs, {len(devices)} visible; lower num_engines")
     env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[engine * tp:(engine + 1) * tp])
@@ -400,8 +403,9 @@ def _run_engines(model_dir, prompts: Sequence[PromptRow], gen_cfg: GenerationCon
                 proc = subprocess.Popen(
                     [sys.executable, "-P", "-m", "selm_mcore.cli", "_worker", "engine",
                      str(spec_path)],
-                    env=_engine_env(engine, len(bounds), gen_cfg.tensor_parallel_size, on_cpu),
-                    stdout=log, stderr=subprocess.STDOUT)
+                    env=child_env(_engine_env(engine, len(bounds), gen_cfg.tensor_parallel_size,
+                                              on_cpu)),
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent_preexec())
             procs.append((engine, start, end, proc, log_path, Path(spec["out"])))
         logger.info("started %d vLLM engines on slices %s", len(procs), bounds)
         deadline = time.monotonic() + gen_cfg.engine_timeout_s if gen_cfg.engine_timeout_s else None
@@ -464,6 +468,9 @@ def generate_file(model_dir: str | os.PathLike, prompts_path: str | os.PathLike,
 def worker_main(spec: dict) -> int:
     """One data-parallel engine process (``selm _worker engine SPEC``, started by
     ``_run_engines``)."""
+    from selm_mcore.lifetime import forked_children_die_with_this_process
+
+    forked_children_die_with_this_process()  # vLLM's forked workers die with this engine
     prompts = [PromptRow(**row) for row in read_records(spec["prompts"])]
     rows = _generate_rows(spec["model_dir"], prompts, GenerationConfig(**spec["gen_cfg"]),
                           spec["trust_remote_code"], spec["seed_offset"])
@@ -489,7 +496,8 @@ def main(args) -> int:
     cfg = config_from_args(args)
     model_dir = args.model_dir or cfg.model.hf_dir
     if not model_dir:
-        raise ValueError("no model to serve: pass --model-dir or set model.hf_dir")
+        raise InputError("no model to serve: pass --model-dir or set model.hf_dir")
+    check_output_dir(Path(args.out).absolute().parent, what="--out")
     generate_file(model_dir, args.prompts, args.out, cfg.generation,
                   trust_remote_code=cfg.model.trust_remote_code)
     return 0

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from selm_mcore.lifetime import child_env, die_with_parent_preexec
+
 
 class LaunchError(RuntimeError):
     """A rank of run_local_ranks failed or timed out; the message holds every rank's stderr."""
@@ -52,6 +54,15 @@ def _echo_new(path: Path, offset: int) -> int:
     return offset + len(data)
 
 
+def _first_reported_error(err_paths: Sequence[Path]) -> str | None:
+    """The first one-line user error a rank printed (``selm ...: error: MESSAGE``)."""
+    for path in err_paths:
+        for line in (path.read_text(errors="replace") if path.exists() else "").splitlines():
+            if ": error: " in line and line.lstrip().startswith("selm"):
+                return line.split(": error: ", 1)[1]
+    return None
+
+
 def run_local_ranks(argv: Sequence[str], nprocs: int, *, timeout_s: float,
                     env: dict[str, str] | None = None, cwd: str | None = None,
                     tail_chars: int = 6000, echo_rank0: bool = False) -> list[str]:
@@ -76,9 +87,10 @@ def run_local_ranks(argv: Sequence[str], nprocs: int, *, timeout_s: float,
                 errs.append(err_path)
                 rank_env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
                 with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                    procs.append(subprocess.Popen([sys.executable, *argv], env=rank_env, cwd=cwd,
-                                                  stdout=out, stderr=err,
-                                                  start_new_session=True))
+                    procs.append(subprocess.Popen([sys.executable, *argv],
+                                                  env=child_env(rank_env), cwd=cwd,
+                                                  stdout=out, stderr=err, start_new_session=True,
+                                                  preexec_fn=die_with_parent_preexec()))
             deadline = time.monotonic() + timeout_s
             failed = timed_out = False
             echoed = 0
@@ -112,7 +124,9 @@ def run_local_ranks(argv: Sequence[str], nprocs: int, *, timeout_s: float,
                 _echo_new(errs[0], echoed)
         if failed or timed_out:
             reason = f"timed out after {timeout_s:.0f} s" if timed_out else "failed"
-            parts = [f"{nprocs}-rank run of `python {' '.join(map(str, argv))}` {reason}"]
+            reported = _first_reported_error(errs)
+            parts = [f"{nprocs}-rank run of `python {' '.join(map(str, argv))}` {reason}"
+                     + (f": {reported}" if reported else "")]
             for rank, (proc, err_path) in enumerate(zip(procs, errs)):
                 parts.append(f"--- rank {rank} exit code {proc.returncode}, stderr:\n"
                              f"{_tail(err_path, tail_chars)}")

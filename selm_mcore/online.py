@@ -1,6 +1,6 @@
 """The online SELM loop: ``selm run CONFIG`` runs every round, resumably.
 
-    selm run CONFIG [--set a.b=v ...] [--redo PHASE] [--list-phases]
+    selm run CONFIG [--set a.b=v ...] [--redo PHASE | --fresh] [--list-phases]
 
 One linear list of phases; for round t = 1..T each phase writes one output under
 ``WORKDIR/round_t/`` (the phase runner, its manifest and resumption rules: ``selm_mcore.runner``).
@@ -42,6 +42,10 @@ when online.nproc_per_node * online.nnodes > 1 (multi-node: online.launcher, e.g
 one torchrun per node). This process never loads a model. Every child's output is shown and
 kept in ``WORKDIR/logs/<phase>.log``. The manifest also records content hashes of the inputs
 (data files, start model, ranker) and the resolved config; a changed one is refused.
+
+Outputs are deleted only on request: ``--redo PHASE`` deletes PHASE's output and every later
+one, ``--fresh`` every output of the run and its manifest; a finished output the manifest does
+not record (e.g. the manifest was deleted) stops the run before anything runs.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from selm_mcore.runner import (
     Manifest,
     OnlineError,
     Phase,
+    clear_outputs,
     parse_fault,
     redo_from,
     run_command,
@@ -407,8 +412,13 @@ def write_report(out_dir: Path, *, round_index: int, generator: str, rank_dir: P
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--redo", metavar="PHASE", default=None,
-                        help="forget PHASE (e.g. round2/rank) and every later phase, then run")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--redo", metavar="PHASE", default=None,
+                       help="delete the outputs of PHASE (e.g. round2/rank) and every later "
+                            "phase, then run from PHASE")
+    start.add_argument("--fresh", action="store_true",
+                       help="delete every output of this run (online.workdir) and its manifest, "
+                            "then start over")
     parser.add_argument("--list-phases", action="store_true",
                         help="print the phases and whether each is done, then exit")
 
@@ -464,8 +474,11 @@ def check_run_inputs(cfg: SelmConfig) -> None:
                           "the preference rows (JSONL or Parquet)")
 
 
-def run_online(cfg: SelmConfig, *, redo: str | None = None, list_only: bool = False) -> int:
-    """Run (or resume) every phase of ``cfg``; print the per-round table. Returns an exit code."""
+def run_online(cfg: SelmConfig, *, redo: str | None = None, list_only: bool = False,
+               fresh: bool = False) -> int:
+    """Run (or resume) every phase of ``cfg``; print the per-round table. Returns an exit code.
+
+    ``fresh``: delete the run's manifest and outputs first (``runner.clear_outputs``)."""
     from selm_mcore import reports
 
     check_run_inputs(cfg)
@@ -473,10 +486,16 @@ def run_online(cfg: SelmConfig, *, redo: str | None = None, list_only: bool = Fa
     fault = parse_fault(os.environ.get(FAULT_ENV))
     start = time.perf_counter()
     with workdir_lock(paths.workdir):
+        fresh = fresh and not list_only
+        if fresh and paths.manifest.exists():  # first: it may hold another config
+            logger.warning("--fresh: deleting %s", paths.manifest)
+            paths.manifest.unlink()
         manifest = Manifest(paths.manifest, cfg.to_dict(), mutable_keys=RESUME_MUTABLE_KEYS,
                             defaults=SelmConfig().to_dict())
         save_config(cfg, paths.config)
         phases = RoundPhases(cfg, paths, cfg.online.phase_timeout_s).build(manifest)
+        if fresh:
+            clear_outputs(phases, paths.workdir)
         if fault is not None and fault[0] not in {p.name for p in phases}:
             raise OnlineError(f"{FAULT_ENV}={fault[0]!r} names no phase of this run")
         if list_only:
@@ -508,13 +527,12 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds run_command, which kills the running phase
 
 
+# Printed by the CLI after a user error (selm_mcore.cli.report_errors).
+ERROR_HINT = ("selm run stopped (exit status 1). Fix the cause and rerun the same command: it "
+              "resumes at the first unfinished phase.")
+
+
 def main(args) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # e.g. Slurm's time limit
-    try:
-        cfg = config_from_args(args)
-        return run_online(cfg, redo=args.redo, list_only=args.list_phases)
-    except (OnlineError, ConfigError) as exc:
-        logger.error("%s", exc)
-        logger.error("selm run stopped (exit status 1). Fix the cause and rerun the same command: "
-                     "it resumes at the first unfinished phase.")
-        return 1
+    cfg = config_from_args(args)
+    return run_online(cfg, redo=args.redo, list_only=args.list_phases, fresh=args.fresh)

@@ -31,7 +31,9 @@ import numpy as np
 
 from selm_mcore.config import add_config_arguments, config_from_args
 from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
+from selm_mcore.errors import InputError
 from selm_mcore.files import read_records, write_jsonl_atomic
+from selm_mcore.preflight import check_output_dir
 from selm_mcore.ranking import PairRMRanker, Ranker, build_ranker, ranks_from_scores
 
 logger = logging.getLogger(__name__)
@@ -218,6 +220,27 @@ def drop_empty_responses(pairs: list[dict], stats: list[dict]) -> list[dict]:
 
 
 
+def warn_repeated_prompt_ids(rows: Sequence[Mapping[str, Any]], path: str) -> int:
+    """Log (and return) how many rows repeat an earlier row's prompt_id: such rows share one
+    generated response (generations are keyed by prompt_id)."""
+    seen: dict[str, int] = {}
+    repeats = []
+    for index, row in enumerate(rows, start=1):
+        prompt_id = row.get("prompt_id")
+        if prompt_id is None:
+            continue
+        if str(prompt_id) in seen:
+            repeats.append(f"row {index} repeats prompt_id {prompt_id!r} of row "
+                           f"{seen[str(prompt_id)]}")
+        else:
+            seen[str(prompt_id)] = index
+    if repeats:
+        logger.warning("%s: %d rows repeat an earlier row's prompt_id and so share its generated "
+                       "response (e.g. %s); give each row its own prompt_id", path, len(repeats),
+                       "; ".join(repeats[:3]))
+    return len(repeats)
+
+
 # --- CLI: selm rank ---------------------------------------------------------------------------
 
 
@@ -240,18 +263,23 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     """New pairs from --rows and/or held-out scores of --eval-rows, with one ranker load."""
     if (args.rows is None) != (args.out is None):
-        raise ValueError("--rows and --out go together (the rows to pair and where the pairs go)")
+        raise InputError("--rows and --out go together (the rows to pair and where the pairs go)")
     if (args.eval_rows is None) != (args.eval_out is None):
-        raise ValueError("--eval-rows and --eval-out go together")
+        raise InputError("--eval-rows and --eval-out go together")
     if args.rows is None and args.eval_rows is None:
-        raise ValueError("nothing to do: pass --rows/--out (new pairs) and/or "
+        raise InputError("nothing to do: pass --rows/--out (new pairs) and/or "
                          "--eval-rows/--eval-out (held-out scores)")
+    for flag, path in (("--out", args.out), ("--stats", args.stats),
+                       ("--eval-out", args.eval_out)):
+        if path is not None:
+            check_output_dir(Path(path).absolute().parent, what=flag)
     cfg = config_from_args(args)
     generations = load_generations(args.generations)
     ranker = build_ranker(cfg.ranking, trust_remote_code=cfg.model.trust_remote_code)
     if args.rows is not None:
         rows = read_records(args.rows)
         logger.info("ranking %d rows with %s", len(rows), ranker.name)
+        warn_repeated_prompt_ids(rows, args.rows)
         new_rows, stats = build_pairs(rows, generations, ranker,
                                       answer_key=cfg.ranking.answer_key)
         kept = drop_empty_responses(new_rows, stats)

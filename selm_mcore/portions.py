@@ -17,6 +17,7 @@ from pathlib import Path
 
 from selm_mcore.config import SelmConfig
 from selm_mcore.data import Portion, file_portion, read_rows, source_row
+from selm_mcore.errors import InputError
 from selm_mcore.files import DataError, read_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def first_round(cfg: SelmConfig) -> int:
 
 def _read_train_rows(cfg: SelmConfig, train_path: Path):
     try:
-        return read_rows(train_path, skip_bad_rows=cfg.data.skip_bad_rows)
+        return read_rows(train_path, skip_bad_rows=cfg.data.skip_bad_rows,
+                         max_row_bytes=cfg.data.max_row_bytes)
     except DataError as exc:
         if exc.row is None:
             raise
@@ -56,10 +58,10 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
     """
     train_path = Path(cfg.data.train_path)
     if not cfg.data.train_path:
-        raise ValueError("data.train_path is empty: point it at the preference (or prompt) rows")
+        raise InputError("data.train_path is empty: point it at the preference (or prompt) rows")
     loaded = _read_train_rows(cfg, train_path)
     if round_index == 0 and loaded.kind != "preference":
-        raise ValueError(
+        raise InputError(
             f"online.warmup_dpo_round=true trains round 0 on the original chosen/rejected pairs, "
             f"but {train_path} holds prompt-only rows; use preference rows (e.g. UltraFeedback "
             "train_prefs) or set online.warmup_dpo_round=false")
@@ -82,10 +84,13 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
         if answer is not None:
             record[cfg.ranking.answer_key] = answer
         if record["prompt_id"] in seen:
-            raise ValueError(
-                f"{train_path} row {file_row}: prompt_id {record['prompt_id']!r} repeats row "
-                f"{seen[record['prompt_id']]}; prompt ids key generations to rows, make them "
-                "unique")
+            raise DataError(
+                train_path, file_row,
+                f"prompt_id {record['prompt_id']!r} repeats row {seen[record['prompt_id']]} "
+                f"(round {round_index}'s portion; prompt ids key each generated response to its "
+                "row)",
+                "give every row its own prompt_id (or drop the column: rows without one get "
+                "row-<line>), or remove the duplicated rows")
         seen[record["prompt_id"]] = file_row
         records.append(record)
     write_jsonl_atomic(out_path, records)
@@ -101,7 +106,7 @@ def _report_portion(round_index: int, portion: Portion, train_path: Path) -> Non
     for exc in portion.skipped[:3]:
         logger.warning("round %d: skipped %s", round_index, exc)
     if not portion.rows:
-        raise ValueError(
+        raise InputError(
             f"{train_path}: every one of the {portion.num_records} rows of portion "
             f"{portion.index} (file rows {portion.first_row}..{portion.last_row}) is invalid "
             f"(first: {portion.skipped[0] if portion.skipped else 'none'}); fix the file")

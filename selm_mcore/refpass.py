@@ -43,8 +43,10 @@ import torch.distributed as dist
 from selm_mcore.batches import PreferenceBatch
 from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
 from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
+from selm_mcore.errors import InputError
 from selm_mcore.files import ChecksumError, atomic_open, hash_path
 from selm_mcore.packing import pack_budget
+from selm_mcore.preflight import check_output_dir
 from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
 from selm_mcore.mcore.forward import (
     collate_micro_batches,
@@ -363,6 +365,11 @@ def run_refpass(cfg: SelmConfig) -> Path:
     from selm_mcore.mcore.checkpoint import load_frozen_policy
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
+    # The cache is written after the whole pass: prove now that it can be.
+    if cfg.train.ref_cache_path().is_dir():
+        raise InputError(f"train.ref_cache={cfg.train.ref_cache_path()} is a folder; point it at "
+                         "a file (e.g. ref_logps.safetensors)")
+    check_output_dir(cfg.train.ref_cache_path().parent, what="train.ref_cache")
     ctx = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,
                         seed=cfg.parallel.seed)
     try:

@@ -8,10 +8,18 @@ output (a file or a folder) under the workdir; ``run_phases`` runs the phases in
   output and the time it took;
 * a rerun skips recorded phases after checking their outputs still hash the same (a changed
   output, a changed config or a changed input under a finished phase is refused, never
-  reused), removes unrecorded leftovers and resumes at the first unfinished phase; a
-  ``resumable`` phase keeps its own leftover partial output (the trainer resumes from its step
-  checkpoints) when the phases before it are unchanged;
-* a failed phase stops the run with its error, also written to the manifest's ``last_error``.
+  reused) and resumes at the first unfinished phase, clearing that phase's ``.partial`` (by
+  definition unfinished); a ``resumable`` phase keeps its own leftover partial output (the
+  trainer resumes from its step checkpoints) when the phases before it are unchanged;
+* finished work is never deleted silently: an output (without ``.partial``) of a phase that
+  is about to run but that the manifest does not record (the manifest was deleted, replaced
+  or edited, or outputs were copied in) is refused before anything runs, naming the folder
+  and offering ``--redo PHASE`` / ``--fresh``, which delete explicitly (``redo_from``,
+  ``clear_outputs``). The one exception is the output the manifest announced as being published
+  (``publishing``: a kill between the rename and the record) whose content still hashes as
+  announced: it is adopted, not recomputed;
+* a failed phase stops the run with its error, also written to the manifest's ``last_error``
+  (a bug inside an in-process phase keeps its own exception and traceback).
 
 ``run_command`` runs a phase's child process in its own process group, tees its output to the
 console and a log file, and kills the group on a timeout, an interrupt or its exit.
@@ -42,7 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.errors import user_message
 from selm_mcore.files import hash_path, write_json_atomic
+from selm_mcore.lifetime import child_env, die_with_parent_preexec
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +162,15 @@ class Manifest:
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
 
+    def announce(self, name: str, output: str, sha256: str, seconds: float) -> None:
+        """Say that ``output`` (with this hash) is about to be renamed into place for ``name``,
+        so a kill between the rename and ``record`` leaves an output a rerun can adopt."""
+        self.data["publishing"] = {"phase": name, "output": output, "sha256": sha256,
+                                   "seconds": round(seconds, 3)}
+        self.save()
+
     def record(self, name: str, output: str, sha256: str, seconds: float) -> None:
+        self.data.pop("publishing", None)
         self.phases[name] = {
             "output": output,
             "sha256": sha256,
@@ -229,17 +247,81 @@ def _verify_recorded(phase: Phase, output: Path, record: dict[str, Any], manifes
             f"--redo {phase.name} to recompute it and everything after it.")
 
 
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _partial_of(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def _adoptable(phase: Phase, manifest: Manifest) -> bool:
+    """The manifest announced this phase's output as being published (a kill came before the
+    record)."""
+    publishing = manifest.data.get("publishing") or {}
+    return publishing.get("phase") == phase.name and publishing.get("output") == phase.output
+
+
+def check_unrecorded_outputs(phases: list[Phase], workdir: Path, manifest: Manifest) -> None:
+    """Refuse to run when a phase that would run has a finished output the manifest does not
+    record: running would delete or overwrite it. Nothing is changed on disk."""
+    first = next((i for i, p in enumerate(phases) if p.name not in manifest.phases), None)
+    if first is None:
+        return
+    found = [phase for index, phase in enumerate(phases[first:], start=first)
+             if _exists(workdir / phase.output)
+             and not (index == first and _adoptable(phase, manifest))]
+    if not found:
+        return
+    listing = ", ".join(f"{p.output} ({p.name})" for p in found[:6])
+    more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+    state = ("does not exist" if not manifest.path.exists() or not manifest.phases
+             else "does not record them")
+    raise OnlineError(
+        f"{workdir} holds finished outputs of phases that would run now: {listing}{more}; the "
+        f"manifest {manifest.path} {state} (deleted, replaced or edited by hand, or the outputs "
+        "were copied in), so whether they belong to this config cannot be checked. They are "
+        f"never deleted silently. Fix: restore the manifest; or rerun with --redo "
+        f"{phases[first].name} to delete them and recompute from there; or rerun with --fresh "
+        "to delete every output of this run and start over; or use another online.workdir.")
+
+
+def _adopt_published(phase: Phase, output: Path, manifest: Manifest,
+                     full_hash_max_bytes: int, tag: str) -> bool:
+    """Record the output a kill left between its rename and its record; False if there is
+    none. An output whose content differs from the announced hash is refused."""
+    if not (_adoptable(phase, manifest) and _exists(output)):
+        return False
+    publishing = manifest.data["publishing"]
+    digest = hash_path(output, full_hash_max_bytes)
+    if digest != publishing["sha256"]:
+        raise OnlineError(
+            f"{phase.name}: output {output} was being published when the run stopped, but its "
+            f"content changed since (sha256 {publishing['sha256'][:12]}... now "
+            f"{digest[:12]}...). Fix: rerun with --redo {phase.name} to recompute it.")
+    manifest.record(phase.name, phase.output, digest, publishing["seconds"])
+    logger.info("%s: adopting %s, published before the run stopped (content verified)", tag,
+                output)
+    return True
+
+
 def _prepare_partial(phase: Phase, output: Path, inputs: dict[str, str], tag: str) -> Path:
-    """Clear what an interrupted attempt left (keeping a resumable phase's partial output when
-    the phases before it are unchanged); returns the partial output path to write."""
-    partial = output.with_name(output.name + ".partial")
+    """Clear the partial output an interrupted attempt left (keeping a resumable phase's when
+    the phases before it are unchanged); returns the partial output path to write.
+
+    The finished ``output`` itself was refused earlier (``check_unrecorded_outputs``) if there
+    was one, so only ``.partial`` leftovers, unfinished by definition, are removed here.
+    """
+    partial = _partial_of(output)
     inputs_file = output.with_name(output.name + ".partial.inputs")
     keep_partial = (phase.resumable and partial.is_dir() and inputs_file.is_file()
                     and json.loads(inputs_file.read_text()) == inputs)
-    for leftover in ((output,) if keep_partial else (partial, output)):
-        if leftover.exists() or leftover.is_symlink():
-            logger.info("%s: removing unrecorded leftover %s", tag, leftover)
-            _remove(leftover)
+    if _exists(output):
+        raise OnlineError(f"{phase.name}: {output} exists but is not recorded; rerun with "
+                          f"--redo {phase.name} to recompute it")
+    if not keep_partial and _exists(partial):
+        logger.info("%s: removing the unfinished %s", tag, partial)
+        _remove(partial)
     if keep_partial:
         logger.info("%s: continuing the interrupted %s", tag, partial)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +331,10 @@ def _prepare_partial(phase: Phase, output: Path, inputs: dict[str, str], tag: st
 
 
 def _run_and_publish(phase: Phase, partial: Path, output: Path, manifest: Manifest,
-                     fault: tuple[str, str] | None) -> None:
-    """Run the phase into ``partial`` and rename it to ``output`` (errors go to the manifest)."""
+                     fault: tuple[str, str] | None, full_hash_max_bytes: int) -> str:
+    """Run the phase into ``partial``, announce it and rename it to ``output`` (errors go to
+    the manifest); returns the output's hash."""
+    start = time.perf_counter()
     try:
         phase.run(partial)
     except PhaseFailed as exc:
@@ -260,6 +344,8 @@ def _run_and_publish(phase: Phase, partial: Path, output: Path, manifest: Manife
     except Exception as exc:
         message = f"{phase.name} failed: {type(exc).__name__}: {exc}"
         manifest.record_error(phase.name, message)
+        if user_message(exc) is None:
+            raise  # a bug: its own traceback says more than a message
         raise OnlineError(message) from exc
     if fault == (phase.name, "work"):
         _kill_self(phase.name, "work")
@@ -267,10 +353,13 @@ def _run_and_publish(phase: Phase, partial: Path, output: Path, manifest: Manife
         message = f"{phase.name} finished without writing its output {partial}"
         manifest.record_error(phase.name, message)
         raise OnlineError(message)
+    manifest.announce(phase.name, phase.output, hash_path(partial, full_hash_max_bytes),
+                      time.perf_counter() - start)
     os.replace(partial, output)
     output.with_name(output.name + ".partial.inputs").unlink(missing_ok=True)
     if fault == (phase.name, "published"):
         _kill_self(phase.name, "published")
+    return manifest.data["publishing"]["sha256"]
 
 
 def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
@@ -287,6 +376,7 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
     unknown = [n for n in manifest.phases if n not in names]
     if unknown:
         logger.info("manifest lists phases this config does not run (kept): %s", ", ".join(unknown))
+    check_unrecorded_outputs(phases, workdir, manifest)
     workdir.mkdir(parents=True, exist_ok=True)
     manifest.save()
     timings: dict[str, float] = {}
@@ -294,6 +384,9 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
         output = workdir / phase.output
         record = manifest.phases.get(phase.name)
         tag = f"[{index + 1}/{len(phases)}] {phase.name}"
+        if record is None and _adopt_published(phase, output, manifest, full_hash_max_bytes,
+                                               tag):
+            continue
         if record is not None:
             _verify_recorded(phase, output, record, manifest, full_hash_max_bytes)
             logger.info("%s: done earlier (%.1f s), output verified, skipping", tag,
@@ -309,9 +402,9 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
         partial = _prepare_partial(phase, output, inputs, tag)
         logger.info("%s: started", tag)
         start = time.perf_counter()
-        _run_and_publish(phase, partial, output, manifest, fault)
+        digest = _run_and_publish(phase, partial, output, manifest, fault, full_hash_max_bytes)
         seconds = time.perf_counter() - start
-        manifest.record(phase.name, phase.output, hash_path(output, full_hash_max_bytes), seconds)
+        manifest.record(phase.name, phase.output, digest, seconds)
         timings[phase.name] = seconds
         logger.info("%s: done in %.1f s", tag, seconds)
         if on_phase_done is not None:
@@ -341,9 +434,10 @@ def run_command(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = 
     pending = b""
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
+        # Its own session (so the whole group can be killed), dying with this process.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, **SAFE_PATH_ENV, **(env or {})},
-                                start_new_session=True)
+                                env=child_env({**os.environ, **SAFE_PATH_ENV, **(env or {})}),
+                                start_new_session=True, preexec_fn=die_with_parent_preexec())
         deadline = None if not timeout_s else time.monotonic() + timeout_s
         fd = proc.stdout.fileno()
         try:
@@ -402,14 +496,33 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _remove_outputs(phases: list[Phase], workdir: Path, why: str) -> list[str]:
+    """Delete each phase's output, partial output and partial inputs; the paths removed."""
+    removed = []
+    for phase in phases:
+        output = workdir / phase.output
+        for path in (output, _partial_of(output),
+                     output.with_name(output.name + ".partial.inputs")):
+            if _exists(path):
+                logger.warning("%s: deleting %s", why, path)
+                _remove(path)
+                removed.append(str(path))
+    return removed
+
+
 def redo_from(phases: list[Phase], workdir: Path, manifest: Manifest, first: str) -> list[str]:
-    """``--redo FIRST``: forget FIRST and every later phase, and drop their partial outputs."""
+    """``--redo FIRST``: forget FIRST and every later phase, and delete their outputs (the
+    explicit request to recompute them); returns the forgotten phase names."""
     names = [p.name for p in phases]
     dropped = manifest.forget_from(names, first)
-    for phase in phases[names.index(first):]:
-        output = workdir / phase.output
-        for leftover in (output.with_name(output.name + ".partial"),
-                         output.with_name(output.name + ".partial.inputs")):
-            if leftover.exists() or leftover.is_symlink():
-                _remove(leftover)
+    if (manifest.data.get("publishing") or {}).get("phase") in names[names.index(first):]:
+        manifest.data.pop("publishing")
+        manifest.save()
+    _remove_outputs(phases[names.index(first):], workdir, f"--redo {first}")
     return dropped
+
+
+def clear_outputs(phases: list[Phase], workdir: Path) -> list[str]:
+    """``--fresh``: delete every phase's output (finished or partial) so the run starts over;
+    returns the paths deleted. The caller deletes the manifest; logs and the lock stay."""
+    return _remove_outputs(phases, workdir, "--fresh")

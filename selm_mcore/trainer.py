@@ -73,6 +73,7 @@ import torch.distributed as dist
 from selm_mcore.batches import DistributedBatchSampler, micro_batches
 from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
 from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
+from selm_mcore.errors import InputError
 from selm_mcore.guards import (
     NonFiniteError,
     check_resume,
@@ -101,6 +102,7 @@ from selm_mcore.metrics import (
     peak_memory_gib,
 )
 from selm_mcore.packing import pack_budget
+from selm_mcore.preflight import check_output_dir, model_bytes, step_checkpoint_bytes
 from selm_mcore.refpass import (
     ReferenceLogps,
     load_reference_cache,
@@ -203,7 +205,7 @@ def total_train_steps(cfg: SelmConfig, num_examples: int) -> int:
     """Optimizer steps of the round: train.max_steps if set, else epochs * full batches."""
     steps_per_epoch = num_examples // cfg.train.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{num_examples} examples in data.train_path are fewer than "
+        raise InputError(f"{num_examples} examples in data.train_path are fewer than "
                          f"train.global_batch_size={cfg.train.global_batch_size}")
     return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
@@ -232,7 +234,7 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
     tokenizer = load_tokenizer(cfg.model, hf_files_dir(source))
     dataset = load_preferences(cfg.data, tokenizer)
     if cfg.loss.alpha > 0 and not dataset.has_yref:
-        raise ValueError(
+        raise InputError(
             f"loss.alpha={cfg.loss.alpha} needs y_ref: the rows of {cfg.data.train_path} have no "
             "reference_response; generate it (selm generate) or set loss.alpha=0 (iterative DPO)")
     reference_cache, fingerprint = None, ""
@@ -444,12 +446,24 @@ def save_step_checkpoint(run: Training, root: Path) -> None:
                     **run.checkpoint_kwargs)
 
 
+def check_train_outputs(cfg: SelmConfig) -> None:
+    """train.output_dir is writable and has room for the final model and (with
+    train.save_interval) one step checkpoint, before anything is loaded."""
+    config_dir = hf_files_dir(cfg.start_model())
+    needed = model_bytes(config_dir, cfg.model.dtype)
+    if cfg.train.save_interval:
+        needed += step_checkpoint_bytes(config_dir, cfg.model.dtype)
+    check_output_dir(cfg.train.output_dir, needed_bytes=needed,
+                     what="train.output_dir")
+
+
 def train_round(cfg: SelmConfig) -> Path:
     """Train one round; returns the folder of the final model (``<output_dir>/final``)."""
     from selm_mcore.mcore.checkpoint import save_model_atomic
     from selm_mcore.mcore.optim import sync_params
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
+    check_train_outputs(cfg)
     data = load_round_data(cfg)
     ctx = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,
                         seed=cfg.parallel.seed)

@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from selm_mcore.errors import naming_write_errors
 from selm_mcore.files import read_checksums, verify_checksums, write_text_atomic
 from selm_mcore.mcore.checksums import record_checksums, verify_checksums_together
 from selm_mcore.mcore.model import build_model, load_hf_config
@@ -137,7 +138,9 @@ def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str 
         model_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / META_FILE).unlink(missing_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(models), str(model_dir))
+    weight_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    with naming_write_errors(model_dir, needed_bytes=weight_bytes):
+        dist_checkpointing.save(_sharded_state_dict(models), str(model_dir))
     if ctx.rank == 0:
         write_hf_config_files(hf_config, ckpt_dir / "hf",
                               Path(tokenizer_dir) if tokenizer_dir else None)
@@ -297,13 +300,32 @@ def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:07d}"
 
 
+def _latest_target(root: Path, latest: Path) -> Path:
+    """The folder ``latest`` names: a plain name of a folder directly inside ``root``; a path
+    (``../x``, ``/abs``, ``a/b``) or a symlink leading out of ``root`` is refused."""
+    name = latest.read_text().strip()
+    fix = (f"write the name of a step folder of {root} (e.g. {step_dir_name(1)}) into it, or "
+           "delete it to start over")
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise ResumeError(f"{latest} names {name!r}, not a folder inside {root} (only a plain "
+                          f"folder name is accepted); {fix}")
+    path = root / name
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise ResumeError(f"{latest} names {path}, a link leading out of {root}; checkpoints "
+                          f"are read only from inside their folder; {fix}")
+    return path
+
+
 def find_latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (named by ``root/latest``), or None."""
     root = Path(root)
     latest = root / LATEST_FILE
+    if latest.is_symlink():
+        raise ResumeError(f"{latest} is a symlink; it must be a file naming a step folder of "
+                          f"{root}; delete it to start over")
     if not latest.is_file():
         return None
-    path = root / latest.read_text().strip()
+    path = _latest_target(root, latest)
     if not (path / "train" / "state.json").is_file():
         raise ResumeError(f"{latest} names {path}, which is not a complete checkpoint (no "
                           "train/state.json); delete the folder and the `latest` file to "
@@ -370,8 +392,11 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
     _barrier(ctx)
     save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
     sharding = FULLY_RESHARDABLE if reshardable else DP_RESHARDABLE
-    save_optimizer_state(optimizer, models, tmp / "train" / "optimizer", sharding=sharding)
-    save_file(_rng_tensors(), str(tmp / "train" / "rng" / f"rank_{ctx.rank:05d}.safetensors"))
+    with naming_write_errors(tmp / "train" / "optimizer"):
+        save_optimizer_state(optimizer, models, tmp / "train" / "optimizer", sharding=sharding)
+    rng_file = tmp / "train" / "rng" / f"rank_{ctx.rank:05d}.safetensors"
+    with naming_write_errors(rng_file):
+        save_file(_rng_tensors(), str(rng_file))
     _barrier(ctx)
     if ctx.rank == 0:
         layout = optimizer_state_layout(ctx, distributed_optimizers(optimizer)[0].ddp_config)
@@ -379,7 +404,8 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
                  "scheduler": scheduler.state_dict(), "layout": _layout(ctx),
                  "optimizer": {"format": sharding, "layout": layout},
                  "extra": extra or {}}
-        (tmp / "train" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        with naming_write_errors(tmp / "train" / "state.json"):
+            (tmp / "train" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     record_checksums(tmp / "train", ctx)
     if ctx.rank == 0:
         _replace_dir(tmp, final)
@@ -394,12 +420,38 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
     return final
 
 
+def _read_state_json(state_path: Path) -> dict:
+    """state.json of a step checkpoint; an unreadable one names the file and the fix."""
+    fix = ("resume from an older checkpoint (write its folder name into the `latest` file next "
+           "to it) or set train.resume=false")
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"cannot read {state_path}: {exc}; {fix}") from None
+    if not isinstance(state, dict):
+        raise ResumeError(f"{state_path} holds {type(state).__name__}, not a JSON object; {fix}")
+    return state
+
+
+def load_rng_file(rng_file: Path) -> dict[str, torch.Tensor]:
+    """One rank's RNG states; an unreadable file names itself and the fix."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(rng_file))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ResumeError(
+            f"cannot read RNG file {rng_file}: {type(exc).__name__}: {exc}; resume from an older "
+            "checkpoint (write its folder name into `latest`) or set train.resume=false"
+        ) from None
+
+
 def read_train_state(path: str | Path) -> TrainState:
     """The JSON part of a checkpoint (step, data position, scheduler, extra)."""
     state_path = Path(path) / "train" / "state.json"
     if read_checksums(state_path.parent, fix=corruption_fix(path)) is not None:
         verify_checksums(state_path.parent, ["state.json"], fix=corruption_fix(path))
-    state = json.loads(state_path.read_text())
+    state = _read_state_json(state_path)
     if state.get("format") != TRAIN_STATE_FORMAT:
         raise ResumeError(f"{state_path} has format {state.get('format')!r}, this version reads "
                           f"{TRAIN_STATE_FORMAT!r}")
@@ -415,8 +467,6 @@ def load_training_state(path: str | Path, *, models: Sequence, optimizer, schedu
     The model weights come from the same folder through ``build_model_from_checkpoint`` (before
     the optimizer is built); returns the step and data position to continue from.
     """
-    from safetensors.torch import load_file
-
     from selm_mcore.mcore.optim import (
         DP_RESHARDABLE,
         OPTIMIZER_SHARDING,
@@ -438,7 +488,7 @@ def load_training_state(path: str | Path, *, models: Sequence, optimizer, schedu
     saved_layout = state.extra.get("layout", {})
     rng_file = path / "train" / "rng" / f"rank_{ctx.rank:05d}.safetensors"
     if saved_layout == _layout(ctx) and rng_file.is_file():
-        _set_rng_tensors(load_file(str(rng_file)))
+        _set_rng_tensors(load_rng_file(rng_file))
     else:
         logger.warning("checkpoint %s was saved at layout %s, this run is %s: RNG states are not "
                        "restored (training without dropout does not depend on them)", path,

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from selm_mcore.files import replace_dir
 from selm_mcore.launch import run_local_ranks
+from selm_mcore.preflight import check_output_dir, model_bytes, num_params
 from selm_mcore.mcore.checkpoint import (
     DTYPES,
     build_model_from_checkpoint,
@@ -120,6 +121,9 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
     validate_hf_config(hf_config)
     validate_layout(hf_config, tp, pp)
     SafetensorsReader(hf_dir)  # missing shard files fail here, before any process starts
+    bytes_per_param = _checkpoint_dtype(hf_config, dtype).itemsize
+    check_output_dir(Path(out_dir).absolute().parent, what="--out-dir",
+                     needed_bytes=num_params(hf_dir) * bytes_per_param)
     if _in_matching_launch(tp * pp):
         _hf_to_mcore_rank(str(hf_dir), str(out_dir), tp, pp, dtype)
     else:
@@ -167,8 +171,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp:
                     padded_vocab=meta["padded_vocab_size"])
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)
-    tmp = export_tmp_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir.absolute().parent, what="--out-dir",
+                     needed_bytes=model_bytes(Path(mcore_dir) / "hf", meta.get("dtype", "fp32")))
+    tmp = export_tmp_dir(out_dir)
     if _in_matching_launch(tp * pp):
         # Only rank 0 writes files (selm_mcore.mcore.weights.export_hf).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])

@@ -167,9 +167,23 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def tp_options(hf_config, padded_vocab: int | None = None, max_tp: int = 64) -> list[int]:
+    """Every tensor-parallel size <= max_tp that divides the heads, the query groups, the MLP
+    width and the padded vocabulary: ``padded_vocab`` when it is fixed (a checkpoint's), else
+    the vocabulary padded for that tp (``padded_vocab_size(vocab, tp)``, a multiple of tp)."""
+    sizes = (hf_config.num_attention_heads, num_query_groups(hf_config),
+             hf_config.intermediate_size) + ((padded_vocab,) if padded_vocab else ())
+    return [tp for tp in range(1, max_tp + 1) if all(size % tp == 0 for size in sizes)]
+
+
 def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
                     padded_vocab: int | None = None) -> None:
-    """Raise ParallelLayoutError unless tp/pp/vpp divide the model's heads, groups and layers."""
+    """Raise ParallelLayoutError unless tp/pp/vpp divide the model's heads, groups and layers.
+
+    ``padded_vocab``: the padded vocabulary when it is fixed (a checkpoint saved it); None when
+    it is padded for ``tp`` (then it always divides). The tp hint lists only sizes that fit
+    every rule at once (``tp_options``).
+    """
     groups = num_query_groups(hf_config)
     checks = [
         (hf_config.num_attention_heads, "model.num_attention_heads", tp, "parallel.tp"),
@@ -182,7 +196,10 @@ def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
         checks.append((padded_vocab, "padded_vocab_size", tp, "parallel.tp"))
     for total, what, parts, knob in checks:
         if total % parts != 0:
-            options = [d for d in range(1, total + 1) if total % d == 0 and d <= 64]
+            if knob == "parallel.tp":
+                options = tp_options(hf_config, padded_vocab)
+            else:
+                options = [d for d in range(1, total + 1) if total % d == 0 and d <= 64]
             raise ParallelLayoutError(
                 f"{knob}={parts} must divide {what}={total}; choose one of {options}")
     if padded_vocab is not None and padded_vocab < hf_config.vocab_size:
@@ -355,9 +372,10 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
 
     hf_config = load_hf_config(hf_config)
     validate_hf_config(hf_config)
+    # A vocabulary padded here for ctx.tp always divides; only a fixed one needs checking.
+    validate_layout(hf_config, ctx.tp, ctx.pp, ctx.vpp, padded_vocab)
     if padded_vocab is None:
         padded_vocab = padded_vocab_size(hf_config.vocab_size, ctx.tp, make_vocab_size_divisible_by)
-    validate_layout(hf_config, ctx.tp, ctx.pp, ctx.vpp, padded_vocab)
 
     use_te = _te_available() if use_te is None else use_te
     config = transformer_config(hf_config, ctx, params_dtype=params_dtype, recompute=recompute,

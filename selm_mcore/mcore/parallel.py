@@ -96,6 +96,9 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None,
             f"parallel.vpp={vpp} needs vpp >= 2 and pp >= 2 (pp={pp}); use vpp=None for plain "
             "1F1B")
 
+    from selm_mcore.mcore.helper_processes import bind_helper_processes
+
+    bind_helper_processes()  # Megatron's checkpoint writers die with this rank
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:

@@ -62,3 +62,43 @@ def test_corruption_fix_offers_the_previous_kept_checkpoint(tmp_path):
     assert f"`rm -r {tmp_path / 'step_0000060'}`" in fix
     assert "no earlier checkpoint is kept" in corruption_fix(tmp_path / "step_0000020")
     assert corruption_fix(tmp_path / "final").startswith(f"re-create {tmp_path / 'final'}")
+
+
+@pytest.mark.parametrize("pointer", ["../elsewhere", "/tmp", "step_0000040/../../x", "a/b", "..",
+                                     ""])
+def test_latest_must_name_a_folder_inside_the_checkpoint_folder(tmp_path, pointer):
+    root = tmp_path / "checkpoints"
+    write_state(root / "step_0000040")
+    write_state(tmp_path / "elsewhere")  # a complete checkpoint outside: never read
+    (root / "latest").write_text(pointer + "\n")
+    with pytest.raises(ResumeError, match=f"{root / 'latest'} names .*only a plain folder name"):
+        find_latest(root)
+
+
+def test_latest_may_not_lead_out_through_a_symlink(tmp_path):
+    root = tmp_path / "checkpoints"
+    write_state(tmp_path / "elsewhere")
+    root.mkdir()
+    (root / "step_0000050").symlink_to(tmp_path / "elsewhere")
+    (root / "latest").write_text("step_0000050\n")
+    with pytest.raises(ResumeError, match="a link leading out of"):
+        find_latest(root)
+    (root / "latest").unlink()
+    (root / "latest").symlink_to(tmp_path / "pointer")
+    (tmp_path / "pointer").write_text("step_0000050\n")
+    with pytest.raises(ResumeError, match="latest is a symlink"):
+        find_latest(root)
+
+
+def test_unreadable_state_and_rng_files_name_the_file(tmp_path):
+    from selm_mcore.mcore.checkpoint import load_rng_file
+
+    write_state(tmp_path / "step_0000040")
+    state = tmp_path / "step_0000040" / "train" / "state.json"
+    state.write_text('{"format": "selm-train-state/1", "step": 4')  # cut short
+    with pytest.raises(ResumeError, match=f"cannot read {state}: .*resume from an older"):
+        read_train_state(tmp_path / "step_0000040")
+    rng = tmp_path / "rank_00000.safetensors"
+    rng.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ResumeError, match=f"cannot read RNG file {rng}: "):
+        load_rng_file(rng)

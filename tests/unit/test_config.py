@@ -285,3 +285,39 @@ def test_every_float_field_is_checked_for_finiteness():
         setattr(getattr(bad, section), name, value)
         with pytest.raises(ConfigError, match=rf"{key}(\[0\])?=nan must be a finite number"):
             bad.validate()
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = write(tmp_path,
+                 "data:\n  max_length: 10\n  max_prompt_length: [1, 2\nloss:\n  beta: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} line ") and "YAML syntax error" in message
+    # yaml itself locates an unclosed flow sequence at the first token it cannot take.
+    import yaml
+
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        assert f"line {exc.problem_mark.line + 1} column {exc.problem_mark.column + 1}" in message
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.foo=1", r"--set data.foo=1: unknown key data.foo; known: data.train_path, "),
+    ("dta.max_length=1", r"--set dta.max_length=1: unknown section 'dta'; known: model, "),
+    ("data.max_length=abc", r"--set data.max_length=abc: data.max_length='abc' must be of type "
+                            r"int"),
+])
+def test_override_errors_blame_the_override_not_the_file(tmp_path, override, message):
+    path = write(tmp_path, "data:\n  max_length: 128\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path, [override])
+    assert str(path) not in str(info.value)
+
+
+def test_max_row_bytes_is_validated():
+    assert load_config(None).data.max_row_bytes == 1_000_000
+    assert load_config(None, ["data.max_row_bytes=0"]).data.max_row_bytes == 0
+    with pytest.raises(ConfigError, match="data.max_row_bytes=-1 must be >= 0"):
+        load_config(None, ["data.max_row_bytes=-1"])

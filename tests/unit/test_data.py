@@ -300,3 +300,43 @@ def test_generation_prompt_rows_follow_prompt_conversation(sample_rows):
     assert prompt.messages == sample_rows[2]["chosen"][:-1]
     with pytest.raises(ValueError, match="row 1: missing 'prompt_id'"):
         prompt_row({"prompt": "Q"}, "row 1")
+
+
+# --- row size and duplicates ------------------------------------------------------------------
+
+
+def test_a_row_over_max_row_bytes_is_refused_or_skipped_before_tokenisation(
+        tmp_path, write_jsonl, preference_row):
+    huge = "é" * 600_000  # 1.2 MB of UTF-8 in 600k characters: bytes are counted, not chars
+    rows = [preference_row("q0", "a", "b"), preference_row("q1", huge, "b"),
+            preference_row("q2", "a", "b")]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    with pytest.raises(DataError, match=r"big.jsonl row 2: the row holds 1200\d+ bytes of text .*"
+                                        r"over data.max_row_bytes=1000000. Fix: .*skip_bad_rows"):
+        read_rows(path, max_row_bytes=1_000_000)
+    loaded = read_rows(path, max_row_bytes=1_000_000, skip_bad_rows=True)
+    assert [r.prompt for r in loaded.rows] == ["q0", "q2"] and loaded.num_skipped == 1
+    assert len(read_rows(path, max_row_bytes=0).rows) == 3  # 0 = no limit
+    assert len(read_rows(path, max_row_bytes=1_300_000).rows) == 3
+
+
+def test_duplicates_are_counted_and_named(tmp_path, caplog, write_jsonl, preference_row):
+    rows = [preference_row("q0", "a", "b", prompt_id="p0"),
+            preference_row("q1", "c", "d", prompt_id="p1"),
+            preference_row("q0", "a", "b", prompt_id="p0"),      # repeats row 1 (and its id)
+            preference_row("q2", "same", "same", prompt_id="p1"),  # id of row 2, no preference
+            preference_row("q3", "e", "f", prompt_id="p3")]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="selm_mcore.data"):
+        loaded = read_rows(path)
+    report = loaded.duplicates
+    assert (report.repeated_rows, report.repeated_prompt_ids,
+            report.chosen_equals_rejected) == (1, 2, 1)
+    assert "1 rows repeat an earlier row (e.g. row 3 repeats row 1)" in caplog.text
+    assert ("2 rows repeat an earlier row's prompt_id (e.g. row 3 repeats prompt_id 'p0' of "
+            "row 1; row 4 repeats prompt_id 'p1' of row 2)") in caplog.text
+    assert "1 rows have chosen == rejected" in caplog.text and "(e.g. row 4)" in caplog.text
+    assert len(loaded.rows) == 5  # counted and reported, not dropped
+    caplog.clear()
+    clean = read_rows(write_jsonl(tmp_path / "c.jsonl", rows[:2]))
+    assert not clean.duplicates.any() and "repeat" not in caplog.text

@@ -231,3 +231,26 @@ def test_sequence_length_multiple_follows_sequence_parallelism():
     assert sequence_length_multiple(4, use_te=False) == 1
     assert sequence_length_multiple(1, use_te=True) == 1
     assert uses_sequence_parallel(2, use_te=True) and not uses_sequence_parallel(2, use_te=False)
+
+
+def test_tp_hint_lists_only_sizes_that_fit_every_rule():
+    # SmolLM2-135M: 9 heads but 3 query groups: tp=9 divides the heads, not the groups.
+    smol = tiny_config(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                       intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
+    with pytest.raises(ParallelLayoutError, match=r"parallel.tp=2 must divide "
+                                                  r"model.num_attention_heads=9; choose one of "
+                                                  r"\[1, 3\]$"):
+        validate_layout(smol, tp=2, pp=1)
+    # A padded vocabulary fixed by a checkpoint (saved at tp=1: 1664 = 13 * 128) must divide
+    # too: 12 heads and groups alone would allow 1, 2, 3, 4, 6, 12.
+    wide = tiny_config(hidden_size=384, num_attention_heads=12, num_key_value_heads=12,
+                       intermediate_size=768, vocab_size=1600)
+    fixed = padded_vocab_size(1600, 1)
+    assert fixed == 1664
+    with pytest.raises(ParallelLayoutError, match=r"choose one of \[1, 2, 4\]$"):
+        validate_layout(wide, tp=5, pp=1, padded_vocab=fixed)
+    # Padded for the tp itself (a fresh build), the vocabulary never limits tp.
+    with pytest.raises(ParallelLayoutError, match=r"choose one of \[1, 2, 3, 4, 6, 12\]$"):
+        validate_layout(wide, tp=5, pp=1)
+    for tp in (1, 2, 3, 4, 6, 12):
+        validate_layout(wide, tp=tp, pp=1, padded_vocab=padded_vocab_size(1600, tp))

@@ -275,3 +275,42 @@ def test_megatron_command_plain_torchrun_and_multinode():
     assert multi[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", sys.executable]
     assert "--nnodes=4" in multi and "--rdzv-endpoint=node0:29500" in multi
     assert "--standalone" not in multi
+
+
+def test_run_with_its_manifest_deleted_refuses_before_any_phase(tmp_path, write_jsonl,
+                                                                preference_row):
+    """A finished round-1 portion and trained model are left exactly as they were."""
+    from selm_mcore.files import hash_path
+    from selm_mcore.online import run_online
+
+    model = tmp_path / "model"
+    model.mkdir()
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [preference_row(f"q{i}", "a", "b", prompt_id=f"p{i}") for i in range(4)])
+    workdir = tmp_path / "run"
+    finished = {workdir / "round_1" / "portion.jsonl": "rows\n",
+                workdir / "round_1" / "train" / "final" / "weights.bin": "trained"}
+    for path, text in finished.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    before = hash_path(workdir / "round_1")
+    cfg = load_config(None, [f"model.hf_dir={model}", f"data.train_path={train}",
+                             "ranking.kind=verifiable", "online.rounds=1",
+                             "train.global_batch_size=2", f"online.workdir={workdir}"])
+    with pytest.raises(OnlineError) as info:
+        run_online(cfg)
+    message = str(info.value)
+    assert f"{workdir} holds finished outputs" in message
+    assert "round_1/portion.jsonl (round1/portion)" in message
+    assert "round_1/train (round1/train)" in message
+    assert "--redo round1/portion" in message and "--fresh" in message
+    assert hash_path(workdir / "round_1") == before
+
+
+def test_redo_and_fresh_exclude_each_other(capsys):
+    from selm_mcore import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "c.yaml", "--redo", "round1/rank", "--fresh"])
+    assert info.value.code == 2
+    assert "not allowed with argument --redo" in capsys.readouterr().err

@@ -259,3 +259,18 @@ def test_heldout_responses_are_stripped_before_scoring():
                                      "answer")
     assert scored["response"] == "That makes 8."
     assert scored["score"] == pytest.approx(1 + 1 / (1 + len("That makes 8.")))
+
+
+def test_rank_warns_about_repeated_prompt_ids(caplog):
+    import logging
+
+    from selm_mcore.pairs import warn_repeated_prompt_ids
+
+    rows = [{"prompt_id": "a"}, {"prompt_id": "b"}, {"prompt_id": "a"}, {"prompt": "no id"},
+            {"prompt_id": "b"}]
+    with caplog.at_level(logging.WARNING, logger="selm_mcore.pairs"):
+        assert warn_repeated_prompt_ids(rows, "rows.jsonl") == 2
+    assert ("rows.jsonl: 2 rows repeat an earlier row's prompt_id and so share its generated "
+            "response (e.g. row 3 repeats prompt_id 'a' of row 1; row 5 repeats prompt_id 'b' "
+            "of row 2)") in caplog.text
+    assert warn_repeated_prompt_ids(rows[:2], "rows.jsonl") == 0

@@ -176,3 +176,45 @@ def test_example_tiny_cpu_config_loads():
     cfg = load_config(path, ["parallel.tp=2", "parallel.pp=2"])
     assert cfg.train.reference_mode == "precomputed" and cfg.train.save_interval > 0
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+
+
+def test_refpass_and_train_check_their_output_folder_before_any_work(setup, tmp_path, capsys):
+    import torch.distributed as dist
+
+    from selm_mcore import cli
+    from selm_mcore.errors import InputError
+    from selm_mcore.trainer import train_round
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({
+        "model": {"hf_dir": str(setup.model)},
+        "data": {"train_path": str(setup.pairs), "max_length": 64, "max_prompt_length": 32},
+        "train": {"global_batch_size": 2, "ref_cache": str(blocker / "ref.safetensors")}}))
+    assert cli.main(["refpass", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"train.ref_cache: {blocker} is a file, not a folder" in err[0]
+    assert not dist.is_initialized()  # refused before any process group or model
+
+    cfg = load_config(config, [f"train.output_dir={blocker}", f"train.ref_cache={setup.cache}"])
+    with pytest.raises(InputError, match=f"train.output_dir: {blocker} is a file"):
+        train_round(cfg)
+    assert not dist.is_initialized()
+
+
+def test_train_warns_about_duplicates_with_counts(setup, tmp_path, caplog):
+    import logging
+
+    from selm_mcore.trainer import train_round
+
+    rows = rows_of(setup.preference_row, PAIRS + PAIRS[:1] + [("Q?", "A.", "A.", "A.")])
+    pairs = setup.write_jsonl(tmp_path / "dup.jsonl", rows)
+    cfg = load_config(None, [
+        f"model.hf_dir={setup.model}", f"data.train_path={pairs}", "data.max_length=64",
+        "data.max_prompt_length=32", "train.global_batch_size=2", f"train.ref_cache={setup.cache}",
+        f"train.output_dir={tmp_path / 'out'}"])
+    with caplog.at_level(logging.WARNING), pytest.raises(StaleReferenceCacheError):
+        train_round(cfg)  # the cache is for other data: stops after loading and counting it
+    assert "1 rows repeat an earlier row (e.g. row 5 repeats row 1)" in caplog.text
+    assert "1 rows have chosen == rejected" in caplog.text

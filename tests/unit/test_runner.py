@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from selm_mcore.config import SelmConfig
-from selm_mcore.files import hash_path
+from selm_mcore.files import DataError, hash_path
 from selm_mcore.online import RESUME_MUTABLE_KEYS
 from selm_mcore.runner import (
     Manifest,
+    clear_outputs,
     OnlineError,
     Phase,
     PhaseFailed,
@@ -120,9 +121,13 @@ def test_kill_inside_each_phase_resumes_to_identical_outputs(tmp_path, simulated
 
     calls.clear()
     run_phases(make_phases(workdir, calls), workdir, fresh_manifest(workdir))
-    assert calls == NAMES[NAMES.index(killed):]  # resumed at the first unfinished phase
+    # Resumed at the first unfinished phase; an output killed after its rename (announced in
+    # the manifest) is adopted, not recomputed.
+    first = NAMES.index(killed) + (point == "published")
+    assert calls == NAMES[first:]
     assert snapshot(workdir) == snapshot(reference_dir)
     assert not list(workdir.glob("*.partial"))
+    assert "publishing" not in json.loads((workdir / "manifest.json").read_text())
 
 
 def test_failed_phase_stops_the_run_and_records_the_error(tmp_path):
@@ -142,12 +147,22 @@ def test_failed_phase_stops_the_run_and_records_the_error(tmp_path):
     assert "last_error" not in json.loads((tmp_path / "manifest.json").read_text())
 
 
-def test_unexpected_exception_is_reported_with_its_type(tmp_path):
-    def boom(partial):
+def test_in_process_errors_user_error_wrapped_bug_kept_with_its_traceback(tmp_path):
+    def bad_data(partial):
+        raise DataError(tmp_path / "train.jsonl", 3, "prompt is empty", "fill it")
+
+    with pytest.raises(OnlineError, match="round1/portion failed: DataError: .*row 3"):
+        run_phases([Phase("round1/portion", "p.jsonl", bad_data)], tmp_path,
+                   fresh_manifest(tmp_path))
+
+    def bug(partial):
         raise KeyError("prompt_id")
 
-    with pytest.raises(OnlineError, match="round1/rank failed: KeyError"):
-        run_phases([Phase("round1/rank", "pairs.jsonl", boom)], tmp_path, fresh_manifest(tmp_path))
+    with pytest.raises(KeyError, match="prompt_id"):  # a bug: not turned into a message
+        run_phases([Phase("round1/rank", "pairs.jsonl", bug)], tmp_path / "b",
+                   fresh_manifest(tmp_path / "b"))
+    last_error = json.loads((tmp_path / "b" / "manifest.json").read_text())["last_error"]
+    assert last_error["message"].startswith("round1/rank failed: KeyError")
 
 
 def test_phase_that_writes_nothing_fails(tmp_path):
@@ -172,7 +187,7 @@ def test_changed_output_is_refused_and_redo_recomputes(tmp_path, changed):
     assert calls == []
 
     manifest = fresh_manifest(tmp_path)
-    manifest.forget_from(NAMES, changed)  # what --redo does
+    redo_from(make_phases(tmp_path, []), tmp_path, manifest, changed)  # --redo CHANGED
     run_phases(make_phases(tmp_path, calls), tmp_path, manifest)
     assert calls == NAMES[NAMES.index(changed):]
     assert snapshot(tmp_path) == before
@@ -190,9 +205,64 @@ def test_records_after_an_unfinished_phase_are_forgotten(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     del data["phases"]["round1/train"]  # a hand-edited manifest with a hole in it
     (tmp_path / "manifest.json").write_text(json.dumps(data))
+    before = snapshot(tmp_path)
     calls: list[str] = []
-    run_phases(make_phases(tmp_path, calls), tmp_path, fresh_manifest(tmp_path))
+    # Its output and the later ones are finished work the manifest no longer vouches for.
+    with pytest.raises(OnlineError, match="round1_train \\(round1/train\\), round2_generate.txt"):
+        run_phases(make_phases(tmp_path, calls), tmp_path, fresh_manifest(tmp_path))
+    assert calls == [] and snapshot(tmp_path) == before
+    manifest = fresh_manifest(tmp_path)
+    redo_from(make_phases(tmp_path, []), tmp_path, manifest, "round1/train")
+    run_phases(make_phases(tmp_path, calls), tmp_path, manifest)
     assert calls == NAMES[2:]  # everything after the hole re-ran
+    assert snapshot(tmp_path) == before
+
+
+def test_manifest_deleted_between_runs_refuses_and_deletes_nothing(tmp_path):
+    """The finished outputs of earlier phases (a trained model among them) stay untouched; the
+    error names the folder, the outputs and both explicit ways on."""
+    run_phases(make_phases(tmp_path, []), tmp_path, fresh_manifest(tmp_path))
+    before = snapshot(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "round2_train.partial").mkdir()  # an unfinished leftover as well
+    calls: list[str] = []
+    with pytest.raises(OnlineError) as info:
+        run_phases(make_phases(tmp_path, calls), tmp_path, fresh_manifest(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path) in message and "does not exist" in message
+    assert "round1_portion.txt (round1/portion)" in message and "round1_train (" in message
+    assert "--redo round1/portion" in message and "--fresh" in message
+    assert calls == [] and snapshot(tmp_path) == before
+    assert (tmp_path / "round2_train.partial").is_dir()
+
+    # --fresh: every output deleted on request, then a full run from scratch.
+    phases = make_phases(tmp_path, calls)
+    removed = clear_outputs(phases, tmp_path)
+    assert len(removed) == len(NAMES) + 1
+    assert not any((tmp_path / p.output).exists() for p in phases)
+    run_phases(phases, tmp_path, fresh_manifest(tmp_path))
+    assert calls == NAMES and snapshot(tmp_path) == before
+
+
+def test_redo_deletes_the_outputs_it_recomputes(tmp_path):
+    run_phases(make_phases(tmp_path, []), tmp_path, fresh_manifest(tmp_path))
+    (tmp_path / "manifest.json").unlink()
+    manifest = fresh_manifest(tmp_path)
+    redo_from(make_phases(tmp_path, []), tmp_path, manifest, "round1/portion")
+    assert not any((tmp_path / p.output).exists() for p in make_phases(tmp_path, []))
+    calls: list[str] = []
+    run_phases(make_phases(tmp_path, calls), tmp_path, manifest)
+    assert calls == NAMES
+
+
+def test_published_output_with_changed_content_is_refused(tmp_path, simulated_kill):
+    with pytest.raises(SimulatedKill):
+        run_phases(make_phases(tmp_path, []), tmp_path, fresh_manifest(tmp_path),
+                   fault=("round1/generate", "published"))
+    (tmp_path / "round1_generate.txt").write_text("edited after the kill\n")
+    with pytest.raises(OnlineError, match="round1/generate: output .* was being published"):
+        run_phases(make_phases(tmp_path, []), tmp_path, fresh_manifest(tmp_path))
+    assert (tmp_path / "round1_generate.txt").read_text() == "edited after the kill\n"
 
 
 def test_config_change_is_refused_but_listed_keys_may_change(tmp_path):
