@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.config import GenerationConfig, add_config_arguments, config_from_args
+from selm_mcore.config import GenerationConfig
+from selm_mcore.config_io import add_config_arguments, config_from_args
 from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.dataset import encode_prompt
 from selm_mcore.errors import InputError

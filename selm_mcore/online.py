@@ -61,8 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.config import (ConfigError, SelmConfig, add_config_arguments, config_from_args,
-                               save_config)
+from selm_mcore.config import ConfigError, SelmConfig
+from selm_mcore.config_io import add_config_arguments, config_from_args, save_config
 from selm_mcore.data import prompt_conversation
 from selm_mcore.files import hash_path, read_records, write_jsonl_atomic
 from selm_mcore.pairs import EVAL_ID_PREFIX, eval_anchor

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from selm_mcore.config import add_config_arguments, config_from_args
+from selm_mcore.config_io import add_config_arguments, config_from_args
 from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.errors import InputError
 from selm_mcore.files import read_records, write_jsonl_atomic

@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 
 from selm_mcore.batches import PreferenceBatch
-from selm_mcore.config import SelmConfig, add_config_arguments, config_from_args
+from selm_mcore.config import SelmConfig
+from selm_mcore.config_io import add_config_arguments, config_from_args
 from selm_mcore.dataset import PreferenceDataset, load_preferences, load_tokenizer, pad_token_id
 from selm_mcore.errors import InputError
 from selm_mcore.files import ChecksumError, atomic_open, hash_path

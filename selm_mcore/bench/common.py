@@ -115,7 +115,7 @@ def paired_ratio(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: 
 
 
 def load_cfg(args):
-    from selm_mcore.config import config_from_args
+    from selm_mcore.config_io import config_from_args
 
     cfg = config_from_args(args)
     if not cfg.model.hf_dir:

@@ -41,7 +41,7 @@ def _ensure_reference_cache(args, overrides: Sequence[str], workdir: Path) -> fl
     """Run ``selm refpass`` (own process, so its memory is not the trainer's) unless the cache
     of these pairs exists; return its wall time, or None when it was reused. The trainer checks
     the cache key, so a stale file is refused rather than used."""
-    from selm_mcore.config import load_config, save_config
+    from selm_mcore.config_io import load_config, save_config
     from selm_mcore.dataset import load_preferences, load_tokenizer
     from selm_mcore.mcore.checkpoint import hf_files_dir
     from selm_mcore.refpass import (StaleReferenceCacheError, load_reference_cache,
@@ -106,7 +106,7 @@ def run_train(args) -> dict[str, Any]:
     response tokens, TFLOP/s and MFU of the layout computed, peak memory)."""
     import torch
 
-    from selm_mcore.config import load_config
+    from selm_mcore.config_io import load_config
     from selm_mcore.files import read_records
     from selm_mcore.trainer import train_round
 

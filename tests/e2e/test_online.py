@@ -282,7 +282,7 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from selm_mcore.config import load_config
+    from selm_mcore.config_io import load_config
     from selm_mcore.generation import VLLMGenerator
 
     workdir, _ = reference_run

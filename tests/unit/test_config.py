@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from selm_mcore.config import (
-    ConfigError,
-    DataConfig,
-    OptimConfig,
-    SelmConfig,
-    apply_overrides,
-    from_dict,
-    load_config,
-    save_config,
-)
+from selm_mcore.config import ConfigError, DataConfig, OptimConfig, SelmConfig
+from selm_mcore.config_io import apply_overrides, from_dict, load_config, save_config
 
 
 def write(tmp_path, text, name="c.yaml"):

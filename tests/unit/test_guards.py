@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from selm_mcore.config import load_config
+from selm_mcore.config_io import load_config
 from selm_mcore.guards import NAN_AT_STEP_ENV, check_resume, loss_fn_for_step, run_identity
 from selm_mcore.mcore.checkpoint import ResumeError
 

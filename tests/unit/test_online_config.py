@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from selm_mcore.config import ConfigError, SelmConfig, load_config
+from selm_mcore.config import ConfigError, SelmConfig
+from selm_mcore.config_io import load_config
 from selm_mcore.files import DataError
 from selm_mcore.online import (
     RoundPhases,

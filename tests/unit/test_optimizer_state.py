@@ -20,7 +20,7 @@ import pytest
 import torch
 from fused_adam_like import FusedAdamLike
 
-from selm_mcore.config import load_config
+from selm_mcore.config_io import load_config
 from selm_mcore.mcore.optim import (
     DP_RESHARDABLE,
     FULLY_RESHARDABLE,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from selm_mcore.batches import collate_preferences
-from selm_mcore.config import load_config
+from selm_mcore.config_io import load_config
 from selm_mcore.dataset import PreferenceDataset
 from selm_mcore.refpass import (
     ReferenceLogps,

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selm_mcore.config import ConfigError, load_config
+from selm_mcore.config import ConfigError
+from selm_mcore.config_io import load_config
 from selm_mcore.dataset import pad_token_id
 from selm_mcore.loss import selm_loss
 from selm_mcore.mcore.forward import collate_micro_batches
