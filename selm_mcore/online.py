@@ -415,8 +415,11 @@ def collect_summaries(paths: RunPaths, rounds: int):
 
 def check_run_inputs(cfg: SelmConfig) -> None:
     """What would otherwise fail rounds later, in a subprocess: the config for this many
-    processes, and the start model and data files."""
+    processes, the optional packages the phases import, and the start model and data files."""
+    from selm_mcore.deps import check_dependencies
+
     cfg.validate(world_size=cfg.online.nproc_per_node * cfg.online.nnodes)
+    check_dependencies(cfg)
     if not cfg.model.hf_dir or not Path(cfg.model.hf_dir).is_dir():
         raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} is not a folder: point it at the "
                           "starting policy (an HF model folder)")

@@ -236,9 +236,11 @@ class Training:
         return self.cfg.train.global_batch_size // (self.ctx.dp * self.cfg.train.micro_batch_size)
 
 
-def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
+def build_training(cfg: SelmConfig, ctx, data: RoundData, *,
+                   policy: tuple[list, Any] | None = None) -> Training:
     """Policy (resumed from ``<output_dir>/checkpoints/latest`` when there is one), reference,
-    DDP, optimizer, schedule and sampler of a round."""
+    DDP, optimizer, schedule and sampler of a round. ``policy``: (model chunks, HF config)
+    built by the caller instead of loaded (the benchmarks' shape-only random models)."""
     from selm_mcore.mcore.checkpoint import (
         ResumeError,
         find_latest,
@@ -255,8 +257,11 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
 
     checkpoints = Path(cfg.train.output_dir) / "checkpoints"
     resume_from = find_latest(checkpoints) if cfg.train.resume else None
-    models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
-                                    recompute=cfg.model.recompute, packed=data.packed)
+    if policy is not None:
+        models, hf_config = policy
+    else:
+        models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
+                                        recompute=cfg.model.recompute, packed=data.packed)
     data.dataset.check_token_ids(models[0].true_vocab_size)
     ddp_models = wrap_ddp(models)
     peak_lr = cfg.optim.lr_for_round(cfg.train.round_index)
@@ -297,22 +302,27 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
 # --- one step ---------------------------------------------------------------------------------
 
 
-def train_step(run: Training, indices: list[int]) -> dict[str, float]:
-    """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
+def step_micro_batches(run: Training, indices: list[int]) -> list[MicroBatch]:
+    """This DP rank's micro-batches of one step: packed rows or padded [S*B, T] batches."""
     cfg, ctx = run.cfg, run.ctx
-    start = time.perf_counter()
     if run.data.packed:
-        batches = pack_micro_batches(
+        return pack_micro_batches(
             run.data.dataset, indices, budget=run.data.pack_tokens,
             shared_prompt=cfg.data.packing == "shared_prompt", pad_id=run.pad_id,
             pad_to_multiple_of=cfg.data.pad_to_multiple_of, fixed_length=ctx.pp > 1,
             num_microbatches_multiple=ctx.pp if ctx.vpp else 1, examples_per_step=len(indices),
             device=ctx.device)
-    else:
-        batches = collate_micro_batches(
-            run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size),
-            pad_id=run.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-            seq_length=cfg.data.seq_length(), device=ctx.device)
+    return collate_micro_batches(
+        run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size),
+        pad_id=run.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        seq_length=cfg.data.seq_length(), device=ctx.device)
+
+
+def train_step(run: Training, indices: list[int]) -> dict[str, float]:
+    """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
+    ctx = run.ctx
+    start = time.perf_counter()
+    batches = step_micro_batches(run, indices)
     if run.ref_models is not None:
         ref_logps = forward_only_logps(run.ref_models, ctx, batches,
                                        run.models[0].true_vocab_size)
@@ -353,6 +363,9 @@ def train_round(cfg: SelmConfig) -> Path:
     from selm_mcore.mcore.checkpoint import save_checkpoint, save_model_atomic
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
+    from selm_mcore.deps import check_dependencies
+
+    check_dependencies(cfg, phases=("train", "data"))
     data = load_round_data(cfg)
     ctx = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,
                         seed=cfg.parallel.seed)
