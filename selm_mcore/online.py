@@ -82,7 +82,7 @@ def megatron_command(cfg: SelmConfig, subcommand: str, *args: str) -> list[str]:
     world = online.nproc_per_node * online.nnodes
     if world == 1 and not online.launcher:
         return selm_command(subcommand, *args)
-    torchrun = [sys.executable, "-m", "torch.distributed.run",
+    torchrun = [sys.executable, "-P", "-m", "torch.distributed.run",
                 f"--nproc-per-node={online.nproc_per_node}", f"--nnodes={online.nnodes}"]
     if online.nnodes > 1:
         torchrun += ["--rdzv-backend=c10d", f"--rdzv-endpoint={online.rdzv_endpoint}",
@@ -90,6 +90,30 @@ def megatron_command(cfg: SelmConfig, subcommand: str, *args: str) -> list[str]:
     else:
         torchrun += ["--standalone"]
     return [*shlex.split(online.launcher), *torchrun, "-m", "selm_mcore.cli", subcommand, *args]
+
+
+def phase_env() -> dict[str, str]:
+    """The environment of every phase's process: ours, with PYTHONSAFEPATH=1 so that the
+    Python processes torchrun and srun start for it run as ``python -P`` does."""
+    return {**os.environ, "PYTHONSAFEPATH": "1"}
+
+
+def generation_nodes(cfg: SelmConfig) -> int:
+    """Nodes the generate phase spreads its engines over: every node of a multi-node run
+    started through online.launcher, else this one."""
+    return cfg.online.nnodes if cfg.online.nnodes > 1 and cfg.online.launcher else 1
+
+
+def generate_command(cfg: SelmConfig, config: Path, prompts: Path, out: Path,
+                     model_dir: Path) -> list[str]:
+    """``selm generate`` on this node, or once per node through online.launcher (each node runs
+    its share of generation.num_engines and writes OUT.node<k>.jsonl, merged by the phase)."""
+    cmd = selm_command("generate", str(config), "--prompts", str(prompts), "--out", str(out),
+                       "--model-dir", str(model_dir))
+    nodes = generation_nodes(cfg)
+    if nodes == 1:
+        return cmd
+    return [*shlex.split(cfg.online.launcher), *cmd, "--num-nodes", str(nodes)]
 
 
 @dataclass
@@ -214,7 +238,7 @@ class RoundPhases:
         return self.paths.round_dir(t - 1) / "train" / "final"
 
     def _run(self, name: str, cmd: list[str]) -> None:
-        run_command(cmd, self.paths.log(name), timeout_s=self.timeout_s)
+        run_command(cmd, self.paths.log(name), env=phase_env(), timeout_s=self.timeout_s)
 
     def _overrides(self, **values: Any) -> list[str]:
         args = []
@@ -244,10 +268,14 @@ class RoundPhases:
                        for r in self.eval_rows]
             write_jsonl_atomic(partial / "prompts.jsonl", inputs)
             write_jsonl_atomic(partial / "eval_rows.jsonl", self.eval_rows)
-            cmd = selm_command("generate", str(self.paths.config), "--prompts",
-                               str(partial / "prompts.jsonl"), "--out",
-                               str(partial / "generations.jsonl"), "--model-dir", str(policy_hf))
-            self._run(name, cmd)
+            out = partial / "generations.jsonl"
+            self._run(name, generate_command(self.cfg, self.paths.config,
+                                             partial / "prompts.jsonl", out, policy_hf))
+            if generation_nodes(self.cfg) > 1:
+                from selm_mcore.engines import merge_node_outputs
+
+                merge_node_outputs([row["prompt_id"] for row in inputs], out,
+                                   generation_nodes(self.cfg))
 
         return Phase(name, self.paths.rel(out), run)
 
@@ -418,8 +446,13 @@ def check_run_inputs(cfg: SelmConfig) -> None:
     processes, the optional packages the phases import, and the start model and data files."""
     from selm_mcore.deps import check_dependencies
 
+    from selm_mcore.engines import check_engine_layout, cuda_available
+
     cfg.validate(world_size=cfg.online.nproc_per_node * cfg.online.nnodes)
     check_dependencies(cfg)
+    check_engine_layout(cfg.generation.num_engines, cfg.generation.tensor_parallel_size,
+                        generation_nodes(cfg),
+                        cfg.online.nproc_per_node if cuda_available() else None)
     if not cfg.model.hf_dir or not Path(cfg.model.hf_dir).is_dir():
         raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} is not a folder: point it at the "
                           "starting policy (an HF model folder)")

@@ -25,7 +25,7 @@ head_dim, kv = groups * head_dim, f = FFN width, a = heads / t; ``layer_bytes``)
     core attention          ``attention_bytes`` (the backend and the packed layout decide)
 
 With ``model.recompute`` = full a layer keeps only its input (n h e / sp) and one layer is
-recomputed at a time; selective keeps everything but the core attention, which keeps its q, k
+recomputed at a time (its norm keeps that same input); selective keeps everything but the core attention, which keeps its q, k
 (after RoPE) and the fused qkv output instead. Megatron's pipeline schedule holds several
 micro-batches (and model chunks) in flight on the first stages (``in_flight_chunks``). The last
 stage adds the LM head (``head_bytes``): the final norm, the head's input, the logits of the head
@@ -375,7 +375,11 @@ def activation_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch
     recompute = 0
     if layout.recompute == "full":
         layers += units * 4 * model.head_dim * mb.row_length  # the shared fp32 RoPE angles
-        recompute = layer_bytes(model, layout, impl, mb, e, "none")
+        # the recomputed layer's norm keeps the checkpointed input itself (not on CPU in bf16,
+        # where torch's RMSNorm keeps an fp32 copy)
+        shared_input = 0 if (impl == "cpu" and e != 4) else layer_bytes(model, layout, impl,
+                                                                        mb, e, "full")
+        recompute = layer_bytes(model, layout, impl, mb, e, "none") - shared_input
     elif layout.recompute == "selective":
         recompute = attention_bytes(model, layout, impl, mb, e)
     head = head_bytes(model, layout, impl, mb, e) if pp_rank == layout.pp - 1 else 0
