@@ -77,7 +77,7 @@ part() {  # part NAME LIMIT_S NOTE CMD...: run CMD under the remaining budget, r
   [ "$rc" = 124 ] && note="timed out after ${limit} s; $note"
   record "$name" "$rc" $((SECONDS - start)) "$note"
 }
-selm() { "$python" -P -m selm_mcore.cli "$@"; }
+selm=("$python" -P -m selm_mcore.cli)
 
 "$python" -P -m selm_mcore.bench.gpu_report env "$work/env.json" || exit 1
 has() { "$python" -c "import json,sys; sys.exit(0 if json.load(open('$work/env.json'))['has_$1'] else 1)"; }
@@ -89,7 +89,8 @@ fi
 mcore=0; has megatron && mcore=1
 spec=$( (has transformer_engine && [ "$cuda" = 1 ]) && echo "Transformer Engine spec" || echo "local spec (no Transformer Engine)")
 attn=$( (has flash_attn && [ "$cuda" = 1 ]) && echo "flash-attn" || echo "torch SDPA (no flash-attn)")
-record env 0 0 "$(sed -n 's/.*"gpu": "\([^"]*\)".*/\1/p' "$work/env.json" | head -1); layers: $spec; packed attention: $attn"
+gpu=$(sed -n 's/.*"gpu": "\([^"]*\)".*/\1/p' "$work/env.json" | head -1)
+record env 0 0 "${gpu:-no GPU}; layers: $spec; packed attention: $attn"
 
 # tests
 tests=(tests/kernels/test_triton_gpu.py tests/kernels/test_packed_attention_gpu.py)
@@ -115,8 +116,8 @@ else
          --response-tokens 256 --steps 3 --warmup-steps 1 --threads 8)
 fi
 if [ "$mcore" = 1 ]; then
-  part train_none 150 "$spec; $attn" selm bench plan-check "${targs[@]}" --json "$work/train_none.json"
-  part train_full 150 "$spec; $attn" selm bench plan-check "${targs[@]}" \
+  part train_none 150 "$spec; $attn" "${selm[@]}" bench plan-check "${targs[@]}" --json "$work/train_none.json"
+  part train_full 150 "$spec; $attn" "${selm[@]}" bench plan-check "${targs[@]}" \
     --set "model.recompute=$full" --json "$work/train_full.json"
 else
   record train - 0 "skipped: megatron-core not installed (give --mcore-wheel)"
@@ -130,7 +131,7 @@ if [ "$mcore" = 1 ]; then
   else
     largs=(--layers 4 --dtype bf16 --seq-length 1024 --micro-batch-size 2 --global-batch-size 8 --steps 3 --warmup-steps 1 --threads 8)
   fi
-  part logprob 120 "$spec" selm bench logprob-path "${largs[@]}" --json "$work/logprob.json"
+  part logprob 120 "$spec" "${selm[@]}" bench logprob-path "${largs[@]}" --json "$work/logprob.json"
 else
   record logprob - 0 "skipped: megatron-core not installed"
 fi
@@ -138,12 +139,16 @@ fi
 # vLLM generation, only where vLLM is installed
 if has vllm; then
   [ -d "$work/tiny" ] || "$python" -P -m selm_mcore.assets tiny-llama "$work/tiny" > /dev/null
-  part vllm 120 "tiny model" selm bench generation --backend vllm --set "model.hf_dir=$work/tiny" \
+  part vllm 120 "tiny model" "${selm[@]}" bench generation --backend vllm --set "model.hf_dir=$work/tiny" \
+    --set generation.max_model_len=512 --set generation.max_tokens=32 \
+    --set generation.kv_cache_memory_gb=0.5 \
     --num-prompts 8 --max-tokens 32 --repeats 1 --threads 4 --workdir "$work/generation" \
     --json "$work/generation.json"
 else
   record vllm - 0 "skipped: vLLM not installed"
 fi
 
-"$python" -P -m selm_mcore.bench.gpu_report report "$work" "$out"
+"$python" -P -m selm_mcore.bench.gpu_report report "$work" "$out" || exit 1
 echo "[gpu_check] wrote $out/gpu_check.json and $out/gpu_check.md (parts in $work)"
+# exit status 1 when a part that ran failed (the report says which)
+! cut -f2 "$status" | grep -qvE '^(0|-)$'

@@ -6,7 +6,8 @@
 WORK holds the parts' outputs: ``env.json``, ``status.tsv`` (part, exit status, seconds, note;
 one line per part), ``pytest.xml`` (JUnit of ``pytest -m gpu``), ``kernels.json``
 (``selm_mcore.kernels.bench_logprobs --json``), ``train_*.json`` (``selm bench plan-check``) and
-``logprob.json`` (``selm bench logprob-path``). A part that did not run or failed appears with
+``logprob.json`` (``selm bench logprob-path``), ``generation.json`` (``selm bench generation``,
+only with vLLM). A part that did not run or failed appears with
 its status and note; the report never fails because a part is missing.
 """
 
@@ -85,7 +86,8 @@ def collect(work: Path) -> dict[str, Any]:
     return {"env": _load(work / "env.json"), "parts": read_status(work),
             "pytest": read_pytest(work / "pytest.xml"), "kernels": _load(work / "kernels.json"),
             "train": [_load(p) for p in sorted(work.glob("train_*.json"))],
-            "logprob_path": _load(work / "logprob.json")}
+            "logprob_path": _load(work / "logprob.json"),
+            "generation": _load(work / "generation.json")}
 
 
 # --- markdown ----------------------------------------------------------------------------------
@@ -115,18 +117,18 @@ def _train_lines(results: list[dict[str, Any]]) -> list[str]:
     for result in results:
         rank = result["ranks"][0]
         meas, pred = rank["measured"], rank["predicted"]
-        gib = 2**30
+        mib = 2**20
         measured_peak = meas.get("peak")
         rows.append([
             result["model"], result["recompute"], result["impl"],
             f"{rank['geometry']['row_length']} ({rank['micro_batches']} mb)",
             "/".join(f"{meas[k] / pred[k]:.3f}" for k in ("params", "grads", "optimizer")),
-            f"{meas['activations'] / gib:.2f} / {pred['activations'] / gib:.2f}",
-            f"{measured_peak / gib:.2f}" if measured_peak else "-", f"{pred['peak'] / gib:.2f}",
+            f"{meas['activations'] / mib:,.1f} / {pred['activations'] / mib:,.1f}",
+            f"{measured_peak / mib:,.0f}" if measured_peak else "-", f"{pred['peak'] / mib:,.0f}",
             f"{rank['step_time_s']:.3f}", f"{rank['tokens_per_s']:.0f}", f"{rank['mfu']:.3f}"])
     return _table(["model", "recompute", "planner impl", "tokens/micro-batch",
-                   "params/grads/optim measured/planned", "activations GiB meas / plan",
-                   "peak GiB measured", "peak GiB planned", "step s", "tokens/s", "MFU"], rows)
+                   "params/grads/optim measured/planned", "activations MiB meas / plan",
+                   "peak MiB measured", "peak MiB planned", "step s", "tokens/s", "MFU"], rows)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -162,6 +164,12 @@ def markdown(report: dict[str, Any]) -> str:
                         [[r["path"], f"{r['step_time_s']:.3f}", f"{r['tokens_per_s']:.0f}",
                           f"{r['tflops']:.1f}", f"{r['mfu']:.3f}", f"{r['peak_memory_gib']:.2f}"]
                          for r in logprob["rows"]])
+    generation = report.get("generation")
+    if generation:
+        lines += ["", "## vLLM generation (tiny model)", "",
+                  f"{generation['generated_tokens']} tokens for {generation['num_prompts']} "
+                  f"prompts in {generation['seconds']:.2f} s ({generation['tokens_per_s']:.0f} "
+                  f"tokens/s), engine start {generation['engine_start_s']:.1f} s"]
     return "\n".join(lines) + "\n"
 
 
