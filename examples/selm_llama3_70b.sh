@@ -51,7 +51,7 @@ gpu_mem=${SELM_GPU_MEM_GIB:-$(( ${mib:-81920} / 1024 ))}
 plan_sets=()
 args=("$@")
 for ((i = 0; i + 1 < ${#args[@]}; i++)); do
-  [ "${args[i]}" = --set ] && plan_sets+=(--set "${args[i + 1]}")
+  if [ "${args[i]}" = --set ]; then plan_sets+=(--set "${args[i + 1]}"); fi
 done
 python -P -m selm_mcore.cli plan --check examples/configs/selm_llama3_70b.yaml \
   --model "$model" --gpu-mem "$gpu_mem" "${overrides[@]}" \

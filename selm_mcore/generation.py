@@ -258,7 +258,9 @@ class VLLMGenerator:
             raise FileNotFoundError(f"weights_path {weights_path} is not a folder")
         start = time.perf_counter()
         if named_tensors is not None and not self.in_process:
-            with tempfile.TemporaryDirectory(prefix="selm-reload-") as folder:
+            # next to the served model: a filesystem sized for models, not /tmp
+            with tempfile.TemporaryDirectory(prefix=".selm-reload-",
+                                             dir=self.model_dir.absolute().parent) as folder:
                 write_weight_shards(named_tensors, folder)
                 self._reload({"weights_path": folder})
         elif named_tensors is not None:

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-OPTIONAL = ("megatron.core", "transformer_engine", "flash_attn", "vllm", "triton")
+OPTIONAL = ("megatron", "transformer_engine", "flash_attn", "vllm", "triton")
 
 
 def environment() -> dict[str, Any]:
@@ -33,12 +33,8 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30)
-    for name in OPTIONAL:
-        top = name.split(".")[0]
-        found = importlib.util.find_spec(top) is not None
-        if found and name != top:
-            found = importlib.util.find_spec(name) is not None
-        env[f"has_{top}"] = found
+    for name in OPTIONAL:  # top-level names only: finding a submodule imports its package
+        env[f"has_{name}"] = importlib.util.find_spec(name) is not None
     if env["has_triton"]:
         import triton
 

@@ -141,7 +141,7 @@ def predict(run, hf_config, geometry, num_microbatches: int, impl: str) -> dict[
     e = 2 if cfg.model.dtype == "bf16" else 4
     static = memory.static_bytes(model, layout, ctx.pp_rank, param_bytes=e,
                                  bucket_size=run.ddp_models[0].bucket_size,
-                                 fp32_norms=impl != "te")
+                                 fp32_norms=impl != "te", dp_rank=ctx.dp_rank)
     acts = memory.activation_bytes(model, layout, impl, geometry, e,
                                    num_microbatches=num_microbatches, pp_rank=ctx.pp_rank)
     working = memory.working_bytes(model, layout, impl, geometry, e, ctx.is_last_stage)
@@ -170,10 +170,10 @@ def _measure_rank(run, impl: str, steps: int, warmup: int) -> dict[str, Any]:
         records = [train_step(run, indices)]
     measured = {**static_tensor_bytes(run.models, run.ddp_models, run.optimizer),
                 "activations": saved.peak_bytes}
-    if ctx.device.type == "cuda":
-        measured["peak"] = torch.cuda.max_memory_allocated(ctx.device)
     for _ in range(warmup + steps - 1):
         records.append(train_step(run, next(batches)))
+    if ctx.device.type == "cuda":  # over every step: the first has no optimizer state yet
+        measured["peak"] = torch.cuda.max_memory_allocated(ctx.device)
     timed = records[warmup:] or records[-1:]
     return {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank,
             "dp_rank": ctx.dp_rank, "measured": measured,

@@ -193,13 +193,16 @@ def build_inputs(args):
                                    cfg.model.make_vocab_size_divisible_by if cfg else 128)
     if cfg is None:
         example_path = EXAMPLES / (example or "selm_llama3_8b.yaml")
-        path = str(example_path) if example_path.is_file() else ""
-        cfg = load_config(path or None, args.overrides)
+        path = str(example_path.relative_to(REPO_ROOT)) if example_path.is_file() else ""
+        cfg = load_config(example_path if path else None, args.overrides)
     gpus = args.gpus or (cfg.online.nproc_per_node * cfg.online.nnodes if args.check else 0)
     if gpus < 1:
         raise PlanError("--gpus N is required (the number of GPUs of the run)")
-    workload = Workload.from_config(cfg, prompt_tokens=args.prompt_tokens or None,
-                                    response_tokens=args.response_tokens or None)
+    try:
+        workload = Workload.from_config(cfg, prompt_tokens=args.prompt_tokens or None,
+                                        response_tokens=args.response_tokens or None)
+    except ValueError as exc:
+        raise PlanError(f"{path or '<defaults>'}: {exc}") from None
     hw = Hardware(gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node,
                   peak_tflops=args.peak_tflops, mfu=args.mfu, nvlink_gbs=args.nvlink_gbs,
                   ib_gbs=args.ib_gbs, headroom=args.headroom)
@@ -225,24 +228,25 @@ def run_check(args, model, workload, hw, gpus, cfg, config_name) -> int:
                       ("params", "grads", "optimizer", "activations", "logits", "working"))
     fixes = "; ".join(f"{r.layout.label()} recompute={r.layout.recompute} "
                       f"({r.peak_gib:.1f} GiB, {r.pairs_per_s:.1f} pairs/s)" for r in others)
+    usable = hw.gpu_mem_gib * (1 - hw.headroom)
     raise PlanError(
-        f"{config_name}: parallel.tp={layout.tp} pp={layout.pp} vpp={layout.vpp} (dp={layout.dp}) "
-        f"with model.recompute={layout.recompute} on {gpus} GPUs is predicted to need "
-        f"{row.peak_gib:.1f} GiB per GPU ({parts} GiB), over {hw.gpu_mem_gib * (1 - hw.headroom):.1f}"
-        f" GiB ({1 - hw.headroom:.0%} of --gpu-mem {hw.gpu_mem_gib:g}). Fix: "
+        f"{config_name}: parallel.tp={layout.tp} pp={layout.pp} vpp={layout.vpp} "
+        f"(dp={layout.dp}) with model.recompute={layout.recompute} on {gpus} GPUs is predicted "
+        f"to need {row.peak_gib:.1f} GiB per GPU ({parts} GiB), over {usable:.1f} GiB "
+        f"({1 - hw.headroom:.0%} of --gpu-mem {hw.gpu_mem_gib:g}). Fix: "
         + (f"use a layout that fits, fastest first: {fixes}" if fixes else
            "no layout fits: use more GPUs, or lower data.pack_tokens / train.micro_batch_size")
         + " (set parallel.tp / parallel.pp / model.recompute with --set)")
 
 
 def main(args) -> int:
-    model, workload, hw, gpus, cfg, config_name = build_inputs(args)
-    if args.check:
-        try:
+    try:
+        model, workload, hw, gpus, cfg, config_name = build_inputs(args)
+        if args.check:
             return run_check(args, model, workload, hw, gpus, cfg, config_name)
-        except PlanError as exc:
-            print(f"[plan] error: {exc}")
-            return 1
+    except PlanError as exc:
+        print(f"[plan] error: {exc}")
+        return 1
     rows = plan_all(model, workload, hw, gpus, impl=args.impl, overlap=not args.no_overlap,
                     save_format=args.save_format, max_vpp=args.max_vpp)
     marked = (config_layout(cfg, gpus, args.impl)

@@ -94,6 +94,13 @@ class Workload:
             budget = -(-sequences * data.max_length // multiple) * multiple
             notes.append(f"packing {data.packing}, data.pack_tokens=0: sized for the longest "
                          f"possible pair, {sequences} x max_length = {budget} tokens")
+        shared = data.packing == "shared_prompt"
+        pair = prompt + sequences * response if shared else sequences * (prompt + response)
+        if data.packing != "none" and pair > budget:
+            raise ValueError(
+                f"data.pack_tokens={budget} is smaller than a typical pair ({pair} tokens: "
+                f"{prompt} prompt + {sequences} x {response} response tokens); raise "
+                "data.pack_tokens or pass smaller --prompt-tokens / --response-tokens")
         return cls(packing=data.packing, sequences=sequences,
                    global_batch=cfg.train.global_batch_size, prompt_tokens=prompt,
                    response_tokens=response, budget=budget,

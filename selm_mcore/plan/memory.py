@@ -25,8 +25,8 @@ head_dim, kv = groups * head_dim, f = FFN width, a = heads / t; ``layer_bytes``)
     core attention          ``attention_bytes`` (the backend and the packed layout decide)
 
 With ``model.recompute`` = full a layer keeps only its input (n h e / sp) and one layer is
-recomputed at a time (its norm keeps that same input); selective keeps everything but the core attention, which keeps its q, k
-(after RoPE) and the fused qkv output instead. Megatron's pipeline schedule holds several
+recomputed at a time (its norm keeps that same input); selective keeps everything but the core
+attention, which keeps its q, k (after RoPE) and the fused qkv output instead. Megatron's pipeline schedule holds several
 micro-batches (and model chunks) in flight on the first stages (``in_flight_chunks``). The last
 stage adds the LM head (``head_bytes``): the final norm, the head's input, the logits of the head
 positions (packed: response positions only) kept by the log-prob kernel, and 8 bytes of kernel
@@ -243,9 +243,11 @@ def shard_numels(ranges: list[tuple[int, int, int]], buckets: list[tuple[int, in
 
 
 def static_bytes(model: PlanModel, layout: Layout, pp_rank: int, *, param_bytes: int,
-                 bucket_size: int | None, fp32_norms: bool = False) -> dict[str, int]:
-    """Parameters, fp32 gradients, optimizer state (the largest DP shard) and the largest
-    bucket (elements) of one rank of pipeline stage ``pp_rank``. ``fp32_norms``: the norm
+                 bucket_size: int | None, fp32_norms: bool = False,
+                 dp_rank: int | None = None) -> dict[str, int]:
+    """Parameters, fp32 gradients, optimizer state (DP rank ``dp_rank``'s shard, default the
+    largest) and the largest bucket (elements) of one rank of pipeline stage ``pp_rank``.
+    ``fp32_norms``: the norm
     weights are fp32 whatever the dtype (Megatron's local spec builds torch.nn.RMSNorm without
     a dtype), so DDP keeps them in a buffer of their own and the optimizer needs no master copy.
     """
@@ -270,7 +272,8 @@ def static_bytes(model: PlanModel, layout: Layout, pp_rank: int, *, param_bytes:
             for rank, (n, pieces) in enumerate(shard_numels(ranges, buckets, layout.dp)):
                 shards[rank] += n * (8 + master) + 4 * pieces
             largest_bucket = max(largest_bucket, max(end - start for start, end in buckets))
-    return {"params": params, "grads": grads, "optimizer": max(shards),
+    return {"params": params, "grads": grads,
+            "optimizer": max(shards) if dp_rank is None else shards[dp_rank],
             "largest_bucket": largest_bucket}
 
 
