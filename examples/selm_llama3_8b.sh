@@ -4,8 +4,10 @@
 #
 #   bash examples/selm_llama3_8b.sh [--set section.key=value ...]
 #
-# Needs: the GPU environment (pip install -e '.[gpu,reports,data]' and
-# pip install --no-deps llm-blender==0.0.2 dataclasses-json), a Hugging Face token with access
+# Needs: the GPU environment (pip install -e '.[gpu,logging,reports,data]' and
+# pip install --no-deps llm-blender==0.0.2 dataclasses-json: vLLM, tensorboard, the report plots,
+# Parquet and PairRM; Transformer Engine / flash-attn optional, see docs/gpu.md), a Hugging Face
+# token with access
 # to the gated meta-llama/Meta-Llama-3-8B-Instruct (`hf auth login`), ~60 GB of downloads and
 # ~250 GB of disk for the run (per round: a 16 GB HF export, a 16 GB trained checkpoint and,
 # while training, a ~100 GB step checkpoint with optimizer state, pruned after the round).
@@ -30,6 +32,17 @@ fetch() {  # fetch REPO_ID LOCAL_DIR [hf download args...]: download once, say w
 }
 
 echo "[selm] needs: 8 GPUs x 80 GB, the GPU environment, access to meta-llama (gated)"
+# Stop before downloading anything if the layout is predicted not to fit these GPUs.
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
+gpu_mem=${SELM_GPU_MEM_GIB:-$(( ${mib:-81920} / 1024 ))}
+plan_sets=()
+args=("$@")
+for ((i = 0; i + 1 < ${#args[@]}; i++)); do
+  if [ "${args[i]}" = --set ]; then plan_sets+=(--set "${args[i + 1]}"); fi
+done
+python -P -m selm_mcore.cli plan --check examples/configs/selm_llama3_8b.yaml \
+  --model meta-llama/Meta-Llama-3-8B-Instruct --gpu-mem "$gpu_mem" \
+  ${plan_sets[@]+"${plan_sets[@]}"} || exit 1
 fetch meta-llama/Meta-Llama-3-8B-Instruct "$downloads/Meta-Llama-3-8B-Instruct" \
   --exclude "original/*"                                     # 16 GB safetensors + tokenizer
 fetch HuggingFaceH4/ultrafeedback_binarized "$downloads/ultrafeedback_binarized" \
@@ -38,7 +51,7 @@ fetch llm-blender/PairRM "$downloads/PairRM"                 # 1.7 GB ranker
 fetch microsoft/deberta-v3-large "$downloads/deberta-v3-large"   # PairRM's backbone (tokenizer)
 
 uf=$downloads/ultrafeedback_binarized/data
-exec selm run examples/configs/selm_llama3_8b.yaml \
+exec python -P -m selm_mcore.cli run examples/configs/selm_llama3_8b.yaml \
   --set "model.hf_dir=$downloads/Meta-Llama-3-8B-Instruct" \
   --set "data.train_path=$(ls "$uf"/train_prefs-*.parquet | head -1)" \
   --set "data.eval_prompts_path=$(ls "$uf"/test_prefs-*.parquet | head -1)" \

@@ -12,12 +12,17 @@ the device's measured copy bandwidth, peak extra memory (above the logits and la
 forward and for forward+backward, bytes saved for backward per token (tensors the autograd
 graph keeps that did not exist before the call), and the largest log-prob difference from naive.
 
+Each row also gives the floor times (the floor bytes at the measured copy bandwidth) and how
+many times the floor each path takes. A method whose package is missing (megatron-core for
+``megatron``) is skipped with a warning.
+
 Run:
     python -m selm_mcore.kernels.bench_logprobs                 # CUDA: the full grid
     python -m selm_mcore.kernels.bench_logprobs --tp 2          # two processes (NCCL / gloo)
     python -m selm_mcore.kernels.bench_logprobs --full          # the full grid on CPU (slow)
 On CPU only the torch paths run, on a smaller default grid (V = 32,000 and 128,256,
-N = 256 and 1,024). A table goes to stdout and a CSV to --csv.
+N = 256 and 1,024). A table goes to stdout, a CSV to --csv and, with --json, the rows, the
+machine and the copy bandwidth as JSON.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the process' peak resident set
 (Linux VmHWM, reset through /proc/self/clear_refs before each measurement) with glibc told to
@@ -247,6 +252,7 @@ def run_case(method, vocab, tokens, dtype, tp_group, device, repeats, seed=0):
 COLUMNS = [
     ("method", "{}"), ("tp", "{}"), ("vocab", "{}"), ("tokens", "{}"),
     ("fwd_ms", "{:.2f}"), ("fwd_bwd_ms", "{:.2f}"), ("ns_per_token_fwd_bwd", "{:.0f}"),
+    ("x_floor_fwd", "{:.1f}x"), ("x_floor_fwd_bwd", "{:.1f}x"),
     ("gbs_fwd", "{:.1f}"), ("gbs_fwd_bwd", "{:.1f}"), ("pct_bw_fwd_bwd", "{:.0f}%"),
     ("peak_extra_fwd_mb", "{:.1f}"), ("peak_extra_fwd_bwd_mb", "{:.1f}"),
     ("peak_extra_fwd_bwd_vs_logits", "{:.2f}x"), ("saved_bytes_per_token", "{:.0f}"),
@@ -264,28 +270,40 @@ def format_table(rows) -> str:
 
 
 def _methods_for(device, requested):
-    if device.type == "cuda":
-        return list(requested)
-    skipped = [m for m in requested if m.startswith("triton")]
-    if skipped:
-        logger.warning("no CUDA device: skipping %s (the Triton kernel runs only on GPU here)",
-                       ", ".join(skipped))
-    return [m for m in requested if not m.startswith("triton")]
+    import importlib.util
+
+    methods = list(requested)
+    if device.type != "cuda":
+        skipped = [m for m in methods if m.startswith("triton")]
+        if skipped:
+            logger.warning("no CUDA device: skipping %s (the Triton kernel runs only on GPU "
+                           "here)", ", ".join(skipped))
+        methods = [m for m in methods if not m.startswith("triton")]
+    if "megatron" in methods and importlib.util.find_spec("megatron") is None:
+        logger.warning("megatron-core is not installed: skipping the megatron method")
+        methods.remove("megatron")
+    return methods
 
 
 def run_grid(args, tp_group, device):
     """All cases on this rank; returns the rows (identical on every rank)."""
-    if "megatron" in args.methods:
+    methods = _methods_for(device, args.methods)
+    if "megatron" in methods:
         _init_megatron_tp(1 if tp_group is None else dist.get_world_size(tp_group), device)
     bandwidth = copy_bandwidth_gbs(device)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     rows = []
-    methods = _methods_for(device, args.methods)
     for vocab in args.vocab:
         for tokens in args.tokens:
             for method in methods:
                 row = run_case(method, vocab, tokens, dtype, tp_group, device, args.repeats)
+                row["pct_bw_fwd"] = 100 * row["gbs_fwd"] / bandwidth
                 row["pct_bw_fwd_bwd"] = 100 * row["gbs_fwd_bwd"] / bandwidth
+                # the floor bytes at the copy bandwidth, and how many floors each path takes
+                row["floor_fwd_ms"] = row["fwd_ms"] * row["gbs_fwd"] / bandwidth
+                row["floor_fwd_bwd_ms"] = row["fwd_bwd_ms"] * row["gbs_fwd_bwd"] / bandwidth
+                row["x_floor_fwd"] = bandwidth / row["gbs_fwd"]
+                row["x_floor_fwd_bwd"] = bandwidth / row["gbs_fwd_bwd"]
                 row["copy_bw_gbs"] = bandwidth
                 rows.append(row)
                 logger.info("%s", row)
@@ -297,6 +315,16 @@ def report(rows, bandwidth, device, args):
     print(f"# label log-probs benchmark: {machine}; dtype {args.dtype}; "
           f"measured copy bandwidth {bandwidth:.1f} GB/s")
     print(format_table(rows))
+    if args.json:
+        import json
+
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"machine": machine, "dtype": args.dtype,
+                                   "copy_bw_gbs": bandwidth, "rows": rows}, indent=2))
+        tmp.replace(path)
+        print(f"# wrote {path}")
     if args.csv:
         path = Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +371,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--csv", default="outputs/bench_logprobs.csv", help="'' to skip")
+    parser.add_argument("--json", default="", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     grid = GPU_GRID if cuda or args.full else CPU_GRID
     args.vocab = args.vocab or grid["vocab"]

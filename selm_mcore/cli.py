@@ -3,7 +3,7 @@
     selm run CONFIG [--set a.b=v ...]          the online SELM loop (all rounds, resumable)
     selm refpass CONFIG [--set ...]            offline reference log-probs for one round's data
     selm train CONFIG [--set ...]              train one round (under torchrun for TP/PP/DP)
-    selm generate / selm rank / selm convert / selm bench   (see ``selm <cmd> --help``)
+    selm generate / selm rank / selm convert / selm bench / selm plan   (``selm <cmd> --help``)
 
 Each subcommand lives in the module that does the work: the module defines
 ``add_arguments(parser)`` and ``main(args)``; this file only wires them up, importing a module
@@ -47,6 +47,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("selm_mcore.pairs", "rank candidates: new preference pairs and held-out scores"),
     "convert": ("selm_mcore.mcore.convert", "convert HF <-> Megatron checkpoints"),
     "bench": ("selm_mcore.bench", "measure throughput, MFU, memory and phase times"),
+    "plan": ("selm_mcore.plan", "per-GPU memory and speed of every parallel layout of a model"),
 }
 
 # `selm _worker KIND SPEC`: KIND -> the module whose worker_main(spec) runs the child's job.

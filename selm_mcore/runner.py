@@ -475,8 +475,10 @@ def run_command(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = 
 
 
 def selm_command(subcommand: str, *args: str) -> list[str]:
-    """``python -m selm_mcore.cli SUBCOMMAND ARGS`` with this interpreter (no PATH lookup)."""
-    return [sys.executable, "-m", "selm_mcore.cli", subcommand, *args]
+    """``python -P -m selm_mcore.cli SUBCOMMAND ARGS`` with this interpreter (no PATH lookup;
+    -P keeps the working folder off sys.path, so a checkout's kernels/ never shadows
+    selm_mcore.kernels or the PyPI package of that name)."""
+    return [sys.executable, "-P", "-m", "selm_mcore.cli", subcommand, *args]
 
 
 @contextlib.contextmanager

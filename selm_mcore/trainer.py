@@ -278,9 +278,11 @@ class Training:
         return self.cfg.train.global_batch_size // (self.ctx.dp * self.cfg.train.micro_batch_size)
 
 
-def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
+def build_training(cfg: SelmConfig, ctx, data: RoundData, *,
+                   policy: tuple[list, Any] | None = None) -> Training:
     """Policy (resumed from ``<output_dir>/checkpoints/latest`` when there is one), reference,
-    DDP, optimizer, schedule and sampler of a round."""
+    DDP, optimizer, schedule and sampler of a round. ``policy``: (model chunks, HF config)
+    built by the caller instead of loaded (the benchmarks' shape-only random models)."""
     from selm_mcore.mcore.checkpoint import (
         find_latest,
         load_frozen_policy,
@@ -301,8 +303,11 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
                             data_hash=data.dataset.content_hash(), steps=data.total_steps)
     if resume_from is not None:  # refused before any model is loaded
         check_resume(resume_from, read_train_state(resume_from).extra.get("run"), identity)
-    models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
-                                    recompute=cfg.model.recompute, packed=data.packed)
+    if policy is not None:
+        models, hf_config = policy
+    else:
+        models, hf_config = load_policy(resume_from or data.source, ctx, cfg.model,
+                                        recompute=cfg.model.recompute, packed=data.packed)
     data.dataset.check_token_ids(models[0].true_vocab_size)
     if data.pack_tokens % token_multiple(models):
         raise RuntimeError(f"packed rows of {data.pack_tokens} tokens do not split over "
@@ -342,24 +347,29 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData) -> Training:
 # --- one step ---------------------------------------------------------------------------------
 
 
-def train_step(run: Training, indices: list[int]) -> dict[str, float]:
-    """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
+def step_micro_batches(run: Training, indices: list[int]) -> list[MicroBatch]:
+    """This DP rank's micro-batches of one step: packed rows or padded [S*B, T] batches."""
     cfg, ctx = run.cfg, run.ctx
-    start = time.perf_counter()
     # Sequence parallelism needs T to be a multiple of tp (a no-op without it).
     pad_to_multiple_of = length_multiple(cfg.data.pad_to_multiple_of, run.models)
     if run.data.packed:
-        batches = pack_micro_batches(
+        return pack_micro_batches(
             run.data.dataset, indices, budget=run.data.pack_tokens,
             shared_prompt=cfg.data.packing == "shared_prompt", pad_id=run.pad_id,
             pad_to_multiple_of=pad_to_multiple_of, fixed_length=ctx.pp > 1,
             num_microbatches_multiple=ctx.pp if ctx.vpp else 1, examples_per_step=len(indices),
             device=ctx.device)
-    else:
-        batches = collate_micro_batches(
-            run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size),
-            pad_id=run.pad_id, pad_to_multiple_of=pad_to_multiple_of,
-            seq_length=cfg.data.seq_length(), device=ctx.device)
+    return collate_micro_batches(
+        run.data.dataset, micro_batches(indices, cfg.train.micro_batch_size),
+        pad_id=run.pad_id, pad_to_multiple_of=pad_to_multiple_of,
+        seq_length=cfg.data.seq_length(), device=ctx.device)
+
+
+def train_step(run: Training, indices: list[int]) -> dict[str, float]:
+    """One optimizer step on this DP rank's examples ``indices``; returns the step's metrics."""
+    cfg, ctx = run.cfg, run.ctx
+    start = time.perf_counter()
+    batches = step_micro_batches(run, indices)
     if run.ref_models is not None:
         ref_logps = forward_only_logps(run.ref_models, ctx, batches,
                                        run.models[0].true_vocab_size)
@@ -460,10 +470,12 @@ def check_train_outputs(cfg: SelmConfig) -> None:
 
 def train_round(cfg: SelmConfig) -> Path:
     """Train one round; returns the folder of the final model (``<output_dir>/final``)."""
+    from selm_mcore.deps import check_dependencies
     from selm_mcore.mcore.checkpoint import save_model_atomic
     from selm_mcore.mcore.optim import sync_params
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
 
+    check_dependencies(cfg, phases=("train", "data"))
     check_train_outputs(cfg)
     data = load_round_data(cfg)
     ctx = init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,

@@ -12,6 +12,8 @@ Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` 
     generation CONFIG    vLLM (selm_mcore.generation) vs transformers ``generate`` tokens/s
     logprob-path         training steps with the fused log-prob kernel vs Megatron's
                          cross-entropy path (what tools/bench_gpu.sh runs on a GPU)
+    plan-check CONFIG    a shape-only random model through the trainer's step: the layout
+                         planner's memory prediction beside the measured tensors and peaks
     phases WORKDIR       seconds per phase of each round, from an online run's manifest
     checksums HF_DIR     seconds per GB the checksums add to saving and loading checkpoints
     flops CONFIG         the FLOP formula's numbers and the device peak, nothing run
@@ -154,6 +156,13 @@ def add_arguments(parser) -> None:
     p.add_argument("--paths", nargs="+", choices=("fused", "megatron-ce"),
                    default=["fused", "megatron-ce"])
 
+    p = modes.add_parser("plan-check", help="a shape-only random model through the trainer's "
+                                            "step: the layout planner's memory vs measured")
+    _add_common(p)
+    from selm_mcore.bench.plan_check import add_arguments as add_plan_check_arguments
+
+    add_plan_check_arguments(p)
+
     p = modes.add_parser("phases", help="time per phase of an online run (from its manifest)")
     p.add_argument("workdir", help="online.workdir of a `selm run`")
     p.add_argument("--json", default="")
@@ -173,17 +182,19 @@ def add_arguments(parser) -> None:
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     """Mode name -> its runner (imported when a mode runs: the modes import torch, vLLM...)."""
-    from selm_mcore.bench import checksums, compare, generation, logprob_path, phases, train
+    from selm_mcore.bench import (checksums, compare, generation, logprob_path, phases,
+                                  plan_check, train)
 
     return {"train": train.run_train, "refmode": compare.run_refmode,
             "compare-trl": compare.run_compare_trl, "packing": compare.run_packing,
             "generation": generation.run_generation,
             "logprob-path": logprob_path.run_logprob_path, "phases": phases.run_phases_mode,
+            "plan-check": plan_check.run_plan_check,
             "flops": phases.run_flops, "checksums": checksums.run_checksums}
 
 
 def main(args) -> int:
-    if getattr(args, "warmup_steps", 1) < 1 and args.mode != "logprob-path":
+    if getattr(args, "warmup_steps", 1) < 1 and args.mode not in ("logprob-path", "plan-check"):
         raise BenchError("--warmup-steps must be >= 1: a measured step starts where the last "
                          "warm-up step ended")
     result = _modes()[args.mode](args)

@@ -19,8 +19,9 @@ LLAMA3_8B_SHAPE = dict(
     attention_bias=False, mlp_bias=False)
 
 
-def _random_examples(num_examples: int, prompt_tokens: int, response_tokens: int,
-                     vocab_size: int, seed: int) -> list:
+def random_examples(num_examples: int, prompt_tokens: int, response_tokens: int,
+                    vocab_size: int, seed: int, *, with_yref: bool = False) -> list:
+    """Tokenised pairs of random ids, every prompt and response of the given length."""
     import torch
 
     from selm_mcore.dataset import TokenizedExample
@@ -31,7 +32,8 @@ def _random_examples(num_examples: int, prompt_tokens: int, response_tokens: int
         return tuple(torch.randint(0, vocab_size, (n,), generator=generator).tolist())
 
     return [TokenizedExample(index=i, prompt_ids=ids(prompt_tokens),
-                             chosen_ids=ids(response_tokens), rejected_ids=ids(response_tokens))
+                             chosen_ids=ids(response_tokens), rejected_ids=ids(response_tokens),
+                             yref_ids=ids(response_tokens) if with_yref else None)
             for i in range(num_examples)]
 
 
@@ -112,7 +114,7 @@ def run_logprob_path(args) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
         seq_len = args.seq_length
         prompt_tokens = seq_len // 2
-        examples = _random_examples(args.global_batch_size * (args.warmup_steps + args.steps),
+        examples = random_examples(args.global_batch_size * (args.warmup_steps + args.steps),
                                     prompt_tokens, seq_len - prompt_tokens, vocab_size, seed=0)
         dataset = PreferenceDataset(examples)
         mbs = args.micro_batch_size

@@ -24,7 +24,10 @@ folder is on sys.path, the repository root is not)::
         main()
 
 Each rank gets torchrun's environment (MASTER_ADDR=127.0.0.1, a free MASTER_PORT, RANK,
-LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), OMP_NUM_THREADS=1 and the offline HF variables. The
+LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), OMP_NUM_THREADS=1, the offline HF variables and
+``CUDA_VISIBLE_DEVICES=""``: the multi-process tests run the CPU/gloo path even on a CUDA machine
+(with CUDA, every rank would take NCCL and ``cuda:LOCAL_RANK``, and 2-4 ranks fail on a box with
+fewer GPUs). A GPU test passes ``cuda=True`` to keep the devices visible. The
 first rank that exits non-zero, or the timeout, kills all ranks; the LaunchError raised then
 holds every rank's exit code and the tail of its stderr. Keep worker runs lean (the CI machine
 has 2 cores): group several checks into one launch instead of one launch per check.
@@ -40,7 +43,8 @@ from typing import Any, Iterable, Sequence
 
 from selm_mcore.launch import LaunchError, run_local_ranks
 
-__all__ = ["run_distributed", "emit", "results", "LaunchError", "REPO_ROOT", "DIST_DIR"]
+__all__ = ["run_distributed", "rank_environment", "emit", "results", "LaunchError",
+           "REPO_ROOT", "DIST_DIR"]
 
 DIST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DIST_DIR.parents[1]
@@ -55,19 +59,26 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
 }
+HIDE_CUDA = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def rank_environment(env: dict[str, str] | None = None, *, cuda: bool = False) -> dict[str, str]:
+    """What ``run_distributed`` adds to every rank's environment (CUDA hidden unless ``cuda``)."""
+    return {**OFFLINE_ENV, **({} if cuda else HIDE_CUDA), **(env or {})}
 
 
 def run_distributed(script: str | os.PathLike, nprocs: int, args: Sequence[Any] = (), *,
                     timeout_s: float = 300.0, env: dict[str, str] | None = None,
-                    module: bool = False) -> list[str]:
-    """Run ``python script *args`` (or ``python -m script`` with module=True) as nprocs ranks.
+                    module: bool = False, cuda: bool = False) -> list[str]:
+    """Run ``python script *args`` (or ``python -m script`` with module=True) as nprocs ranks,
+    on the CPU/gloo path unless ``cuda`` (GPU tests).
 
     Returns each rank's stdout (index = rank). Raises LaunchError (with all ranks' stderr) if a
     rank fails or the run exceeds ``timeout_s``.
     """
     argv = (["-m", str(script)] if module else [str(script)]) + [str(a) for a in args]
-    return run_local_ranks(argv, nprocs, timeout_s=timeout_s, env={**OFFLINE_ENV, **(env or {})},
-                           cwd=str(REPO_ROOT))
+    return run_local_ranks(argv, nprocs, timeout_s=timeout_s,
+                           env=rank_environment(env, cuda=cuda), cwd=str(REPO_ROOT))
 
 
 def emit(value: Any) -> None:

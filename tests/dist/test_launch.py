@@ -76,3 +76,35 @@ def test_free_port_can_be_bound():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", port))
     assert 0 < port < 65536
+
+
+def test_ranks_get_cuda_hidden(monkeypatch):
+    """run_distributed hides CUDA from every rank, even when the caller sees a device."""
+    from launch import rank_environment, run_distributed
+
+    assert rank_environment()["CUDA_VISIBLE_DEVICES"] == ""
+    assert "CUDA_VISIBLE_DEVICES" not in rank_environment(cuda=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    outs = run_distributed("-c", 2, timeout_s=60, module=False, args=[
+        "import json, os; print(json.dumps(os.environ.get('CUDA_VISIBLE_DEVICES')))"])
+    assert [json.loads(out) for out in outs] == ["", ""]
+
+
+def test_dist_tests_run_with_cuda_hidden():
+    import os
+
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""  # tests/dist/conftest.py
+
+
+def test_rank_with_a_visible_cuda_variable_uses_gloo(monkeypatch):
+    """A caller with CUDA_VISIBLE_DEVICES=0 (a 1-GPU box): the ranks still set up gloo on CPU."""
+    from pathlib import Path
+
+    from launch import results, run_distributed
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    outs = run_distributed(Path(__file__).resolve().parent / "backend_worker.py", 2,
+                           timeout_s=180)
+    for (rank,) in results(outs):
+        assert rank == {"backend": "gloo", "device": "cpu", "cuda_available": False,
+                        "visible": ""}

@@ -164,7 +164,7 @@ def _hf_grads(hf, input_ids, labels) -> dict[str, torch.Tensor]:
 
 
 def run_parity(models: dict[str, Path], jobs: list[dict], out_dir: Path, nprocs: int,
-               timeout_s: float, batch: int = 2) -> dict[str, float]:
+               timeout_s: float, batch: int = 2, cuda: bool = False) -> dict[str, float]:
     """Run the jobs in one launch of nprocs ranks and compare each with HF; returns the diffs.
 
     fp32 logits: max abs diff <= TOL. bf16 logits: error against HF fp32 within 2x the error of
@@ -197,7 +197,7 @@ def run_parity(models: dict[str, Path], jobs: list[dict], out_dir: Path, nprocs:
     (out_dir / "jobs.json").write_text(json.dumps(
         {"models": {k: str(v) for k, v in models.items()}, "jobs": jobs}))
     outs = run_distributed(Path(__file__).resolve(), nprocs, ["--worker", out_dir],
-                           timeout_s=timeout_s)
+                           timeout_s=timeout_s, cuda=cuda)
     assert sorted(r["job"] for rank in results(outs) for r in rank) == sorted(
         j["key"] for j in jobs)
 
@@ -268,7 +268,7 @@ def test_gpu_te_spec_parity(tmp_path):
     build_tiny_llama(tmp_path / "untied", rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
                      max_position_embeddings=512, seed=3)
     run_parity({"untied": tmp_path / "untied"}, [job("untied", "1x1", bf16=True)],
-               tmp_path / "out", nprocs=1, timeout_s=540)
+               tmp_path / "out", nprocs=1, timeout_s=540, cuda=True)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

