@@ -26,8 +26,38 @@ from selm_mcore.dataset import TokenizedExample
 # --- collation --------------------------------------------------------------------------------
 
 
+class PairOrder:
+    """Sequences of B pairs in the order [chosen_0..B-1, rejected_0..B-1, (yref_0..B-1)]: what
+    a batch of either layout (``PreferenceBatch``, ``selm_mcore.packing.PackedBatch``) shares.
+    Subclasses have ``example_indices`` [B] and ``has_yref``."""
+
+    example_indices: torch.Tensor
+    has_yref: bool
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.example_indices.numel())
+
+    @property
+    def sequences_per_example(self) -> int:
+        return 3 if self.has_yref else 2
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_examples * self.sequences_per_example
+
+    def split(self, per_sequence: torch.Tensor):
+        """Split a per-sequence tensor [N, ...] into (chosen, rejected, yref or None), each [B]."""
+        b = self.num_examples
+        if per_sequence.shape[0] != self.num_sequences:
+            raise ValueError(f"expected {self.num_sequences} sequences, "
+                             f"got {per_sequence.shape[0]}")
+        yref = per_sequence[2 * b:] if self.has_yref else None
+        return per_sequence[:b], per_sequence[b:2 * b], yref
+
+
 @dataclass
-class PreferenceBatch:
+class PreferenceBatch(PairOrder):
     """N = S * B sequences ordered [chosen_0..B-1, rejected_0..B-1, (yref_0..B-1)], padded to T.
 
     tokens, labels, position_ids: int64 [N, T]; loss_mask: float32 [N, T];
@@ -41,14 +71,6 @@ class PreferenceBatch:
     example_indices: torch.Tensor
     has_yref: bool
 
-    @property
-    def num_examples(self) -> int:
-        return int(self.example_indices.numel())
-
-    @property
-    def sequences_per_example(self) -> int:
-        return 3 if self.has_yref else 2
-
     def to(self, device: torch.device | str) -> PreferenceBatch:
         return PreferenceBatch(
             tokens=self.tokens.to(device), labels=self.labels.to(device),
@@ -58,15 +80,6 @@ class PreferenceBatch:
     def response_lengths(self) -> torch.Tensor:
         """[N] response tokens of each sequence (the labels each sequence sums)."""
         return self.loss_mask.sum(-1)
-
-    def split(self, per_sequence: torch.Tensor):
-        """Split a per-sequence tensor [N, ...] into (chosen, rejected, yref or None), each [B]."""
-        b = self.num_examples
-        if per_sequence.shape[0] != b * self.sequences_per_example:
-            raise ValueError(f"expected {b * self.sequences_per_example} sequences, "
-                             f"got {per_sequence.shape[0]}")
-        yref = per_sequence[2 * b:] if self.has_yref else None
-        return per_sequence[:b], per_sequence[b:2 * b], yref
 
 
 def padded_length(longest: int, pad_to_multiple_of: int = 64, seq_length: int | None = None) -> int:

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import torch
 
+from selm_mcore.batches import PairOrder
 from selm_mcore.dataset import TokenizedExample
 
 PACKING_MODES = ("none", "pack", "shared_prompt")
@@ -140,7 +141,7 @@ def pack_examples(examples: Sequence[TokenizedExample], budget: int, shared_prom
 
 
 @dataclass
-class PackedBatch:
+class PackedBatch(PairOrder):
     """One micro-batch of B pairs packed into R rows (see the module docstring).
 
     tokens, position_ids: int64 [R, T]; segments: int64 [G, 6] on the CPU (read by the attention
@@ -160,18 +161,6 @@ class PackedBatch:
     has_yref: bool
     num_tokens: int
 
-    @property
-    def num_examples(self) -> int:
-        return int(self.example_indices.numel())
-
-    @property
-    def sequences_per_example(self) -> int:
-        return 3 if self.has_yref else 2
-
-    @property
-    def num_sequences(self) -> int:
-        return self.num_examples * self.sequences_per_example
-
     def to(self, device: torch.device | str) -> PackedBatch:
         """Tensors to ``device``; ``segments`` stays on the CPU."""
         return PackedBatch(
@@ -180,15 +169,6 @@ class PackedBatch:
             head_labels=self.head_labels.to(device), head_sequence=self.head_sequence.to(device),
             example_indices=self.example_indices.to(device), has_yref=self.has_yref,
             num_tokens=self.num_tokens)
-
-    def split(self, per_sequence: torch.Tensor):
-        """Split a per-sequence tensor [N, ...] into (chosen, rejected, yref or None), each [B]."""
-        b = self.num_examples
-        if per_sequence.shape[0] != self.num_sequences:
-            raise ValueError(f"expected {self.num_sequences} sequences, "
-                             f"got {per_sequence.shape[0]}")
-        yref = per_sequence[2 * b:] if self.has_yref else None
-        return per_sequence[:b], per_sequence[b:2 * b], yref
 
     def response_lengths(self) -> torch.Tensor:
         """[N] response tokens of each sequence (the labels each sequence sums)."""

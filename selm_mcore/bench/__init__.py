@@ -93,41 +93,35 @@ def _add_pairs(parser) -> None:
                         help="limit per benchmarked process")
 
 
-def add_arguments(parser) -> None:
-    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
-
-    p = modes.add_parser("train", help="our trainer: tokens/s, TFLOP/s, MFU, peak memory")
+def _training_mode(modes, name: str, help_text: str):
+    """A mode that trains on (synthetic) pairs: config, threads, steps, pair lengths."""
+    p = modes.add_parser(name, help=help_text)
     _add_common(p)
     _add_steps(p, repeats=3)
     _add_pairs(p)
+    return p
+
+
+def _add_training_modes(modes) -> None:
+    p = _training_mode(modes, "train", "our trainer: pairs/s, tokens/s, MFU, peak memory")
     p.add_argument("--pairs", default="",
                    help="preference JSONL to train on (default: data.train_path, else synthetic "
                         "pairs written to the workdir)")
     p.add_argument("--ref-mode", choices=("precomputed", "onthefly"), default="precomputed",
                    help="reference log-probs from the offline pass, or computed in every step")
-
-    p = modes.add_parser("refmode", help="our trainer: precomputed vs on-the-fly reference")
-    _add_common(p)
-    _add_steps(p, repeats=3)
-    _add_pairs(p)
-
-    p = modes.add_parser("compare-trl", help="ours vs TRL DPOTrainer, same work, side by side")
-    _add_common(p)
-    _add_steps(p, repeats=3)
-    _add_pairs(p)
+    _training_mode(modes, "refmode", "our trainer: precomputed vs on-the-fly reference")
+    p = _training_mode(modes, "compare-trl", "ours vs TRL DPOTrainer, same work, side by side")
     p.add_argument("--trl-python", default="",
                    help="python of a TRL environment (default: built/reused by "
                         "tools/setup_trl_env.sh)")
     p.add_argument("--trl-modes", nargs="+", choices=("onthefly", "precompute"),
                    default=["precompute"], help="which TRL configurations to run")
-
-    p = modes.add_parser("packing", help="ours with each data.packing, side by side")
-    _add_common(p)
-    _add_steps(p, repeats=3)
-    _add_pairs(p)
+    p = _training_mode(modes, "packing", "ours with each data.packing, side by side")
     p.add_argument("--packings", nargs="+", choices=("shared_prompt", "pack", "none"),
                    default=["shared_prompt", "pack", "none"], help="the layouts to compare")
 
+
+def _add_generation_mode(modes) -> None:
     p = modes.add_parser("generation", help="vLLM vs transformers generate tokens/s")
     _add_common(p)
     p.add_argument("--backend", choices=("both", "vllm", "hf"), default="both")
@@ -141,6 +135,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--workdir", default="")
     p.add_argument("--timeout-s", type=float, default=1800)
 
+
+def _add_logprob_path_mode(modes) -> None:
     p = modes.add_parser("logprob-path",
                          help="one training step: fused log-prob kernel vs Megatron CE path")
     _add_common(p, config=False)
@@ -156,11 +152,13 @@ def add_arguments(parser) -> None:
     p.add_argument("--paths", nargs="+", choices=("fused", "megatron-ce"),
                    default=["fused", "megatron-ce"])
 
+
+def _add_other_modes(modes) -> None:
+    from selm_mcore.bench.plan_check import add_arguments as add_plan_check_arguments
+
     p = modes.add_parser("plan-check", help="a shape-only random model through the trainer's "
                                             "step: the layout planner's memory vs measured")
     _add_common(p)
-    from selm_mcore.bench.plan_check import add_arguments as add_plan_check_arguments
-
     add_plan_check_arguments(p)
 
     p = modes.add_parser("phases", help="time per phase of an online run (from its manifest)")
@@ -178,6 +176,14 @@ def add_arguments(parser) -> None:
     p = modes.add_parser("flops", help="print the FLOP formula's numbers and the device peak")
     _add_common(p)
     p.add_argument("--seq-length", type=int, default=1024)
+
+
+def add_arguments(parser) -> None:
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    _add_training_modes(modes)
+    _add_generation_mode(modes)
+    _add_logprob_path_mode(modes)
+    _add_other_modes(modes)
 
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:

@@ -174,38 +174,35 @@ def run_compare_trl(args) -> dict[str, Any]:
             **outcome}
 
 
-def run_packing(args) -> dict[str, Any]:
-    """Our trainer with each data.packing on the same pairs (y_ref too when loss.alpha > 0)."""
+def _run_ours(args, mode: str, variants: dict[str, tuple[str, list[str]]],
+              what: str) -> dict[str, Any]:
+    """Our trainer in each variant {side name: (reference mode, overrides)} on the same pairs
+    (with y_ref when loss.alpha > 0)."""
     cfg = load_cfg(args)
-    workdir = workdir_for(args, "packing")
+    workdir = workdir_for(args, mode)
     with_yref = cfg.loss.alpha > 0
     pairs, stats = _pairs(args, cfg, workdir, with_yref=with_yref)
     sides: list[Side] = [
-        (f"selm-mcore (packing {packing})",
-         lambda out, p=packing: ours_command(args, workdir, pairs, out, ref_mode="precomputed",
-                                             extra_overrides=[f"data.packing={p}"]))
-        for packing in args.packings]
+        (name, lambda out, r=ref_mode, o=overrides: ours_command(args, workdir, pairs, out,
+                                                               ref_mode=r, extra_overrides=o))
+        for name, (ref_mode, overrides) in variants.items()]
     outcome = run_sides(args, workdir, sides)
-    _print(f"packing modes ({'SELM with y_ref' if with_yref else 'DPO'}): "
+    _print(f"{what} ({'SELM with y_ref' if with_yref else 'DPO'}): "
            f"{_describe(cfg, args, stats)}", outcome)
-    return {"mode": "packing", "model": cfg.model.hf_dir, "pairs": str(pairs),
-            "pair_stats": stats, "with_yref": with_yref, "profile": args.profile,
-            "length_scale": args.length_scale, **outcome}
+    return {"mode": mode, "model": cfg.model.hf_dir, "pairs": str(pairs), "pair_stats": stats,
+            "with_yref": with_yref, "profile": args.profile, "length_scale": args.length_scale,
+            **outcome}
+
+
+def run_packing(args) -> dict[str, Any]:
+    """Our trainer with each data.packing on the same pairs (y_ref too when loss.alpha > 0)."""
+    return _run_ours(args, "packing", {
+        f"selm-mcore (packing {p})": ("precomputed", [f"data.packing={p}"])
+        for p in args.packings}, "packing modes")
 
 
 def run_refmode(args) -> dict[str, Any]:
     """Our trainer with the precomputed reference vs the reference computed inside each step."""
-    cfg = load_cfg(args)
-    workdir = workdir_for(args, "refmode")
-    with_yref = cfg.loss.alpha > 0
-    pairs, stats = _pairs(args, cfg, workdir, with_yref=with_yref)
-    sides: list[Side] = [
-        (f"selm-mcore ({mode})",
-         lambda out, m=mode: ours_command(args, workdir, pairs, out, ref_mode=m))
-        for mode in ("precomputed", "onthefly")]
-    outcome = run_sides(args, workdir, sides)
-    _print(f"reference log-probs precomputed vs on the fly "
-           f"({'SELM with y_ref' if with_yref else 'DPO'}): {_describe(cfg, args, stats)}",
-           outcome)
-    return {"mode": "refmode", "model": cfg.model.hf_dir, "pairs": str(pairs),
-            "pair_stats": stats, "with_yref": with_yref, **outcome}
+    return _run_ours(args, "refmode", {f"selm-mcore ({m})": (m, []) for m in
+                                       ("precomputed", "onthefly")},
+                     "reference log-probs precomputed vs on the fly")
