@@ -46,16 +46,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 TOKENIZERS_PARALLELISM=false OMP_NUM_TH
 export PYTHONSAFEPATH=1 SRUN_CPUS_PER_TASK=$cpus
 echo "[selm] $nnodes node(s), $cpus CPUs per node task, rendezvous on $head_node:29500"
 overrides=(--set "online.nnodes=$nnodes" --set "generation.num_engines=$nnodes")
-mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
-gpu_mem=${SELM_GPU_MEM_GIB:-$(( ${mib:-81920} / 1024 ))}
-plan_sets=()
-args=("$@")
-for ((i = 0; i + 1 < ${#args[@]}; i++)); do
-  if [ "${args[i]}" = --set ]; then plan_sets+=(--set "${args[i + 1]}"); fi
-done
-python -P -m selm_mcore.cli plan --check examples/configs/selm_llama3_70b.yaml \
-  --model "$model" --gpu-mem "$gpu_mem" "${overrides[@]}" \
-  ${plan_sets[@]+"${plan_sets[@]}"} || exit 1
+bash examples/check_layout.sh examples/configs/selm_llama3_70b.yaml "$model" "${overrides[@]}" \
+  -- "$@"
 
 exec python -P -m selm_mcore.cli run examples/configs/selm_llama3_70b.yaml "${overrides[@]}" \
   --set "online.launcher=srun --nodes=$nnodes --ntasks-per-node=1 --cpus-per-task=$cpus --kill-on-bad-exit=1" \

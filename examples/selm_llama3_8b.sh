@@ -33,16 +33,8 @@ fetch() {  # fetch REPO_ID LOCAL_DIR [hf download args...]: download once, say w
 
 echo "[selm] needs: 8 GPUs x 80 GB, the GPU environment, access to meta-llama (gated)"
 # Stop before downloading anything if the layout is predicted not to fit these GPUs.
-mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
-gpu_mem=${SELM_GPU_MEM_GIB:-$(( ${mib:-81920} / 1024 ))}
-plan_sets=()
-args=("$@")
-for ((i = 0; i + 1 < ${#args[@]}; i++)); do
-  if [ "${args[i]}" = --set ]; then plan_sets+=(--set "${args[i + 1]}"); fi
-done
-python -P -m selm_mcore.cli plan --check examples/configs/selm_llama3_8b.yaml \
-  --model meta-llama/Meta-Llama-3-8B-Instruct --gpu-mem "$gpu_mem" \
-  ${plan_sets[@]+"${plan_sets[@]}"} || exit 1
+bash examples/check_layout.sh examples/configs/selm_llama3_8b.yaml \
+  meta-llama/Meta-Llama-3-8B-Instruct -- "$@"
 fetch meta-llama/Meta-Llama-3-8B-Instruct "$downloads/Meta-Llama-3-8B-Instruct" \
   --exclude "original/*"                                     # 16 GB safetensors + tokenizer
 fetch HuggingFaceH4/ultrafeedback_binarized "$downloads/ultrafeedback_binarized" \

@@ -9,6 +9,8 @@ micro-batch alone and its packed length is exactly the budget.
   VPP2 (interleaved; the micro-batch count is padded with empty rows) and TP2xPP2.
 * Five training steps (the real ``selm train`` CLI): losses and grad norms of ``pack`` and
   ``shared_prompt`` equal ``none`` at TP1 and TP2xPP2, within 1e-5 relative.
+* ``selm refpass`` under ``pack`` / ``shared_prompt`` writes a cache with the unpacked one's key
+  and log-probs (within 1e-5), so a cache serves every packing.
 * Resume with packing on: ``shared_prompt`` killed after step 3 (checkpoint at step 2) and
   resumed ends with weights bit-identical to the uninterrupted run.
 
@@ -23,28 +25,21 @@ from pathlib import Path
 import pytest
 import torch
 from launch import results, run_distributed
+from sentences import sentence
 
 from selm_mcore.files import read_records
 
 DIST_DIR = Path(__file__).resolve().parent
 NUM_STEPS = 5
 RTOL = 1e-5
-WORDS = ("the a of to and in is it that for on with as was be by this are or at from have not "
-         "but what which one all were when we there can your").split()
-
-
-def _sentence(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
-
-
 def pair_rows(preference_row, num_rows: int = 12, seed: int = 1) -> list[dict]:
     rng = random.Random(seed)
-    rows = [preference_row(_sentence(rng, 2, 12) + "?", _sentence(rng, 1, 10),
-                           _sentence(rng, 1, 10), reference_response=_sentence(rng, 1, 10))
+    rows = [preference_row(sentence(rng, 2, 12) + "?", sentence(rng, 1, 10),
+                           sentence(rng, 1, 10), reference_response=sentence(rng, 1, 10))
             for _ in range(num_rows - 1)]
     # The long pair: alone in its micro-batch, exactly the automatic budget.
-    rows.insert(5, preference_row(_sentence(rng, 20, 20) + "?", _sentence(rng, 30, 30),
-                                  _sentence(rng, 25, 25), reference_response=_sentence(rng, 28, 28)))
+    rows.insert(5, preference_row(sentence(rng, 20, 20) + "?", sentence(rng, 30, 30),
+                                  sentence(rng, 25, 25), reference_response=sentence(rng, 28, 28)))
     return rows
 
 
@@ -173,6 +168,34 @@ def test_packed_training_equals_unpacked_at_tp1_and_tp2pp2(ws, trained):
         records = _train(ws, f"{packing}_tp2pp2", 4, f"data.packing={packing}",
                          "parallel.tp=2", "parallel.pp=2")
         _assert_close_steps(records, baseline, f"{packing} tp2pp2")
+
+
+@pytest.mark.timeout(600)
+def test_packed_reference_pass_writes_the_same_cache(ws, trained):
+    """``selm refpass`` under each packing: the same key (any cache serves any packing) and the
+    same log-probs as the unpacked pass the training runs above used."""
+    from safetensors import safe_open
+
+    from selm_mcore.launch import run_local_ranks
+
+    def read(path):
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata()["key"], {k: handle.get_tensor(k) for k in handle.keys()}
+
+    want_key, want = read(ws["root"] / "ref_logps.safetensors")
+    assert sorted(want) == ["ref_chosen_logps", "ref_rejected_logps", "ref_yref_logps"]
+    for packing in ("pack", "shared_prompt"):
+        cache = ws["root"] / f"ref_{packing}.safetensors"
+        run_local_ranks(["-m", "selm_mcore.cli", "refpass", str(ws["config"]), "--set",
+                         f"data.packing={packing}", "--set", f"train.ref_cache={cache}",
+                         "--set", f"train.output_dir={ws['root'] / ('ref_' + packing)}"],
+                        1, timeout_s=300, env={"HF_HUB_OFFLINE": "1"})
+        key, got = read(cache)
+        assert key == want_key, packing
+        assert sorted(got) == sorted(want), packing
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=1e-6,
+                                       msg=f"{packing} {name}")
 
 
 @pytest.mark.timeout(1200)

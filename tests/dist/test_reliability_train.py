@@ -38,15 +38,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# This file is also run as a worker script: the shared sentence maker lives in tests/support.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from sentences import sentence  # noqa: E402
+
 NUM_STEPS = 4
 LAUNCH_TIMEOUT_S = 240
 WORKER_TIMEOUT_S = 300
-WORDS = ("the a of to and in is it that for on with as was be by this are or at from have not "
-         "but what which one all were when we there can your").split()
-
-
-def _sentence(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
 def launch(subcommand: list[str], *overrides: str, env: dict | None = None) -> None:
@@ -92,8 +90,8 @@ def ws(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_r
     """The poisoned run: steps 1-2 checkpointed, step 3 NaN."""
     root = tmp_path_factory.mktemp("reliability")
     rng = random.Random(0)
-    rows = [preference_row(_sentence(rng, 3, 12) + "?", _sentence(rng, 1, 10),
-                           _sentence(rng, 1, 10), reference_response=_sentence(rng, 1, 10))
+    rows = [preference_row(sentence(rng, 3, 12) + "?", sentence(rng, 1, 10),
+                           sentence(rng, 1, 10), reference_response=sentence(rng, 1, 10))
             for _ in range(16)]
     pairs = write_jsonl(root / "pairs.jsonl", rows)
     config = write_config(
@@ -272,7 +270,7 @@ def test_the_trainer_finds_one_non_finite_gradient_or_parameter(damaged):
 
 
 @pytest.mark.timeout(600)
-def test_generate_refuses_a_damaged_export_before_starting_vllm(exported, tmp_path):
+def test_generate_refuses_a_damaged_export_before_starting_vllm(exported, tmp_path, monkeypatch):
     from selm_mcore.config import GenerationConfig
     from selm_mcore.files import ChecksumError
     from selm_mcore.generation import generate_file
@@ -283,9 +281,11 @@ def test_generate_refuses_a_damaged_export_before_starting_vllm(exported, tmp_pa
     flip_byte(weights, safetensors_data_offset(weights) + 100)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt_id": "p0", "prompt": "Hi?"}) + "\n")
+    # Any import of vllm now fails, so the checksum error can only come from a check that runs
+    # before the engine is touched (whatever other tests of this process imported earlier).
+    monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ChecksumError, match=rf"{weights}: the content differs"):
         generate_file(copy, prompts, tmp_path / "out.jsonl", GenerationConfig(max_tokens=4))
-    assert "vllm" not in sys.modules
 
 
 # --- worker -----------------------------------------------------------------------------------

@@ -31,24 +31,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from sentences import sentence
 
 from selm_mcore.files import read_records
 
 NUM_STEPS = 5
 TOL = 1e-5
 LAUNCH_TIMEOUT_S = 240
-WORDS = ("the a of to and in is it that for on with as was be by this are or at from have not "
-         "but what which one all were when we there can your").split()
-
-
-def _sentence(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
 def pair_rows(preference_row, num_rows: int = 16, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [preference_row(_sentence(rng, 3, 14) + "?", _sentence(rng, 1, 12),
-                           _sentence(rng, 1, 12), reference_response=_sentence(rng, 1, 12))
+    return [preference_row(sentence(rng, 3, 14) + "?", sentence(rng, 1, 12),
+                           sentence(rng, 1, 12), reference_response=sentence(rng, 1, 12))
             for _ in range(num_rows)]
 
 

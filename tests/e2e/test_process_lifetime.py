@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_env import child_env
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the parent-death signal is Linux-only")
@@ -99,18 +100,10 @@ def kill_and_check_tree(proc: subprocess.Popen, tree: set[int]) -> None:
                 pass
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SELM_FAULT", "SELM_TRAIN_KILL_AFTER_STEP", "SELM_DIE_WITH_PARENT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONSAFEPATH="1")
-    return env
-
-
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start ``cmd`` with its output in ``log`` (a pipe nobody reads could block it)."""
     with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
     proc.args_log = str(log)
     return proc
 

@@ -1,0 +1,13 @@
+"""Random sentences of common English words: prompts and responses of the tests' preference rows.
+
+Importable as ``sentences`` from tests (tests/conftest.py) and dist workers (tests/dist/launch.py).
+"""
+import random
+
+WORDS = ("the a of to and in is it that for on with as was be by this are or at from have not "
+         "but what which one all were when we there can your").split()
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    """Between ``low`` and ``high`` words drawn by ``rng``."""
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
