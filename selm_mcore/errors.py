@@ -42,7 +42,7 @@ USER_ERROR_CLASSES = (
     "selm_mcore.files.DataError",
     "selm_mcore.runner.OnlineError",
     "selm_mcore.launch.LaunchError",
-    "selm_mcore.generation.GenerationError",
+    "selm_mcore.engines.GenerationError",
     "selm_mcore.ranking.RankerError",
     "selm_mcore.refpass.StaleReferenceCacheError",
     "selm_mcore.packing.PackingError",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -25,6 +26,14 @@ from selm_mcore.files import DataError
 
 def test_every_listed_user_error_class_resolves():
     import_user_classes()
+
+
+def test_a_user_error_class_is_known_where_it_is_defined(monkeypatch):
+    # `selm run` merges node outputs (selm_mcore.engines) without importing the vLLM module.
+    from selm_mcore.engines import GenerationError
+
+    monkeypatch.delitem(sys.modules, "selm_mcore.generation", raising=False)
+    assert user_message(GenerationError("node 1 left no output")) == "node 1 left no output"
 
 
 def test_user_errors_and_bugs_are_told_apart(tmp_path):
