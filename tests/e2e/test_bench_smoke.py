@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from child_env import child_env
 
 from selm_mcore.assets import cache_dir
 
@@ -26,9 +26,7 @@ TIMEOUT_S = 600
 
 
 def run_bench(*args: str, timeout: float = TIMEOUT_S) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "selm_mcore.cli", "bench", *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "selm_mcore.cli", "bench", *args], env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"selm bench {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-5000:]}"

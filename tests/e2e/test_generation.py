@@ -5,12 +5,12 @@ One in-process engine serves the module (engine start costs seconds); the file a
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from child_env import child_env
 
 from selm_mcore.config import GenerationConfig
 from selm_mcore.files import read_records, write_jsonl_atomic
@@ -129,7 +129,7 @@ def test_prompt_longer_than_the_context_keeps_its_end(generator, tiny_llama_dir)
 
 
 def run_selm(args, cwd, timeout=240, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    env = {**child_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from child_env import child_env
 import torch
 
 from selm_mcore.files import read_records
@@ -106,10 +106,7 @@ def assets(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preferen
 
 
 def selm_run(config: Path, *extra: str, env: dict[str, str] | None = None):
-    run_env = {k: v for k, v in os.environ.items()
-               if k not in ("SELM_FAULT", "SELM_TRAIN_KILL_AFTER_STEP")}
-    run_env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", **(env or {}))
+    run_env = {**child_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
                           env=run_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 

@@ -3,12 +3,12 @@ offline PairRM-shaped ranker whose order is known (longer candidates win), `selm
 online loop runs it (new pairs and held-out scores from one ranker load), and the llm-blender
 compatibility fix in a fresh process."""
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from child_env import child_env
 
 from selm_mcore.assets import build_tiny_pairrm
 from selm_mcore.files import read_records, write_jsonl_atomic
@@ -97,7 +97,7 @@ def test_selm_rank_cli(tiny_pairrm, ranker, tmp_path, write_config):
     write_config(tmp_path / "cfg.yaml", ranking={
         "kind": "pairrm", "model_path": str(tiny_pairrm),
         "backbone": str(tiny_pairrm / "backbone"), "device": "cpu"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = child_env()
 
     def selm_rank(*overrides):
         args = ["rank", str(tmp_path / "cfg.yaml"), "--rows", str(tmp_path / "rows.jsonl"),
