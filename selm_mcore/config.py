@@ -23,8 +23,7 @@ class ConfigError(ValueError):
     """A user-fixable problem in a config file or override."""
 
 
-# model.recompute: the same names as selm_mcore.mcore.model.RECOMPUTE_MODES (no Megatron import
-# here: the config loads before any phase).
+# model.recompute (selm_mcore.mcore.model maps each to Megatron's settings).
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 
 

@@ -114,12 +114,6 @@ def megatron_command(cfg: SelmConfig, subcommand: str, *args: str) -> list[str]:
     return [*shlex.split(online.launcher), *torchrun, "-m", "selm_mcore.cli", subcommand, *args]
 
 
-def phase_env() -> dict[str, str]:
-    """The environment of every phase's process: ours, with PYTHONSAFEPATH=1 so that the
-    Python processes torchrun and srun start for it run as ``python -P`` does."""
-    return {**os.environ, "PYTHONSAFEPATH": "1"}
-
-
 def generation_nodes(cfg: SelmConfig) -> int:
     """Nodes the generate phase spreads its engines over: every node of a multi-node run
     started through online.launcher, else this one."""
@@ -239,7 +233,7 @@ class RoundPhases:
         return overrides
 
     def _run(self, name: str, cmd: list[str]) -> None:
-        run_command(cmd, self.paths.log(name), env=phase_env(), timeout_s=self.timeout_s)
+        run_command(cmd, self.paths.log(name), timeout_s=self.timeout_s)
 
     def _overrides(self, **values: Any) -> list[str]:
         args = []

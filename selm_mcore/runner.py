@@ -191,6 +191,8 @@ class Manifest:
         dropped = [n for n in names[names.index(first):] if n in self.phases]
         for name in dropped:
             del self.phases[name]
+        if (self.data.get("publishing") or {}).get("phase") in names[names.index(first):]:
+            self.data.pop("publishing")  # an announced output of a forgotten phase
         self.save()
         return dropped
 
@@ -331,9 +333,10 @@ def _prepare_partial(phase: Phase, output: Path, inputs: dict[str, str], tag: st
 
 
 def _run_and_publish(phase: Phase, partial: Path, output: Path, manifest: Manifest,
-                     fault: tuple[str, str] | None, full_hash_max_bytes: int) -> str:
+                     fault: tuple[str, str] | None, full_hash_max_bytes: int
+                     ) -> tuple[str, float]:
     """Run the phase into ``partial``, announce it and rename it to ``output`` (errors go to
-    the manifest); returns the output's hash."""
+    the manifest); returns the output's hash and the seconds the phase took."""
     start = time.perf_counter()
     try:
         phase.run(partial)
@@ -349,17 +352,17 @@ def _run_and_publish(phase: Phase, partial: Path, output: Path, manifest: Manife
         raise OnlineError(message) from exc
     if fault == (phase.name, "work"):
         _kill_self(phase.name, "work")
-    if not (partial.exists() or partial.is_symlink()):
+    if not _exists(partial):
         message = f"{phase.name} finished without writing its output {partial}"
         manifest.record_error(phase.name, message)
         raise OnlineError(message)
-    manifest.announce(phase.name, phase.output, hash_path(partial, full_hash_max_bytes),
-                      time.perf_counter() - start)
+    digest, seconds = hash_path(partial, full_hash_max_bytes), time.perf_counter() - start
+    manifest.announce(phase.name, phase.output, digest, seconds)
     os.replace(partial, output)
     output.with_name(output.name + ".partial.inputs").unlink(missing_ok=True)
     if fault == (phase.name, "published"):
         _kill_self(phase.name, "published")
-    return manifest.data["publishing"]["sha256"]
+    return digest, seconds
 
 
 def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
@@ -401,9 +404,8 @@ def run_phases(phases: list[Phase], workdir: Path, manifest: Manifest, *,
         inputs = {n: manifest.phases[n]["sha256"] for n in names[:index] if n in manifest.phases}
         partial = _prepare_partial(phase, output, inputs, tag)
         logger.info("%s: started", tag)
-        start = time.perf_counter()
-        digest = _run_and_publish(phase, partial, output, manifest, fault, full_hash_max_bytes)
-        seconds = time.perf_counter() - start
+        digest, seconds = _run_and_publish(phase, partial, output, manifest, fault,
+                                           full_hash_max_bytes)
         manifest.record(phase.name, phase.output, digest, seconds)
         timings[phase.name] = seconds
         logger.info("%s: done in %.1f s", tag, seconds)
@@ -517,9 +519,6 @@ def redo_from(phases: list[Phase], workdir: Path, manifest: Manifest, first: str
     explicit request to recompute them); returns the forgotten phase names."""
     names = [p.name for p in phases]
     dropped = manifest.forget_from(names, first)
-    if (manifest.data.get("publishing") or {}).get("phase") in names[names.index(first):]:
-        manifest.data.pop("publishing")
-        manifest.save()
     _remove_outputs(phases[names.index(first):], workdir, f"--redo {first}")
     return dropped
 

@@ -293,16 +293,15 @@ def build_training(cfg: SelmConfig, ctx, data: RoundData, *,
     from selm_mcore.mcore.optim import build_lr_scheduler, build_optimizer, wrap_ddp
 
     cfg.validate(world_size=ctx.world_size)
-    ref_models = None
-    if cfg.train.reference_mode == "onthefly":
-        ref_models = load_frozen_policy(data.source, ctx, cfg.model, packed=data.packed)
-
     checkpoints = Path(cfg.train.output_dir) / "checkpoints"
     resume_from = find_latest(checkpoints) if cfg.train.resume else None
     identity = run_identity(cfg, start_model=data.source_fingerprint,
                             data_hash=data.dataset.content_hash(), steps=data.total_steps)
     if resume_from is not None:  # refused before any model is loaded
         check_resume(resume_from, read_train_state(resume_from).extra.get("run"), identity)
+    ref_models = None
+    if cfg.train.reference_mode == "onthefly":
+        ref_models = load_frozen_policy(data.source, ctx, cfg.model, packed=data.packed)
     if policy is not None:
         models, hf_config = policy
     else:
@@ -511,10 +510,11 @@ def train_round(cfg: SelmConfig) -> Path:
                 last_saved = run.step
             _maybe_kill_after(run.step)
         writer.close()
-        if cfg.train.save_interval and last_saved != run.step:
+        if not cfg.train.save_interval:
+            sync_params(run.ddp_models)  # a step checkpoint would have done both
+            _check_parameters(run)
+        elif last_saved != run.step:
             save_step_checkpoint(run, checkpoints)
-        sync_params(run.ddp_models)
-        _check_parameters(run)
         final = save_model_atomic(run.models, ctx, output_dir / "final",
                                   hf_config=run.checkpoint_kwargs["hf_config"],
                                   tokenizer_dir=hf_files_dir(data.source))

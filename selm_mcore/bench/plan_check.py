@@ -130,13 +130,13 @@ def _impl(args) -> str:
 
 def predict(run, hf_config, geometry, num_microbatches: int, impl: str) -> dict[str, float]:
     """The planner's bytes for this rank (its pipeline stage) and this step's geometry."""
-    from selm_mcore.plan import memory, recompute_of
+    from selm_mcore.plan import memory
 
     cfg, ctx = run.cfg, run.ctx
     model = memory.PlanModel.from_hf(hf_config, "measured",
                                      cfg.model.make_vocab_size_divisible_by)
     layout = memory.Layout(tp=ctx.tp, pp=ctx.pp, vpp=ctx.vpp, dp=ctx.dp,
-                           recompute=recompute_of(cfg),
+                           recompute=cfg.model.recompute,
                            sequence_parallel=impl == "te" and ctx.tp > 1)
     e = 2 if cfg.model.dtype == "bf16" else 4
     static = memory.static_bytes(model, layout, ctx.pp_rank, param_bytes=e,
@@ -259,7 +259,6 @@ def run_plan_check(args) -> dict[str, Any]:
     from selm_mcore.mcore.checkpoint import DTYPES
     from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
-    from selm_mcore.plan import recompute_of
     from selm_mcore.trainer import build_training
 
     if args.summarize:
@@ -290,7 +289,7 @@ def run_plan_check(args) -> dict[str, Any]:
         finally:
             destroy_parallel()
     result = {"mode": "plan-check", "model": name, "dtype": cfg.model.dtype, "tp": ctx.tp,
-              "pp": ctx.pp, "vpp": ctx.vpp, "dp": ctx.dp, "recompute": recompute_of(cfg),
+              "pp": ctx.pp, "vpp": ctx.vpp, "dp": ctx.dp, "recompute": cfg.model.recompute,
               "packing": cfg.data.packing, "pack_tokens": data.pack_tokens, "impl": impl,
               "device": ctx.device.type, "global_batch_size": cfg.train.global_batch_size,
               "seconds": seconds, "ranks": sorted(ranks, key=lambda r: r["rank"])}

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from selm_mcore.errors import naming_write_errors
-from selm_mcore.files import read_checksums, verify_checksums, write_text_atomic
+from selm_mcore.files import read_checksums, replace_dir, verify_checksums, write_text_atomic
 from selm_mcore.mcore.checksums import record_checksums, verify_checksums_together
 from selm_mcore.mcore.model import build_model, load_hf_config
 from selm_mcore.mcore.parallel import ParallelContext
@@ -91,18 +91,6 @@ def hf_files_dir(model_path: str | Path) -> Path:
 def _barrier(ctx: ParallelContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` (rank 0 only)."""
-    if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # --- model checkpoints ------------------------------------------------------------------------
@@ -181,8 +169,9 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
 
 
 def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
-                          ckpt_dir: str | os.PathLike) -> dict:
-    """Load a selm-mcore checkpoint into this rank's chunks (any tp/pp/vpp); returns its meta.
+                          ckpt_dir: str | os.PathLike, meta: dict | None = None) -> dict:
+    """Load a selm-mcore checkpoint into this rank's chunks (any tp/pp/vpp); returns its meta
+    (``meta``: as ``read_checkpoint_meta`` already returned it, not read and checked again).
 
     Raises CheckpointError when the checkpoint's (padded) vocabulary or shape differs from the
     model's: build the model with ``build_model_from_checkpoint`` or
@@ -191,7 +180,7 @@ def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
     from selm_mcore.mcore.safe_load import load_dist_checkpoint
 
     ckpt_dir = Path(ckpt_dir)
-    meta = read_checkpoint_meta(ckpt_dir)
+    meta = meta or read_checkpoint_meta(ckpt_dir)
     hf_config = hf_config_of(models)
     model_padded = models[0].vocab_size
     if meta["vocab_size"] != hf_config.vocab_size or meta["padded_vocab_size"] != model_padded:
@@ -228,7 +217,7 @@ def build_model_from_checkpoint(ckpt_dir: str | os.PathLike, ctx: ParallelContex
     models = build_model(hf_config, ctx, params_dtype=dtype,
                          padded_vocab=meta["padded_vocab_size"], recompute=recompute,
                          init_weights=False, packed=packed)
-    load_model_checkpoint(models, ctx, ckpt_dir)
+    load_model_checkpoint(models, ctx, ckpt_dir, meta)
     return models, hf_config, meta
 
 
@@ -275,7 +264,7 @@ def save_model_atomic(models: Sequence, ctx: ParallelContext, out_dir: str | Pat
     save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
     _barrier(ctx)
     if ctx.rank == 0:
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     _barrier(ctx)
     return out_dir
 
@@ -408,7 +397,7 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
             (tmp / "train" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     record_checksums(tmp / "train", ctx)
     if ctx.rank == 0:
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         write_text_atomic(root / LATEST_FILE, final.name + "\n")
         if keep > 0:
             older = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()
@@ -449,8 +438,7 @@ def load_rng_file(rng_file: Path) -> dict[str, torch.Tensor]:
 def read_train_state(path: str | Path) -> TrainState:
     """The JSON part of a checkpoint (step, data position, scheduler, extra)."""
     state_path = Path(path) / "train" / "state.json"
-    if read_checksums(state_path.parent, fix=corruption_fix(path)) is not None:
-        verify_checksums(state_path.parent, ["state.json"], fix=corruption_fix(path))
+    verify_checksums(state_path.parent, ["state.json"], fix=corruption_fix(path))  # if listed
     state = _read_state_json(state_path)
     if state.get("format") != TRAIN_STATE_FORMAT:
         raise ResumeError(f"{state_path} has format {state.get('format')!r}, this version reads "

@@ -34,19 +34,19 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
 
 def static_tensor_bytes(models: Iterable, ddp_models: Iterable, optimizer) -> dict[str, int]:
     """{"params", "grads", "optimizer"}: bytes of the real tensors of this rank."""
+    from selm_mcore.mcore.optim import distributed_optimizers
+
     param_storages = {_storage_key(p) for m in models for p in m.parameters()}
     grad_storages = set()
     for ddp in ddp_models:
         for buffer in [*getattr(ddp, "buffers", []), *getattr(ddp, "expert_parallel_buffers", [])]:
             grad_storages.add(_storage_key(buffer.grad_data))
     state_storages = set()
-    for dist_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for dist_opt in distributed_optimizers(optimizer):
         inner = dist_opt.optimizer
+        # fp32 master copies of bf16 parameters (the model's own parameters are taken off below)
         for group in inner.param_groups:
-            for param in group["params"]:
-                key = _storage_key(param)
-                if key not in param_storages:  # an fp32 master copy of a bf16 parameter
-                    state_storages.add(key)
+            state_storages.update(_storage_key(p) for p in group["params"])
         for state in inner.state.values():
             state_storages.update(_storage_key(v) for v in state.values()
                                   if isinstance(v, torch.Tensor))

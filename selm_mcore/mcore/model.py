@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from selm_mcore.config import RECOMPUTE_CHOICES
 from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
 # --- building ---------------------------------------------------------------------------------
 
 
-RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_MODES = RECOMPUTE_CHOICES  # model.recompute's names
 
 
 def _te_available() -> bool:

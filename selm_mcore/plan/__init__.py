@@ -78,14 +78,6 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Plan
     return PlanModel.from_hf(config, str(name_or_dir), vocab_divisible_by), ""
 
 
-def recompute_of(cfg) -> str:
-    """model.recompute as none / selective / full (a boolean means full or none)."""
-    value = cfg.model.recompute
-    if isinstance(value, bool):
-        return "full" if value else "none"
-    return str(value)
-
-
 def config_layout(cfg, gpus: int, impl: str) -> Layout:
     """The layout a config runs on ``gpus`` processes."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -93,7 +85,7 @@ def config_layout(cfg, gpus: int, impl: str) -> Layout:
         raise PlanError(f"{gpus} GPUs are not a multiple of parallel.tp * parallel.pp = "
                         f"{tp * pp}")
     return Layout(tp=tp, pp=pp, vpp=cfg.parallel.vpp, dp=gpus // (tp * pp),
-                  recompute=recompute_of(cfg), sequence_parallel=impl == "te" and tp > 1)
+                  recompute=cfg.model.recompute, sequence_parallel=impl == "te" and tp > 1)
 
 
 # --- output ------------------------------------------------------------------------------------

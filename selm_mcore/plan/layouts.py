@@ -166,8 +166,8 @@ def enumerate_layouts(model: PlanModel, workload: Workload, gpus: int, gpus_per_
     """Every valid layout of ``gpus`` GPUs (module docstring) times each recompute choice."""
     layouts = []
     for tp in divisors(gpus):
-        if tp > gpus_per_node or any(x % tp for x in (model.heads, model.kv_heads, model.ffn,
-                                                      model.padded_vocab(tp))):
+        # (the padded vocabulary is a multiple of tp by construction)
+        if tp > gpus_per_node or any(x % tp for x in (model.heads, model.kv_heads, model.ffn)):
             continue
         for pp in divisors(gpus // tp):
             if model.num_layers % pp:

@@ -44,18 +44,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from selm_mcore.config import RECOMPUTE_CHOICES
+from selm_mcore.mcore.model import padded_vocab_size
 from selm_mcore.metrics import ModelShape
 
 IMPLS = ("te", "local", "cpu")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = RECOMPUTE_CHOICES
 SAVE_FORMATS = ("fully_reshardable", "dp_reshardable")
 GiB_BYTES = 2**30
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron's vocabulary padding: a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True)

@@ -318,8 +318,13 @@ def test_redo_and_fresh_exclude_each_other(capsys):
     assert "not allowed with argument --redo" in capsys.readouterr().err
 
 
-def test_phases_run_with_a_safe_path():
-    """torchrun's and srun's Python children inherit PYTHONSAFEPATH=1 (python -P)."""
-    from selm_mcore.online import phase_env
+def test_phases_run_with_a_safe_path(tmp_path, monkeypatch):
+    """torchrun's and srun's Python children inherit PYTHONSAFEPATH=1 (python -P): every phase
+    process is started by runner.run_command."""
+    from selm_mcore.runner import run_command
 
-    assert phase_env()["PYTHONSAFEPATH"] == "1"
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    log = tmp_path / "phase.log"
+    run_command([sys.executable, "-c", "import os; print('safe', os.environ['PYTHONSAFEPATH'])"],
+                log, timeout_s=60)
+    assert "safe 1" in log.read_text()
