@@ -3,6 +3,7 @@
 The folder ``kernels/`` is installed as ``selm_mcore.kernels``: a top-level ``kernels``
 package would collide with the PyPI package of that name that transformers probes for.
 """
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["selm_mcore", "selm_mcore.*"])

@@ -23,8 +23,8 @@ bash tools/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        TOKENIZERS_PARALLELISM=false
 demo_dir=${SELM_DEMO_DIR:-outputs/cpu_demo}
-model_dir=$(.venv/bin/python -m selm_mcore.assets smollm2)
-.venv/bin/python -m selm_mcore.demo_data "$demo_dir/data" --train 64 --eval 32
+model_dir=$(.venv/bin/python -m selm_mcore.testing.assets smollm2)
+.venv/bin/python -m selm_mcore.testing.demo_data "$demo_dir/data" --train 64 --eval 32
 
 ranker=()
 if [ -n "${SELM_PAIRRM_DIR:-}" ]; then

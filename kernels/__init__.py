@@ -6,6 +6,7 @@
   triton and builds the kernels, and on CPU TRITON_INTERPRET=1 must be set before that happens.
 - ``bench_logprobs``: the benchmark (``python -m selm_mcore.kernels.bench_logprobs``).
 """
+
 from selm_mcore.kernels.torch_logprobs import (
     chunked_vocab_parallel_logprobs,
     reference_vocab_parallel_logprobs,

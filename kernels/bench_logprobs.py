@@ -29,6 +29,7 @@ Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the process' peak r
 mmap every block above 64 KiB, so freed tensors leave the resident set at once and a later
 measurement cannot reuse them unseen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter id
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as status:
@@ -117,6 +119,7 @@ def saved_bytes_for_backward(fn, inputs) -> int:
 
 # ----------------------------------------------------------------------------- methods
 
+
 def make_method(name: str, tp_group):
     """Returns fn(logits, labels, loss_mask) -> token log-probs [B, T] for one method."""
     inplace = name.endswith("_inplace")
@@ -124,7 +127,8 @@ def make_method(name: str, tp_group):
         from selm_mcore.kernels.vocab_parallel_logprobs import triton_vocab_parallel_logprobs
 
         return lambda x, y, m: triton_vocab_parallel_logprobs(
-            x, y, m, tp_group=tp_group, inplace_backward=inplace)
+            x, y, m, tp_group=tp_group, inplace_backward=inplace
+        )
     if name == "megatron":
         from selm_mcore.mcore.forward import megatron_ce_token_logps
 
@@ -133,7 +137,8 @@ def make_method(name: str, tp_group):
         return lambda x, y, m: reference_vocab_parallel_logprobs(x, y, m, tp_group=tp_group)
     if name.startswith("chunked"):
         return lambda x, y, m: chunked_vocab_parallel_logprobs(
-            x, y, m, tp_group=tp_group, inplace_backward=inplace)
+            x, y, m, tp_group=tp_group, inplace_backward=inplace
+        )
     raise ValueError(f"--methods: unknown method {name!r}, choose from {METHODS}")
 
 
@@ -142,12 +147,17 @@ def _init_megatron_tp(tp: int, device) -> None:
     from selm_mcore.mcore.parallel import init_tensor_parallel_groups
 
     if not dist.is_initialized():  # TP=1 in this process: a one-rank group
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+        )
     init_tensor_parallel_groups(tp)
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def _sync(device):
     if device.type == "cuda":
@@ -182,15 +192,19 @@ def describe_machine(device) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo
-                         if line.startswith("model name"))
+            model = next(
+                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
-    return (f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
+    return (
+        f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
 
 
 # ----------------------------------------------------------------------------- one case
+
 
 def run_case(method, vocab, tokens, dtype, tp_group, device, repeats, seed=0):
     """Measures one (method, V, N) case on this rank; returns a result row (dict)."""
@@ -235,12 +249,18 @@ def run_case(method, vocab, tokens, dtype, tp_group, device, repeats, seed=0):
     floor_fwd = logits_bytes + 4 * tokens
     floor_fwd_bwd = 3 * logits_bytes + 4 * tokens
     return dict(
-        method=method, tp=tp, vocab=vocab, tokens=tokens, dtype=str(dtype).replace("torch.", ""),
-        fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+        method=method,
+        tp=tp,
+        vocab=vocab,
+        tokens=tokens,
+        dtype=str(dtype).replace("torch.", ""),
+        fwd_ms=fwd_ms,
+        fwd_bwd_ms=fwd_bwd_ms,
         ns_per_token_fwd_bwd=fwd_bwd_ms * 1e6 / tokens,
         gbs_fwd=floor_fwd / (fwd_ms * 1e-3) / 1e9,
         gbs_fwd_bwd=floor_fwd_bwd / (fwd_bwd_ms * 1e-3) / 1e9,
-        peak_extra_fwd_mb=fwd_peak / 2**20, peak_extra_fwd_bwd_mb=fwd_bwd_peak / 2**20,
+        peak_extra_fwd_mb=fwd_peak / 2**20,
+        peak_extra_fwd_bwd_mb=fwd_bwd_peak / 2**20,
         peak_extra_fwd_bwd_vs_logits=fwd_bwd_peak / logits_bytes,
         saved_bytes_per_token=saved / tokens,
         max_abs_diff_vs_naive=max_diff,
@@ -250,12 +270,22 @@ def run_case(method, vocab, tokens, dtype, tp_group, device, repeats, seed=0):
 # ----------------------------------------------------------------------------- driver
 
 COLUMNS = [
-    ("method", "{}"), ("tp", "{}"), ("vocab", "{}"), ("tokens", "{}"),
-    ("fwd_ms", "{:.2f}"), ("fwd_bwd_ms", "{:.2f}"), ("ns_per_token_fwd_bwd", "{:.0f}"),
-    ("x_floor_fwd", "{:.1f}x"), ("x_floor_fwd_bwd", "{:.1f}x"),
-    ("gbs_fwd", "{:.1f}"), ("gbs_fwd_bwd", "{:.1f}"), ("pct_bw_fwd_bwd", "{:.0f}%"),
-    ("peak_extra_fwd_mb", "{:.1f}"), ("peak_extra_fwd_bwd_mb", "{:.1f}"),
-    ("peak_extra_fwd_bwd_vs_logits", "{:.2f}x"), ("saved_bytes_per_token", "{:.0f}"),
+    ("method", "{}"),
+    ("tp", "{}"),
+    ("vocab", "{}"),
+    ("tokens", "{}"),
+    ("fwd_ms", "{:.2f}"),
+    ("fwd_bwd_ms", "{:.2f}"),
+    ("ns_per_token_fwd_bwd", "{:.0f}"),
+    ("x_floor_fwd", "{:.1f}x"),
+    ("x_floor_fwd_bwd", "{:.1f}x"),
+    ("gbs_fwd", "{:.1f}"),
+    ("gbs_fwd_bwd", "{:.1f}"),
+    ("pct_bw_fwd_bwd", "{:.0f}%"),
+    ("peak_extra_fwd_mb", "{:.1f}"),
+    ("peak_extra_fwd_bwd_mb", "{:.1f}"),
+    ("peak_extra_fwd_bwd_vs_logits", "{:.2f}x"),
+    ("saved_bytes_per_token", "{:.0f}"),
     ("max_abs_diff_vs_naive", "{:.1e}"),
 ]
 
@@ -276,8 +306,10 @@ def _methods_for(device, requested):
     if device.type != "cuda":
         skipped = [m for m in methods if m.startswith("triton")]
         if skipped:
-            logger.warning("no CUDA device: skipping %s (the Triton kernel runs only on GPU "
-                           "here)", ", ".join(skipped))
+            logger.warning(
+                "no CUDA device: skipping %s (the Triton kernel runs only on GPU here)",
+                ", ".join(skipped),
+            )
         methods = [m for m in methods if not m.startswith("triton")]
     if "megatron" in methods and importlib.util.find_spec("megatron") is None:
         logger.warning("megatron-core is not installed: skipping the megatron method")
@@ -312,8 +344,10 @@ def run_grid(args, tp_group, device):
 
 def report(rows, bandwidth, device, args):
     machine = describe_machine(device)
-    print(f"# label log-probs benchmark: {machine}; dtype {args.dtype}; "
-          f"measured copy bandwidth {bandwidth:.1f} GB/s")
+    print(
+        f"# label log-probs benchmark: {machine}; dtype {args.dtype}; "
+        f"measured copy bandwidth {bandwidth:.1f} GB/s"
+    )
     print(format_table(rows))
     if args.json:
         import json
@@ -321,8 +355,12 @@ def report(rows, bandwidth, device, args):
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"machine": machine, "dtype": args.dtype,
-                                   "copy_bw_gbs": bandwidth, "rows": rows}, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {"machine": machine, "dtype": args.dtype, "copy_bw_gbs": bandwidth, "rows": rows},
+                indent=2,
+            )
+        )
         tmp.replace(path)
         print(f"# wrote {path}")
     if args.csv:
@@ -337,8 +375,9 @@ def report(rows, bandwidth, device, args):
 
 
 def _tp_worker(rank, args, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(args.tp))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.tp)
+    )
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)

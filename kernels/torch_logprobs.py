@@ -29,6 +29,7 @@ Conventions shared by every implementation (see ``counted_tokens``):
 
 Run the tests with ``.venv/bin/pytest tests/kernels``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -279,8 +280,9 @@ class ChunkedVocabParallelLogprobsFunction(torch.autograd.Function):
     """Chunked forward/backward; saves the logits (no copy), lse and local label: 8 B/token."""
 
     @staticmethod
-    def forward(ctx, logits, labels, loss_mask, tp_group, vocab_size, inplace_backward,
-                chunk_bytes):
+    def forward(
+        ctx, logits, labels, loss_mask, tp_group, vocab_size, inplace_backward, chunk_bytes
+    ):
         logits, labels3d, mask3d = as_batched(logits, labels, loss_mask)
         shard = vocab_shard(logits.shape[-1], *tp_size_rank(tp_group), vocab_size)
         counted = counted_tokens(labels3d, mask3d, shard.vocab_size)

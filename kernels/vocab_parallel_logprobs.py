@@ -25,6 +25,7 @@ On CPU this module only runs under the Triton interpreter: set TRITON_INTERPRET=
 module is imported (``triton.jit`` picks the interpreter at decoration time). Tests:
 ``.venv/bin/pytest tests/kernels``; benchmark: ``python -m selm_mcore.kernels.bench_logprobs``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -149,14 +150,16 @@ def _logprobs_bwd_kernel(
         grad_offsets = cols.to(tl.int64) * grad_stride_v
     # Padded columns and uncounted rows load -inf (no memory traffic) and get gradient 0.
     load_mask = cols < tl.where(counted, num_valid_cols, 0)
-    x = tl.load(logits_ptr + b * stride_b + t * stride_t + offsets, mask=load_mask,
-                other=float("-inf")).to(ACC_DTYPE)
+    x = tl.load(
+        logits_ptr + b * stride_b + t * stride_t + offsets, mask=load_mask, other=float("-inf")
+    ).to(ACC_DTYPE)
     prob = tl.exp(x - safe_lse)
     onehot = tl.where(cols == local_label, 1.0, 0.0)
     grad = grad_out * (onehot - prob)
     grad_row_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
-    tl.store(grad_row_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty),
-             mask=cols < local_vocab)
+    tl.store(
+        grad_row_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=cols < local_vocab
+    )
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -194,18 +197,32 @@ def logprobs_forward(logits, labels, counted, shard: VocabShard, block_v=None):
     )
     if n_rows > 0:
         _logprobs_fwd_kernel[(n_rows,)](
-            logits, labels.reshape(-1).long().contiguous(), counted.view(torch.uint8),
-            local_label, stats, token_logps, lse,
-            n_rows, seq_len, logits.stride(0), logits.stride(1), logits.stride(2),
-            shard.vocab_start, shard.num_valid_cols,
-            SINGLE_RANK=single_rank, VOCAB_CONTIGUOUS=logits.stride(2) == 1,
-            ACC_DTYPE=_tl_dtype(acc), BLOCK_V=block, num_warps=num_warps,
+            logits,
+            labels.reshape(-1).long().contiguous(),
+            counted.view(torch.uint8),
+            local_label,
+            stats,
+            token_logps,
+            lse,
+            n_rows,
+            seq_len,
+            logits.stride(0),
+            logits.stride(1),
+            logits.stride(2),
+            shard.vocab_start,
+            shard.num_valid_cols,
+            SINGLE_RANK=single_rank,
+            VOCAB_CONTIGUOUS=logits.stride(2) == 1,
+            ACC_DTYPE=_tl_dtype(acc),
+            BLOCK_V=block,
+            num_warps=num_warps,
         )
     return per_token, local_label
 
 
-def logprobs_backward(logits, grad_token_logps, lse, local_label, num_valid_cols, *,
-                      inplace=False, block_v=None):
+def logprobs_backward(
+    logits, grad_token_logps, lse, local_label, num_valid_cols, *, inplace=False, block_v=None
+):
     """Launches the backward kernel; returns the gradient of the logits (same shape/dtype).
 
     ``num_valid_cols``: local columns below vocab_size (the rest is padding, gradient 0).
@@ -221,12 +238,24 @@ def logprobs_backward(logits, grad_token_logps, lse, local_label, num_valid_cols
     grad_out = grad_token_logps.reshape(-1).contiguous()
     vocab_contiguous = logits.stride(2) == 1 and grad.stride(2) == 1
     _logprobs_bwd_kernel[(n_rows, triton.cdiv(local_vocab, block))](
-        logits, grad, grad_out, lse.reshape(-1).contiguous(), local_label.reshape(-1).contiguous(),
-        seq_len, logits.stride(0), logits.stride(1), logits.stride(2),
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        local_vocab, num_valid_cols,
-        VOCAB_CONTIGUOUS=vocab_contiguous, ACC_DTYPE=_tl_dtype(accumulate_dtype(logits.dtype)),
-        BLOCK_V=block, num_warps=num_warps,
+        logits,
+        grad,
+        grad_out,
+        lse.reshape(-1).contiguous(),
+        local_label.reshape(-1).contiguous(),
+        seq_len,
+        logits.stride(0),
+        logits.stride(1),
+        logits.stride(2),
+        grad.stride(0),
+        grad.stride(1),
+        grad.stride(2),
+        local_vocab,
+        num_valid_cols,
+        VOCAB_CONTIGUOUS=vocab_contiguous,
+        ACC_DTYPE=_tl_dtype(accumulate_dtype(logits.dtype)),
+        BLOCK_V=block,
+        num_warps=num_warps,
     )
     return grad
 
@@ -235,8 +264,9 @@ class TritonVocabParallelLogprobsFunction(torch.autograd.Function):
     """Saves the logits (a reference), lse and the local label column: 8 B/token of new memory."""
 
     @staticmethod
-    def forward(ctx, logits, labels, loss_mask, tp_group, vocab_size, inplace_backward,
-                block_fwd, block_bwd):
+    def forward(
+        ctx, logits, labels, loss_mask, tp_group, vocab_size, inplace_backward, block_fwd, block_bwd
+    ):
         logits3d, labels3d, mask3d = as_batched(logits, labels, loss_mask)
         shard = vocab_shard(logits3d.shape[-1], *tp_size_rank(tp_group), vocab_size)
         counted = counted_tokens(labels3d, mask3d, shard.vocab_size)
@@ -247,7 +277,9 @@ class TritonVocabParallelLogprobsFunction(torch.autograd.Function):
             token_logps, lse = combine_token_stats(per_token, counted.view(-1), tp_group)
         ctx.save_for_backward(logits3d, lse, local_label)
         ctx.num_valid_cols, ctx.inplace_backward, ctx.block_bwd = (
-            shard.num_valid_cols, inplace_backward, block_bwd
+            shard.num_valid_cols,
+            inplace_backward,
+            block_bwd,
         )
         ctx.two_dim = labels.dim() == 1
         return token_logps.view(labels.shape)
@@ -256,8 +288,13 @@ class TritonVocabParallelLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_token_logps):
         logits3d, lse, local_label = ctx.saved_tensors
         grad = logprobs_backward(
-            logits3d, grad_token_logps, lse, local_label, ctx.num_valid_cols,
-            inplace=ctx.inplace_backward, block_v=ctx.block_bwd,
+            logits3d,
+            grad_token_logps,
+            lse,
+            local_label,
+            ctx.num_valid_cols,
+            inplace=ctx.inplace_backward,
+            block_v=ctx.block_bwd,
         )
         if ctx.two_dim:
             grad = grad.squeeze(0)

@@ -13,7 +13,7 @@ Child processes the commands start for themselves (a data-parallel vLLM engine, 
 rank) enter through one hidden command, ``selm _worker KIND SPEC.json``: the module of KIND
 (``WORKERS``) runs ``worker_main(spec)`` on the JSON object in SPEC.json.
 
-Errors, the same for every command (``report_errors``): a user error (``selm_mcore.errors``:
+Errors, the same for every command (``report_errors``): a user error (``selm_mcore.runtime.errors``:
 a bad config, data row, checkpoint or layout, a missing input file, a full disk) prints one
 line, ``selm CMD: error: MESSAGE`` (plus the module's ``ERROR_HINT``, if it has one), and exits
 with status 1; a bug raises, so Python prints its traceback. Under torchrun only rank 0 prints
@@ -21,7 +21,7 @@ a user error, except errors one rank can meet alone (its own files and disk), wh
 that meets them prints. Ctrl-C exits with status 130.
 
 A process started by torchrun or by one of our launchers dies with that launcher
-(``selm_mcore.lifetime.bind_to_launcher``).
+(``selm_mcore.runtime.procs.bind_to_launcher``).
 """
 
 from __future__ import annotations
@@ -35,16 +35,25 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from selm_mcore.errors import is_rank_local, user_message
-from selm_mcore.lifetime import bind_to_launcher
+from selm_mcore.runtime.errors import is_rank_local, user_message
+from selm_mcore.runtime.procs import bind_to_launcher
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("selm_mcore.online", "run the online SELM loop: generate, rank, reference pass, train"),
-    "refpass": ("selm_mcore.refpass", "compute one round's reference log-probs (offline pass)"),
-    "train": ("selm_mcore.trainer", "train one round on precomputed reference log-probs"),
-    "generate": ("selm_mcore.generation", "generate responses with vLLM"),
-    "rank": ("selm_mcore.pairs", "rank candidates: new preference pairs and held-out scores"),
+    "run": (
+        "selm_mcore.loop.online",
+        "run the online SELM loop: generate, rank, reference pass, train",
+    ),
+    "refpass": (
+        "selm_mcore.train.refpass",
+        "compute one round's reference log-probs (offline pass)",
+    ),
+    "train": ("selm_mcore.train.trainer", "train one round on precomputed reference log-probs"),
+    "generate": ("selm_mcore.rollout.generate", "generate responses with vLLM"),
+    "rank": (
+        "selm_mcore.rollout.pairs",
+        "rank candidates: new preference pairs and held-out scores",
+    ),
     "convert": ("selm_mcore.mcore.convert", "convert HF <-> Megatron checkpoints"),
     "bench": ("selm_mcore.bench", "measure throughput, MFU, memory and phase times"),
     "plan": ("selm_mcore.plan", "per-GPU memory and speed of every parallel layout of a model"),
@@ -52,7 +61,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 # `selm _worker KIND SPEC`: KIND -> the module whose worker_main(spec) runs the child's job.
 WORKERS: dict[str, str] = {
-    "engine": "selm_mcore.generation",
+    "engine": "selm_mcore.rollout.generate",
     "convert": "selm_mcore.mcore.convert",
 }
 
@@ -87,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     args = cmd_parser.parse_args(argv[1:])
     setup_logging()
     bind_to_launcher()
-    return report_errors(f"selm {name}", lambda: module.main(args),
-                         hint=getattr(module, "ERROR_HINT", None))
+    return report_errors(
+        f"selm {name}", lambda: module.main(args), hint=getattr(module, "ERROR_HINT", None)
+    )
 
 
 def run_worker(argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 """Fixtures shared by every test folder (unit, kernels, dist, e2e).
 
-* ``tiny_llama_dir``: one tiny random Llama HF folder (``selm_mcore.assets.build_tiny_llama``
+* ``tiny_llama_dir``: one tiny random Llama HF folder
+(``selm_mcore.testing.assets.build_tiny_llama``
   with its defaults: 4 layers, hidden 128, head_dim 32, untied, seed 0, the tiny ChatML
   tokenizer), built once per session. Treat it as read-only: a test that changes files copies
   it first; a test that needs another config builds its own.
@@ -33,7 +34,7 @@ if SUPPORT_DIR not in sys.path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    from selm_mcore.assets import build_tiny_llama
+    from selm_mcore.testing.assets import build_tiny_llama
 
     path = tmp_path_factory.mktemp("tiny_llama")
     build_tiny_llama(path)
@@ -42,7 +43,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    from selm_mcore.assets import build_tiny_tokenizer
+    from selm_mcore.testing.assets import build_tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     build_tiny_tokenizer(path)
@@ -76,9 +77,12 @@ def _write_config(path, **sections) -> Path:
 
 def _preference_row(prompt: str, chosen: str, rejected: str, **extra) -> dict:
     user = {"role": "user", "content": prompt}
-    return {"prompt": prompt,
-            "chosen": [user, {"role": "assistant", "content": chosen}],
-            "rejected": [user, {"role": "assistant", "content": rejected}], **extra}
+    return {
+        "prompt": prompt,
+        "chosen": [user, {"role": "assistant", "content": chosen}],
+        "rejected": [user, {"role": "assistant", "content": rejected}],
+        **extra,
+    }
 
 
 @pytest.fixture(scope="session")

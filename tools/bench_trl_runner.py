@@ -58,8 +58,10 @@ def main(argv=None) -> int:
     if args.warmup_steps < 1:
         raise SystemExit("--warmup-steps must be >= 1: the first step's start is the warm-up's end")
     if args.global_batch_size % args.micro_batch_size:
-        raise SystemExit(f"--global-batch-size={args.global_batch_size} must be a multiple of "
-                         f"--micro-batch-size={args.micro_batch_size}")
+        raise SystemExit(
+            f"--global-batch-size={args.global_batch_size} must be a multiple of "
+            f"--micro-batch-size={args.micro_batch_size}"
+        )
     # Thread count before torch starts its pools (same rule as our side).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -78,14 +80,19 @@ def main(argv=None) -> int:
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     pretokenized = all("prompt_ids" in r for r in rows)
-    keys = (("prompt_ids", "chosen_ids", "rejected_ids") if pretokenized
-            else ("prompt", "chosen", "rejected"))
+    keys = (
+        ("prompt_ids", "chosen_ids", "rejected_ids")
+        if pretokenized
+        else ("prompt", "chosen", "rejected")
+    )
     dataset = Dataset.from_list([{k: r[k] for k in keys} for r in rows])
     accum = args.global_batch_size // args.micro_batch_size
     total_steps = args.warmup_steps + args.steps
     if len(rows) < total_steps * args.global_batch_size:
-        raise SystemExit(f"{args.pairs}: {len(rows)} pairs < (warmup {args.warmup_steps} + steps "
-                         f"{args.steps}) x global batch {args.global_batch_size}; write more pairs")
+        raise SystemExit(
+            f"{args.pairs}: {len(rows)} pairs < (warmup {args.warmup_steps} + steps "
+            f"{args.steps}) x global batch {args.global_batch_size}; write more pairs"
+        )
 
     class PretokenizedDPOTrainer(DPOTrainer):
         """DPOTrainer on our token ids as they are (TRL's collator, loss and step unchanged)."""
@@ -113,8 +120,9 @@ def main(argv=None) -> int:
             self.ends.append((time.perf_counter(), trainer.tokens_seen, trainer.padded_tokens_seen))
 
     config = DPOConfig(
-        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out or args.pairs)),
-                                "trl_out"),
+        output_dir=os.path.join(
+            os.path.dirname(os.path.abspath(args.out or args.pairs)), "trl_out"
+        ),
         per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=accum,
         max_steps=total_steps,
@@ -149,8 +157,12 @@ def main(argv=None) -> int:
     clock = StepClock()
     t0 = time.perf_counter()
     trainer = PretokenizedDPOTrainer(
-        model=model, ref_model=ref_model, args=config, train_dataset=dataset,
-        processing_class=tokenizer, callbacks=[clock],
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
     )
     init_s = time.perf_counter() - t0
     trainer.train()
@@ -159,16 +171,20 @@ def main(argv=None) -> int:
     if len(ends) != total_steps:
         raise SystemExit(f"expected {total_steps} optimizer steps, the trainer made {len(ends)}")
     step_times, tokens, padded = [], [], []
-    for (t_prev, n_prev, p_prev), (t, n, p) in zip(ends[args.warmup_steps - 1:-1],
-                                                   ends[args.warmup_steps:]):
+    for (t_prev, n_prev, p_prev), (t, n, p) in zip(
+        ends[args.warmup_steps - 1 : -1], ends[args.warmup_steps :]
+    ):
         step_times.append(t - t_prev)
         tokens.append(n - n_prev)
         padded.append(p - p_prev)
     measured_s = sum(step_times)
     result = {
         "impl": f"trl-{args.ref_mode}",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "trl": trl.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+        },
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,

@@ -125,7 +125,7 @@ fi
 # the log-prob path inside a training step (the former tools/bench_gpu.sh)
 if [ "$mcore" = 1 ]; then
   if [ "$dry" = 1 ]; then
-    "$python" -P -m selm_mcore.assets tiny-llama "$work/tiny" > /dev/null
+    "$python" -P -m selm_mcore.testing.assets tiny-llama "$work/tiny" > /dev/null
     largs=(--hf-dir "$work/tiny" --dtype fp32 --seq-length 64 --micro-batch-size 1 --global-batch-size 2 --steps 1 --warmup-steps 1 --threads 1)
   else
     largs=(--layers 4 --dtype bf16 --seq-length 1024 --micro-batch-size 2 --global-batch-size 8 --steps 3 --warmup-steps 1 --threads 8)
@@ -137,7 +137,7 @@ fi
 
 # vLLM generation, only where vLLM is installed
 if has vllm; then
-  [ -d "$work/tiny" ] || "$python" -P -m selm_mcore.assets tiny-llama "$work/tiny" > /dev/null
+  [ -d "$work/tiny" ] || "$python" -P -m selm_mcore.testing.assets tiny-llama "$work/tiny" > /dev/null
   part vllm 120 "tiny model" "${selm[@]}" bench generation --backend vllm --set "model.hf_dir=$work/tiny" \
     --set generation.max_model_len=512 --set generation.max_tokens=32 \
     --set generation.kv_cache_memory_gb=0.5 \

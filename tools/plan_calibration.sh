@@ -13,7 +13,7 @@ out=${1:-outputs/plan_calibration}
 mkdir -p "$out"
 python=${PYTHON:-$repo/.venv/bin/python}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-smol=$("$python" -P -m selm_mcore.assets smollm2 | tail -1)
+smol=$("$python" -P -m selm_mcore.testing.assets smollm2 | tail -1)
 common=(--threads 1 --set train.global_batch_size=8 --set data.pack_tokens=512)
 run() {  # run NAME NPROC ARGS...: one plan-check run
   local name=$1 nproc=$2; shift 2

@@ -9,7 +9,7 @@ Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` 
                          same model, pairs, token ids, batch sizes, dtype, threads, steps
     packing CONFIG       ours with each data.packing on the same pairs (SELM with loss.alpha>0)
     refmode CONFIG       ours, precomputed vs on-the-fly reference
-    generation CONFIG    vLLM (selm_mcore.generation) vs transformers ``generate`` tokens/s
+    generation CONFIG    vLLM (selm_mcore.rollout.generate) vs transformers ``generate`` tokens/s
     logprob-path         training steps with the fused log-prob kernel vs Megatron's
                          cross-entropy path (what tools/bench_gpu.sh runs on a GPU)
     plan-check CONFIG    a shape-only random model through the trainer's step: the layout
@@ -37,7 +37,7 @@ Definitions:
 * step time = one optimizer step's wall time: collation, reference log-probs (looked up, or
   computed on the fly), forwards, backward, clipping, optimizer update. Ours: the trainer's own
   ``step_time_s``; TRL: the time between consecutive ``on_step_end`` callbacks.
-* model FLOPs and MFU: ``selm_mcore.metrics`` (the formula, the device peaks), stated with
+* model FLOPs and MFU: ``selm_mcore.train.metrics`` (the formula, the device peaks), stated with
   every table.
 * peak memory = the process's peak resident set (CPU) or peak allocated memory (CUDA) during
   training (ours: the trainer's per-step record, so the final checkpoint save is excluded).
@@ -46,51 +46,91 @@ Definitions:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from selm_mcore.bench.common import BenchError, load_average, write_json
 
 
 def _add_common(parser, *, config: bool = True, threads_default: int | None = None) -> None:
     if config:
-        # As selm_mcore.config.add_config_arguments, but the file is optional (defaults + --set).
-        parser.add_argument("config", nargs="?", default=None,
-                            help="YAML config file (optional: defaults + --set overrides)")
-        parser.add_argument("--set", dest="overrides", action="append", default=[],
-                            metavar="SECTION.KEY=VALUE", help="override one config value")
-    parser.add_argument("--threads", type=int,
-                        default=threads_default or int(os.environ.get("OMP_NUM_THREADS", 0) or
-                                                       len(os.sched_getaffinity(0))),
-                        help="torch threads of every benchmarked process (default: "
-                             "$OMP_NUM_THREADS, else all cores)")
+        # As selm_mcore.config.schema.add_config_arguments, but the file is optional (defaults +
+        # --set).
+        parser.add_argument(
+            "config",
+            nargs="?",
+            default=None,
+            help="YAML config file (optional: defaults + --set overrides)",
+        )
+        parser.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one config value",
+        )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=threads_default
+        or int(os.environ.get("OMP_NUM_THREADS", 0) or len(os.sched_getaffinity(0))),
+        help="torch threads of every benchmarked process (default: "
+        "$OMP_NUM_THREADS, else all cores)",
+    )
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
 
 
 def _add_steps(parser, *, repeats: int) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per repeat")
-    parser.add_argument("--warmup-steps", type=int, default=1,
-                        help="optimizer steps before measuring (>= 1)")
-    parser.add_argument("--repeats", type=int, default=repeats,
-                        help="repeats; the tables show the median")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=1, help="optimizer steps before measuring (>= 1)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help="repeats; the tables show the median"
+    )
 
 
 def _add_pairs(parser) -> None:
-    parser.add_argument("--prompt-tokens", type=int, default=64,
-                        help="synthetic pairs: prompt length (chat template included)")
-    parser.add_argument("--chosen-tokens", type=int, default=128,
-                        help="synthetic pairs: chosen response length (EOS included); also y_ref")
-    parser.add_argument("--rejected-tokens", type=int, default=128,
-                        help="synthetic pairs: rejected response length (EOS included)")
-    parser.add_argument("--profile", choices=("uniform", "realistic"), default="uniform",
-                        help="synthetic pair lengths: the three lengths above, or long-tailed "
-                             "ones like real preference data (selm_mcore/bench/pairs.py)")
-    parser.add_argument("--length-scale", type=float, default=1.0,
-                        help="realistic profile: multiply every length (e.g. 0.5 on a CPU)")
-    parser.add_argument("--workdir", default="",
-                        help="folder for pairs, per-process logs and JSON (default "
-                             "outputs/bench/MODE)")
-    parser.add_argument("--timeout-s", type=float, default=1800,
-                        help="limit per benchmarked process")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=64,
+        help="synthetic pairs: prompt length (chat template included)",
+    )
+    parser.add_argument(
+        "--chosen-tokens",
+        type=int,
+        default=128,
+        help="synthetic pairs: chosen response length (EOS included); also y_ref",
+    )
+    parser.add_argument(
+        "--rejected-tokens",
+        type=int,
+        default=128,
+        help="synthetic pairs: rejected response length (EOS included)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=("uniform", "realistic"),
+        default="uniform",
+        help="synthetic pair lengths: the three lengths above, or long-tailed "
+        "ones like real preference data (selm_mcore/bench/pairs.py)",
+    )
+    parser.add_argument(
+        "--length-scale",
+        type=float,
+        default=1.0,
+        help="realistic profile: multiply every length (e.g. 0.5 on a CPU)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default="",
+        help="folder for pairs, per-process logs and JSON (default outputs/bench/MODE)",
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=1800, help="limit per benchmarked process"
+    )
 
 
 def _training_mode(modes, name: str, help_text: str):
@@ -104,21 +144,40 @@ def _training_mode(modes, name: str, help_text: str):
 
 def _add_training_modes(modes) -> None:
     p = _training_mode(modes, "train", "our trainer: pairs/s, tokens/s, MFU, peak memory")
-    p.add_argument("--pairs", default="",
-                   help="preference JSONL to train on (default: data.train_path, else synthetic "
-                        "pairs written to the workdir)")
-    p.add_argument("--ref-mode", choices=("precomputed", "onthefly"), default="precomputed",
-                   help="reference log-probs from the offline pass, or computed in every step")
+    p.add_argument(
+        "--pairs",
+        default="",
+        help="preference JSONL to train on (default: data.train_path, else synthetic "
+        "pairs written to the workdir)",
+    )
+    p.add_argument(
+        "--ref-mode",
+        choices=("precomputed", "onthefly"),
+        default="precomputed",
+        help="reference log-probs from the offline pass, or computed in every step",
+    )
     _training_mode(modes, "refmode", "our trainer: precomputed vs on-the-fly reference")
     p = _training_mode(modes, "compare-trl", "ours vs TRL DPOTrainer, same work, side by side")
-    p.add_argument("--trl-python", default="",
-                   help="python of a TRL environment (default: built/reused by "
-                        "tools/setup_trl_env.sh)")
-    p.add_argument("--trl-modes", nargs="+", choices=("onthefly", "precompute"),
-                   default=["precompute"], help="which TRL configurations to run")
+    p.add_argument(
+        "--trl-python",
+        default="",
+        help="python of a TRL environment (default: built/reused by tools/setup_trl_env.sh)",
+    )
+    p.add_argument(
+        "--trl-modes",
+        nargs="+",
+        choices=("onthefly", "precompute"),
+        default=["precompute"],
+        help="which TRL configurations to run",
+    )
     p = _training_mode(modes, "packing", "ours with each data.packing, side by side")
-    p.add_argument("--packings", nargs="+", choices=("shared_prompt", "pack", "none"),
-                   default=["shared_prompt", "pack", "none"], help="the layouts to compare")
+    p.add_argument(
+        "--packings",
+        nargs="+",
+        choices=("shared_prompt", "pack", "none"),
+        default=["shared_prompt", "pack", "none"],
+        help="the layouts to compare",
+    )
 
 
 def _add_generation_mode(modes) -> None:
@@ -129,19 +188,25 @@ def _add_generation_mode(modes) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64, help="synthetic prompt length")
     p.add_argument("--prompts", default="", help="prompt rows (JSONL) instead of synthetic ones")
     p.add_argument("--max-tokens", type=int, default=128, help="max new tokens (stop at EOS)")
-    p.add_argument("--hf-batch-size", type=int, default=0,
-                   help="transformers generate batch (default: all prompts at once)")
+    p.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=0,
+        help="transformers generate batch (default: all prompts at once)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default="")
     p.add_argument("--timeout-s", type=float, default=1800)
 
 
 def _add_logprob_path_mode(modes) -> None:
-    p = modes.add_parser("logprob-path",
-                         help="one training step: fused log-prob kernel vs Megatron CE path")
+    p = modes.add_parser(
+        "logprob-path", help="one training step: fused log-prob kernel vs Megatron CE path"
+    )
     _add_common(p, config=False)
-    p.add_argument("--hf-dir", default="", help="HF folder whose config to use (default: "
-                                                "Llama-3-8B's shape)")
+    p.add_argument(
+        "--hf-dir", default="", help="HF folder whose config to use (default: Llama-3-8B's shape)"
+    )
     p.add_argument("--layers", type=int, default=0, help="use this many layers (0 = all)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--seq-length", type=int, default=1024, help="tokens per sequence")
@@ -149,15 +214,19 @@ def _add_logprob_path_mode(modes) -> None:
     p.add_argument("--global-batch-size", type=int, default=4, help="pairs per step")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--paths", nargs="+", choices=("fused", "megatron-ce"),
-                   default=["fused", "megatron-ce"])
+    p.add_argument(
+        "--paths", nargs="+", choices=("fused", "megatron-ce"), default=["fused", "megatron-ce"]
+    )
 
 
 def _add_other_modes(modes) -> None:
     from selm_mcore.bench.plan_check import add_arguments as add_plan_check_arguments
 
-    p = modes.add_parser("plan-check", help="a shape-only random model through the trainer's "
-                                            "step: the layout planner's memory vs measured")
+    p = modes.add_parser(
+        "plan-check",
+        help="a shape-only random model through the trainer's "
+        "step: the layout planner's memory vs measured",
+    )
     _add_common(p)
     add_plan_check_arguments(p)
 
@@ -166,11 +235,15 @@ def _add_other_modes(modes) -> None:
     p.add_argument("--json", default="")
 
     p = modes.add_parser("checksums", help="seconds per GB the checksums add to saves/loads")
-    p.add_argument("hf_dir", help="HF Llama folder to save and load (e.g. `python -m "
-                                  "selm_mcore.assets smollm2` prints SmolLM2's)")
+    p.add_argument(
+        "hf_dir",
+        help="HF Llama folder to save and load (e.g. `python -m "
+        "selm_mcore.testing.assets smollm2` prints SmolLM2's)",
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workdir", default="", help="where the saves go (default "
-                                                 "outputs/bench/checksums)")
+    p.add_argument(
+        "--workdir", default="", help="where the saves go (default outputs/bench/checksums)"
+    )
     p.add_argument("--json", default="")
 
     p = modes.add_parser("flops", help="print the FLOP formula's numbers and the device peak")
@@ -188,21 +261,35 @@ def add_arguments(parser) -> None:
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     """Mode name -> its runner (imported when a mode runs: the modes import torch, vLLM...)."""
-    from selm_mcore.bench import (checksums, compare, generation, logprob_path, phases,
-                                  plan_check, train)
+    from selm_mcore.bench import (
+        checksums,
+        compare,
+        generation,
+        logprob_path,
+        phases,
+        plan_check,
+        train,
+    )
 
-    return {"train": train.run_train, "refmode": compare.run_refmode,
-            "compare-trl": compare.run_compare_trl, "packing": compare.run_packing,
-            "generation": generation.run_generation,
-            "logprob-path": logprob_path.run_logprob_path, "phases": phases.run_phases_mode,
-            "plan-check": plan_check.run_plan_check,
-            "flops": phases.run_flops, "checksums": checksums.run_checksums}
+    return {
+        "train": train.run_train,
+        "refmode": compare.run_refmode,
+        "compare-trl": compare.run_compare_trl,
+        "packing": compare.run_packing,
+        "generation": generation.run_generation,
+        "logprob-path": logprob_path.run_logprob_path,
+        "phases": phases.run_phases_mode,
+        "plan-check": plan_check.run_plan_check,
+        "flops": phases.run_flops,
+        "checksums": checksums.run_checksums,
+    }
 
 
 def main(args) -> int:
     if getattr(args, "warmup_steps", 1) < 1 and args.mode not in ("logprob-path", "plan-check"):
-        raise BenchError("--warmup-steps must be >= 1: a measured step starts where the last "
-                         "warm-up step ended")
+        raise BenchError(
+            "--warmup-steps must be >= 1: a measured step starts where the last warm-up step ended"
+        )
     result = _modes()[args.mode](args)
     result["load_average_end"] = load_average()
     write_json(args.json, result)

@@ -21,11 +21,12 @@ import hashlib
 import shutil
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from selm_mcore.bench.common import format_table, workdir_for
-from selm_mcore.files import CHECKSUM_FILE, list_files, verify_checksums
+from selm_mcore.runtime.files import CHECKSUM_FILE, list_files, verify_checksums
 
 
 def _timed(fn) -> float:
@@ -47,8 +48,7 @@ def _folder_bytes(folder: Path) -> int:
 def run_checksums(args) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from selm_mcore.config import ModelConfig
-    from selm_mcore.files import checksum_files
+    from selm_mcore.config.schema import ModelConfig
     from selm_mcore.mcore.checkpoint import (
         load_model_checkpoint,
         load_policy,
@@ -57,6 +57,7 @@ def run_checksums(args) -> dict[str, Any]:
     from selm_mcore.mcore.checksums import record_checksums
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
     from selm_mcore.mcore.weights import export_hf
+    from selm_mcore.runtime.files import checksum_files
 
     workdir = workdir_for(args, "checksums")
     ctx = init_parallel(tp=1, pp=1)
@@ -66,29 +67,35 @@ def run_checksums(args) -> dict[str, Any]:
         kinds = {
             "megatron checkpoint": (
                 lambda out: save_model_checkpoint(models, ctx, out, hf_config, args.hf_dir),
-                lambda out: record_checksums(out, ctx, under=("model", "hf",
-                                                             "selm_checkpoint.json")),
-                lambda out: load_model_checkpoint(models, ctx, out)),
+                lambda out: record_checksums(
+                    out, ctx, under=("model", "hf", "selm_checkpoint.json")
+                ),
+                lambda out: load_model_checkpoint(models, ctx, out),
+            ),
             "HF export": (
                 lambda out: export_hf(models, ctx, out, aux_dir=args.hf_dir),
                 lambda out: checksum_files(out, list_files(out)),
-                lambda out: load_policy(out, ctx, ModelConfig())),
+                lambda out: load_policy(out, ctx, ModelConfig()),
+            ),
         }
         for kind, (save, rehash, load) in kinds.items():
             times: dict[str, list[float]] = {"save": [], "hash": [], "load": [], "verify": []}
             for repeat in range(args.repeats):
                 out = workdir / f"{kind.split()[0].lower()}_{repeat}"
                 shutil.rmtree(out, ignore_errors=True)
-                times["save"].append(_timed(lambda: save(out)))
-                times["hash"].append(_timed(lambda: rehash(out)))
-                times["load"].append(_timed(lambda: load(out)))
-                times["verify"].append(_timed(lambda: verify_checksums(out, fix="")))
+                times["save"].append(_timed(partial(save, out)))
+                times["hash"].append(_timed(partial(rehash, out)))
+                times["load"].append(_timed(partial(load, out)))
+                times["verify"].append(_timed(partial(verify_checksums, out, fix="")))
                 if not (out / CHECKSUM_FILE).is_file():
                     raise RuntimeError(f"{kind}: the save wrote no {CHECKSUM_FILE}")
                 gigabytes = _folder_bytes(out) / 1e9
                 shutil.rmtree(out)
-            row = {"kind": kind, "GB": gigabytes,
-                   **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+            row = {
+                "kind": kind,
+                "GB": gigabytes,
+                **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+            }
             row["hash_s_per_GB"] = row["hash_s"] / gigabytes
             row["verify_s_per_GB"] = row["verify_s"] / gigabytes
             row["hash_share_of_save"] = row["hash_s"] / row["save_s"]
@@ -99,13 +106,31 @@ def run_checksums(args) -> dict[str, Any]:
     finally:
         destroy_parallel()
     memory_gbps = _memory_sha256_gbps()
-    print(f"checksum cost on {args.hf_dir} (sha256; {memory_gbps:.2f} GB/s over bytes in "
-          f"memory; median of {args.repeats}; files in the page cache)")
-    print(format_table(rows, [
-        ("kind", "folder", ""), ("GB", "GB", ".3f"), ("save_s", "save s", ".2f"),
-        ("hash_s", "hash s", ".2f"), ("hash_s_per_GB", "hash s/GB", ".2f"),
-        ("hash_share_of_save", "of save", ".0%"), ("load_s", "load s", ".2f"),
-        ("verify_s", "verify s", ".2f"), ("verify_s_per_GB", "verify s/GB", ".2f"),
-        ("verify_share_of_load", "of load", ".0%")]))
-    return {"mode": "checksums", "hf_dir": str(args.hf_dir), "repeats": args.repeats,
-            "sha256_memory_GBps": memory_gbps, "rows": rows}
+    print(
+        f"checksum cost on {args.hf_dir} (sha256; {memory_gbps:.2f} GB/s over bytes in "
+        f"memory; median of {args.repeats}; files in the page cache)"
+    )
+    print(
+        format_table(
+            rows,
+            [
+                ("kind", "folder", ""),
+                ("GB", "GB", ".3f"),
+                ("save_s", "save s", ".2f"),
+                ("hash_s", "hash s", ".2f"),
+                ("hash_s_per_GB", "hash s/GB", ".2f"),
+                ("hash_share_of_save", "of save", ".0%"),
+                ("load_s", "load s", ".2f"),
+                ("verify_s", "verify s", ".2f"),
+                ("verify_s_per_GB", "verify s/GB", ".2f"),
+                ("verify_share_of_load", "of load", ".0%"),
+            ],
+        )
+    )
+    return {
+        "mode": "checksums",
+        "hf_dir": str(args.hf_dir),
+        "repeats": args.repeats,
+        "sha256_memory_GBps": memory_gbps,
+        "rows": rows,
+    }

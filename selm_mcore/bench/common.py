@@ -9,10 +9,11 @@ import os
 import resource
 import statistics
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from selm_mcore.files import write_json_atomic
+from selm_mcore.runtime.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     out = []
     for n, line in enumerate(cells):
-        out.append("  ".join(c.rjust(w) if n and i else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(line, widths))))
+        out.append(
+            "  ".join(
+                c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))
+            )
+        )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -78,27 +82,43 @@ def median_summary(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> di
 
 def thread_env(threads: int) -> dict[str, str]:
     """Environment of a worker process: its thread count fixed before torch starts, offline."""
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
 
 
-def run_worker(cmd: Sequence[str], out_json: Path, *, threads: int, timeout_s: float,
-               log_path: Path) -> dict[str, Any]:
+def run_worker(
+    cmd: Sequence[str], out_json: Path, *, threads: int, timeout_s: float, log_path: Path
+) -> dict[str, Any]:
     """Run one benchmark process that writes ``out_json``; its JSON, or raise with its log."""
     out_json.unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("$ %s", " ".join(map(str, cmd)))
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT,
-                                  env=thread_env(threads), timeout=timeout_s)
+            proc = subprocess.run(
+                list(map(str, cmd)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=thread_env(threads),
+                timeout=timeout_s,
+            )
         except subprocess.TimeoutExpired:
-            raise BenchError(f"`{' '.join(map(str, cmd))}` ran longer than {timeout_s:.0f} s "
-                             f"(log: {log_path}); raise --timeout-s or use fewer steps") from None
+            raise BenchError(
+                f"`{' '.join(map(str, cmd))}` ran longer than {timeout_s:.0f} s "
+                f"(log: {log_path}); raise --timeout-s or use fewer steps"
+            ) from None
     if proc.returncode != 0 or not out_json.is_file():
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise BenchError(f"`{' '.join(map(str, cmd))}` exited with status {proc.returncode} "
-                         f"(log: {log_path}); last output:\n{tail}")
+        raise BenchError(
+            f"`{' '.join(map(str, cmd))}` exited with status {proc.returncode} "
+            f"(log: {log_path}); last output:\n{tail}"
+        )
     return json.loads(out_json.read_text())
 
 
@@ -106,8 +126,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def paired_ratio(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str
-                 ) -> float | None:
+def paired_ratio(
+    a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str
+) -> float | None:
     """Median over repeats of a[r][key] / b[r][key]: repeat r of both sides ran back to back,
     so this ratio is steadier than the ratio of medians when the machine's load drifts."""
     ratios = [x[key] / y[key] for x, y in zip(a, b) if x.get(key) and y.get(key)]
@@ -115,12 +136,14 @@ def paired_ratio(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: 
 
 
 def load_cfg(args):
-    from selm_mcore.config_io import config_from_args
+    from selm_mcore.config.io import config_from_args
 
     cfg = config_from_args(args)
     if not cfg.model.hf_dir:
-        raise BenchError("model.hf_dir is empty: set it in the config or with "
-                         "--set model.hf_dir=PATH (an HF Llama folder)")
+        raise BenchError(
+            "model.hf_dir is empty: set it in the config or with "
+            "--set model.hf_dir=PATH (an HF Llama folder)"
+        )
     return cfg
 
 

@@ -28,8 +28,12 @@ def environment() -> dict[str, Any]:
     """Versions and what is importable here (nothing heavy is imported but torch)."""
     import torch
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30)
@@ -51,8 +55,14 @@ def read_status(work: Path) -> list[dict[str, Any]]:
     path = work / "status.tsv"
     for line in path.read_text().splitlines() if path.is_file() else []:
         name, code, seconds, note = (line.split("\t") + ["", "", ""])[:4]
-        parts.append({"part": name, "exit_status": int(code) if code.lstrip("-").isdigit()
-                      else None, "seconds": float(seconds or 0), "note": note})
+        parts.append(
+            {
+                "part": name,
+                "exit_status": int(code) if code.lstrip("-").isdigit() else None,
+                "seconds": float(seconds or 0),
+                "note": note,
+            }
+        )
     return parts
 
 
@@ -79,11 +89,15 @@ def read_pytest(path: Path) -> dict[str, Any] | None:
 
 
 def collect(work: Path) -> dict[str, Any]:
-    return {"env": _load(work / "env.json"), "parts": read_status(work),
-            "pytest": read_pytest(work / "pytest.xml"), "kernels": _load(work / "kernels.json"),
-            "train": [_load(p) for p in sorted(work.glob("train_*.json"))],
-            "logprob_path": _load(work / "logprob.json"),
-            "generation": _load(work / "generation.json")}
+    return {
+        "env": _load(work / "env.json"),
+        "parts": read_status(work),
+        "pytest": read_pytest(work / "pytest.xml"),
+        "kernels": _load(work / "kernels.json"),
+        "train": [_load(p) for p in sorted(work.glob("train_*.json"))],
+        "logprob_path": _load(work / "logprob.json"),
+        "generation": _load(work / "generation.json"),
+    }
 
 
 # --- markdown ----------------------------------------------------------------------------------
@@ -96,16 +110,43 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _kernel_lines(kernels: dict[str, Any]) -> list[str]:
-    lines = [f"Label log-probs from bf16 logits [N, V] ({kernels['machine']}); floor = read the "
-             "logits once (forward), twice plus the gradient write (forward+backward), at the "
-             f"measured copy bandwidth {kernels['copy_bw_gbs']:.0f} GB/s; V = 64,128 is one rank "
-             "of TP2 at Llama-3's vocabulary.", ""]
-    rows = [[r["vocab"], r["tokens"], r["method"], f"{r['fwd_ms']:.2f}",
-             f"{r['x_floor_fwd']:.1f}x", f"{r['fwd_bwd_ms']:.2f}", f"{r['x_floor_fwd_bwd']:.1f}x",
-             f"{r['pct_bw_fwd_bwd']:.0f}%", f"{r['peak_extra_fwd_bwd_mb']:.0f}",
-             f"{r['max_abs_diff_vs_naive']:.1e}"] for r in kernels["rows"]]
-    return lines + _table(["V", "tokens", "method", "fwd ms", "x floor", "fwd+bwd ms", "x floor",
-                           "% copy bw", "peak extra MiB", "max diff"], rows)
+    lines = [
+        f"Label log-probs from bf16 logits [N, V] ({kernels['machine']}); floor = read the "
+        "logits once (forward), twice plus the gradient write (forward+backward), at the "
+        f"measured copy bandwidth {kernels['copy_bw_gbs']:.0f} GB/s; V = 64,128 is one rank "
+        "of TP2 at Llama-3's vocabulary.",
+        "",
+    ]
+    rows = [
+        [
+            r["vocab"],
+            r["tokens"],
+            r["method"],
+            f"{r['fwd_ms']:.2f}",
+            f"{r['x_floor_fwd']:.1f}x",
+            f"{r['fwd_bwd_ms']:.2f}",
+            f"{r['x_floor_fwd_bwd']:.1f}x",
+            f"{r['pct_bw_fwd_bwd']:.0f}%",
+            f"{r['peak_extra_fwd_bwd_mb']:.0f}",
+            f"{r['max_abs_diff_vs_naive']:.1e}",
+        ]
+        for r in kernels["rows"]
+    ]
+    return lines + _table(
+        [
+            "V",
+            "tokens",
+            "method",
+            "fwd ms",
+            "x floor",
+            "fwd+bwd ms",
+            "x floor",
+            "% copy bw",
+            "peak extra MiB",
+            "max diff",
+        ],
+        rows,
+    )
 
 
 def _train_lines(results: list[dict[str, Any]]) -> list[str]:
@@ -115,62 +156,116 @@ def _train_lines(results: list[dict[str, Any]]) -> list[str]:
         meas, pred = rank["measured"], rank["predicted"]
         mib = 2**20
         measured_peak = meas.get("peak")
-        rows.append([
-            result["model"], result["recompute"], result["impl"],
-            f"{rank['geometry']['row_length']} ({rank['micro_batches']} mb)",
-            "/".join(f"{meas[k] / pred[k]:.3f}" for k in ("params", "grads", "optimizer")),
-            f"{meas['activations'] / mib:,.1f} / {pred['activations'] / mib:,.1f}",
-            f"{measured_peak / mib:,.0f}" if measured_peak else "-", f"{pred['peak'] / mib:,.0f}",
-            f"{rank['step_time_s']:.3f}", f"{rank['tokens_per_s']:.0f}", f"{rank['mfu']:.3f}"])
-    return _table(["model", "recompute", "planner impl", "tokens/micro-batch",
-                   "params/grads/optim measured/planned", "activations MiB meas / plan",
-                   "peak MiB measured", "peak MiB planned", "step s", "tokens/s", "MFU"], rows)
+        rows.append(
+            [
+                result["model"],
+                result["recompute"],
+                result["impl"],
+                f"{rank['geometry']['row_length']} ({rank['micro_batches']} mb)",
+                "/".join(f"{meas[k] / pred[k]:.3f}" for k in ("params", "grads", "optimizer")),
+                f"{meas['activations'] / mib:,.1f} / {pred['activations'] / mib:,.1f}",
+                f"{measured_peak / mib:,.0f}" if measured_peak else "-",
+                f"{pred['peak'] / mib:,.0f}",
+                f"{rank['step_time_s']:.3f}",
+                f"{rank['tokens_per_s']:.0f}",
+                f"{rank['mfu']:.3f}",
+            ]
+        )
+    return _table(
+        [
+            "model",
+            "recompute",
+            "planner impl",
+            "tokens/micro-batch",
+            "params/grads/optim measured/planned",
+            "activations MiB meas / plan",
+            "peak MiB measured",
+            "peak MiB planned",
+            "step s",
+            "tokens/s",
+            "MFU",
+        ],
+        rows,
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["env"] or {}
-    lines = [f"# GPU check: {env.get('gpu', 'no GPU')}",
-             "", f"python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
-             f"triton {env.get('triton', '-')}; importable: "
-             + ", ".join(f"{k[4:]} {'yes' if v else 'no'}" for k, v in env.items()
-                         if k.startswith("has_")), "", "## Parts", ""]
-    lines += _table(["part", "exit status", "seconds", "note"],
-                    [[p["part"], p["exit_status"], f"{p['seconds']:.0f}", p["note"]]
-                     for p in report["parts"]])
+    lines = [
+        f"# GPU check: {env.get('gpu', 'no GPU')}",
+        "",
+        f"python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+        f"triton {env.get('triton', '-')}; importable: "
+        + ", ".join(
+            f"{k[4:]} {'yes' if v else 'no'}" for k, v in env.items() if k.startswith("has_")
+        ),
+        "",
+        "## Parts",
+        "",
+    ]
+    lines += _table(
+        ["part", "exit status", "seconds", "note"],
+        [[p["part"], p["exit_status"], f"{p['seconds']:.0f}", p["note"]] for p in report["parts"]],
+    )
     tests = report["pytest"]
     if tests:
-        lines += ["", "## GPU tests (pytest -m gpu)", "",
-                  f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} "
-                  "skipped"]
+        lines += [
+            "",
+            "## GPU tests (pytest -m gpu)",
+            "",
+            f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped",
+        ]
         lines += [f"- FAILED {f['test']}: {f['message']}" for f in tests["failures"]]
         lines += [f"- skipped {s['test']}: {s['reason']}" for s in tests["skips"]]
     if report["kernels"]:
         lines += ["", "## Log-prob kernel", ""] + _kernel_lines(report["kernels"])
     trains = [t for t in report["train"] if t and t.get("ranks")]
     if trains:
-        lines += ["", "## Training steps: planner vs measured", "",
-                  "The trainer's step on a shape-only random model (`selm bench plan-check`); "
-                  "peak measured = CUDA max allocated; activations = bytes saved for backward "
-                  "(torch saved-tensor hooks).", ""] + _train_lines(trains)
+        lines += [
+            "",
+            "## Training steps: planner vs measured",
+            "",
+            "The trainer's step on a shape-only random model (`selm bench plan-check`); "
+            "peak measured = CUDA max allocated; activations = bytes saved for backward "
+            "(torch saved-tensor hooks).",
+            "",
+        ] + _train_lines(trains)
     logprob = report["logprob_path"]
     if logprob:
-        lines += ["", f"## Log-prob path in a training step ({logprob['shape']}, "
-                      f"{logprob['dtype']})", ""]
-        lines += _table(["path", "step s", "tokens/s", "TFLOP/s", "MFU", "peak GiB"],
-                        [[r["path"], f"{r['step_time_s']:.3f}", f"{r['tokens_per_s']:.0f}",
-                          f"{r['tflops']:.1f}", f"{r['mfu']:.3f}", f"{r['peak_memory_gib']:.2f}"]
-                         for r in logprob["rows"]])
+        lines += [
+            "",
+            f"## Log-prob path in a training step ({logprob['shape']}, {logprob['dtype']})",
+            "",
+        ]
+        lines += _table(
+            ["path", "step s", "tokens/s", "TFLOP/s", "MFU", "peak GiB"],
+            [
+                [
+                    r["path"],
+                    f"{r['step_time_s']:.3f}",
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['tflops']:.1f}",
+                    f"{r['mfu']:.3f}",
+                    f"{r['peak_memory_gib']:.2f}",
+                ]
+                for r in logprob["rows"]
+            ],
+        )
     generation = report.get("generation")
     if generation:
-        lines += ["", "## vLLM generation (tiny model)", "",
-                  f"{generation['generated_tokens']} tokens for {generation['num_prompts']} "
-                  f"prompts in {generation['seconds']:.2f} s ({generation['tokens_per_s']:.0f} "
-                  f"tokens/s), engine start {generation['engine_start_s']:.1f} s"]
+        lines += [
+            "",
+            "## vLLM generation (tiny model)",
+            "",
+            f"{generation['generated_tokens']} tokens for {generation['num_prompts']} "
+            f"prompts in {generation['seconds']:.2f} s ({generation['tokens_per_s']:.0f} "
+            f"tokens/s), engine start {generation['engine_start_s']:.1f} s",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selm_mcore.files import write_json_atomic, write_text_atomic
+    from selm_mcore.runtime.files import write_json_atomic, write_text_atomic
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "env":

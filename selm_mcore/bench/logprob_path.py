@@ -9,32 +9,54 @@ import time
 from typing import Any
 
 from selm_mcore.bench.common import format_table, peak_rss_mb
-from selm_mcore.metrics import ModelShape, device_peak, training_flops
-
+from selm_mcore.train.metrics import ModelShape, device_peak, training_flops
 
 LLAMA3_8B_SHAPE = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-    rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
-    attention_bias=False, mlp_bias=False)
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+)
 
 
-def random_examples(num_examples: int, prompt_tokens: int, response_tokens: int,
-                    vocab_size: int, seed: int, *, with_yref: bool = False) -> list:
+def random_examples(
+    num_examples: int,
+    prompt_tokens: int,
+    response_tokens: int,
+    vocab_size: int,
+    seed: int,
+    *,
+    with_yref: bool = False,
+) -> list:
     """Tokenised pairs of random ids, every prompt and response of the given length."""
     import torch
 
-    from selm_mcore.dataset import TokenizedExample
+    from selm_mcore.data.tokenize import TokenizedExample
 
     generator = torch.Generator().manual_seed(seed)
 
     def ids(n: int) -> tuple[int, ...]:
         return tuple(torch.randint(0, vocab_size, (n,), generator=generator).tolist())
 
-    return [TokenizedExample(index=i, prompt_ids=ids(prompt_tokens),
-                             chosen_ids=ids(response_tokens), rejected_ids=ids(response_tokens),
-                             yref_ids=ids(response_tokens) if with_yref else None)
-            for i in range(num_examples)]
+    return [
+        TokenizedExample(
+            index=i,
+            prompt_ids=ids(prompt_tokens),
+            chosen_ids=ids(response_tokens),
+            rejected_ids=ids(response_tokens),
+            yref_ids=ids(response_tokens) if with_yref else None,
+        )
+        for i in range(num_examples)
+    ]
 
 
 def _model_config(args):
@@ -77,21 +99,32 @@ def _time_steps(step, warmup_steps: int, steps: int) -> tuple[list[float], int]:
 
 
 def _print_table(rows: list[dict[str, Any]], args, shape_name: str, peak: dict) -> None:
-    print(f"one DPO training step, {shape_name}, {args.dtype}, TP1, "
-          f"{args.global_batch_size} pairs x 2 sequences x {args.seq_length} tokens per step "
-          f"(micro-batch {args.micro_batch_size} pairs), AdamW, median of {args.steps} steps after "
-          f"{args.warmup_steps} warm-up; peak: {peak['source']}")
-    print(format_table(rows, [
-        ("path", "log-prob path", ""), ("step_time_s", "step s", ".3f"),
-        ("tokens_per_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".3g"), ("mfu", "MFU", ".3f"),
-        ("peak_memory_gib", "peak GiB", ".2f")]))
+    print(
+        f"one DPO training step, {shape_name}, {args.dtype}, TP1, "
+        f"{args.global_batch_size} pairs x 2 sequences x {args.seq_length} tokens per step "
+        f"(micro-batch {args.micro_batch_size} pairs), AdamW, median of {args.steps} steps after "
+        f"{args.warmup_steps} warm-up; peak: {peak['source']}"
+    )
+    print(
+        format_table(
+            rows,
+            [
+                ("path", "log-prob path", ""),
+                ("step_time_s", "step s", ".3f"),
+                ("tokens_per_s", "tokens/s", ".0f"),
+                ("tflops", "TFLOP/s", ".3g"),
+                ("mfu", "MFU", ".3f"),
+                ("peak_memory_gib", "peak GiB", ".2f"),
+            ],
+        )
+    )
 
 
 def run_logprob_path(args) -> dict[str, Any]:
     """DPO training steps of one model with each log-prob path; tokens/s, MFU, peak memory."""
     import torch
-    from selm_mcore.dataset import PreferenceDataset
-    from selm_mcore.loss import selm_loss
+
+    from selm_mcore.data.tokenize import PreferenceDataset
     from selm_mcore.mcore.forward import (
         collate_micro_batches,
         megatron_ce_sequence_logps,
@@ -100,6 +133,7 @@ def run_logprob_path(args) -> dict[str, Any]:
     )
     from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.train.loss import selm_loss
 
     torch.set_num_threads(args.threads)
     hf_config, shape_name = _model_config(args)
@@ -114,18 +148,26 @@ def run_logprob_path(args) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
         seq_len = args.seq_length
         prompt_tokens = seq_len // 2
-        examples = random_examples(args.global_batch_size * (args.warmup_steps + args.steps),
-                                    prompt_tokens, seq_len - prompt_tokens, vocab_size, seed=0)
+        examples = random_examples(
+            args.global_batch_size * (args.warmup_steps + args.steps),
+            prompt_tokens,
+            seq_len - prompt_tokens,
+            vocab_size,
+            seed=0,
+        )
         dataset = PreferenceDataset(examples)
         mbs = args.micro_batch_size
         peak = device_peak("cuda" if on_gpu else "cpu", args.threads)
 
         def step(paths_fn, step_index: int) -> int:
             first = step_index * args.global_batch_size
-            groups = [list(range(first + i, first + i + mbs))
-                      for i in range(0, args.global_batch_size, mbs)]
-            micro_batches = collate_micro_batches(dataset, groups, pad_id=0,
-                                                  pad_to_multiple_of=1, device=ctx.device)
+            groups = [
+                list(range(first + i, first + i + mbs))
+                for i in range(0, args.global_batch_size, mbs)
+            ]
+            micro_batches = collate_micro_batches(
+                dataset, groups, pad_id=0, pad_to_multiple_of=1, device=ctx.device
+            )
 
             def loss_fn(micro_batch, output):
                 seq = paths_fn(output, micro_batch.batch)
@@ -140,29 +182,45 @@ def run_logprob_path(args) -> dict[str, Any]:
             return sum(mb.num_tokens for mb in micro_batches)
 
         paths = {
-            "fused": lambda out, batch: sequence_logps(out, batch, tp_group=None,
-                                                        vocab_size=vocab_size),
+            "fused": lambda out, batch: sequence_logps(
+                out, batch, tp_group=None, vocab_size=vocab_size
+            ),
             "megatron-ce": megatron_ce_sequence_logps,
         }
         rows = []
         for name in args.paths:
             fn = paths[name]
-            times, tokens = _time_steps(functools.partial(step, fn), args.warmup_steps,
-                                        args.steps)
+            times, tokens = _time_steps(functools.partial(step, fn), args.warmup_steps, args.steps)
             tokens_per_step = tokens / args.steps
             step_time = statistics.median(times)
-            flops = training_flops(shape, [seq_len] * (2 * args.global_batch_size),
-                                   reference_forward=False)["policy"]
-            rows.append({
-                "path": name, "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
-                "tflops": flops / step_time / 1e12, "mfu": flops / step_time / peak["flops"],
-                "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30 if on_gpu
-                                    else peak_rss_mb() / 1024),
-            })
+            flops = training_flops(
+                shape, [seq_len] * (2 * args.global_batch_size), reference_forward=False
+            )["policy"]
+            rows.append(
+                {
+                    "path": name,
+                    "step_time_s": step_time,
+                    "tokens_per_s": tokens_per_step / step_time,
+                    "tflops": flops / step_time / 1e12,
+                    "mfu": flops / step_time / peak["flops"],
+                    "peak_memory_gib": (
+                        torch.cuda.max_memory_allocated() / 2**30
+                        if on_gpu
+                        else peak_rss_mb() / 1024
+                    ),
+                }
+            )
     finally:
         destroy_parallel()
     _print_table(rows, args, shape_name, peak)
-    return {"mode": "logprob-path", "shape": shape_name, "dtype": args.dtype,
-            "layers": hf_config.num_hidden_layers, "seq_length": args.seq_length,
-            "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
-            "peak": peak, "rows": rows}
+    return {
+        "mode": "logprob-path",
+        "shape": shape_name,
+        "dtype": args.dtype,
+        "layers": hf_config.num_hidden_layers,
+        "seq_length": args.seq_length,
+        "micro_batch_size": args.micro_batch_size,
+        "global_batch_size": args.global_batch_size,
+        "peak": peak,
+        "rows": rows,
+    }

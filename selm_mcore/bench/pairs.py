@@ -6,8 +6,8 @@ import json
 import math
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from selm_mcore.bench.common import BenchError
 
@@ -23,8 +23,10 @@ def word_token_ids(tokenizer) -> list[int]:
         if len(text) >= 3 and text[0] == " " and text[1:].isalpha() and text[1:].isascii():
             ids.append(token_id)
     if len(ids) < 20:
-        raise BenchError(f"the tokenizer has only {len(ids)} ' word' tokens; the benchmark's "
-                         "synthetic text needs a byte-level BPE tokenizer with English words")
+        raise BenchError(
+            f"the tokenizer has only {len(ids)} ' word' tokens; the benchmark's "
+            "synthetic text needs a byte-level BPE tokenizer with English words"
+        )
     return ids
 
 
@@ -40,9 +42,17 @@ REALISTIC_PROMPT = dict(median=150, sigma=0.9, low=8, high=512)
 REALISTIC_RESPONSE = dict(median=300, sigma=0.7, low=4, total=1024)
 
 
-def pair_lengths(profile: str, num_pairs: int, *, prompt_tokens: int, chosen_tokens: int,
-                 rejected_tokens: int, with_yref: bool, scale: float = 1.0,
-                 seed: int = 0) -> list[tuple[int, int, int, int]]:
+def pair_lengths(
+    profile: str,
+    num_pairs: int,
+    *,
+    prompt_tokens: int,
+    chosen_tokens: int,
+    rejected_tokens: int,
+    with_yref: bool,
+    scale: float = 1.0,
+    seed: int = 0,
+) -> list[tuple[int, int, int, int]]:
     """Target (prompt, chosen, rejected, y_ref) token lengths of each pair (y_ref 0 without).
 
     ``uniform``: the given lengths for every pair (y_ref as long as chosen); ``realistic``: drawn
@@ -63,26 +73,40 @@ def pair_lengths(profile: str, num_pairs: int, *, prompt_tokens: int, chosen_tok
     for _ in range(num_pairs):
         prompt = draw(**REALISTIC_PROMPT)
         room = REALISTIC_RESPONSE["total"] - prompt / scale
-        responses = [draw(REALISTIC_RESPONSE["median"], REALISTIC_RESPONSE["sigma"],
-                          REALISTIC_RESPONSE["low"], room) for _ in range(3)]
+        responses = [
+            draw(
+                REALISTIC_RESPONSE["median"],
+                REALISTIC_RESPONSE["sigma"],
+                REALISTIC_RESPONSE["low"],
+                room,
+            )
+            for _ in range(3)
+        ]
         out.append((prompt, responses[0], responses[1], responses[2] if with_yref else 0))
     return out
 
 
-def write_benchmark_pairs(path: str | os.PathLike, tokenizer, lengths: Sequence[tuple], *,
-                          max_length: int = 1024, max_prompt_length: int = 512,
-                          seed: int = 0) -> list:
+def write_benchmark_pairs(
+    path: str | os.PathLike,
+    tokenizer,
+    lengths: Sequence[tuple],
+    *,
+    max_length: int = 1024,
+    max_prompt_length: int = 512,
+    seed: int = 0,
+) -> list:
     """Write one synthetic preference row per (prompt, chosen, rejected, y_ref) target length
     and return their TokenizedExamples.
 
-    Rows follow the training schema (``selm_mcore.data``: prompt, chosen/rejected conversations,
+    Rows follow the training schema (``selm_mcore.data.rows``: prompt, chosen/rejected
+    conversations,
     ``reference_response`` when y_ref > 0) and also carry the token ids our data pipeline made
     of them (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), so a peer that reads the ids
     trains on exactly our sequences. Lengths are targets: random word tokens re-encode to about
     the asked count (the tables report the real counts); our truncation rules then apply.
     """
-    from selm_mcore.data import read_rows
-    from selm_mcore.dataset import PreferenceDataset, encode_prompt
+    from selm_mcore.data.rows import read_rows
+    from selm_mcore.data.tokenize import PreferenceDataset, encode_prompt
 
     rng = random.Random(seed)
     pool = word_token_ids(tokenizer)
@@ -97,23 +121,29 @@ def write_benchmark_pairs(path: str | os.PathLike, tokenizer, lengths: Sequence[
         record = {
             "prompt_id": f"bench-{i:05d}",
             "prompt": prompt,
-            "chosen": user + [{"role": "assistant",
-                               "content": words(tokenizer, pool, rng, chosen_tokens - 1)}],
-            "rejected": user + [{"role": "assistant",
-                                 "content": words(tokenizer, pool, rng, rejected_tokens - 1)}],
+            "chosen": user
+            + [{"role": "assistant", "content": words(tokenizer, pool, rng, chosen_tokens - 1)}],
+            "rejected": user
+            + [{"role": "assistant", "content": words(tokenizer, pool, rng, rejected_tokens - 1)}],
         }
         if yref_tokens > 0:
             record["reference_response"] = words(tokenizer, pool, rng, yref_tokens - 1)
         records.append(record)
     tmp = path.with_name(path.stem + ".tmp.jsonl")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    dataset = PreferenceDataset.from_rows(read_rows(tmp, kind="preference").rows, tokenizer,
-                                          max_length=max_length,
-                                          max_prompt_length=max_prompt_length)
+    dataset = PreferenceDataset.from_rows(
+        read_rows(tmp, kind="preference").rows,
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
     with open(tmp, "w") as f:
         for record, example in zip(records, dataset.examples):
-            record.update(prompt_ids=list(example.prompt_ids), chosen_ids=list(example.chosen_ids),
-                          rejected_ids=list(example.rejected_ids))
+            record.update(
+                prompt_ids=list(example.prompt_ids),
+                chosen_ids=list(example.chosen_ids),
+                rejected_ids=list(example.rejected_ids),
+            )
             f.write(json.dumps(record) + "\n")
     tmp.replace(path)
     return dataset.examples
@@ -130,11 +160,24 @@ def pairs_for(cfg, args, workdir: Path, *, num_pairs: int, with_yref: bool) -> P
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     path = workdir / "pairs.jsonl"
-    lengths = pair_lengths(args.profile, num_pairs, prompt_tokens=args.prompt_tokens,
-                           chosen_tokens=args.chosen_tokens, rejected_tokens=args.rejected_tokens,
-                           with_yref=with_yref, scale=args.length_scale, seed=cfg.train.seed)
-    write_benchmark_pairs(path, tokenizer, lengths, max_length=cfg.data.max_length,
-                          max_prompt_length=cfg.data.max_prompt_length, seed=cfg.train.seed)
+    lengths = pair_lengths(
+        args.profile,
+        num_pairs,
+        prompt_tokens=args.prompt_tokens,
+        chosen_tokens=args.chosen_tokens,
+        rejected_tokens=args.rejected_tokens,
+        with_yref=with_yref,
+        scale=args.length_scale,
+        seed=cfg.train.seed,
+    )
+    write_benchmark_pairs(
+        path,
+        tokenizer,
+        lengths,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        seed=cfg.train.seed,
+    )
     return path
 
 
@@ -142,17 +185,20 @@ def pair_stats(examples: Sequence) -> dict[str, float]:
     """Mean tokens per pair of ``examples``: prompt, responses (all of a pair), sequences fed
     unpacked (prompt once per response)."""
     n = max(len(examples), 1)
-    return {"prompt_tokens_per_pair": sum(len(e.prompt_ids) for e in examples) / n,
-            "response_tokens_per_pair": sum(len(r) for e in examples for r in e.responses) / n,
-            "sequence_tokens_per_pair": sum(sequence_lengths(examples)) / n}
+    return {
+        "prompt_tokens_per_pair": sum(len(e.prompt_ids) for e in examples) / n,
+        "response_tokens_per_pair": sum(len(r) for e in examples for r in e.responses) / n,
+        "sequence_tokens_per_pair": sum(sequence_lengths(examples)) / n,
+    }
 
 
-def benchmark_prompts(tokenizer, *, num_prompts: int, prompt_tokens: int, path: str = "",
-                      seed: int = 0) -> list[list[dict[str, str]]]:
+def benchmark_prompts(
+    tokenizer, *, num_prompts: int, prompt_tokens: int, path: str = "", seed: int = 0
+) -> list[list[dict[str, str]]]:
     """Prompt conversations: the first ``num_prompts`` rows of ``path`` (any training/prompt file),
     else synthetic user turns of about ``prompt_tokens`` tokens."""
     if path:
-        from selm_mcore.data import read_rows
+        from selm_mcore.data.rows import read_rows
 
         rows = read_rows(path, kind="prompt").rows[:num_prompts]
         if len(rows) < num_prompts:
@@ -160,5 +206,7 @@ def benchmark_prompts(tokenizer, *, num_prompts: int, prompt_tokens: int, path: 
         return [list(r.prompt_messages) for r in rows]
     rng = random.Random(seed)
     pool = word_token_ids(tokenizer)
-    return [[{"role": "user", "content": words(tokenizer, pool, rng, prompt_tokens)}]
-            for _ in range(num_prompts)]
+    return [
+        [{"role": "user", "content": words(tokenizer, pool, rng, prompt_tokens)}]
+        for _ in range(num_prompts)
+    ]

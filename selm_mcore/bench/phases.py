@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.bench.common import BenchError, cuda_available, format_table, load_cfg
-from selm_mcore.metrics import ModelShape, device_peak, forward_flops
-
+from selm_mcore.train.metrics import ModelShape, device_peak, forward_flops
 
 PHASE_ORDER = ("portion", "export", "generate", "rank", "refpass", "train", "report")
 
@@ -18,7 +17,7 @@ PHASE_ORDER = ("portion", "export", "generate", "rank", "refpass", "train", "rep
 def phase_times(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """Seconds per phase of each round (and ``final``) from ``WORKDIR/manifest.json``.
 
-    The online loop records each finished phase's wall time there (``selm_mcore.online``); a
+    The online loop records each finished phase's wall time there (``selm_mcore.loop.online``); a
     phase skipped on resume keeps the time of the run that did it.
     """
     path = Path(workdir) / "manifest.json"
@@ -39,8 +38,11 @@ def run_phases_mode(args) -> dict[str, Any]:
     rows = phase_times(args.workdir)
     seen = [p for p in PHASE_ORDER if any(p in r for r in rows)]
     extra = sorted({k for r in rows for k in r} - set(PHASE_ORDER) - {"round", "total"})
-    columns = [("round", "round", "")] + [(p, f"{p} s", ".1f") for p in seen + extra] + \
-        [("total", "total s", ".1f")]
+    columns = (
+        [("round", "round", "")]
+        + [(p, f"{p} s", ".1f") for p in seen + extra]
+        + [("total", "total s", ".1f")]
+    )
     print(f"time per phase of {args.workdir} (from manifest.json)")
     print(format_table(rows, columns))
     return {"mode": "phases", "workdir": str(args.workdir), "rounds": rows}
@@ -53,9 +55,17 @@ def run_flops(args) -> dict[str, Any]:
     peak = device_peak("cuda" if cuda_available() else "cpu", args.threads)
     print(f"{cfg.model.hf_dir}: {asdict(shape)}")
     print(f"N (matmul params per token) = {shape.matmul_params():,}")
-    print(f"forward of one {args.seq_length}-token sequence = {per_seq:.4g} FLOP "
-          f"(2*N*s = {2 * shape.matmul_params() * args.seq_length:.4g} + causal attention)")
+    print(
+        f"forward of one {args.seq_length}-token sequence = {per_seq:.4g} FLOP "
+        f"(2*N*s = {2 * shape.matmul_params() * args.seq_length:.4g} + causal attention)"
+    )
     print(f"training (policy fwd+bwd) per token = {3 * per_seq / args.seq_length:.4g} FLOP")
     print(f"device peak: {peak['source']}")
-    return {"mode": "flops", "shape": asdict(shape), "matmul_params": shape.matmul_params(),
-            "forward_flops_per_sequence": per_seq, "seq_length": args.seq_length, "peak": peak}
+    return {
+        "mode": "flops",
+        "shape": asdict(shape),
+        "matmul_params": shape.matmul_params(),
+        "forward_flops_per_sequence": per_seq,
+        "seq_length": args.seq_length,
+        "peak": peak,
+    }

@@ -4,7 +4,8 @@
 ``TEDotProductAttention``) in the layer spec when ``data.packing`` is ``pack`` or
 ``shared_prompt``. Megatron hands it query [T, B, np, hn] and key/value [T, B, ng, hn] (this
 rank's heads) and, in the ``attention_mask`` slot, the packed layout: the int64 CPU tensor
-``segments`` [G, 6] of ``selm_mcore.packing`` (one row per group: row, start, prompt_len, r1, r2,
+``segments`` [G, 6] of ``selm_mcore.data.packing`` (one row per group: row, start, prompt_len, r1,
+r2,
 r3). It returns the context [T, B, np * hn]; padding positions get zeros.
 
 The shared-prompt mask (response k sees the prompt and itself causally) is computed as two
@@ -76,26 +77,35 @@ def varlen_plan(segments: torch.Tensor, row_length: int, device: torch.device) -
             offset += length
 
     def cumulative(lengths: list[int]) -> torch.Tensor:
-        return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(
-            device)
+        return (
+            torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        )
 
     def index(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
     has_responses = bool(query_lens)
     return VarlenPlan(
-        prompt_index=index(prompt_index), prompt_cu=cumulative(prompt_lens),
+        prompt_index=index(prompt_index),
+        prompt_cu=cumulative(prompt_lens),
         prompt_max=max(prompt_lens, default=0),
         query_index=index(query_index) if has_responses else None,
         query_cu=cumulative(query_lens) if has_responses else None,
         query_max=max(query_lens, default=0),
         key_index=index(key_index) if has_responses else None,
         key_cu=cumulative(key_lens) if has_responses else None,
-        key_max=max(key_lens, default=0))
+        key_max=max(key_lens, default=0),
+    )
 
 
-def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     plan: VarlenPlan, scale: float, attend) -> torch.Tensor:
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: VarlenPlan,
+    scale: float,
+    attend,
+) -> torch.Tensor:
     """Context [B*T, np, hn] of flattened q [B*T, np, hn], k/v [B*T, ng, hn] through ``attend``
     (``flash_attn_varlen_func``'s signature: q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
     positions outside every group are zero."""
@@ -104,15 +114,17 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         q = query.index_select(0, plan.prompt_index)
         k = key.index_select(0, plan.prompt_index)
         v = value.index_select(0, plan.prompt_index)
-        context = attend(q, k, v, plan.prompt_cu, plan.prompt_cu, plan.prompt_max,
-                         plan.prompt_max, scale, True)
+        context = attend(
+            q, k, v, plan.prompt_cu, plan.prompt_cu, plan.prompt_max, plan.prompt_max, scale, True
+        )
         out = out.index_copy(0, plan.prompt_index, context)
     if plan.query_index is not None:
         q = query.index_select(0, plan.query_index)
         k = key.index_select(0, plan.key_index)
         v = value.index_select(0, plan.key_index)
-        context = attend(q, k, v, plan.query_cu, plan.key_cu, plan.query_max, plan.key_max,
-                         scale, True)
+        context = attend(
+            q, k, v, plan.query_cu, plan.key_cu, plan.query_max, plan.key_max, scale, True
+        )
         out = out.index_copy(0, plan.query_index, context)
     return out
 
@@ -121,8 +133,9 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
     """flash-attn's varlen kernel (bottom-right aligned causal mask)."""
     from flash_attn import flash_attn_varlen_func
 
-    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
-                                  causal=causal)
+    return flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal
+    )
 
 
 def sdpa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
@@ -131,25 +144,28 @@ def sdpa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
     outputs = []
     cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cu_q) - 1):
-        qs, ks, vs = (q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]])
+        qs, ks, vs = (q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]], v[cu_k[i] : cu_k[i + 1]])
         outputs.append(_sdpa_bottom_right(qs, ks, vs, scale))
     return torch.cat(outputs) if outputs else q.new_zeros(q.shape)
 
 
-def _sdpa_bottom_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scale: float) -> torch.Tensor:
+def _sdpa_bottom_right(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Causal attention of q [L, np, hn] over k/v [S, ng, hn], S >= L, diagonal at the bottom
     right: query i sees keys j <= i + S - L."""
     length, keys = q.shape[0], k.shape[0]
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     gqa = qt.shape[0] != kt.shape[0]
     if keys == length:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa
+        )
     else:
         mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(keys - length)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
     return out.transpose(0, 1)
 
 
@@ -164,26 +180,44 @@ def _flash_available() -> bool:
 class PackedAttention(MegatronModule):
     """Megatron core attention over a packed layout (module docstring)."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type=None,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 **unused):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type=None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **unused,
+    ):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError(f"PackedAttention has no attention dropout (got {dropout}); set "
-                             "attention_dropout=0 or data.packing=none")
+            raise ValueError(
+                f"PackedAttention has no attention dropout (got {dropout}); set "
+                "attention_dropout=0 or data.packing=none"
+            )
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
         if config.apply_query_key_layer_scaling:
             raise ValueError("PackedAttention does not apply query-key layer scaling")
         self.use_flash = None  # decided at the first call (device of the activations)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
         if attention_mask is None or attention_mask.dtype != torch.long:
-            raise ValueError("PackedAttention needs the packed layout (int64 segments) in the "
-                             "attention_mask slot; pass PackedBatch.segments")
+            raise ValueError(
+                "PackedAttention needs the packed layout (int64 segments) in the "
+                "attention_mask slot; pass PackedBatch.segments"
+            )
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("PackedAttention takes neither attention_bias nor packed_seq_params")
         seq_len, batch, heads, head_dim = query.shape
@@ -191,8 +225,10 @@ class PackedAttention(MegatronModule):
             self.use_flash = query.is_cuda and _flash_available()
         plan = varlen_plan(attention_mask, seq_len, query.device)
         # [T, B, h, d] -> [B * T, h, d], the token order of the plan's indices
-        q, k, v = (x.transpose(0, 1).reshape(batch * seq_len, x.shape[2], head_dim)
-                   for x in (query, key, value))
+        q, k, v = (
+            x.transpose(0, 1).reshape(batch * seq_len, x.shape[2], head_dim)
+            for x in (query, key, value)
+        )
         attend = flash_varlen if self.use_flash else sdpa_varlen
         context = varlen_attention(q, k, v, plan, self.softmax_scale, attend)
         return context.view(batch, seq_len, heads * head_dim).transpose(0, 1).contiguous()

@@ -42,19 +42,25 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from selm_mcore.errors import naming_write_errors
-from selm_mcore.files import read_checksums, replace_dir, verify_checksums, write_text_atomic
 from selm_mcore.mcore.checksums import record_checksums, verify_checksums_together
 from selm_mcore.mcore.model import build_model, load_hf_config
 from selm_mcore.mcore.parallel import ParallelContext
 from selm_mcore.mcore.weights import hf_config_of, load_hf_weights, write_hf_config_files
+from selm_mcore.runtime.errors import naming_write_errors
+from selm_mcore.runtime.files import (
+    read_checksums,
+    replace_dir,
+    verify_checksums,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +107,24 @@ def _sharded_state_dict(models: Sequence) -> dict:
     # ShardedTensors are global (layer axis, vocab rows), so the checkpoint does not depend on
     # tp, pp or vpp. Modules' "_extra_state" (Transformer Engine FP8 metadata, None in the
     # local spec) is left out, so a checkpoint also moves between the local and the TE spec.
-    return {f"chunk{i}": {key: value for key, value in model.sharded_state_dict(prefix="").items()
-                          if not key.endswith("_extra_state")}
-            for i, model in enumerate(models)}
+    return {
+        f"chunk{i}": {
+            key: value
+            for key, value in model.sharded_state_dict(prefix="").items()
+            if not key.endswith("_extra_state")
+        }
+        for i, model in enumerate(models)
+    }
 
 
-def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str | os.PathLike,
-                          hf_config=None, tokenizer_dir: str | os.PathLike | None = None,
-                          extra_meta: dict | None = None) -> None:
+def save_model_checkpoint(
+    models: Sequence,
+    ctx: ParallelContext,
+    ckpt_dir: str | os.PathLike,
+    hf_config=None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    extra_meta: dict | None = None,
+) -> None:
     """Save the model as a selm-mcore checkpoint folder (every rank calls this).
 
     Writes M/model (Megatron dist checkpoint, torch_dist), M/hf (config + tokenizer files from
@@ -122,7 +138,8 @@ def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str 
     if ctx.rank == 0:
         if model_dir.exists() and any(model_dir.iterdir()):
             raise CheckpointError(
-                f"{model_dir} exists and is not empty; remove it or save to another folder")
+                f"{model_dir} exists and is not empty; remove it or save to another folder"
+            )
         model_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / META_FILE).unlink(missing_ok=True)
     dist.barrier()
@@ -130,8 +147,9 @@ def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str 
     with naming_write_errors(model_dir, needed_bytes=weight_bytes):
         dist_checkpointing.save(_sharded_state_dict(models), str(model_dir))
     if ctx.rank == 0:
-        write_hf_config_files(hf_config, ckpt_dir / "hf",
-                              Path(tokenizer_dir) if tokenizer_dir else None)
+        write_hf_config_files(
+            hf_config, ckpt_dir / "hf", Path(tokenizer_dir) if tokenizer_dir else None
+        )
         params_dtype = next(models[0].parameters()).dtype
         meta = {
             "format": CHECKPOINT_FORMAT,
@@ -141,7 +159,9 @@ def save_model_checkpoint(models: Sequence, ctx: ParallelContext, ckpt_dir: str 
             "hidden_size": hf_config.hidden_size,
             "tie_word_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
             "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[params_dtype],
-            "tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp,
+            "tp": ctx.tp,
+            "pp": ctx.pp,
+            "vpp": ctx.vpp,
             **(extra_meta or {}),
         }
         (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -157,19 +177,23 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
     if not meta_path.is_file():
         raise CheckpointError(
             f"{meta_path} not found: {ckpt_dir} is not a complete selm-mcore checkpoint (an "
-            "interrupted save, or an HF folder: convert it with tools/convert_hf/hf_to_mcore.py)")
+            "interrupted save, or an HF folder: convert it with tools/convert_hf/hf_to_mcore.py)"
+        )
     _verify_small_files(ckpt_dir)
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}, this version "
-                              f"reads {CHECKPOINT_FORMAT!r}")
+        raise CheckpointError(
+            f"{meta_path} has format {meta.get('format')!r}, this version "
+            f"reads {CHECKPOINT_FORMAT!r}"
+        )
     if not (ckpt_dir / "model").is_dir() or not (ckpt_dir / "hf" / "config.json").is_file():
         raise CheckpointError(f"{ckpt_dir} lacks model/ or hf/config.json")
     return meta
 
 
-def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
-                          ckpt_dir: str | os.PathLike, meta: dict | None = None) -> dict:
+def load_model_checkpoint(
+    models: Sequence, ctx: ParallelContext, ckpt_dir: str | os.PathLike, meta: dict | None = None
+) -> dict:
     """Load a selm-mcore checkpoint into this rank's chunks (any tp/pp/vpp); returns its meta
     (``meta``: as ``read_checkpoint_meta`` already returned it, not read and checked again).
 
@@ -189,12 +213,16 @@ def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
             f"{meta['padded_vocab_size']}), but the model has vocab_size={hf_config.vocab_size} "
             f"(padded {model_padded}); build the model from the checkpoint's hf/config.json with "
             f"padded_vocab={meta['padded_vocab_size']} (selm_mcore.mcore.checkpoint."
-            "build_model_from_checkpoint)")
-    for key, value in (("num_layers", hf_config.num_hidden_layers),
-                       ("hidden_size", hf_config.hidden_size)):
+            "build_model_from_checkpoint)"
+        )
+    for key, value in (
+        ("num_layers", hf_config.num_hidden_layers),
+        ("hidden_size", hf_config.hidden_size),
+    ):
         if meta[key] != value:
-            raise CheckpointError(f"checkpoint {ckpt_dir} has {key}={meta[key]}, the model "
-                                  f"{key}={value}")
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} has {key}={meta[key]}, the model {key}={value}"
+            )
     verify_checksums_together(ckpt_dir, ctx, fix=corruption_fix(ckpt_dir), under=("model",))
     state = load_dist_checkpoint(_sharded_state_dict(models), ckpt_dir / "model")
     for i, model in enumerate(models):
@@ -202,47 +230,82 @@ def load_model_checkpoint(models: Sequence, ctx: ParallelContext,
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing:
             raise CheckpointError(f"checkpoint {ckpt_dir} did not provide {missing}")
-    logger.info("loaded Megatron checkpoint %s (saved at tp=%s pp=%s) at tp=%d pp=%d", ckpt_dir,
-                meta.get("tp"), meta.get("pp"), ctx.tp, ctx.pp)
+    logger.info(
+        "loaded Megatron checkpoint %s (saved at tp=%s pp=%s) at tp=%d pp=%d",
+        ckpt_dir,
+        meta.get("tp"),
+        meta.get("pp"),
+        ctx.tp,
+        ctx.pp,
+    )
     return meta
 
 
-def build_model_from_checkpoint(ckpt_dir: str | os.PathLike, ctx: ParallelContext, *,
-                                params_dtype: torch.dtype | None = None, recompute: bool = False,
-                                packed: bool = False):
+def build_model_from_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    ctx: ParallelContext,
+    *,
+    params_dtype: torch.dtype | None = None,
+    recompute: bool = False,
+    packed: bool = False,
+):
     """(models, hf_config, meta): build the model for a checkpoint folder and load it."""
     meta = read_checkpoint_meta(ckpt_dir)
     hf_config = load_hf_config(Path(ckpt_dir) / "hf")
     dtype = params_dtype or DTYPES[meta.get("dtype", "fp32")]
-    models = build_model(hf_config, ctx, params_dtype=dtype,
-                         padded_vocab=meta["padded_vocab_size"], recompute=recompute,
-                         init_weights=False, packed=packed)
+    models = build_model(
+        hf_config,
+        ctx,
+        params_dtype=dtype,
+        padded_vocab=meta["padded_vocab_size"],
+        recompute=recompute,
+        init_weights=False,
+        packed=packed,
+    )
     load_model_checkpoint(models, ctx, ckpt_dir, meta)
     return models, hf_config, meta
 
 
-def load_policy(source: str | Path, ctx: ParallelContext, model_cfg, *,
-                recompute: bool = False, packed: bool = False) -> tuple[list, Any]:
+def load_policy(
+    source: str | Path,
+    ctx: ParallelContext,
+    model_cfg,
+    *,
+    recompute: bool = False,
+    packed: bool = False,
+) -> tuple[list, Any]:
     """(model chunks, HF config) of ``source``: a Megatron checkpoint folder or an HF folder.
     ``packed``: the chunks take packed micro-batches (``selm_mcore.mcore.model.build_model``)."""
     dtype = DTYPES[model_cfg.dtype]
     if is_megatron_checkpoint(source):
-        models, hf_config, _ = build_model_from_checkpoint(source, ctx, params_dtype=dtype,
-                                                           recompute=recompute, packed=packed)
+        models, hf_config, _ = build_model_from_checkpoint(
+            source, ctx, params_dtype=dtype, recompute=recompute, packed=packed
+        )
         return models, hf_config
-    verify_checksums_together(source, ctx, fix=f"export {source} again (selm convert "
-                              "mcore-to-hf --overwrite) or point at an intact copy",
-                              expected=False)
+    verify_checksums_together(
+        source,
+        ctx,
+        fix=f"export {source} again (selm convert "
+        "mcore-to-hf --overwrite) or point at an intact copy",
+        expected=False,
+    )
     hf_config = load_hf_config(source)
-    models = build_model(hf_config, ctx, params_dtype=dtype, recompute=recompute,
-                         make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
-                         init_weights=False, packed=packed)
+    models = build_model(
+        hf_config,
+        ctx,
+        params_dtype=dtype,
+        recompute=recompute,
+        make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
+        init_weights=False,
+        packed=packed,
+    )
     load_hf_weights(models, source, ctx)
     return models, hf_config
 
 
-def load_frozen_policy(source: str | Path, ctx: ParallelContext, model_cfg, *,
-                       packed: bool = False) -> list:
+def load_frozen_policy(
+    source: str | Path, ctx: ParallelContext, model_cfg, *, packed: bool = False
+) -> list:
     """The model chunks of ``source`` in eval mode and without gradients (a reference)."""
     models, _ = load_policy(source, ctx, model_cfg, packed=packed)
     for model in models:
@@ -252,8 +315,14 @@ def load_frozen_policy(source: str | Path, ctx: ParallelContext, model_cfg, *,
     return models
 
 
-def save_model_atomic(models: Sequence, ctx: ParallelContext, out_dir: str | Path, *,
-                      hf_config, tokenizer_dir: str | Path | None) -> Path:
+def save_model_atomic(
+    models: Sequence,
+    ctx: ParallelContext,
+    out_dir: str | Path,
+    *,
+    hf_config,
+    tokenizer_dir: str | Path | None,
+) -> Path:
     """Save a model-only checkpoint folder via a temp folder renamed into place."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -293,15 +362,21 @@ def _latest_target(root: Path, latest: Path) -> Path:
     """The folder ``latest`` names: a plain name of a folder directly inside ``root``; a path
     (``../x``, ``/abs``, ``a/b``) or a symlink leading out of ``root`` is refused."""
     name = latest.read_text().strip()
-    fix = (f"write the name of a step folder of {root} (e.g. {step_dir_name(1)}) into it, or "
-           "delete it to start over")
+    fix = (
+        f"write the name of a step folder of {root} (e.g. {step_dir_name(1)}) into it, or "
+        "delete it to start over"
+    )
     if not name or name != Path(name).name or name in (".", ".."):
-        raise ResumeError(f"{latest} names {name!r}, not a folder inside {root} (only a plain "
-                          f"folder name is accepted); {fix}")
+        raise ResumeError(
+            f"{latest} names {name!r}, not a folder inside {root} (only a plain "
+            f"folder name is accepted); {fix}"
+        )
     path = root / name
     if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
-        raise ResumeError(f"{latest} names {path}, a link leading out of {root}; checkpoints "
-                          f"are read only from inside their folder; {fix}")
+        raise ResumeError(
+            f"{latest} names {path}, a link leading out of {root}; checkpoints "
+            f"are read only from inside their folder; {fix}"
+        )
     return path
 
 
@@ -310,15 +385,19 @@ def find_latest(root: str | Path) -> Path | None:
     root = Path(root)
     latest = root / LATEST_FILE
     if latest.is_symlink():
-        raise ResumeError(f"{latest} is a symlink; it must be a file naming a step folder of "
-                          f"{root}; delete it to start over")
+        raise ResumeError(
+            f"{latest} is a symlink; it must be a file naming a step folder of "
+            f"{root}; delete it to start over"
+        )
     if not latest.is_file():
         return None
     path = _latest_target(root, latest)
     if not (path / "train" / "state.json").is_file():
-        raise ResumeError(f"{latest} names {path}, which is not a complete checkpoint (no "
-                          "train/state.json); delete the folder and the `latest` file to "
-                          "restart, or point train.output_dir elsewhere")
+        raise ResumeError(
+            f"{latest} names {path}, which is not a complete checkpoint (no "
+            "train/state.json); delete the folder and the `latest` file to "
+            "restart, or point train.output_dir elsewhere"
+        )
     return path
 
 
@@ -339,21 +418,30 @@ def _set_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available() and "torch_cuda" in tensors:
         torch.cuda.set_rng_state(tensors["torch_cuda"])
-    tracker_states = {k.split("/", 1)[1]: v for k, v in tensors.items()
-                      if k.startswith("tracker/")}
+    tracker_states = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("tracker/")}
     if tracker_states:
         tensor_parallel.get_cuda_rng_tracker().set_states(tracker_states)
 
 
 def _layout(ctx: ParallelContext) -> dict[str, Any]:
-    return {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp,
-            "dp": ctx.dp}
+    return {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp, "dp": ctx.dp}
 
 
-def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer, scheduler,
-                    data_state: dict[str, int], ctx: ParallelContext, hf_config,
-                    tokenizer_dir: str | Path | None, keep: int = 0,
-                    extra: dict[str, Any] | None = None, reshardable: bool = True) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    models: Sequence,
+    optimizer,
+    scheduler,
+    data_state: dict[str, int],
+    ctx: ParallelContext,
+    hf_config,
+    tokenizer_dir: str | Path | None,
+    keep: int = 0,
+    extra: dict[str, Any] | None = None,
+    reshardable: bool = True,
+) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically (every rank calls this).
 
     ``models`` are the unwrapped GPTModel chunks whose weights are current (with overlapped
@@ -389,10 +477,15 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
     _barrier(ctx)
     if ctx.rank == 0:
         layout = optimizer_state_layout(ctx, distributed_optimizers(optimizer)[0].ddp_config)
-        state = {"format": TRAIN_STATE_FORMAT, "step": step, "data": data_state,
-                 "scheduler": scheduler.state_dict(), "layout": _layout(ctx),
-                 "optimizer": {"format": sharding, "layout": layout},
-                 "extra": extra or {}}
+        state = {
+            "format": TRAIN_STATE_FORMAT,
+            "step": step,
+            "data": data_state,
+            "scheduler": scheduler.state_dict(),
+            "layout": _layout(ctx),
+            "optimizer": {"format": sharding, "layout": layout},
+            "extra": extra or {},
+        }
         with naming_write_errors(tmp / "train" / "state.json"):
             (tmp / "train" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     record_checksums(tmp / "train", ctx)
@@ -400,9 +493,12 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
         replace_dir(tmp, final)
         write_text_atomic(root / LATEST_FILE, final.name + "\n")
         if keep > 0:
-            older = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()
-                           and p.name != final.name and p.name < final.name)
-            for path in older[:max(0, len(older) - (keep - 1))]:
+            older = sorted(
+                p
+                for p in root.glob(f"{STEP_PREFIX}*")
+                if p.is_dir() and p.name != final.name and p.name < final.name
+            )
+            for path in older[: max(0, len(older) - (keep - 1))]:
                 shutil.rmtree(path, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     _barrier(ctx)
@@ -411,8 +507,10 @@ def save_checkpoint(root: str | Path, step: int, *, models: Sequence, optimizer,
 
 def _read_state_json(state_path: Path) -> dict:
     """state.json of a step checkpoint; an unreadable one names the file and the fix."""
-    fix = ("resume from an older checkpoint (write its folder name into the `latest` file next "
-           "to it) or set train.resume=false")
+    fix = (
+        "resume from an older checkpoint (write its folder name into the `latest` file next "
+        "to it) or set train.resume=false"
+    )
     try:
         state = json.loads(state_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -441,15 +539,22 @@ def read_train_state(path: str | Path) -> TrainState:
     verify_checksums(state_path.parent, ["state.json"], fix=corruption_fix(path))  # if listed
     state = _read_state_json(state_path)
     if state.get("format") != TRAIN_STATE_FORMAT:
-        raise ResumeError(f"{state_path} has format {state.get('format')!r}, this version reads "
-                          f"{TRAIN_STATE_FORMAT!r}")
-    return TrainState(step=int(state["step"]), data=state["data"], scheduler=state["scheduler"],
-                      extra={**state.get("extra", {}), "layout": state.get("layout", {})},
-                      optimizer=state.get("optimizer", {}))
+        raise ResumeError(
+            f"{state_path} has format {state.get('format')!r}, this version reads "
+            f"{TRAIN_STATE_FORMAT!r}"
+        )
+    return TrainState(
+        step=int(state["step"]),
+        data=state["data"],
+        scheduler=state["scheduler"],
+        extra={**state.get("extra", {}), "layout": state.get("layout", {})},
+        optimizer=state.get("optimizer", {}),
+    )
 
 
-def load_training_state(path: str | Path, *, models: Sequence, optimizer, scheduler,
-                        ctx: ParallelContext) -> TrainState:
+def load_training_state(
+    path: str | Path, *, models: Sequence, optimizer, scheduler, ctx: ParallelContext
+) -> TrainState:
     """Restore optimizer, scheduler and (same layout only) RNG from checkpoint ``path``.
 
     The model weights come from the same folder through ``build_model_from_checkpoint`` (before
@@ -478,9 +583,13 @@ def load_training_state(path: str | Path, *, models: Sequence, optimizer, schedu
     if saved_layout == _layout(ctx) and rng_file.is_file():
         _set_rng_tensors(load_rng_file(rng_file))
     else:
-        logger.warning("checkpoint %s was saved at layout %s, this run is %s: RNG states are not "
-                       "restored (training without dropout does not depend on them)", path,
-                       saved_layout, _layout(ctx))
+        logger.warning(
+            "checkpoint %s was saved at layout %s, this run is %s: RNG states are not "
+            "restored (training without dropout does not depend on them)",
+            path,
+            saved_layout,
+            _layout(ctx),
+        )
     logger.info("resumed from %s at step %d", path, state.step)
     return state
 
@@ -491,16 +600,28 @@ def corruption_fix(ckpt_dir: str | Path) -> str:
     ckpt_dir = Path(ckpt_dir)
     root = ckpt_dir.parent
     if not ckpt_dir.name.startswith(STEP_PREFIX):
-        return (f"re-create {ckpt_dir} (run the conversion or the training round that wrote it "
-                "again), or point at an intact copy")
-    earlier = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.name < ckpt_dir.name
-                      and (p / "train" / "state.json").is_file()), reverse=True)
+        return (
+            f"re-create {ckpt_dir} (run the conversion or the training round that wrote it "
+            "again), or point at an intact copy"
+        )
+    earlier = sorted(
+        (
+            p
+            for p in root.glob(f"{STEP_PREFIX}*")
+            if p.name < ckpt_dir.name and (p / "train" / "state.json").is_file()
+        ),
+        reverse=True,
+    )
     if earlier:
-        return (f"resume from the previous kept checkpoint {earlier[0]}: run `echo "
-                f"{earlier[0].name} > {root / LATEST_FILE}` and `rm -r {ckpt_dir}`, then start "
-                "the same command again")
-    return (f"no earlier checkpoint is kept in {root}: remove {ckpt_dir} and {root / LATEST_FILE}"
-            " and start over (or set train.resume=false / another train.output_dir)")
+        return (
+            f"resume from the previous kept checkpoint {earlier[0]}: run `echo "
+            f"{earlier[0].name} > {root / LATEST_FILE}` and `rm -r {ckpt_dir}`, then start "
+            "the same command again"
+        )
+    return (
+        f"no earlier checkpoint is kept in {root}: remove {ckpt_dir} and {root / LATEST_FILE}"
+        " and start over (or set train.resume=false / another train.output_dir)"
+    )
 
 
 def _verify_small_files(ckpt_dir: Path) -> None:
@@ -508,5 +629,6 @@ def _verify_small_files(ckpt_dir: Path) -> None:
     fix = corruption_fix(ckpt_dir)
     entries = read_checksums(ckpt_dir, fix=fix)
     if entries is not None:
-        verify_checksums(ckpt_dir, [n for n in sorted(entries) if not n.startswith("model/")],
-                         fix=fix)
+        verify_checksums(
+            ckpt_dir, [n for n in sorted(entries) if not n.startswith("model/")], fix=fix
+        )

@@ -7,7 +7,7 @@ Saving: each rank hashes the files it wrote itself right after writing them (Meg
 ``__<rank>_<n>.distcp`` shards, our ``rank_<rank>.safetensors`` RNG files), so the work is
 spread like the writes and reads what is still in the page cache; rank 0 hashes the rest (the
 dist checkpoint's metadata, JSON files) and writes ``folder/checksums.json``
-(``selm_mcore.files``) last. Every rank must call it.
+(``selm_mcore.runtime.files``) last. Every rank must call it.
 
 Loading: the listed files are dealt out to the ranks (largest first, round robin); each checks
 its share and every rank raises the same ``ChecksumError`` (the first bad file of the lowest
@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch.distributed as dist
 
-from selm_mcore.files import (
+from selm_mcore.runtime.files import (
     CHECKSUM_FILE,
     ChecksumError,
     checksum_files,
@@ -69,12 +69,14 @@ def record_checksums(folder: str | os.PathLike, ctx, under: Iterable[str] = ("",
 
 
 def _selected(name: str, under: tuple[str, ...]) -> bool:
-    return any(not part or name == part or name.startswith(part.rstrip("/") + "/")
-               for part in under)
+    return any(
+        not part or name == part or name.startswith(part.rstrip("/") + "/") for part in under
+    )
 
 
-def verify_checksums_together(folder: str | os.PathLike, ctx, *, fix: str,
-                              under: Iterable[str] = ("",), expected: bool = True) -> None:
+def verify_checksums_together(
+    folder: str | os.PathLike, ctx, *, fix: str, under: Iterable[str] = ("",), expected: bool = True
+) -> None:
     """Check the listed files below ``folder/<under>``, shared among the ranks (every rank calls
     this); raises the same ``ChecksumError`` on every rank when a file is bad. ``expected``:
     warn when the folder has no list (False for HF folders, which come from anywhere)."""
@@ -82,14 +84,16 @@ def verify_checksums_together(folder: str | os.PathLike, ctx, *, fix: str,
     entries = read_checksums(folder, fix=fix)
     if entries is None:
         if expected and ctx.rank == 0:
-            logger.warning("%s has no %s (saved by an older version): loaded unchecked", folder,
-                           CHECKSUM_FILE)
+            logger.warning(
+                "%s has no %s (saved by an older version): loaded unchecked", folder, CHECKSUM_FILE
+            )
         return
-    names = sorted((n for n in entries if _selected(n, under)),
-                   key=lambda n: (-entries[n]["size"], n))
+    names = sorted(
+        (n for n in entries if _selected(n, under)), key=lambda n: (-entries[n]["size"], n)
+    )
     problem = None
     try:
-        verify_checksums(folder, names[ctx.rank::ctx.world_size], fix=fix)
+        verify_checksums(folder, names[ctx.rank :: ctx.world_size], fix=fix)
     except ChecksumError as exc:
         problem = (exc.path, exc.problem)
     problems = [p for p in _gather(ctx, problem) if p is not None]

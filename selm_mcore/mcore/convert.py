@@ -8,7 +8,8 @@
 
 Inputs are validated in the calling process first (config, layout, shard files); then, unless
 this process is already one of tp*pp launched ranks, tp*pp local processes
-(``selm _worker convert SPEC``, started by ``selm_mcore.launch.run_local_ranks``) do the work,
+(``selm _worker convert SPEC``, started by ``selm_mcore.runtime.launch.run_local_ranks``) do the
+work,
 each reading only its slices. The streaming and memory rules are in ``selm_mcore.mcore.weights``.
 
 An export writes into ``.<name>.export-tmp`` next to the target (with ``checksums.json``) and
@@ -31,9 +32,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from selm_mcore.files import replace_dir
-from selm_mcore.launch import run_local_ranks
-from selm_mcore.preflight import check_output_dir, model_bytes, num_params
 from selm_mcore.mcore.checkpoint import (
     DTYPES,
     build_model_from_checkpoint,
@@ -48,6 +46,9 @@ from selm_mcore.mcore.weights import (
     export_hf,
     load_hf_weights,
 )
+from selm_mcore.runtime.files import replace_dir
+from selm_mcore.runtime.launch import run_local_ranks
+from selm_mcore.runtime.preflight import check_output_dir, model_bytes, num_params
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str) -
     ctx = init_parallel(tp=tp, pp=pp)
     try:
         hf_config = load_hf_config(hf_dir)
-        models = build_model(hf_config, ctx, params_dtype=_checkpoint_dtype(hf_config, dtype),
-                             init_weights=False)
+        models = build_model(
+            hf_config, ctx, params_dtype=_checkpoint_dtype(hf_config, dtype), init_weights=False
+        )
         load_hf_weights(models, hf_dir, ctx)
         save_model_checkpoint(models, ctx, out_dir, hf_config, tokenizer_dir=hf_dir)
         _log_peak_rss(ctx, "hf_to_mcore")
@@ -81,13 +83,13 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str) -
         destroy_parallel()
 
 
-def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int,
-                      max_shard_bytes: int) -> None:
+def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int, max_shard_bytes: int) -> None:
     ctx = init_parallel(tp=tp, pp=pp)
     try:
         models, _, _ = build_model_from_checkpoint(mcore_dir, ctx)
-        export_hf(models, ctx, out_dir, aux_dir=Path(mcore_dir) / "hf",
-                  max_shard_bytes=max_shard_bytes)
+        export_hf(
+            models, ctx, out_dir, aux_dir=Path(mcore_dir) / "hf", max_shard_bytes=max_shard_bytes
+        )
         _log_peak_rss(ctx, "mcore_to_hf")
     finally:
         destroy_parallel()
@@ -96,8 +98,10 @@ def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int,
 def _in_matching_launch(nprocs: int) -> bool:
     if dist.is_initialized():
         if dist.get_world_size() != nprocs:
-            raise RuntimeError(f"this process group has {dist.get_world_size()} ranks, the "
-                               f"conversion needs tp*pp={nprocs}")
+            raise RuntimeError(
+                f"this process group has {dist.get_world_size()} ranks, the "
+                f"conversion needs tp*pp={nprocs}"
+            )
         return True
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == nprocs
 
@@ -107,12 +111,23 @@ def _launch(spec: dict, nprocs: int, timeout_s: float) -> None:
     with tempfile.TemporaryDirectory(prefix="selm-convert-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        run_local_ranks(["-P", "-m", "selm_mcore.cli", "_worker", "convert", str(spec_path)],
-                        nprocs, timeout_s=timeout_s, echo_rank0=True)
+        run_local_ranks(
+            ["-P", "-m", "selm_mcore.cli", "_worker", "convert", str(spec_path)],
+            nprocs,
+            timeout_s=timeout_s,
+            echo_rank0=True,
+        )
 
 
-def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
-                *, dtype: str = "auto", timeout_s: float = 3600.0) -> None:
+def hf_to_mcore(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tp: int = 1,
+    pp: int = 1,
+    *,
+    dtype: str = "auto",
+    timeout_s: float = 3600.0,
+) -> None:
     """Convert an HF Llama folder into a selm-mcore checkpoint, sharded over tp*pp ranks.
 
     ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32), fp32 or bf16.
@@ -122,13 +137,26 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
     validate_layout(hf_config, tp, pp)
     SafetensorsReader(hf_dir)  # missing shard files fail here, before any process starts
     bytes_per_param = _checkpoint_dtype(hf_config, dtype).itemsize
-    check_output_dir(Path(out_dir).absolute().parent, what="--out-dir",
-                     needed_bytes=num_params(hf_dir) * bytes_per_param)
+    check_output_dir(
+        Path(out_dir).absolute().parent,
+        what="--out-dir",
+        needed_bytes=num_params(hf_dir) * bytes_per_param,
+    )
     if _in_matching_launch(tp * pp):
         _hf_to_mcore_rank(str(hf_dir), str(out_dir), tp, pp, dtype)
     else:
-        _launch({"job": "hf-to-mcore", "hf_dir": str(hf_dir), "out_dir": str(out_dir),
-                 "tp": tp, "pp": pp, "dtype": dtype}, tp * pp, timeout_s)
+        _launch(
+            {
+                "job": "hf-to-mcore",
+                "hf_dir": str(hf_dir),
+                "out_dir": str(out_dir),
+                "tp": tp,
+                "pp": pp,
+                "dtype": dtype,
+            },
+            tp * pp,
+            timeout_s,
+        )
     logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
 
 
@@ -147,7 +175,8 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
             f"--out-dir {out_dir} is not empty ({len(entries)} entries: "
             f"{', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); stale weight or "
             "index files there would be loaded with the new ones. Pass --overwrite to replace "
-            "the folder, or export into an empty or new folder")
+            "the folder, or export into an empty or new folder"
+        )
 
 
 def export_tmp_dir(out_dir: str | os.PathLike) -> Path:
@@ -156,9 +185,16 @@ def export_tmp_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir.with_name(f".{out_dir.name}.export-tmp")
 
 
-def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1,
-                pp: int = 1, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                timeout_s: float = 3600.0, overwrite: bool = False) -> None:
+def mcore_to_hf(
+    mcore_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    timeout_s: float = 3600.0,
+    overwrite: bool = False,
+) -> None:
     """Export a selm-mcore checkpoint (saved at any tp/pp) to an HF folder.
 
     One process by default (tp=pp=1); larger tp/pp spread the model over more local processes.
@@ -167,13 +203,17 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp:
     stripped. A non-empty ``out_dir`` is refused unless ``overwrite`` (see the module doc).
     """
     meta = read_checkpoint_meta(mcore_dir)
-    validate_layout(load_hf_config(Path(mcore_dir) / "hf"), tp, pp,
-                    padded_vocab=meta["padded_vocab_size"])
+    validate_layout(
+        load_hf_config(Path(mcore_dir) / "hf"), tp, pp, padded_vocab=meta["padded_vocab_size"]
+    )
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    check_output_dir(out_dir.absolute().parent, what="--out-dir",
-                     needed_bytes=model_bytes(Path(mcore_dir) / "hf", meta.get("dtype", "fp32")))
+    check_output_dir(
+        out_dir.absolute().parent,
+        what="--out-dir",
+        needed_bytes=model_bytes(Path(mcore_dir) / "hf", meta.get("dtype", "fp32")),
+    )
     tmp = export_tmp_dir(out_dir)
     if _in_matching_launch(tp * pp):
         # Only rank 0 writes files (selm_mcore.mcore.weights.export_hf).
@@ -186,9 +226,18 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp:
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            _launch({"job": "mcore-to-hf", "mcore_dir": str(mcore_dir), "out_dir": str(tmp),
-                     "tp": tp, "pp": pp, "max_shard_bytes": max_shard_bytes}, tp * pp,
-                    timeout_s)
+            _launch(
+                {
+                    "job": "mcore-to-hf",
+                    "mcore_dir": str(mcore_dir),
+                    "out_dir": str(tmp),
+                    "tp": tp,
+                    "pp": pp,
+                    "max_shard_bytes": max_shard_bytes,
+                },
+                tp * pp,
+                timeout_s,
+            )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -201,8 +250,9 @@ def worker_main(spec: dict) -> int:
     if spec["job"] == "hf-to-mcore":
         _hf_to_mcore_rank(spec["hf_dir"], spec["out_dir"], spec["tp"], spec["pp"], spec["dtype"])
     elif spec["job"] == "mcore-to-hf":
-        _mcore_to_hf_rank(spec["mcore_dir"], spec["out_dir"], spec["tp"], spec["pp"],
-                          spec["max_shard_bytes"])
+        _mcore_to_hf_rank(
+            spec["mcore_dir"], spec["out_dir"], spec["tp"], spec["pp"], spec["max_shard_bytes"]
+        )
     else:
         raise ValueError(f"unknown conversion job {spec['job']!r}")
     return 0
@@ -236,17 +286,27 @@ def add_mcore_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
     parser.add_argument("--timeout-s", type=float, default=3600.0)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out-dir (swapped in once the export is done)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out-dir (swapped in once the export is done)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments (``selm convert`` and the tools/ CLIs)."""
     if args.direction == "hf-to-mcore":
-        hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, dtype=args.dtype,
-                    timeout_s=args.timeout_s)
+        hf_to_mcore(
+            args.hf_dir, args.out_dir, args.tp, args.pp, dtype=args.dtype, timeout_s=args.timeout_s
+        )
     else:
-        mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
-                    max_shard_bytes=int(args.max_shard_gb * 1024**3), timeout_s=args.timeout_s,
-                    overwrite=args.overwrite)
+        mcore_to_hf(
+            args.mcore_dir,
+            args.out_dir,
+            tp=args.tp,
+            pp=args.pp,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            timeout_s=args.timeout_s,
+            overwrite=args.overwrite,
+        )
     return 0

@@ -7,7 +7,7 @@ checks against ``'torch.cuda.FloatTensor'``. On a CPU-only machine (CI, laptops)
 makes those places run on the CPU so that the real Megatron model, schedules, optimizer and
 dist checkpointing run over gloo, numerically equal to TP=1 in fp32.
 
-    from selm_mcore import cpu_compat
+    from selm_mcore.mcore import cpu_compat
     cpu_compat.apply()      # idempotent; a no-op when CUDA is available
 
 ``selm_mcore.mcore.parallel.init_parallel`` calls ``apply()``; nothing else needs to. The patches
@@ -172,8 +172,9 @@ def _cpu_tracker_class():
         _selm_original = base
 
         def __init__(self, use_cudagraphable_rng=False, is_inference_rng_tracker=False):
-            super().__init__(use_cudagraphable_rng=False,
-                             is_inference_rng_tracker=is_inference_rng_tracker)
+            super().__init__(
+                use_cudagraphable_rng=False, is_inference_rng_tracker=is_inference_rng_tracker
+            )
 
         def add(self, name, seed):
             self._is_initialized = True
@@ -248,7 +249,10 @@ def apply(force: bool = False) -> bool:
     if version != MEGATRON_CORE_VERSION:
         logger.warning(
             "selm_mcore.mcore.cpu_compat was written for megatron-core==%s, found %s; "
-            "checking the private names it patches", MEGATRON_CORE_VERSION, version)
+            "checking the private names it patches",
+            MEGATRON_CORE_VERSION,
+            version,
+        )
     check_patch_targets()
 
     from megatron.core.fusions import fused_softmax

@@ -7,11 +7,12 @@
 
 ``run_micro_batches`` drives Megatron's ``get_forward_backward_func`` (1F1B; interleaved with
 VPP); ``sequence_logps`` turns the last stage's vocab-parallel logits into summed response
-log-probs (``selm_mcore.logprobs``, the fused kernel on GPU). Megatron's pipeline schedule sends
+log-probs (``selm_mcore.train.logprobs``, the fused kernel on GPU). Megatron's pipeline schedule
+sends
 [T, N, hidden] activations between stages with one shape per call, so with pipeline parallelism
 the micro-batches of one call share one padded length T (packed rows: the budget).
 
-Packed micro-batches (``selm_mcore.packing``) hold a varying number of pairs; each carries a
+Packed micro-batches (``selm_mcore.data.packing``) hold a varying number of pairs; each carries a
 ``loss_scale`` so that, after Megatron divides every micro-batch's loss by their count, the
 gradient is still the mean over the global batch of pairs.
 
@@ -23,14 +24,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from selm_mcore.batches import PreferenceBatch, collate_preferences, padded_length
-from selm_mcore.dataset import PreferenceDataset, TokenizedExample
-from selm_mcore.packing import PackedBatch, collate_packed, pack_examples
+from selm_mcore.data.batches import PreferenceBatch, collate_preferences, padded_length
+from selm_mcore.data.packing import PackedBatch, collate_packed, pack_examples
+from selm_mcore.data.tokenize import PreferenceDataset, TokenizedExample
 
 
 @dataclass
@@ -64,8 +65,9 @@ def token_multiple(models: Sequence) -> int:
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
-def length_multiple(pad_to_multiple_of: int, models: Sequence | None = None, *,
-                    multiple: int = 1) -> int:
+def length_multiple(
+    pad_to_multiple_of: int, models: Sequence | None = None, *, multiple: int = 1
+) -> int:
     """``pad_to_multiple_of`` made a multiple of what the model needs (``token_multiple`` of
     ``models``, or ``multiple``): the padding multiple to collate micro-batches with."""
     need = token_multiple(models) if models is not None else multiple
@@ -76,18 +78,26 @@ def sequence_lengths(examples: Sequence[TokenizedExample]) -> list[int]:
     """Real lengths of the examples' sequences in collation order (chosen.., rejected.., yref..)."""
     if not examples:
         return []
-    return [len(e.prompt_ids) + len(e.responses[s]) for s in range(len(examples[0].responses))
-            for e in examples]
+    return [
+        len(e.prompt_ids) + len(e.responses[s])
+        for s in range(len(examples[0].responses))
+        for e in examples
+    ]
 
 
 def longest_sequence(example: TokenizedExample) -> int:
     return len(example.prompt_ids) + max(map(len, example.responses))
 
 
-def collate_micro_batches(dataset: PreferenceDataset, index_groups: Sequence[Sequence[int]], *,
-                          pad_id: int, pad_to_multiple_of: int,
-                          seq_length: int | None = None,
-                          device: torch.device | None = None) -> list[MicroBatch]:
+def collate_micro_batches(
+    dataset: PreferenceDataset,
+    index_groups: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    pad_to_multiple_of: int,
+    seq_length: int | None = None,
+    device: torch.device | None = None,
+) -> list[MicroBatch]:
     """Collate groups of example indices into micro-batches that share one padded length T.
 
     Megatron's pipeline schedule sends [T, N, hidden] activations between stages with one shape
@@ -105,42 +115,71 @@ def collate_micro_batches(dataset: PreferenceDataset, index_groups: Sequence[Seq
         if device is not None:
             batch = batch.to(device)
         lengths = sequence_lengths(group)
-        out.append(MicroBatch(batch=batch, sequence_lengths=lengths, num_tokens=sum(lengths),
-                              num_computed=batch.tokens.numel()))
+        out.append(
+            MicroBatch(
+                batch=batch,
+                sequence_lengths=lengths,
+                num_tokens=sum(lengths),
+                num_computed=batch.tokens.numel(),
+            )
+        )
     return out
 
 
-def pack_micro_batches(dataset: PreferenceDataset, indices: Sequence[int], *, budget: int,
-                       shared_prompt: bool, pad_id: int, pad_to_multiple_of: int,
-                       fixed_length: bool, num_microbatches_multiple: int = 1,
-                       examples_per_step: int | None = None,
-                       device: torch.device | None = None) -> list[MicroBatch]:
+def pack_micro_batches(
+    dataset: PreferenceDataset,
+    indices: Sequence[int],
+    *,
+    budget: int,
+    shared_prompt: bool,
+    pad_id: int,
+    pad_to_multiple_of: int,
+    fixed_length: bool,
+    num_microbatches_multiple: int = 1,
+    examples_per_step: int | None = None,
+    device: torch.device | None = None,
+) -> list[MicroBatch]:
     """The examples ``indices`` packed first-fit-decreasing into rows of ``budget`` tokens, one
-    row per micro-batch (``selm_mcore.packing``).
+    row per micro-batch (``selm_mcore.data.packing``).
 
     ``fixed_length``: every row is ``budget`` long (pipeline parallelism), else each is trimmed to
     its tokens rounded up to ``pad_to_multiple_of``. ``examples_per_step`` (this rank's share of
     the global batch) sets each micro-batch's ``loss_scale``; None for forward-only passes.
     """
-    bins = pack_examples([dataset[i] for i in indices], budget, shared_prompt,
-                         num_bins_multiple=num_microbatches_multiple)
+    bins = pack_examples(
+        [dataset[i] for i in indices],
+        budget,
+        shared_prompt,
+        num_bins_multiple=num_microbatches_multiple,
+    )
     scale = None if examples_per_step is None else len(bins) / examples_per_step
     out = []
     for group in bins:
-        batch = collate_packed(group, pad_id=pad_id, shared_prompt=shared_prompt,
-                               has_yref=dataset.has_yref,
-                               row_length=budget if fixed_length else None,
-                               pad_to_multiple_of=pad_to_multiple_of)
+        batch = collate_packed(
+            group,
+            pad_id=pad_id,
+            shared_prompt=shared_prompt,
+            has_yref=dataset.has_yref,
+            row_length=budget if fixed_length else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
         if device is not None:
             batch = batch.to(device)
-        out.append(MicroBatch(batch=batch, sequence_lengths=sequence_lengths(group),
-                              num_tokens=batch.num_tokens, num_computed=batch.tokens.numel(),
-                              loss_scale=scale))
+        out.append(
+            MicroBatch(
+                batch=batch,
+                sequence_lengths=sequence_lengths(group),
+                num_tokens=batch.num_tokens,
+                num_computed=batch.tokens.numel(),
+                loss_scale=scale,
+            )
+        )
     return out
 
 
-def sequence_logps(logits: torch.Tensor, batch: PreferenceBatch | PackedBatch, *, tp_group,
-                   vocab_size: int) -> torch.Tensor:
+def sequence_logps(
+    logits: torch.Tensor, batch: PreferenceBatch | PackedBatch, *, tp_group, vocab_size: int
+) -> torch.Tensor:
     """[N] fp32 summed response log-probs from this rank's vocab-parallel logits: [N, T, V/tp]
     of an unpacked batch, or [M, V/tp] of a packed batch's head positions.
 
@@ -150,20 +189,34 @@ def sequence_logps(logits: torch.Tensor, batch: PreferenceBatch | PackedBatch, *
     checked against the vocabulary when the data is loaded
     (``PreferenceDataset.check_token_ids``), so no per-micro-batch check (a host sync) here.
     """
-    from selm_mcore.logprobs import vocab_parallel_logprobs
+    from selm_mcore.train.logprobs import vocab_parallel_logprobs
 
     if isinstance(batch, PackedBatch):
         if batch.head_index.numel() == 0:  # a filler micro-batch (interleaved pipelines)
-            return logits.float().sum() * 0.0 + logits.new_zeros(batch.num_sequences,
-                                                                 dtype=torch.float32)
+            return logits.float().sum() * 0.0 + logits.new_zeros(
+                batch.num_sequences, dtype=torch.float32
+            )
         token_logps, _ = vocab_parallel_logprobs(
-            logits, batch.head_labels, None, tp_group=tp_group, vocab_size=vocab_size,
-            inplace_backward=True, check_labels=False)
-        return token_logps.new_zeros(batch.num_sequences).index_add(0, batch.head_sequence,
-                                                                    token_logps)
-    _, seq_logps = vocab_parallel_logprobs(logits, batch.labels, batch.loss_mask,
-                                           tp_group=tp_group, vocab_size=vocab_size,
-                                           inplace_backward=True, check_labels=False)
+            logits,
+            batch.head_labels,
+            None,
+            tp_group=tp_group,
+            vocab_size=vocab_size,
+            inplace_backward=True,
+            check_labels=False,
+        )
+        return token_logps.new_zeros(batch.num_sequences).index_add(
+            0, batch.head_sequence, token_logps
+        )
+    _, seq_logps = vocab_parallel_logprobs(
+        logits,
+        batch.labels,
+        batch.loss_mask,
+        tp_group=tp_group,
+        vocab_size=vocab_size,
+        inplace_backward=True,
+        check_labels=False,
+    )
     return seq_logps
 
 
@@ -176,15 +229,20 @@ def _forward_step(data_iterator, model, *, loss_fn: Callable):
     micro_batch = next(data_iterator)
     batch = micro_batch.batch
     if micro_batch.packed:
-        output = model(batch.tokens, batch.position_ids, packed_layout=batch.segments,
-                       head_index=batch.head_index)
+        output = model(
+            batch.tokens,
+            batch.position_ids,
+            packed_layout=batch.segments,
+            head_index=batch.head_index,
+        )
     else:
         output = model(batch.tokens, batch.position_ids, attention_mask=None)
     return output, functools.partial(loss_fn, micro_batch)
 
 
-def run_micro_batches(models: list, micro_batches: Sequence[MicroBatch], loss_fn: Callable, *,
-                      forward_only: bool) -> list[dict[str, torch.Tensor]]:
+def run_micro_batches(
+    models: list, micro_batches: Sequence[MicroBatch], loss_fn: Callable, *, forward_only: bool
+) -> list[dict[str, torch.Tensor]]:
     """Run micro-batches through Megatron's pipeline schedule (1F1B; interleaved with VPP).
 
     ``loss_fn(micro_batch, output)`` runs on the last pipeline stage and returns
@@ -196,26 +254,36 @@ def run_micro_batches(models: list, micro_batches: Sequence[MicroBatch], loss_fn
 
     shapes = {tuple(mb.batch.tokens.shape) for mb in micro_batches}
     if len(shapes) != 1 and models[0].config.pipeline_model_parallel_size > 1:
-        raise ValueError(f"micro-batches of one pipelined call must share a shape, got "
-                         f"{sorted(shapes)}")
+        raise ValueError(
+            f"micro-batches of one pipelined call must share a shape, got {sorted(shapes)}"
+        )
     multiple = token_multiple(models)
     if any(shape[1] % multiple for shape in shapes):
-        raise ValueError(f"micro-batch lengths {sorted({s[1] for s in shapes})} must be "
-                         f"multiples of {multiple} (sequence parallelism splits T over tp "
-                         "ranks): collate with pad_to_multiple_of = forward.length_multiple(...)")
+        raise ValueError(
+            f"micro-batch lengths {sorted({s[1] for s in shapes})} must be "
+            f"multiples of {multiple} (sequence parallelism splits T over tp "
+            "ranks): collate with pad_to_multiple_of = forward.length_multiple(...)"
+        )
     num_sequences, seq_length = max(shapes)
     step = functools.partial(_forward_step, loss_fn=loss_fn)
-    data_iterator = ([iter(micro_batches) for _ in models] if len(models) > 1
-                     else iter(micro_batches))
+    data_iterator = (
+        [iter(micro_batches) for _ in models] if len(models) > 1 else iter(micro_batches)
+    )
     forward_backward = get_forward_backward_func()
     return forward_backward(
-        forward_step_func=step, data_iterator=data_iterator, model=models,
-        num_microbatches=len(micro_batches), seq_length=seq_length,
-        micro_batch_size=num_sequences, forward_only=forward_only)
+        forward_step_func=step,
+        data_iterator=data_iterator,
+        model=models,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=num_sequences,
+        forward_only=forward_only,
+    )
 
 
-def forward_only_logps(models: list, ctx, micro_batches: Sequence[MicroBatch],
-                       vocab_size: int) -> list[torch.Tensor] | None:
+def forward_only_logps(
+    models: list, ctx, micro_batches: Sequence[MicroBatch], vocab_size: int
+) -> list[torch.Tensor] | None:
     """Forward-only log-probs [N] of each micro-batch (last stage; None on other stages)."""
     tp_group = ctx.tp_group if ctx.tp > 1 else None
 
@@ -230,8 +298,9 @@ def forward_only_logps(models: list, ctx, micro_batches: Sequence[MicroBatch],
     return [r["seq_logps"] for r in reduced]
 
 
-def megatron_ce_token_logps(logits: torch.Tensor, labels: torch.Tensor,
-                            loss_mask: torch.Tensor) -> torch.Tensor:
+def megatron_ce_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
     """Token log-probs through Megatron's vocab_parallel_cross_entropy (negated, masked).
 
     The comparison path of the benchmarks: an fp32 copy of the logits, the softmax saved for

@@ -4,7 +4,7 @@
     logits = model(tokens, position_ids, packed_layout=segments,   # [M, V/tp]: head rows only
                    head_index=head_index)
 
-The packed forward (``packed_layout`` given, see ``selm_mcore.packing``) differs from
+The packed forward (``packed_layout`` given, see ``selm_mcore.data.packing``) differs from
 GPTModel.forward in three places, all inside this subclass (Megatron is not patched):
 
 * RoPE follows ``position_ids`` token by token (GPTModel always uses 0..T-1): positions restart
@@ -37,19 +37,28 @@ def rope_from_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor) -> t
 class SelmGPTModel(GPTModel):
     """GPTModel plus the packed forward (module docstring)."""
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, *,
-                packed_layout: torch.Tensor | None = None,
-                head_index: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        packed_layout: torch.Tensor | None = None,
+        head_index: torch.Tensor | None = None,
+        **kwargs,
+    ):
         if packed_layout is None:
             return super().forward(input_ids, position_ids, attention_mask, **kwargs)
         if attention_mask is not None or kwargs:
-            raise ValueError("the packed forward takes no attention_mask or GPTModel options: "
-                             "the layout is packed_layout")
+            raise ValueError(
+                "the packed forward takes no attention_mask or GPTModel options: "
+                "the layout is packed_layout"
+            )
         decoder_input = self._preprocess(input_ids=input_ids, position_ids=position_ids)[0]
         rotary_pos_emb = rope_from_positions(self.rotary_pos_emb.inv_freq, position_ids)
-        hidden_states = self.decoder(hidden_states=decoder_input, attention_mask=packed_layout,
-                                     rotary_pos_emb=rotary_pos_emb)
+        hidden_states = self.decoder(
+            hidden_states=decoder_input, attention_mask=packed_layout, rotary_pos_emb=rotary_pos_emb
+        )
         if not self.post_process:
             return hidden_states
         return self.head_logits(hidden_states, head_index)
@@ -62,13 +71,16 @@ class SelmGPTModel(GPTModel):
             # The backward of this gather only splits: the head's own copy-to-TP region
             # (below, with sequence parallelism off) already all-reduces the input gradient.
             hidden_states = gather_from_sequence_parallel_region(
-                hidden_states, tensor_parallel_output_grad=False,
-                group=self.output_layer.tp_group)
+                hidden_states, tensor_parallel_output_grad=False, group=self.output_layer.tp_group
+            )
         seq_len, batch, hidden = hidden_states.shape
         selected = hidden_states.transpose(0, 1).reshape(batch * seq_len, hidden)
         selected = selected.index_select(0, head_index).unsqueeze(1)  # [M, 1, H]
-        weight = (self.shared_embedding_or_output_weight()
-                  if self.share_embeddings_and_output_weights else None)
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else None
+        )
         self.output_layer.sequence_parallel = False
         try:
             logits, _ = self.output_layer(selected, weight=weight)

@@ -29,11 +29,13 @@ import multiprocessing
 import os
 from multiprocessing.managers import SyncManager
 
-from selm_mcore.lifetime import forked_children_die_with_this_process, set_parent_death_signal
+from selm_mcore.runtime.procs import forked_children_die_with_this_process, set_parent_death_signal
 
 FS_ASYNC_MODULE = "megatron.core.dist_checkpointing.strategies.filesystem_async"
-HELPER_TARGETS = ((FS_ASYNC_MODULE, "_get_write_results_queue"),
-                  (FS_ASYNC_MODULE, "_results_queue"))
+HELPER_TARGETS = (
+    (FS_ASYNC_MODULE, "_get_write_results_queue"),
+    (FS_ASYNC_MODULE, "_results_queue"),
+)
 _BOUND_FLAG = "_selm_dies_with_rank"
 
 
@@ -44,7 +46,8 @@ def check_helper_targets() -> None:
     if missing:
         raise RuntimeError(
             f"selm_mcore.mcore.helper_processes needs {', '.join(missing)} of megatron-core "
-            "0.16.1, which the installed megatron-core lacks; port the module to its new names")
+            "0.16.1, which the installed megatron-core lacks; port the module to its new names"
+        )
 
 
 def _manager_initializer(parent_pid: int) -> None:

@@ -22,7 +22,7 @@ count freed-but-cached blocks and the transient temporaries of each kernel).
 from __future__ import annotations
 
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -48,11 +48,15 @@ def static_tensor_bytes(models: Iterable, ddp_models: Iterable, optimizer) -> di
         for group in inner.param_groups:
             state_storages.update(_storage_key(p) for p in group["params"])
         for state in inner.state.values():
-            state_storages.update(_storage_key(v) for v in state.values()
-                                  if isinstance(v, torch.Tensor))
+            state_storages.update(
+                _storage_key(v) for v in state.values() if isinstance(v, torch.Tensor)
+            )
     total = lambda keys: sum(nbytes for _, nbytes in keys)  # noqa: E731
-    return {"params": total(param_storages), "grads": total(grad_storages),
-            "optimizer": total(state_storages - param_storages - grad_storages)}
+    return {
+        "params": total(param_storages),
+        "grads": total(grad_storages),
+        "optimizer": total(state_storages - param_storages - grad_storages),
+    }
 
 
 class SavedActivationPeak:
@@ -60,7 +64,7 @@ class SavedActivationPeak:
 
     def __init__(self, exclude: Iterable = ()):
         self._excluded = {_storage_key(p)[0] for m in exclude for p in m.parameters()}
-        self._live: dict[int, list[int]] = {}   # storage pointer -> [nbytes, saved tensors]
+        self._live: dict[int, list[int]] = {}  # storage pointer -> [nbytes, saved tensors]
         self.live_bytes = 0
         self.peak_bytes = 0
         self._hooks = None

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from selm_mcore.config import RECOMPUTE_CHOICES
+from selm_mcore.config.schema import RECOMPUTE_CHOICES
 from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
 
 logger = logging.getLogger(__name__)
@@ -111,14 +111,16 @@ def rope_inv_freq(hf_config) -> torch.Tensor:
         high_freq_wavelen = old_context_len / high_freq_factor
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = ((old_context_len / wavelen - low_freq_factor)
-                  / (high_freq_factor - low_freq_factor))
+        smooth = (old_context_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
     raise UnsupportedModelError(
         f"rope_parameters.rope_type={rope_type!r} is not supported; supported: "
-        f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+    )
 
 
 def validate_hf_config(hf_config) -> None:
@@ -127,39 +129,48 @@ def validate_hf_config(hf_config) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"config.json model_type={model_type!r} is not supported: only Llama-architecture "
-            f"models ({', '.join(SUPPORTED_MODEL_TYPES)}) convert to the Megatron Llama-3 layout")
+            f"models ({', '.join(SUPPORTED_MODEL_TYPES)}) convert to the Megatron Llama-3 layout"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, key, False):
             raise UnsupportedModelError(
                 f"config.json {key}=true is not supported: the Megatron Llama-3 layout has no "
-                "biases (use a model without linear biases)")
+                "biases (use a model without linear biases)"
+            )
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(
-            f"config.json hidden_act={act!r} is not supported: the SwiGLU MLP needs 'silu'")
+            f"config.json hidden_act={act!r} is not supported: the SwiGLU MLP needs 'silu'"
+        )
     for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
         if getattr(hf_config, key, None):
             raise UnsupportedModelError(
                 f"config.json {key}={getattr(hf_config, key)} describes a mixture-of-experts "
-                "model; only dense Llama models are supported")
-    if getattr(hf_config, "sliding_window", None) or getattr(hf_config, "use_sliding_window",
-                                                             False):
+                "model; only dense Llama models are supported"
+            )
+    if getattr(hf_config, "sliding_window", None) or getattr(
+        hf_config, "use_sliding_window", False
+    ):
         raise UnsupportedModelError(
             f"config.json sliding_window={getattr(hf_config, 'sliding_window', None)} is not "
-            "supported: the Megatron model uses full causal attention")
+            "supported: the Megatron model uses full causal attention"
+        )
     params = rope_parameters(hf_config)
     if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"config.json rope scaling type {params['rope_type']!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModelError(
             f"config.json partial_rotary_factor={params['partial_rotary_factor']} is not "
-            "supported: RoPE must cover the whole head")
+            "supported: RoPE must cover the whole head"
+        )
     if hf_config.num_attention_heads % num_query_groups(hf_config) != 0:
         raise UnsupportedModelError(
             f"config.json num_attention_heads={hf_config.num_attention_heads} must be a multiple "
-            f"of num_key_value_heads={num_query_groups(hf_config)}")
+            f"of num_key_value_heads={num_query_groups(hf_config)}"
+        )
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -172,13 +183,17 @@ def tp_options(hf_config, padded_vocab: int | None = None, max_tp: int = 64) -> 
     """Every tensor-parallel size <= max_tp that divides the heads, the query groups, the MLP
     width and the padded vocabulary: ``padded_vocab`` when it is fixed (a checkpoint's), else
     the vocabulary padded for that tp (``padded_vocab_size(vocab, tp)``, a multiple of tp)."""
-    sizes = (hf_config.num_attention_heads, num_query_groups(hf_config),
-             hf_config.intermediate_size) + ((padded_vocab,) if padded_vocab else ())
+    sizes = (
+        hf_config.num_attention_heads,
+        num_query_groups(hf_config),
+        hf_config.intermediate_size,
+    ) + ((padded_vocab,) if padded_vocab else ())
     return [tp for tp in range(1, max_tp + 1) if all(size % tp == 0 for size in sizes)]
 
 
-def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
-                    padded_vocab: int | None = None) -> None:
+def validate_layout(
+    hf_config, tp: int, pp: int, vpp: int | None = None, padded_vocab: int | None = None
+) -> None:
     """Raise ParallelLayoutError unless tp/pp/vpp divide the model's heads, groups and layers.
 
     ``padded_vocab``: the padded vocabulary when it is fixed (a checkpoint saved it); None when
@@ -190,8 +205,12 @@ def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
         (hf_config.num_attention_heads, "model.num_attention_heads", tp, "parallel.tp"),
         (groups, "model.num_key_value_heads (query groups)", tp, "parallel.tp"),
         (hf_config.intermediate_size, "model.intermediate_size", tp, "parallel.tp"),
-        (hf_config.num_hidden_layers, "model.num_hidden_layers", pp * (vpp or 1),
-         "parallel.pp*vpp" if vpp else "parallel.pp"),
+        (
+            hf_config.num_hidden_layers,
+            "model.num_hidden_layers",
+            pp * (vpp or 1),
+            "parallel.pp*vpp" if vpp else "parallel.pp",
+        ),
     ]
     if padded_vocab is not None:
         checks.append((padded_vocab, "padded_vocab_size", tp, "parallel.tp"))
@@ -202,11 +221,13 @@ def validate_layout(hf_config, tp: int, pp: int, vpp: int | None = None,
             else:
                 options = [d for d in range(1, total + 1) if total % d == 0 and d <= 64]
             raise ParallelLayoutError(
-                f"{knob}={parts} must divide {what}={total}; choose one of {options}")
+                f"{knob}={parts} must divide {what}={total}; choose one of {options}"
+            )
     if padded_vocab is not None and padded_vocab < hf_config.vocab_size:
         raise ParallelLayoutError(
             f"padded_vocab_size={padded_vocab} is smaller than model.vocab_size="
-            f"{hf_config.vocab_size}")
+            f"{hf_config.vocab_size}"
+        )
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -248,8 +269,10 @@ def recompute_mode(recompute: str | bool | None) -> str:
     if recompute is True:
         return "full"
     if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"model.recompute={recompute!r} must be one of "
-                         f"{', '.join(RECOMPUTE_MODES)} (or true = full, false = none)")
+        raise ValueError(
+            f"model.recompute={recompute!r} must be one of "
+            f"{', '.join(RECOMPUTE_MODES)} (or true = full, false = none)"
+        )
     return recompute
 
 
@@ -263,8 +286,9 @@ def recompute_settings(recompute: str | bool | None) -> dict[str, Any]:
     """
     mode = recompute_mode(recompute)
     if mode == "full":
-        return dict(recompute_granularity="full", recompute_method="uniform",
-                    recompute_num_layers=1)
+        return dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     if mode == "selective":
         return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     return {}
@@ -284,10 +308,17 @@ def sequence_length_multiple(tp: int, use_te: bool | None = None) -> int:
     return tp if uses_sequence_parallel(tp, use_te) else 1
 
 
-def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
-                       recompute: str | bool = "none", use_te: bool | None = None,
-                       init_weights: bool = True, packed: bool = False,
-                       wgrad_fusion: bool | None = None):
+def transformer_config(
+    hf_config,
+    ctx: ParallelContext,
+    *,
+    params_dtype=torch.float32,
+    recompute: str | bool = "none",
+    use_te: bool | None = None,
+    init_weights: bool = True,
+    packed: bool = False,
+    wgrad_fusion: bool | None = None,
+):
     """Megatron TransformerConfig for the HF Llama config under ctx's layout.
 
     On GPU: sequence parallelism with tp > 1 and the TE spec (``uses_sequence_parallel``),
@@ -344,16 +375,26 @@ def transformer_config(hf_config, ctx: ParallelContext, *, params_dtype=torch.fl
     )
     kwargs.update(recompute_settings(recompute))
     if on_gpu and not wgrad_fusion:
-        logger.info("gradient_accumulation_fusion off: apex's fused_weight_gradient_mlp_cuda "
-                    "extension is not installed (pip install apex with --cuda_ext to fuse "
-                    "the weight-gradient accumulation)")
+        logger.info(
+            "gradient_accumulation_fusion off: apex's fused_weight_gradient_mlp_cuda "
+            "extension is not installed (pip install apex with --cuda_ext to fuse "
+            "the weight-gradient accumulation)"
+        )
     return TransformerConfig(**kwargs)
 
 
-def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
-                padded_vocab: int | None = None, recompute: str | bool = "none",
-                make_vocab_size_divisible_by: int = 128, use_te: bool | None = None,
-                init_weights: bool = True, packed: bool = False) -> list:
+def build_model(
+    hf_config,
+    ctx: ParallelContext,
+    *,
+    params_dtype=torch.float32,
+    padded_vocab: int | None = None,
+    recompute: str | bool = "none",
+    make_vocab_size_divisible_by: int = 128,
+    use_te: bool | None = None,
+    init_weights: bool = True,
+    packed: bool = False,
+) -> list:
     """Build this rank's GPTModel chunks (one per virtual pipeline stage) for an HF Llama config.
 
     Weights are randomly initialised (seeded by init_parallel; TP-invariant on CPU); load real
@@ -379,10 +420,20 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
         padded_vocab = padded_vocab_size(hf_config.vocab_size, ctx.tp, make_vocab_size_divisible_by)
 
     use_te = _te_available() if use_te is None else use_te
-    config = transformer_config(hf_config, ctx, params_dtype=params_dtype, recompute=recompute,
-                                use_te=use_te, init_weights=init_weights, packed=packed)
-    layer_spec = (get_gpt_layer_with_transformer_engine_spec() if use_te
-                  else get_gpt_layer_local_spec(normalization="RMSNorm"))
+    config = transformer_config(
+        hf_config,
+        ctx,
+        params_dtype=params_dtype,
+        recompute=recompute,
+        use_te=use_te,
+        init_weights=init_weights,
+        packed=packed,
+    )
+    layer_spec = (
+        get_gpt_layer_with_transformer_engine_spec()
+        if use_te
+        else get_gpt_layer_local_spec(normalization="RMSNorm")
+    )
     if packed:
         from selm_mcore.mcore.attention import PackedAttention
 
@@ -416,10 +467,20 @@ def build_model(hf_config, ctx: ParallelContext, *, params_dtype=torch.float32,
         if ctx.device.type == "cuda":
             model.cuda(ctx.device)
         models.append(model)
-    logger.info("built %d Megatron chunk(s): %d layers, hidden %d, vocab %d (padded %d), tp=%d "
-                "pp=%d vpp=%s, %s spec, %s", len(models), hf_config.num_hidden_layers,
-                hf_config.hidden_size, hf_config.vocab_size, padded_vocab, ctx.tp, ctx.pp,
-                ctx.vpp, "TE" if use_te else "local", params_dtype)
+    logger.info(
+        "built %d Megatron chunk(s): %d layers, hidden %d, vocab %d (padded %d), tp=%d "
+        "pp=%d vpp=%s, %s spec, %s",
+        len(models),
+        hf_config.num_hidden_layers,
+        hf_config.hidden_size,
+        hf_config.vocab_size,
+        padded_vocab,
+        ctx.tp,
+        ctx.pp,
+        ctx.vpp,
+        "TE" if use_te else "local",
+        params_dtype,
+    )
     return models
 
 
@@ -452,8 +513,9 @@ def _is_last_chunk(ctx: ParallelContext, vp_stage: int) -> bool:
     return ctx.pp_rank == ctx.pp - 1 and vp_stage == ctx.num_chunks - 1
 
 
-def layers_of_stage(num_layers: int, pp: int, num_chunks: int, pp_rank: int,
-                    vp_stage: int) -> list[int]:
+def layers_of_stage(
+    num_layers: int, pp: int, num_chunks: int, pp_rank: int, vp_stage: int
+) -> list[int]:
     """Global layer indices of (pp_rank, vp_stage) under Megatron's even interleaved split."""
     per_slice = num_layers // (pp * num_chunks)
     start = (vp_stage * pp + pp_rank) * per_slice

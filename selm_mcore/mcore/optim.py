@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from selm_mcore.config import OptimConfig
+from selm_mcore.config.schema import OptimConfig
 
 DP_RESHARDABLE = "dp_reshardable"
 FULLY_RESHARDABLE = "fully_reshardable"
@@ -93,8 +93,9 @@ def build_lr_scheduler(optimizer, optim: OptimConfig, *, peak_lr: float, total_s
     )
 
 
-def build_optimizer(ddp_models: list, optim: OptimConfig, *, peak_lr: float,
-                    params_dtype: torch.dtype):
+def build_optimizer(
+    ddp_models: list, optim: OptimConfig, *, peak_lr: float, params_dtype: torch.dtype
+):
     """Megatron's distributed optimizer (AdamW; no weight decay on 1-D params and biases)."""
     from megatron.core.optimizer import (
         OptimizerConfig,
@@ -117,8 +118,9 @@ def build_optimizer(ddp_models: list, optim: OptimConfig, *, peak_lr: float,
         # Megatron asks for the DDP value here too.
         overlap_param_gather=ddp_models[0].ddp_config.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, ddp_models,
-                                  config_overrides=get_standard_config_overrides(config))
+    return get_megatron_optimizer(
+        config, ddp_models, config_overrides=get_standard_config_overrides(config)
+    )
 
 
 def ddp_config_for(*, overlap: bool, num_chunks: int, bucket_size: int | None = None):
@@ -129,13 +131,16 @@ def ddp_config_for(*, overlap: bool, num_chunks: int, bucket_size: int | None = 
     from megatron.core.distributed import DistributedDataParallelConfig
 
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-        overlap_grad_reduce=overlap, overlap_param_gather=overlap,
-        align_param_gather=overlap and num_chunks > 1, bucket_size=bucket_size)
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=True,
+        overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap,
+        align_param_gather=overlap and num_chunks > 1,
+        bucket_size=bucket_size,
+    )
 
 
-def wrap_ddp(models: list, *, overlap: bool | None = None,
-             bucket_size: int | None = None) -> list:
+def wrap_ddp(models: list, *, overlap: bool | None = None, bucket_size: int | None = None) -> list:
     """Megatron DDP around each chunk (gradient buffers for the distributed optimizer).
 
     ``overlap`` (None: when the model is on a GPU) overlaps the DP gradient reduce and parameter
@@ -149,10 +154,15 @@ def wrap_ddp(models: list, *, overlap: bool | None = None,
     ddp_config = ddp_config_for(overlap=overlap, num_chunks=len(models), bucket_size=bucket_size)
     ddp_models = []
     for i, model in enumerate(models):
-        ddp_models.append(DistributedDataParallel(
-            model.config, ddp_config, model,
-            # Chunks after the first skip bucketing (Megatron's own rule for interleaving).
-            disable_bucketing=i > 0))
+        ddp_models.append(
+            DistributedDataParallel(
+                model.config,
+                ddp_config,
+                model,
+                # Chunks after the first skip bucketing (Megatron's own rule for interleaving).
+                disable_bucketing=i > 0,
+            )
+        )
     # The schedule calls this after the last backward: DP grad reduce-scatter (or the wait for
     # the overlapped one), tied-embedding all-reduce across the pipeline.
     models[0].config.finalize_model_grads_func = finalize_model_grads
@@ -211,8 +221,14 @@ def _all_finite(tensors, ctx) -> bool:
 def grads_are_finite(ddp_models: list, ctx) -> bool:
     """Every gradient of every rank finite: checks the DDP gradient buffers after the backward
     and the gradient reduction, before the optimizer reads them (every rank calls this)."""
-    return _all_finite([buffer.grad_data for model in ddp_models
-                        for buffer in model.buffers + model.expert_parallel_buffers], ctx)
+    return _all_finite(
+        [
+            buffer.grad_data
+            for model in ddp_models
+            for buffer in model.buffers + model.expert_parallel_buffers
+        ],
+        ctx,
+    )
 
 
 def params_are_finite(models: Sequence, ctx) -> bool:
@@ -236,8 +252,10 @@ def distributed_optimizers(optimizer) -> list:
 def uses_torch_adam(optimizer) -> bool:
     """True when the inner optimizers are torch's Adam/AdamW (Megatron's path without TE or
     Apex), False for a fused Adam (TE's or Apex's FusedAdam: step in the param groups)."""
-    return all(isinstance(d.optimizer, (torch.optim.Adam, torch.optim.AdamW))
-               for d in distributed_optimizers(optimizer))
+    return all(
+        isinstance(d.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        for d in distributed_optimizers(optimizer)
+    )
 
 
 def prefill_adam_state(optimizer) -> None:
@@ -255,8 +273,7 @@ def prefill_adam_state(optimizer) -> None:
                     inner.state[param] = {
                         "step": torch.tensor(0.0, dtype=torch.float32),
                         "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                        "exp_avg_sq": torch.zeros_like(param,
-                                                       memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
                     }
 
 
@@ -268,16 +285,20 @@ def zero_fused_adam_state(optimizer) -> None:
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state.get(param):
-                    inner.state[param] = {"exp_avg": torch.zeros_like(param),
-                                          "exp_avg_sq": torch.zeros_like(param)}
+                    inner.state[param] = {
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
 
 
 def sharding_metadata(sharding: str) -> dict:
     """Megatron's ``sharded_state_dict`` metadata for an optimizer state format."""
     if sharding == FULLY_RESHARDABLE:
         # Gathered with gloo onto each replica's DP rank 0 only (not all-gathered on the GPU).
-        return {"distrib_optim_sharding_type": sharding,
-                "distrib_optim_fully_reshardable_mem_efficient": True}
+        return {
+            "distrib_optim_sharding_type": sharding,
+            "distrib_optim_fully_reshardable_mem_efficient": True,
+        }
     if sharding == DP_RESHARDABLE:
         return {"distrib_optim_sharding_type": sharding}
     raise ValueError(f"optimizer state format {sharding!r} is not one of {OPTIMIZER_FORMATS}")
@@ -289,8 +310,9 @@ def _bucket_padded(world: torch.Tensor, buffer) -> torch.Tensor:
     padded = world.new_zeros(buffer.numel)
     start = 0
     for bucket in buffer.buckets:
-        padded[bucket.offset:bucket.offset + bucket.numel_unpadded] = \
-            world[start:start + bucket.numel_unpadded]
+        padded[bucket.offset : bucket.offset + bucket.numel_unpadded] = world[
+            start : start + bucket.numel_unpadded
+        ]
         start += bucket.numel_unpadded
     return padded
 
@@ -331,19 +353,26 @@ def _fully_reshardable_coordinates(optimizer):
             del dist_opt.get_parameter_state_dp_zero  # back to the class's method
 
 
-def _sharded_optimizer_state(optimizer, models: Sequence, sharding: str, *,
-                             is_loading: bool) -> dict:
+def _sharded_optimizer_state(
+    optimizer, models: Sequence, sharding: str, *, is_loading: bool
+) -> dict:
     """Megatron's sharded state dict of ``optimizer`` in format ``sharding``."""
-    context = (_fully_reshardable_coordinates(optimizer) if sharding == FULLY_RESHARDABLE
-               else contextlib.nullcontext())
+    context = (
+        _fully_reshardable_coordinates(optimizer)
+        if sharding == FULLY_RESHARDABLE
+        else contextlib.nullcontext()
+    )
     with context:
-        return optimizer.sharded_state_dict(model_sharded_state_dict(models),
-                                            is_loading=is_loading,
-                                            metadata=sharding_metadata(sharding))
+        return optimizer.sharded_state_dict(
+            model_sharded_state_dict(models),
+            is_loading=is_loading,
+            metadata=sharding_metadata(sharding),
+        )
 
 
-def save_optimizer_state(optimizer, models: Sequence, out_dir: str | Path, *,
-                         sharding: str = FULLY_RESHARDABLE) -> None:
+def save_optimizer_state(
+    optimizer, models: Sequence, out_dir: str | Path, *, sharding: str = FULLY_RESHARDABLE
+) -> None:
     """Save the distributed optimizer's state (every rank calls this; ``out_dir`` exists)."""
     from megatron.core import dist_checkpointing
 
@@ -356,8 +385,9 @@ def save_optimizer_state(optimizer, models: Sequence, out_dir: str | Path, *,
     dist_checkpointing.save({"optimizer": sharded}, str(out_dir))
 
 
-def load_optimizer_state(optimizer, models: Sequence, in_dir: str | Path, *,
-                         sharding: str = FULLY_RESHARDABLE) -> None:
+def load_optimizer_state(
+    optimizer, models: Sequence, in_dir: str | Path, *, sharding: str = FULLY_RESHARDABLE
+) -> None:
     """Load a state written by ``save_optimizer_state`` in format ``sharding`` (any TP/PP/DP for
     fully_reshardable; the saving layout's tp/pp/vpp for dp_reshardable; see module doc).
 
@@ -377,7 +407,8 @@ def load_optimizer_state(optimizer, models: Sequence, in_dir: str | Path, *,
         found = state.pop("param_state_sharding_type")
         if found != sharding:
             raise OptimizerStateError(
-                f"{in_dir}: optimizer state has sharding {found!r}, expected {sharding!r}")
+                f"{in_dir}: optimizer state has sharding {found!r}, expected {sharding!r}"
+            )
         # Param groups, step count and grad scaler first (torch Adam: one shared step tensor).
         dist_opt.load_state_dict(state)
         inner_state = dist_opt.optimizer.state
@@ -395,23 +426,25 @@ def load_optimizer_state(optimizer, models: Sequence, in_dir: str | Path, *,
 def optimizer_state_layout(ctx, ddp_config) -> dict:
     """What a dp_reshardable optimizer state depends on besides dp: the model-parallel layout
     and the gradient buckets (``ddp_config.bucket_size``; None = one bucket per chunk)."""
-    return {"tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp,
-            "grad_bucket_size": ddp_config.bucket_size}
+    return {"tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp, "grad_bucket_size": ddp_config.bucket_size}
 
 
 def check_optimizer_state_layout(path, sharding: str, saved: dict, current: dict) -> None:
     """Refuse to load a dp_reshardable state at a layout it was not saved at (with the fix)."""
     if sharding != DP_RESHARDABLE:
         return
-    changed = {key: (saved.get(key), current[key]) for key in current
-               if saved.get(key) != current[key]}
+    changed = {
+        key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]
+    }
     if changed:
-        diff = ", ".join(f"{key}: saved {old!r}, now {new!r}" for key, (old, new)
-                         in changed.items())
+        diff = ", ".join(
+            f"{key}: saved {old!r}, now {new!r}" for key, (old, new) in changed.items()
+        )
         raise OptimizerStateError(
             f"{path} holds the optimizer state in the dp_reshardable format (in-round "
             f"checkpoints), which loads only at the layout it was saved at ({diff}; dp may "
             f"change). Resume with parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')} "
             f"parallel.vpp={saved.get('vpp')} on the same kind of device, or resume from a "
             "fully reshardable checkpoint (the round's last one, or every one with "
-            "train.reshardable_checkpoints=true)")
+            "train.reshardable_checkpoints=true)"
+        )

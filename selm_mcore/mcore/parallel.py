@@ -5,13 +5,14 @@
     destroy_parallel()
 
 Backends: NCCL on GPU (one device per local rank), gloo on CPU, where the CPU compatibility
-layer for megatron-core (``selm_mcore.mcore.cpu_compat``) is applied first. Under torchrun the process
+layer for megatron-core (``selm_mcore.mcore.cpu_compat``) is applied first. Under torchrun the
+process
 group is created from the environment (``init_method="env://"``: a ``tcp://`` URL on another
 port hangs under torchrun); a plain single process gets an in-memory store, no port needed.
 
 Megatron still keeps its groups in ``megatron.core.parallel_state`` (its model classes read them
 from there); this module initialises that state and hands the groups on explicitly so our own
-code never reads the globals. Local multi-process launches live in ``selm_mcore.launch``.
+code never reads the globals. Local multi-process launches live in ``selm_mcore.runtime.launch``.
 """
 
 from __future__ import annotations
@@ -77,24 +78,24 @@ def _init_process_group(backend: str) -> None:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def init_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None,
-                  seed: int = 1234) -> ParallelContext:
+def init_parallel(
+    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234
+) -> ParallelContext:
     """Initialise torch.distributed (env:// or one process) and Megatron's TP/PP/VPP/DP groups.
 
     Seeds torch and Megatron's model-parallel RNG tracker with ``seed`` (the tensor-parallel
     state differs per TP rank as in Megatron; weights created with use_cpu_initialization are
     TP-invariant). Raises ParallelLayoutError when the world size is not a multiple of tp*pp.
     """
-    from megatron.core import parallel_state
-    from megatron.core import tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel
 
     for name, value in (("parallel.tp", tp), ("parallel.pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ParallelLayoutError(f"{name}={value!r} must be an integer >= 1")
     if vpp is not None and (vpp < 2 or pp < 2):
         raise ParallelLayoutError(
-            f"parallel.vpp={vpp} needs vpp >= 2 and pp >= 2 (pp={pp}); use vpp=None for plain "
-            "1F1B")
+            f"parallel.vpp={vpp} needs vpp >= 2 and pp >= 2 (pp={pp}); use vpp=None for plain 1F1B"
+        )
 
     from selm_mcore.mcore.helper_processes import bind_helper_processes
 
@@ -115,7 +116,8 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None,
     if world_size % (tp * pp) != 0:
         raise ParallelLayoutError(
             f"world size {world_size} must be a multiple of parallel.tp*parallel.pp = "
-            f"{tp}*{pp} = {tp * pp}; launch tp*pp*dp processes (torchrun --nproc-per-node)")
+            f"{tp}*{pp} = {tp * pp}; launch tp*pp*dp processes (torchrun --nproc-per-node)"
+        )
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -144,8 +146,15 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None,
         local_rank=local_rank,
         seed=seed,
     )
-    logger.info("parallel: world=%d tp=%d pp=%d vpp=%s dp=%d backend=%s", world_size, tp, pp,
-                vpp, ctx.dp, dist.get_backend())
+    logger.info(
+        "parallel: world=%d tp=%d pp=%d vpp=%s dp=%d backend=%s",
+        world_size,
+        tp,
+        pp,
+        vpp,
+        ctx.dp,
+        dist.get_backend(),
+    )
     return ctx
 
 

@@ -38,8 +38,9 @@ import contextlib
 import io
 import os
 import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
@@ -56,24 +57,26 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 # optimizer checkpoints written by selm-mcore (fp32 and bf16), plus the bytes-entry
 # counterparts of the tensor classes (BytesStorageMetadata, BytesIOWriteData) that a checkpoint
 # holding Megatron ShardedObjects records. Torch dtypes are allowed by type (see find_class).
-DCP_METADATA_GLOBALS = frozenset({
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # copyreg reducer of torch.layout: name -> layout
-    ("torch.distributed.checkpoint.metadata", "Metadata"),
-    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
-    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
-    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
-    ("torch.distributed.checkpoint.planner", "SavePlan"),
-    ("torch.distributed.checkpoint.planner", "WriteItem"),
-    ("torch.distributed.checkpoint.planner", "WriteItemType"),
-    ("torch.distributed.checkpoint.planner", "TensorWriteData"),
-    ("torch.distributed.checkpoint.planner", "BytesIOWriteData"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-})
+DCP_METADATA_GLOBALS = frozenset(
+    {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # copyreg reducer of torch.layout: name -> layout
+        ("torch.distributed.checkpoint.metadata", "Metadata"),
+        ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+        ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+        ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+        ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.planner", "SavePlan"),
+        ("torch.distributed.checkpoint.planner", "WriteItem"),
+        ("torch.distributed.checkpoint.planner", "WriteItemType"),
+        ("torch.distributed.checkpoint.planner", "TensorWriteData"),
+        ("torch.distributed.checkpoint.planner", "BytesIOWriteData"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    }
+)
 
 _READER_HOOK = "_get_filesystem_reader"  # in megatron.core.dist_checkpointing.strategies.torch
 
@@ -101,9 +104,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(
             f"{self.source}: refusing to unpickle the global {module}.{name}: a "
             "torch.distributed.checkpoint metadata file holds only DCP metadata classes, "
-            "torch.Size and dtypes (selm_mcore.mcore.safe_load.DCP_METADATA_GLOBALS). The file was not "
+            "torch.Size and dtypes (selm_mcore.mcore.safe_load.DCP_METADATA_GLOBALS). The file "
+            "was not "
             "written by torch.distributed.checkpoint (or was tampered with); do not load it, "
-            "re-create the checkpoint from a source you trust")
+            "re-create the checkpoint from a source you trust"
+        )
 
 
 def read_dcp_metadata(path: str | os.PathLike) -> Metadata:
@@ -118,8 +123,9 @@ def read_dcp_metadata(path: str | os.PathLike) -> Metadata:
             exc.add_note(f"while reading the dist-checkpoint metadata file {path}")
             raise
     if not isinstance(metadata, Metadata):
-        raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not a "
-                                    "torch.distributed.checkpoint Metadata")
+        raise UnsafeCheckpointError(
+            f"{path} holds a {type(metadata).__name__}, not a torch.distributed.checkpoint Metadata"
+        )
     _check_storage_paths(metadata, path)
     return metadata
 
@@ -128,15 +134,22 @@ def _check_storage_paths(metadata: Metadata, path: Path) -> None:
     """Data files named by the metadata must be plain names inside the checkpoint folder."""
     storage = metadata.storage_data
     if not isinstance(storage, dict):
-        raise UnsafeCheckpointError(f"{path}: storage_data is a {type(storage).__name__}, "
-                                    "expected a dict of data-file entries")
+        raise UnsafeCheckpointError(
+            f"{path}: storage_data is a {type(storage).__name__}, "
+            "expected a dict of data-file entries"
+        )
     for index, info in storage.items():
         relative = getattr(info, "relative_path", None)
-        if (not isinstance(relative, str) or relative in ("", ".", "..")
-                or os.path.basename(relative) != relative or "\\" in relative):
+        if (
+            not isinstance(relative, str)
+            or relative in ("", ".", "..")
+            or os.path.basename(relative) != relative
+            or "\\" in relative
+        ):
             raise UnsafeCheckpointError(
                 f"{path}: entry {getattr(index, 'fqn', index)!r} points at data file "
-                f"{relative!r}; data files must be plain file names inside {path.parent}")
+                f"{relative!r}; data files must be plain file names inside {path.parent}"
+            )
 
 
 class _WeightsOnlyBytesPlanner:
@@ -157,7 +170,8 @@ class _WeightsOnlyBytesPlanner:
         except pickle.UnpicklingError as exc:
             raise UnsafeCheckpointError(
                 f"{self._describe(read_item)}: refusing a bytes entry that torch.load("
-                f"weights_only=True) rejects: {exc}") from exc
+                f"weights_only=True) rejects: {exc}"
+            ) from exc
         clean = io.BytesIO()
         torch.save(obj, clean)
         clean.seek(0)
@@ -203,7 +217,8 @@ def _megatron_reader(factory: Callable[..., FileSystemReader]) -> Iterator[None]
         raise RuntimeError(
             f"megatron.core.dist_checkpointing.strategies.torch.{_READER_HOOK} is gone: "
             "selm_mcore.mcore.safe_load is written against megatron-core==0.16.1; pin that version "
-            "or port the hook (loading without it would unpickle .metadata unrestricted)")
+            "or port the hook (loading without it would unpickle .metadata unrestricted)"
+        )
     original = getattr(mcore_torch_strategy, _READER_HOOK)
     setattr(mcore_torch_strategy, _READER_HOOK, factory)
     try:
@@ -227,8 +242,11 @@ class SafeTorchDistLoadStrategy(mcore_torch_strategy.TorchDistLoadShardedStrateg
             with _megatron_reader(lambda *args, **kwargs: reader):
                 return super().load(sharded_state_dict, checkpoint_dir)
         except CheckpointException as exc:  # DCP's per-rank wrapper: surface our refusal
-            refusals = [error for error, _ in exc.failures.values()
-                        if isinstance(error, UnsafeCheckpointError)]
+            refusals = [
+                error
+                for error, _ in exc.failures.values()
+                if isinstance(error, UnsafeCheckpointError)
+            ]
             if refusals:
                 raise refusals[0] from None
             raise
@@ -253,19 +271,26 @@ class WeightsOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
         except FileNotFoundError as exc:
             raise CheckpointingException(f"Common file {load_path} does not exist") from exc
         except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(f"{load_path}: refusing what torch.load("
-                                        f"weights_only=True) rejects: {exc}") from exc
+            raise UnsafeCheckpointError(
+                f"{load_path}: refusing what torch.load(weights_only=True) rejects: {exc}"
+            ) from exc
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
         # Unreachable with SafeTorchDistLoadStrategy (it loads ShardedObjects itself); Megatron's
         # version would torch.load per-object .pt files with torch's default weights_only.
         raise UnsafeCheckpointError(
-            f"{checkpoint_dir}: per-object .pt files are not loaded by selm_mcore.mcore.safe_load")
+            f"{checkpoint_dir}: per-object .pt files are not loaded by selm_mcore.mcore.safe_load"
+        )
 
 
-def load_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
-                         **kwargs: Any):
+def load_dist_checkpoint(
+    sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, **kwargs: Any
+):
     """``megatron.core.dist_checkpointing.load`` through the safe strategies above."""
-    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir),
-                                   sharded_strategy=SafeTorchDistLoadStrategy(),
-                                   common_strategy=WeightsOnlyCommonLoadStrategy(), **kwargs)
+    return dist_checkpointing.load(
+        sharded_state_dict,
+        str(checkpoint_dir),
+        sharded_strategy=SafeTorchDistLoadStrategy(),
+        common_strategy=WeightsOnlyCommonLoadStrategy(),
+        **kwargs,
+    )

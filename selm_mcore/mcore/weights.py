@@ -36,16 +36,16 @@ import logging
 import os
 import shutil
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from selm_mcore.files import checksum_files, list_files, write_checksums
 from selm_mcore.mcore.model import head_dim, layers_of_stage, load_hf_config, num_query_groups
 from selm_mcore.mcore.parallel import ParallelContext
+from selm_mcore.runtime.files import checksum_files, list_files, write_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,15 @@ HF_INDEX_FILE = "model.safetensors.index.json"
 HF_SINGLE_FILE = "model.safetensors"
 # Tokenizer and generation files copied along with the weights (whichever exist).
 HF_AUX_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
@@ -72,26 +79,35 @@ class WeightsError(ValueError):
 class ParamSpec:
     """A Megatron parameter and the HF tensor(s) it holds."""
 
-    part: str                 # embedding | output | final_norm | input_norm | qkv | proj | ...
-    layer: int | None         # global 0-based layer, None outside the decoder layers
-    kind: str                 # vocab | qkv | fc1 | row | replicated  (how it is split over TP)
+    part: str  # embedding | output | final_norm | input_norm | qkv | proj | ...
+    layer: int | None  # global 0-based layer, None outside the decoder layers
+    kind: str  # vocab | qkv | fc1 | row | replicated  (how it is split over TP)
     hf_names: tuple[str, ...]
     hf_shapes: tuple[tuple[int, ...], ...]
-    pp_rank: int              # owning pipeline stage
-    chunk: int                # owning virtual stage on that pipeline rank
+    pp_rank: int  # owning pipeline stage
+    chunk: int  # owning virtual stage on that pipeline rank
 
 
 def _layer_rows(hf_config, layer: int) -> list[tuple[str, str, tuple, tuple]]:
     h, f = hf_config.hidden_size, hf_config.intermediate_size
-    heads, groups, hd = hf_config.num_attention_heads, num_query_groups(hf_config), head_dim(
-        hf_config)
+    heads, groups, hd = (
+        hf_config.num_attention_heads,
+        num_query_groups(hf_config),
+        head_dim(hf_config),
+    )
     p = f"model.layers.{layer}."
     return [
         ("input_norm", "replicated", (p + "input_layernorm.weight",), ((h,),)),
-        ("qkv", "qkv",
-         (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-          p + "self_attn.v_proj.weight"),
-         ((heads * hd, h), (groups * hd, h), (groups * hd, h))),
+        (
+            "qkv",
+            "qkv",
+            (
+                p + "self_attn.q_proj.weight",
+                p + "self_attn.k_proj.weight",
+                p + "self_attn.v_proj.weight",
+            ),
+            ((heads * hd, h), (groups * hd, h), (groups * hd, h)),
+        ),
         ("proj", "row", (p + "self_attn.o_proj.weight",), ((h, heads * hd),)),
         ("post_norm", "replicated", (p + "post_attention_layernorm.weight",), ((h,),)),
         ("fc1", "fc1", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((f, h), (f, h))),
@@ -112,13 +128,15 @@ def param_table(hf_config, pp: int, num_chunks: int) -> list[ParamSpec]:
         for chunk in range(num_chunks):
             for layer in layers_of_stage(n, pp, num_chunks, pp_rank, chunk):
                 owner[layer] = (pp_rank, chunk)
-    table = [ParamSpec("embedding", None, "vocab", ("model.embed_tokens.weight",), ((v, h),),
-                       *first)]
+    table = [
+        ParamSpec("embedding", None, "vocab", ("model.embed_tokens.weight",), ((v, h),), *first)
+    ]
     for layer in range(n):
         for part, kind, names, shapes in _layer_rows(hf_config, layer):
             table.append(ParamSpec(part, layer, kind, names, shapes, *owner[layer]))
-    table.append(ParamSpec("final_norm", None, "replicated", ("model.norm.weight",), ((h,),),
-                           *last))
+    table.append(
+        ParamSpec("final_norm", None, "replicated", ("model.norm.weight",), ((h,),), *last)
+    )
     if not getattr(hf_config, "tie_word_embeddings", False):
         table.append(ParamSpec("output", None, "vocab", ("lm_head.weight",), ((v, h),), *last))
     return table
@@ -133,8 +151,12 @@ def _layer_param(layer, part: str) -> torch.nn.Parameter:
     if part == "post_norm":
         fused = getattr(mlp.linear_fc1, "layer_norm_weight", None)
         return fused if fused is not None else layer.pre_mlp_layernorm.weight
-    return {"qkv": attn.linear_qkv, "proj": attn.linear_proj, "fc1": mlp.linear_fc1,
-            "fc2": mlp.linear_fc2}[part].weight
+    return {
+        "qkv": attn.linear_qkv,
+        "proj": attn.linear_proj,
+        "fc1": mlp.linear_fc1,
+        "fc2": mlp.linear_fc2,
+    }[part].weight
 
 
 def _local_param(models: Sequence, spec: ParamSpec) -> torch.nn.Parameter:
@@ -151,7 +173,8 @@ def _local_param(models: Sequence, spec: ParamSpec) -> torch.nn.Parameter:
     raise RuntimeError(
         f"layer {spec.layer} is not in chunk {spec.chunk} of this pipeline rank (it holds "
         f"{[lay.layer_number - 1 for lay in chunk.decoder.layers]}): Megatron's layer split "
-        "differs from selm_mcore.mcore.model.layers_of_stage")
+        "differs from selm_mcore.mcore.model.layers_of_stage"
+    )
 
 
 def hf_config_of(models: Sequence):
@@ -164,9 +187,18 @@ def hf_config_of(models: Sequence):
 # --- reading HF safetensors -------------------------------------------------------------------
 
 
-_ST_TO_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
-                "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_ST_TO_TORCH = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -198,16 +230,21 @@ class SafetensorsReader:
                 raise WeightsError(
                     f"{index_path} lists shard file(s) {missing} that are not in {self.hf_dir} "
                     f"(e.g. tensor {example!r} lives in {missing[0]}); copy the complete model "
-                    "folder")
+                    "folder"
+                )
             self.weight_map = dict(weight_map)
         else:
-            files = ([self.hf_dir / HF_SINGLE_FILE] if (self.hf_dir / HF_SINGLE_FILE).is_file()
-                     else sorted(self.hf_dir.glob("*.safetensors")))
+            files = (
+                [self.hf_dir / HF_SINGLE_FILE]
+                if (self.hf_dir / HF_SINGLE_FILE).is_file()
+                else sorted(self.hf_dir.glob("*.safetensors"))
+            )
             if not files:
                 raise WeightsError(
                     f"no safetensors weights in {self.hf_dir} (expected {HF_SINGLE_FILE} or "
                     f"{HF_INDEX_FILE} with its shards); save the model with "
-                    "save_pretrained(safe_serialization=True)")
+                    "save_pretrained(safe_serialization=True)"
+                )
             self.weight_map = {}
             for path in files:
                 for name in self._header(path.name)[0]:
@@ -218,8 +255,13 @@ class SafetensorsReader:
             self._headers[file_name] = _read_safetensors_header(self.hf_dir / file_name)
         return self._headers[file_name]
 
-    def read(self, name: str, expected_shape: tuple[int, ...], rows: slice | None = None,
-             cols: slice | None = None) -> torch.Tensor:
+    def read(
+        self,
+        name: str,
+        expected_shape: tuple[int, ...],
+        rows: slice | None = None,
+        cols: slice | None = None,
+    ) -> torch.Tensor:
         """Tensor ``name`` (only ``[rows, cols]`` of it), after checking its full shape.
 
         Only the requested rows are read from disk; a column slice reads those rows whole and
@@ -234,8 +276,10 @@ class SafetensorsReader:
         entry = header[name]
         shape = tuple(entry["shape"])
         if shape != tuple(expected_shape):
-            raise WeightsError(f"tensor {name!r} in {path} has shape {shape}, config.json "
-                               f"implies {tuple(expected_shape)}")
+            raise WeightsError(
+                f"tensor {name!r} in {path} has shape {shape}, config.json "
+                f"implies {tuple(expected_shape)}"
+            )
         dtype = _ST_TO_TORCH[entry["dtype"]]
         first, last = (rows or slice(None)).indices(shape[0])[:2] if shape else (0, 1)
         row_numel = int(torch.Size(shape[1:]).numel())
@@ -254,8 +298,9 @@ class SafetensorsReader:
         return tensor if cols is None else tensor[:, cols]
 
 
-def read_local_shard(reader: SafetensorsReader, spec: ParamSpec, hf_config, tp: int,
-                     tp_rank: int, out: torch.Tensor) -> torch.Tensor:
+def read_local_shard(
+    reader: SafetensorsReader, spec: ParamSpec, hf_config, tp: int, tp_rank: int, out: torch.Tensor
+) -> torch.Tensor:
     """Fill ``out`` (this TP rank's Megatron parameter ``spec``) from the HF tensors.
 
     Each HF slice is read and copied into its place in ``out`` at once, so the only transient
@@ -281,12 +326,17 @@ def read_local_shard(reader: SafetensorsReader, spec: ParamSpec, hf_config, tp: 
         local_groups = groups // tp
         g0, g1 = tp_rank * local_groups, (tp_rank + 1) * local_groups
         view = out.view(local_groups, per_group + 2, hd, hidden)
-        view[:, :per_group].copy_(reader.read(
-            names[0], shapes[0], rows=slice(g0 * per_group * hd, g1 * per_group * hd)
-        ).view(local_groups, per_group, hd, hidden))
+        view[:, :per_group].copy_(
+            reader.read(
+                names[0], shapes[0], rows=slice(g0 * per_group * hd, g1 * per_group * hd)
+            ).view(local_groups, per_group, hd, hidden)
+        )
         for i, name in ((per_group, names[1]), (per_group + 1, names[2])):
-            view[:, i].copy_(reader.read(name, shapes[1], rows=slice(g0 * hd, g1 * hd))
-                             .view(local_groups, hd, hidden))
+            view[:, i].copy_(
+                reader.read(name, shapes[1], rows=slice(g0 * hd, g1 * hd)).view(
+                    local_groups, hd, hidden
+                )
+            )
     elif spec.kind == "vocab":
         vocab, local_rows = shapes[0][0], out.shape[0]
         start = tp_rank * local_rows
@@ -299,8 +349,15 @@ def read_local_shard(reader: SafetensorsReader, spec: ParamSpec, hf_config, tp: 
     return out
 
 
-_CONFIG_KEYS_MUST_MATCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+_CONFIG_KEYS_MUST_MATCH = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
 
 
 def check_same_architecture(model_config, hf_dir: Path) -> None:
@@ -312,7 +369,8 @@ def check_same_architecture(model_config, hf_dir: Path) -> None:
         if a != b:
             raise WeightsError(
                 f"{hf_dir}/config.json has {key}={b} but the model was built with {key}={a}; "
-                "build the model from the same config.json")
+                "build the model from the same config.json"
+            )
 
 
 def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelContext) -> None:
@@ -328,26 +386,47 @@ def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelCo
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     specs = [s for s in param_table(hf_config, ctx.pp, ctx.num_chunks) if s.pp_rank == ctx.pp_rank]
     last_chunk = models[-1]
-    if (tied and ctx.is_last_stage and getattr(last_chunk, "output_layer", None) is not None
-            and last_chunk.output_layer.weight is not None):
+    if (
+        tied
+        and ctx.is_last_stage
+        and getattr(last_chunk, "output_layer", None) is not None
+        and last_chunk.output_layer.weight is not None
+    ):
         # The last stage's copy of a tied embedding (pipeline parallel): load it from the
         # embedding, as Megatron's embedding-group all-reduce would.
         embed = param_table(hf_config, ctx.pp, ctx.num_chunks)[0]
-        specs.append(ParamSpec("output", None, "vocab", embed.hf_names, embed.hf_shapes,
-                               ctx.pp_rank, ctx.num_chunks - 1))
+        specs.append(
+            ParamSpec(
+                "output",
+                None,
+                "vocab",
+                embed.hf_names,
+                embed.hf_shapes,
+                ctx.pp_rank,
+                ctx.num_chunks - 1,
+            )
+        )
     written = set()
     with torch.no_grad():
         for spec in specs:
             param = _local_param(models, spec)
             written.add(id(param))
             read_local_shard(reader, spec, hf_config, ctx.tp, ctx.tp_rank, param.data)
-    unset = [name for model in models for name, p in model.named_parameters()
-             if id(p) not in written]
+    unset = [
+        name for model in models for name, p in model.named_parameters() if id(p) not in written
+    ]
     if unset:
-        raise WeightsError(f"no HF tensor maps to the Megatron parameter(s) {unset} of this "
-                           "layer spec; extend selm_mcore.mcore.weights.param_table")
-    logger.info("loaded %d HF tensors from %s (tp rank %d, pp rank %d)",
-                sum(len(s.hf_names) for s in specs), hf_dir, ctx.tp_rank, ctx.pp_rank)
+        raise WeightsError(
+            f"no HF tensor maps to the Megatron parameter(s) {unset} of this "
+            "layer spec; extend selm_mcore.mcore.weights.param_table"
+        )
+    logger.info(
+        "loaded %d HF tensors from %s (tp rank %d, pp rank %d)",
+        sum(len(s.hf_names) for s in specs),
+        hf_dir,
+        ctx.tp_rank,
+        ctx.pp_rank,
+    )
 
 
 # --- export: full HF tensors, streamed -------------------------------------------------------
@@ -369,13 +448,15 @@ def split_full(spec: ParamSpec, shards: list[torch.Tensor], hf_config) -> list[t
         groups = num_query_groups(hf_config)
         per_group = hf_config.num_attention_heads // groups
         full = torch.cat(shards).view(groups, per_group + 2, hd, hidden)
-        return [full[:, :per_group].reshape(-1, hidden), full[:, per_group].reshape(-1, hidden),
-                full[:, per_group + 1].reshape(-1, hidden)]
+        return [
+            full[:, :per_group].reshape(-1, hidden),
+            full[:, per_group].reshape(-1, hidden),
+            full[:, per_group + 1].reshape(-1, hidden),
+        ]
     raise AssertionError(spec.kind)
 
 
-def iter_hf_weights(models: Sequence, ctx: ParallelContext
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(models: Sequence, ctx: ParallelContext) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for the whole model on global rank 0, one tensor at a time.
 
     Every rank must iterate this generator to the end: ranks other than 0 yield nothing but take
@@ -405,8 +486,9 @@ def iter_hf_weights(models: Sequence, ctx: ParallelContext
                         dist.send(tensor.contiguous(), dst=stage0_rank, group=ctx.pp_group)
         elif ctx.pp_rank == 0 and ctx.tp_rank == 0:
             src = dist.get_global_rank(ctx.pp_group, spec.pp_rank)
-            tensors = [torch.empty(shape, dtype=dtype, device=ctx.device)
-                       for shape in spec.hf_shapes]
+            tensors = [
+                torch.empty(shape, dtype=dtype, device=ctx.device) for shape in spec.hf_shapes
+            ]
             for tensor in tensors:
                 dist.recv(tensor, src=src, group=ctx.pp_group)
         if ctx.rank == 0:
@@ -420,8 +502,13 @@ class StreamingSafetensorsWriter:
     arrives and nothing is buffered. Writes an index when there is more than one shard.
     """
 
-    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: list[tuple[str, tuple[int, ...]]],
+        dtype: torch.dtype,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ):
         self.out_dir, self.dtype = Path(out_dir), dtype
         itemsize = torch.empty((), dtype=dtype).element_size()
         shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
@@ -434,10 +521,14 @@ class StreamingSafetensorsWriter:
             shards[-1].append((name, tuple(shape), nbytes))
             size += nbytes
         n = len(shards)
-        self.files = ([HF_SINGLE_FILE] if n == 1 else
-                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-        self._expected = [(name, shape, i) for i, shard in enumerate(shards)
-                          for name, shape, _ in shard]
+        self.files = (
+            [HF_SINGLE_FILE]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._expected = [
+            (name, shape, i) for i, shard in enumerate(shards) for name, shape, _ in shard
+        ]
         self._shards = shards
         self._pos = 0
         self._file = None
@@ -449,8 +540,11 @@ class StreamingSafetensorsWriter:
             self._file.close()
         header, offset = {}, 0
         for name, shape, nbytes in self._shards[idx]:
-            header[name] = {"dtype": _ST_DTYPES[self.dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _ST_DTYPES[self.dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -464,8 +558,9 @@ class StreamingSafetensorsWriter:
         """Write the next tensor of the plan (names must come in plan order)."""
         exp_name, exp_shape, idx = self._expected[self._pos]
         if name != exp_name or tuple(tensor.shape) != exp_shape:
-            raise RuntimeError(f"export order: got {name} {tuple(tensor.shape)}, expected "
-                               f"{exp_name} {exp_shape}")
+            raise RuntimeError(
+                f"export order: got {name} {tuple(tensor.shape)}, expected {exp_name} {exp_shape}"
+            )
         if idx != self._file_idx:
             self._open(idx)
         data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous().reshape(-1)
@@ -482,19 +577,27 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"export incomplete: wrote {self._pos} of {len(self._expected)}")
         if len(self.files) > 1:
             weight_map = {name: self.files[idx] for name, _, idx in self._expected}
-            (self.out_dir / HF_INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
-                indent=2) + "\n")
+            (self.out_dir / HF_INDEX_FILE).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+                    indent=2,
+                )
+                + "\n"
+            )
 
 
 def export_plan(hf_config) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, shape) of every exported tensor, in the order iter_hf_weights yields them."""
-    return [(name, shape) for spec in param_table(hf_config, 1, 1)
-            for name, shape in zip(spec.hf_names, spec.hf_shapes)]
+    return [
+        (name, shape)
+        for spec in param_table(hf_config, 1, 1)
+        for name, shape in zip(spec.hf_names, spec.hf_shapes)
+    ]
 
 
-def write_hf_config_files(hf_config, out_dir: Path, aux_dir: Path | None,
-                          dtype: torch.dtype | None = None) -> None:
+def write_hf_config_files(
+    hf_config, out_dir: Path, aux_dir: Path | None, dtype: torch.dtype | None = None
+) -> None:
     """config.json (dtype set, architectures LlamaForCausalLM) + tokenizer/generation files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = hf_config.to_diff_dict()
@@ -514,9 +617,13 @@ def write_hf_config_files(hf_config, out_dir: Path, aux_dir: Path | None,
             GenerationConfig.from_model_config(hf_config).save_pretrained(str(out_dir))
 
 
-def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike,
-              aux_dir: str | os.PathLike | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def export_hf(
+    models: Sequence,
+    ctx: ParallelContext,
+    out_dir: str | os.PathLike,
+    aux_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
     """Write the model as an HF folder with checksums.json (rank 0 writes; every rank calls
     this)."""
     hf_config = hf_config_of(models)
@@ -525,8 +632,7 @@ def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike
     writer = None
     if ctx.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        writer = StreamingSafetensorsWriter(out_dir, export_plan(hf_config), dtype,
-                                            max_shard_bytes)
+        writer = StreamingSafetensorsWriter(out_dir, export_plan(hf_config), dtype, max_shard_bytes)
     for name, tensor in iter_hf_weights(models, ctx):
         writer.write(name, tensor)
         del tensor
@@ -534,9 +640,11 @@ def export_hf(models: Sequence, ctx: ParallelContext, out_dir: str | os.PathLike
         writer.close()
         write_hf_config_files(hf_config, out_dir, Path(aux_dir) if aux_dir else None, dtype)
         write_checksums(out_dir, checksum_files(out_dir, list_files(out_dir)))
-        logger.info("wrote HF folder %s (%d file(s), %.1f MB)", out_dir, len(writer.files),
-                    writer.total_bytes / 1e6)
+        logger.info(
+            "wrote HF folder %s (%d file(s), %.1f MB)",
+            out_dir,
+            len(writer.files),
+            writer.total_bytes / 1e6,
+        )
     if dist.is_initialized() and ctx.world_size > 1:
         dist.barrier()
-
-

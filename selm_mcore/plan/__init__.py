@@ -40,13 +40,32 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples" / "configs"
 
-_LLAMA3 = dict(model_type="llama", vocab_size=128256, num_attention_heads=None,
-               max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-               tie_word_embeddings=False, hidden_act="silu")
-_LLAMA3_8B = {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336,
-              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
-_LLAMA3_70B = {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672,
-               "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8}
+_LLAMA3 = dict(
+    model_type="llama",
+    vocab_size=128256,
+    num_attention_heads=None,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
+_LLAMA3_8B = {
+    **_LLAMA3,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+_LLAMA3_70B = {
+    **_LLAMA3,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
 # Known names -> (config.json numbers as published on the Hub, the example config of that size).
 KNOWN_MODELS: dict[str, tuple[dict[str, Any], str]] = {
     "meta-llama/Meta-Llama-3-8B": (_LLAMA3_8B, "selm_llama3_8b.yaml"),
@@ -68,13 +87,17 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Plan
         return PlanModel.from_hf(config, name, vocab_divisible_by), example
     path = Path(name_or_dir) / "config.json"
     if not path.is_file():
-        raise PlanError(f"--model {name_or_dir}: neither an HF folder with config.json nor a "
-                        f"known name ({', '.join(KNOWN_MODELS)})")
+        raise PlanError(
+            f"--model {name_or_dir}: neither an HF folder with config.json nor a "
+            f"known name ({', '.join(KNOWN_MODELS)})"
+        )
     config = json.loads(path.read_text())
     config = config.get("text_config", config)
     if config.get("model_type") != "llama":
-        raise PlanError(f"{path}: model_type={config.get('model_type')!r}; the planner prices "
-                        "the Llama layout selm-mcore trains")
+        raise PlanError(
+            f"{path}: model_type={config.get('model_type')!r}; the planner prices "
+            "the Llama layout selm-mcore trains"
+        )
     return PlanModel.from_hf(config, str(name_or_dir), vocab_divisible_by), ""
 
 
@@ -82,29 +105,52 @@ def config_layout(cfg, gpus: int, impl: str) -> Layout:
     """The layout a config runs on ``gpus`` processes."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if gpus % (tp * pp):
-        raise PlanError(f"{gpus} GPUs are not a multiple of parallel.tp * parallel.pp = "
-                        f"{tp * pp}")
-    return Layout(tp=tp, pp=pp, vpp=cfg.parallel.vpp, dp=gpus // (tp * pp),
-                  recompute=cfg.model.recompute, sequence_parallel=impl == "te" and tp > 1)
+        raise PlanError(f"{gpus} GPUs are not a multiple of parallel.tp * parallel.pp = {tp * pp}")
+    return Layout(
+        tp=tp,
+        pp=pp,
+        vpp=cfg.parallel.vpp,
+        dp=gpus // (tp * pp),
+        recompute=cfg.model.recompute,
+        sequence_parallel=impl == "te" and tp > 1,
+    )
 
 
 # --- output ------------------------------------------------------------------------------------
 
 
-COLUMNS = (("layout", "layout", ""), ("recompute", "recompute", ""), ("params", "params", ".1f"),
-           ("grads", "grads", ".1f"), ("optimizer", "optim", ".1f"),
-           ("activations", "activ", ".1f"), ("logits", "logits", ".2f"),
-           ("working", "work", ".1f"), ("save_buffer", "save", ".1f"), ("peak", "peak GiB", ".1f"),
-           ("fits", "fits", ""), ("micro_batches", "mb/step", ".0f"), ("step_s", "step s", ".2f"),
-           ("pairs_per_s", "pairs/s", ".1f"), ("mark", "", ""))
+COLUMNS = (
+    ("layout", "layout", ""),
+    ("recompute", "recompute", ""),
+    ("params", "params", ".1f"),
+    ("grads", "grads", ".1f"),
+    ("optimizer", "optim", ".1f"),
+    ("activations", "activ", ".1f"),
+    ("logits", "logits", ".2f"),
+    ("working", "work", ".1f"),
+    ("save_buffer", "save", ".1f"),
+    ("peak", "peak GiB", ".1f"),
+    ("fits", "fits", ""),
+    ("micro_batches", "mb/step", ".0f"),
+    ("step_s", "step s", ".2f"),
+    ("pairs_per_s", "pairs/s", ".1f"),
+    ("mark", "", ""),
+)
 
 
 def row_record(row: PlanRow) -> dict[str, Any]:
     layout = row.layout
     label = layout.label() + (" sp" if layout.sequence_parallel else "")
-    return {"layout": label, "recompute": layout.recompute, **row.memory_gib,
-            "fits": "yes" if row.fits else "NO", "micro_batches": row.time_s["micro_batches"],
-            "step_s": row.step_s, "pairs_per_s": row.pairs_per_s, "mark": row.mark}
+    return {
+        "layout": label,
+        "recompute": layout.recompute,
+        **row.memory_gib,
+        "fits": "yes" if row.fits else "NO",
+        "micro_batches": row.time_s["micro_batches"],
+        "step_s": row.step_s,
+        "pairs_per_s": row.pairs_per_s,
+        "mark": row.mark,
+    }
 
 
 def format_rows(rows: list[PlanRow]) -> str:
@@ -113,8 +159,9 @@ def format_rows(rows: list[PlanRow]) -> str:
     return format_table([row_record(r) for r in rows], COLUMNS)
 
 
-def describe(model: PlanModel, workload: Workload, hw: Hardware, gpus: int, impl: str,
-             config_name: str) -> str:
+def describe(
+    model: PlanModel, workload: Workload, hw: Hardware, gpus: int, impl: str, config_name: str
+) -> str:
     lines = [
         f"model {model.name}: {model.num_params() / 1e9:.2f}B parameters, {model.num_layers} "
         f"layers, hidden {model.hidden}, {model.heads} heads / {model.kv_heads} query groups, "
@@ -135,38 +182,78 @@ def describe(model: PlanModel, workload: Workload, hw: Hardware, gpus: int, impl
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="",
-                        help=f"HF folder with config.json, or one of {', '.join(KNOWN_MODELS)} "
-                             "(default with --check: model.hf_dir of the config)")
-    parser.add_argument("--gpus", type=int, default=0,
-                        help="GPUs of the run (default with --check: online.nproc_per_node * "
-                             "online.nnodes)")
+    parser.add_argument(
+        "--model",
+        default="",
+        help=f"HF folder with config.json, or one of {', '.join(KNOWN_MODELS)} "
+        "(default with --check: model.hf_dir of the config)",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs of the run (default with --check: online.nproc_per_node * online.nnodes)",
+    )
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
-    parser.add_argument("--config", default="", help="YAML config for batch sizes, lengths, "
-                        "packing, dtype (default: the example config of the model's size)")
-    parser.add_argument("--check", default="", metavar="CONFIG",
-                        help="price only CONFIG's layout; exit 1 if it is predicted not to fit")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override one config value")
-    parser.add_argument("--impl", choices=IMPLS, default="te",
-                        help="layer implementation: te (Transformer Engine, sequence parallel), "
-                             "local (Megatron's local spec on GPU), cpu (local spec on CPU)")
-    parser.add_argument("--prompt-tokens", type=int, default=0,
-                        help="typical prompt length (default: max_prompt_length / 2)")
-    parser.add_argument("--response-tokens", type=int, default=0,
-                        help="typical response length (default: half the response room)")
+    parser.add_argument(
+        "--config",
+        default="",
+        help="YAML config for batch sizes, lengths, "
+        "packing, dtype (default: the example config of the model's size)",
+    )
+    parser.add_argument(
+        "--check",
+        default="",
+        metavar="CONFIG",
+        help="price only CONFIG's layout; exit 1 if it is predicted not to fit",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value",
+    )
+    parser.add_argument(
+        "--impl",
+        choices=IMPLS,
+        default="te",
+        help="layer implementation: te (Transformer Engine, sequence parallel), "
+        "local (Megatron's local spec on GPU), cpu (local spec on CPU)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="typical prompt length (default: max_prompt_length / 2)",
+    )
+    parser.add_argument(
+        "--response-tokens",
+        type=int,
+        default=0,
+        help="typical response length (default: half the response room)",
+    )
     defaults = Hardware()
     parser.add_argument("--mfu", type=float, default=defaults.mfu)
     parser.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops)
     parser.add_argument("--nvlink-gbs", type=float, default=defaults.nvlink_gbs)
     parser.add_argument("--ib-gbs", type=float, default=defaults.ib_gbs)
-    parser.add_argument("--headroom", type=float, default=defaults.headroom,
-                        help="fraction of --gpu-mem kept free")
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="one DDP bucket (overlap_grad_reduce off) instead of 40M-param ones")
-    parser.add_argument("--save-format", choices=SAVE_FORMATS, default="fully_reshardable",
-                        help="optimizer format of in-round step checkpoints")
+    parser.add_argument(
+        "--headroom", type=float, default=defaults.headroom, help="fraction of --gpu-mem kept free"
+    )
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="one DDP bucket (overlap_grad_reduce off) instead of 40M-param ones",
+    )
+    parser.add_argument(
+        "--save-format",
+        choices=SAVE_FORMATS,
+        default="fully_reshardable",
+        help="optimizer format of in-round step checkpoints",
+    )
     parser.add_argument("--max-vpp", type=int, default=4)
     parser.add_argument("--top", type=int, default=20, help="fitting layouts shown (0 = all)")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
@@ -174,15 +261,16 @@ def add_arguments(parser) -> None:
 
 def build_inputs(args):
     """(model, workload, hardware, gpus, config, config name) from the arguments."""
-    from selm_mcore.config_io import load_config
+    from selm_mcore.config.io import load_config
 
     path = args.check or args.config
     cfg = load_config(path, args.overrides) if path else None
     model_arg = args.model or (cfg.model.hf_dir if cfg else "")
     if not model_arg:
         raise PlanError("no model: pass --model HF_DIR_OR_NAME (or set model.hf_dir)")
-    model, example = resolve_model(model_arg,
-                                   cfg.model.make_vocab_size_divisible_by if cfg else 128)
+    model, example = resolve_model(
+        model_arg, cfg.model.make_vocab_size_divisible_by if cfg else 128
+    )
     if cfg is None:
         example_path = EXAMPLES / (example or "selm_llama3_8b.yaml")
         path = str(example_path.relative_to(REPO_ROOT)) if example_path.is_file() else ""
@@ -191,44 +279,82 @@ def build_inputs(args):
     if gpus < 1:
         raise PlanError("--gpus N is required (the number of GPUs of the run)")
     try:
-        workload = Workload.from_config(cfg, prompt_tokens=args.prompt_tokens or None,
-                                        response_tokens=args.response_tokens or None)
+        workload = Workload.from_config(
+            cfg,
+            prompt_tokens=args.prompt_tokens or None,
+            response_tokens=args.response_tokens or None,
+        )
     except ValueError as exc:
         raise PlanError(f"{path or '<defaults>'}: {exc}") from None
-    hw = Hardware(gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node,
-                  peak_tflops=args.peak_tflops, mfu=args.mfu, nvlink_gbs=args.nvlink_gbs,
-                  ib_gbs=args.ib_gbs, headroom=args.headroom)
+    hw = Hardware(
+        gpu_mem_gib=args.gpu_mem,
+        gpus_per_node=args.gpus_per_node,
+        peak_tflops=args.peak_tflops,
+        mfu=args.mfu,
+        nvlink_gbs=args.nvlink_gbs,
+        ib_gbs=args.ib_gbs,
+        headroom=args.headroom,
+    )
     return model, workload, hw, gpus, cfg, path or "<defaults>"
 
 
 def run_check(args, model, workload, hw, gpus, cfg, config_name) -> int:
     """Price the config's layout; PlanError (exit 1) with the fitting layouts if it does not fit."""
     layout = config_layout(cfg, gpus, args.impl)
-    row = plan_layout(model, layout, workload, hw, impl=args.impl, overlap=not args.no_overlap,
-                      save_format=args.save_format)
+    row = plan_layout(
+        model,
+        layout,
+        workload,
+        hw,
+        impl=args.impl,
+        overlap=not args.no_overlap,
+        save_format=args.save_format,
+    )
     row.mark = "<- config"
     print(describe(model, workload, hw, gpus, args.impl, config_name))
     print(format_rows([row]))
     if row.fits:
-        print(f"[plan] {config_name}: {layout.label()} recompute={layout.recompute} is predicted "
-              f"to fit: {row.peak_gib:.1f} of {hw.gpu_mem_gib * (1 - hw.headroom):.1f} GiB")
+        print(
+            f"[plan] {config_name}: {layout.label()} recompute={layout.recompute} is predicted "
+            f"to fit: {row.peak_gib:.1f} of {hw.gpu_mem_gib * (1 - hw.headroom):.1f} GiB"
+        )
         return 0
-    others = [r for r in plan_all(model, workload, hw, gpus, impl=args.impl,
-                                  overlap=not args.no_overlap, save_format=args.save_format,
-                                  max_vpp=args.max_vpp) if r.fits][:5]
-    parts = ", ".join(f"{k} {row.memory_gib[k]:.1f}" for k in
-                      ("params", "grads", "optimizer", "activations", "logits", "working"))
-    fixes = "; ".join(f"{r.layout.label()} recompute={r.layout.recompute} "
-                      f"({r.peak_gib:.1f} GiB, {r.pairs_per_s:.1f} pairs/s)" for r in others)
+    others = [
+        r
+        for r in plan_all(
+            model,
+            workload,
+            hw,
+            gpus,
+            impl=args.impl,
+            overlap=not args.no_overlap,
+            save_format=args.save_format,
+            max_vpp=args.max_vpp,
+        )
+        if r.fits
+    ][:5]
+    parts = ", ".join(
+        f"{k} {row.memory_gib[k]:.1f}"
+        for k in ("params", "grads", "optimizer", "activations", "logits", "working")
+    )
+    fixes = "; ".join(
+        f"{r.layout.label()} recompute={r.layout.recompute} "
+        f"({r.peak_gib:.1f} GiB, {r.pairs_per_s:.1f} pairs/s)"
+        for r in others
+    )
     usable = hw.gpu_mem_gib * (1 - hw.headroom)
     raise PlanError(
         f"{config_name}: parallel.tp={layout.tp} pp={layout.pp} vpp={layout.vpp} "
         f"(dp={layout.dp}) with model.recompute={layout.recompute} on {gpus} GPUs is predicted "
         f"to need {row.peak_gib:.1f} GiB per GPU ({parts} GiB), over {usable:.1f} GiB "
         f"({1 - hw.headroom:.0%} of --gpu-mem {hw.gpu_mem_gib:g}). Fix: "
-        + (f"use a layout that fits, fastest first: {fixes}" if fixes else
-           "no layout fits: use more GPUs, or lower data.pack_tokens / train.micro_batch_size")
-        + " (set parallel.tp / parallel.pp / model.recompute with --set)")
+        + (
+            f"use a layout that fits, fastest first: {fixes}"
+            if fixes
+            else "no layout fits: use more GPUs, or lower data.pack_tokens / train.micro_batch_size"
+        )
+        + " (set parallel.tp / parallel.pp / model.recompute with --set)"
+    )
 
 
 def main(args) -> int:
@@ -239,26 +365,48 @@ def main(args) -> int:
     except PlanError as exc:
         print(f"[plan] error: {exc}")
         return 1
-    rows = plan_all(model, workload, hw, gpus, impl=args.impl, overlap=not args.no_overlap,
-                    save_format=args.save_format, max_vpp=args.max_vpp)
-    marked = (config_layout(cfg, gpus, args.impl)
-              if gpus % (cfg.parallel.tp * cfg.parallel.pp) == 0 else None)
+    rows = plan_all(
+        model,
+        workload,
+        hw,
+        gpus,
+        impl=args.impl,
+        overlap=not args.no_overlap,
+        save_format=args.save_format,
+        max_vpp=args.max_vpp,
+    )
+    marked = (
+        config_layout(cfg, gpus, args.impl)
+        if gpus % (cfg.parallel.tp * cfg.parallel.pp) == 0
+        else None
+    )
     for row in rows:
         if row.layout == marked:
             row.mark = f"<- {Path(config_name).name}"
     fitting = [r for r in rows if r.fits]
-    shown = fitting if not args.top else fitting[:args.top]
+    shown = fitting if not args.top else fitting[: args.top]
     shown += [r for r in rows if r.mark and r not in shown]
     print(describe(model, workload, hw, gpus, args.impl, config_name))
-    print(f"{len(fitting)} of {len(rows)} layouts x recompute choices fit; "
-          f"{'all' if len(shown) >= len(fitting) else f'the {len(shown)} fastest'} shown")
+    print(
+        f"{len(fitting)} of {len(rows)} layouts x recompute choices fit; "
+        f"{'all' if len(shown) >= len(fitting) else f'the {len(shown)} fastest'} shown"
+    )
     print(format_rows(shown))
     if args.json:
-        from selm_mcore.files import write_json_atomic
+        from selm_mcore.runtime.files import write_json_atomic
 
-        write_json_atomic(args.json, {
-            "model": asdict(model), "gpus": gpus, "hardware": asdict(hw), "impl": args.impl,
-            "config": config_name, "workload": asdict(workload),
-            "rows": [{**row_record(r), "layout": asdict(r.layout), "time_s": r.time_s}
-                     for r in rows]})
+        write_json_atomic(
+            args.json,
+            {
+                "model": asdict(model),
+                "gpus": gpus,
+                "hardware": asdict(hw),
+                "impl": args.impl,
+                "config": config_name,
+                "workload": asdict(workload),
+                "rows": [
+                    {**row_record(r), "layout": asdict(r.layout), "time_s": r.time_s} for r in rows
+                ],
+            },
+        )
     return 0

@@ -40,38 +40,41 @@ class Hardware:
 
     gpu_mem_gib: float = 80.0
     gpus_per_node: int = 8
-    peak_tflops: float = 989.0        # H100/H200 SXM dense bf16
-    mfu: float = 0.40                 # of the peak, for the model FLOPs
-    nvlink_gbs: float = 360.0         # NCCL bus bandwidth inside a node (H100 SXM, NVLink 4)
-    ib_gbs: float = 45.0              # per GPU across nodes (8 x 400 Gb/s NDR per node)
+    peak_tflops: float = 989.0  # H100/H200 SXM dense bf16
+    mfu: float = 0.40  # of the peak, for the model FLOPs
+    nvlink_gbs: float = 360.0  # NCCL bus bandwidth inside a node (H100 SXM, NVLink 4)
+    ib_gbs: float = 45.0  # per GPU across nodes (8 x 400 Gb/s NDR per node)
     hbm_gbs: float = 3350.0
-    headroom: float = 0.10            # of gpu_mem kept free: CUDA context, NCCL, fragmentation
+    headroom: float = 0.10  # of gpu_mem kept free: CUDA context, NCCL, fragmentation
 
     def describe(self) -> str:
-        return (f"{self.gpu_mem_gib:g} GiB per GPU ({self.headroom:.0%} kept free), "
-                f"{self.gpus_per_node} GPUs per node; compute at {self.mfu:.0%} MFU of "
-                f"{self.peak_tflops:g} TFLOP/s; NVLink {self.nvlink_gbs:g} GB/s, InfiniBand "
-                f"{self.ib_gbs:g} GB/s per GPU, HBM {self.hbm_gbs:g} GB/s")
+        return (
+            f"{self.gpu_mem_gib:g} GiB per GPU ({self.headroom:.0%} kept free), "
+            f"{self.gpus_per_node} GPUs per node; compute at {self.mfu:.0%} MFU of "
+            f"{self.peak_tflops:g} TFLOP/s; NVLink {self.nvlink_gbs:g} GB/s, InfiniBand "
+            f"{self.ib_gbs:g} GB/s per GPU, HBM {self.hbm_gbs:g} GB/s"
+        )
 
 
 @dataclass(frozen=True)
 class Workload:
     """One optimizer step's work, from a config (``from_config``)."""
 
-    packing: str                  # shared_prompt / pack / none
-    sequences: int                # per pair: 2, or 3 with y_ref (loss.alpha > 0)
-    global_batch: int             # pairs per step
-    prompt_tokens: int            # a typical pair (throughput)
+    packing: str  # shared_prompt / pack / none
+    sequences: int  # per pair: 2, or 3 with y_ref (loss.alpha > 0)
+    global_batch: int  # pairs per step
+    prompt_tokens: int  # a typical pair (throughput)
     response_tokens: int
-    budget: int                   # packed: tokens per micro-batch; none: padded length T
-    micro_batch_size: int = 1     # none: pairs per micro-batch
+    budget: int  # packed: tokens per micro-batch; none: padded length T
+    micro_batch_size: int = 1  # none: pairs per micro-batch
     param_bytes: int = 2
     save_interval: int = 0
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_config(cls, cfg, *, prompt_tokens: int | None = None,
-                    response_tokens: int | None = None) -> Workload:
+    def from_config(
+        cls, cfg, *, prompt_tokens: int | None = None, response_tokens: int | None = None
+    ) -> Workload:
         """The config's batch, lengths and packing. A typical pair has ``prompt_tokens`` /
         ``response_tokens`` (default: half of max_prompt_length / of the response room);
         data.pack_tokens=0 (the longest pair of the data) is sized as its worst case,
@@ -81,32 +84,45 @@ class Workload:
         multiple = data.pad_to_multiple_of
         prompt = prompt_tokens or data.max_prompt_length // 2
         response = response_tokens or (data.max_length - data.max_prompt_length) // 2
-        notes = [f"a typical pair: {prompt} prompt + {sequences} x {response} response tokens "
-                 f"(--prompt-tokens / --response-tokens)"]
+        notes = [
+            f"a typical pair: {prompt} prompt + {sequences} x {response} response tokens "
+            f"(--prompt-tokens / --response-tokens)"
+        ]
         if data.packing == "none":
             budget = -(-data.max_length // multiple) * multiple
-            notes.append(f"packing none: {cfg.train.micro_batch_size} pairs x {sequences} rows "
-                         f"of {budget} tokens per micro-batch (max_length, padded)")
+            notes.append(
+                f"packing none: {cfg.train.micro_batch_size} pairs x {sequences} rows "
+                f"of {budget} tokens per micro-batch (max_length, padded)"
+            )
         elif data.pack_tokens:
             budget = data.pack_tokens
             notes.append(f"packing {data.packing}: micro-batches of data.pack_tokens={budget}")
         else:
             budget = -(-sequences * data.max_length // multiple) * multiple
-            notes.append(f"packing {data.packing}, data.pack_tokens=0: sized for the longest "
-                         f"possible pair, {sequences} x max_length = {budget} tokens")
+            notes.append(
+                f"packing {data.packing}, data.pack_tokens=0: sized for the longest "
+                f"possible pair, {sequences} x max_length = {budget} tokens"
+            )
         shared = data.packing == "shared_prompt"
         pair = prompt + sequences * response if shared else sequences * (prompt + response)
         if data.packing != "none" and pair > budget:
             raise ValueError(
                 f"data.pack_tokens={budget} is smaller than a typical pair ({pair} tokens: "
                 f"{prompt} prompt + {sequences} x {response} response tokens); raise "
-                "data.pack_tokens or pass smaller --prompt-tokens / --response-tokens")
-        return cls(packing=data.packing, sequences=sequences,
-                   global_batch=cfg.train.global_batch_size, prompt_tokens=prompt,
-                   response_tokens=response, budget=budget,
-                   micro_batch_size=cfg.train.micro_batch_size,
-                   param_bytes=2 if cfg.model.dtype == "bf16" else 4,
-                   save_interval=cfg.train.save_interval, notes=tuple(notes))
+                "data.pack_tokens or pass smaller --prompt-tokens / --response-tokens"
+            )
+        return cls(
+            packing=data.packing,
+            sequences=sequences,
+            global_batch=cfg.train.global_batch_size,
+            prompt_tokens=prompt,
+            response_tokens=response,
+            budget=budget,
+            micro_batch_size=cfg.train.micro_batch_size,
+            param_bytes=2 if cfg.model.dtype == "bf16" else 4,
+            save_interval=cfg.train.save_interval,
+            notes=tuple(notes),
+        )
 
     @property
     def packed(self) -> bool:
@@ -135,8 +151,7 @@ class Workload:
             groups = tuple(Group(p, (r,) * s) for _ in range(k))
         else:
             groups = tuple(Group(p + r) for _ in range(k * s))
-        return MicroBatch(rows=1, row_length=self.budget, head_positions=k * s * r,
-                          groups=groups)
+        return MicroBatch(rows=1, row_length=self.budget, head_positions=k * s * r, groups=groups)
 
     def micro_batches_per_step(self, dp: int) -> int:
         return math.ceil(self.global_batch / dp / self.pairs_per_micro_batch())
@@ -144,13 +159,15 @@ class Workload:
 
 def layer_forward_flops(model: PlanModel, mb: MicroBatch) -> tuple[float, float]:
     """(dense, attention) FLOPs of one layer's forward over a micro-batch, counted as
-    ``selm_mcore.metrics.packed_forward_flops`` / ``forward_flops`` count them."""
+    ``selm_mcore.train.metrics.packed_forward_flops`` / ``forward_flops`` count them."""
     h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
     dense = 2 * (2 * h * q + 2 * h * kv + 3 * h * f) * mb.tokens
     if mb.packed:
-        attended = sum(g.prompt * (g.prompt + 1) // 2
-                       + sum(r * g.prompt + r * (r + 1) // 2 for r in g.responses)
-                       for g in mb.groups)
+        attended = sum(
+            g.prompt * (g.prompt + 1) // 2
+            + sum(r * g.prompt + r * (r + 1) // 2 for r in g.responses)
+            for g in mb.groups
+        )
     else:
         attended = mb.rows * mb.row_length * (mb.row_length + 1) // 2
     return float(dense), float(4 * q * attended)
@@ -160,9 +177,16 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_layouts(model: PlanModel, workload: Workload, gpus: int, gpus_per_node: int, *,
-                      impl: str, max_vpp: int = 4,
-                      recompute: tuple[str, ...] = memory.RECOMPUTE) -> list[Layout]:
+def enumerate_layouts(
+    model: PlanModel,
+    workload: Workload,
+    gpus: int,
+    gpus_per_node: int,
+    *,
+    impl: str,
+    max_vpp: int = 4,
+    recompute: tuple[str, ...] = memory.RECOMPUTE,
+) -> list[Layout]:
     """Every valid layout of ``gpus`` GPUs (module docstring) times each recompute choice."""
     layouts = []
     for tp in divisors(gpus):
@@ -173,15 +197,23 @@ def enumerate_layouts(model: PlanModel, workload: Workload, gpus: int, gpus_per_
             if model.num_layers % pp:
                 continue
             dp = gpus // (tp * pp)
-            if workload.global_batch % (dp * (1 if workload.packed else
-                                              workload.micro_batch_size)):
+            if workload.global_batch % (dp * (1 if workload.packed else workload.micro_batch_size)):
                 continue
-            vpps = [None] + [v for v in range(2, max_vpp + 1)
-                             if pp > 1 and model.num_layers % (pp * v) == 0]
+            vpps = [None] + [
+                v for v in range(2, max_vpp + 1) if pp > 1 and model.num_layers % (pp * v) == 0
+            ]
             for vpp in vpps:
                 for choice in recompute:
-                    layouts.append(Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, recompute=choice,
-                                          sequence_parallel=impl == "te" and tp > 1))
+                    layouts.append(
+                        Layout(
+                            tp=tp,
+                            pp=pp,
+                            vpp=vpp,
+                            dp=dp,
+                            recompute=choice,
+                            sequence_parallel=impl == "te" and tp > 1,
+                        )
+                    )
     return layouts
 
 
@@ -199,31 +231,60 @@ class PlanRow:
     mark: str = ""
 
 
-def stage_memory(model: PlanModel, layout: Layout, workload: Workload, impl: str, pp_rank: int,
-                 *, overlap: bool, save_format: str) -> dict[str, float]:
+def stage_memory(
+    model: PlanModel,
+    layout: Layout,
+    workload: Workload,
+    impl: str,
+    pp_rank: int,
+    *,
+    overlap: bool,
+    save_format: str,
+) -> dict[str, float]:
     """Bytes of one rank of pipeline stage ``pp_rank``, by component, and its peak."""
     e = workload.param_bytes
     mb = workload.micro_batch()
     last = pp_rank == layout.pp - 1
-    static = memory.static_bytes(model, layout, pp_rank, param_bytes=e,
-                                 bucket_size=memory.ddp_bucket_size(layout.dp, overlap),
-                                 fp32_norms=impl != "te")
-    acts = memory.activation_bytes(model, layout, impl, mb, e, pp_rank=pp_rank,
-                                   num_microbatches=workload.micro_batches_per_step(layout.dp))
+    static = memory.static_bytes(
+        model,
+        layout,
+        pp_rank,
+        param_bytes=e,
+        bucket_size=memory.ddp_bucket_size(layout.dp, overlap),
+        fp32_norms=impl != "te",
+    )
+    acts = memory.activation_bytes(
+        model,
+        layout,
+        impl,
+        mb,
+        e,
+        pp_rank=pp_rank,
+        num_microbatches=workload.micro_batches_per_step(layout.dp),
+    )
     working = memory.working_bytes(model, layout, impl, mb, e, last)
-    save = (memory.save_buffer_bytes(static["largest_bucket"], save_format)
-            if workload.save_interval else 0)
-    parts = {"params": static["params"], "grads": static["grads"],
-             "optimizer": static["optimizer"], "activations": acts["layers"] + acts["embedding"],
-             "logits": acts["head"], "working": memory.transient_bytes(acts, working),
-             "save_buffer": save}
+    save = (
+        memory.save_buffer_bytes(static["largest_bucket"], save_format)
+        if workload.save_interval
+        else 0
+    )
+    parts = {
+        "params": static["params"],
+        "grads": static["grads"],
+        "optimizer": static["optimizer"],
+        "activations": acts["layers"] + acts["embedding"],
+        "logits": acts["head"],
+        "working": memory.transient_bytes(acts, working),
+        "save_buffer": save,
+    }
     state = parts["params"] + parts["grads"] + parts["optimizer"]
     parts["peak"] = state + max(parts["activations"] + parts["logits"] + parts["working"], save)
     return parts
 
 
-def step_time(model: PlanModel, layout: Layout, workload: Workload, hw: Hardware,
-              params_per_rank: int) -> dict[str, float]:
+def step_time(
+    model: PlanModel, layout: Layout, workload: Workload, hw: Hardware, params_per_rank: int
+) -> dict[str, float]:
     """The step-time estimate of the module docstring, by component (seconds)."""
     mb = workload.micro_batch()
     e = workload.param_bytes
@@ -236,47 +297,87 @@ def step_time(model: PlanModel, layout: Layout, workload: Workload, hw: Hardware
     activation = mb.tokens * model.hidden * e
     tp_ops = 4 + (2 if layout.recompute == "full" else 0)
     ring = 2 * (layout.tp - 1) / layout.tp
-    tp = ring * (layers * tp_ops * activation + mb.head_positions * model.hidden * e) \
+    tp = (
+        ring
+        * (layers * tp_ops * activation + mb.head_positions * model.hidden * e)
         / (hw.nvlink_gbs * 1e9)
+    )
     multi_node = layout.world > hw.gpus_per_node
     pp_link = hw.ib_gbs if multi_node else hw.nvlink_gbs
     pp = 0.0 if layout.pp == 1 else 2 * activation * layout.chunks / (pp_link * 1e9)
     m = workload.micro_batches_per_step(layout.dp)
     bubble = (layout.pp - 1) / layout.chunks
     dp_link = hw.ib_gbs if layout.tp * layout.dp > hw.gpus_per_node else hw.nvlink_gbs
-    dp = ((layout.dp - 1) / layout.dp * params_per_rank * (4 + e) / (dp_link * 1e9)
-          if layout.dp > 1 else 0.0)
+    dp = (
+        (layout.dp - 1) / layout.dp * params_per_rank * (4 + e) / (dp_link * 1e9)
+        if layout.dp > 1
+        else 0.0
+    )
     optimizer = params_per_rank / layout.dp * 34 / (hw.hbm_gbs * 1e9)
     per_mb = compute + tp + pp
     total = (m + bubble) * per_mb + dp + optimizer
-    return {"compute": m * compute, "tp_comm": m * tp, "pp_comm": m * pp,
-            "bubble": bubble * per_mb, "dp_comm": dp, "optimizer": optimizer, "step": total,
-            "micro_batches": float(m)}
+    return {
+        "compute": m * compute,
+        "tp_comm": m * tp,
+        "pp_comm": m * pp,
+        "bubble": bubble * per_mb,
+        "dp_comm": dp,
+        "optimizer": optimizer,
+        "step": total,
+        "micro_batches": float(m),
+    }
 
 
-def plan_layout(model: PlanModel, layout: Layout, workload: Workload, hw: Hardware, *,
-                impl: str, overlap: bool = True,
-                save_format: str = "fully_reshardable") -> PlanRow:
+def plan_layout(
+    model: PlanModel,
+    layout: Layout,
+    workload: Workload,
+    hw: Hardware,
+    *,
+    impl: str,
+    overlap: bool = True,
+    save_format: str = "fully_reshardable",
+) -> PlanRow:
     """Memory of the worst of the first and last stage, and the step estimate."""
     stages = sorted({0, layout.pp - 1})
-    per_stage = [stage_memory(model, layout, workload, impl, r, overlap=overlap,
-                              save_format=save_format) for r in stages]
+    per_stage = [
+        stage_memory(model, layout, workload, impl, r, overlap=overlap, save_format=save_format)
+        for r in stages
+    ]
     worst = max(per_stage, key=lambda parts: parts["peak"])
     params_per_rank = max(p["params"] for p in per_stage) // workload.param_bytes
     times = step_time(model, layout, workload, hw, params_per_rank)
     memory_gib = {key: value / GiB_BYTES for key, value in worst.items()}
     peak = memory_gib["peak"]
-    return PlanRow(layout=layout, memory_gib=memory_gib, peak_gib=peak,
-                   fits=peak <= hw.gpu_mem_gib * (1 - hw.headroom), step_s=times["step"],
-                   pairs_per_s=workload.global_batch / times["step"], time_s=times)
+    return PlanRow(
+        layout=layout,
+        memory_gib=memory_gib,
+        peak_gib=peak,
+        fits=peak <= hw.gpu_mem_gib * (1 - hw.headroom),
+        step_s=times["step"],
+        pairs_per_s=workload.global_batch / times["step"],
+        time_s=times,
+    )
 
 
-def plan_all(model: PlanModel, workload: Workload, hw: Hardware, gpus: int, *, impl: str,
-             overlap: bool = True, save_format: str = "fully_reshardable",
-             max_vpp: int = 4) -> list[PlanRow]:
+def plan_all(
+    model: PlanModel,
+    workload: Workload,
+    hw: Hardware,
+    gpus: int,
+    *,
+    impl: str,
+    overlap: bool = True,
+    save_format: str = "fully_reshardable",
+    max_vpp: int = 4,
+) -> list[PlanRow]:
     """Every layout priced, fitting ones first by pairs/s, then the rest by memory."""
-    rows = [plan_layout(model, layout, workload, hw, impl=impl, overlap=overlap,
-                        save_format=save_format)
-            for layout in enumerate_layouts(model, workload, gpus, hw.gpus_per_node, impl=impl,
-                                            max_vpp=max_vpp)]
+    rows = [
+        plan_layout(
+            model, layout, workload, hw, impl=impl, overlap=overlap, save_format=save_format
+        )
+        for layout in enumerate_layouts(
+            model, workload, gpus, hw.gpus_per_node, impl=impl, max_vpp=max_vpp
+        )
+    ]
     return sorted(rows, key=lambda r: (not r.fits, -r.pairs_per_s if r.fits else r.peak_gib))

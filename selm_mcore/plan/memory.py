@@ -26,7 +26,8 @@ head_dim, kv = groups * head_dim, f = FFN width, a = heads / t; ``layer_bytes``)
 
 With ``model.recompute`` = full a layer keeps only its input (n h e / sp) and one layer is
 recomputed at a time (its norm keeps that same input); selective keeps everything but the core
-attention, which keeps its q, k (after RoPE) and the fused qkv output instead. Megatron's pipeline schedule holds several
+attention, which keeps its q, k (after RoPE) and the fused qkv output instead. Megatron's pipeline
+schedule holds several
 micro-batches (and model chunks) in flight on the first stages (``in_flight_chunks``). The last
 stage adds the LM head (``head_bytes``): the final norm, the head's input, the logits of the head
 positions (packed: response positions only) kept by the log-prob kernel, and 8 bytes of kernel
@@ -44,9 +45,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from selm_mcore.config import RECOMPUTE_CHOICES
+from selm_mcore.config.schema import RECOMPUTE_CHOICES
 from selm_mcore.mcore.model import padded_vocab_size
-from selm_mcore.metrics import ModelShape
+from selm_mcore.train.metrics import ModelShape
 
 IMPLS = ("te", "local", "cpu")
 RECOMPUTE = RECOMPUTE_CHOICES
@@ -73,19 +74,35 @@ class PlanModel:
     def from_hf(cls, config: Any, name: str, vocab_divisible_by: int = 128) -> PlanModel:
         """From an HF config object or config.json dict."""
         shape = ModelShape.from_hf_config(config)
-        get = (config.get if isinstance(config, dict)
-               else lambda key, default=None: getattr(config, key, default))
-        return cls(name=name, num_layers=shape.num_layers, hidden=shape.hidden_size,
-                   ffn=shape.ffn_hidden_size, heads=shape.num_heads, kv_heads=shape.num_kv_heads,
-                   head_dim=shape.head_dim, vocab=shape.vocab_size,
-                   tied=bool(get("tie_word_embeddings", False)),
-                   vocab_divisible_by=vocab_divisible_by)
+        get = (
+            config.get
+            if isinstance(config, dict)
+            else lambda key, default=None: getattr(config, key, default)
+        )
+        return cls(
+            name=name,
+            num_layers=shape.num_layers,
+            hidden=shape.hidden_size,
+            ffn=shape.ffn_hidden_size,
+            heads=shape.num_heads,
+            kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            vocab=shape.vocab_size,
+            tied=bool(get("tie_word_embeddings", False)),
+            vocab_divisible_by=vocab_divisible_by,
+        )
 
     @property
     def shape(self) -> ModelShape:
-        return ModelShape(num_layers=self.num_layers, hidden_size=self.hidden,
-                          ffn_hidden_size=self.ffn, num_heads=self.heads,
-                          num_kv_heads=self.kv_heads, head_dim=self.head_dim, vocab_size=self.vocab)
+        return ModelShape(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden,
+            ffn_hidden_size=self.ffn,
+            num_heads=self.heads,
+            num_kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab,
+        )
 
     @property
     def q_dim(self) -> int:
@@ -164,8 +181,9 @@ class MicroBatch:
 # --- static state: parameters, gradients, optimizer --------------------------------------------
 
 
-def chunk_parameters(model: PlanModel, layout: Layout, pp_rank: int, chunk: int
-                     ) -> list[tuple[int, bool, bool]]:
+def chunk_parameters(
+    model: PlanModel, layout: Layout, pp_rank: int, chunk: int
+) -> list[tuple[int, bool, bool]]:
     """(numel, own bucket, is a norm weight) of the parameters of one model chunk on one TP
     rank, in ``module.parameters()`` order (embedding, layers, final norm, output layer)."""
     t, h = layout.tp, model.hidden
@@ -175,9 +193,14 @@ def chunk_parameters(model: PlanModel, layout: Layout, pp_rank: int, chunk: int
     params: list[tuple[int, bool, bool]] = []
     if first:
         params.append((vocab // t * h, model.tied, False))
-    layer = [(h, True), (model.q_dim * h // t, False),
-             ((model.q_dim + 2 * model.kv_dim) * h // t, False), (h, True),
-             (2 * model.ffn * h // t, False), (model.ffn * h // t, False)]
+    layer = [
+        (h, True),
+        (model.q_dim * h // t, False),
+        ((model.q_dim + 2 * model.kv_dim) * h // t, False),
+        (h, True),
+        (2 * model.ffn * h // t, False),
+        (model.ffn * h // t, False),
+    ]
     for _ in range(layout.layers_per_chunk(model)):
         params += [(numel, False, norm) for numel, norm in layer]
     if last:
@@ -189,10 +212,12 @@ def chunk_parameters(model: PlanModel, layout: Layout, pp_rank: int, chunk: int
     return params
 
 
-def buffer_layout(params: list[tuple[int, bool]], dp: int, bucket_size: int | None
-                  ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+def buffer_layout(
+    params: list[tuple[int, bool]], dp: int, bucket_size: int | None
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
     """Megatron's DDP buffer (``_ParamAndGradBuffer`` with the distributed optimizer): the
     (start, end, bucket) of every parameter and the (start, end) of every bucket."""
+
     def pad(value: int, divisor: int) -> int:
         return -(-value // divisor) * divisor
 
@@ -220,8 +245,9 @@ def buffer_layout(params: list[tuple[int, bool]], dp: int, bucket_size: int | No
     return ranges, buckets
 
 
-def shard_numels(ranges: list[tuple[int, int, int]], buckets: list[tuple[int, int]], dp: int
-                 ) -> list[tuple[int, int]]:
+def shard_numels(
+    ranges: list[tuple[int, int, int]], buckets: list[tuple[int, int]], dp: int
+) -> list[tuple[int, int]]:
     """Per DP rank: (elements of its optimizer shard, parameters it holds a piece of)."""
     out = []
     for rank in range(dp):
@@ -238,9 +264,16 @@ def shard_numels(ranges: list[tuple[int, int, int]], buckets: list[tuple[int, in
     return out
 
 
-def static_bytes(model: PlanModel, layout: Layout, pp_rank: int, *, param_bytes: int,
-                 bucket_size: int | None, fp32_norms: bool = False,
-                 dp_rank: int | None = None) -> dict[str, int]:
+def static_bytes(
+    model: PlanModel,
+    layout: Layout,
+    pp_rank: int,
+    *,
+    param_bytes: int,
+    bucket_size: int | None,
+    fp32_norms: bool = False,
+    dp_rank: int | None = None,
+) -> dict[str, int]:
     """Parameters, fp32 gradients, optimizer state (DP rank ``dp_rank``'s shard, default the
     largest) and the largest bucket (elements) of one rank of pipeline stage ``pp_rank``.
     ``fp32_norms``: the norm
@@ -254,9 +287,14 @@ def static_bytes(model: PlanModel, layout: Layout, pp_rank: int, *, param_bytes:
         size = bucket_size if chunk == 0 else None
         chunk_params = chunk_parameters(model, layout, pp_rank, chunk)
         split = fp32_norms and param_bytes != 4
-        groups = ([(param_bytes, [(n, own) for n, own, norm in chunk_params if not norm]),
-                   (4, [(n, own) for n, own, norm in chunk_params if norm])] if split
-                  else [(param_bytes, [(n, own) for n, own, _ in chunk_params])])
+        groups = (
+            [
+                (param_bytes, [(n, own) for n, own, norm in chunk_params if not norm]),
+                (4, [(n, own) for n, own, norm in chunk_params if norm]),
+            ]
+            if split
+            else [(param_bytes, [(n, own) for n, own, _ in chunk_params])]
+        )
         for dtype_bytes, group in groups:
             if not group:
                 continue
@@ -268,9 +306,12 @@ def static_bytes(model: PlanModel, layout: Layout, pp_rank: int, *, param_bytes:
             for rank, (n, pieces) in enumerate(shard_numels(ranges, buckets, layout.dp)):
                 shards[rank] += n * (8 + master) + 4 * pieces
             largest_bucket = max(largest_bucket, max(end - start for start, end in buckets))
-    return {"params": params, "grads": grads,
-            "optimizer": max(shards) if dp_rank is None else shards[dp_rank],
-            "largest_bucket": largest_bucket}
+    return {
+        "params": params,
+        "grads": grads,
+        "optimizer": max(shards) if dp_rank is None else shards[dp_rank],
+        "largest_bucket": largest_bucket,
+    }
 
 
 def ddp_bucket_size(dp: int, overlap: bool) -> int | None:
@@ -309,15 +350,20 @@ def attention_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch,
         per_group = 0
         for g in mb.groups:
             calls = [(g.prompt, g.prompt)] + [(r, g.prompt + r) for r in g.responses if r]
-            per_group += sum(4 * heads * (length * hd + 2 * span * hd + length * span)
-                             for length, span in calls)
+            per_group += sum(
+                4 * heads * (length * hd + 2 * span * hd + length * span) for length, span in calls
+            )
         return per_group + e * q * (prompts + queries) + indices
-    return (e * (2 * q * (prompts + queries) + 2 * kv * (prompts + keys))
-            + 4 * heads * (prompts + queries) + indices)
+    return (
+        e * (2 * q * (prompts + queries) + 2 * kv * (prompts + keys))
+        + 4 * heads * (prompts + queries)
+        + indices
+    )
 
 
-def layer_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int,
-                recompute: str = "none") -> int:
+def layer_bytes(
+    model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int, recompute: str = "none"
+) -> int:
     """Bytes one transformer layer saves for backward under ``recompute`` (module docstring)."""
     t, h = layout.tp, model.hidden
     sp = t if layout.sequence_parallel else 1
@@ -361,8 +407,16 @@ def head_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: i
     return norm + head_input + logits + 8 * m
 
 
-def activation_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int, *,
-                     num_microbatches: int, pp_rank: int) -> dict[str, int]:
+def activation_bytes(
+    model: PlanModel,
+    layout: Layout,
+    impl: str,
+    mb: MicroBatch,
+    e: int,
+    *,
+    num_microbatches: int,
+    pp_rank: int,
+) -> dict[str, int]:
     """The tensors saved for backward on one rank of stage ``pp_rank``: "layers" (the layers of
     the micro-batches in flight), "embedding" (token ids, first stage), "head" (the LM head,
     last stage), "recompute" (the layer, or with selective the core attention, recomputed in
@@ -376,19 +430,26 @@ def activation_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch
         layers += units * 4 * model.head_dim * mb.row_length  # the shared fp32 RoPE angles
         # the recomputed layer's norm keeps the checkpointed input itself (not on CPU in bf16,
         # where torch's RMSNorm keeps an fp32 copy)
-        shared_input = 0 if (impl == "cpu" and e != 4) else layer_bytes(model, layout, impl,
-                                                                        mb, e, "full")
+        shared_input = (
+            0 if (impl == "cpu" and e != 4) else layer_bytes(model, layout, impl, mb, e, "full")
+        )
         recompute = layer_bytes(model, layout, impl, mb, e, "none") - shared_input
     elif layout.recompute == "selective":
         recompute = attention_bytes(model, layout, impl, mb, e)
     head = head_bytes(model, layout, impl, mb, e) if pp_rank == layout.pp - 1 else 0
     embedding = 8 * mb.tokens * units if pp_rank == 0 else 0
-    return {"layers": layers, "embedding": embedding, "head": head, "recompute": recompute,
-            "saved_peak": layers + embedding + max(head, recompute)}
+    return {
+        "layers": layers,
+        "embedding": embedding,
+        "head": head,
+        "recompute": recompute,
+        "saved_peak": layers + embedding + max(head, recompute),
+    }
 
 
-def working_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int,
-                  last_stage: bool) -> dict[str, int]:
+def working_bytes(
+    model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int, last_stage: bool
+) -> dict[str, int]:
     """Transient estimates on top of the saved tensors: "layer" (one layer's activation
     gradients in backward) and, on the last stage, "head" (the larger of a non-in-place logits
     gradient, unpacked, and the output layer's weight-gradient temporary, which TE's

@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from selm_mcore.launch import LaunchError, run_local_ranks
+from selm_mcore.runtime.launch import LaunchError, run_local_ranks
 
 __all__ = ["run_distributed", "rank_environment", "emit", "results", "LaunchError",
            "REPO_ROOT", "DIST_DIR"]

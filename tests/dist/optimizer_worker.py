@@ -50,7 +50,7 @@ def micro_batches(step: int, dp_rank: int, count: int = 4) -> list:
 def build(ctx, *, overlap: bool, kind: str = "torch"):
     from fused_adam_like import swap_in_fused_adam_like
 
-    from selm_mcore.config import OptimConfig
+    from selm_mcore.config.schema import OptimConfig
     from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.optim import build_optimizer, wrap_ddp
 
@@ -65,7 +65,7 @@ def build(ctx, *, overlap: bool, kind: str = "torch"):
 
 
 def train_step(ctx, ddp_models, optimizer, step: int) -> dict:
-    from selm_mcore.logprobs import vocab_parallel_logprobs
+    from selm_mcore.train.logprobs import vocab_parallel_logprobs
     from selm_mcore.mcore.forward import run_micro_batches
 
     tp_group = ctx.tp_group if ctx.tp > 1 else None
@@ -175,7 +175,7 @@ def state_mode(root: Path, kind: str, sharding: str) -> dict:
 
 def example_pairs(count: int = 3) -> list:
     """Pairs of random token ids (prompt, chosen, rejected) of different lengths."""
-    from selm_mcore.dataset import TokenizedExample
+    from selm_mcore.data.tokenize import TokenizedExample
 
     generator = torch.Generator().manual_seed(5)
 
@@ -192,8 +192,8 @@ def recompute_mode() -> dict:
     from selm_mcore.mcore.forward import sequence_logps
     from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.parallel import init_parallel
-    from selm_mcore.batches import collate_preferences
-    from selm_mcore.packing import collate_packed
+    from selm_mcore.data.batches import collate_preferences
+    from selm_mcore.data.packing import collate_packed
 
     pairs = example_pairs()
     out = {}

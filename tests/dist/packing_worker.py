@@ -12,12 +12,12 @@ from launch import emit
 
 
 def main() -> None:
-    from selm_mcore.dataset import PreferenceDataset, load_tokenizer
+    from selm_mcore.data.tokenize import PreferenceDataset, load_tokenizer
     from selm_mcore.mcore.checkpoint import load_frozen_policy
     from selm_mcore.mcore.forward import pack_micro_batches
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
-    from selm_mcore.refpass import compute_reference_logps
-    from selm_mcore.config import ModelConfig
+    from selm_mcore.train.refpass import compute_reference_logps
+    from selm_mcore.config.schema import ModelConfig
 
     model_dir, pairs, tp, pp, vpp, pack_tokens = sys.argv[1:]
     vpp = None if vpp == "none" else int(vpp)

@@ -123,7 +123,7 @@ def test_roundtrip_tp2_pp2_bit_exact(tmp_path):
     from launch import results, run_distributed
     from transformers import AutoModelForCausalLM
 
-    from selm_mcore.assets import build_tiny_llama
+    from selm_mcore.testing.assets import build_tiny_llama
 
     hf_dir, mcore_dir, out_dir = tmp_path / "hf", tmp_path / "mcore", tmp_path / "out"
     build_tiny_llama(hf_dir, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
@@ -163,7 +163,7 @@ def test_roundtrip_tp2_pp2_bit_exact(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_smollm2_roundtrip_and_peak_memory(tmp_path):
-    from selm_mcore.assets import smollm2_dir
+    from selm_mcore.testing.assets import smollm2_dir
 
     hf_dir = smollm2_dir()
     mcore_dir, exported = tmp_path / "mcore", tmp_path / "hf"

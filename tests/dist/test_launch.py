@@ -1,11 +1,11 @@
-"""selm_mcore.launch.run_local_ranks (behind tests/dist/launch.py): torchrun's environment per
+"""selm_mcore.runtime.launch.run_local_ranks (behind tests/dist/launch.py): torchrun's environment per
 rank, every rank's stderr on failure, a hard timeout that kills all ranks, and helpers a killed
 rank leaves behind."""
 import json
 
 import pytest
 
-from selm_mcore.launch import LaunchError, free_port, run_local_ranks
+from selm_mcore.runtime.launch import LaunchError, free_port, run_local_ranks
 
 ENV_PROBE = ("import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', "
              "'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS', "

@@ -1,7 +1,7 @@
 """Vocab-parallel log-probs at TP=2 over gloo equal TP=1, for every backend.
 
 Two ranks (this file re-run as `python <this file> --worker OUT`, started by
-selm_mcore.launch.run_local_ranks with a hard timeout) each hold half of the vocabulary as a
+selm_mcore.runtime.launch.run_local_ranks with a hard timeout) each hold half of the vocabulary as a
 non-contiguous view of the same logits; labels fall on both halves, vocab_size=4000 of 4096
 leaves padded columns on rank 1. Each rank runs the chunked torch path, the Triton kernel (in
 the interpreter: the ranks get TRITON_INTERPRET=1 in their own environment only) and the
@@ -38,7 +38,7 @@ def _worker(out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")  # env:// from run_local_ranks
-    from selm_mcore.logprobs import vocab_parallel_logprobs
+    from selm_mcore.train.logprobs import vocab_parallel_logprobs
 
     calls = {"n": 0}
     for name in ("all_gather_into_tensor", "all_gather", "all_reduce", "reduce_scatter_tensor",
@@ -74,7 +74,7 @@ def _worker(out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def tp2_results(tmp_path_factory):
-    from selm_mcore.launch import run_local_ranks
+    from selm_mcore.runtime.launch import run_local_ranks
 
     out_dir = tmp_path_factory.mktemp("logprobs_tp2")
     run_local_ranks([str(Path(__file__).resolve()), "--worker", str(out_dir)], TP,
@@ -86,7 +86,7 @@ def tp2_results(tmp_path_factory):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tp2_equals_tp1(tp2_results, backend, dtype):
-    from selm_mcore.logprobs import vocab_parallel_logprobs
+    from selm_mcore.train.logprobs import vocab_parallel_logprobs
 
     logits, labels, loss_mask, upstream = make_inputs(dtype)
     for tp1_backend in ("chunked", "torch"):

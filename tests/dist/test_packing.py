@@ -27,7 +27,7 @@ import torch
 from launch import results, run_distributed
 from sentences import sentence
 
-from selm_mcore.files import read_records
+from selm_mcore.runtime.files import read_records
 
 DIST_DIR = Path(__file__).resolve().parent
 NUM_STEPS = 5
@@ -62,8 +62,8 @@ def ws(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_r
 def _budget(ws) -> int:
     from transformers import AutoTokenizer
 
-    from selm_mcore.dataset import PreferenceDataset
-    from selm_mcore.packing import auto_budget
+    from selm_mcore.data.tokenize import PreferenceDataset
+    from selm_mcore.data.packing import auto_budget
 
     tokenizer = AutoTokenizer.from_pretrained(str(ws["model"]))
     dataset = PreferenceDataset.from_file(ws["pairs"], tokenizer, max_length=96,
@@ -101,8 +101,8 @@ def test_packed_log_probs_equal_unpacked_at_every_layout(ws):
 def test_exact_budget_pair_fits_and_one_token_less_is_refused(ws):
     from transformers import AutoTokenizer
 
-    from selm_mcore.dataset import PreferenceDataset
-    from selm_mcore.packing import PackingError, check_budget, pack_examples, pair_tokens
+    from selm_mcore.data.tokenize import PreferenceDataset
+    from selm_mcore.data.packing import PackingError, check_budget, pack_examples, pair_tokens
 
     shared_budget, _ = _budget(ws)
     tokenizer = AutoTokenizer.from_pretrained(str(ws["model"]))
@@ -117,7 +117,7 @@ def test_exact_budget_pair_fits_and_one_token_less_is_refused(ws):
 
 
 def _train(ws, name: str, nprocs: int, *overrides: str, killed_after: int | None = None):
-    from selm_mcore.launch import LaunchError, run_local_ranks
+    from selm_mcore.runtime.launch import LaunchError, run_local_ranks
 
     out = ws["root"] / name
     args = ["-m", "selm_mcore.cli", "train", str(ws["config"]), "--set",
@@ -144,7 +144,7 @@ def _assert_close_steps(records, baseline, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def trained(ws):
-    from selm_mcore.launch import run_local_ranks
+    from selm_mcore.runtime.launch import run_local_ranks
 
     run_local_ranks(["-m", "selm_mcore.cli", "refpass", str(ws["config"]), "--set",
                      "data.packing=none", "--set", f"train.output_dir={ws['root'] / 'ref'}"],
@@ -176,7 +176,7 @@ def test_packed_reference_pass_writes_the_same_cache(ws, trained):
     same log-probs as the unpacked pass the training runs above used."""
     from safetensors import safe_open
 
-    from selm_mcore.launch import run_local_ranks
+    from selm_mcore.runtime.launch import run_local_ranks
 
     def read(path):
         with safe_open(str(path), framework="pt") as handle:

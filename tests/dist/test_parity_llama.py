@@ -229,7 +229,7 @@ def run_parity(models: dict[str, Path], jobs: list[dict], out_dir: Path, nprocs:
 
 @pytest.mark.timeout(480)
 def test_tiny_llama_parity_tp_pp_vpp(tmp_path):
-    from selm_mcore.assets import build_tiny_llama
+    from selm_mcore.testing.assets import build_tiny_llama
 
     build_tiny_llama(tmp_path / "untied", rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
                      max_position_embeddings=512, seed=3)
@@ -251,7 +251,7 @@ def test_tiny_llama_parity_tp_pp_vpp(tmp_path):
 def test_smollm2_parity_tp1_tp3(tmp_path):
     """SmolLM2-135M-Instruct (tied) at TP1 and TP3: its 9 heads / 3 query groups admit
     tp in {1, 3}; TP2 is refused by validate_layout (see test_model_config)."""
-    from selm_mcore.assets import smollm2_dir
+    from selm_mcore.testing.assets import smollm2_dir
 
     run_parity({"smollm2": smollm2_dir()}, [job("smollm2", "1x1"), job("smollm2", "3x1")],
                tmp_path / "out", nprocs=3, timeout_s=540)
@@ -263,7 +263,7 @@ def test_smollm2_parity_tp1_tp3(tmp_path):
 def test_gpu_te_spec_parity(tmp_path):
     """On a GPU: the model (Transformer Engine layer spec when TE imports) in bf16 is as close
     to HF fp32 as HF's own bf16 model. Skipped without CUDA."""
-    from selm_mcore.assets import build_tiny_llama
+    from selm_mcore.testing.assets import build_tiny_llama
 
     build_tiny_llama(tmp_path / "untied", rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
                      max_position_embeddings=512, seed=3)

@@ -48,7 +48,7 @@ WORKER_TIMEOUT_S = 300
 
 
 def launch(subcommand: list[str], *overrides: str, env: dict | None = None) -> None:
-    from selm_mcore.launch import run_local_ranks
+    from selm_mcore.runtime.launch import run_local_ranks
 
     args = ["-m", "selm_mcore.cli", *subcommand]
     for item in overrides:
@@ -59,7 +59,7 @@ def launch(subcommand: list[str], *overrides: str, env: dict | None = None) -> N
 
 def launch_failing(subcommand: list[str], *overrides: str, env: dict | None = None) -> str:
     """Run a command that must fail; return its error output."""
-    from selm_mcore.launch import LaunchError
+    from selm_mcore.runtime.launch import LaunchError
 
     with pytest.raises(LaunchError) as info:
         launch(subcommand, *overrides, env=env)
@@ -115,7 +115,7 @@ def copy_run(ws: dict, name: str) -> Path:
 
 @pytest.mark.timeout(600)
 def test_nan_mid_training_stops_with_the_last_good_checkpoint_as_latest(ws):
-    from selm_mcore.files import read_records
+    from selm_mcore.runtime.files import read_records
 
     checkpoints = ws["checkpoints"]
     assert "training stopped at step 3: the loss is nan" in ws["error"]
@@ -156,7 +156,7 @@ def test_the_last_good_checkpoint_is_finite(exported):
 
 @pytest.mark.timeout(600)
 def test_export_with_overwrite_replaces_the_folder_whole(ws, exported):
-    from selm_mcore.files import CHECKSUM_FILE, list_files, verify_checksums
+    from selm_mcore.runtime.files import CHECKSUM_FILE, list_files, verify_checksums
 
     names = list_files(exported)
     assert "model-00001-of-00002.safetensors" not in names
@@ -184,7 +184,7 @@ def test_export_into_a_non_empty_folder_is_refused_before_any_process(ws, tmp_pa
 
 @pytest.mark.timeout(600)
 def test_resume_with_another_start_model_is_refused(ws, tmp_path):
-    from selm_mcore.assets import build_tiny_llama
+    from selm_mcore.testing.assets import build_tiny_llama
 
     other = tmp_path / "other_llama"
     build_tiny_llama(other, seed=1)
@@ -202,7 +202,7 @@ def test_resume_with_another_start_model_is_refused(ws, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_corrupt_checkpoint_names_the_file_and_the_fix_resumes(ws):
-    from selm_mcore.files import read_records
+    from selm_mcore.runtime.files import read_records
 
     run = copy_run(ws, "run_corrupt")
     checkpoints = run / "checkpoints"
@@ -271,9 +271,9 @@ def test_the_trainer_finds_one_non_finite_gradient_or_parameter(damaged):
 
 @pytest.mark.timeout(600)
 def test_generate_refuses_a_damaged_export_before_starting_vllm(exported, tmp_path, monkeypatch):
-    from selm_mcore.config import GenerationConfig
-    from selm_mcore.files import ChecksumError
-    from selm_mcore.generation import generate_file
+    from selm_mcore.config.schema import GenerationConfig
+    from selm_mcore.runtime.files import ChecksumError
+    from selm_mcore.rollout.generate import generate_file
 
     copy = tmp_path / "hf"
     shutil.copytree(exported, copy)
@@ -350,7 +350,7 @@ def _finite_checks(models, ddp_models, ctx) -> dict:
 
 
 def _worker(checkpoints: Path, exported: Path, root: Path, hf_dir: Path) -> None:
-    from selm_mcore.config import ModelConfig, OptimConfig
+    from selm_mcore.config.schema import ModelConfig, OptimConfig
     from selm_mcore.mcore.checkpoint import (build_model_from_checkpoint, load_policy,
                                              load_training_state, read_train_state)
     from selm_mcore.mcore.optim import build_lr_scheduler, build_optimizer, wrap_ddp

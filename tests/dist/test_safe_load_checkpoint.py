@@ -146,7 +146,7 @@ def _bytes_entry_copy(src: Path, dst: Path, marker: Path) -> Path:
 def _forge_checksums(folder: Path) -> None:
     """Whoever can write checkpoint files can rewrite their checksum list: recompute it, so the
     loads below reach the unpickler."""
-    from selm_mcore.files import checksum_files, read_checksums, write_checksums
+    from selm_mcore.runtime.files import checksum_files, read_checksums, write_checksums
 
     write_checksums(folder, checksum_files(folder, read_checksums(folder, fix="")))
 
@@ -154,7 +154,7 @@ def _forge_checksums(folder: Path) -> None:
 def _worker(root: Path, hf_dir: Path) -> None:
     from megatron.core import dist_checkpointing
 
-    from selm_mcore.config import OptimConfig
+    from selm_mcore.config.schema import OptimConfig
     from selm_mcore.mcore.checkpoint import (load_model_checkpoint, load_training_state,
                                              save_checkpoint)
     from selm_mcore.mcore.model import build_model, load_hf_config

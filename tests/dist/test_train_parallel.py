@@ -33,7 +33,7 @@ import pytest
 import torch
 from sentences import sentence
 
-from selm_mcore.files import read_records
+from selm_mcore.runtime.files import read_records
 
 NUM_STEPS = 5
 TOL = 1e-5
@@ -59,7 +59,7 @@ def config_sections(model_dir: Path, pairs: Path, cache: Path) -> dict:
 
 
 def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
-    from selm_mcore.launch import run_local_ranks
+    from selm_mcore.runtime.launch import run_local_ranks
 
     args = ["-m", "selm_mcore.cli", subcommand, str(config)]
     for item in overrides:
@@ -71,7 +71,7 @@ def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
 def train(ws: dict, name: str, nprocs: int, *overrides: str, killed_after: int | None = None
           ) -> list[dict]:
     """Run `selm train` in ws/name; return its metrics records (one per step)."""
-    from selm_mcore.launch import LaunchError
+    from selm_mcore.runtime.launch import LaunchError
 
     out = ws["root"] / name
     args = [f"train.output_dir={out}", *overrides]
@@ -106,7 +106,7 @@ def assert_checksums_cover_every_rank(step_dir: Path, ranks: int) -> None:
     including the files each rank wrote."""
     import hashlib
 
-    from selm_mcore.files import list_files
+    from selm_mcore.runtime.files import list_files
     from selm_mcore.mcore.checksums import file_owner
 
     for folder, under in ((step_dir, ("model", "hf", "selm_checkpoint.json")),
@@ -137,7 +137,7 @@ def hf_sequence_logps(model_dir: Path, pairs: Path) -> torch.Tensor:
     """[N, 3] summed response log-probs of chosen, rejected, y_ref with HF transformers."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from selm_mcore.dataset import PreferenceDataset
+    from selm_mcore.data.tokenize import PreferenceDataset
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     dataset = PreferenceDataset.from_file(pairs, tokenizer, max_length=64, max_prompt_length=32)
@@ -209,7 +209,7 @@ def test_dp2_killed_and_resumed_matches_tp1(ws):
     shutil.rmtree(ckpt / "step_0000005")
     (ckpt / "latest").write_text("step_0000004\n")
     # ... but not at another tp: refused with the fix.
-    from selm_mcore.launch import LaunchError
+    from selm_mcore.runtime.launch import LaunchError
 
     with pytest.raises(LaunchError, match="dp_reshardable format.*parallel.tp=1"):
         train(ws, "dp2", 2, "parallel.tp=2", *args)

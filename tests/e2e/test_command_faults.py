@@ -24,14 +24,19 @@ from pathlib import Path
 import pytest
 from child_env import child_env
 
-from selm_mcore.files import hash_path
+from selm_mcore.runtime.files import hash_path
 
 TIMEOUT_S = 300
 
 
 def selm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], env=child_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "selm_mcore.cli", *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def selm_on_tmpfs(mount_point: Path, size_bytes: int, fill_bytes: int, *args: str):
@@ -40,13 +45,23 @@ def selm_on_tmpfs(mount_point: Path, size_bytes: int, fill_bytes: int, *args: st
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux)")
     mount_point.mkdir(parents=True, exist_ok=True)
-    script = (f"mount -t tmpfs -o size={size_bytes} tmpfs {shlex.quote(str(mount_point))} || "
-              "exit 77; "
-              + (f"head -c {fill_bytes} /dev/zero > {shlex.quote(str(mount_point / 'fill'))}; "
-                 if fill_bytes else "")
-              + shlex.join([sys.executable, "-m", "selm_mcore.cli", *args]))
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=child_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    script = (
+        f"mount -t tmpfs -o size={size_bytes} tmpfs {shlex.quote(str(mount_point))} || "
+        "exit 77; "
+        + (
+            f"head -c {fill_bytes} /dev/zero > {shlex.quote(str(mount_point / 'fill'))}; "
+            if fill_bytes
+            else ""
+        )
+        + shlex.join([sys.executable, "-m", "selm_mcore.cli", *args])
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     if result.returncode == 77 or "unshare failed" in result.stderr:
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {result.stderr[-300:]}")
     return result
@@ -62,13 +77,19 @@ def broken_run(tmp_path, write_jsonl, write_config, preference_row):
     `selm run` gets as far as a finished round-1 portion in seconds."""
     model = tmp_path / "not_a_model"
     model.mkdir()
-    data = write_jsonl(tmp_path / "train.jsonl",
-                       [preference_row(f"q{i}", "a", "b", prompt_id=f"p{i}") for i in range(4)])
+    data = write_jsonl(
+        tmp_path / "train.jsonl",
+        [preference_row(f"q{i}", "a", "b", prompt_id=f"p{i}") for i in range(4)],
+    )
     workdir = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", model={"hf_dir": str(model)},
-                          data={"train_path": str(data)}, ranking={"kind": "verifiable"},
-                          train={"global_batch_size": 2},
-                          online={"rounds": 1, "final_eval": False, "workdir": str(workdir)})
+    config = write_config(
+        tmp_path / "run.yaml",
+        model={"hf_dir": str(model)},
+        data={"train_path": str(data)},
+        ranking={"kind": "verifiable"},
+        train={"global_batch_size": 2},
+        online={"rounds": 1, "final_eval": False, "workdir": str(workdir)},
+    )
     return config, workdir
 
 
@@ -105,18 +126,26 @@ def test_selm_run_on_a_full_disk_names_the_file(broken_run, tmp_path):
     result = selm_on_tmpfs(workdir, 64 << 10, 64 << 10, "run", str(config))
     assert result.returncode == 1, result.stderr[-3000:]
     (line,) = error_lines(result.stderr)
-    assert line.startswith(f"selm run: error: no space left on the device while writing "
-                           f"{workdir}/")
+    assert line.startswith(f"selm run: error: no space left on the device while writing {workdir}/")
     assert "; 0 B free. Fix: " in line and "Traceback" not in result.stderr
 
 
 def test_convert_checks_the_space_first_and_names_a_full_disk(tiny_llama_dir, tmp_path):
-    from selm_mcore.preflight import model_bytes
+    from selm_mcore.runtime.preflight import model_bytes
 
     needed = model_bytes(tiny_llama_dir, "fp32")
     small = tmp_path / "small"
-    refused = selm_on_tmpfs(small, needed // 2, 0, "convert", "hf-to-mcore", "--hf-dir",
-                            str(tiny_llama_dir), "--out-dir", str(small / "ckpt"))
+    refused = selm_on_tmpfs(
+        small,
+        needed // 2,
+        0,
+        "convert",
+        "hf-to-mcore",
+        "--hf-dir",
+        str(tiny_llama_dir),
+        "--out-dir",
+        str(small / "ckpt"),
+    )
     assert refused.returncode == 1, refused.stderr[-3000:]
     (line,) = error_lines(refused.stderr)
     assert f"not enough free space in {small} (--out-dir)" in line
@@ -125,8 +154,17 @@ def test_convert_checks_the_space_first_and_names_a_full_disk(tiny_llama_dir, tm
 
     # Room for the estimate (the weights) but not for the tokenizer and metadata as well: the
     # write fails inside Megatron's checkpoint writer, and the error still names the folder.
-    tight = selm_on_tmpfs(small, needed + (16 << 10), 0, "convert", "hf-to-mcore",
-                          "--hf-dir", str(tiny_llama_dir), "--out-dir", str(small / "ckpt"))
+    tight = selm_on_tmpfs(
+        small,
+        needed + (16 << 10),
+        0,
+        "convert",
+        "hf-to-mcore",
+        "--hf-dir",
+        str(tiny_llama_dir),
+        "--out-dir",
+        str(small / "ckpt"),
+    )
     assert tight.returncode == 1, tight.stderr[-3000:]
     (line,) = [line for line in error_lines(tight.stderr) if line.startswith("selm convert")]
     assert f"writing {small / 'ckpt' / 'model'} failed" in line, tight.stderr[-3000:]
@@ -138,12 +176,28 @@ def test_under_torchrun_a_user_error_is_printed_once(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("loss:\n  beta: 0\n")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "selm_mcore.cli", "generate", str(config), "--prompts", "p.jsonl", "--out",
-         str(tmp_path / "o.jsonl")],
-        env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "selm_mcore.cli",
+            "generate",
+            str(config),
+            "--prompts",
+            "p.jsonl",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count("loss.beta=0.0 must be a finite number > 0") == 1, output[-3000:]
     assert "selm generate: error: " in output
-    assert "selm_mcore/config.py" not in output  # no rank printed a traceback of our code
+    assert "selm_mcore/config/schema.py" not in output  # no rank printed a traceback of our code

@@ -16,14 +16,27 @@ def run_script(script: str, tmp_path: Path, *args: str, **env: str):
     # this environment's python first on PATH, as an activated environment has it
     path = f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     full_env = {**os.environ, "PATH": path, **env}
-    return subprocess.run(["bash", str(REPO / "examples" / script), *args], cwd=REPO,
-                          env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(REPO / "examples" / script), *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_8b_script_stops_early_when_the_layout_does_not_fit(tmp_path):
-    proc = run_script("selm_llama3_8b.sh", tmp_path, "--set", "parallel.tp=1",
-                      "--set", "model.recompute=false", SELM_GPU_MEM_GIB="40",
-                      SELM_DOWNLOADS=str(tmp_path / "downloads"))
+    proc = run_script(
+        "selm_llama3_8b.sh",
+        tmp_path,
+        "--set",
+        "parallel.tp=1",
+        "--set",
+        "model.recompute=false",
+        SELM_GPU_MEM_GIB="40",
+        SELM_DOWNLOADS=str(tmp_path / "downloads"),
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "parallel.tp=1 pp=1" in proc.stdout and "is predicted to need" in proc.stdout
     assert "downloading" not in proc.stdout + proc.stderr
@@ -36,8 +49,9 @@ def test_70b_script_checks_the_node_count_it_gets(tmp_path):
     downloads = tmp_path / "downloads"
     model = downloads / "Meta-Llama-3-70B-Instruct"
     model.mkdir(parents=True)
-    (model / "config.json").write_text(json.dumps(
-        KNOWN_MODELS["meta-llama/Meta-Llama-3-70B-Instruct"][0]))
+    (model / "config.json").write_text(
+        json.dumps(KNOWN_MODELS["meta-llama/Meta-Llama-3-70B-Instruct"][0])
+    )
     for folder in ("ultrafeedback_binarized/data", "PairRM", "deberta-v3-large"):
         (downloads / folder).mkdir(parents=True)
     (downloads / "PairRM" / "config.json").write_text("{}")
@@ -47,8 +61,14 @@ def test_70b_script_checks_the_node_count_it_gets(tmp_path):
     scontrol.write_text("#!/bin/sh\necho node0\necho node1\n")
     scontrol.chmod(0o755)
     # 2 nodes = 16 GPUs at TP8 x PP2: DP1 holds the whole optimizer state per GPU
-    proc = run_script("selm_llama3_70b.sh", tmp_path, SELM_DOWNLOADS=str(downloads),
-                      SLURM_NNODES="2", SLURM_CPUS_PER_TASK="8", SELM_GPU_MEM_GIB="80")
+    proc = run_script(
+        "selm_llama3_70b.sh",
+        tmp_path,
+        SELM_DOWNLOADS=str(downloads),
+        SLURM_NNODES="2",
+        SLURM_CPUS_PER_TASK="8",
+        SELM_GPU_MEM_GIB="80",
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "(dp=1)" in proc.stdout and "on 16 GPUs is predicted to need" in proc.stdout
     assert "2 node(s), 8 CPUs per node task" in proc.stdout

@@ -12,19 +12,26 @@ import pytest
 import torch
 from child_env import child_env
 
-from selm_mcore.config import GenerationConfig
-from selm_mcore.files import read_records, write_jsonl_atomic
+from selm_mcore.config.schema import GenerationConfig
+from selm_mcore.runtime.files import read_records, write_jsonl_atomic
 
 pytest.importorskip("vllm")
 
 MAX_TOKENS = 24
-ENGINE_KW = dict(max_tokens=MAX_TOKENS, max_model_len=512, enforce_eager=True,
-                 kv_cache_memory_gb=0.25, dtype="float32")
+ENGINE_KW = dict(
+    max_tokens=MAX_TOKENS,
+    max_model_len=512,
+    enforce_eager=True,
+    kv_cache_memory_gb=0.25,
+    dtype="float32",
+)
 # The long prompt spans several KV blocks, so a stale prefix cache would be hit after a reload.
 CONVERSATIONS = [
     "What is 2 plus 3?",
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Tell me a story about the sea."}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Tell me a story about the sea."},
+    ],
     "Please explain the answer step by step. " * 25,
 ]
 # Longer than the engine's max_model_len (about 690 tokens with the tiny tokenizer).
@@ -33,7 +40,7 @@ LONG_PROMPT = "Please explain the answer step by step. " * 40
 
 @pytest.fixture(scope="module")
 def generator(tiny_llama_dir):
-    from selm_mcore.generation import VLLMGenerator
+    from selm_mcore.rollout.generate import VLLMGenerator
 
     gen = VLLMGenerator(tiny_llama_dir, GenerationConfig(**ENGINE_KW))
     yield gen
@@ -41,17 +48,22 @@ def generator(tiny_llama_dir):
 
 
 def hf_greedy(model, prompt_ids, max_new_tokens=MAX_TOKENS):
-    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
-                         dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def test_render_uses_chat_template_once(generator, tiny_llama_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    expected = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
-                                             add_generation_prompt=True, tokenize=False)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert expected.endswith("<|im_start|>assistant\n")
     assert generator.render(["hi"]) == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
 
@@ -115,8 +127,9 @@ def test_prompt_longer_than_the_context_keeps_its_end(generator, tiny_llama_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": LONG_PROMPT}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": LONG_PROMPT}], add_generation_prompt=True, tokenize=False
+    )
     full = tokenizer(text, add_special_tokens=False)["input_ids"]
     context = ENGINE_KW["max_model_len"] - MAX_TOKENS
     assert len(full) > ENGINE_KW["max_model_len"]
@@ -130,14 +143,25 @@ def test_prompt_longer_than_the_context_keeps_its_end(generator, tiny_llama_dir)
 
 def run_selm(args, cwd, timeout=240, env=None):
     env = {**child_env(), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "selm_mcore.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 PROMPT_ROWS = [
     {"prompt_id": "p0", "prompt": "What is 2 plus 3?"},
-    {"prompt_id": "p1", "messages": [{"role": "user", "content": "Tell me a story."},
-                                     {"role": "assistant", "content": "(dropped)"}]},
+    {
+        "prompt_id": "p1",
+        "messages": [
+            {"role": "user", "content": "Tell me a story."},
+            {"role": "assistant", "content": "(dropped)"},
+        ],
+    },
     {"prompt_id": "p2", "prompt": "Name three animals."},
     {"prompt_id": "p3", "prompt": "Why is the sea salty?"},
     {"prompt_id": "p4", "prompt": "Write one word."},
@@ -158,8 +182,11 @@ def eos_model_dir(tiny_llama_dir, tmp_path_factory):
         shutil.copy(item, path / item.name)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT_ROWS[0]["prompt"]}],
-                                        add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT_ROWS[0]["prompt"]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     greedy = hf_greedy(hf, tokenizer(ids, add_special_tokens=False)["input_ids"])
     stop_token = greedy[min(5, len(greedy) - 1)]
     gen_config = json.loads((path / "generation_config.json").read_text())
@@ -175,23 +202,41 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
     write_jsonl_atomic(prompts, PROMPT_ROWS)
     results = {}
     for engines in (1, 2):
-        config = write_config(tmp_path / f"gen{engines}.yaml",
-                              generation={**ENGINE_KW, "num_engines": engines, "n": 2,
-                                          "temperature": 1.0, "seed": 3})
+        config = write_config(
+            tmp_path / f"gen{engines}.yaml",
+            generation={**ENGINE_KW, "num_engines": engines, "n": 2, "temperature": 1.0, "seed": 3},
+        )
         out = tmp_path / f"out{engines}.jsonl"
-        proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(out),
-                         "--model-dir", str(eos_model_dir)], cwd=tmp_path)
+        proc = run_selm(
+            [
+                "generate",
+                str(config),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--model-dir",
+                str(eos_model_dir),
+            ],
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[engines] = read_records(out)
     # Atomic write: no temporary files or engine folders are left next to the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["prompts.jsonl", "gen1.yaml", "gen2.yaml", "out1.jsonl", "out2.jsonl"])
+        ["prompts.jsonl", "gen1.yaml", "gen2.yaml", "out1.jsonl", "out2.jsonl"]
+    )
     rows = results[1]
     assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in PROMPT_ROWS]
     assert rows[1]["prompt"] == "Tell me a story."
     for row in rows:
-        assert set(row) == {"prompt_id", "prompt", "responses", "finish_reasons",
-                            "prompt_tokens_cut"}
+        assert set(row) == {
+            "prompt_id",
+            "prompt",
+            "responses",
+            "finish_reasons",
+            "prompt_tokens_cut",
+        }
         assert len(row["responses"]) == 2 and all(isinstance(t, str) for t in row["responses"])
         assert all(t == t.strip() for t in row["responses"])  # stripped, as the reference
         assert set(row["finish_reasons"]) <= {"stop", "length"}
@@ -201,17 +246,32 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
     assert "1 prompts truncated to the generation context of 488 tokens" in proc.stderr
 
     # The same 2 engines over 2 "nodes" (what srun starts once per node), merged by the phase.
-    from selm_mcore.engines import merge_node_outputs
+    from selm_mcore.rollout.engines import merge_node_outputs
 
     config = tmp_path / "gen2.yaml"
     nodes = tmp_path / "nodes.jsonl"
     for rank in (0, 1):
-        proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(nodes),
-                         "--model-dir", str(eos_model_dir), "--num-nodes", "2"], cwd=tmp_path,
-                        env={"SLURM_NODEID": str(rank)})
+        proc = run_selm(
+            [
+                "generate",
+                str(config),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(nodes),
+                "--model-dir",
+                str(eos_model_dir),
+                "--num-nodes",
+                "2",
+            ],
+            cwd=tmp_path,
+            env={"SLURM_NODEID": str(rank)},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("nodes*")) == ["nodes.node0.jsonl",
-                                                               "nodes.node1.jsonl"]
+    assert sorted(p.name for p in tmp_path.glob("nodes*")) == [
+        "nodes.node0.jsonl",
+        "nodes.node1.jsonl",
+    ]
     merged = merge_node_outputs([r["prompt_id"] for r in PROMPT_ROWS], nodes, 2)
     assert merged == results[1], "engines spread over nodes must give the 1-engine output"
     nodes.unlink()
@@ -219,14 +279,26 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
     # Greedy with the extra EOS: vLLM stops where HF stops.
     config = write_config(tmp_path / "greedy.yaml", generation=ENGINE_KW)
     out = tmp_path / "greedy.jsonl"
-    proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out", str(out),
-                     "--model-dir", str(eos_model_dir)], cwd=tmp_path)
+    proc = run_selm(
+        [
+            "generate",
+            str(config),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--model-dir",
+            str(eos_model_dir),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = read_records(out)[0]
     tokenizer = AutoTokenizer.from_pretrained(eos_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(eos_model_dir, dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
+    )
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     reference = hf_greedy(hf, prompt_ids)  # HF reads the same generation_config.json
     assert len(reference) < MAX_TOKENS and reference[-1] in hf.generation_config.eos_token_id
@@ -235,7 +307,7 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
 
 
 def test_errors_surface_with_nonzero_exit(tiny_llama_dir, tmp_path, write_config):
-    from selm_mcore.generation import check_model_dir, generate_file
+    from selm_mcore.rollout.generate import check_model_dir, generate_file
 
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl_atomic(prompts, PROMPT_ROWS[:2])
@@ -245,15 +317,26 @@ def test_errors_surface_with_nonzero_exit(tiny_llama_dir, tmp_path, write_config
         generate_file(tmp_path / "missing", prompts, tmp_path / "o.jsonl", GenerationConfig())
     bad_head = tmp_path / "head16"
     bad_head.mkdir()
-    (bad_head / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}))
+    (bad_head / "config.json").write_text(
+        json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4})
+    )
     with pytest.raises(ValueError, match="head_dim=16 is not supported"):
         check_model_dir(bad_head, on_cpu=True)
     check_model_dir(bad_head, on_cpu=False)  # a GPU serves it
 
-    proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out",
-                     str(tmp_path / "o.jsonl"), "--model-dir", str(tmp_path / "missing")],
-                    cwd=tmp_path)
+    proc = run_selm(
+        [
+            "generate",
+            str(config),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--model-dir",
+            str(tmp_path / "missing"),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0 and "no config.json" in proc.stderr
 
     # An engine that fails to start (corrupt weights) stops the data-parallel run.
@@ -262,8 +345,19 @@ def test_errors_surface_with_nonzero_exit(tiny_llama_dir, tmp_path, write_config
     for item in tiny_llama_dir.iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    proc = run_selm(["generate", str(config), "--prompts", str(prompts), "--out",
-                     str(tmp_path / "o.jsonl"), "--model-dir", str(broken)], cwd=tmp_path)
+    proc = run_selm(
+        [
+            "generate",
+            str(config),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--model-dir",
+            str(broken),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "vLLM engine 0 (prompts 0..0) exited with 1" in proc.stderr
     assert "starting vLLM" in proc.stderr

@@ -19,8 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "GPU_CHECK_WORK": str(work), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(REPO / "tools/gpu_check.sh"), "--dry", str(out)], env=env,
-                          capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(
+        ["bash", str(REPO / "tools/gpu_check.sh"), "--dry", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
     report = json.loads((out / "gpu_check.json").read_text())
@@ -44,11 +49,19 @@ def test_gpu_check_dry_run(tmp_path):
         for key in ("params", "grads", "optimizer"):
             assert rank["measured"][key] == rank["predicted"][key]
         assert rank["measured"]["activations"] == pytest.approx(
-            rank["predicted"]["activations"], rel=0.15)
-    assert (trains["full"]["ranks"][0]["measured"]["activations"]
-            < trains["none"]["ranks"][0]["measured"]["activations"])
+            rank["predicted"]["activations"], rel=0.15
+        )
+    assert (
+        trains["full"]["ranks"][0]["measured"]["activations"]
+        < trains["none"]["ranks"][0]["measured"]["activations"]
+    )
     assert {r["path"] for r in report["logprob_path"]["rows"]} == {"fused", "megatron-ce"}
     markdown = (out / "gpu_check.md").read_text()
-    for heading in ("## Parts", "## GPU tests", "## Log-prob kernel",
-                    "## Training steps: planner vs measured", "## Log-prob path"):
+    for heading in (
+        "## Parts",
+        "## GPU tests",
+        "## Log-prob kernel",
+        "## Training steps: planner vs measured",
+        "## Log-prob path",
+    ):
         assert heading in markdown

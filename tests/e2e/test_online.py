@@ -37,10 +37,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from child_env import child_env
 import torch
+from child_env import child_env
 
-from selm_mcore.files import read_records
+from selm_mcore.runtime.files import read_records
 
 pytest.importorskip("vllm")
 if importlib.util.find_spec("llm_blender") is None:  # imported through ranking's compat fixes
@@ -53,20 +53,29 @@ RUN_TIMEOUT_S = 1200  # one `selm run` (~2 min on 2 idle cores; shared machines 
 
 def _rows(preference_row) -> list[dict]:
     """8 pairs whose responses span short, medium and long, so y_ref lands anywhere."""
-    responses = ["6.", "It is 5.", "The answer is five.",
-                 "The answer is 5 because 2 plus 3 is 5, and 5 is the sum of 2 and 3 here.",
-                 "First add the two numbers step by step, then write the result: the sum is 5. "
-                 "So the final answer is 5, which I checked twice."]
-    return [preference_row(f"What is {i + 2} plus {3 * i + 1}?",
-                           responses[(i * 2) % len(responses)],
-                           responses[(i * 3 + 1) % len(responses)], prompt_id=f"p{i}")
-            for i in range(8)]
+    responses = [
+        "6.",
+        "It is 5.",
+        "The answer is five.",
+        "The answer is 5 because 2 plus 3 is 5, and 5 is the sum of 2 and 3 here.",
+        "First add the two numbers step by step, then write the result: the sum is 5. "
+        "So the final answer is 5, which I checked twice.",
+    ]
+    return [
+        preference_row(
+            f"What is {i + 2} plus {3 * i + 1}?",
+            responses[(i * 2) % len(responses)],
+            responses[(i * 3 + 1) % len(responses)],
+            prompt_id=f"p{i}",
+        )
+        for i in range(8)
+    ]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_row):
     """Model, ranker and data; ``assets.config(workdir, **sections)`` writes a run's config."""
-    from selm_mcore.assets import build_tiny_pairrm
+    from selm_mcore.testing.assets import build_tiny_pairrm
 
     root = tmp_path_factory.mktemp("online_assets")
     build_tiny_pairrm(root / "tiny_pairrm", prefer="longer")
@@ -74,41 +83,65 @@ def assets(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preferen
     evals = []
     for i in range(4):
         user = {"role": "user", "content": f"What is {i} times {i + 1}?"}
-        evals.append({"prompt_id": f"e{i}", "prompt": user["content"],
-                      "chosen": [user, {"role": "assistant", "content": f"It is {i * (i + 1)}."}]})
+        evals.append(
+            {
+                "prompt_id": f"e{i}",
+                "prompt": user["content"],
+                "chosen": [user, {"role": "assistant", "content": f"It is {i * (i + 1)}."}],
+            }
+        )
     write_jsonl(root / "eval.jsonl", evals)
 
     def config(workdir: Path, **sections) -> Path:
         """The e2e config; ``sections`` override whole keys, e.g. online={"final_eval": False}."""
         values = {
             "model": {"hf_dir": str(tiny_llama_dir), "dtype": "fp32"},
-            "data": {"train_path": str(root / "train.jsonl"),
-                     "eval_prompts_path": str(root / "eval.jsonl"),
-                     "max_length": 128, "max_prompt_length": 48, "pad_to_multiple_of": 16},
+            "data": {
+                "train_path": str(root / "train.jsonl"),
+                "eval_prompts_path": str(root / "eval.jsonl"),
+                "max_length": 128,
+                "max_prompt_length": 48,
+                "pad_to_multiple_of": 16,
+            },
             "loss": {"beta": 0.1, "alpha": 0.1},
             # A large learning rate for visible weight changes (larger ones make the tiny model
             # answer everything with EOS alone).
             "optim": {"lr": 1e-3, "lr_per_round": [1e-3, 5e-4], "warmup_ratio": 0.0},
-            "train": {"global_batch_size": 2, "micro_batch_size": 1, "tensorboard": False,
-                      "save_interval": 1, "keep_checkpoints": 1},
-            "generation": {"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
-                           "kv_cache_memory_gb": 0.25, "dtype": "float32"},
-            "ranking": {"kind": "pairrm", "model_path": str(root / "tiny_pairrm"),
-                        "device": "cpu"},
+            "train": {
+                "global_batch_size": 2,
+                "micro_batch_size": 1,
+                "tensorboard": False,
+                "save_interval": 1,
+                "keep_checkpoints": 1,
+            },
+            "generation": {
+                "max_tokens": 16,
+                "max_model_len": 256,
+                "enforce_eager": True,
+                "kv_cache_memory_gb": 0.25,
+                "dtype": "float32",
+            },
+            "ranking": {"kind": "pairrm", "model_path": str(root / "tiny_pairrm"), "device": "cpu"},
             "online": {"rounds": 2, "workdir": str(workdir)},
         }
         for section, overrides in sections.items():
             values[section].update(overrides)
         return write_config(workdir.parent / f"{workdir.name}.yaml", **values)
 
-    return SimpleNamespace(root=root, tiny_llama=tiny_llama_dir,
-                           tiny_pairrm=root / "tiny_pairrm", config=config)
+    return SimpleNamespace(
+        root=root, tiny_llama=tiny_llama_dir, tiny_pairrm=root / "tiny_pairrm", config=config
+    )
 
 
 def selm_run(config: Path, *extra: str, env: dict[str, str] | None = None):
     run_env = {**child_env(), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
-                          env=run_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 def checkpoint_tensors(ckpt_dir: Path, scratch: Path) -> dict[str, torch.Tensor]:
@@ -133,14 +166,29 @@ def reference_run(assets, tmp_path_factory):
 def test_two_rounds_run_and_print_the_table(reference_run):
     workdir, result = reference_run
     manifest = json.loads((workdir / "manifest.json").read_text())
-    expected = ["round1/portion", "round1/generate", "round1/rank", "round1/refpass",
-                "round1/train", "round1/report", "round2/portion", "round2/export",
-                "round2/generate", "round2/rank", "round2/refpass", "round2/train",
-                "round2/report", "final/export", "final/generate", "final/rank", "final/report"]
+    expected = [
+        "round1/portion",
+        "round1/generate",
+        "round1/rank",
+        "round1/refpass",
+        "round1/train",
+        "round1/report",
+        "round2/portion",
+        "round2/export",
+        "round2/generate",
+        "round2/rank",
+        "round2/refpass",
+        "round2/train",
+        "round2/report",
+        "final/export",
+        "final/generate",
+        "final/rank",
+        "final/report",
+    ]
     assert list(manifest["phases"]) == expected
     lines = result.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("| policy |")))
-    table = lines[start:lines.index("", start)]
+    table = lines[start : lines.index("", start)]
     assert [row.split("|")[1].strip() for row in table[2:]] == ["start", "round 1", "round 2"]
     assert "| phase | round1 | round2 | final | total |" in lines  # the phase timer table
     for t in (1, 2):
@@ -162,8 +210,10 @@ def test_pairs_follow_the_best_worst_rule(reference_run, assets):
     for t in (1, 2):
         round_dir = workdir / f"round_{t}"
         portion = read_records(round_dir / "portion.jsonl")
-        generations = {r["prompt_id"]: r["responses"][0]
-                       for r in read_records(round_dir / "generate" / "generations.jsonl")}
+        generations = {
+            r["prompt_id"]: r["responses"][0]
+            for r in read_records(round_dir / "generate" / "generations.jsonl")
+        }
         pairs = {p["prompt_id"]: p for p in read_records(round_dir / "rank" / "pairs.jsonl")}
         for row in portion:
             y_ref = generations[row["prompt_id"]]
@@ -173,10 +223,14 @@ def test_pairs_follow_the_best_worst_rule(reference_run, assets):
             pair = pairs[row["prompt_id"]]
             candidates = [y_ref, row["chosen"][-1]["content"], row["rejected"][-1]["content"]]
             lengths = [length(c) for c in candidates]
-            best = lengths.index(max(lengths))    # the longest wins; ties to the first index
+            best = lengths.index(max(lengths))  # the longest wins; ties to the first index
             worst = lengths.index(min(lengths))
             assert pair["chosen"][-1]["content"] == candidates[best], (t, row["prompt_id"], lengths)
-            assert pair["rejected"][-1]["content"] == candidates[worst], (t, row["prompt_id"], lengths)
+            assert pair["rejected"][-1]["content"] == candidates[worst], (
+                t,
+                row["prompt_id"],
+                lengths,
+            )
             assert pair["chosen"][:-1] == row["chosen"][:-1]
             assert pair["reference_response"] == y_ref
             outcomes.add((best, worst))
@@ -186,12 +240,14 @@ def test_pairs_follow_the_best_worst_rule(reference_run, assets):
 def _hf_sequence_logps(model, tokenizer, messages, response) -> float:
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits.double(), dim=-1)
-    targets = ids[0, len(prompt_ids):]
-    return float(logps[0, len(prompt_ids) - 1:-1].gather(-1, targets[:, None]).sum())
+    targets = ids[0, len(prompt_ids) :]
+    return float(logps[0, len(prompt_ids) - 1 : -1].gather(-1, targets[:, None]).sum())
 
 
 def test_reference_pass_and_training_ran(reference_run, assets):
@@ -199,19 +255,23 @@ def test_reference_pass_and_training_ran(reference_run, assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     workdir, _ = reference_run
-    model = AutoModelForCausalLM.from_pretrained(str(assets.tiny_llama),
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(assets.tiny_llama), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_llama))
     cache = load_file(str(workdir / "round_1" / "refpass" / "ref_logps.safetensors"))
     pairs = read_records(workdir / "round_1" / "rank" / "pairs.jsonl")
     assert cache["ref_chosen_logps"].shape == (len(pairs),)
     for i, pair in enumerate(pairs):
         messages = pair["chosen"][:-1]
-        for name, response in (("chosen", pair["chosen"][-1]["content"]),
-                               ("rejected", pair["rejected"][-1]["content"]),
-                               ("yref", pair["reference_response"])):
+        for name, response in (
+            ("chosen", pair["chosen"][-1]["content"]),
+            ("rejected", pair["rejected"][-1]["content"]),
+            ("yref", pair["reference_response"]),
+        ):
             expected = _hf_sequence_logps(model, tokenizer, messages, response)
-            assert float(cache[f"ref_{name}_logps"][i]) == pytest.approx(expected, abs=1e-3), (i, name)
+            assert float(cache[f"ref_{name}_logps"][i]) == pytest.approx(expected, abs=1e-3), (
+                i,
+                name,
+            )
     for t in (1, 2):
         steps = read_records(workdir / f"round_{t}" / "train" / "metrics.jsonl")
         assert [s["step"] for s in steps] == [1, 2]
@@ -226,23 +286,30 @@ def _megatron_to_vllm_names(state: dict[str, torch.Tensor], hf_config) -> dict[s
     head_dim = hidden // heads
     per_group = heads // groups
     vocab = hf_config.vocab_size
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
-           "model.norm.weight": state["decoder.final_layernorm.weight"],
-           "lm_head.weight": state["output_layer.weight"][:vocab]}
+    out = {
+        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
+        "model.norm.weight": state["decoder.final_layernorm.weight"],
+        "lm_head.weight": state["output_layer.weight"][:vocab],
+    }
     for layer in range(hf_config.num_hidden_layers):
         prefix = f"model.layers.{layer}."
         qkv = state["decoder.layers.self_attention.linear_qkv.weight"][layer]
         grouped = qkv.view(groups, (per_group + 2) * head_dim, hidden)
-        q = grouped[:, :per_group * head_dim].reshape(-1, hidden)
-        k = grouped[:, per_group * head_dim:(per_group + 1) * head_dim].reshape(-1, hidden)
-        v = grouped[:, (per_group + 1) * head_dim:].reshape(-1, hidden)
+        q = grouped[:, : per_group * head_dim].reshape(-1, hidden)
+        k = grouped[:, per_group * head_dim : (per_group + 1) * head_dim].reshape(-1, hidden)
+        v = grouped[:, (per_group + 1) * head_dim :].reshape(-1, hidden)
         out[prefix + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
-        out[prefix + "self_attn.o_proj.weight"] = \
-            state["decoder.layers.self_attention.linear_proj.weight"][layer]
-        out[prefix + "mlp.gate_up_proj.weight"] = state["decoder.layers.mlp.linear_fc1.weight"][layer]
+        out[prefix + "self_attn.o_proj.weight"] = state[
+            "decoder.layers.self_attention.linear_proj.weight"
+        ][layer]
+        out[prefix + "mlp.gate_up_proj.weight"] = state["decoder.layers.mlp.linear_fc1.weight"][
+            layer
+        ]
         out[prefix + "mlp.down_proj.weight"] = state["decoder.layers.mlp.linear_fc2.weight"][layer]
-        for megatron, hf in (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm"),
-                             ("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm")):
+        for megatron, hf in (
+            ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm"),
+            ("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm"),
+        ):
             out[prefix + hf + ".weight"] = state[f"decoder.layers.{megatron}"][layer]
     return out
 
@@ -253,8 +320,10 @@ def _hf_model_from_megatron(state: dict[str, torch.Tensor], hf_dir: Path):
 
     config = AutoConfig.from_pretrained(str(hf_dir))
     fused = _megatron_to_vllm_names(state, config)
-    hidden, kv = config.hidden_size, config.num_key_value_heads * config.hidden_size \
-        // config.num_attention_heads
+    hidden, kv = (
+        config.hidden_size,
+        config.num_key_value_heads * config.hidden_size // config.num_attention_heads,
+    )
     weights = {}
     for name, tensor in fused.items():
         if "qkv_proj" in name:
@@ -279,8 +348,8 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from selm_mcore.config_io import load_config
-    from selm_mcore.generation import VLLMGenerator
+    from selm_mcore.config.io import load_config
+    from selm_mcore.rollout.generate import VLLMGenerator
 
     workdir, _ = reference_run
     policy_hf = workdir / "round_2" / "policy_hf"
@@ -294,29 +363,41 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
 
     with VLLMGenerator(policy_hf, gen_cfg) as generator:
         prompt_ids = generator.render(
-            [r["messages"] if "messages" in r else r["prompt"] for r in rows])
+            [r["messages"] if "messages" in r else r["prompt"] for r in rows]
+        )
         # Parameters vLLM keeps as plain tensors (CPU linear layers are repacked) ...
         served = generator.llm.apply_model(
-            lambda model: {n: p.detach().clone() for n, p in model.named_parameters()})[0]
+            lambda model: {n: p.detach().clone() for n, p in model.named_parameters()}
+        )[0]
         # ... and, for all weights, the log-probs it computes for each prompt's tokens.
         outputs = generator.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
-            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-                 "model.layers.0.input_layernorm.weight"):
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+            use_tqdm=False,
+        )
+    for name in (
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.0.input_layernorm.weight",
+    ):
         expected = trained.state_dict()[name]
-        assert torch.equal(served[name][:expected.shape[0]].float(), expected), name
+        assert torch.equal(served[name][: expected.shape[0]].float(), expected), name
     for ids, out, generated in zip(prompt_ids, outputs, recorded):
         with torch.no_grad():
             logps = torch.log_softmax(trained(torch.tensor([ids])).logits[0].double(), dim=-1)
         served_logps = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
         expected = logps[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-        assert torch.allclose(torch.tensor(served_logps, dtype=torch.float64), expected,
-                              atol=1e-4), generated["prompt_id"]
+        assert torch.allclose(
+            torch.tensor(served_logps, dtype=torch.float64), expected, atol=1e-4
+        ), generated["prompt_id"]
         # The recorded round-2 y_ref is the trained model's greedy continuation.
-        greedy = trained.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                  dtype=torch.long), max_new_tokens=gen_cfg.max_tokens,
-                                  do_sample=False)[0, len(ids):]
+        greedy = trained.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=gen_cfg.max_tokens,
+            do_sample=False,
+        )[0, len(ids) :]
         text = tokenizer.decode(greedy, skip_special_tokens=True)
         assert generated["responses"][0] == text.strip(), generated["prompt_id"]
 
@@ -324,8 +405,10 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     from safetensors.torch import load_file
 
     start_weights = load_file(str(assets.tiny_llama / "model.safetensors"))
-    assert not torch.equal(start_weights["model.layers.0.mlp.down_proj.weight"],
-                           trained.state_dict()["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(
+        start_weights["model.layers.0.mlp.down_proj.weight"],
+        trained.state_dict()["model.layers.0.mlp.down_proj.weight"],
+    )
 
 
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S)
@@ -334,8 +417,15 @@ def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, asset
     reference_dir, _ = reference_run
     workdir = tmp_path / "run"
     config = assets.config(workdir, online={"final_eval": False})
-    kills = ["round1/portion", "round1/generate", "round1/rank:published", "round1/refpass",
-             "round1/train", "round1/report", "round2/export"]
+    kills = [
+        "round1/portion",
+        "round1/generate",
+        "round1/rank:published",
+        "round1/refpass",
+        "round1/train",
+        "round1/report",
+        "round2/export",
+    ]
     previous = None
     for fault in kills:
         result = selm_run(config, env={"SELM_FAULT": fault})
@@ -357,11 +447,13 @@ def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, asset
 
     for t in (1, 2):
         for name in ("rank/pairs.jsonl", "generate/generations.jsonl"):
-            assert (workdir / f"round_{t}" / name).read_bytes() == \
-                (reference_dir / f"round_{t}" / name).read_bytes(), (t, name)
+            assert (workdir / f"round_{t}" / name).read_bytes() == (
+                reference_dir / f"round_{t}" / name
+            ).read_bytes(), (t, name)
     resumed = checkpoint_tensors(workdir / "round_2" / "train" / "final", tmp_path / "a.pt")
-    uninterrupted = checkpoint_tensors(reference_dir / "round_2" / "train" / "final",
-                                       tmp_path / "b.pt")
+    uninterrupted = checkpoint_tensors(
+        reference_dir / "round_2" / "train" / "final", tmp_path / "b.pt"
+    )
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
@@ -376,17 +468,29 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
     from transformers import AutoTokenizer
 
     workdir = tmp_path / "run"
-    config = assets.config(workdir, data={"eval_prompts_path": ""},
-                           online={"rounds": 1, "warmup_dpo_round": True, "final_eval": False})
+    config = assets.config(
+        workdir,
+        data={"eval_prompts_path": ""},
+        online={"rounds": 1, "warmup_dpo_round": True, "final_eval": False},
+    )
     result = selm_run(config, env={"SELM_FAULT": "round0/train"})
     assert result.returncode == -signal.SIGKILL, result.stderr[-4000:]
     result = selm_run(config)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     manifest = json.loads((workdir / "manifest.json").read_text())
     assert list(manifest["phases"]) == [
-        "round0/portion", "round0/refpass", "round0/train", "round0/report",
-        "round1/portion", "round1/export", "round1/generate", "round1/rank", "round1/refpass",
-        "round1/train", "round1/report"]
+        "round0/portion",
+        "round0/refpass",
+        "round0/train",
+        "round0/report",
+        "round1/portion",
+        "round1/export",
+        "round1/generate",
+        "round1/rank",
+        "round1/refpass",
+        "round1/train",
+        "round1/report",
+    ]
     assert "| round 0 (DPO warm-up) |" in result.stdout
 
     # round 0: the first half of the file, its original pairs, no y_ref, alpha = 0
@@ -394,8 +498,9 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
     portion0 = read_records(workdir / "round_0" / "portion.jsonl")
     assert [r["chosen"] for r in portion0] == [r["chosen"] for r in rows[:4]]
     assert [r["rejected"] for r in portion0] == [r["rejected"] for r in rows[:4]]
-    assert [r["prompt_id"] for r in read_records(workdir / "round_1" / "portion.jsonl")] == \
-        [f"p{i}" for i in range(4, 8)]
+    assert [r["prompt_id"] for r in read_records(workdir / "round_1" / "portion.jsonl")] == [
+        f"p{i}" for i in range(4, 8)
+    ]
     steps0 = read_records(workdir / "round_0" / "train" / "metrics.jsonl")
     steps1 = read_records(workdir / "round_1" / "train" / "metrics.jsonl")
     assert [s["step"] for s in steps0] == [1, 2]
@@ -412,12 +517,15 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
     cache = load_file(str(workdir / "round_1" / "refpass" / "ref_logps.safetensors"))
     pairs = read_records(workdir / "round_1" / "rank" / "pairs.jsonl")
     for i, pair in enumerate(pairs):
-        expected = _hf_sequence_logps(warm, tokenizer, pair["chosen"][:-1],
-                                      pair["chosen"][-1]["content"])
+        expected = _hf_sequence_logps(
+            warm, tokenizer, pair["chosen"][:-1], pair["chosen"][-1]["content"]
+        )
         assert float(cache["ref_chosen_logps"][i]) == pytest.approx(expected, abs=1e-3), i
     start_weights = load_file(str(assets.tiny_llama / "model.safetensors"))
-    assert not torch.equal(start_weights["model.layers.0.mlp.down_proj.weight"],
-                           warm.state_dict()["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(
+        start_weights["model.layers.0.mlp.down_proj.weight"],
+        warm.state_dict()["model.layers.0.mlp.down_proj.weight"],
+    )
     assert "round_0/train/final" in (workdir / "logs" / "round1_export.log").read_text()
 
     # the finished run resumes to nothing; switching the warm-up off is refused
@@ -448,8 +556,9 @@ def test_ranker_failure_stops_the_run(assets, tmp_path):
     shutil.copytree(assets.tiny_pairrm, broken)
     (broken / "model.safetensors").write_bytes(b"\0" * 64)
     workdir = tmp_path / "run"
-    result = selm_run(assets.config(workdir, ranking={"model_path": str(broken)},
-                                    online={"final_eval": False}))
+    result = selm_run(
+        assets.config(workdir, ranking={"model_path": str(broken)}, online={"final_eval": False})
+    )
     assert result.returncode == 1
     assert "round1/rank failed" in result.stderr
     assert "loading the PairRM ranker" in result.stderr

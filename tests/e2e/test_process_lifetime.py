@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 from child_env import child_env
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the parent-death signal is Linux-only")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the parent-death signal is Linux-only"
+)
 
 GRACE_S = 5.0
 START_TIMEOUT_S = 300
@@ -111,33 +112,58 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
 @pytest.fixture
 def train_config(tmp_path, tiny_llama_dir, write_jsonl, write_config, preference_row):
     """A round that would train for a long time, saving a step checkpoint every step."""
-    rows = [preference_row(f"What is {i} plus {i + 1}?", f"It is {2 * i + 1}.", "I do not know.",
-                           prompt_id=f"p{i}") for i in range(64)]
+    rows = [
+        preference_row(
+            f"What is {i} plus {i + 1}?", f"It is {2 * i + 1}.", "I do not know.", prompt_id=f"p{i}"
+        )
+        for i in range(64)
+    ]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "train.yaml",
         model={"hf_dir": str(tiny_llama_dir)},
-        data={"train_path": str(data), "max_length": 64, "max_prompt_length": 32,
-              "pad_to_multiple_of": 8},
+        data={
+            "train_path": str(data),
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "pad_to_multiple_of": 8,
+        },
         loss={"alpha": 0.0},
-        train={"global_batch_size": 2, "max_steps": 10_000, "save_interval": 1,
-               "keep_checkpoints": 1, "reference_mode": "onthefly", "tensorboard": False,
-               "output_dir": str(out)},
+        train={
+            "global_batch_size": 2,
+            "max_steps": 10_000,
+            "save_interval": 1,
+            "keep_checkpoints": 1,
+            "reference_mode": "onthefly",
+            "tensorboard": False,
+            "output_dir": str(out),
+        },
         online={"rounds": 1, "final_eval": False, "workdir": str(tmp_path / "run")},
         ranking={"kind": "verifiable"},
-        generation={"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
-                    "kv_cache_memory_gb": 0.25, "dtype": "float32"})
+        generation={
+            "max_tokens": 16,
+            "max_model_len": 256,
+            "enforce_eager": True,
+            "kv_cache_memory_gb": 0.25,
+            "dtype": "float32",
+        },
+    )
     return config, out
 
 
 @pytest.mark.timeout(600)
 def test_sigkilled_selm_train_leaves_no_checkpoint_writer(train_config):
     config, out = train_config
-    proc = _start([sys.executable, "-m", "selm_mcore.cli", "train", str(config)],
-                  out.parent / "train.log")
-    wait_until(lambda: (out / "checkpoints" / "latest").is_file(), START_TIMEOUT_S,
-               "the first step checkpoint", proc)
+    proc = _start(
+        [sys.executable, "-m", "selm_mcore.cli", "train", str(config)], out.parent / "train.log"
+    )
+    wait_until(
+        lambda: (out / "checkpoints" / "latest").is_file(),
+        START_TIMEOUT_S,
+        "the first step checkpoint",
+        proc,
+    )
     tree = descendants(proc.pid)
     assert tree, "expected Megatron's checkpoint-writer manager under `selm train`"
     kill_and_check_tree(proc, tree)
@@ -146,11 +172,26 @@ def test_sigkilled_selm_train_leaves_no_checkpoint_writer(train_config):
 @pytest.mark.timeout(600)
 def test_sigkilled_torchrun_parent_leaves_no_rank(train_config):
     config, out = train_config
-    proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node=2", "-m", "selm_mcore.cli", "train", str(config)],
-                  out.parent / "torchrun.log")
-    wait_until(lambda: (out / "checkpoints" / "latest").is_file(), START_TIMEOUT_S,
-               "the first step checkpoint", proc)
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "selm_mcore.cli",
+            "train",
+            str(config),
+        ],
+        out.parent / "torchrun.log",
+    )
+    wait_until(
+        lambda: (out / "checkpoints" / "latest").is_file(),
+        START_TIMEOUT_S,
+        "the first step checkpoint",
+        proc,
+    )
     tree = descendants(proc.pid)
     ranks = [pid for pid in tree if "selm_mcore.cli train" in cmdline(pid)]
     assert len(ranks) >= 2, {pid: cmdline(pid) for pid in tree}
@@ -160,8 +201,9 @@ def test_sigkilled_torchrun_parent_leaves_no_rank(train_config):
 @pytest.mark.timeout(600)
 def test_sigkilled_selm_run_leaves_no_phase_process(train_config):
     config, out = train_config
-    proc = _start([sys.executable, "-m", "selm_mcore.cli", "run", str(config)],
-                  out.parent / "run.log")
+    proc = _start(
+        [sys.executable, "-m", "selm_mcore.cli", "run", str(config)], out.parent / "run.log"
+    )
 
     def generate_started() -> bool:
         return any("selm_mcore.cli generate" in cmdline(pid) for pid in descendants(proc.pid))
@@ -174,8 +216,8 @@ def test_sigkilled_selm_run_leaves_no_phase_process(train_config):
 LAUNCHER_PARENT = textwrap.dedent("""
     import sys, tempfile
     from pathlib import Path
-    from selm_mcore.launch import run_local_ranks
-    from selm_mcore.runner import run_command
+    from selm_mcore.runtime.launch import run_local_ranks
+    from selm_mcore.loop.runner import run_command
 
     if __name__ == "__main__":
         sleeper = ["-c", "import time; time.sleep(120)"]
@@ -202,12 +244,27 @@ def test_sigkilled_selm_generate_leaves_no_engine(train_config, tmp_path, tiny_l
     """Data-parallel vLLM engines (``selm _worker engine``) die with ``selm generate``."""
     config, _ = train_config
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(f'{{"prompt_id": "p{i}", "prompt": "What is {i} plus 1?"}}\n'
-                               for i in range(4)))
-    proc = _start([sys.executable, "-m", "selm_mcore.cli", "generate", str(config), "--prompts",
-                   str(prompts), "--out", str(tmp_path / "gen.jsonl"), "--model-dir",
-                   str(tiny_llama_dir), "--set", "generation.num_engines=2"],
-                  tmp_path / "generate.log")
+    prompts.write_text(
+        "".join(f'{{"prompt_id": "p{i}", "prompt": "What is {i} plus 1?"}}\n' for i in range(4))
+    )
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "selm_mcore.cli",
+            "generate",
+            str(config),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "gen.jsonl"),
+            "--model-dir",
+            str(tiny_llama_dir),
+            "--set",
+            "generation.num_engines=2",
+        ],
+        tmp_path / "generate.log",
+    )
 
     def engines() -> list[int]:
         return [pid for pid in descendants(proc.pid) if "_worker engine" in cmdline(pid)]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from child_env import child_env
 
-from selm_mcore.assets import build_tiny_pairrm
-from selm_mcore.files import read_records, write_jsonl_atomic
-from selm_mcore.pairs import EVAL_ID_PREFIX, build_pairs
-from selm_mcore.ranking import PairRMRanker, RankerError
+from selm_mcore.rollout.pairs import EVAL_ID_PREFIX, build_pairs
+from selm_mcore.rollout.rankers import PairRMRanker, RankerError
+from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+from selm_mcore.testing.assets import build_tiny_pairrm
 
 PROMPTS = ["What is 2 plus 3?", "Tell me a story about the sea."]
 CANDIDATES = [
@@ -29,8 +29,9 @@ def tiny_pairrm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ranker(tiny_pairrm):
-    return PairRMRanker(str(tiny_pairrm), backbone=str(tiny_pairrm / "backbone"), device="auto",
-                        batch_size=2)
+    return PairRMRanker(
+        str(tiny_pairrm), backbone=str(tiny_pairrm / "backbone"), device="auto", batch_size=2
+    )
 
 
 def token_lengths(ranker, candidates):
@@ -46,7 +47,8 @@ def test_known_order_through_blender(ranker):
     np.testing.assert_array_equal(ranks, expected)
     # Blender.rank's own ranks (llm-blender's tie rule) agree with ours.
     np.testing.assert_array_equal(
-        ranker.blender.rank(PROMPTS, CANDIDATES, return_scores=False, disable_tqdm=True), ranks)
+        ranker.blender.rank(PROMPTS, CANDIDATES, return_scores=False, disable_tqdm=True), ranks
+    )
     # The source does not change the order; every ordered pair was compared (c * (c - 1)).
     np.testing.assert_array_equal(ranker.rank(["x", "y"], CANDIDATES), ranks)
 
@@ -81,34 +83,69 @@ def test_build_pairs_with_pairrm(ranker, preference_row):
 
 
 def test_selm_rank_cli(tiny_pairrm, ranker, tmp_path, write_config):
-    rows = [{"prompt_id": "q1", "prompt": PROMPTS[0], "answer": "5"},
-            {"prompt_id": "q2", "prompt": PROMPTS[1]}]
+    rows = [
+        {"prompt_id": "q1", "prompt": PROMPTS[0], "answer": "5"},
+        {"prompt_id": "q2", "prompt": PROMPTS[1]},
+    ]
     write_jsonl_atomic(tmp_path / "rows.jsonl", rows)
     # Held-out prompt e1 with its chosen response: PairRM scores the policy's answer against it.
     anchor = "Two plus three is five."
-    write_jsonl_atomic(tmp_path / "eval.jsonl", [
-        {"prompt_id": "e1", "prompt": PROMPTS[0],
-         "chosen": [{"role": "user", "content": PROMPTS[0]},
-                    {"role": "assistant", "content": anchor}]}])
-    write_jsonl_atomic(tmp_path / "gen.jsonl", [
-        {"prompt_id": "q1", "prompt": PROMPTS[0], "responses": CANDIDATES[0]},
-        {"prompt_id": "q2", "prompt": PROMPTS[1], "responses": CANDIDATES[1]},
-        {"prompt_id": EVAL_ID_PREFIX + "e1", "prompt": PROMPTS[0], "responses": ["It is 5."]}])
-    write_config(tmp_path / "cfg.yaml", ranking={
-        "kind": "pairrm", "model_path": str(tiny_pairrm),
-        "backbone": str(tiny_pairrm / "backbone"), "device": "cpu"})
+    write_jsonl_atomic(
+        tmp_path / "eval.jsonl",
+        [
+            {
+                "prompt_id": "e1",
+                "prompt": PROMPTS[0],
+                "chosen": [
+                    {"role": "user", "content": PROMPTS[0]},
+                    {"role": "assistant", "content": anchor},
+                ],
+            }
+        ],
+    )
+    write_jsonl_atomic(
+        tmp_path / "gen.jsonl",
+        [
+            {"prompt_id": "q1", "prompt": PROMPTS[0], "responses": CANDIDATES[0]},
+            {"prompt_id": "q2", "prompt": PROMPTS[1], "responses": CANDIDATES[1]},
+            {"prompt_id": EVAL_ID_PREFIX + "e1", "prompt": PROMPTS[0], "responses": ["It is 5."]},
+        ],
+    )
+    write_config(
+        tmp_path / "cfg.yaml",
+        ranking={
+            "kind": "pairrm",
+            "model_path": str(tiny_pairrm),
+            "backbone": str(tiny_pairrm / "backbone"),
+            "device": "cpu",
+        },
+    )
     env = child_env()
 
     def selm_rank(*overrides):
-        args = ["rank", str(tmp_path / "cfg.yaml"), "--rows", str(tmp_path / "rows.jsonl"),
-                "--generations", str(tmp_path / "gen.jsonl"),
-                "--out", str(tmp_path / "pairs.jsonl"),
-                "--eval-rows", str(tmp_path / "eval.jsonl"),
-                "--eval-out", str(tmp_path / "eval_scores.jsonl")]
+        args = [
+            "rank",
+            str(tmp_path / "cfg.yaml"),
+            "--rows",
+            str(tmp_path / "rows.jsonl"),
+            "--generations",
+            str(tmp_path / "gen.jsonl"),
+            "--out",
+            str(tmp_path / "pairs.jsonl"),
+            "--eval-rows",
+            str(tmp_path / "eval.jsonl"),
+            "--eval-out",
+            str(tmp_path / "eval_scores.jsonl"),
+        ]
         for item in overrides:
             args += ["--set", item]
-        return subprocess.run([sys.executable, "-m", "selm_mcore.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=240)
+        return subprocess.run(
+            [sys.executable, "-m", "selm_mcore.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
 
     proc = selm_rank()
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,19 +184,18 @@ def test_llm_blender_imports_with_the_compat_fix():
     ``batch_encode_plus``."""
     code = (
         "import sys\n"
-        "from selm_mcore.ranking import import_llm_blender\n"
+        "from selm_mcore.rollout.rankers import import_llm_blender\n"
         "lb = import_llm_blender()\n"
         "from llm_blender.pair_ranker import collator\n"
         "from llm_blender.blender import blender\n"
         "import transformers.utils.hub as hub\n"
-        "assert collator.encode_texts.__module__ == 'selm_mcore.ranking'\n"
+        "assert collator.encode_texts.__module__ == 'selm_mcore.rollout.rankers'\n"
         "assert hub.TRANSFORMERS_CACHE\n"
         "assert 'vllm' not in sys.modules and blender.is_vllm_imported is False\n"
         "assert import_llm_blender() is lb\n"
         "print('ok', hasattr(__import__('transformers').PreTrainedTokenizerBase,"
         " 'batch_encode_plus'))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().startswith("ok")

@@ -1,4 +1,5 @@
-"""selm_mcore.runner with real processes: the SELM_FAULT hook's SIGKILL and the resume after it,
+"""selm_mcore.loop.runner with real processes: the SELM_FAULT hook's SIGKILL and the resume after
+it,
 and ``run_command`` (output tee, failures, signals, timeouts, helpers left holding the pipe).
 
 The manifest and resume rules themselves are tested in-process in tests/unit/test_runner.py.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from selm_mcore.runner import FAULT_ENV, PhaseFailed, run_command
+from selm_mcore.loop.runner import FAULT_ENV, PhaseFailed, run_command
 
 NAMES = ["round1/portion", "round1/generate", "round1/train", "round2/generate", "round2/train"]
 
@@ -26,8 +27,8 @@ NAMES = ["round1/portion", "round1/generate", "round1/train", "round2/generate",
 DRIVER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
-    from selm_mcore.files import hash_path
-    from selm_mcore.runner import FAULT_ENV, Manifest, Phase, parse_fault, run_phases
+    from selm_mcore.runtime.files import hash_path
+    from selm_mcore.loop.runner import FAULT_ENV, Manifest, Phase, parse_fault, run_phases
 
     NAMES = {names!r}
 
@@ -64,8 +65,13 @@ def run_driver(script: Path, workdir: Path, fault: str | None = None):
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     if fault is not None:
         env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, str(script), str(workdir)], env=env, timeout=120,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(script), str(workdir)],
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
 
 
 def recorded_hashes(workdir: Path) -> dict[str, str]:
@@ -88,7 +94,7 @@ def test_real_sigkill_through_env_hook_then_resume(tmp_path, fault):
         assert output.exists() and name not in recorded_hashes(workdir)
     else:  # killed mid-phase: the partial output is there
         assert (output.parent / (output.name + ".partial") / "weights.bin").exists()
-    assert list(recorded_hashes(workdir)) == NAMES[:NAMES.index(name)]
+    assert list(recorded_hashes(workdir)) == NAMES[: NAMES.index(name)]
 
     resumed = run_driver(script, workdir)
     assert resumed.returncode == 0, resumed.stderr
@@ -107,22 +113,28 @@ def test_run_command_tees_output_and_reports_failures(tmp_path, capfd):
     run_command([sys.executable, "-c", "print('hello from child')"], log)
     assert "hello from child" in log.read_text()
     assert "hello from child" in capfd.readouterr().out  # shown on our stdout too
-    code = "import sys; print('line one'); print('Traceback: model.safetensors missing'); sys.exit(3)"
+    code = (
+        "import sys; print('line one'); print('Traceback: model.safetensors missing'); sys.exit(3)"
+    )
     with pytest.raises(PhaseFailed) as info:
         run_command([sys.executable, "-c", code], tmp_path / "logs" / "bad.log")
     message = str(info.value)
     assert "exited with status 3" in message and "model.safetensors missing" in message
     assert "bad.log" in message
     with pytest.raises(PhaseFailed, match="killed by signal 9"):
-        run_command([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
-                    tmp_path / "logs" / "sig.log")
+        run_command(
+            [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
+            tmp_path / "logs" / "sig.log",
+        )
 
 
 def test_run_command_timeout_kills_a_silent_child_and_its_children(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time; "
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
     with pytest.raises(PhaseFailed, match="ran longer than online.phase_timeout_s=2"):
         run_command([sys.executable, "-c", code], tmp_path / "slow.log", timeout_s=2)
     grandchild = int(pid_file.read_text())
@@ -144,8 +156,10 @@ def test_run_command_timeout_kills_a_silent_child_and_its_children(tmp_path):
 @pytest.mark.timeout(60)  # broken, it waits for the helper's 600 s
 def test_run_command_returns_when_a_killed_child_leaves_a_helper_holding_the_pipe(tmp_path):
     """A SIGKILLed trainer can leave checkpoint-writer processes with our pipe open."""
-    code = ("import os, subprocess, sys; "
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-            "print('parent dies now', flush=True); os.kill(os.getpid(), 9)")
+    code = (
+        "import os, subprocess, sys; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        "print('parent dies now', flush=True); os.kill(os.getpid(), 9)"
+    )
     with pytest.raises(PhaseFailed, match="killed by signal 9"):
         run_command([sys.executable, "-c", code], tmp_path / "lingering.log")

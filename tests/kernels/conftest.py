@@ -4,12 +4,21 @@ Sets no environment variables: the Triton interpreter tests (interpreter_cases.p
 child process started by test_triton_interpreter.py, so TRITON_INTERPRET=1 never reaches the
 pytest process or the other test modules.
 """
+
 import pytest
 import torch
 
 
-def make_logprob_case(*, batch=4, seq=16, vocab=4096, vocab_size=None, dtype=torch.float32,
-                      noncontiguous=False, seed=0):
+def make_logprob_case(
+    *,
+    batch=4,
+    seq=16,
+    vocab=4096,
+    vocab_size=None,
+    dtype=torch.float32,
+    noncontiguous=False,
+    seed=0,
+):
     """Logits [B, T, V] plus labels and loss mask that cover the awkward cases.
 
     - padded columns when vocab_size < vocab (their logits are large, so including them

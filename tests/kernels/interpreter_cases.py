@@ -7,6 +7,7 @@ so the variable never reaches the parent process or other test modules. To run i
 Shapes are small (64 tokens x 4,096 vocab) with large blocks: the interpreter is ~1000x slower
 than torch and cannot show races.
 """
+
 import os
 
 # triton.jit picks the interpreter when the kernel module is imported, so this comes first.
@@ -28,7 +29,7 @@ from selm_mcore.kernels.vocab_parallel_logprobs import (  # noqa: E402
     logprobs_forward,
     triton_vocab_parallel_logprobs,
 )
-from selm_mcore.logprobs import vocab_parallel_logprobs  # noqa: E402
+from selm_mcore.train.logprobs import vocab_parallel_logprobs  # noqa: E402
 
 VOCAB, VOCAB_SIZE = 4096, 4000
 
@@ -36,8 +37,10 @@ VOCAB, VOCAB_SIZE = 4096, 4000
 @pytest.fixture(autouse=True)
 def _require_interpreter():
     if not triton_module.is_interpreted():
-        pytest.fail("the kernel module was imported before TRITON_INTERPRET=1 was set; run this "
-                    "file in its own process (see test_triton_interpreter.py)")
+        pytest.fail(
+            "the kernel module was imported before TRITON_INTERPRET=1 was set; run this "
+            "file in its own process (see test_triton_interpreter.py)"
+        )
 
 
 def _upstream(shape, dtype=torch.float32, seed=1):
@@ -57,11 +60,13 @@ def _assert_grad_close(actual, expected):
 @pytest.mark.parametrize("noncontiguous", [False, True])
 @pytest.mark.parametrize("block", [None, 1024])  # one block per row / a loop over 4 blocks
 def test_forward_backward_match_reference(logprob_case, dtype, noncontiguous, block):
-    logits, labels, mask = logprob_case(vocab=VOCAB, vocab_size=VOCAB_SIZE, dtype=dtype,
-                                        noncontiguous=noncontiguous)
+    logits, labels, mask = logprob_case(
+        vocab=VOCAB, vocab_size=VOCAB_SIZE, dtype=dtype, noncontiguous=noncontiguous
+    )
     x = logits.detach().requires_grad_()
-    out = triton_vocab_parallel_logprobs(x, labels, mask, vocab_size=VOCAB_SIZE,
-                                         block_fwd=block, block_bwd=block)
+    out = triton_vocab_parallel_logprobs(
+        x, labels, mask, vocab_size=VOCAB_SIZE, block_fwd=block, block_bwd=block
+    )
     ref = reference_vocab_parallel_logprobs(x, labels, mask, vocab_size=VOCAB_SIZE)
     assert out.dtype == torch.float32 and out.shape == labels.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -76,15 +81,18 @@ def test_forward_backward_match_reference(logprob_case, dtype, noncontiguous, bl
 def test_two_dim_input_and_dispatch(logprob_case):
     logits, labels, mask = logprob_case(vocab=VOCAB, vocab_size=VOCAB_SIZE)
     flat = logits.reshape(-1, VOCAB).detach().requires_grad_()
-    tokens, seq = vocab_parallel_logprobs(flat, labels.reshape(-1), mask.reshape(-1),
-                                          vocab_size=VOCAB_SIZE, backend="triton")
-    ref = reference_vocab_parallel_logprobs(flat, labels.reshape(-1), mask.reshape(-1),
-                                            vocab_size=VOCAB_SIZE)
+    tokens, seq = vocab_parallel_logprobs(
+        flat, labels.reshape(-1), mask.reshape(-1), vocab_size=VOCAB_SIZE, backend="triton"
+    )
+    ref = reference_vocab_parallel_logprobs(
+        flat, labels.reshape(-1), mask.reshape(-1), vocab_size=VOCAB_SIZE
+    )
     torch.testing.assert_close(tokens, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seq, ref.sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
     g = _upstream(tokens.shape)
-    _assert_grad_close(torch.autograd.grad(tokens, flat, g)[0],
-                       torch.autograd.grad(ref, flat, g)[0])
+    _assert_grad_close(
+        torch.autograd.grad(tokens, flat, g)[0], torch.autograd.grad(ref, flat, g)[0]
+    )
 
 
 def test_inplace_backward(logprob_case):
@@ -92,10 +100,12 @@ def test_inplace_backward(logprob_case):
     x = logits.clone().requires_grad_()
     g = _upstream(labels.shape)
     expected = torch.autograd.grad(
-        reference_vocab_parallel_logprobs(x, labels, mask, vocab_size=VOCAB_SIZE), x, g)[0]
+        reference_vocab_parallel_logprobs(x, labels, mask, vocab_size=VOCAB_SIZE), x, g
+    )[0]
     y = logits.clone().requires_grad_()
-    out = triton_vocab_parallel_logprobs(y, labels, mask, vocab_size=VOCAB_SIZE,
-                                         inplace_backward=True)
+    out = triton_vocab_parallel_logprobs(
+        y, labels, mask, vocab_size=VOCAB_SIZE, inplace_backward=True
+    )
     (grad,) = torch.autograd.grad(out, y, g)
     assert grad.data_ptr() == y.data_ptr()
     _assert_grad_close(grad, expected)

@@ -10,6 +10,7 @@ granularity, plus anything else the process touches; a fresh process keeps the p
 out of it. The same meter must report >= 1x the logits for the naive path (fp32 log-softmax),
 which shows it is not blind.
 """
+
 import json
 import os
 import subprocess
@@ -55,8 +56,9 @@ def _probe() -> dict:
         results[name] = dict(
             logits_bytes=logits.numel() * logits.element_size(),
             chunked_fwd=run(chunked_vocab_parallel_logprobs, logits, labels, False),
-            chunked_fwd_bwd_inplace=run(chunked_vocab_parallel_logprobs, logits, labels,
-                                        True, True),
+            chunked_fwd_bwd_inplace=run(
+                chunked_vocab_parallel_logprobs, logits, labels, True, True
+            ),
             naive_fwd=run(reference_vocab_parallel_logprobs, logits, labels, False),
         )
         del logits
@@ -67,8 +69,13 @@ def _probe() -> dict:
 def test_chunked_path_peak_extra_memory_within_10_percent_of_logits():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), "--probe"],
-                          env=env, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(
+        [sys.executable, "-P", str(Path(__file__).resolve()), "--probe"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for dtype, r in results.items():

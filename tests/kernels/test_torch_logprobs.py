@@ -3,6 +3,7 @@
 The reference itself is checked against a direct float64 computation. The Triton kernel is
 tested in test_triton_interpreter.py; TP=2 over gloo in tests/dist/test_logprobs_tp.py.
 """
+
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from selm_mcore.kernels.torch_logprobs import (
     reference_vocab_parallel_logprobs,
     vocab_shard,
 )
-from selm_mcore.logprobs import vocab_parallel_logprobs
+from selm_mcore.train.logprobs import vocab_parallel_logprobs
 
 VOCAB, VOCAB_SIZE = 4096, 4000
 
@@ -46,13 +47,15 @@ def test_reference_matches_direct_float64(logprob_case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("noncontiguous", [False, True])
 def test_chunked_matches_reference(logprob_case, dtype, noncontiguous):
-    logits, labels, mask = logprob_case(vocab=VOCAB, vocab_size=VOCAB_SIZE, dtype=dtype,
-                                        noncontiguous=noncontiguous)
+    logits, labels, mask = logprob_case(
+        vocab=VOCAB, vocab_size=VOCAB_SIZE, dtype=dtype, noncontiguous=noncontiguous
+    )
     x = logits.detach().requires_grad_()
     ref = reference_vocab_parallel_logprobs(x, labels, mask, vocab_size=VOCAB_SIZE)
     # 5 tokens per chunk: several chunks per sequence and a short tail chunk.
-    out = chunked_vocab_parallel_logprobs(x, labels, mask, vocab_size=VOCAB_SIZE,
-                                          chunk_bytes=5 * 4 * VOCAB)
+    out = chunked_vocab_parallel_logprobs(
+        x, labels, mask, vocab_size=VOCAB_SIZE, chunk_bytes=5 * 4 * VOCAB
+    )
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grad, ref_grad = _grad(out, x), _grad(ref, x)
@@ -92,8 +95,12 @@ def test_chunked_inplace_backward_writes_into_logits(logprob_case):
     x = logits.clone().requires_grad_()
     expected = _grad(reference_vocab_parallel_logprobs(x, labels, mask, vocab_size=VOCAB_SIZE), x)
     y = logits.clone().requires_grad_()
-    grad = _grad(chunked_vocab_parallel_logprobs(y, labels, mask, vocab_size=VOCAB_SIZE,
-                                                 inplace_backward=True), y)
+    grad = _grad(
+        chunked_vocab_parallel_logprobs(
+            y, labels, mask, vocab_size=VOCAB_SIZE, inplace_backward=True
+        ),
+        y,
+    )
     assert grad.data_ptr() == y.data_ptr()
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-5)
@@ -134,11 +141,13 @@ def test_dispatch_returns_token_and_sequence_sums(logprob_case):
     torch.testing.assert_close(token_logps, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seq_logps, ref.sum(-1), rtol=1e-5, atol=1e-4)
     assert seq_logps.shape == (labels.shape[0],) and seq_logps[-1] == 0
-    ref_tokens, ref_seqs = vocab_parallel_logprobs(logits, labels, mask, vocab_size=VOCAB_SIZE,
-                                                   backend="torch")
+    ref_tokens, ref_seqs = vocab_parallel_logprobs(
+        logits, labels, mask, vocab_size=VOCAB_SIZE, backend="torch"
+    )
     torch.testing.assert_close(ref_tokens, ref)
-    flat_tokens, flat_seq = vocab_parallel_logprobs(logits[0], labels[0], mask[0],
-                                                    vocab_size=VOCAB_SIZE)
+    flat_tokens, flat_seq = vocab_parallel_logprobs(
+        logits[0], labels[0], mask[0], vocab_size=VOCAB_SIZE
+    )
     assert flat_seq.shape == (1,)
     assert flat_seq.item() == pytest.approx(seq_logps[0].item(), rel=1e-5)
 

@@ -3,6 +3,7 @@
 The same checks as interpreter_cases.py, at GPU sizes: real block sizes and warp counts,
 round-to-nearest bf16 stores, and row offsets past 2**31 elements.
 """
+
 import pytest
 import torch
 
@@ -35,8 +36,9 @@ def _assert_grad_close(actual, expected):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_matches_reference_on_gpu(triton_module, logprob_case, dtype, noncontiguous, inplace):
     vocab, vocab_size = 32768, 32000
-    logits, labels, mask = logprob_case(batch=4, seq=256, vocab=vocab, vocab_size=vocab_size,
-                                        dtype=dtype)
+    logits, labels, mask = logprob_case(
+        batch=4, seq=256, vocab=vocab, vocab_size=vocab_size, dtype=dtype
+    )
     logits, labels, mask = logits.cuda(), labels.cuda(), mask.cuda()
     if noncontiguous:
         base = torch.zeros(256, 4, 2 * vocab, dtype=dtype, device="cuda")
@@ -48,8 +50,9 @@ def test_matches_reference_on_gpu(triton_module, logprob_case, dtype, noncontigu
     g = torch.randn(labels.shape, device="cuda")
     (ref_grad,) = torch.autograd.grad(ref, ref_x, g)
     x = logits.detach().requires_grad_()
-    out = triton_module.triton_vocab_parallel_logprobs(x, labels, mask, vocab_size=vocab_size,
-                                                       inplace_backward=inplace)
+    out = triton_module.triton_vocab_parallel_logprobs(
+        x, labels, mask, vocab_size=vocab_size, inplace_backward=inplace
+    )
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(out, x, g)
     _assert_grad_close(grad, ref_grad)

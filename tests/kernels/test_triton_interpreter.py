@@ -6,6 +6,7 @@ module and into the subprocesses they start; a child process keeps it contained.
 uses `python -P` so the repository root never lands on sys.path (kernels/ must only be
 imported as selm_mcore.kernels).
 """
+
 import os
 import subprocess
 import sys

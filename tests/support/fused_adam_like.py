@@ -20,12 +20,23 @@ import torch
 class FusedAdamLike(torch.optim.Optimizer):
     """AdamW with TE FusedAdam's state layout and state_dict (module docstring)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      bias_correction=True))
-        self.name_to_dtype_map = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32,
-                                  "master_param": torch.float32}
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=True),
+        )
+        self.name_to_dtype_map = {
+            "exp_avg": torch.float32,
+            "exp_avg_sq": torch.float32,
+            "master_param": torch.float32,
+        }
 
     def get_unscaled_state(self, param, state_name: str) -> torch.Tensor:
         dtype = self.name_to_dtype_map[state_name]  # KeyError for unknown names, as in TE
@@ -37,8 +48,9 @@ class FusedAdamLike(torch.optim.Optimizer):
         state_dict = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, value in state_dict["state"].items():
-            state_dict["state"][index] = {name: self.get_unscaled_state(params[index], name)
-                                          for name in value}
+            state_dict["state"][index] = {
+                name: self.get_unscaled_state(params[index], name) for name in value
+            }
         return state_dict
 
     @torch.no_grad()
@@ -75,9 +87,23 @@ def swap_in_fused_adam_like(optimizer) -> None:
         # Megatron's shard main params are views (not leaves): installed as Megatron does, by
         # replacing the groups rather than through add_param_group.
         fused.param_groups = [
-            {**fused.defaults, **{key: value for key, value in group.items()
-                                  if key not in ("foreach", "maximize", "capturable",
-                                                 "differentiable", "fused", "amsgrad",
-                                                 "decoupled_weight_decay")}}
-            for group in inner.param_groups]
+            {
+                **fused.defaults,
+                **{
+                    key: value
+                    for key, value in group.items()
+                    if key
+                    not in (
+                        "foreach",
+                        "maximize",
+                        "capturable",
+                        "differentiable",
+                        "fused",
+                        "amsgrad",
+                        "decoupled_weight_decay",
+                    )
+                },
+            }
+            for group in inner.param_groups
+        ]
         dist_opt.optimizer = fused

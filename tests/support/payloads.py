@@ -4,6 +4,7 @@
 the file behind, one that refuses it names ``FORBIDDEN`` (the global it would have resolved).
 Importable as ``payloads`` from tests (tests/conftest.py) and dist workers (tests/dist/launch.py).
 """
+
 import os
 import pickle
 import shlex

@@ -2,10 +2,13 @@
 
 Importable as ``sentences`` from tests (tests/conftest.py) and dist workers (tests/dist/launch.py).
 """
+
 import random
 
-WORDS = ("the a of to and in is it that for on with as was be by this are or at from have not "
-         "but what which one all were when we there can your").split()
+WORDS = (
+    "the a of to and in is it that for on with as was be by this are or at from have not "
+    "but what which one all were when we there can your"
+).split()
 
 
 def sentence(rng: random.Random, low: int, high: int) -> str:

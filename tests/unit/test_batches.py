@@ -1,4 +1,4 @@
-"""selm_mcore.batches: collation layout, padding and label shift; the DP sampler (disjoint
+"""selm_mcore.data.batches: collation layout, padding and label shift; the DP sampler (disjoint
 shards, resume, epochs); micro-batches."""
 
 from __future__ import annotations
@@ -6,21 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selm_mcore.batches import (
+from selm_mcore.data.batches import (
     DistributedBatchSampler,
     collate_preferences,
     micro_batches,
     padded_length,
 )
-from selm_mcore.data import read_rows
-from selm_mcore.dataset import PreferenceDataset
+from selm_mcore.data.rows import read_rows
+from selm_mcore.data.tokenize import PreferenceDataset
 
 
 @pytest.fixture
 def dataset(tmp_path, write_jsonl, sample_rows, tiny_tokenizer):
     rows = read_rows(write_jsonl(tmp_path / "d.jsonl", sample_rows)).rows
-    return PreferenceDataset.from_rows(rows, tiny_tokenizer, max_length=256,
-                                       max_prompt_length=128)
+    return PreferenceDataset.from_rows(rows, tiny_tokenizer, max_length=256, max_prompt_length=128)
 
 
 # --- collation --------------------------------------------------------------------------------
@@ -38,10 +37,10 @@ def test_collation_layout_padding_and_shift(dataset, tiny_tokenizer):
     order = [(e, s) for s in range(3) for e in examples]  # chosen_0, chosen_1, rejected_0, ...
     for i, (example, s) in enumerate(order):
         ids = list(example.prompt_ids) + list(example.responses[s])
-        assert batch.tokens[i, :len(ids)].tolist() == ids
-        assert (batch.tokens[i, len(ids):] == pad).all()
+        assert batch.tokens[i, : len(ids)].tolist() == ids
+        assert (batch.tokens[i, len(ids) :] == pad).all()
         assert batch.loss_mask[i].sum().item() == len(example.responses[s])
-        assert (batch.loss_mask[i, len(ids) - 1:] == 0).all()
+        assert (batch.loss_mask[i, len(ids) - 1 :] == 0).all()
     assert torch.equal(batch.labels[:, :-1], batch.tokens[:, 1:])
     assert (batch.labels[:, -1] == pad).all()
     assert torch.equal(batch.position_ids, torch.arange(t).expand(n, t))
@@ -60,8 +59,12 @@ def test_collation_layout_padding_and_shift(dataset, tiny_tokenizer):
 
 def test_collation_without_yref(tmp_path, write_jsonl, sample_rows, tiny_tokenizer):
     rows = [{k: v for k, v in r.items() if k != "reference_response"} for r in sample_rows]
-    dataset = PreferenceDataset.from_file(write_jsonl(tmp_path / "d.jsonl", rows), tiny_tokenizer,
-                                          max_length=256, max_prompt_length=128)
+    dataset = PreferenceDataset.from_file(
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        tiny_tokenizer,
+        max_length=256,
+        max_prompt_length=128,
+    )
     assert not dataset.has_yref
     batch = collate_preferences(dataset.examples, pad_id=0, pad_to_multiple_of=16)
     assert batch.tokens.shape[0] == 6 and batch.sequences_per_example == 2
@@ -96,8 +99,10 @@ def test_padded_length():
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_sampler_dp_shards_are_disjoint_slices_of_each_global_batch(shuffle):
     n, gbs, dp = 37, 8, 2
-    samplers = [DistributedBatchSampler(n, gbs, dp_rank=r, dp_size=dp, shuffle=shuffle, seed=3)
-                for r in range(dp)]
+    samplers = [
+        DistributedBatchSampler(n, gbs, dp_rank=r, dp_size=dp, shuffle=shuffle, seed=3)
+        for r in range(dp)
+    ]
     order = samplers[0].epoch_order()
     assert sorted(order) == list(range(n))
     assert (order == list(range(n))) == (not shuffle)
@@ -107,7 +112,7 @@ def test_sampler_dp_shards_are_disjoint_slices_of_each_global_batch(shuffle):
         shards = [per_rank[r][step] for r in range(dp)]
         assert all(len(s) == gbs // dp for s in shards)
         assert not set(shards[0]) & set(shards[1])
-        assert shards[0] + shards[1] == order[step * gbs:(step + 1) * gbs]
+        assert shards[0] + shards[1] == order[step * gbs : (step + 1) * gbs]
 
 
 def test_sampler_resume_continues_exactly():
@@ -147,11 +152,14 @@ def _take(iterator, count):
 def test_batches_run_through_epochs_and_resume_mid_way(shuffle):
     """``batches()``: every step of epoch 0, then of epoch 1 (its own order when shuffling),
     endlessly; a sampler restored from the state after any step continues identically."""
+
     def sampler():
         return DistributedBatchSampler(20, 8, dp_rank=1, dp_size=2, shuffle=shuffle, seed=5)
 
-    epochs = [list(DistributedBatchSampler(20, 8, dp_rank=1, dp_size=2, shuffle=shuffle, seed=5,
-                                           epoch=e)) for e in range(3)]
+    epochs = [
+        list(DistributedBatchSampler(20, 8, dp_rank=1, dp_size=2, shuffle=shuffle, seed=5, epoch=e))
+        for e in range(3)
+    ]
     assert [len(e) for e in epochs] == [2, 2, 2]  # 20 // 8 steps per epoch
     assert (epochs[0] != epochs[1]) == shuffle
     endless = sampler()

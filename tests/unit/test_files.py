@@ -1,4 +1,5 @@
-"""selm_mcore.files: the record reader (JSONL / Parquet, row numbers), atomic writes, hash_path,
+"""selm_mcore.runtime.files: the record reader (JSONL / Parquet, row numbers), atomic writes,
+hash_path,
 checksum lists (checked against hashlib directly; real checkpoints in tests/dist/) and the
 atomic folder swap."""
 
@@ -9,7 +10,7 @@ import os
 
 import pytest
 
-from selm_mcore.files import (
+from selm_mcore.runtime.files import (
     CHECKSUM_FILE,
     ChecksumError,
     DataError,
@@ -21,9 +22,9 @@ from selm_mcore.files import (
     read_records,
     replace_dir,
     verify_checksums,
+    write_checksums,
     write_json_atomic,
     write_jsonl_atomic,
-    write_checksums,
     write_text_atomic,
 )
 
@@ -58,10 +59,13 @@ def test_read_records_with_row_numbers_and_parquet(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('\n{"x": 1}\n\n{"x": 2}\n')
     assert read_records(path, with_row_numbers=True) == [(2, {"x": 1}), (4, {"x": 2})]
-    pq.write_table(pa.Table.from_pylist([{"x": 1, "y": None}, {"x": 2, "y": "b"}]),
-                   tmp_path / "r.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"x": 1, "y": None}, {"x": 2, "y": "b"}]), tmp_path / "r.parquet"
+    )
     assert read_records(tmp_path / "r.parquet", with_row_numbers=True) == [
-        (1, {"x": 1, "y": None}), (2, {"x": 2, "y": "b"})]
+        (1, {"x": 1, "y": None}),
+        (2, {"x": 2, "y": "b"}),
+    ]
     (tmp_path / "r.txt").write_text("x\n")
     with pytest.raises(DataError, match="unknown file type '.txt'"):
         read_records(tmp_path / "r.txt")
@@ -77,8 +81,7 @@ def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
     assert json.loads((tmp_path / "obj.json").read_text()) == {"path": str(tmp_path), "n": 1}
     write_text_atomic(tmp_path / "t.txt", "hello\n")
     assert (tmp_path / "t.txt").read_text() == "hello\n"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["obj.json", "rows.jsonl", "sub",
-                                                           "t.txt"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["obj.json", "rows.jsonl", "sub", "t.txt"]
 
 
 def test_a_failed_atomic_write_leaves_the_old_file(tmp_path):
@@ -139,17 +142,22 @@ def test_checksum_list_records_size_and_sha256(tmp_path):
     assert sorted(manifest["files"]) == ["meta.json", "model/__0_0.distcp"]  # not itself
     data = (folder / "model" / "__0_0.distcp").read_bytes()
     assert manifest["files"]["model/__0_0.distcp"] == {
-        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     assert verify_checksums(folder, fix="x") == len(data) + 9
     assert list_files(folder, ["model"]) == ["model/__0_0.distcp"]
     assert list_files(folder, ["meta.json"]) == ["meta.json"]
 
 
-@pytest.mark.parametrize("damage,problem", [
-    ("flip", "the content differs from the sha256 recorded"),
-    ("truncate", r"the file has 2999 bytes, 3000 were saved \(truncated"),
-    ("delete", "the file is missing"),
-])
+@pytest.mark.parametrize(
+    "damage,problem",
+    [
+        ("flip", "the content differs from the sha256 recorded"),
+        ("truncate", r"the file has 2999 bytes, 3000 were saved \(truncated"),
+        ("delete", "the file is missing"),
+    ],
+)
 def test_a_damaged_file_is_named_with_the_fix(tmp_path, damage, problem):
     folder = _saved_folder(tmp_path)
     shard = folder / "model" / "__0_0.distcp"
@@ -170,15 +178,18 @@ def test_a_damaged_file_is_named_with_the_fix(tmp_path, damage, problem):
 def test_an_unreadable_checksum_list_is_named(tmp_path):
     folder = _saved_folder(tmp_path)
     (folder / CHECKSUM_FILE).write_text("{not json")
-    with pytest.raises(ChecksumError, match=rf"{folder / CHECKSUM_FILE}: the checksum list is "
-                                            "unreadable"):
+    with pytest.raises(
+        ChecksumError,
+        match=rf"{folder / CHECKSUM_FILE}: the checksum list is "
+        "unreadable",
+    ):
         verify_checksums(folder, fix="x")
     (folder / CHECKSUM_FILE).unlink()
     assert verify_checksums(folder, fix="x") == 0  # an older folder without a list
 
 
 def test_replace_dir_swaps_a_folder_in_without_leftovers(tmp_path):
-    from selm_mcore.files import _exchange
+    from selm_mcore.runtime.files import _exchange
 
     old, new = tmp_path / "out", tmp_path / ".out.tmp"
     old.mkdir()

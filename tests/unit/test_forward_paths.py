@@ -18,9 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selm_mcore.batches import collate_preferences
-from selm_mcore.config import DataConfig
-from selm_mcore.dataset import PreferenceDataset, TokenizedExample
+from selm_mcore.config.schema import DataConfig
+from selm_mcore.data.batches import collate_preferences
+from selm_mcore.data.packing import collate_packed, pack_budget
+from selm_mcore.data.tokenize import PreferenceDataset, TokenizedExample
 from selm_mcore.kernels.torch_logprobs import reference_vocab_parallel_logprobs
 from selm_mcore.mcore.forward import (
     collate_micro_batches,
@@ -29,8 +30,7 @@ from selm_mcore.mcore.forward import (
     sequence_logps,
     token_multiple,
 )
-from selm_mcore.packing import collate_packed, pack_budget
-from selm_mcore.refpass import microbatches_per_call, shard_for_rank
+from selm_mcore.train.refpass import microbatches_per_call, shard_for_rank
 
 VOCAB = 50
 
@@ -41,9 +41,16 @@ def _examples(count: int = 4, yref: bool = True) -> list[TokenizedExample]:
     def ids(n: int) -> tuple[int, ...]:
         return tuple(torch.randint(1, VOCAB, (n,), generator=gen).tolist())
 
-    return [TokenizedExample(index=i, prompt_ids=ids(3 + i), chosen_ids=ids(2 + 2 * i),
-                             rejected_ids=ids(6 - i), yref_ids=ids(4) if yref else None)
-            for i in range(count)]
+    return [
+        TokenizedExample(
+            index=i,
+            prompt_ids=ids(3 + i),
+            chosen_ids=ids(2 + 2 * i),
+            rejected_ids=ids(6 - i),
+            yref_ids=ids(4) if yref else None,
+        )
+        for i in range(count)
+    ]
 
 
 def test_unpacked_logps_backward_in_place_gives_the_reference_gradient():
@@ -60,8 +67,9 @@ def test_unpacked_logps_backward_in_place_gives_the_reference_gradient():
     weight.grad = None
     reference_logits = hidden @ weight
     reference_logits.retain_grad()
-    token_logps = reference_vocab_parallel_logprobs(reference_logits, batch.labels,
-                                                    batch.loss_mask, vocab_size=VOCAB)
+    token_logps = reference_vocab_parallel_logprobs(
+        reference_logits, batch.labels, batch.loss_mask, vocab_size=VOCAB
+    )
     (token_logps.sum(-1) * upstream).sum().backward()
     torch.testing.assert_close(ours, weight.grad, rtol=1e-5, atol=1e-6)
     # The logits buffer now holds the gradient: the backward wrote it in place.
@@ -69,7 +77,7 @@ def test_unpacked_logps_backward_in_place_gives_the_reference_gradient():
 
 
 def test_labels_are_checked_at_load_not_per_micro_batch(monkeypatch):
-    import selm_mcore.logprobs as logprobs
+    import selm_mcore.train.logprobs as logprobs
 
     def no_check(*args, **kwargs):
         raise AssertionError("labels checked per micro-batch")
@@ -85,15 +93,22 @@ def test_labels_are_checked_at_load_not_per_micro_batch(monkeypatch):
 
     dataset = PreferenceDataset(examples)
     dataset.check_token_ids(VOCAB)
-    with pytest.raises(ValueError, match=r"example 0 holds token id 60, outside the model's "
-                                         r"vocabulary \[0, 50\)"):
-        PreferenceDataset([TokenizedExample(index=0, prompt_ids=(1, 2), chosen_ids=(60,),
-                                            rejected_ids=(3,))]).check_token_ids(VOCAB)
+    with pytest.raises(
+        ValueError,
+        match=r"example 0 holds token id 60, outside the model's "
+        r"vocabulary \[0, 50\)",
+    ):
+        PreferenceDataset(
+            [TokenizedExample(index=0, prompt_ids=(1, 2), chosen_ids=(60,), rejected_ids=(3,))]
+        ).check_token_ids(VOCAB)
 
 
 def _models(tp: int, sequence_parallel: bool, pp: int = 1):
-    config = SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-                             pipeline_model_parallel_size=pp)
+    config = SimpleNamespace(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        pipeline_model_parallel_size=pp,
+    )
     return [SimpleNamespace(config=config)]
 
 
@@ -104,9 +119,13 @@ def test_sequence_parallel_lengths_are_multiples_of_tp():
     assert length_multiple(6, multiple=1) == 6
     dataset = PreferenceDataset(_examples())
     for seq_length in (None, 30):
-        batches = collate_micro_batches(dataset, [[0, 1], [2, 3]], pad_id=0,
-                                        pad_to_multiple_of=length_multiple(3, multiple=4),
-                                        seq_length=seq_length)
+        batches = collate_micro_batches(
+            dataset,
+            [[0, 1], [2, 3]],
+            pad_id=0,
+            pad_to_multiple_of=length_multiple(3, multiple=4),
+            seq_length=seq_length,
+        )
         assert {mb.batch.tokens.shape[1] % 4 for mb in batches} == {0}
     with pytest.raises(ValueError, match="multiples of 4 .*sequence parallelism"):
         odd = collate_micro_batches(dataset, [[0, 1]], pad_id=0, pad_to_multiple_of=3)
@@ -123,15 +142,24 @@ def test_pack_budget_rounds_up_to_the_multiple():
     assert pack_budget(DataConfig(packing="none"), examples, multiple=4) == 0
 
 
-@pytest.mark.parametrize("num_examples, dp, micro, pp, vpp", [
-    (13, 2, 2, 2, 2), (9, 3, 1, 4, None), (40, 2, 1, 2, None)])
+@pytest.mark.parametrize(
+    "num_examples, dp, micro, pp, vpp", [(13, 2, 2, 2, 2), (9, 3, 1, 4, None), (40, 2, 1, 2, None)]
+)
 def test_refpass_groups_and_calls(num_examples, dp, micro, pp, vpp):
-    examples = [TokenizedExample(index=i, prompt_ids=(1,) * (1 + i % 5), chosen_ids=(2, 3),
-                                 rejected_ids=(4,)) for i in range(num_examples)]
+    examples = [
+        TokenizedExample(
+            index=i, prompt_ids=(1,) * (1 + i % 5), chosen_ids=(2, 3), rejected_ids=(4,)
+        )
+        for i in range(num_examples)
+    ]
     dataset = PreferenceDataset(examples)
     multiple = pp if vpp else 1
-    shards = [shard_for_rank(dataset, SimpleNamespace(dp=dp, dp_rank=r), micro,
-                             num_microbatches_multiple=multiple) for r in range(dp)]
+    shards = [
+        shard_for_rank(
+            dataset, SimpleNamespace(dp=dp, dp_rank=r), micro, num_microbatches_multiple=multiple
+        )
+        for r in range(dp)
+    ]
     assert sorted(i for _, owned in shards for i in owned) == list(range(num_examples))
     per_call = microbatches_per_call(pp)
     assert per_call == 8 * pp

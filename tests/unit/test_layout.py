@@ -20,8 +20,9 @@ MAX_LINES = 550
 
 
 def source_files() -> list[Path]:
-    return sorted(p for root in SOURCE_DIRS for p in root.rglob("*.py")
-                  if "__pycache__" not in p.parts)
+    return sorted(
+        p for root in SOURCE_DIRS for p in root.rglob("*.py") if "__pycache__" not in p.parts
+    )
 
 
 def megatron_imports(source: str, filename: str = "<source>") -> list[str]:
@@ -35,8 +36,12 @@ def megatron_imports(source: str, filename: str = "<source>") -> list[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-        elif isinstance(node, ast.Call) and node.args and \
-                isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             func = node.func
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             if called in ("import_module", "__import__"):
@@ -47,16 +52,18 @@ def megatron_imports(source: str, filename: str = "<source>") -> list[str]:
 
 
 def test_the_scanner_finds_imports_at_any_depth():
-    source = ("import os\n"
-              "import megatron.core as mc\n"
-              "def build():\n"
-              "    from megatron.core import parallel_state\n"
-              "    class Inner:\n"
-              "        def f(self):\n"
-              "            import importlib\n"
-              "            return importlib.import_module('megatron.core.optimizer')\n"
-              "from selm_mcore.mcore.forward import megatron_ce_token_logps\n"
-              "import megatron_like_name\n")
+    source = (
+        "import os\n"
+        "import megatron.core as mc\n"
+        "def build():\n"
+        "    from megatron.core import parallel_state\n"
+        "    class Inner:\n"
+        "        def f(self):\n"
+        "            import importlib\n"
+        "            return importlib.import_module('megatron.core.optimizer')\n"
+        "from selm_mcore.mcore.forward import megatron_ce_token_logps\n"
+        "import megatron_like_name\n"
+    )
     assert [line.split(":")[1] for line in megatron_imports(source)] == ["2", "4", "8"]
 
 
@@ -69,8 +76,10 @@ def test_megatron_is_imported_only_under_selm_mcore_mcore():
         if MEGATRON_DIR in path.parents:
             continue
         offenders += megatron_imports(path.read_text(), str(path.relative_to(REPO)))
-    assert not offenders, ("megatron imported outside selm_mcore/mcore/ (go through a plain "
-                           "function of selm_mcore.mcore instead):\n" + "\n".join(offenders))
+    assert not offenders, (
+        "megatron imported outside selm_mcore/mcore/ (go through a plain "
+        "function of selm_mcore.mcore instead):\n" + "\n".join(offenders)
+    )
 
 
 def test_no_source_module_is_longer_than_the_limit():

@@ -1,4 +1,4 @@
-"""selm_mcore.lifetime and selm_mcore.mcore.helper_processes without killing anything: the
+"""selm_mcore.runtime.procs and selm_mcore.mcore.helper_processes without killing anything: the
 private Megatron names the writer binding replaces exist, the binding is idempotent, and the
 launchers' pre-exec hook exists on Linux. The kills themselves (real SIGKILLs, whole process
 trees) are in tests/e2e/test_process_lifetime.py."""
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from selm_mcore import lifetime
+from selm_mcore.runtime import procs as lifetime
 
 
 def test_megatron_names_the_writer_binding_replaces_exist():

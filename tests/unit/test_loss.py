@@ -1,4 +1,5 @@
-"""selm_mcore.loss against an independent plain-torch computation on HF transformers log-probs.
+"""selm_mcore.train.loss against an independent plain-torch computation on HF transformers
+log-probs.
 
 Path under test: batches.collate_preferences -> one padded forward of the HF tiny Llama over all
 3B sequences -> token log-probs from the padded logits -> selm_loss. Independent path: one
@@ -14,20 +15,28 @@ import math
 import pytest
 import torch
 
-from selm_mcore.batches import collate_preferences
-from selm_mcore.data import PreferenceRow
-from selm_mcore.dataset import PreferenceDataset
-from selm_mcore.loss import selm_loss
+from selm_mcore.data.batches import collate_preferences
+from selm_mcore.data.rows import PreferenceRow
+from selm_mcore.data.tokenize import PreferenceDataset
+from selm_mcore.train.loss import selm_loss
 
 BETA, ALPHA = 0.1, 0.5  # large, so that the optimism term visibly moves loss and gradient
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 PAIRS = [  # (prompt, chosen, rejected, y_ref)
     ("What is 2 plus 3?", "The answer is 5.", "It is 6.", "5."),
-    ("Tell me a story.", "Once there was a boy who found water in the land.", "No.",
-     "A story about the sea."),
-    ("Explain briefly.", "Because it is the best way.", "I do not know why.",
-     "It helps people work together."),
+    (
+        "Tell me a story.",
+        "Once there was a boy who found water in the land.",
+        "No.",
+        "A story about the sea.",
+    ),
+    (
+        "Explain briefly.",
+        "Because it is the best way.",
+        "I do not know why.",
+        "It helps people work together.",
+    ),
 ]
 
 
@@ -43,9 +52,16 @@ def models_and_data(tiny_llama_dir):
     with torch.no_grad():
         for param in policy.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    rows = [PreferenceRow(prompt=p, prompt_messages=({"role": "user", "content": p},),
-                          chosen=c, rejected=r, reference_response=y)
-            for p, c, r, y in PAIRS]
+    rows = [
+        PreferenceRow(
+            prompt=p,
+            prompt_messages=({"role": "user", "content": p},),
+            chosen=c,
+            rejected=r,
+            reference_response=y,
+        )
+        for p, c, r, y in PAIRS
+    ]
     dataset = PreferenceDataset.from_rows(rows, tokenizer, max_length=128, max_prompt_length=64)
     return policy, reference, dataset, tokenizer.pad_token_id
 
@@ -58,8 +74,9 @@ def batched_logps(model, batch, logits=None):
     if logits is None:
         with torch.no_grad():
             logits = model(input_ids=batch.tokens, position_ids=batch.position_ids).logits
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(
-        -1, batch.labels.unsqueeze(-1)).squeeze(-1)
+    token_logps = (
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+    )
     return (token_logps * batch.loss_mask).sum(-1)
 
 
@@ -107,8 +124,9 @@ def reference_path(policy, reference, examples, *, beta, alpha, sft_weight=0.0):
 
 
 @pytest.mark.parametrize("alpha,sft_weight", [(ALPHA, 0.0), (0.0, 0.0), (ALPHA, 0.3)])
-def test_loss_gradient_and_metrics_match_independent_hf_computation(models_and_data, alpha,
-                                                                    sft_weight):
+def test_loss_gradient_and_metrics_match_independent_hf_computation(
+    models_and_data, alpha, sft_weight
+):
     policy, reference, dataset, pad_id = models_and_data
     examples = dataset.examples
     batch = collate_preferences(examples, pad_id=pad_id, pad_to_multiple_of=16)
@@ -118,12 +136,23 @@ def test_loss_gradient_and_metrics_match_independent_hf_computation(models_and_d
     pi_c, pi_r, pi_y = batch.split(batched_logps(policy, batch, policy_logits))
     ref_c, ref_r, ref_y = batch.split(batched_logps(reference, batch))
     chosen_tokens = batch.split(batch.loss_mask.sum(-1))[0]
-    losses, metrics = selm_loss(pi_c, pi_r, ref_c, ref_r, pi_y, ref_y, beta=BETA, alpha=alpha,
-                                sft_weight=sft_weight, chosen_num_tokens=chosen_tokens)
+    losses, metrics = selm_loss(
+        pi_c,
+        pi_r,
+        ref_c,
+        ref_r,
+        pi_y,
+        ref_y,
+        beta=BETA,
+        alpha=alpha,
+        sft_weight=sft_weight,
+        chosen_num_tokens=chosen_tokens,
+    )
     losses.mean().backward()
 
-    expected_loss, leaves, values = reference_path(policy, reference, examples, beta=BETA,
-                                                   alpha=alpha, sft_weight=sft_weight)
+    expected_loss, leaves, values = reference_path(
+        policy, reference, examples, beta=BETA, alpha=alpha, sft_weight=sft_weight
+    )
     expected_loss.backward()
     torch.testing.assert_close(losses.mean().detach(), expected_loss.detach(), **TOL)
 
@@ -138,7 +167,7 @@ def test_loss_gradient_and_metrics_match_independent_hf_computation(models_and_d
     assert min(leaves[(i, 0)].grad.abs().max() for i in range(b)) > 1e-4
     assert (max(leaves[(i, 2)].grad.abs().max() for i in range(b)) > 1e-4) == (alpha > 0)
 
-    pi = torch.stack([torch.stack(v["pi"]) for v in values])    # [B, 3]
+    pi = torch.stack([torch.stack(v["pi"]) for v in values])  # [B, 3]
     ref = torch.stack([torch.stack(v["ref"]) for v in values])  # [B, 3]
     chosen_rewards, rejected_rewards = BETA * (pi[:, 0] - ref[:, 0]), BETA * (pi[:, 1] - ref[:, 1])
     expected = {
@@ -146,8 +175,11 @@ def test_loss_gradient_and_metrics_match_independent_hf_computation(models_and_d
         "rewards/rejected": rejected_rewards,
         "rewards/margins": chosen_rewards - rejected_rewards,
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-        "logps/chosen": pi[:, 0], "logps/rejected": pi[:, 1], "logps/pi_response": pi[:, 2],
-        "logps/ref_chosen": ref[:, 0], "logps/ref_rejected": ref[:, 1],
+        "logps/chosen": pi[:, 0],
+        "logps/rejected": pi[:, 1],
+        "logps/pi_response": pi[:, 2],
+        "logps/ref_chosen": ref[:, 0],
+        "logps/ref_rejected": ref[:, 1],
         "logps/ref_response": ref[:, 2],
         "loss/optimism": alpha * BETA * (pi[:, 2] - ref[:, 2]),
         "loss/preference": -torch.log(torch.sigmoid(BETA * torch.stack([v["h"] for v in values]))),
@@ -173,17 +205,24 @@ def test_step_zero_policy_equals_reference_is_ln2(models_and_data):
     with torch.no_grad():
         for i, example in enumerate(dataset.examples):
             for s, ids in enumerate(sequences(example)):
-                ref_logps[s * b + i] = response_logp(unpadded_logits(reference, ids), ids,
-                                                     len(example.prompt_ids))
-    losses, metrics = selm_loss(*batch.split(policy_logps)[:2], *batch.split(ref_logps)[:2],
-                                batch.split(policy_logps)[2], batch.split(ref_logps)[2],
-                                beta=0.01, alpha=1e-3)
+                ref_logps[s * b + i] = response_logp(
+                    unpadded_logits(reference, ids), ids, len(example.prompt_ids)
+                )
+    losses, metrics = selm_loss(
+        *batch.split(policy_logps)[:2],
+        *batch.split(ref_logps)[:2],
+        batch.split(policy_logps)[2],
+        batch.split(ref_logps)[2],
+        beta=0.01,
+        alpha=1e-3,
+    )
     torch.testing.assert_close(losses, torch.full((b,), math.log(2.0)), rtol=0, atol=1e-6)
     assert metrics["loss/optimism"].abs().max() < 1e-6
     # the very same tensors on both sides: exactly ln 2 and exactly 0
     same = torch.tensor([-12.5, -3.25, -40.0])
-    losses, metrics = selm_loss(same, same - 1, same, same - 1, same + 2, same + 2,
-                                beta=0.01, alpha=1e-3)
+    losses, metrics = selm_loss(
+        same, same - 1, same, same - 1, same + 2, same + 2, beta=0.01, alpha=1e-3
+    )
     assert torch.equal(losses, torch.full((3,), math.log(2.0)))
     assert torch.equal(metrics["loss/optimism"], torch.zeros(3))
 
@@ -207,8 +246,10 @@ def test_alpha_zero_is_exactly_dpo():
 
 
 def test_reference_side_carries_no_gradient():
-    pc, pr = torch.tensor([-5.0, -7.0], requires_grad=True), torch.tensor([-6.0, -2.0],
-                                                                            requires_grad=True)
+    pc, pr = (
+        torch.tensor([-5.0, -7.0], requires_grad=True),
+        torch.tensor([-6.0, -2.0], requires_grad=True),
+    )
     rc, rr, ry = (torch.tensor([-5.5, -6.0], requires_grad=True) for _ in range(3))
     py = torch.tensor([-4.0, -9.0], requires_grad=True)
     losses, _ = selm_loss(pc, pr, rc, rr, py, ry, beta=0.1, alpha=0.5)
@@ -223,8 +264,17 @@ def test_ipo_uses_token_averaged_logps_as_trl():
     rc, rr = torch.tensor([-28.0, -9.0]), torch.tensor([-13.0, -18.0])
     nc, nr = torch.tensor([10, 4]), torch.tensor([6, 5])
     beta = 0.1
-    losses, metrics = selm_loss(pc, pr, rc, rr, beta=beta, alpha=0.0, loss_type="ipo",
-                                chosen_num_tokens=nc, rejected_num_tokens=nr)
+    losses, metrics = selm_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta=beta,
+        alpha=0.0,
+        loss_type="ipo",
+        chosen_num_tokens=nc,
+        rejected_num_tokens=nr,
+    )
     h_avg = (pc / nc - pr / nr) - (rc / nc - rr / nr)
     torch.testing.assert_close(losses, (h_avg - 1 / (2 * beta)) ** 2)
     torch.testing.assert_close(metrics["rewards/chosen"], beta * (pc - rc))  # sums, documented
@@ -244,6 +294,7 @@ def test_inputs_are_checked_and_upcast():
         selm_loss(x, x, x, x, beta=0.01, alpha=0.0, loss_type="hinge")
     with pytest.raises(ValueError, match="sft_weight > 0 needs chosen_num_tokens"):
         selm_loss(x, x, x, x, beta=0.01, alpha=0.0, sft_weight=1.0)
-    losses, _ = selm_loss(*(torch.full((2,), -3.0, dtype=torch.bfloat16) for _ in range(4)),
-                          beta=0.01, alpha=0.0)
+    losses, _ = selm_loss(
+        *(torch.full((2,), -3.0, dtype=torch.bfloat16) for _ in range(4)), beta=0.01, alpha=0.0
+    )
     assert losses.dtype == torch.float32

@@ -1,4 +1,5 @@
-"""selm_mcore.metrics: per-step records (JSONL, the log line, resume truncation, TensorBoard) and
+"""selm_mcore.train.metrics: per-step records (JSONL, the log line, resume truncation, TensorBoard)
+and
 the FLOP formula behind MFU, against a hand count and torch's FLOP counter on HF Llama."""
 
 import logging
@@ -7,8 +8,8 @@ import math
 import pytest
 import torch
 
-from selm_mcore.files import read_records
-from selm_mcore.metrics import (
+from selm_mcore.runtime.files import read_records
+from selm_mcore.train.metrics import (
     ModelShape,
     StepMetricsWriter,
     format_step_line,
@@ -20,23 +21,34 @@ from selm_mcore.metrics import (
 
 
 def test_jsonl_log_line_and_resume(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="selm_mcore.metrics")
+    caplog.set_level(logging.INFO, logger="selm_mcore.train.metrics")
     writer = StepMetricsWriter(tmp_path, total_steps=4, enabled=True, progress_bar=False)
     for step in (1, 2, 3):
-        writer.log(step, {"loss": [0.69, 0.68, 0.67][step - 1], "lr": 1e-6, "grad_norm": 2.0,
-                          "rewards/accuracies": 0.5, "mfu": 0.1234,
-                          "not_finite": float("nan"), "overflow": float("inf")})
+        writer.log(
+            step,
+            {
+                "loss": [0.69, 0.68, 0.67][step - 1],
+                "lr": 1e-6,
+                "grad_norm": 2.0,
+                "rewards/accuracies": 0.5,
+                "mfu": 0.1234,
+                "not_finite": float("nan"),
+                "overflow": float("inf"),
+            },
+        )
     writer.close()
     records = read_records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     # Non-finite values are kept (as NaN / Infinity), not dropped: a diverging run shows it.
     assert math.isnan(records[0]["not_finite"]) and records[0]["overflow"] == math.inf
-    assert "step 3/4 | loss 0.670000 | acc 0.500 | gnorm 2 | lr 1.000e-06 | MFU 0.123" in \
-        caplog.text
+    assert (
+        "step 3/4 | loss 0.670000 | acc 0.500 | gnorm 2 | lr 1.000e-06 | MFU 0.123" in caplog.text
+    )
 
     # A run resumed from the step-2 checkpoint drops the interrupted run's step 3.
-    writer = StepMetricsWriter(tmp_path, total_steps=4, enabled=True, resume_step=2,
-                               progress_bar=False)
+    writer = StepMetricsWriter(
+        tmp_path, total_steps=4, enabled=True, resume_step=2, progress_bar=False
+    )
     writer.log(3, {"loss": 0.5})
     writer.close()
     records = read_records(tmp_path / "metrics.jsonl")
@@ -54,8 +66,9 @@ def test_disabled_writer_writes_nothing(tmp_path):
 def test_tensorboard_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    writer = StepMetricsWriter(tmp_path, total_steps=2, enabled=True, tensorboard=True,
-                               progress_bar=False)
+    writer = StepMetricsWriter(
+        tmp_path, total_steps=2, enabled=True, tensorboard=True, progress_bar=False
+    )
     writer.log(1, {"loss": 0.25, "rewards/margins": 0.5})
     writer.log(2, {"loss": 0.125, "rewards/margins": 1.0})
     writer.close()
@@ -67,15 +80,24 @@ def test_tensorboard_scalars(tmp_path):
 
 def test_format_step_line_skips_missing_fields():
     assert format_step_line(1, 10, {"loss": 0.5}) == "step 1/10 | loss 0.500000"
-    assert format_step_line(2, 10, {"loss": 0.5, "mfu": None, "tokens_per_s": 1234.4}) == \
-        "step 2/10 | loss 0.500000 | 1234 tok/s"
+    assert (
+        format_step_line(2, 10, {"loss": 0.5, "mfu": None, "tokens_per_s": 1234.4})
+        == "step 2/10 | loss 0.500000 | 1234 tok/s"
+    )
 
 
 # --- FLOPs ------------------------------------------------------------------------------------
 
 # L=2, h=8, ffn=16, 2 heads of 4 (d_q = 8), 1 kv head (d_kv = 4), V=10.
-HAND_SHAPE = ModelShape(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_heads=2,
-                        num_kv_heads=1, head_dim=4, vocab_size=10)
+HAND_SHAPE = ModelShape(
+    num_layers=2,
+    hidden_size=8,
+    ffn_hidden_size=16,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    vocab_size=10,
+)
 
 
 def test_matmul_params_hand_count():
@@ -102,10 +124,23 @@ def test_shape_from_hf_config_dict_object_and_folder(tiny_llama_dir):
 
     from transformers import LlamaConfig
 
-    raw = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
-    expected = ModelShape(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_heads=4,
-                          num_kv_heads=2, head_dim=8, vocab_size=96)
+    raw = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    expected = ModelShape(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        vocab_size=96,
+    )
     assert ModelShape.from_hf_config(raw) == expected
     assert ModelShape.from_hf_config(LlamaConfig(**raw)) == expected
     config = json.loads((tiny_llama_dir / "config.json").read_text())
@@ -124,10 +159,16 @@ def test_training_flops_equal_torch_flop_counter_on_hf_llama(num_kv_heads):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=num_kv_heads, max_position_embeddings=64,
-                         attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     batch, seq = 3, 11

@@ -1,6 +1,7 @@
 """selm_mcore.mcore.model without a process group: RoPE frequencies against transformers, refusal of
 unsupported configs and layouts, vocab padding, and the TransformerConfig it derives (on CPU and
 for a GPU layout: sequence parallelism, fused weight-gradient accumulation, recompute choices)."""
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -22,9 +23,17 @@ from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    kwargs = dict(vocab_size=500, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs = dict(
+        vocab_size=500,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 
@@ -32,12 +41,27 @@ def tiny_config(**overrides) -> LlamaConfig:
 ROPES = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 4.0},
-    "llama3_short_context": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-    "llama3_8k": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    "llama3_other_factors": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0,
-                             "high_freq_factor": 8.0, "original_max_position_embeddings": 128},
+    "llama3_short_context": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "llama3_8k": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "llama3_other_factors": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 2.0,
+        "high_freq_factor": 8.0,
+        "original_max_position_embeddings": 128,
+    },
 }
 
 
@@ -48,8 +72,12 @@ def test_rope_inv_freq_equals_transformers(name, theta):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     rope = ROPES[name]
-    config = tiny_config(hidden_size=256, num_attention_heads=4, rope_theta=theta,
-                         rope_scaling=None if rope is None else {**rope, "rope_theta": theta})
+    config = tiny_config(
+        hidden_size=256,
+        num_attention_heads=4,
+        rope_theta=theta,
+        rope_scaling=None if rope is None else {**rope, "rope_theta": theta},
+    )
     ours = rope_inv_freq(config)
     reference = LlamaRotaryEmbedding(config).inv_freq
     assert ours.dtype == torch.float32 and ours.shape == (32,)
@@ -65,25 +93,43 @@ def test_megatron_llama3_constants_are_hard_coded():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     def megatron_inv_freq(config):
-        return RotaryEmbedding(kv_channels=64, rotary_percent=1.0, rotary_base=500000,
-                               rope_scaling=True, rope_scaling_factor=8.0,
-                               use_cpu_initialization=True).inv_freq
+        return RotaryEmbedding(
+            kv_channels=64,
+            rotary_percent=1.0,
+            rotary_base=500000,
+            rope_scaling=True,
+            rope_scaling_factor=8.0,
+            use_cpu_initialization=True,
+        ).inv_freq
 
     base = dict(hidden_size=256, num_attention_heads=4, rope_theta=500000.0)
     matching = tiny_config(**base, rope_scaling={**ROPES["llama3_8k"], "rope_theta": 500000.0})
-    other = tiny_config(**base, rope_scaling={**ROPES["llama3_short_context"],
-                                             "rope_theta": 500000.0})
+    other = tiny_config(
+        **base, rope_scaling={**ROPES["llama3_short_context"], "rope_theta": 500000.0}
+    )
     assert torch.allclose(megatron_inv_freq(matching), rope_inv_freq(matching))
     assert not torch.allclose(megatron_inv_freq(other), rope_inv_freq(other))
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                       "original_max_position_embeddings": 256}}, "yarn"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "rope_theta": 10000.0,
+                    "original_max_position_embeddings": 256,
+                }
+            },
+            "yarn",
+        ),
+    ],
+)
 def test_unsupported_configs_refused(overrides, key):
     with pytest.raises(UnsupportedModelError, match=key):
         validate_hf_config(tiny_config(**overrides))
@@ -106,31 +152,57 @@ def test_moe_sliding_window_and_other_architectures_refused():
 
 
 def test_layout_errors_name_the_rule_and_options():
-    with pytest.raises(ParallelLayoutError,
-                       match=r"parallel.tp=3 must divide model.num_key_value_heads \(query groups\)"
-                             r"=8; choose one of \[1, 2, 4, 8\]"):
-        validate_layout(tiny_config(num_attention_heads=24, num_key_value_heads=8,
-                                    hidden_size=768, intermediate_size=384), tp=3, pp=1)
-    with pytest.raises(ParallelLayoutError, match="parallel.pp=3 must divide "
-                                                  "model.num_hidden_layers=4"):
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"parallel.tp=3 must divide model.num_key_value_heads \(query groups\)"
+        r"=8; choose one of \[1, 2, 4, 8\]",
+    ):
+        validate_layout(
+            tiny_config(
+                num_attention_heads=24,
+                num_key_value_heads=8,
+                hidden_size=768,
+                intermediate_size=384,
+            ),
+            tp=3,
+            pp=1,
+        )
+    with pytest.raises(
+        ParallelLayoutError, match="parallel.pp=3 must divide model.num_hidden_layers=4"
+    ):
         validate_layout(tiny_config(), tp=1, pp=3)
     with pytest.raises(ParallelLayoutError, match="parallel.pp\\*vpp=8"):
         validate_layout(tiny_config(), tp=1, pp=2, vpp=4)
     with pytest.raises(ParallelLayoutError, match="padded_vocab_size=501"):
         validate_layout(tiny_config(), tp=2, pp=1, padded_vocab=501)
     # SmolLM2-135M: 9 heads, 3 query groups -> tp must be 1, 3 (or 9 for heads only).
-    smol = tiny_config(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                       intermediate_size=1536, num_hidden_layers=30)
-    with pytest.raises(ParallelLayoutError, match="parallel.tp=2 must divide "
-                                                  "model.num_attention_heads=9"):
+    smol = tiny_config(
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+    )
+    with pytest.raises(
+        ParallelLayoutError, match="parallel.tp=2 must divide model.num_attention_heads=9"
+    ):
         validate_layout(smol, tp=2, pp=1)
     validate_layout(smol, tp=3, pp=2)
     validate_layout(tiny_config(), tp=2, pp=2, vpp=2, padded_vocab=512)
 
 
-@pytest.mark.parametrize("vocab, tp, divisible_by, expected", [
-    (500, 1, 128, 512), (500, 2, 128, 512), (500, 4, 128, 512), (513, 2, 128, 768),
-    (49152, 3, 128, 49152), (128256, 8, 128, 129024), (32000, 1, 1, 32000)])
+@pytest.mark.parametrize(
+    "vocab, tp, divisible_by, expected",
+    [
+        (500, 1, 128, 512),
+        (500, 2, 128, 512),
+        (500, 4, 128, 512),
+        (513, 2, 128, 768),
+        (49152, 3, 128, 49152),
+        (128256, 8, 128, 129024),
+        (32000, 1, 1, 32000),
+    ],
+)
 def test_padded_vocab_size(vocab, tp, divisible_by, expected):
     padded = padded_vocab_size(vocab, tp, divisible_by)
     assert padded == expected and padded % (divisible_by * tp) == 0 and padded >= vocab
@@ -145,15 +217,28 @@ def test_layers_of_stage_follow_megatrons_interleaved_split():
 
 
 def _ctx(tp=1, pp=1, vpp=None):
-    return ParallelContext(rank=0, world_size=tp * pp, tp=tp, pp=pp, vpp=vpp, dp=1, tp_rank=0,
-                           pp_rank=0, dp_rank=0, tp_group=None, pp_group=None, dp_group=None,
-                           device=torch.device("cpu"))
+    return ParallelContext(
+        rank=0,
+        world_size=tp * pp,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        dp=1,
+        tp_rank=0,
+        pp_rank=0,
+        dp_rank=0,
+        tp_group=None,
+        pp_group=None,
+        dp_group=None,
+        device=torch.device("cpu"),
+    )
 
 
 def test_transformer_config_llama3_layout():
     config = tiny_config(head_dim=48, num_attention_heads=4, hidden_size=128, rms_norm_eps=1e-6)
-    tc = transformer_config(config, _ctx(tp=2, pp=2), params_dtype=torch.bfloat16,
-                            recompute=True, use_te=False)
+    tc = transformer_config(
+        config, _ctx(tp=2, pp=2), params_dtype=torch.bfloat16, recompute=True, use_te=False
+    )
     assert (tc.num_layers, tc.hidden_size, tc.ffn_hidden_size) == (4, 128, 256)
     assert (tc.num_attention_heads, tc.num_query_groups, tc.kv_channels) == (4, 2, 48)
     assert tc.normalization == "RMSNorm" and tc.layernorm_epsilon == 1e-6
@@ -172,9 +257,21 @@ def test_transformer_config_llama3_layout():
 
 
 def _gpu_ctx(tp=2, pp=2, vpp=None, dp=2):
-    return ParallelContext(rank=0, world_size=tp * pp * dp, tp=tp, pp=pp, vpp=vpp, dp=dp,
-                           tp_rank=0, pp_rank=0, dp_rank=0, tp_group=None, pp_group=None,
-                           dp_group=None, device=torch.device("cuda", 0))
+    return ParallelContext(
+        rank=0,
+        world_size=tp * pp * dp,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        dp=dp,
+        tp_rank=0,
+        pp_rank=0,
+        dp_rank=0,
+        tp_group=None,
+        pp_group=None,
+        dp_group=None,
+        device=torch.device("cuda", 0),
+    )
 
 
 @pytest.fixture
@@ -189,20 +286,30 @@ def te_rope_probe(monkeypatch):
 @pytest.mark.parametrize("packed", [False, True])
 def test_transformer_config_of_a_gpu_layout_turns_on_the_gpu_paths(te_rope_probe, packed):
     config = tiny_config()
-    tc = transformer_config(config, _gpu_ctx(tp=2), params_dtype=torch.bfloat16, use_te=True,
-                            wgrad_fusion=True, packed=packed, recompute="selective")
+    tc = transformer_config(
+        config,
+        _gpu_ctx(tp=2),
+        params_dtype=torch.bfloat16,
+        use_te=True,
+        wgrad_fusion=True,
+        packed=packed,
+        recompute="selective",
+    )
     assert tc.sequence_parallel and tc.gradient_accumulation_fusion and tc.batch_p2p_comm
     assert tc.transformer_impl == "transformer_engine" and not tc.use_cpu_initialization
     assert tc.apply_rope_fusion is not packed  # packed rows carry a position per token
     assert (tc.recompute_granularity, tc.recompute_modules) == ("selective", ["core_attn"])
     # Without apex's fused wgrad extension Megatron's LM head refuses the flag: off.
-    assert not transformer_config(config, _gpu_ctx(tp=2), use_te=True, wgrad_fusion=False,
-                                  packed=packed).gradient_accumulation_fusion
+    assert not transformer_config(
+        config, _gpu_ctx(tp=2), use_te=True, wgrad_fusion=False, packed=packed
+    ).gradient_accumulation_fusion
     # No sequence parallelism at tp=1, nor with the local spec (no TE).
-    assert not transformer_config(config, _gpu_ctx(tp=1), use_te=True, wgrad_fusion=True,
-                                  packed=packed).sequence_parallel
-    assert not transformer_config(config, _gpu_ctx(tp=2), use_te=False, wgrad_fusion=True,
-                                  packed=packed).sequence_parallel
+    assert not transformer_config(
+        config, _gpu_ctx(tp=1), use_te=True, wgrad_fusion=True, packed=packed
+    ).sequence_parallel
+    assert not transformer_config(
+        config, _gpu_ctx(tp=2), use_te=False, wgrad_fusion=True, packed=packed
+    ).sequence_parallel
 
 
 def test_transformer_config_on_cpu_keeps_the_gpu_paths_off():
@@ -211,18 +318,27 @@ def test_transformer_config_on_cpu_keeps_the_gpu_paths_off():
     assert not tc.batch_p2p_comm and tc.use_cpu_initialization
 
 
-@pytest.mark.parametrize("recompute, expected", [
-    ("none", (None, None, None)), (False, (None, None, None)), (None, (None, None, None)),
-    ("selective", ("selective", None, None)),
-    ("full", ("full", "uniform", 1)), (True, ("full", "uniform", 1)),
-])
+@pytest.mark.parametrize(
+    "recompute, expected",
+    [
+        ("none", (None, None, None)),
+        (False, (None, None, None)),
+        (None, (None, None, None)),
+        ("selective", ("selective", None, None)),
+        ("full", ("full", "uniform", 1)),
+        (True, ("full", "uniform", 1)),
+    ],
+)
 def test_recompute_choice_maps_to_megatron(recompute, expected):
     tc = transformer_config(tiny_config(), _ctx(), recompute=recompute, use_te=False)
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == expected
-    assert recompute_mode(recompute) == {None: "none", "selective": "selective",
-                                         "full": "full"}[expected[0]]
-    with pytest.raises(ValueError, match="model.recompute='partial' must be one of none, "
-                                         "selective, full"):
+    assert (
+        recompute_mode(recompute)
+        == {None: "none", "selective": "selective", "full": "full"}[expected[0]]
+    )
+    with pytest.raises(
+        ValueError, match="model.recompute='partial' must be one of none, selective, full"
+    ):
         recompute_settings("partial")
 
 
@@ -235,16 +351,30 @@ def test_sequence_length_multiple_follows_sequence_parallelism():
 
 def test_tp_hint_lists_only_sizes_that_fit_every_rule():
     # SmolLM2-135M: 9 heads but 3 query groups: tp=9 divides the heads, not the groups.
-    smol = tiny_config(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                       intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
-    with pytest.raises(ParallelLayoutError, match=r"parallel.tp=2 must divide "
-                                                  r"model.num_attention_heads=9; choose one of "
-                                                  r"\[1, 3\]$"):
+    smol = tiny_config(
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        vocab_size=49152,
+    )
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"parallel.tp=2 must divide "
+        r"model.num_attention_heads=9; choose one of "
+        r"\[1, 3\]$",
+    ):
         validate_layout(smol, tp=2, pp=1)
     # A padded vocabulary fixed by a checkpoint (saved at tp=1: 1664 = 13 * 128) must divide
     # too: 12 heads and groups alone would allow 1, 2, 3, 4, 6, 12.
-    wide = tiny_config(hidden_size=384, num_attention_heads=12, num_key_value_heads=12,
-                       intermediate_size=768, vocab_size=1600)
+    wide = tiny_config(
+        hidden_size=384,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=768,
+        vocab_size=1600,
+    )
     fixed = padded_vocab_size(1600, 1)
     assert fixed == 1664
     with pytest.raises(ParallelLayoutError, match=r"choose one of \[1, 2, 4\]$"):

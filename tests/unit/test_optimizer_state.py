@@ -20,7 +20,7 @@ import pytest
 import torch
 from fused_adam_like import FusedAdamLike
 
-from selm_mcore.config_io import load_config
+from selm_mcore.config.io import load_config
 from selm_mcore.mcore.optim import (
     DP_RESHARDABLE,
     FULLY_RESHARDABLE,
@@ -32,13 +32,15 @@ from selm_mcore.mcore.optim import (
     uses_torch_adam,
     zero_fused_adam_state,
 )
-from selm_mcore.trainer import step_checkpoint_reshardable
+from selm_mcore.train.trainer import step_checkpoint_reshardable
 
 
 def _params(seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(5, 3, generator=gen).requires_grad_(),
-            torch.randn(4, generator=gen).requires_grad_()]
+    return [
+        torch.randn(5, 3, generator=gen).requires_grad_(),
+        torch.randn(4, generator=gen).requires_grad_(),
+    ]
 
 
 def _set_grads(params, step: int) -> None:
@@ -58,8 +60,10 @@ def test_fused_adam_like_is_adamw():
         adamw.step()
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert fused.param_groups[0]["step"] == 5 and set(fused.state[ours[0]]) == {"exp_avg",
-                                                                                 "exp_avg_sq"}
+    assert fused.param_groups[0]["step"] == 5 and set(fused.state[ours[0]]) == {
+        "exp_avg",
+        "exp_avg_sq",
+    }
 
 
 def test_fused_adam_state_dict_refuses_a_step_key():
@@ -95,8 +99,7 @@ def test_fused_adam_zero_state_before_a_step_equals_its_own_first_step():
     zeroed = SimpleNamespace(optimizer=FusedAdamLike(params, lr=1e-2))
     zero_fused_adam_state(zeroed)
     states = list(zeroed.optimizer.state.values())
-    assert all(set(s) == {"exp_avg", "exp_avg_sq"} and not s["exp_avg_sq"].any()
-               for s in states)
+    assert all(set(s) == {"exp_avg", "exp_avg_sq"} and not s["exp_avg_sq"].any() for s in states)
     zeroed.optimizer.state_dict()  # saveable: no step key
     fresh = FusedAdamLike(reference, lr=1e-2)
     _set_grads(params, 0)
@@ -111,7 +114,8 @@ def test_sharding_metadata():
     assert sharding_metadata(DP_RESHARDABLE) == {"distrib_optim_sharding_type": "dp_reshardable"}
     assert sharding_metadata(FULLY_RESHARDABLE) == {
         "distrib_optim_sharding_type": "fully_reshardable",
-        "distrib_optim_fully_reshardable_mem_efficient": True}
+        "distrib_optim_fully_reshardable_mem_efficient": True,
+    }
     with pytest.raises(ValueError, match="fully_sharded_model_space"):
         sharding_metadata("fully_sharded_model_space")
 
@@ -119,32 +123,42 @@ def test_sharding_metadata():
 def test_dp_reshardable_state_loads_only_at_its_layout():
     saved = {"tp": 2, "pp": 2, "vpp": None, "grad_bucket_size": 40_000_000}
     check_optimizer_state_layout("ckpt", DP_RESHARDABLE, saved, dict(saved))  # dp is free
-    with pytest.raises(OptimizerStateError,
-                       match=r"ckpt holds the optimizer state in the dp_reshardable format.*"
-                             r"tp: saved 2, now 1, pp: saved 2, now 1.*parallel.tp=2 "
-                             r"parallel.pp=2 parallel.vpp=None.*"
-                             r"train.reshardable_checkpoints=true"):
-        check_optimizer_state_layout("ckpt", DP_RESHARDABLE, saved,
-                                     {**saved, "tp": 1, "pp": 1})
+    with pytest.raises(
+        OptimizerStateError,
+        match=r"ckpt holds the optimizer state in the dp_reshardable format.*"
+        r"tp: saved 2, now 1, pp: saved 2, now 1.*parallel.tp=2 "
+        r"parallel.pp=2 parallel.vpp=None.*"
+        r"train.reshardable_checkpoints=true",
+    ):
+        check_optimizer_state_layout("ckpt", DP_RESHARDABLE, saved, {**saved, "tp": 1, "pp": 1})
     with pytest.raises(OptimizerStateError, match="grad_bucket_size: saved 40000000, now None"):
-        check_optimizer_state_layout("ckpt", DP_RESHARDABLE, saved,
-                                     {**saved, "grad_bucket_size": None})
+        check_optimizer_state_layout(
+            "ckpt", DP_RESHARDABLE, saved, {**saved, "grad_bucket_size": None}
+        )
     # A fully reshardable state loads anywhere.
     check_optimizer_state_layout("ckpt", FULLY_RESHARDABLE, saved, {**saved, "tp": 1})
 
 
-@pytest.mark.parametrize("step, total, every, expected", [
-    (20, 40, False, False), (40, 40, False, True), (20, 40, True, True)])
-def test_trainer_saves_in_round_checkpoints_dp_reshardable_and_the_last_fully(step, total,
-                                                                           every, expected):
+@pytest.mark.parametrize(
+    "step, total, every, expected",
+    [(20, 40, False, False), (40, 40, False, True), (20, 40, True, True)],
+)
+def test_trainer_saves_in_round_checkpoints_dp_reshardable_and_the_last_fully(
+    step, total, every, expected
+):
     cfg = load_config(None, [f"train.reshardable_checkpoints={str(every).lower()}"])
     assert step_checkpoint_reshardable(cfg, step, total) is expected
 
 
 def test_bucket_padded_layout():
     # Two buckets of 6 and 5 elements padded to 8 each: Megatron's param offsets are padded.
-    buffer = SimpleNamespace(numel=16, numel_unpadded=11,
-                             buckets=[SimpleNamespace(offset=0, numel_unpadded=6),
-                                      SimpleNamespace(offset=8, numel_unpadded=5)])
+    buffer = SimpleNamespace(
+        numel=16,
+        numel_unpadded=11,
+        buckets=[
+            SimpleNamespace(offset=0, numel_unpadded=6),
+            SimpleNamespace(offset=8, numel_unpadded=5),
+        ],
+    )
     padded = _bucket_padded(torch.arange(1.0, 12.0), buffer)
     assert padded.tolist() == [1, 2, 3, 4, 5, 6, 0, 0, 7, 8, 9, 10, 11, 0, 0, 0]

@@ -16,8 +16,7 @@ import math
 import pytest
 import torch
 
-from selm_mcore.dataset import TokenizedExample
-from selm_mcore.packing import (
+from selm_mcore.data.packing import (
     PackingError,
     auto_budget,
     check_budget,
@@ -25,6 +24,7 @@ from selm_mcore.packing import (
     pack_examples,
     pair_tokens,
 )
+from selm_mcore.data.tokenize import TokenizedExample
 
 
 def _examples(seed: int = 0, yref: bool = True) -> list[TokenizedExample]:
@@ -34,9 +34,16 @@ def _examples(seed: int = 0, yref: bool = True) -> list[TokenizedExample]:
         return tuple(torch.randint(3, 400, (n,), generator=gen).tolist())
 
     shapes = [(5, 7, 3, 9), (12, 4, 11, 6), (3, 20, 2, 5), (8, 8, 8, 8), (1, 1, 1, 1)]
-    return [TokenizedExample(index=i, prompt_ids=ids(p), chosen_ids=ids(c), rejected_ids=ids(r),
-                             yref_ids=ids(y) if yref else None)
-            for i, (p, c, r, y) in enumerate(shapes)]
+    return [
+        TokenizedExample(
+            index=i,
+            prompt_ids=ids(p),
+            chosen_ids=ids(c),
+            rejected_ids=ids(r),
+            yref_ids=ids(y) if yref else None,
+        )
+        for i, (p, c, r, y) in enumerate(shapes)
+    ]
 
 
 def _unpacked_targets(examples):
@@ -55,23 +62,32 @@ def _unpacked_targets(examples):
 @pytest.mark.parametrize("shared", [False, True])
 def test_packed_row_predicts_the_unpacked_labels_from_the_same_positions(shared):
     examples = _examples()
-    batch = collate_packed(examples, pad_id=0, shared_prompt=shared, has_yref=True,
-                           pad_to_multiple_of=16)
+    batch = collate_packed(
+        examples, pad_id=0, shared_prompt=shared, has_yref=True, pad_to_multiple_of=16
+    )
     tokens, positions = batch.tokens[0], batch.position_ids[0]
     assert tokens.shape[0] % 16 == 0 and batch.num_tokens == sum(
-        pair_tokens(e, shared) for e in examples)
-    packed = sorted(zip(batch.head_sequence.tolist(), batch.head_labels.tolist(),
-                        positions[batch.head_index].tolist()))
+        pair_tokens(e, shared) for e in examples
+    )
+    packed = sorted(
+        zip(
+            batch.head_sequence.tolist(),
+            batch.head_labels.tolist(),
+            positions[batch.head_index].tolist(),
+        )
+    )
     assert packed == _unpacked_targets(examples)
     # The token at a head position is the one before its label in the unpacked sequence.
-    for index, label, sequence in zip(batch.head_index.tolist(), batch.head_labels.tolist(),
-                                      batch.head_sequence.tolist()):
+    for index, label, sequence in zip(
+        batch.head_index.tolist(), batch.head_labels.tolist(), batch.head_sequence.tolist()
+    ):
         example = examples[sequence % len(examples)]
         unpacked = list(example.prompt_ids) + list(example.responses[sequence // len(examples)])
         position = int(positions[index])
         assert unpacked[position] == int(tokens[index]) and unpacked[position + 1] == label
     assert batch.response_lengths().tolist() == [
-        len(e.responses[s]) for s in range(3) for e in examples]
+        len(e.responses[s]) for s in range(3) for e in examples
+    ]
 
 
 def test_shared_prompt_counts_each_prompt_once():
@@ -85,9 +101,15 @@ def test_shared_prompt_counts_each_prompt_once():
 
 
 def test_first_fit_decreasing_bins():
-    examples = _examples(seed=3) + [TokenizedExample(index=5, prompt_ids=(1,) * 30,
-                                                     chosen_ids=(2,) * 30, rejected_ids=(3,) * 30,
-                                                     yref_ids=(4,) * 30)]
+    examples = _examples(seed=3) + [
+        TokenizedExample(
+            index=5,
+            prompt_ids=(1,) * 30,
+            chosen_ids=(2,) * 30,
+            rejected_ids=(3,) * 30,
+            yref_ids=(4,) * 30,
+        )
+    ]
     budget = auto_budget(examples, True, 1)
     assert budget == 120  # the long pair: 30 + 3 * 30
     bins = pack_examples(examples, budget, True)
@@ -96,7 +118,7 @@ def test_first_fit_decreasing_bins():
     assert [[e.index for e in b] for b in bins][0] == [5]  # longest first, alone
     assert bins == pack_examples(list(reversed(examples)), budget, True)  # order-independent
     padded = pack_examples(examples, budget, True, num_bins_multiple=4)
-    assert len(padded) % 4 == 0 and padded[:len(bins)] == bins and padded[-1] == []
+    assert len(padded) % 4 == 0 and padded[: len(bins)] == bins and padded[-1] == []
     with pytest.raises(PackingError, match="data.pack_tokens >= 120"):
         check_budget(examples, 119, True)
 
@@ -125,8 +147,9 @@ def _dense_reference(q, k, v, segments, scale):
             for i in range(lo, hi):
                 keys = list(range(lo, i + 1)) + (list(range(*shared)) if shared else [])
                 scores = torch.einsum("hd,khd->hk", q[i, row], k[keys, row]) * scale
-                out[i, row] = torch.einsum("hk,khd->hd", scores.softmax(-1),
-                                           v[keys, row]).reshape(-1)
+                out[i, row] = torch.einsum("hk,khd->hd", scores.softmax(-1), v[keys, row]).reshape(
+                    -1
+                )
     return out
 
 
@@ -134,16 +157,27 @@ def _dense_reference(q, k, v, segments, scale):
 def test_packed_attention_equals_dense_masked_attention(shared):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from selm_mcore.mcore.attention import PackedAttention, sdpa_varlen, varlen_attention, \
-        varlen_plan
+    from selm_mcore.mcore.attention import (
+        PackedAttention,
+        sdpa_varlen,
+        varlen_attention,
+        varlen_plan,
+    )
 
     examples = _examples()
-    batch = collate_packed(examples, pad_id=0, shared_prompt=shared, has_yref=True,
-                           pad_to_multiple_of=8)
+    batch = collate_packed(
+        examples, pad_id=0, shared_prompt=shared, has_yref=True, pad_to_multiple_of=8
+    )
     seq_len = batch.tokens.shape[1]
     heads, groups, dim = 4, 2, 8
-    config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
-                               num_query_groups=groups, kv_channels=dim, attention_dropout=0.0)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=dim,
+        attention_dropout=0.0,
+    )
     attention = PackedAttention(config, layer_number=1)
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(seq_len, 1, heads, dim, generator=gen, dtype=torch.float64)
@@ -152,13 +186,12 @@ def test_packed_attention_equals_dense_masked_attention(shared):
     got = attention(q, k, v, batch.segments)
     want = _dense_reference(q, k, v, batch.segments, 1 / math.sqrt(dim))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    assert got[batch.num_tokens:].abs().max() == 0  # padding stays zero
+    assert got[batch.num_tokens :].abs().max() == 0  # padding stays zero
     # The flash path's plan, run through the torch stand-in of flash_attn_varlen_func.
     plan = varlen_plan(batch.segments, seq_len, q.device)
     flat = [x[:, 0] for x in (q, k, v)]
     context = varlen_attention(*flat, plan, 1 / math.sqrt(dim), sdpa_varlen)
-    torch.testing.assert_close(context.reshape(seq_len, -1), want[:, 0], rtol=1e-10,
-                               atol=1e-10)
+    torch.testing.assert_close(context.reshape(seq_len, -1), want[:, 0], rtol=1e-10, atol=1e-10)
 
 
 def test_packed_attention_gradients_match_dense_reference():
@@ -168,12 +201,20 @@ def test_packed_attention_gradients_match_dense_reference():
 
     batch = collate_packed(_examples()[:3], pad_id=0, shared_prompt=True, has_yref=True)
     seq_len = batch.tokens.shape[1]
-    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
-                               num_query_groups=1, kv_channels=8, attention_dropout=0.0)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_query_groups=1,
+        kv_channels=8,
+        attention_dropout=0.0,
+    )
     attention = PackedAttention(config, layer_number=1)
     gen = torch.Generator().manual_seed(2)
-    inputs = [torch.randn(seq_len, 1, h, 8, generator=gen, dtype=torch.float64,
-                          requires_grad=True) for h in (2, 1, 1)]
+    inputs = [
+        torch.randn(seq_len, 1, h, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        for h in (2, 1, 1)
+    ]
     attention(*inputs, batch.segments).pow(2).sum().backward()
     got = [x.grad.clone() for x in inputs]
     for x in inputs:

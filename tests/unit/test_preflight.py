@@ -1,4 +1,5 @@
-"""Pre-flight checks of output folders (selm_mcore.preflight): writable, with room, and the size
+"""Pre-flight checks of output folders (selm_mcore.runtime.preflight): writable, with room, and the
+size
 estimates they compare against (parameter counts checked against transformers' own model)."""
 
 from __future__ import annotations
@@ -7,8 +8,13 @@ import shutil
 
 import pytest
 
-from selm_mcore.errors import DiskFullError, InputError, format_bytes
-from selm_mcore.preflight import check_output_dir, model_bytes, num_params, step_checkpoint_bytes
+from selm_mcore.runtime.errors import DiskFullError, InputError, format_bytes
+from selm_mcore.runtime.preflight import (
+    check_output_dir,
+    model_bytes,
+    num_params,
+    step_checkpoint_bytes,
+)
 
 
 def test_a_writable_folder_passes_and_is_created(tmp_path):
@@ -19,8 +25,11 @@ def test_a_writable_folder_passes_and_is_created(tmp_path):
 def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
     blocker = tmp_path / "out"
     blocker.write_text("x")
-    with pytest.raises(InputError, match=f"train.output_dir: {blocker} is a file, not a folder; "
-                                         "point train.output_dir somewhere you can write"):
+    with pytest.raises(
+        InputError,
+        match=f"train.output_dir: {blocker} is a file, not a folder; "
+        "point train.output_dir somewhere you can write",
+    ):
         check_output_dir(blocker, what="train.output_dir")
     with pytest.raises(InputError, match=f"--out: cannot write into {blocker / 'sub'} "):
         check_output_dir(blocker / "sub", what="--out")
@@ -36,8 +45,10 @@ def test_too_little_free_space_names_the_folder_needed_and_free(tmp_path):
     with pytest.raises(DiskFullError) as info:
         check_output_dir(tmp_path, needed_bytes=needed, what="train.output_dir")
     message = str(info.value)
-    assert message.startswith(f"not enough free space in {tmp_path} (train.output_dir); "
-                              f"needs about {format_bytes(needed)}; ")
+    assert message.startswith(
+        f"not enough free space in {tmp_path} (train.output_dir); "
+        f"needs about {format_bytes(needed)}; "
+    )
     assert f"{format_bytes(info.value.free)} free. Fix:" in message
     check_output_dir(tmp_path, needed_bytes=1 << 20)  # a megabyte fits
 
@@ -47,9 +58,16 @@ def test_model_size_estimates_count_the_parameters(tmp_path, tied):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=32, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=tied,
+    )
     config.save_pretrained(tmp_path)
     model = LlamaForCausalLM(config)
     norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from selm_mcore.pairs import build_pairs
-from selm_mcore.ranking import (
+from selm_mcore.rollout.pairs import build_pairs
+from selm_mcore.rollout.rankers import (
     RankerError,
     RewardModelRanker,
     VerifiableAnswerRanker,
@@ -33,8 +33,10 @@ def test_ranks_from_scores_matches_llm_blender():
 def test_verifiable_ranker(preference_row):
     ranker = VerifiableAnswerRanker()
     prompts = ["What is 12 plus 30?", "Capital of France?"]
-    candidates = [["It is 42.", "The answer: 41", "So 40 + 2 = 42, the answer is 42", "no idea"],
-                  ["Paris.", "paris is the capital", "Lyon", "Parisian food"]]
+    candidates = [
+        ["It is 42.", "The answer: 41", "So 40 + 2 = 42, the answer is 42", "no idea"],
+        ["Paris.", "paris is the capital", "Lyon", "Parisian food"],
+    ]
     scores = ranker.scores(prompts, candidates, answers=["42", "Paris"])
     ranks = ranker.rank(prompts, candidates, answers=["42", "Paris"])
     np.testing.assert_array_equal(ranks, [[1, 3, 2, 3], [1, 2, 3, 3]])
@@ -60,7 +62,7 @@ def test_scores_refuse_malformed_candidate_lists():
 
 
 def test_build_ranker_and_device():
-    from selm_mcore.config import RankingConfig
+    from selm_mcore.config.schema import RankingConfig
 
     assert isinstance(build_ranker(RankingConfig(kind="verifiable")), VerifiableAnswerRanker)
     with pytest.raises(ValueError, match="ranking.kind='bleu' is not one of"):
@@ -72,18 +74,21 @@ def test_build_ranker_and_device():
 def test_reward_model_ranker_matches_hf(tmp_path):
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    from selm_mcore.assets import build_tiny_llama
+    from selm_mcore.testing.assets import build_tiny_llama
 
     # Its own folder: the classification head is saved into it.
     build_tiny_llama(tmp_path, seed=0, num_hidden_layers=2)
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification.from_pretrained(tmp_path, num_labels=1,
-                                                           dtype=torch.float32)
+    model = LlamaForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=1, dtype=torch.float32
+    )
     torch.nn.init.normal_(model.score.weight, std=1.0)
     model.save_pretrained(tmp_path)
     prompts = ["What is 2 plus 3?", "Tell me a story about the sea and a boy"]
-    candidates = [["five", "It is 5, because two plus three equals five.", ""],
-                  ["Once upon a time.", "No.", "A boy went to the sea and found a fish."]]
+    candidates = [
+        ["five", "It is 5, because two plus three equals five.", ""],
+        ["Once upon a time.", "No.", "A boy went to the sea and found a fish."],
+    ]
     ranker = RewardModelRanker(str(tmp_path), device="cpu", batch_size=4)
     scores = ranker.scores(prompts, candidates)
 
@@ -93,7 +98,8 @@ def test_reward_model_ranker_matches_hf(tmp_path):
         for j, response in enumerate(candidates[i]):
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                tokenize=False)
+                tokenize=False,
+            )
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 expected = model(input_ids=ids).logits[0, 0].item()

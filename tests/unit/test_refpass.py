@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selm_mcore.batches import collate_preferences
-from selm_mcore.config_io import load_config
-from selm_mcore.dataset import PreferenceDataset
-from selm_mcore.refpass import (
+from selm_mcore.config.io import load_config
+from selm_mcore.data.batches import collate_preferences
+from selm_mcore.data.tokenize import PreferenceDataset
+from selm_mcore.train.refpass import (
     ReferenceLogps,
     StaleReferenceCacheError,
     load_reference_cache,
@@ -23,10 +23,12 @@ from selm_mcore.refpass import (
 )
 
 # (prompt, chosen, rejected, y_ref)
-PAIRS = [("What is 2 plus 3?", "5.", "6.", "The answer is 5."),
-         ("Name a color.", "Blue.", "Seven.", "Red."),
-         ("Say hello.", "Hello!", "Bye.", "Hello there."),
-         ("What is the sum of 4 and 4?", "8", "9", "It is 8.")]
+PAIRS = [
+    ("What is 2 plus 3?", "5.", "6.", "The answer is 5."),
+    ("Name a color.", "Blue.", "Seven.", "Red."),
+    ("Say hello.", "Hello!", "Bye.", "Hello there."),
+    ("What is the sum of 4 and 4?", "8", "9", "It is 8."),
+]
 
 
 def rows_of(preference_row, pairs):
@@ -44,14 +46,24 @@ def setup(tmp_path_factory, tiny_llama_dir, write_jsonl, preference_row):
     dataset = PreferenceDataset.from_file(pairs, tokenizer, max_length=64, max_prompt_length=32)
     key = reference_key(dataset, model, max_length=64, max_prompt_length=32)
     n = len(dataset)
-    logps = ReferenceLogps(chosen=-torch.arange(n, dtype=torch.float32),
-                           rejected=-100 - torch.arange(n, dtype=torch.float32),
-                           yref=-200 - torch.arange(n, dtype=torch.float32))
+    logps = ReferenceLogps(
+        chosen=-torch.arange(n, dtype=torch.float32),
+        rejected=-100 - torch.arange(n, dtype=torch.float32),
+        yref=-200 - torch.arange(n, dtype=torch.float32),
+    )
     cache = root / "ref_logps.safetensors"
     logps.save(cache, key)
-    return SimpleNamespace(root=root, model=model, pairs=pairs, tokenizer=tokenizer,
-                           dataset=dataset, key=key, cache=cache, write_jsonl=write_jsonl,
-                           preference_row=preference_row)
+    return SimpleNamespace(
+        root=root,
+        model=model,
+        pairs=pairs,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        key=key,
+        cache=cache,
+        write_jsonl=write_jsonl,
+        preference_row=preference_row,
+    )
 
 
 def test_cache_roundtrip_in_batch_order(setup):
@@ -68,9 +80,12 @@ def _stale_key(setup, what):
         pairs = list(PAIRS)
         pairs[1] = ("Name a color.", "Green.", "Seven.", "Red.")
         rows = rows_of(setup.preference_row, pairs)
-        dataset = PreferenceDataset.from_file(setup.write_jsonl(root / "pairs2.jsonl", rows),
-                                              setup.tokenizer, max_length=64,
-                                              max_prompt_length=32)
+        dataset = PreferenceDataset.from_file(
+            setup.write_jsonl(root / "pairs2.jsonl", rows),
+            setup.tokenizer,
+            max_length=64,
+            max_prompt_length=32,
+        )
         return reference_key(dataset, model, max_length=64, max_prompt_length=32)
     if what == "reference checkpoint":
         from safetensors.torch import load_file, save_file
@@ -91,8 +106,9 @@ def _stale_key(setup, what):
     raise AssertionError(what)
 
 
-@pytest.mark.parametrize("what", ["data.max_length", "data rows", "reference checkpoint",
-                                  "tokenizer files"])
+@pytest.mark.parametrize(
+    "what", ["data.max_length", "data rows", "reference checkpoint", "tokenizer files"]
+)
 def test_stale_cache_is_refused_naming_what_changed(setup, what):
     stale = _stale_key(setup, what)
     assert stale.digest != setup.key.digest
@@ -112,7 +128,7 @@ def _tensor_data_offset(path) -> int:
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_cache_is_refused_naming_the_file(setup, tmp_path, damage):
-    from selm_mcore.files import ChecksumError
+    from selm_mcore.runtime.files import ChecksumError
 
     cache = tmp_path / "ref_logps.safetensors"
     shutil.copyfile(setup.cache, cache)
@@ -142,12 +158,20 @@ def test_missing_or_foreign_cache_is_refused(setup, tmp_path):
 def test_train_refuses_a_stale_cache_before_starting_processes(setup, tmp_path):
     import torch.distributed as dist
 
-    from selm_mcore.trainer import train_round
+    from selm_mcore.train.trainer import train_round
 
-    cfg = load_config(None, [
-        f"model.hf_dir={setup.model}", f"data.train_path={setup.pairs}", "data.max_length=96",
-        "data.max_prompt_length=32", "train.global_batch_size=2", f"train.ref_cache={setup.cache}",
-        f"train.output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.hf_dir={setup.model}",
+            f"data.train_path={setup.pairs}",
+            "data.max_length=96",
+            "data.max_prompt_length=32",
+            "train.global_batch_size=2",
+            f"train.ref_cache={setup.cache}",
+            f"train.output_dir={tmp_path / 'out'}",
+        ],
+    )
     with pytest.raises(StaleReferenceCacheError, match="data.max_length"):
         train_round(cfg)
     assert not dist.is_initialized()
@@ -160,8 +184,7 @@ def test_refpass_shards_cover_every_example_once(setup, num_examples, dp, micro)
     from dataclasses import replace
 
     dataset = PreferenceDataset([replace(e, index=i) for i, e in enumerate(examples)])
-    shards = [shard_for_rank(dataset, SimpleNamespace(dp=dp, dp_rank=r), micro)
-              for r in range(dp)]
+    shards = [shard_for_rank(dataset, SimpleNamespace(dp=dp, dp_rank=r), micro) for r in range(dp)]
     owned = [o for _, o in shards]
     assert sorted(i for o in owned for i in o) == list(range(num_examples))  # disjoint, complete
     # Every rank runs the same number of equal micro-batches (pipelines stay in lock step).
@@ -182,16 +205,21 @@ def test_refpass_and_train_check_their_output_folder_before_any_work(setup, tmp_
     import torch.distributed as dist
 
     from selm_mcore import cli
-    from selm_mcore.errors import InputError
-    from selm_mcore.trainer import train_round
+    from selm_mcore.runtime.errors import InputError
+    from selm_mcore.train.trainer import train_round
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({
-        "model": {"hf_dir": str(setup.model)},
-        "data": {"train_path": str(setup.pairs), "max_length": 64, "max_prompt_length": 32},
-        "train": {"global_batch_size": 2, "ref_cache": str(blocker / "ref.safetensors")}}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"hf_dir": str(setup.model)},
+                "data": {"train_path": str(setup.pairs), "max_length": 64, "max_prompt_length": 32},
+                "train": {"global_batch_size": 2, "ref_cache": str(blocker / "ref.safetensors")},
+            }
+        )
+    )
     assert cli.main(["refpass", str(config)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"train.ref_cache: {blocker} is a file, not a folder" in err[0]
@@ -206,14 +234,22 @@ def test_refpass_and_train_check_their_output_folder_before_any_work(setup, tmp_
 def test_train_warns_about_duplicates_with_counts(setup, tmp_path, caplog):
     import logging
 
-    from selm_mcore.trainer import train_round
+    from selm_mcore.train.trainer import train_round
 
     rows = rows_of(setup.preference_row, PAIRS + PAIRS[:1] + [("Q?", "A.", "A.", "A.")])
     pairs = setup.write_jsonl(tmp_path / "dup.jsonl", rows)
-    cfg = load_config(None, [
-        f"model.hf_dir={setup.model}", f"data.train_path={pairs}", "data.max_length=64",
-        "data.max_prompt_length=32", "train.global_batch_size=2", f"train.ref_cache={setup.cache}",
-        f"train.output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.hf_dir={setup.model}",
+            f"data.train_path={pairs}",
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            "train.global_batch_size=2",
+            f"train.ref_cache={setup.cache}",
+            f"train.output_dir={tmp_path / 'out'}",
+        ],
+    )
     with caplog.at_level(logging.WARNING), pytest.raises(StaleReferenceCacheError):
         train_round(cfg)  # the cache is for other data: stops after loading and counting it
     assert "1 rows repeat an earlier row (e.g. row 5 repeats row 1)" in caplog.text

@@ -7,9 +7,19 @@ import json
 import numpy as np
 import pytest
 
-from selm_mcore.reports import (CHOSEN, REJECTED, YREF, RoundSummary, ScoreStats, TrainStats,
-                                WinCounts, format_round_table, plot_score_distributions,
-                                read_summary, write_round_report)
+from selm_mcore.loop.reports import (
+    CHOSEN,
+    REJECTED,
+    YREF,
+    RoundSummary,
+    ScoreStats,
+    TrainStats,
+    WinCounts,
+    format_round_table,
+    plot_score_distributions,
+    read_summary,
+    write_round_report,
+)
 
 
 def test_score_stats_match_numpy():
@@ -30,24 +40,37 @@ def test_score_stats_match_numpy():
 
 def test_win_counts_by_hand():
     selections = [
-        (YREF, REJECTED),      # y_ref best, original y_l worst
-        (YREF, CHOSEN),        # y_ref best, original chosen became rejected
-        (CHOSEN, YREF),        # y_ref worst
-        (CHOSEN, REJECTED),    # original pair kept, y_ref dropped
-        (REJECTED, CHOSEN),    # original pair flipped, y_ref dropped
-        (YREF, YREF),          # full tie
+        (YREF, REJECTED),  # y_ref best, original y_l worst
+        (YREF, CHOSEN),  # y_ref best, original chosen became rejected
+        (CHOSEN, YREF),  # y_ref worst
+        (CHOSEN, REJECTED),  # original pair kept, y_ref dropped
+        (REJECTED, CHOSEN),  # original pair flipped, y_ref dropped
+        (YREF, YREF),  # full tie
     ]
     counts = WinCounts.of(selections)
-    assert (counts.pairs, counts.yref_chosen, counts.yref_rejected, counts.yref_dropped) == (6, 3, 1, 2)
+    assert (counts.pairs, counts.yref_chosen, counts.yref_rejected, counts.yref_dropped) == (
+        6,
+        3,
+        1,
+        2,
+    )
     assert counts.original_kept == 1
     assert counts.original_flipped == 2
     assert counts.full_ties == 1
 
 
 def test_train_stats_means_and_loss_ends():
-    records = [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/chosen": 0.01 * s,
-                "rewards/rejected": -0.02 * s, "rewards/accuracies": s / 4,
-                "rewards/margins": 0.03 * s} for s in (1, 2, 3)]
+    records = [
+        {
+            "step": s,
+            "loss": 0.7 - 0.1 * s,
+            "rewards/chosen": 0.01 * s,
+            "rewards/rejected": -0.02 * s,
+            "rewards/accuracies": s / 4,
+            "rewards/margins": 0.03 * s,
+        }
+        for s in (1, 2, 3)
+    ]
     stats = TrainStats.of(records + [{"step": 4, "lr": 1e-7}])  # a record without loss is ignored
     assert stats.steps == 3
     assert stats.rewards_chosen == pytest.approx(0.02)
@@ -68,15 +91,35 @@ def _png_shape(path):
 def test_round_report_files_and_final_table(tmp_path):
     start_scores = [0.0, 1.0, 0.0, 0.0]
     round1 = RoundSummary(
-        round=1, generator="start", eval_scores=ScoreStats.of(start_scores),
-        eval_score_values=start_scores, wins=WinCounts.of([(YREF, REJECTED), (CHOSEN, YREF)]),
-        train=TrainStats.of([{"step": 1, "loss": 0.6931, "rewards/chosen": 0.0,
-                              "rewards/rejected": 0.0, "rewards/accuracies": 0.0},
-                             {"step": 2, "loss": 0.61, "rewards/chosen": 0.2,
-                              "rewards/rejected": -0.1, "rewards/accuracies": 1.0}]),
-        phase_seconds={"generate": 10.0, "train": 20.5})
-    records = [{"step": 1, "rewards/chosen": 0.0, "rewards/rejected": 0.0},
-               {"step": 2, "rewards/chosen": 0.2, "rewards/rejected": -0.1}]
+        round=1,
+        generator="start",
+        eval_scores=ScoreStats.of(start_scores),
+        eval_score_values=start_scores,
+        wins=WinCounts.of([(YREF, REJECTED), (CHOSEN, YREF)]),
+        train=TrainStats.of(
+            [
+                {
+                    "step": 1,
+                    "loss": 0.6931,
+                    "rewards/chosen": 0.0,
+                    "rewards/rejected": 0.0,
+                    "rewards/accuracies": 0.0,
+                },
+                {
+                    "step": 2,
+                    "loss": 0.61,
+                    "rewards/chosen": 0.2,
+                    "rewards/rejected": -0.1,
+                    "rewards/accuracies": 1.0,
+                },
+            ]
+        ),
+        phase_seconds={"generate": 10.0, "train": 20.5},
+    )
+    records = [
+        {"step": 1, "rewards/chosen": 0.0, "rewards/rejected": 0.0},
+        {"step": 2, "rewards/chosen": 0.2, "rewards/rejected": -0.1},
+    ]
     write_round_report(tmp_path / "r1", round1, [], records)
     for name in ("scores.png", "rewards.png"):
         height, width, _ = _png_shape(tmp_path / "r1" / name)
@@ -87,8 +130,12 @@ def test_round_report_files_and_final_table(tmp_path):
     assert read_summary(tmp_path / "r1") == round1  # JSON round trip
 
     round1_scores = [1.0, 1.0, 0.0, 1.0]
-    final = RoundSummary(round=0, generator="round 1 policy",
-                         eval_scores=ScoreStats.of(round1_scores), eval_score_values=round1_scores)
+    final = RoundSummary(
+        round=0,
+        generator="round 1 policy",
+        eval_scores=ScoreStats.of(round1_scores),
+        eval_score_values=round1_scores,
+    )
     write_round_report(tmp_path / "final", final, [round1])
     final_md = (tmp_path / "final" / "report.md").read_text()
     assert "| start | 4 | 0.25 |" in final_md and final_md.count("| 0.250 |") == 1
@@ -99,13 +146,16 @@ def test_round_report_files_and_final_table(tmp_path):
     assert table[2].startswith("| start | 0.250 ± 0.433 (n=4) | 0.250 |")
     # round 1's row shows the scores of the policy round 1 trained (from the final evaluation)
     assert table[3].startswith(
-        "| round 1 | 0.750 ± 0.433 (n=4) | 0.750 | 2 | 1/1/0 | 0 | 0.1 | -0.05 | 0.5 |")
+        "| round 1 | 0.750 ± 0.433 (n=4) | 0.750 | 2 | 1/1/0 | 0 | 0.1 | -0.05 | 0.5 |"
+    )
     assert "0.6931->0.61" in table[3] and table[3].endswith("| 30 |")
 
 
 def test_table_without_final_eval_leaves_last_policy_unscored():
-    rounds = [RoundSummary(round=r, generator=f"g{r}", eval_scores=ScoreStats.of([float(r)]))
-              for r in (1, 2)]
+    rounds = [
+        RoundSummary(round=r, generator=f"g{r}", eval_scores=ScoreStats.of([float(r)]))
+        for r in (1, 2)
+    ]
     table = format_round_table(rounds).splitlines()
     assert table[2].startswith("| start | 1.000")
     assert table[3].startswith("| round 1 | 2.000")
@@ -119,11 +169,17 @@ def test_constant_scores_still_plot(tmp_path):
 
 
 def test_phase_times_table():
-    from selm_mcore.reports import format_phase_times
+    from selm_mcore.loop.reports import format_phase_times
 
-    table = format_phase_times({"round1/generate": 10.0, "round1/train": 5.0,
-                                "round2/export": 2.0, "round2/generate": 8.0,
-                                "final/generate": 3.5}).splitlines()
+    table = format_phase_times(
+        {
+            "round1/generate": 10.0,
+            "round1/train": 5.0,
+            "round2/export": 2.0,
+            "round2/generate": 8.0,
+            "final/generate": 3.5,
+        }
+    ).splitlines()
     assert table[0] == "| phase | round1 | round2 | final | total |"
     assert table[2] == "| generate | 10.0 | 8.0 | 3.5 | 21.5 |"
     assert table[3] == "| train | 5.0 | - | - | 5.0 |"
@@ -133,8 +189,7 @@ def test_phase_times_table():
 
 def test_table_with_a_dpo_warmup_round(tmp_path):
     """Round 0 (the DPO warm-up) scores the start model; round 1 scores the warm-up policy."""
-    warmup = RoundSummary(round=0, generator="start", eval_scores=ScoreStats.of([0.0]),
-                          warmup=True)
+    warmup = RoundSummary(round=0, generator="start", eval_scores=ScoreStats.of([0.0]), warmup=True)
     round1 = RoundSummary(round=1, generator="round 0 policy", eval_scores=ScoreStats.of([1.0]))
     final = RoundSummary(round=0, generator="round 1 policy", eval_scores=ScoreStats.of([2.0]))
     table = format_round_table([final, round1, warmup]).splitlines()

@@ -1,4 +1,4 @@
-"""selm_mcore.runner in this process: the manifest, resume and failure rules, with fake phases.
+"""selm_mcore.loop.runner in this process: the manifest, resume and failure rules, with fake phases.
 
 A fake phase writes deterministic content derived from its inputs, so "the final outputs equal
 an uninterrupted run" is checked byte for byte, and call counts show which phases re-ran. The
@@ -15,20 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from selm_mcore.config import SelmConfig
-from selm_mcore.files import DataError, hash_path
-from selm_mcore.online import RESUME_MUTABLE_KEYS
-from selm_mcore.runner import (
+from selm_mcore.config.schema import SelmConfig
+from selm_mcore.loop.online import RESUME_MUTABLE_KEYS
+from selm_mcore.loop.runner import (
     Manifest,
-    clear_outputs,
     OnlineError,
     Phase,
     PhaseFailed,
+    clear_outputs,
     parse_fault,
     redo_from,
     run_phases,
     workdir_lock,
 )
+from selm_mcore.runtime.files import DataError, hash_path
 
 NAMES = ["round1/portion", "round1/generate", "round1/train", "round2/generate", "round2/train"]
 
@@ -78,8 +78,10 @@ def make_phases(workdir: Path, calls: list[str], fail: str | None = None) -> lis
 
 
 def snapshot(workdir: Path) -> dict[str, str]:
-    return {name.replace("/", "_"): hash_path(workdir / p.output)
-            for name, p in zip(NAMES, make_phases(workdir, []))}
+    return {
+        name.replace("/", "_"): hash_path(workdir / p.output)
+        for name, p in zip(NAMES, make_phases(workdir, []))
+    }
 
 
 def fresh_manifest(workdir: Path, config: dict | None = None) -> Manifest:
@@ -105,16 +107,21 @@ def test_fresh_run_records_every_phase_in_order(tmp_path):
 
 @pytest.mark.parametrize("point", ["work", "published"])
 @pytest.mark.parametrize("killed", NAMES)
-def test_kill_inside_each_phase_resumes_to_identical_outputs(tmp_path, simulated_kill, killed,
-                                                              point):
+def test_kill_inside_each_phase_resumes_to_identical_outputs(
+    tmp_path, simulated_kill, killed, point
+):
     reference_dir = tmp_path / "reference"
     run_phases(make_phases(reference_dir, []), reference_dir, fresh_manifest(reference_dir))
 
     workdir = tmp_path / "run"
     calls: list[str] = []
     with pytest.raises(SimulatedKill):
-        run_phases(make_phases(workdir, calls), workdir, fresh_manifest(workdir),
-                   fault=parse_fault(f"{killed}:{point}"))
+        run_phases(
+            make_phases(workdir, calls),
+            workdir,
+            fresh_manifest(workdir),
+            fault=parse_fault(f"{killed}:{point}"),
+        )
     assert calls == NAMES[: NAMES.index(killed) + 1]
     recorded = list(json.loads((workdir / "manifest.json").read_text())["phases"])
     assert recorded == NAMES[: NAMES.index(killed)]  # the killed phase is not recorded
@@ -133,8 +140,9 @@ def test_kill_inside_each_phase_resumes_to_identical_outputs(tmp_path, simulated
 def test_failed_phase_stops_the_run_and_records_the_error(tmp_path):
     calls: list[str] = []
     with pytest.raises(OnlineError, match="round1/train failed: fake failure in round1/train"):
-        run_phases(make_phases(tmp_path, calls, fail="round1/train"), tmp_path,
-                   fresh_manifest(tmp_path))
+        run_phases(
+            make_phases(tmp_path, calls, fail="round1/train"), tmp_path, fresh_manifest(tmp_path)
+        )
     assert calls == NAMES[:3]  # nothing after the failed phase ran
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert list(data["phases"]) == NAMES[:2]
@@ -152,23 +160,30 @@ def test_in_process_errors_user_error_wrapped_bug_kept_with_its_traceback(tmp_pa
         raise DataError(tmp_path / "train.jsonl", 3, "prompt is empty", "fill it")
 
     with pytest.raises(OnlineError, match="round1/portion failed: DataError: .*row 3"):
-        run_phases([Phase("round1/portion", "p.jsonl", bad_data)], tmp_path,
-                   fresh_manifest(tmp_path))
+        run_phases(
+            [Phase("round1/portion", "p.jsonl", bad_data)], tmp_path, fresh_manifest(tmp_path)
+        )
 
     def bug(partial):
         raise KeyError("prompt_id")
 
     with pytest.raises(KeyError, match="prompt_id"):  # a bug: not turned into a message
-        run_phases([Phase("round1/rank", "pairs.jsonl", bug)], tmp_path / "b",
-                   fresh_manifest(tmp_path / "b"))
+        run_phases(
+            [Phase("round1/rank", "pairs.jsonl", bug)],
+            tmp_path / "b",
+            fresh_manifest(tmp_path / "b"),
+        )
     last_error = json.loads((tmp_path / "b" / "manifest.json").read_text())["last_error"]
     assert last_error["message"].startswith("round1/rank failed: KeyError")
 
 
 def test_phase_that_writes_nothing_fails(tmp_path):
     with pytest.raises(OnlineError, match="without writing its output"):
-        run_phases([Phase("round1/rank", "pairs.jsonl", lambda partial: None)], tmp_path,
-                   fresh_manifest(tmp_path))
+        run_phases(
+            [Phase("round1/rank", "pairs.jsonl", lambda partial: None)],
+            tmp_path,
+            fresh_manifest(tmp_path),
+        )
 
 
 @pytest.mark.parametrize("changed", ["round1/generate", "round1/train"])
@@ -189,7 +204,7 @@ def test_changed_output_is_refused_and_redo_recomputes(tmp_path, changed):
     manifest = fresh_manifest(tmp_path)
     redo_from(make_phases(tmp_path, []), tmp_path, manifest, changed)  # --redo CHANGED
     run_phases(make_phases(tmp_path, calls), tmp_path, manifest)
-    assert calls == NAMES[NAMES.index(changed):]
+    assert calls == NAMES[NAMES.index(changed) :]
     assert snapshot(tmp_path) == before
 
 
@@ -257,8 +272,12 @@ def test_redo_deletes_the_outputs_it_recomputes(tmp_path):
 
 def test_published_output_with_changed_content_is_refused(tmp_path, simulated_kill):
     with pytest.raises(SimulatedKill):
-        run_phases(make_phases(tmp_path, []), tmp_path, fresh_manifest(tmp_path),
-                   fault=("round1/generate", "published"))
+        run_phases(
+            make_phases(tmp_path, []),
+            tmp_path,
+            fresh_manifest(tmp_path),
+            fault=("round1/generate", "published"),
+        )
     (tmp_path / "round1_generate.txt").write_text("edited after the kill\n")
     with pytest.raises(OnlineError, match="round1/generate: output .* was being published"):
         run_phases(make_phases(tmp_path, []), tmp_path, fresh_manifest(tmp_path))
@@ -275,8 +294,9 @@ def test_config_change_is_refused_but_listed_keys_may_change(tmp_path):
     with pytest.raises(OnlineError, match=r"online.rdzv_endpoint: '' -> 'node7:29500'"):
         Manifest(tmp_path / "manifest.json", new_allocation)
     assert "online.rdzv_endpoint" in RESUME_MUTABLE_KEYS
-    Manifest(tmp_path / "manifest.json", new_allocation,
-             mutable_keys=RESUME_MUTABLE_KEYS)  # accepted
+    Manifest(
+        tmp_path / "manifest.json", new_allocation, mutable_keys=RESUME_MUTABLE_KEYS
+    )  # accepted
     other_beta = json.loads(json.dumps(cfg))
     other_beta["loss"]["beta"] = 0.1
     with pytest.raises(OnlineError, match=r"loss.beta: 0.01 -> 0.1"):
@@ -332,17 +352,25 @@ def test_workdir_lock_refuses_a_second_run(tmp_path):
 
 def test_changed_inputs_refused_only_once_their_reader_finished(tmp_path):
     manifest = fresh_manifest(tmp_path)
-    manifest.check_inputs({"data.train_path": ("aaa", "round1/portion"),
-                           "ranking.model_path": ("rrr", "round1/rank")})
+    manifest.check_inputs(
+        {"data.train_path": ("aaa", "round1/portion"), "ranking.model_path": ("rrr", "round1/rank")}
+    )
     manifest.record("round1/portion", "p.txt", "x", 1.0)
     # The ranker's weights were broken and got fixed before its phase finished: accepted.
-    manifest.check_inputs({"data.train_path": ("aaa", "round1/portion"),
-                           "ranking.model_path": ("fixed", "round1/rank")})
+    manifest.check_inputs(
+        {
+            "data.train_path": ("aaa", "round1/portion"),
+            "ranking.model_path": ("fixed", "round1/rank"),
+        }
+    )
     assert json.loads((tmp_path / "manifest.json").read_text())["inputs"] == {
-        "data.train_path": "aaa", "ranking.model_path": "fixed"}
+        "data.train_path": "aaa",
+        "ranking.model_path": "fixed",
+    }
     # The data changed under a finished portion: refused, naming the phase to redo.
-    with pytest.raises(OnlineError, match="data.train_path changed since round1/portion.*"
-                                          "--redo round1/portion"):
+    with pytest.raises(
+        OnlineError, match="data.train_path changed since round1/portion.*--redo round1/portion"
+    ):
         fresh_manifest(tmp_path).check_inputs({"data.train_path": ("bbb", "round1/portion")})
 
 
@@ -358,17 +386,24 @@ def _resumable_chain(workdir: Path, calls: list[str], seen_partials: list[bool])
     return phases + [Phase("round1/train", "round1_train", resumable_run, resumable=True)]
 
 
-def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_path,
-                                                                          simulated_kill):
+def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_path, simulated_kill):
     calls: list[str] = []
     seen: list[bool] = []
     with pytest.raises(SimulatedKill):
-        run_phases(_resumable_chain(tmp_path, calls, seen), tmp_path, fresh_manifest(tmp_path),
-                   fault=("round1/train", "work"))
+        run_phases(
+            _resumable_chain(tmp_path, calls, seen),
+            tmp_path,
+            fresh_manifest(tmp_path),
+            fault=("round1/train", "work"),
+        )
     assert seen == [False] and (tmp_path / "round1_train.partial" / "step1").exists()
     with pytest.raises(SimulatedKill):  # inputs unchanged: the partial is continued
-        run_phases(_resumable_chain(tmp_path, calls, seen), tmp_path, fresh_manifest(tmp_path),
-                   fault=("round1/train", "work"))
+        run_phases(
+            _resumable_chain(tmp_path, calls, seen),
+            tmp_path,
+            fresh_manifest(tmp_path),
+            fault=("round1/train", "work"),
+        )
     assert seen == [False, True]
 
     manifest = fresh_manifest(tmp_path)
@@ -383,8 +418,12 @@ def test_resumable_phase_continues_its_partial_only_with_unchanged_inputs(tmp_pa
 def test_resumable_partial_from_other_inputs_is_dropped(tmp_path, simulated_kill):
     seen: list[bool] = []
     with pytest.raises(SimulatedKill):
-        run_phases(_resumable_chain(tmp_path, [], seen), tmp_path, fresh_manifest(tmp_path),
-                   fault=("round1/train", "work"))
+        run_phases(
+            _resumable_chain(tmp_path, [], seen),
+            tmp_path,
+            fresh_manifest(tmp_path),
+            fault=("round1/train", "work"),
+        )
     inputs = tmp_path / "round1_train.partial.inputs"
     inputs.write_text(json.dumps({"round1/portion": "other"}))  # started from other inputs
     run_phases(_resumable_chain(tmp_path, [], seen), tmp_path, fresh_manifest(tmp_path))

@@ -11,7 +11,6 @@ import pytest
 import torch
 from payloads import FORBIDDEN, TouchOnUnpickle, write_pickle
 
-
 # --- in this process --------------------------------------------------------------------------
 
 
@@ -36,14 +35,19 @@ def test_malicious_metadata_is_refused_before_it_runs(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64, torch.bool])
 def test_metadata_of_any_dtype_reads_back_equal(tmp_path, dtype):
-    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata,
-                                                       TensorProperties, TensorStorageMetadata)
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
 
     from selm_mcore.mcore.safe_load import read_dcp_metadata
 
     size = torch.Size([4, 3])
-    entry = TensorStorageMetadata(TensorProperties(dtype=dtype), size,
-                                  [ChunkStorageMetadata(torch.Size([0, 0]), size)])
+    entry = TensorStorageMetadata(
+        TensorProperties(dtype=dtype), size, [ChunkStorageMetadata(torch.Size([0, 0]), size)]
+    )
     obj = Metadata(state_dict_metadata={"w": entry}, storage_data={})
     assert read_dcp_metadata(write_pickle(tmp_path / ".metadata", obj)) == obj
 
@@ -60,12 +64,17 @@ def test_payload_inside_a_real_metadata_is_refused(tmp_path, where):
     if where == "planner_data":
         obj = Metadata(state_dict_metadata={}, planner_data={"x": payload}, storage_data={})
     elif where == "storage_meta.modules":
-        obj = Metadata(state_dict_metadata={}, storage_data={},
-                       storage_meta=StorageMeta(modules=["a", payload]))
+        obj = Metadata(
+            state_dict_metadata={},
+            storage_data={},
+            storage_meta=StorageMeta(modules=["a", payload]),
+        )
     else:
+
         class ExecOnUnpickle:
             def __reduce__(self):
                 return exec, (f"open({str(marker)!r}, 'w').close()",)
+
         obj = Metadata(state_dict_metadata={}, planner_data=ExecOnUnpickle(), storage_data={})
         forbidden = "builtins.exec"
     path = write_pickle(tmp_path / ".metadata", obj)
@@ -82,8 +91,9 @@ def test_data_files_outside_the_folder_are_refused(tmp_path, relative):
 
     from selm_mcore.mcore.safe_load import UnsafeCheckpointError, read_dcp_metadata
 
-    obj = Metadata(state_dict_metadata={},
-                   storage_data={MetadataIndex("w"): _StorageInfo(relative, 0, 8)})
+    obj = Metadata(
+        state_dict_metadata={}, storage_data={MetadataIndex("w"): _StorageInfo(relative, 0, 8)}
+    )
     path = write_pickle(tmp_path / ".metadata", obj)
     with pytest.raises(UnsafeCheckpointError, match="plain file names"):
         read_dcp_metadata(path)

@@ -15,7 +15,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from selm_mcore.config import OptimConfig
+from selm_mcore.config.schema import OptimConfig
 from selm_mcore.mcore.optim import build_lr_scheduler, warmup_steps
 
 HF_SCHEDULES = {
@@ -37,11 +37,11 @@ def hf_learning_rates(schedule: str, peak_lr: float, warmup: int, total: int) ->
     return rates
 
 
-def our_learning_rates(schedule: str, peak_lr: float, warmup_ratio: float,
-                       total: int) -> list[float]:
+def our_learning_rates(
+    schedule: str, peak_lr: float, warmup_ratio: float, total: int
+) -> list[float]:
     optimizer = SimpleNamespace(param_groups=[{}, {"wd_mult": 0.0}])
-    optim = OptimConfig(lr=peak_lr, warmup_ratio=warmup_ratio, schedule=schedule,
-                        weight_decay=0.1)
+    optim = OptimConfig(lr=peak_lr, warmup_ratio=warmup_ratio, schedule=schedule, weight_decay=0.1)
     scheduler = build_lr_scheduler(optimizer, optim, peak_lr=peak_lr, total_steps=total)
     rates = []
     for _ in range(total):

@@ -1,4 +1,5 @@
-"""selm_mcore.trainer without processes: the round's data (loaded and checked before any process
+"""selm_mcore.train.trainer without processes: the round's data (loaded and checked before any
+process
 group exists), the step count, and the loss of one micro-batch with its reduced metrics, against
 log-probs and the SELM loss computed here from the same logits.
 
@@ -13,13 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selm_mcore.config import ConfigError
-from selm_mcore.config_io import load_config
-from selm_mcore.dataset import pad_token_id
-from selm_mcore.loss import selm_loss
+from selm_mcore.config.io import load_config
+from selm_mcore.config.schema import ConfigError
+from selm_mcore.data.tokenize import pad_token_id
 from selm_mcore.mcore.forward import collate_micro_batches
-from selm_mcore.metrics import ModelShape, forward_flops
-from selm_mcore.trainer import (
+from selm_mcore.train.loss import selm_loss
+from selm_mcore.train.metrics import ModelShape, forward_flops
+from selm_mcore.train.trainer import (
     load_round_data,
     reduce_step_metrics,
     selm_step_loss,
@@ -28,9 +29,17 @@ from selm_mcore.trainer import (
 
 
 def round_config(model_dir, train_path, *overrides):
-    return load_config(None, [f"model.hf_dir={model_dir}", f"data.train_path={train_path}",
-                              "data.max_length=64", "data.max_prompt_length=32",
-                              "train.global_batch_size=2", *overrides])
+    return load_config(
+        None,
+        [
+            f"model.hf_dir={model_dir}",
+            f"data.train_path={train_path}",
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            "train.global_batch_size=2",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture
@@ -40,25 +49,32 @@ def train_path(tmp_path, write_jsonl, sample_rows):
 
 
 def test_round_data_on_the_fly_needs_no_cache(tiny_llama_dir, train_path):
-    data = load_round_data(round_config(tiny_llama_dir, train_path,
-                                        "train.reference_mode=onthefly"))
+    data = load_round_data(
+        round_config(tiny_llama_dir, train_path, "train.reference_mode=onthefly")
+    )
     assert data.source == tiny_llama_dir and data.reference_cache is None
     assert len(data.dataset) == 4 and data.dataset.has_yref and data.total_steps == 2
     assert data.tokenizer.eos_token_id == data.dataset[0].chosen_ids[-1]
 
 
-def test_round_data_refusals_come_before_any_process(tiny_llama_dir, train_path, tmp_path,
-                                                     write_jsonl, sample_rows):
+def test_round_data_refusals_come_before_any_process(
+    tiny_llama_dir, train_path, tmp_path, write_jsonl, sample_rows
+):
     # precomputed without a cache: the missing file is named with the command that writes it
     with pytest.raises(FileNotFoundError, match="selm refpass"):
-        load_round_data(round_config(tiny_llama_dir, train_path,
-                                     f"train.ref_cache={tmp_path / 'none.safetensors'}"))
-    no_yref = write_jsonl(tmp_path / "no_yref.jsonl",
-                          [{k: v for k, v in r.items() if k != "reference_response"}
-                           for r in sample_rows])
+        load_round_data(
+            round_config(
+                tiny_llama_dir, train_path, f"train.ref_cache={tmp_path / 'none.safetensors'}"
+            )
+        )
+    no_yref = write_jsonl(
+        tmp_path / "no_yref.jsonl",
+        [{k: v for k, v in r.items() if k != "reference_response"} for r in sample_rows],
+    )
     with pytest.raises(ValueError, match="loss.alpha=0.5 needs y_ref"):
-        load_round_data(round_config(tiny_llama_dir, no_yref, "loss.alpha=0.5",
-                                     "train.reference_mode=onthefly"))
+        load_round_data(
+            round_config(tiny_llama_dir, no_yref, "loss.alpha=0.5", "train.reference_mode=onthefly")
+        )
     with pytest.raises(ConfigError, match="no model to start from"):
         load_round_data(load_config(None, [f"data.train_path={train_path}"]))
 
@@ -72,16 +88,28 @@ def test_total_train_steps():
         total_train_steps(cfg, 7)
 
 
-def test_step_loss_and_reduced_metrics_match_an_independent_computation(tiny_llama_dir,
-                                                                         train_path):
-    cfg = round_config(tiny_llama_dir, train_path, "loss.beta=0.1", "loss.alpha=0.5",
-                       "train.reference_mode=onthefly")
+def test_step_loss_and_reduced_metrics_match_an_independent_computation(tiny_llama_dir, train_path):
+    cfg = round_config(
+        tiny_llama_dir,
+        train_path,
+        "loss.beta=0.1",
+        "loss.alpha=0.5",
+        "train.reference_mode=onthefly",
+    )
     data = load_round_data(cfg)
     vocab = len(data.tokenizer)
-    shape = ModelShape(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_heads=2,
-                       num_kv_heads=1, head_dim=8, vocab_size=vocab)
-    micro = collate_micro_batches(data.dataset, [[0, 2], [1, 3]],
-                                  pad_id=pad_token_id(data.tokenizer), pad_to_multiple_of=8)
+    shape = ModelShape(
+        num_layers=2,
+        hidden_size=16,
+        ffn_hidden_size=32,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        vocab_size=vocab,
+    )
+    micro = collate_micro_batches(
+        data.dataset, [[0, 2], [1, 3]], pad_id=pad_token_id(data.tokenizer), pad_to_multiple_of=8
+    )
     gen = torch.Generator().manual_seed(0)
     sums, expected_losses = [], []
     for mb in micro:
@@ -89,21 +117,32 @@ def test_step_loss_and_reduced_metrics_match_an_independent_computation(tiny_lla
         logits = 3 * torch.randn(n, t, vocab + 12, generator=gen)  # 12 padded vocab columns
         logits[..., vocab:] = 50.0  # they must not enter the softmax
         mb.ref_logps = -10 * torch.rand(n, generator=gen)
-        mean, reduced = selm_step_loss(mb, logits, cfg=cfg, tp_group=None, vocab_size=vocab,
-                                       shape=shape)
+        mean, reduced = selm_step_loss(
+            mb, logits, cfg=cfg, tp_group=None, vocab_size=vocab, shape=shape
+        )
         # Independent: summed response log-probs over the true vocabulary.
-        token_logps = logits[..., :vocab].log_softmax(-1).gather(
-            -1, mb.batch.labels[..., None])[..., 0]
+        token_logps = (
+            logits[..., :vocab].log_softmax(-1).gather(-1, mb.batch.labels[..., None])[..., 0]
+        )
         seq = (token_logps * mb.batch.loss_mask).sum(-1)
         b = mb.batch.num_examples
-        loss, _ = selm_loss(seq[:b], seq[b:2 * b], mb.ref_logps[:b], mb.ref_logps[b:2 * b],
-                            seq[2 * b:], mb.ref_logps[2 * b:], beta=0.1, alpha=0.5)
+        loss, _ = selm_loss(
+            seq[:b],
+            seq[b : 2 * b],
+            mb.ref_logps[:b],
+            mb.ref_logps[b : 2 * b],
+            seq[2 * b :],
+            mb.ref_logps[2 * b :],
+            beta=0.1,
+            alpha=0.5,
+        )
         assert mean.item() == pytest.approx(loss.mean().item(), rel=1e-5)
         assert reduced["num_examples"].item() == b
         assert reduced["num_tokens"].item() == sum(mb.sequence_lengths) == mb.num_tokens
         examples = [data.dataset[i] for i in mb.batch.example_indices.tolist()]
-        assert mb.sequence_lengths == [len(e.prompt_ids) + len(e.responses[s])
-                                       for s in range(3) for e in examples]
+        assert mb.sequence_lengths == [
+            len(e.prompt_ids) + len(e.responses[s]) for s in range(3) for e in examples
+        ]
         assert reduced["model_flops"].item() == 3 * forward_flops(shape, mb.sequence_lengths)
         sums.append(reduced)
         expected_losses.append(loss)
@@ -123,7 +162,7 @@ def test_step_loss_and_reduced_metrics_match_an_independent_computation(tiny_lla
 
 def test_reduced_metrics_keep_a_non_finite_loss():
     """A NaN or infinite loss is reported as such (a metric no micro-batch produces is not)."""
-    from selm_mcore.trainer import COUNTS
+    from selm_mcore.train.trainer import COUNTS
 
     def micro(loss):
         sums = {name: torch.tensor(1.0, dtype=torch.float64) for name in COUNTS}

@@ -3,33 +3,38 @@ a missing shard file, a config with attention bias, tp=3 for 8 query groups, a m
 misshapen tensor, an HF folder passed as a Megatron checkpoint, a non-empty export target
 without overwrite. (A checkpoint loaded into a
 model of another vocabulary size needs Megatron ranks: tests/dist/test_convert_roundtrip.py.)"""
+
 import json
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
-from selm_mcore.assets import build_tiny_llama
 from selm_mcore.mcore.checkpoint import CheckpointError
 from selm_mcore.mcore.convert import hf_to_mcore, mcore_to_hf
 from selm_mcore.mcore.model import UnsupportedModelError, load_hf_config
 from selm_mcore.mcore.parallel import ParallelLayoutError
 from selm_mcore.mcore.weights import SafetensorsReader, WeightsError, check_same_architecture
+from selm_mcore.testing.assets import build_tiny_llama
 
 
 def test_missing_shard_file(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     sharded = tmp_path / "sharded"
-    AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).save_pretrained(str(sharded),
-                                                                        max_shard_size="1MB")
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).save_pretrained(
+        str(sharded), max_shard_size="1MB"
+    )
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
     SafetensorsReader(sharded)  # complete: fine
     (sharded / shards[1]).unlink()
-    with pytest.raises(WeightsError, match=rf"model.safetensors.index.json lists shard file\(s\) "
-                                           rf"\['{shards[1]}'\] that are not in"):
+    with pytest.raises(
+        WeightsError,
+        match=rf"model.safetensors.index.json lists shard file\(s\) "
+        rf"\['{shards[1]}'\] that are not in",
+    ):
         hf_to_mcore(sharded, tmp_path / "out", tp=1, pp=1)
     assert not (tmp_path / "out").exists()
 
@@ -42,11 +47,19 @@ def test_attention_bias_refused(tmp_path):
 
 def test_tp3_for_8_query_groups_refused(tmp_path):
     # Only config.json is needed: the layout is checked before any weight is read.
-    LlamaConfig(vocab_size=500, hidden_size=768, intermediate_size=384, num_hidden_layers=4,
-                num_attention_heads=24, num_key_value_heads=8).save_pretrained(str(tmp_path))
-    with pytest.raises(ParallelLayoutError,
-                       match=r"parallel.tp=3 must divide model.num_key_value_heads "
-                             r"\(query groups\)=8; choose one of \[1, 2, 4, 8\]"):
+    LlamaConfig(
+        vocab_size=500,
+        hidden_size=768,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+    ).save_pretrained(str(tmp_path))
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"parallel.tp=3 must divide model.num_key_value_heads "
+        r"\(query groups\)=8; choose one of \[1, 2, 4, 8\]",
+    ):
         hf_to_mcore(tmp_path, tmp_path / "out", tp=3, pp=1)
 
 
@@ -60,18 +73,23 @@ def test_missing_and_misshapen_tensors(tmp_path, tiny_llama_dir):
     reader = SafetensorsReader(tmp_path)
     with pytest.raises(WeightsError, match="'model.layers.2.mlp.up_proj.weight' is missing"):
         reader.read("model.layers.2.mlp.up_proj.weight", (256, 128))
-    with pytest.raises(WeightsError, match=r"'model.norm.weight' in .*model.safetensors has "
-                                           r"shape \(64,\), config.json implies \(128,\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"'model.norm.weight' in .*model.safetensors has "
+        r"shape \(64,\), config.json implies \(128,\)",
+    ):
         reader.read("model.norm.weight", (128,))
 
 
 def test_no_weights_and_other_architecture(tmp_path, tiny_llama_dir):
     LlamaConfig(vocab_size=500, hidden_size=128, num_attention_heads=4).save_pretrained(
-        str(tmp_path))
+        str(tmp_path)
+    )
     with pytest.raises(WeightsError, match="no safetensors weights"):
         SafetensorsReader(tmp_path)
-    with pytest.raises(WeightsError, match="has hidden_size=128 but the model was built with "
-                                           "hidden_size=256"):
+    with pytest.raises(
+        WeightsError, match="has hidden_size=128 but the model was built with hidden_size=256"
+    ):
         config = load_hf_config(tiny_llama_dir)
         config.hidden_size = 256
         check_same_architecture(config, tiny_llama_dir)
@@ -92,8 +110,11 @@ def test_export_target_must_be_empty_unless_overwrite(tmp_path):
     full.mkdir()
     for name in ("a", "b", "c", "d", "e"):
         (full / name).touch()
-    with pytest.raises(ExportTargetError, match=r"full is not empty \(5 entries: a, b, c, d, "
-                                                r"\.\.\.\); stale .*Pass --overwrite"):
+    with pytest.raises(
+        ExportTargetError,
+        match=r"full is not empty \(5 entries: a, b, c, d, "
+        r"\.\.\.\); stale .*Pass --overwrite",
+    ):
         check_export_target(full, overwrite=False)
     check_export_target(full, overwrite=True)
     (tmp_path / "file").touch()

@@ -2,6 +2,7 @@
 written out here with explicit per-head loops: QKV interleaved per query group, fc1 = [gate;
 up] per TP shard, row-parallel columns, padded vocabulary rows; export re-joins them exactly;
 the streaming safetensors writer produces files safetensors and the reader read back."""
+
 import json
 
 import pytest
@@ -20,9 +21,16 @@ from selm_mcore.mcore.weights import (
     split_full,
 )
 
-CONFIG = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=16,
-                     tie_word_embeddings=False)
+CONFIG = LlamaConfig(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +49,9 @@ def reference_qkv(q, k, v, groups, heads, hd):
     for g in range(groups):
         for j in range(per_group):
             head = g * per_group + j
-            rows.append(q[head * hd:(head + 1) * hd])
-        rows.append(k[g * hd:(g + 1) * hd])
-        rows.append(v[g * hd:(g + 1) * hd])
+            rows.append(q[head * hd : (head + 1) * hd])
+        rows.append(k[g * hd : (g + 1) * hd])
+        rows.append(v[g * hd : (g + 1) * hd])
     return torch.cat(rows)
 
 
@@ -73,11 +81,15 @@ def test_shards_match_reference_and_rejoin_exactly(hf_tensors, tp):
     assert sorted(n for s in table for n in s.hf_names) == sorted(tensors)
     for spec in table:
         shapes = [reference_shard(spec, tensors, tp, r, padded).shape for r in range(tp)]
-        shards = [read_local_shard(reader, spec, CONFIG, tp, r, torch.full(shape, float("nan")))
-                  for r, shape in enumerate(shapes)]
+        shards = [
+            read_local_shard(reader, spec, CONFIG, tp, r, torch.full(shape, float("nan")))
+            for r, shape in enumerate(shapes)
+        ]
         for rank, shard in enumerate(shards):
-            assert torch.equal(shard, reference_shard(spec, tensors, tp, rank, padded)), \
-                (spec.part, rank)
+            assert torch.equal(shard, reference_shard(spec, tensors, tp, rank, padded)), (
+                spec.part,
+                rank,
+            )
         for name, full in zip(spec.hf_names, split_full(spec, shards, CONFIG)):
             assert torch.equal(full, tensors[name]), name
 
@@ -87,8 +99,16 @@ def test_param_table_owners_follow_megatron_interleaved_split():
     table = param_table(config, pp=2, num_chunks=2)
     owner = {s.layer: (s.pp_rank, s.chunk) for s in table if s.layer is not None}
     # 8 layers / (pp 2 * vpp 2): chunk 0 of stage 0 = 0-1, stage 1 = 2-3, chunk 1: 4-5, 6-7.
-    assert [owner[i] for i in range(8)] == [(0, 0), (0, 0), (1, 0), (1, 0),
-                                           (0, 1), (0, 1), (1, 1), (1, 1)]
+    assert [owner[i] for i in range(8)] == [
+        (0, 0),
+        (0, 0),
+        (1, 0),
+        (1, 0),
+        (0, 1),
+        (0, 1),
+        (1, 1),
+        (1, 1),
+    ]
     assert table[0].part == "embedding" and (table[0].pp_rank, table[0].chunk) == (0, 0)
     assert table[-1].part == "final_norm" and (table[-1].pp_rank, table[-1].chunk) == (1, 1)
     assert "lm_head.weight" not in [n for s in table for n in s.hf_names]  # tied
@@ -109,8 +129,9 @@ def test_streaming_writer_shards_and_reads_back(tmp_path, hf_tensors, dtype):
     loaded = {}
     for file_name in writer.files:
         loaded.update(load_file(str(tmp_path / file_name)))  # the real safetensors parser
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
-                                                  for t in loaded.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in loaded.values()
+    )
     for name, tensor in tensors.items():
         assert loaded[name].dtype == dtype
         assert torch.equal(loaded[name], tensor.to(dtype)), name

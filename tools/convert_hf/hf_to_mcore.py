@@ -7,6 +7,7 @@ tensors and write one Megatron dist checkpoint (global coordinates: it loads at 
 whose tp/pp divide the model). The same as ``selm convert hf-to-mcore``
 (``selm_mcore.mcore.convert``).
 """
+
 import sys
 
 from selm_mcore.cli import main

@@ -8,6 +8,7 @@ files, generation_config.json and checksums.json: a folder transformers and vLLM
 The export is written next to H and renamed into place; a non-empty H is refused unless
 --overwrite. The same as ``selm convert mcore-to-hf`` (``selm_mcore.mcore.convert``).
 """
+
 import sys
 
 from selm_mcore.cli import main

@@ -1,0 +1,1 @@
+"""Preference rows, portions, tokenisation, batches and packing (pure CPU, no Megatron)."""

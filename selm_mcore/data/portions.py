@@ -1,0 +1,132 @@
+"""The round portions of the online loop: which rows of data.train_path each round reads.
+
+As the reference code slices its data, data.train_path is cut into contiguous, equal portions
+of its ORIGINAL rows (integer division; the tail remainder is unused): one per SELM round, plus
+one for the DPO warm-up round 0 when online.warmup_dpo_round is set (Zephyr: quarters, round 0
+on the first). Round t reads portion t (t + 1 after a warm-up). Rows that fail validation are
+skipped inside their portion with a count under data.skip_bad_rows (without it the first one
+stops the run, naming the row and that switch); they never shift a boundary.
+
+    write_portion(cfg, round_index, "round_1/portion.jsonl")   # the ``roundN/portion`` phase
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from selm_mcore.config.schema import SelmConfig
+from selm_mcore.data.rows import Portion, file_portion, read_rows, source_row
+from selm_mcore.runtime.errors import InputError
+from selm_mcore.runtime.files import DataError, read_records, write_jsonl_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def num_portions(cfg: SelmConfig) -> int:
+    """Portions data.train_path is split into: one per round, the DPO warm-up's included."""
+    return cfg.online.rounds + (1 if cfg.online.warmup_dpo_round else 0)
+
+
+def first_round(cfg: SelmConfig) -> int:
+    """0 with the DPO warm-up round (online.warmup_dpo_round), else 1."""
+    return 0 if cfg.online.warmup_dpo_round else 1
+
+
+def _read_train_rows(cfg: SelmConfig, train_path: Path):
+    try:
+        return read_rows(
+            train_path, skip_bad_rows=cfg.data.skip_bad_rows, max_row_bytes=cfg.data.max_row_bytes
+        )
+    except DataError as exc:
+        if exc.row is None:
+            raise
+        raise DataError(
+            exc.path,
+            exc.row,
+            exc.rule,
+            f"{exc.fix}; or set data.skip_bad_rows=true to skip such rows (counted "
+            "per portion; the portion boundaries stay those of the whole file)",
+        ) from None
+
+
+def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
+    """The rows of round ``round_index`` (0 = the DPO warm-up) as validated rows in the file
+    schema plus the ranking's answer column; rows without a prompt_id get ``row-<file row>``.
+
+    Round t reads portion t (t + 1 after a warm-up) of ``num_portions`` contiguous, equal
+    portions of data.train_path's ORIGINAL rows (``data.file_portion``); bad rows inside it are
+    skipped with a count under data.skip_bad_rows, never shifting the boundaries. The result is
+    capped at online.max_prompts_per_round. The warm-up trains on the original chosen/rejected
+    pairs alone (any reference_response column is left out). Returns the row count.
+    """
+    train_path = Path(cfg.data.train_path)
+    if not cfg.data.train_path:
+        raise InputError("data.train_path is empty: point it at the preference (or prompt) rows")
+    loaded = _read_train_rows(cfg, train_path)
+    if round_index == 0 and loaded.kind != "preference":
+        raise InputError(
+            f"online.warmup_dpo_round=true trains round 0 on the original chosen/rejected pairs, "
+            f"but {train_path} holds prompt-only rows; use preference rows (e.g. UltraFeedback "
+            "train_prefs) or set online.warmup_dpo_round=false"
+        )
+    # Only the verifiable ranker reads a column beyond the file schema (its answers).
+    raw = (
+        dict(read_records(train_path, with_row_numbers=True))
+        if cfg.ranking.kind == "verifiable"
+        else {}
+    )
+    portion = file_portion(loaded, num_portions(cfg), round_index + 1 - first_round(cfg))
+    _report_portion(round_index, portion, train_path)
+    rows = portion.rows
+    if cfg.online.max_prompts_per_round:
+        rows = rows[: cfg.online.max_prompts_per_round]
+    records, seen = [], {}
+    for row in rows:
+        file_row = source_row(row)
+        record = row.to_record()
+        if round_index == 0:
+            record.pop("reference_response", None)
+        record.setdefault("prompt_id", f"row-{file_row}")
+        answer = raw.get(file_row, {}).get(cfg.ranking.answer_key)
+        if answer is not None:
+            record[cfg.ranking.answer_key] = answer
+        if record["prompt_id"] in seen:
+            raise DataError(
+                train_path,
+                file_row,
+                f"prompt_id {record['prompt_id']!r} repeats row {seen[record['prompt_id']]} "
+                f"(round {round_index}'s portion; prompt ids key each generated response to its "
+                "row)",
+                "give every row its own prompt_id (or drop the column: rows without one get "
+                "row-<line>), or remove the duplicated rows",
+            )
+        seen[record["prompt_id"]] = file_row
+        records.append(record)
+    write_jsonl_atomic(out_path, records)
+    logger.info("round %d: %d rows", round_index, len(records))
+    return len(records)
+
+
+def _report_portion(round_index: int, portion: Portion, train_path: Path) -> None:
+    logger.info(
+        "round %d: portion %d of %d of %s: file rows %d..%d (%d rows), %d valid, %d "
+        "skipped as bad (data.skip_bad_rows)",
+        round_index,
+        portion.index,
+        portion.num_portions,
+        train_path,
+        portion.first_row,
+        portion.last_row,
+        portion.num_records,
+        len(portion.rows),
+        len(portion.skipped),
+    )
+    for exc in portion.skipped[:3]:
+        logger.warning("round %d: skipped %s", round_index, exc)
+    if not portion.rows:
+        raise InputError(
+            f"{train_path}: every one of the {portion.num_records} rows of portion "
+            f"{portion.index} (file rows {portion.first_row}..{portion.last_row}) is invalid "
+            f"(first: {portion.skipped[0] if portion.skipped else 'none'}); fix the file"
+        )

@@ -1,0 +1,1 @@
+"""The SELM round as a list of phases, the phase runner and the reports."""

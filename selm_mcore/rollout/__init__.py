@@ -1,0 +1,1 @@
+"""Generation (vLLM), engines, rankers (PairRM) and the new pairs."""

@@ -1,0 +1,358 @@
+"""New preference pairs from ranked candidates, held-out scores, and ``selm rank``.
+
+SELM step 3 (see ``docs/architecture.md``): per prompt, rank ``[y_ref, y_w, y_l]`` (in this
+order) against the raw prompt text; the best-ranked candidate becomes the new chosen, the
+worst-ranked the new rejected, and ties go to the first index, so y_ref wins ties and a full tie
+gives chosen == rejected (a zero DPO gradient). The original y_w can end up rejected. Prompt-only
+rows rank their k generated samples instead. Generated responses are stripped of surrounding
+whitespace before ranking and training, as the reference code does (``selm generate`` writes
+them stripped already; generations from elsewhere are stripped here). Pairs with an empty
+chosen, rejected or y_ref are dropped (and counted): the data schema refuses empty responses.
+
+The held-out score of a policy is the ranker's score of its response to each held-out prompt
+(pairwise rankers: against the row's chosen response).
+
+    selm rank CONFIG --generations GEN.jsonl [--rows ROWS.jsonl --out PAIRS.jsonl]
+                     [--eval-rows EVAL.jsonl --eval-out SCORES.jsonl]
+
+One ranker load serves both jobs (the online loop's rank phase runs both).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selm_mcore.config.io import add_config_arguments, config_from_args
+from selm_mcore.data.rows import prompt_conversation, raw_prompt, strip_response
+from selm_mcore.rollout.rankers import PairRMRanker, Ranker, build_ranker, ranks_from_scores
+from selm_mcore.runtime.errors import InputError
+from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+from selm_mcore.runtime.preflight import check_output_dir
+
+logger = logging.getLogger(__name__)
+
+PREFERENCE_CANDIDATES = ("y_ref", "y_w", "y_l")
+
+
+# --- new preference pairs ---------------------------------------------------------------------
+
+
+def _last_assistant(conversation: Any, key: str, where: str) -> str:
+    if (
+        not isinstance(conversation, list)
+        or not conversation
+        or conversation[-1].get("role") != "assistant"
+    ):
+        raise ValueError(f"{where}: '{key}' must be a message list ending with an assistant turn")
+    return conversation[-1]["content"]
+
+
+def build_pairs(
+    rows: Sequence[Mapping[str, Any]],
+    y_refs: Mapping[str, Sequence[str] | str],
+    ranker: Ranker,
+    *,
+    answer_key: str = "answer",
+) -> tuple[list[dict], list[dict]]:
+    """New preference rows from ranked candidates (SELM step 3).
+
+    ``rows``: preference rows (UltraFeedback-binarized: prompt, prompt_id, chosen, rejected) or
+    prompt-only rows (prompt_id + prompt or messages). ``y_refs``: prompt_id -> the policy's
+    responses (``generate_file`` output; a str counts as one response).
+
+    * Preference row: candidates [y_ref, y_w, y_l] with y_ref = responses[0] (every generated
+      response stripped of surrounding whitespace, as the reference code).
+    * Prompt-only row: candidates = all its responses (k >= 2); reference_response = the first.
+
+    Ranked against the raw prompt text. chosen = the best rank, rejected = the worst rank, ties to
+    the lowest index (so y_ref wins ties; a full tie gives chosen == rejected).
+
+    Returns (new rows, per-row stats). New rows keep the schema: prompt, prompt_id, chosen,
+    rejected, messages (= chosen), score_chosen, score_rejected (ranker scores) and
+    reference_response (y_ref, whatever the ranker did with it); other input keys are kept.
+    Stats: prompt_id, candidate names, scores, ranks, chosen/rejected index and name.
+    """
+    groups: dict[int, list[int]] = {}
+    prepared = []
+    for index, row in enumerate(rows):
+        prompt_id = row.get("prompt_id")
+        where = f"row {index} (prompt_id={prompt_id!r})"
+        if prompt_id is None:
+            raise ValueError(f"row {index}: missing 'prompt_id'")
+        if prompt_id not in y_refs:
+            raise KeyError(
+                f"{where}: no generated response for this prompt_id in the "
+                "generations; regenerate this round's responses"
+            )
+        responses = y_refs[prompt_id]
+        responses = [responses] if isinstance(responses, str) else list(responses)
+        responses = [strip_response(r) for r in responses]
+        if not responses:
+            raise ValueError(f"{where}: the generations hold no response")
+        messages = prompt_conversation(row, where)
+        if "chosen" in row or "rejected" in row:
+            y_w = _last_assistant(row.get("chosen"), "chosen", where)
+            y_l = _last_assistant(row.get("rejected"), "rejected", where)
+            candidates, names = [responses[0], y_w, y_l], list(PREFERENCE_CANDIDATES)
+        else:
+            if len(responses) < 2:
+                raise ValueError(
+                    f"{where}: a prompt-only row needs >= 2 generated responses to "
+                    f"form a pair, got {len(responses)}; set generation.n >= 2"
+                )
+            candidates = responses
+            names = [f"sample_{k}" for k in range(len(responses))]
+        prepared.append((row, messages, raw_prompt(row, messages), candidates, names))
+        groups.setdefault(len(candidates), []).append(index)
+
+    scores: list[np.ndarray | None] = [None] * len(prepared)
+    for indices in groups.values():
+        group_scores = ranker.scores(
+            [prepared[i][2] for i in indices],
+            [prepared[i][3] for i in indices],
+            answers=[prepared[i][0].get(answer_key) for i in indices],
+        )
+        for i, s in zip(indices, group_scores):
+            scores[i] = s
+
+    new_rows, stats = [], []
+    for (row, messages, prompt, candidates, names), row_scores in zip(prepared, scores):
+        ranks = ranks_from_scores(row_scores[None])[0]
+        best, worst = int(np.argmin(ranks)), int(np.argmax(ranks))  # first index wins ties
+        chosen = messages + [{"role": "assistant", "content": candidates[best]}]
+        rejected = messages + [{"role": "assistant", "content": candidates[worst]}]
+        new_row = {k: v for k, v in row.items() if k != "responses"}
+        new_row.update(
+            prompt=prompt,
+            prompt_id=row["prompt_id"],
+            chosen=chosen,
+            rejected=rejected,
+            messages=chosen,
+            score_chosen=float(row_scores[best]),
+            score_rejected=float(row_scores[worst]),
+            reference_response=candidates[0],
+        )
+        new_rows.append(new_row)
+        stats.append(
+            {
+                "prompt_id": row["prompt_id"],
+                "candidates": names,
+                "scores": [float(s) for s in row_scores],
+                "ranks": [int(r) for r in ranks],
+                "chosen_index": best,
+                "rejected_index": worst,
+                "chosen": names[best],
+                "rejected": names[worst],
+                "tie": best == worst,
+            }
+        )
+    return new_rows, stats
+
+
+def summarize_stats(stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts for reports: how often each candidate was chosen / rejected, full ties, and the
+    mean score of y_ref (the policy's greedy response)."""
+    summary: dict[str, Any] = {"rows": len(stats), "ties": sum(bool(s["tie"]) for s in stats)}
+    for s in stats:
+        summary[f"chosen_{s['chosen']}"] = summary.get(f"chosen_{s['chosen']}", 0) + 1
+        summary[f"rejected_{s['rejected']}"] = summary.get(f"rejected_{s['rejected']}", 0) + 1
+    ref_scores = [s["scores"][0] for s in stats]
+    summary["mean_score_first"] = float(np.mean(ref_scores)) if ref_scores else float("nan")
+    return summary
+
+
+def load_generations(path: str | os.PathLike) -> dict[str, list[str]]:
+    """``generate_file`` output -> {prompt_id: responses}."""
+    out: dict[str, list[str]] = {}
+    for index, row in enumerate(read_records(path)):
+        if "prompt_id" not in row or not isinstance(row.get("responses"), list):
+            raise ValueError(f"{path} row {index}: expected keys prompt_id and responses (list)")
+        out[row["prompt_id"]] = row["responses"]
+    return out
+
+
+# --- held-out scores ---------------------------------------------------------------------------
+
+# Held-out prompts share the generation file with the round's prompts under this id prefix.
+EVAL_ID_PREFIX = "eval::"
+
+
+def eval_anchor(row: dict[str, Any]) -> str | None:
+    """The reference response a pairwise ranker compares a held-out response against: the
+    row's chosen response (UltraFeedback test_prefs rows have one), else None."""
+    chosen = row.get("chosen")
+    if isinstance(chosen, list) and chosen and chosen[-1].get("role") == "assistant":
+        return chosen[-1]["content"]
+    return None
+
+
+def score_eval_responses(
+    ranker, eval_rows: list[dict[str, Any]], generations: dict[str, list[str]], answer_key: str
+) -> list[dict]:
+    """The ranker's score of the policy's (first) response to each held-out prompt.
+
+    Pairwise rankers (PairRM) score it against the row's chosen response (``eval_anchor``);
+    the others score it alone. Returns rows {prompt_id, response, score}.
+    """
+    prompts, candidates, answers = [], [], []
+    for row in eval_rows:
+        key = EVAL_ID_PREFIX + str(row["prompt_id"])
+        if key not in generations:
+            raise KeyError(f"held-out prompt {row['prompt_id']!r} has no generated response")
+        response = strip_response(generations[key][0])
+        prompts.append(raw_prompt(row, prompt_conversation(row, f"held-out prompt {key!r}")))
+        if isinstance(ranker, PairRMRanker):
+            anchor = eval_anchor(row)
+            if anchor is None:
+                raise ValueError(
+                    f"held-out prompt {row['prompt_id']!r} has no chosen response "
+                    "to compare against (PairRM scores pairs)"
+                )
+            candidates.append([response, anchor])
+        else:
+            candidates.append([response])
+        answers.append(row.get(answer_key))
+    scores = ranker.scores(prompts, candidates, answers=answers) if prompts else []
+    return [
+        {"prompt_id": row["prompt_id"], "response": cands[0], "score": float(score[0])}
+        for row, cands, score in zip(eval_rows, candidates, scores)
+    ]
+
+
+def drop_empty_responses(pairs: list[dict], stats: list[dict]) -> list[dict]:
+    """Pairs whose chosen, rejected and y_ref are all non-empty; marks the others in ``stats``.
+
+    A policy may answer a prompt with EOS alone (an empty y_ref), and the ranker may then pick
+    it; data.read_rows refuses empty responses (they usually mean broken data), so such rows
+    leave this round's training data, with a warning and ``dropped_empty`` in the stats.
+    """
+    kept = []
+    for pair, stat in zip(pairs, stats):
+        texts = (
+            pair["chosen"][-1]["content"],
+            pair["rejected"][-1]["content"],
+            pair["reference_response"],
+        )
+        stat["dropped_empty"] = not all(text.strip() for text in texts)
+        if not stat["dropped_empty"]:
+            kept.append(pair)
+    if len(kept) < len(pairs):
+        logger.warning(
+            "dropped %d of %d new pairs with an empty chosen, rejected or y_ref "
+            "response (the policy answered with EOS alone)",
+            len(pairs) - len(kept),
+            len(pairs),
+        )
+    return kept
+
+
+def warn_repeated_prompt_ids(rows: Sequence[Mapping[str, Any]], path: str) -> int:
+    """Log (and return) how many rows repeat an earlier row's prompt_id: such rows share one
+    generated response (generations are keyed by prompt_id)."""
+    seen: dict[str, int] = {}
+    repeats = []
+    for index, row in enumerate(rows, start=1):
+        prompt_id = row.get("prompt_id")
+        if prompt_id is None:
+            continue
+        if str(prompt_id) in seen:
+            repeats.append(
+                f"row {index} repeats prompt_id {prompt_id!r} of row {seen[str(prompt_id)]}"
+            )
+        else:
+            seen[str(prompt_id)] = index
+    if repeats:
+        logger.warning(
+            "%s: %d rows repeat an earlier row's prompt_id and so share its generated "
+            "response (e.g. %s); give each row its own prompt_id",
+            path,
+            len(repeats),
+            "; ".join(repeats[:3]),
+        )
+    return len(repeats)
+
+
+# --- CLI: selm rank ---------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--generations",
+        required=True,
+        help="JSONL written by `selm generate` (prompt_id, responses)",
+    )
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="JSONL of this round's rows (preference or prompt-only) to pair",
+    )
+    parser.add_argument("--out", default=None, help="JSONL of new preference pairs (with --rows)")
+    parser.add_argument(
+        "--stats",
+        default=None,
+        help="JSONL of per-row ranking stats (default: OUT with .stats.jsonl)",
+    )
+    parser.add_argument(
+        "--eval-rows",
+        default=None,
+        help="held-out rows to score (their responses are in --generations under "
+        f"the prompt id prefixed with {EVAL_ID_PREFIX!r})",
+    )
+    parser.add_argument(
+        "--eval-out", default=None, help="JSONL of held-out scores (prompt_id, response, score)"
+    )
+
+
+def main(args) -> int:
+    """New pairs from --rows and/or held-out scores of --eval-rows, with one ranker load."""
+    if (args.rows is None) != (args.out is None):
+        raise InputError("--rows and --out go together (the rows to pair and where the pairs go)")
+    if (args.eval_rows is None) != (args.eval_out is None):
+        raise InputError("--eval-rows and --eval-out go together")
+    if args.rows is None and args.eval_rows is None:
+        raise InputError(
+            "nothing to do: pass --rows/--out (new pairs) and/or "
+            "--eval-rows/--eval-out (held-out scores)"
+        )
+    for flag, path in (("--out", args.out), ("--stats", args.stats), ("--eval-out", args.eval_out)):
+        if path is not None:
+            check_output_dir(Path(path).absolute().parent, what=flag)
+    cfg = config_from_args(args)
+    generations = load_generations(args.generations)
+    ranker = build_ranker(cfg.ranking, trust_remote_code=cfg.model.trust_remote_code)
+    if args.rows is not None:
+        rows = read_records(args.rows)
+        logger.info("ranking %d rows with %s", len(rows), ranker.name)
+        warn_repeated_prompt_ids(rows, args.rows)
+        new_rows, stats = build_pairs(rows, generations, ranker, answer_key=cfg.ranking.answer_key)
+        kept = drop_empty_responses(new_rows, stats)
+        if not kept:
+            raise ValueError(
+                f"every one of the {len(new_rows)} new pairs has an empty chosen, "
+                f"rejected or y_ref response; check the generations "
+                f"({args.generations})"
+            )
+        out = Path(args.out)
+        stats_path = Path(args.stats) if args.stats else out.with_name(out.stem + ".stats.jsonl")
+        write_jsonl_atomic(out, kept)
+        write_jsonl_atomic(stats_path, stats)
+        logger.info("wrote %d pairs to %s; %s", len(kept), out, json.dumps(summarize_stats(stats)))
+    if args.eval_rows is not None:
+        eval_rows = read_records(args.eval_rows)
+        scored = score_eval_responses(ranker, eval_rows, generations, cfg.ranking.answer_key)
+        write_jsonl_atomic(args.eval_out, scored)
+        if scored:
+            logger.info(
+                "held-out: %d responses, mean score %.4f",
+                len(scored),
+                sum(r["score"] for r in scored) / len(scored),
+            )
+    return 0

@@ -1,0 +1,1 @@
+"""Errors, files, child processes, pre-flight and optional-dependency checks."""

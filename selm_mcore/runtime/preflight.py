@@ -1,0 +1,82 @@
+"""Pre-flight checks of output folders: writable, with room, before a phase computes anything.
+
+    check_output_dir(cfg.train.output_dir, needed_bytes=model_bytes(hf_dir),
+                     what="train.output_dir")
+
+A phase that fails to write its result after hours of compute (a read-only mount, a folder
+path that is a file, a full disk) loses that work. Each command checks its output folders
+first: the folder is created, a temporary file is created and removed in it, and where an
+estimate is cheap (model weights from config.json, optimizer state, a reference cache) the free
+space must cover it. The estimate is a lower bound of what the phase writes next (one save),
+not of everything a run will write.
+
+Sizes: weights = parameters x bytes per parameter (fp32 4, bf16 2); a step checkpoint adds the
+optimizer's fp32 Adam moments (8 bytes per parameter) and, for bf16 weights, the fp32 main copy
+(4 more).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from selm_mcore.runtime.errors import DiskFullError, InputError, free_bytes
+
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
+
+
+def check_output_dir(
+    folder: str | os.PathLike, *, needed_bytes: int | None = None, what: str = "the output"
+) -> Path:
+    """Create ``folder`` if needed and prove it writable (a temporary file is created and
+    removed); with ``needed_bytes``, its filesystem must have that much free space. Raises
+    ``InputError`` / ``DiskFullError`` naming the folder and ``what`` (the setting that chose
+    it, e.g. ``train.output_dir``); returns it."""
+    folder = Path(folder)
+    fix = f"point {what} somewhere you can write"
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what}: {folder} is a file, not a folder; {fix}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".selm-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"{what}: cannot write into {folder} ({exc.strerror or exc}); {fix}"
+        ) from None
+    if needed_bytes:
+        free = free_bytes(folder)
+        if free is not None and free < needed_bytes:
+            raise DiskFullError(
+                folder, needed_bytes, free, headline=f"not enough free space in {folder} ({what})"
+            )
+    return folder
+
+
+def num_params(config_dir: str | os.PathLike) -> int:
+    """Parameters of the Llama model whose config.json is in ``config_dir`` (norms excluded)."""
+    path = Path(config_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config = config.get("text_config", config)
+    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
+    mlp = 3 * hidden * int(config["intermediate_size"])
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return int(config["num_hidden_layers"]) * (attention + mlp) + embeddings
+
+
+def model_bytes(config_dir: str | os.PathLike, dtype: str = "fp32") -> int:
+    """Bytes of the model's weights at ``dtype`` (fp32 or bf16)."""
+    return num_params(config_dir) * BYTES_PER_PARAM[dtype]
+
+
+def step_checkpoint_bytes(config_dir: str | os.PathLike, dtype: str = "fp32") -> int:
+    """Bytes of one step checkpoint: the weights plus the optimizer state."""
+    optimizer_per_param = 8 + (4 if dtype != "fp32" else 0)
+    return num_params(config_dir) * (BYTES_PER_PARAM[dtype] + optimizer_per_param)

@@ -1,0 +1,1 @@
+"""The reference pass, training, the loss, log-probs, guards and metrics."""

@@ -1,0 +1,307 @@
+"""Per-step training metrics (a log line, TensorBoard, JSONL, a progress bar), FLOPs and MFU.
+
+Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetricsWriter`` with
+``enabled=False`` so call sites stay free of rank checks::
+
+    writer = StepMetricsWriter(out_dir, total_steps=100, enabled=ctx.rank == 0, resume_step=40)
+    writer.log(41, {"loss": 0.69, "lr": 1e-7, ...})
+    writer.close()
+
+``out_dir/metrics.jsonl`` holds one JSON object per logged step; on resume, lines of steps after
+``resume_step`` (written by the interrupted run after its last checkpoint) are dropped so the file
+reads as one continuous run; non-finite values are written as NaN / Infinity (never dropped).
+TensorBoard needs the ``tensorboard`` package (pip extra ``selm-mcore[logging]``).
+
+Model FLOPs (``training_flops``): with N = matmul weights per token (per layer q, k, v, o and the
+three SwiGLU projections, plus the LM head; the embedding lookup is no matmul) and a sequence of
+s tokens, one forward costs ``2*N*s + 2*L*d_q*s*(s+1)`` (the second term: causal attention
+scores and weighted values, d_q = heads * head_dim, each query attending to its own and earlier
+positions). The policy's forward + backward costs 3x its forward; a reference forward inside the
+step (on the fly) is counted separately, once. Norms, softmax, RoPE and the loss are not counted.
+
+MFU = policy model FLOP/s per device / device peak. Peaks: NVIDIA H100/H200 989 TFLOP/s dense
+bf16 (A100 312); on CPU the fp32 GEMM rate measured on this machine with the same thread count
+(``measure_cpu_peak_flops``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+
+logger = logging.getLogger(__name__)
+
+# Keys shown in the one-line step summary, in this order, with their format.
+_LINE_FIELDS = (
+    ("loss", "loss {:.6f}"),
+    ("rewards/accuracies", "acc {:.3f}"),
+    ("rewards/margins", "margin {:.4g}"),
+    ("grad_norm", "gnorm {:.4g}"),
+    ("lr", "lr {:.3e}"),
+    ("pairs_per_s", "{:.3g} pairs/s"),
+    ("tokens_per_s", "{:.0f} tok/s"),
+    ("packing_efficiency", "pack {:.2f}"),
+    ("step_time_s", "{:.2f} s/step"),
+    ("mfu", "MFU {:.3f}"),
+    ("memory_gib", "mem {:.2f} GiB"),
+)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA) or peak resident set size of this process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def format_step_line(step: int, total_steps: int, metrics: dict[str, float]) -> str:
+    """``step 3/10 | loss 0.693147 | acc 0.500 | ...`` with the fields that are present."""
+    parts = [f"step {step}/{total_steps}"]
+    for key, fmt in _LINE_FIELDS:
+        if key in metrics and metrics[key] is not None:
+            parts.append(fmt.format(metrics[key]))
+    return " | ".join(parts)
+
+
+class StepMetricsWriter:
+    """Writes each logged step to the log, TensorBoard, JSONL and a progress bar (rank 0 only)."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        total_steps: int,
+        enabled: bool,
+        tensorboard: bool = False,
+        resume_step: int = 0,
+        log_interval: int = 1,
+        progress_bar: bool = True,
+    ):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.log_interval = max(1, log_interval)
+        self._tb = None
+        self._jsonl = None
+        self._bar = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jsonl_path = out_dir / "metrics.jsonl"
+        if jsonl_path.exists():
+            write_jsonl_atomic(
+                jsonl_path, [r for r in read_records(jsonl_path) if r.get("step", 0) <= resume_step]
+            )
+        self._jsonl = jsonl_path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError(
+                    "train.tensorboard=true needs the tensorboard package: "
+                    "pip install 'selm-mcore[logging]' (or set train.tensorboard=false)"
+                ) from exc
+            # purge_step drops events of steps after the resumed checkpoint.
+            self._tb = SummaryWriter(
+                str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_steps,
+                initial=resume_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                file=sys.stderr,
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of optimizer step ``step`` (1-based)."""
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{clean.get('loss', float('nan')):.4f}", refresh=False)
+        if step % self.log_interval == 0 or step == self.total_steps:
+            logger.info(format_step_line(step, self.total_steps, clean))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None
+
+
+# --- FLOPs and MFU ----------------------------------------------------------------------------
+
+
+GPU_PEAK_BF16_FLOPS = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,  # SXM; the PCIe card is 756 TFLOP/s
+    "A100": 312e12,
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP formula needs from a Llama config."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> ModelShape:
+        """From an HF config object or a plain dict (config.json)."""
+        get = (
+            hf_config.get
+            if isinstance(hf_config, dict)
+            else lambda key, default=None: getattr(hf_config, key, default)
+        )
+        heads = int(get("num_attention_heads"))
+        return cls(
+            num_layers=int(get("num_hidden_layers")),
+            hidden_size=int(get("hidden_size")),
+            ffn_hidden_size=int(get("intermediate_size")),
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
+            vocab_size=int(get("vocab_size")),
+        )
+
+    @classmethod
+    def from_dir(cls, hf_dir: str | os.PathLike) -> ModelShape:
+        path = Path(hf_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: model.hf_dir must be an HF model folder")
+        return cls.from_hf_config(json.loads(path.read_text()))
+
+    @property
+    def query_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def matmul_params(self) -> int:
+        """N: weights that take part in a matmul per token (layers + LM head, no embedding)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attention = h * self.query_dim + 2 * h * kv + self.query_dim * h
+        mlp = 3 * h * self.ffn_hidden_size
+        return self.num_layers * (attention + mlp) + h * self.vocab_size
+
+
+def forward_flops(shape: ModelShape, seq_lens: Iterable[int], *, causal: bool = True) -> float:
+    """FLOPs of one forward over sequences of the given (non-pad) lengths (module docstring).
+
+    ``causal=False`` counts the full s x s score matrix (what an unmasked matmul executes); the
+    benchmarks use the causal count.
+    """
+    seq_lens = [int(s) for s in seq_lens]
+    dense = 2 * shape.matmul_params() * sum(seq_lens)
+    if causal:
+        attention = sum(2 * shape.num_layers * shape.query_dim * s * (s + 1) for s in seq_lens)
+    else:
+        attention = sum(4 * shape.num_layers * shape.query_dim * s * s for s in seq_lens)
+    return float(dense + attention)
+
+
+def packed_forward_flops(
+    shape: ModelShape, segments: Iterable[Sequence[int]], num_head_positions: int
+) -> float:
+    """FLOPs of one forward over a packed layout (``selm_mcore.data.packing`` segments rows: row,
+    start, prompt_len, r1, r2, r3): every fed token through the layers once, the LM head on the
+    head positions only, and attention as the groups attend (the prompt causally; each response
+    over the prompt and causally over itself). Counted as ``forward_flops`` counts."""
+    tokens = attended = 0
+    for _, _, prompt, *responses in segments:
+        tokens += prompt + sum(responses)
+        attended += prompt * (prompt + 1) // 2
+        attended += sum(r * prompt + r * (r + 1) // 2 for r in responses)
+    head = shape.hidden_size * shape.vocab_size
+    layers = shape.matmul_params() - head
+    return float(
+        2 * layers * tokens
+        + 2 * head * num_head_positions
+        + 4 * shape.num_layers * shape.query_dim * attended
+    )
+
+
+def training_flops(
+    shape: ModelShape, seq_lens: Iterable[int], *, reference_forward: bool, causal: bool = True
+) -> dict[str, float]:
+    """Model FLOPs of one optimizer step over the policy's sequences.
+
+    {"policy": 3 x forward (forward + backward), "reference": one forward when the reference
+    log-probs are computed inside the step (on the fly), else 0, "total": the sum}.
+    """
+    forward = forward_flops(shape, seq_lens, causal=causal)
+    reference = forward if reference_forward else 0.0
+    return {"policy": 3.0 * forward, "reference": reference, "total": 3.0 * forward + reference}
+
+
+def measure_cpu_peak_flops(threads: int, *, size: int = 1024, seconds: float = 1.0) -> float:
+    """Best fp32 GEMM rate (FLOP/s) of torch.mm on ``size``^2 matrices with ``threads`` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+        a = torch.randn(size, size, generator=generator)
+        b = torch.randn(size, size, generator=generator)
+        out = torch.empty(size, size)
+        torch.mm(a, b, out=out)  # warm-up
+        best = 0.0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def device_peak(device: str, threads: int, *, seconds: float = 1.0) -> dict[str, Any]:
+    """{"flops": peak FLOP/s, "source": how it was obtained} for "cuda" or "cpu"."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_BF16_FLOPS.items():
+            if key in name:
+                return {
+                    "flops": flops,
+                    "source": f"{name}: {flops / 1e12:.0f} TFLOP/s dense bf16 (vendor peak)",
+                }
+        return {"flops": float("nan"), "source": f"{name}: peak unknown, MFU not reported"}
+    flops = measure_cpu_peak_flops(threads, seconds=seconds)
+    return {
+        "flops": flops,
+        "source": f"measured fp32 GEMM (torch.mm 1024^3) on {threads} "
+        f"thread(s): {flops / 1e9:.1f} GFLOP/s",
+    }
