@@ -16,6 +16,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"selm_mcore.kernels": "kernels"},
+    # Files the installed package runs that are not Python modules.
+    package_data={"selm_mcore.bench": ["setup_trl_env.sh"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1",

@@ -184,6 +184,7 @@ def logprobs_forward(logits, labels, counted, shard: VocabShard, block_v=None):
     n_rows = batch * seq_len
     acc = accumulate_dtype(logits.dtype)
     single_rank = shard.tp_size == 1
+    per_token: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     if single_rank:  # separate buffers: backward keeps only lse alive
         token_logps, lse = (torch.empty(n_rows, dtype=acc, device=logits.device) for _ in "ab")
         per_token = (token_logps, lse)

@@ -13,10 +13,11 @@ Child processes the commands start for themselves (a data-parallel vLLM engine, 
 rank) enter through one hidden command, ``selm _worker KIND SPEC.json``: the module of KIND
 (``WORKERS``) runs ``worker_main(spec)`` on the JSON object in SPEC.json.
 
-Errors, the same for every command (``report_errors``): a user error (``selm_mcore.runtime.errors``:
-a bad config, data row, checkpoint or layout, a missing input file, a full disk) prints one
-line, ``selm CMD: error: MESSAGE`` (plus the module's ``ERROR_HINT``, if it has one), and exits
-with status 1; a bug raises, so Python prints its traceback. Under torchrun only rank 0 prints
+Errors, the same for every command (``report_errors``): a user error (a
+``selm_mcore.runtime.errors.UserError``: a bad config, data row, checkpoint or layout, a plan
+that does not fit; or a missing input file, a full disk) prints one line,
+``selm CMD: error: MESSAGE`` (plus the module's ``ERROR_HINT``, if it has one), and exits with
+status 1; a bug raises, so Python prints its traceback. Under torchrun only rank 0 prints
 a user error, except errors one rank can meet alone (its own files and disk), which every rank
 that meets them prints. Ctrl-C exits with status 130.
 

@@ -122,7 +122,7 @@ else
   record train - 0 "skipped: megatron-core not installed (give --mcore-wheel)"
 fi
 
-# the log-prob path inside a training step (the former tools/bench_gpu.sh)
+# the log-prob path inside a training step (selm bench logprob-path)
 if [ "$mcore" = 1 ]; then
   if [ "$dry" = 1 ]; then
     "$python" -P -m selm_mcore.testing.assets tiny-llama "$work/tiny" > /dev/null

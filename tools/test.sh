@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Sets up the pinned environment (see tools/setup_env.sh) and runs the test suite.
-# Extra arguments go to pytest, e.g. `bash tools/test.sh tests/unit -k loss`.
+# Sets up the pinned environment (see tools/setup_env.sh), checks lint, format and types, and runs
+# the test suite, printing its 25 slowest tests.
+#
+#   bash tools/test.sh                       # everything: ruff, ruff format --check, mypy, pytest
+#   bash tools/test.sh tests/unit -k loss    # pytest with these arguments only (no lint/types)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bash "$repo/tools/setup_env.sh"
 cd "$repo"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/pytest "${@:-tests}"
+if [ $# -eq 0 ]; then
+  # Settings in pyproject.toml; mypy's cache lives beside the cached environment.
+  .venv/bin/python -m ruff check selm_mcore kernels tools tests setup.py
+  .venv/bin/python -m ruff format --check selm_mcore kernels tools tests setup.py
+  .venv/bin/python -m mypy --cache-dir "${SELM_CACHE_DIR:-$HOME/.cache/selm-mcore}/mypy"
+  exec .venv/bin/pytest --durations=25 tests
+fi
+exec .venv/bin/pytest "$@"

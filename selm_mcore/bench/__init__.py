@@ -9,9 +9,9 @@ Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` 
                          same model, pairs, token ids, batch sizes, dtype, threads, steps
     packing CONFIG       ours with each data.packing on the same pairs (SELM with loss.alpha>0)
     refmode CONFIG       ours, precomputed vs on-the-fly reference
-    generation CONFIG    vLLM (selm_mcore.rollout.generate) vs transformers ``generate`` tokens/s
+    generation CONFIG    vLLM (selm_mcore.rollout.vllm_engine) vs transformers ``generate`` tokens/s
     logprob-path         training steps with the fused log-prob kernel vs Megatron's
-                         cross-entropy path (what tools/bench_gpu.sh runs on a GPU)
+                         cross-entropy path (the logprob part of tools/gpu_check.sh)
     plan-check CONFIG    a shape-only random model through the trainer's step: the layout
                          planner's memory prediction beside the measured tensors and peaks
     phases WORKDIR       seconds per phase of each round, from an online run's manifest
@@ -37,8 +37,8 @@ Definitions:
 * step time = one optimizer step's wall time: collation, reference log-probs (looked up, or
   computed on the fly), forwards, backward, clipping, optimizer update. Ours: the trainer's own
   ``step_time_s``; TRL: the time between consecutive ``on_step_end`` callbacks.
-* model FLOPs and MFU: ``selm_mcore.train.metrics`` (the formula, the device peaks), stated with
-  every table.
+* model FLOPs and MFU: ``selm_mcore.modelspec`` (the formula) and ``selm_mcore.train.metrics``
+  (the device peaks), stated with every table.
 * peak memory = the process's peak resident set (CPU) or peak allocated memory (CUDA) during
   training (ours: the trainer's per-step record, so the final checkpoint save is excluded).
 """
@@ -50,26 +50,12 @@ from collections.abc import Callable
 from typing import Any
 
 from selm_mcore.bench.common import BenchError, load_average, write_json
+from selm_mcore.config.io import add_config_arguments
 
 
 def _add_common(parser, *, config: bool = True, threads_default: int | None = None) -> None:
     if config:
-        # As selm_mcore.config.schema.add_config_arguments, but the file is optional (defaults +
-        # --set).
-        parser.add_argument(
-            "config",
-            nargs="?",
-            default=None,
-            help="YAML config file (optional: defaults + --set overrides)",
-        )
-        parser.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="SECTION.KEY=VALUE",
-            help="override one config value",
-        )
+        add_config_arguments(parser, config_file="optional")
     parser.add_argument(
         "--threads",
         type=int,
@@ -126,7 +112,8 @@ def _add_pairs(parser) -> None:
     parser.add_argument(
         "--workdir",
         default="",
-        help="folder for pairs, per-process logs and JSON (default outputs/bench/MODE)",
+        help="folder for pairs, per-process logs and JSON (default: outputs/bench/MODE in the "
+        "current folder)",
     )
     parser.add_argument(
         "--timeout-s", type=float, default=1800, help="limit per benchmarked process"
@@ -161,7 +148,8 @@ def _add_training_modes(modes) -> None:
     p.add_argument(
         "--trl-python",
         default="",
-        help="python of a TRL environment (default: built/reused by tools/setup_trl_env.sh)",
+        help="python of a TRL environment (default: built/reused by "
+        "selm_mcore/bench/setup_trl_env.sh)",
     )
     p.add_argument(
         "--trl-modes",

@@ -21,6 +21,7 @@ import hashlib
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,54 @@ def _folder_bytes(folder: Path) -> int:
     return sum((folder / name).stat().st_size for name in list_files(folder))
 
 
+COLUMNS = (
+    ("kind", "folder", ""),
+    ("GB", "GB", ".3f"),
+    ("save_s", "save s", ".2f"),
+    ("hash_s", "hash s", ".2f"),
+    ("hash_s_per_GB", "hash s/GB", ".2f"),
+    ("hash_share_of_save", "of save", ".0%"),
+    ("load_s", "load s", ".2f"),
+    ("verify_s", "verify s", ".2f"),
+    ("verify_s_per_GB", "verify s/GB", ".2f"),
+    ("verify_share_of_load", "of load", ".0%"),
+)
+
+
+def _time_kind(
+    kind: str,
+    save: Callable[[Path], object],
+    rehash: Callable[[Path], object],
+    load: Callable[[Path], object],
+    workdir: Path,
+    repeats: int,
+) -> dict[str, Any]:
+    """One kind of folder: save, hash, load and verify it ``repeats`` times; the medians and
+    what the checksums cost per GB and as a share of the save / load."""
+    times: dict[str, list[float]] = {"save": [], "hash": [], "load": [], "verify": []}
+    for repeat in range(repeats):
+        out = workdir / f"{kind.split()[0].lower()}_{repeat}"
+        shutil.rmtree(out, ignore_errors=True)
+        times["save"].append(_timed(partial(save, out)))
+        times["hash"].append(_timed(partial(rehash, out)))
+        times["load"].append(_timed(partial(load, out)))
+        times["verify"].append(_timed(partial(verify_checksums, out, fix="")))
+        if not (out / CHECKSUM_FILE).is_file():
+            raise RuntimeError(f"{kind}: the save wrote no {CHECKSUM_FILE}")
+        gigabytes = _folder_bytes(out) / 1e9
+        shutil.rmtree(out)
+    row: dict[str, Any] = {
+        "kind": kind,
+        "GB": gigabytes,
+        **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+    }
+    row["hash_s_per_GB"] = row["hash_s"] / gigabytes
+    row["verify_s_per_GB"] = row["verify_s"] / gigabytes
+    row["hash_share_of_save"] = row["hash_s"] / row["save_s"]
+    row["verify_share_of_load"] = row["verify_s"] / row["load_s"]
+    return row
+
+
 def run_checksums(args) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -61,7 +110,6 @@ def run_checksums(args) -> dict[str, Any]:
 
     workdir = workdir_for(args, "checksums")
     ctx = init_parallel(tp=1, pp=1)
-    rows = []
     try:
         models, hf_config = load_policy(args.hf_dir, ctx, ModelConfig())
         kinds = {
@@ -78,29 +126,7 @@ def run_checksums(args) -> dict[str, Any]:
                 lambda out: load_policy(out, ctx, ModelConfig()),
             ),
         }
-        for kind, (save, rehash, load) in kinds.items():
-            times: dict[str, list[float]] = {"save": [], "hash": [], "load": [], "verify": []}
-            for repeat in range(args.repeats):
-                out = workdir / f"{kind.split()[0].lower()}_{repeat}"
-                shutil.rmtree(out, ignore_errors=True)
-                times["save"].append(_timed(partial(save, out)))
-                times["hash"].append(_timed(partial(rehash, out)))
-                times["load"].append(_timed(partial(load, out)))
-                times["verify"].append(_timed(partial(verify_checksums, out, fix="")))
-                if not (out / CHECKSUM_FILE).is_file():
-                    raise RuntimeError(f"{kind}: the save wrote no {CHECKSUM_FILE}")
-                gigabytes = _folder_bytes(out) / 1e9
-                shutil.rmtree(out)
-            row = {
-                "kind": kind,
-                "GB": gigabytes,
-                **{f"{k}_s": statistics.median(v) for k, v in times.items()},
-            }
-            row["hash_s_per_GB"] = row["hash_s"] / gigabytes
-            row["verify_s_per_GB"] = row["verify_s"] / gigabytes
-            row["hash_share_of_save"] = row["hash_s"] / row["save_s"]
-            row["verify_share_of_load"] = row["verify_s"] / row["load_s"]
-            rows.append(row)
+        rows = [_time_kind(kind, *steps, workdir, args.repeats) for kind, steps in kinds.items()]
         if dist.is_initialized():
             dist.barrier()
     finally:
@@ -110,23 +136,7 @@ def run_checksums(args) -> dict[str, Any]:
         f"checksum cost on {args.hf_dir} (sha256; {memory_gbps:.2f} GB/s over bytes in "
         f"memory; median of {args.repeats}; files in the page cache)"
     )
-    print(
-        format_table(
-            rows,
-            [
-                ("kind", "folder", ""),
-                ("GB", "GB", ".3f"),
-                ("save_s", "save s", ".2f"),
-                ("hash_s", "hash s", ".2f"),
-                ("hash_s_per_GB", "hash s/GB", ".2f"),
-                ("hash_share_of_save", "of save", ".0%"),
-                ("load_s", "load s", ".2f"),
-                ("verify_s", "verify s", ".2f"),
-                ("verify_s_per_GB", "verify s/GB", ".2f"),
-                ("verify_share_of_load", "of load", ".0%"),
-            ],
-        )
-    )
+    print(format_table(rows, COLUMNS))
     return {
         "mode": "checksums",
         "hf_dir": str(args.hf_dir),

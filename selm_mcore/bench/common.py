@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.runtime.errors import UserError
 from selm_mcore.runtime.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-class BenchError(RuntimeError):
+class BenchError(UserError, RuntimeError):
     """A benchmark that cannot run as asked (bad settings, a failed worker process)."""
 
 
@@ -152,12 +151,6 @@ def config_arg(args) -> list[str]:
 
 
 def workdir_for(args, mode: str) -> Path:
-    path = Path(args.workdir).absolute() if args.workdir else REPO_ROOT / "outputs" / "bench" / mode
+    path = Path(args.workdir or Path("outputs") / "bench" / mode).absolute()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

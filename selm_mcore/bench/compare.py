@@ -12,8 +12,8 @@ against the first side both as a ratio of medians and as the median of per-repea
     refmode      ours with the reference precomputed vs computed on the fly in every step
 
 Per side: pairs/s, response tokens/s, tokens computed per pair (padding and repeated prompts
-included), peak memory. TRL runs in its own cached environment (tools/setup_trl_env.sh) through
-tools/bench_trl_runner.py.
+included), peak memory. TRL runs in its own cached environment (``setup_trl_env.sh``, shipped
+beside this module) through ``selm_mcore/bench/trl_runner.py``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import subprocess
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from selm_mcore.bench.common import (
-    REPO_ROOT,
     BenchError,
     format_table,
     load_average,
@@ -41,8 +41,9 @@ from selm_mcore.bench.train import ours_command
 
 logger = logging.getLogger(__name__)
 
-TRL_SETUP_SCRIPT = REPO_ROOT / "tools" / "setup_trl_env.sh"
-TRL_RUNNER = REPO_ROOT / "tools" / "bench_trl_runner.py"
+# Shipped with the package (setup.py's package_data), run by their paths.
+TRL_SETUP_SCRIPT = Path(__file__).with_name("setup_trl_env.sh")
+TRL_RUNNER = Path(__file__).with_name("trl_runner.py")
 SIDE_KEYS = (
     "pairs_per_s",
     "response_tokens_per_s",
@@ -70,12 +71,12 @@ Side = tuple[str, Callable[[Path], list[str]]]
 
 
 def trl_python(explicit: str | None) -> str:
-    """The TRL environment's python: ``--trl-python``, else the one tools/setup_trl_env.sh makes."""
+    """The TRL environment's python: ``--trl-python``, else the one setup_trl_env.sh makes."""
     if explicit:
         if not Path(explicit).is_file():
             raise BenchError(f"--trl-python {explicit} does not exist")
         return explicit
-    logger.info("setting up the TRL environment (tools/setup_trl_env.sh; first time ~1-3 min)")
+    logger.info("setting up the TRL environment (setup_trl_env.sh; first time ~1-3 min)")
     proc = subprocess.run(["bash", str(TRL_SETUP_SCRIPT)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(
@@ -93,6 +94,41 @@ def _trl_result(result: dict[str, Any], stats: dict[str, float]) -> dict[str, An
         "response_tokens_per_s": pairs_per_s * stats["response_tokens_per_pair"],
         "computed_tokens_per_pair": result["padded_tokens_per_step"] / result["global_batch_size"],
     }
+
+
+def _trl_command(args, cfg, python: str, pairs: Path, ref_mode: str, out: Path) -> list[str]:
+    """TRL's runner for one repeat, on our pairs and batch settings."""
+    return [
+        python,
+        "-P",
+        str(TRL_RUNNER),
+        "--model-dir",
+        cfg.model.hf_dir,
+        "--pairs",
+        str(pairs),
+        "--micro-batch-size",
+        str(cfg.train.micro_batch_size),
+        "--global-batch-size",
+        str(cfg.train.global_batch_size),
+        "--max-length",
+        str(cfg.data.max_length),
+        "--steps",
+        str(args.steps),
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--threads",
+        str(args.threads),
+        "--ref-mode",
+        ref_mode,
+        "--beta",
+        str(cfg.loss.beta),
+        "--lr",
+        str(cfg.optim.lr),
+        "--seed",
+        str(cfg.train.seed),
+        "--out",
+        str(out),
+    ]
 
 
 def run_sides(
@@ -190,8 +226,13 @@ def run_compare_trl(args) -> dict[str, Any]:
         sides.append(
             (
                 f"selm-mcore (packing {packing})",
-                lambda out, o=overrides: ours_command(
-                    args, workdir, pairs, out, ref_mode="precomputed", extra_overrides=o
+                partial(
+                    ours_command,
+                    args,
+                    workdir,
+                    pairs,
+                    ref_mode="precomputed",
+                    extra_overrides=overrides,
                 ),
             )
         )
@@ -204,36 +245,7 @@ def run_compare_trl(args) -> dict[str, Any]:
         sides.append(
             (
                 name,
-                lambda out, m=mode: [
-                    python,
-                    str(TRL_RUNNER),
-                    "--model-dir",
-                    cfg.model.hf_dir,
-                    "--pairs",
-                    str(pairs),
-                    "--micro-batch-size",
-                    str(cfg.train.micro_batch_size),
-                    "--global-batch-size",
-                    str(cfg.train.global_batch_size),
-                    "--max-length",
-                    str(cfg.data.max_length),
-                    "--steps",
-                    str(args.steps),
-                    "--warmup-steps",
-                    str(args.warmup_steps),
-                    "--threads",
-                    str(args.threads),
-                    "--ref-mode",
-                    m,
-                    "--beta",
-                    str(cfg.loss.beta),
-                    "--lr",
-                    str(cfg.optim.lr),
-                    "--seed",
-                    str(cfg.train.seed),
-                    "--out",
-                    str(out),
-                ],
+                partial(_trl_command, args, cfg, python, pairs, mode),
             )
         )
         convert[name] = lambda result: _trl_result(result, stats)
@@ -266,8 +278,8 @@ def _run_ours(
     sides: list[Side] = [
         (
             name,
-            lambda out, r=ref_mode, o=overrides: ours_command(
-                args, workdir, pairs, out, ref_mode=r, extra_overrides=o
+            partial(
+                ours_command, args, workdir, pairs, ref_mode=ref_mode, extra_overrides=overrides
             ),
         )
         for name, (ref_mode, overrides) in variants.items()

@@ -7,11 +7,11 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from selm_mcore.bench.common import (
     config_arg,
-    cuda_available,
     format_table,
     load_average,
     load_cfg,
@@ -23,6 +23,7 @@ from selm_mcore.bench.common import (
     workdir_for,
 )
 from selm_mcore.bench.pairs import benchmark_prompts
+from selm_mcore.runtime.procs import cuda_available
 
 
 def hf_generate(
@@ -83,10 +84,11 @@ def vllm_generate(
     *,
     warmup_prompts: int = 2,
 ) -> dict[str, Any]:
-    """Greedy generation through ``selm_mcore.rollout.generate.VLLMGenerator`` (the loop's path)."""
+    """Greedy generation through ``selm_mcore.rollout.vllm_engine.VLLMGenerator`` (the loop's
+    path)."""
     import dataclasses
 
-    from selm_mcore.rollout.generate import VLLMGenerator
+    from selm_mcore.rollout.vllm_engine import VLLMGenerator
 
     with VLLMGenerator(hf_dir, gen_cfg) as generator:
         start_s = generator.start_seconds
@@ -152,6 +154,50 @@ def run_generation_backend(args, cfg) -> dict[str, Any]:
     return result
 
 
+COLUMNS = (
+    ("impl", "backend", ""),
+    ("tokens_per_s", "tokens/s", ".1f"),
+    ("generated_tokens", "new tokens", ".0f"),
+    ("seconds", "gen s", ".2f"),
+    ("engine_start_s", "engine start s", ".1f"),
+    ("peak_rss_mb", "peak RSS MiB", ".0f"),
+    ("speedup", "vs transformers", ".2f"),
+    ("paired_speedup", "paired", ".2f"),
+)
+
+
+def _backend_command(args, backend: str, out: Path) -> list[str]:
+    """This mode for one backend and repeat, in its own process, writing ``out``."""
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "selm_mcore.cli",
+        "bench",
+        "generation",
+        *config_arg(args),
+        "--backend",
+        backend,
+        "--num-prompts",
+        str(args.num_prompts),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--hf-batch-size",
+        str(args.hf_batch_size),
+        "--threads",
+        str(args.threads),
+        "--json",
+        str(out),
+    ]
+    if args.prompts:
+        cmd += ["--prompts", args.prompts]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
 def run_generation(args) -> dict[str, Any]:
     cfg = load_cfg(args)
     if args.backend != "both":
@@ -165,36 +211,9 @@ def run_generation(args) -> dict[str, Any]:
     for repeat in range(args.repeats):
         for backend in backends:
             out = workdir / f"{backend}-{repeat}.json"
-            cmd = [
-                sys.executable,
-                "-P",
-                "-m",
-                "selm_mcore.cli",
-                "bench",
-                "generation",
-                *config_arg(args),
-                "--backend",
-                backend,
-                "--num-prompts",
-                str(args.num_prompts),
-                "--prompt-tokens",
-                str(args.prompt_tokens),
-                "--max-tokens",
-                str(args.max_tokens),
-                "--hf-batch-size",
-                str(args.hf_batch_size),
-                "--threads",
-                str(args.threads),
-                "--json",
-                str(out),
-            ]
-            if args.prompts:
-                cmd += ["--prompts", args.prompts]
-            for item in args.overrides:
-                cmd += ["--set", item]
             results[backend].append(
                 run_worker(
-                    cmd,
+                    _backend_command(args, backend, out),
                     out,
                     threads=args.threads,
                     timeout_s=args.timeout_s,
@@ -225,21 +244,7 @@ def run_generation(args) -> dict[str, Any]:
         f"{args.max_tokens} new tokens (stop at EOS), {args.threads} thread(s), median of "
         f"{args.repeats} interleaved repeats; load average {loads[0]} -> {loads[-1]}"
     )
-    print(
-        format_table(
-            rows,
-            [
-                ("impl", "backend", ""),
-                ("tokens_per_s", "tokens/s", ".1f"),
-                ("generated_tokens", "new tokens", ".0f"),
-                ("seconds", "gen s", ".2f"),
-                ("engine_start_s", "engine start s", ".1f"),
-                ("peak_rss_mb", "peak RSS MiB", ".0f"),
-                ("speedup", "vs transformers", ".2f"),
-                ("paired_speedup", "paired", ".2f"),
-            ],
-        )
-    )
+    print(format_table(rows, COLUMNS))
     return {
         "mode": "generation",
         "model": cfg.model.hf_dir,

@@ -1,5 +1,5 @@
 """``selm bench logprob-path``: training steps with the fused log-prob kernel against
-Megatron's vocab-parallel cross entropy (what tools/bench_gpu.sh runs on a GPU)."""
+Megatron's vocab-parallel cross entropy (the logprob part of tools/gpu_check.sh on a GPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 from selm_mcore.bench.common import format_table, peak_rss_mb
-from selm_mcore.train.metrics import ModelShape, device_peak, training_flops
+from selm_mcore.modelspec import ModelShape, training_flops
+from selm_mcore.train.metrics import device_peak
 
 LLAMA3_8B_SHAPE = dict(
     vocab_size=128256,
@@ -120,20 +121,44 @@ def _print_table(rows: list[dict[str, Any]], args, shape_name: str, peak: dict) 
     )
 
 
+def _dpo_step(args, ctx, models, optimizer, dataset, paths_fn, step_index: int) -> int:
+    """One optimizer step of DPO over the ``step_index``-th global batch with the log-prob path
+    ``paths_fn(output, batch) -> sequence log-probs``; the tokens it trained on."""
+    import torch
+
+    from selm_mcore.mcore.forward import collate_micro_batches, run_micro_batches
+    from selm_mcore.train.loss import selm_loss
+
+    first = step_index * args.global_batch_size
+    mbs = args.micro_batch_size
+    groups = [
+        list(range(first + i, first + i + mbs)) for i in range(0, args.global_batch_size, mbs)
+    ]
+    micro_batches = collate_micro_batches(
+        dataset, groups, pad_id=0, pad_to_multiple_of=1, device=ctx.device
+    )
+
+    def loss_fn(micro_batch, output):
+        seq = paths_fn(output, micro_batch.batch)
+        chosen, rejected, _ = micro_batch.batch.split(seq)
+        zeros = torch.zeros_like(chosen)
+        loss, _ = selm_loss(chosen, rejected, zeros, zeros, beta=0.1, alpha=0.0)
+        return loss.sum() / args.global_batch_size, {"loss": loss.detach().sum()}
+
+    optimizer.zero_grad(set_to_none=True)
+    run_micro_batches(models, micro_batches, loss_fn, forward_only=False)
+    optimizer.step()
+    return sum(mb.num_tokens for mb in micro_batches)
+
+
 def run_logprob_path(args) -> dict[str, Any]:
     """DPO training steps of one model with each log-prob path; tokens/s, MFU, peak memory."""
     import torch
 
     from selm_mcore.data.tokenize import PreferenceDataset
-    from selm_mcore.mcore.forward import (
-        collate_micro_batches,
-        megatron_ce_sequence_logps,
-        run_micro_batches,
-        sequence_logps,
-    )
+    from selm_mcore.mcore.forward import megatron_ce_sequence_logps, sequence_logps
     from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
-    from selm_mcore.train.loss import selm_loss
 
     torch.set_num_threads(args.threads)
     hf_config, shape_name = _model_config(args)
@@ -156,51 +181,26 @@ def run_logprob_path(args) -> dict[str, Any]:
             seed=0,
         )
         dataset = PreferenceDataset(examples)
-        mbs = args.micro_batch_size
         peak = device_peak("cuda" if on_gpu else "cpu", args.threads)
-
-        def step(paths_fn, step_index: int) -> int:
-            first = step_index * args.global_batch_size
-            groups = [
-                list(range(first + i, first + i + mbs))
-                for i in range(0, args.global_batch_size, mbs)
-            ]
-            micro_batches = collate_micro_batches(
-                dataset, groups, pad_id=0, pad_to_multiple_of=1, device=ctx.device
-            )
-
-            def loss_fn(micro_batch, output):
-                seq = paths_fn(output, micro_batch.batch)
-                chosen, rejected, _ = micro_batch.batch.split(seq)
-                zeros = torch.zeros_like(chosen)
-                loss, _ = selm_loss(chosen, rejected, zeros, zeros, beta=0.1, alpha=0.0)
-                return loss.sum() / args.global_batch_size, {"loss": loss.detach().sum()}
-
-            optimizer.zero_grad(set_to_none=True)
-            run_micro_batches(models, micro_batches, loss_fn, forward_only=False)
-            optimizer.step()
-            return sum(mb.num_tokens for mb in micro_batches)
-
         paths = {
             "fused": lambda out, batch: sequence_logps(
                 out, batch, tp_group=None, vocab_size=vocab_size
             ),
             "megatron-ce": megatron_ce_sequence_logps,
         }
+        flops = training_flops(
+            shape, [seq_len] * (2 * args.global_batch_size), reference_forward=False
+        )["policy"]
         rows = []
         for name in args.paths:
-            fn = paths[name]
-            times, tokens = _time_steps(functools.partial(step, fn), args.warmup_steps, args.steps)
-            tokens_per_step = tokens / args.steps
+            step = functools.partial(_dpo_step, args, ctx, models, optimizer, dataset, paths[name])
+            times, tokens = _time_steps(step, args.warmup_steps, args.steps)
             step_time = statistics.median(times)
-            flops = training_flops(
-                shape, [seq_len] * (2 * args.global_batch_size), reference_forward=False
-            )["policy"]
             rows.append(
                 {
                     "path": name,
                     "step_time_s": step_time,
-                    "tokens_per_s": tokens_per_step / step_time,
+                    "tokens_per_s": tokens / args.steps / step_time,
                     "tflops": flops / step_time / 1e12,
                     "mfu": flops / step_time / peak["flops"],
                     "peak_memory_gib": (

@@ -8,6 +8,7 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from selm_mcore.bench.common import BenchError
 
@@ -114,11 +115,11 @@ def write_benchmark_pairs(
     path.parent.mkdir(parents=True, exist_ok=True)
     # The chat template adds its own tokens around the user turn: aim the content below it.
     overhead = len(encode_prompt(tokenizer, [{"role": "user", "content": "x"}])) - 1
-    records = []
+    records: list[dict[str, Any]] = []
     for i, (prompt_tokens, chosen_tokens, rejected_tokens, yref_tokens) in enumerate(lengths):
         prompt = words(tokenizer, pool, rng, prompt_tokens - overhead)
         user = [{"role": "user", "content": prompt}]
-        record = {
+        record: dict[str, Any] = {
             "prompt_id": f"bench-{i:05d}",
             "prompt": prompt,
             "chosen": user

@@ -8,8 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.bench.common import BenchError, cuda_available, format_table, load_cfg
-from selm_mcore.train.metrics import ModelShape, device_peak, forward_flops
+from selm_mcore.bench.common import BenchError, format_table, load_cfg
+from selm_mcore.modelspec import ModelShape, forward_flops
+from selm_mcore.runtime.procs import cuda_available
+from selm_mcore.train.metrics import device_peak
 
 PHASE_ORDER = ("portion", "export", "generate", "rank", "refpass", "train", "report")
 

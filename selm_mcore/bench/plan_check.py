@@ -8,7 +8,7 @@ set the layout planner's prediction beside what was measured.
 The model is built from a config (``--hf-dir`` folder's config.json, or ``--shape``'s numbers,
 ``--layers`` to cut the depth) with random weights; the pairs are synthetic, all of one size
 (``--prompt-tokens``, ``--response-tokens``; y_ref when loss.alpha > 0), so every micro-batch has
-the geometry the planner is given. Each step is ``selm_mcore.train.trainer.train_step`` (packing,
+the geometry the planner is given. Each step is ``selm_mcore.train.step.train_step`` (packing,
 reference log-probs from a zero cache, Megatron DDP + the distributed optimizer, the fused
 log-prob path), built by ``build_training``.
 
@@ -110,8 +110,8 @@ def _round_data(cfg, args, vocab_size: int, workdir: Path):
     from selm_mcore.bench.logprob_path import random_examples
     from selm_mcore.data.packing import pack_budget
     from selm_mcore.data.tokenize import PreferenceDataset
+    from selm_mcore.train.build import RoundData
     from selm_mcore.train.refpass import ReferenceLogps
-    from selm_mcore.train.trainer import RoundData
 
     steps = args.warmup_steps + args.steps
     count = cfg.train.global_batch_size * steps
@@ -167,11 +167,15 @@ def _impl(args) -> str:
 
 
 def predict(run, hf_config, geometry, num_microbatches: int, impl: str) -> dict[str, float]:
-    """The planner's bytes for this rank (its pipeline stage) and this step's geometry."""
+    """The planner's bytes for this rank (its pipeline stage and DP shard, the DDP buckets it
+    was built with) and this step's geometry; activations = the saved tensors at their peak."""
+    from selm_mcore.modelspec import ModelShape
     from selm_mcore.plan import memory
 
     cfg, ctx = run.cfg, run.ctx
-    model = memory.PlanModel.from_hf(hf_config, "measured", cfg.model.make_vocab_size_divisible_by)
+    model = ModelShape.from_hf_config(
+        hf_config, name="measured", vocab_divisible_by=cfg.model.make_vocab_size_divisible_by
+    )
     layout = memory.Layout(
         tp=ctx.tp,
         pp=ctx.pp,
@@ -180,29 +184,24 @@ def predict(run, hf_config, geometry, num_microbatches: int, impl: str) -> dict[
         recompute=cfg.model.recompute,
         sequence_parallel=impl == "te" and ctx.tp > 1,
     )
-    e = 2 if cfg.model.dtype == "bf16" else 4
-    static = memory.static_bytes(
+    rank = memory.rank_memory(
         model,
         layout,
-        ctx.pp_rank,
-        param_bytes=e,
+        impl,
+        geometry,
+        2 if cfg.model.dtype == "bf16" else 4,
+        pp_rank=ctx.pp_rank,
+        num_microbatches=num_microbatches,
         bucket_size=run.ddp_models[0].bucket_size,
-        fp32_norms=impl != "te",
         dp_rank=ctx.dp_rank,
     )
-    acts = memory.activation_bytes(
-        model, layout, impl, geometry, e, num_microbatches=num_microbatches, pp_rank=ctx.pp_rank
-    )
-    working = memory.working_bytes(model, layout, impl, geometry, e, ctx.is_last_stage)
-    transient = memory.transient_bytes(acts, working)
-    state = static["params"] + static["grads"] + static["optimizer"]
     return {
-        "params": static["params"],
-        "grads": static["grads"],
-        "optimizer": static["optimizer"],
-        "activations": acts["saved_peak"],
-        "working": transient,
-        "peak": state + acts["layers"] + acts["embedding"] + acts["head"] + transient,
+        "params": rank.params,
+        "grads": rank.grads,
+        "optimizer": rank.optimizer,
+        "activations": rank.saved_peak,
+        "working": rank.working,
+        "peak": rank.peak,
     }
 
 
@@ -211,7 +210,7 @@ def _measure_rank(run, impl: str, steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
     from selm_mcore.mcore.measure import SavedActivationPeak, static_tensor_bytes
-    from selm_mcore.train.trainer import step_micro_batches, train_step
+    from selm_mcore.train.step import step_micro_batches, train_step
 
     ctx = run.ctx
     batches = run.sampler.batches()
@@ -333,7 +332,7 @@ def run_plan_check(args) -> dict[str, Any]:
     from selm_mcore.mcore.checkpoint import DTYPES
     from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
-    from selm_mcore.train.trainer import build_training
+    from selm_mcore.train.build import build_training
 
     if args.summarize:
         results = [json.loads(Path(path).read_text()) for path in args.summarize]

@@ -131,6 +131,41 @@ REPEAT_KEYS = (
 )
 
 
+COLUMNS = (
+    ("impl", "implementation", ""),
+    ("pairs_per_s", "pairs/s", ".3f"),
+    ("response_tokens_per_s", "resp tok/s", ".1f"),
+    ("step_time_s", "step s", ".3f"),
+    ("computed_tokens_per_pair", "computed/pair", ".0f"),
+    ("packing_efficiency", "real/computed", ".2f"),
+    ("tflops", "TFLOP/s", ".4g"),
+    ("mfu", "MFU", ".3f"),
+    ("peak_memory_mb", "peak MiB", ".0f"),
+)
+
+
+def _measured_repeats(
+    args, output_dir: Path, total_steps: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the trainer's step records, one result per repeat of ``args.steps`` steps after the
+    warm-up) from ``output_dir/metrics.jsonl``."""
+    from selm_mcore.runtime.files import read_records
+
+    records = [r for r in read_records(output_dir / "metrics.jsonl") if "step_time_s" in r]
+    if len(records) != total_steps:
+        raise BenchError(
+            f"{output_dir}/metrics.jsonl has {len(records)} step records, expected {total_steps}"
+        )
+    repeats = [
+        _repeat_result(
+            records,
+            range(args.warmup_steps + r * args.steps, args.warmup_steps + (r + 1) * args.steps),
+        )
+        for r in range(args.repeats)
+    ]
+    return records, repeats
+
+
 def run_train(args) -> dict[str, Any]:
     """Our trainer in this process (``selm_mcore.train.trainer.train_round``), measured from the
     per-step records it writes (metrics.jsonl: step time, pairs, tokens fed and computed,
@@ -138,7 +173,6 @@ def run_train(args) -> dict[str, Any]:
     import torch
 
     from selm_mcore.config.io import load_config
-    from selm_mcore.runtime.files import read_records
     from selm_mcore.train.trainer import train_round
 
     torch.set_num_threads(args.threads)
@@ -167,18 +201,7 @@ def run_train(args) -> dict[str, Any]:
     train_round(cfg)
     round_s = time.perf_counter() - start
 
-    records = [r for r in read_records(output_dir / "metrics.jsonl") if "step_time_s" in r]
-    if len(records) != total_steps:
-        raise BenchError(
-            f"{output_dir}/metrics.jsonl has {len(records)} step records, expected {total_steps}"
-        )
-    repeats = [
-        _repeat_result(
-            records,
-            range(args.warmup_steps + r * args.steps, args.warmup_steps + (r + 1) * args.steps),
-        )
-        for r in range(args.repeats)
-    ]
+    records, repeats = _measured_repeats(args, output_dir, total_steps)
     impl = f"selm-mcore (packing {cfg.data.packing}, {args.ref_mode} ref)"
     row = {"impl": impl, **median_summary(repeats, REPEAT_KEYS)}
     # The trainer's per-step peak (RSS on CPU, allocated on CUDA): the final save is excluded.
@@ -192,23 +215,8 @@ def run_train(args) -> dict[str, Any]:
         f"{args.ref_mode}; median of {args.repeats} x {args.steps} steps after "
         f"{args.warmup_steps} warm-up; load average {load_average()}"
     )
-    print("MFU = model FLOP/s of the layout computed (selm_mcore/train/metrics.py) / device peak")
-    print(
-        format_table(
-            [row],
-            [
-                ("impl", "implementation", ""),
-                ("pairs_per_s", "pairs/s", ".3f"),
-                ("response_tokens_per_s", "resp tok/s", ".1f"),
-                ("step_time_s", "step s", ".3f"),
-                ("computed_tokens_per_pair", "computed/pair", ".0f"),
-                ("packing_efficiency", "real/computed", ".2f"),
-                ("tflops", "TFLOP/s", ".4g"),
-                ("mfu", "MFU", ".3f"),
-                ("peak_memory_mb", "peak MiB", ".0f"),
-            ],
-        )
-    )
+    print("MFU = model FLOP/s of the layout computed (selm_mcore/modelspec.py) / device peak")
+    print(format_table([row], COLUMNS))
     return {
         "mode": "train",
         "impl": impl,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -174,9 +174,23 @@ def save_config(cfg: SelmConfig, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def add_config_arguments(parser) -> None:
-    """The arguments every config-driven subcommand takes: CONFIG and repeated --set overrides."""
-    parser.add_argument("config", help="YAML config file (see examples/configs/)")
+def add_config_arguments(
+    parser, *, config_file: Literal["required", "optional", "none"] = "required"
+) -> None:
+    """The config arguments of a subcommand: CONFIG and repeated ``--set`` overrides.
+
+    ``config_file``: "required" (a positional CONFIG), "optional" (CONFIG may be left out:
+    defaults + ``--set``) or "none" (only ``--set``: the command names its config by option).
+    """
+    if config_file == "required":
+        parser.add_argument("config", help="YAML config file (see examples/configs/)")
+    elif config_file == "optional":
+        parser.add_argument(
+            "config",
+            nargs="?",
+            default=None,
+            help="YAML config file (optional: defaults + --set overrides)",
+        )
     parser.add_argument(
         "--set",
         dest="overrides",

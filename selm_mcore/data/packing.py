@@ -45,13 +45,14 @@ import torch
 
 from selm_mcore.data.batches import PairOrder
 from selm_mcore.data.tokenize import TokenizedExample
+from selm_mcore.runtime.errors import UserError
 
 PACKING_MODES = ("none", "pack", "shared_prompt")
 SEGMENT_COLUMNS = ("row", "start", "prompt_len", "r1", "r2", "r3")
 MAX_RESPONSES = 3
 
 
-class PackingError(ValueError):
+class PackingError(UserError, ValueError):
     """A pair that does not fit the packing budget (or a budget that cannot work)."""
 
 

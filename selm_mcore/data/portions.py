@@ -8,19 +8,77 @@ skipped inside their portion with a count under data.skip_bad_rows (without it t
 stops the run, naming the row and that switch); they never shift a boundary.
 
     write_portion(cfg, round_index, "round_1/portion.jsonl")   # the ``roundN/portion`` phase
+    file_portion(read_rows(path), num_portions, index)          # any file's portion k of P
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from selm_mcore.config.schema import SelmConfig
-from selm_mcore.data.rows import Portion, file_portion, read_rows, source_row
+from selm_mcore.data.rows import LoadedRows, PreferenceRow, read_rows
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import DataError, read_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Portion:
+    """Portion ``index`` (1-based) of ``num_portions`` of a file: its file rows
+    ``first_row..last_row`` (``num_records`` records), the valid rows among them and the bad
+    rows skipped there."""
+
+    index: int
+    num_portions: int
+    first_row: int
+    last_row: int
+    num_records: int
+    rows: list[PreferenceRow]
+    skipped: list[DataError]
+
+
+def split_rounds(rows: Sequence[Any], num_rounds: int) -> list[list[Any]]:
+    """Contiguous, disjoint, equal portions (integer division; the tail remainder is unused)."""
+    if num_rounds < 1:
+        raise ValueError(f"num_rounds={num_rounds} must be >= 1")
+    size = len(rows) // num_rounds
+    if size == 0:
+        raise InputError(
+            f"{len(rows)} rows cannot be split into {num_rounds} non-empty rounds; "
+            "use more data or fewer rounds (online.rounds)"
+        )
+    return [list(rows[r * size : (r + 1) * size]) for r in range(num_rounds)]
+
+
+def source_row(row: PreferenceRow) -> int:
+    """The 1-based file row a validated row came from (its ``source`` is ``file:row``)."""
+    return int(row.source.rsplit(":", 1)[1])
+
+
+def file_portion(loaded: LoadedRows, num_portions: int, index: int) -> Portion:
+    """Portion ``index`` (1-based) of the file's contiguous, equal split, as the reference code
+    slices its data (``train_prefs[k*n//P : (k+1)*n//P]``): the ORIGINAL file's records, valid or
+    not, are split by position first (``split_rounds``: integer division, the tail remainder
+    unused), then the valid rows inside the portion are kept. A bad row skipped
+    (data.skip_bad_rows) makes its portion smaller and never shifts a boundary."""
+    if not 1 <= index <= num_portions:
+        raise ValueError(f"portion {index} does not exist: portions are 1..{num_portions}")
+    records = split_rounds(loaded.record_rows, num_portions)[index - 1]
+    first, last = records[0], records[-1]
+    return Portion(
+        index=index,
+        num_portions=num_portions,
+        first_row=first,
+        last_row=last,
+        num_records=len(records),
+        rows=[row for row in loaded.rows if first <= source_row(row) <= last],
+        skipped=[exc for exc in loaded.skipped if exc.row is not None and first <= exc.row <= last],
+    )
 
 
 def num_portions(cfg: SelmConfig) -> int:
@@ -55,7 +113,7 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
     schema plus the ranking's answer column; rows without a prompt_id get ``row-<file row>``.
 
     Round t reads portion t (t + 1 after a warm-up) of ``num_portions`` contiguous, equal
-    portions of data.train_path's ORIGINAL rows (``data.file_portion``); bad rows inside it are
+    portions of data.train_path's ORIGINAL rows (``file_portion``); bad rows inside it are
     skipped with a count under data.skip_bad_rows, never shifting the boundaries. The result is
     capped at online.max_prompts_per_round. The warm-up trains on the original chosen/rejected
     pairs alone (any reference_response column is left out). Returns the row count.
@@ -72,7 +130,7 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
         )
     # Only the verifiable ranker reads a column beyond the file schema (its answers).
     raw = (
-        dict(read_records(train_path, with_row_numbers=True))
+        dict(cast(list[tuple[int, dict]], read_records(train_path, with_row_numbers=True)))
         if cfg.ranking.kind == "verifiable"
         else {}
     )
@@ -81,7 +139,8 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
     rows = portion.rows
     if cfg.online.max_prompts_per_round:
         rows = rows[: cfg.online.max_prompts_per_round]
-    records, seen = [], {}
+    records: list[dict] = []
+    seen: dict[str, int] = {}  # prompt_id -> its file row
     for row in rows:
         file_row = source_row(row)
         record = row.to_record()

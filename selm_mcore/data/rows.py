@@ -1,4 +1,4 @@
-"""Preference and prompt rows: the file schema, validation, prompts, and the round portions.
+"""Preference and prompt rows: the file schema, validation with clear errors, and prompts.
 
 Pure Python (no torch): reading goes through ``selm_mcore.runtime.files`` (JSONL or Parquet).
 
@@ -28,9 +28,9 @@ valid but suspicious (a duplicated file, a merge gone wrong, a full tie in ranki
 preference signal); ``read_rows`` counts them (``find_duplicates``) and logs a warning with the
 counts and the first rows concerned.
 
-Round portions (``file_portion``) are contiguous, equal slices of the ORIGINAL file's records,
-as the reference code slices its data; skipped rows leave their portion smaller and never shift
-a boundary.
+``LoadedRows.record_rows`` keeps the file row of every record, valid or not, so the round
+portions (``selm_mcore.data.portions.file_portion``) are slices of the ORIGINAL file; skipped rows
+leave their portion smaller and never shift a boundary.
 
 ``prompt_conversation(row)`` is the one place that says which conversation a (loosely shaped)
 row asks to continue; generation, ranking and the online loop all use it.
@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import DataError, iter_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -67,12 +66,8 @@ __all__ = [
     "DataError",
     "PreferenceRow",
     "LoadedRows",
-    "Portion",
     "read_rows",
     "write_rows",
-    "split_rounds",
-    "file_portion",
-    "source_row",
     "prompt_conversation",
     "raw_prompt",
     "strip_response",
@@ -139,21 +134,6 @@ class LoadedRows:
     duplicates: DuplicateReport | None = None
 
 
-@dataclass
-class Portion:
-    """Portion ``index`` (1-based) of ``num_portions`` of a file: its file rows
-    ``first_row..last_row`` (``num_records`` records), the valid rows among them and the bad
-    rows skipped there."""
-
-    index: int
-    num_portions: int
-    first_row: int
-    last_row: int
-    num_records: int
-    rows: list[PreferenceRow]
-    skipped: list[DataError]
-
-
 def read_rows(
     path: str | os.PathLike,
     *,
@@ -187,21 +167,7 @@ def read_rows(
                 kind = "preference" if ("chosen" in record or "rejected" in record) else "prompt"
             row = _parse_record(record, kind, f"{path}:{row_number}", path, row_number)
             if kind == "preference":
-                row_has_yref = row.reference_response is not None
-                if has_yref is None:
-                    has_yref = row_has_yref
-                elif row_has_yref != has_yref:
-                    raise DataError(
-                        path,
-                        row_number,
-                        "reference_response is "
-                        + ("present" if row_has_yref else "missing")
-                        + " but earlier rows "
-                        + ("lack it" if has_yref else "have it")
-                        + "; every row must have it or none",
-                        "fill reference_response for every row (generate y_ref) or drop the "
-                        "column, or set data.skip_bad_rows=true",
-                    )
+                has_yref = _same_yref_column(row, has_yref, path, row_number)
         except DataError as exc:
             if not skip_bad_rows:
                 raise
@@ -217,13 +183,7 @@ def read_rows(
             "point data.train_path at a non-empty JSONL or Parquet file",
         )
     if skipped:
-        logger.warning(
-            "%s: skipped %d of %d rows (data.skip_bad_rows=true)", path, len(skipped), num_records
-        )
-        for exc in skipped[:_LOGGED_SKIPS]:
-            logger.warning("  skipped: %s", exc)
-        if len(skipped) > _LOGGED_SKIPS:
-            logger.warning("  ... and %d more", len(skipped) - _LOGGED_SKIPS)
+        _log_skipped(path, skipped, num_records)
     if not rows:
         raise DataError(
             path,
@@ -244,6 +204,37 @@ def read_rows(
         record_rows=record_rows,
         duplicates=duplicates,
     )
+
+
+def _same_yref_column(
+    row: PreferenceRow, file_has_yref: bool | None, path: Path, row_number: int
+) -> bool:
+    """Whether the file's preference rows have y_ref (the first valid row decides); a row that
+    differs from the earlier ones is a bad row."""
+    row_has_yref = row.reference_response is not None
+    if file_has_yref is not None and row_has_yref != file_has_yref:
+        raise DataError(
+            path,
+            row_number,
+            "reference_response is "
+            + ("present" if row_has_yref else "missing")
+            + " but earlier rows "
+            + ("lack it" if file_has_yref else "have it")
+            + "; every row must have it or none",
+            "fill reference_response for every row (generate y_ref) or drop the "
+            "column, or set data.skip_bad_rows=true",
+        )
+    return row_has_yref
+
+
+def _log_skipped(path: Path, skipped: Sequence[DataError], num_records: int) -> None:
+    logger.warning(
+        "%s: skipped %d of %d rows (data.skip_bad_rows=true)", path, len(skipped), num_records
+    )
+    for error in skipped[:_LOGGED_SKIPS]:
+        logger.warning("  skipped: %s", error)
+    if len(skipped) > _LOGGED_SKIPS:
+        logger.warning("  ... and %d more", len(skipped) - _LOGGED_SKIPS)
 
 
 def _text_bytes(value: Any) -> int:
@@ -353,45 +344,6 @@ def find_duplicates(rows: Sequence[PreferenceRow]) -> DuplicateReport:
 def write_rows(rows: Sequence[PreferenceRow], path: str | os.PathLike) -> None:
     """Write rows as JSONL in the file schema (atomically)."""
     write_jsonl_atomic(path, (row.to_record() for row in rows))
-
-
-def split_rounds(rows: Sequence[Any], num_rounds: int) -> list[list[Any]]:
-    """Contiguous, disjoint, equal portions (integer division; the tail remainder is unused)."""
-    if num_rounds < 1:
-        raise ValueError(f"num_rounds={num_rounds} must be >= 1")
-    size = len(rows) // num_rounds
-    if size == 0:
-        raise InputError(
-            f"{len(rows)} rows cannot be split into {num_rounds} non-empty rounds; "
-            "use more data or fewer rounds (online.rounds)"
-        )
-    return [list(rows[r * size : (r + 1) * size]) for r in range(num_rounds)]
-
-
-def source_row(row: PreferenceRow) -> int:
-    """The 1-based file row a validated row came from (its ``source`` is ``file:row``)."""
-    return int(row.source.rsplit(":", 1)[1])
-
-
-def file_portion(loaded: LoadedRows, num_portions: int, index: int) -> Portion:
-    """Portion ``index`` (1-based) of the file's contiguous, equal split, as the reference code
-    slices its data (``train_prefs[k*n//P : (k+1)*n//P]``): the ORIGINAL file's records, valid or
-    not, are split by position first (``split_rounds``: integer division, the tail remainder
-    unused), then the valid rows inside the portion are kept. A bad row skipped
-    (data.skip_bad_rows) makes its portion smaller and never shifts a boundary."""
-    if not 1 <= index <= num_portions:
-        raise ValueError(f"portion {index} does not exist: portions are 1..{num_portions}")
-    records = split_rounds(loaded.record_rows, num_portions)[index - 1]
-    first, last = records[0], records[-1]
-    return Portion(
-        index=index,
-        num_portions=num_portions,
-        first_row=first,
-        last_row=last,
-        num_records=len(records),
-        rows=[row for row in loaded.rows if first <= source_row(row) <= last],
-        skipped=[exc for exc in loaded.skipped if exc.row is not None and first <= exc.row <= last],
-    )
 
 
 def _parse_record(record: dict, kind: str, source: str, path: Path, row: int) -> PreferenceRow:

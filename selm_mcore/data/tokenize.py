@@ -175,6 +175,7 @@ def tokenize_row(
             f"{row.source}: a prompt-only row cannot be tokenised for training; "
             "generate and rank responses first"
         )
+    assert row.chosen is not None and row.rejected is not None  # has_pair
     prompt_ids = encode_prompt(tokenizer, row.prompt_messages)
     responses = [encode_response(tokenizer, row.chosen), encode_response(tokenizer, row.rejected)]
     if row.reference_response is not None:

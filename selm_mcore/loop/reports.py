@@ -27,7 +27,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,7 @@ def _pyplot():
 
 
 def plot_score_distributions(
-    distributions: dict[str, Sequence[float]],
+    distributions: Mapping[str, Sequence[float]],
     out_png: str | os.PathLike,
     title: str = "Ranker scores of greedy responses on held-out prompts",
 ) -> None:
@@ -432,6 +432,7 @@ def format_phase_times(phase_seconds: dict[str, float]) -> str:
     for kind in [*kinds, "total"]:
         cells = []
         for group in groups:
+            value: float | None
             if kind == "total":
                 value = sum(v for n, v in phase_seconds.items() if n.startswith(group + "/"))
             else:

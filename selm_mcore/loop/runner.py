@@ -21,8 +21,9 @@ output (a file or a folder) under the workdir; ``run_phases`` runs the phases in
 * a failed phase stops the run with its error, also written to the manifest's ``last_error``
   (a bug inside an in-process phase keeps its own exception and traceback).
 
-``run_command`` runs a phase's child process in its own process group, tees its output to the
-console and a log file, and kills the group on a timeout, an interrupt or its exit.
+``run_command`` runs a phase's child process through the one supervisor
+(``selm_mcore.runtime.procs``): its own process group, its output teed to the console and a log
+file, the group killed on a timeout, an interrupt or its exit.
 
 Fault hook (tests): ``SELM_FAULT=round1/generate`` SIGKILLs this process inside that phase, after
 its work wrote the partial output and before it is published;
@@ -38,11 +39,8 @@ import fcntl
 import json
 import logging
 import os
-import select
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -50,9 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.runtime.errors import user_message
+from selm_mcore.runtime.errors import UserError, user_message
 from selm_mcore.runtime.files import hash_path, write_json_atomic
-from selm_mcore.runtime.procs import child_env, die_with_parent_preexec
+from selm_mcore.runtime.procs import CommandFailed, run_logged
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ FAULT_ENV = "SELM_FAULT"
 FAULT_POINTS = ("work", "published")
 
 
-class OnlineError(RuntimeError):
+class OnlineError(UserError, RuntimeError):
     """A run that cannot go on: a failed phase, a changed output, an inconsistent manifest."""
 
 
@@ -460,14 +458,6 @@ def run_phases(
     return timings
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a child's whole process group (torchrun ranks, vLLM engine processes)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_command(
     cmd: list[str],
     log_path: Path,
@@ -476,66 +466,21 @@ def run_command(
     timeout_s: float | None = None,
     tail_lines: int = 30,
 ) -> None:
-    """Run ``cmd``, teeing its output to our stdout and ``log_path``; raise PhaseFailed on rc != 0.
-
-    The child runs in its own process group, which is killed when the timeout passes or this
-    process is interrupted, and cleared of stragglers when the child exits. The error names the
-    command, the exit status, the log file and the last lines of output.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("$ %s", shlex.join(cmd))
-    tail: list[bytes] = []
-    pending = b""
-    with open(log_path, "ab") as log:
-        log.write(f"$ {shlex.join(cmd)}\n".encode())
-        # Its own session (so the whole group can be killed), dying with this process.
-        proc = subprocess.Popen(
+    """Run a phase's command (``selm_mcore.runtime.procs.run_logged``: its own process group,
+    output teed to our stdout and ``log_path``, the group killed on a timeout, an interrupt or
+    its exit) with PYTHONSAFEPATH set; PhaseFailed names the command, the exit status, the log
+    file and the last lines of output."""
+    try:
+        run_logged(
             cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=child_env({**os.environ, **SAFE_PATH_ENV, **(env or {})}),
-            start_new_session=True,
-            preexec_fn=die_with_parent_preexec(),
+            log_path,
+            env={**SAFE_PATH_ENV, **(env or {})},
+            timeout_s=timeout_s,
+            timeout_setting="online.phase_timeout_s",
+            tail_lines=tail_lines,
         )
-        deadline = None if not timeout_s else time.monotonic() + timeout_s
-        fd = proc.stdout.fileno()
-        try:
-            while True:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise PhaseFailed(
-                        f"`{shlex.join(cmd)}` ran longer than "
-                        f"online.phase_timeout_s={timeout_s} s and was killed "
-                        f"(log: {log_path})"
-                    )
-                ready, _, _ = select.select([fd], [], [], 1.0)
-                if not ready:
-                    # A child killed without cleanup can leave helpers (checkpoint writers)
-                    # that hold the pipe open: the child's exit ends the phase, not EOF.
-                    if proc.poll() is not None:
-                        break
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                log.write(chunk)
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                tail = (tail + lines)[-tail_lines:]
-        finally:
-            _kill_group(proc)
-            proc.stdout.close()
-            returncode = proc.wait()
-    if returncode != 0:
-        tail = (tail + ([pending] if pending else []))[-tail_lines:]
-        text = "\n".join(line.decode(errors="replace").rstrip("\r") for line in tail)
-        how = (
-            f"was killed by signal {-returncode}"
-            if returncode < 0
-            else f"exited with status {returncode}"
-        )
-        raise PhaseFailed(f"`{shlex.join(cmd)}` {how} (full log: {log_path}); last output:\n{text}")
+    except CommandFailed as exc:
+        raise PhaseFailed(str(exc)) from None
 
 
 def selm_command(subcommand: str, *args: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Everything that touches Megatron-Core, and the only package that imports ``megatron.core``.
 
-    parallel    torch.distributed + Megatron's TP/PP/VPP/DP groups -> ParallelContext
+    parallel    torch.distributed + Megatron's TP/PP/VPP/DP groups -> ParallelContext;
+                Megatron's checkpoint-writer processes bound to their rank's lifetime
     cpu_compat  the CPU compatibility layer for megatron-core (applied only without CUDA)
     safe_load   dist-checkpoint loading without unpickling arbitrary objects
     model       GPTModel in the Llama-3 layout from an HF config
@@ -9,7 +10,6 @@
     weights     HF <-> Megatron name/layout maps, streaming load and export
     checkpoint  the Megatron checkpoint folder: model saves/loads, step checkpoints
     checksums   per-rank checksum lists of checkpoint folders, verified together at load
-    helper_processes  Megatron's checkpoint-writer processes bound to their rank's lifetime
     optim       DDP, the distributed optimizer, the LR schedule, the optimizer's saved state
     forward     micro-batches through Megatron's pipeline schedule, sequence log-probs
     convert     HF <-> Megatron conversion (``selm convert``)

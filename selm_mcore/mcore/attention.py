@@ -119,6 +119,7 @@ def varlen_attention(
         )
         out = out.index_copy(0, plan.prompt_index, context)
     if plan.query_index is not None:
+        assert plan.key_index is not None  # the response parts are all set or all None
         q = query.index_select(0, plan.query_index)
         k = key.index_select(0, plan.key_index)
         v = value.index_select(0, plan.key_index)
@@ -201,7 +202,7 @@ class PackedAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
         if config.apply_query_key_layer_scaling:
             raise ValueError("PackedAttention does not apply query-key layer scaling")
-        self.use_flash = None  # decided at the first call (device of the activations)
+        self.use_flash: bool | None = None  # decided at the first call (device of the activations)
 
     def forward(
         self,

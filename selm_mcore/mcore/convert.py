@@ -21,13 +21,16 @@ unless ``overwrite`` is given; then the old folder is swapped out in one step an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import resource
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -40,15 +43,12 @@ from selm_mcore.mcore.checkpoint import (
 )
 from selm_mcore.mcore.model import build_model, load_hf_config, validate_hf_config, validate_layout
 from selm_mcore.mcore.parallel import ParallelContext, destroy_parallel, init_parallel
-from selm_mcore.mcore.weights import (
-    DEFAULT_MAX_SHARD_BYTES,
-    SafetensorsReader,
-    export_hf,
-    load_hf_weights,
-)
+from selm_mcore.mcore.weights import export_hf, load_hf_weights
+from selm_mcore.runtime.errors import UserError
 from selm_mcore.runtime.files import replace_dir
 from selm_mcore.runtime.launch import run_local_ranks
 from selm_mcore.runtime.preflight import check_output_dir, model_bytes, num_params
+from selm_mcore.runtime.weight_files import DEFAULT_MAX_SHARD_BYTES, SafetensorsReader
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,43 @@ def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int, max_shard_
         destroy_parallel()
 
 
+CONVERT_JOBS = ("hf-to-mcore", "mcore-to-hf")
+
+
+@dataclass(frozen=True)
+class ConvertJob:
+    """One conversion rank's work: the child spec of ``selm _worker convert SPEC``, written as
+    JSON by the launching process and read back by every rank."""
+
+    job: Literal["hf-to-mcore", "mcore-to-hf"]
+    source: str  # the HF folder (hf-to-mcore) or the Megatron checkpoint (mcore-to-hf)
+    out_dir: str
+    tp: int
+    pp: int
+    dtype: str = "auto"  # hf-to-mcore: auto, fp32 or bf16
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # mcore-to-hf
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> ConvertJob:
+        if spec.get("job") not in CONVERT_JOBS:
+            raise ValueError(f"unknown conversion job {spec.get('job')!r} (one of {CONVERT_JOBS})")
+        return cls(**spec)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConvertJob:
+        return cls.from_dict(json.loads(text))
+
+    def run(self) -> None:
+        """This rank's part of the job (every rank of the tp*pp launch calls this)."""
+        if self.job == "hf-to-mcore":
+            _hf_to_mcore_rank(self.source, self.out_dir, self.tp, self.pp, self.dtype)
+        else:
+            _mcore_to_hf_rank(self.source, self.out_dir, self.tp, self.pp, self.max_shard_bytes)
+
+
 def _in_matching_launch(nprocs: int) -> bool:
     if dist.is_initialized():
         if dist.get_world_size() != nprocs:
@@ -106,14 +143,14 @@ def _in_matching_launch(nprocs: int) -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == nprocs
 
 
-def _launch(spec: dict, nprocs: int, timeout_s: float) -> None:
-    """Run ``spec`` on nprocs local ranks (``selm _worker convert SPEC``)."""
+def _launch(job: ConvertJob, timeout_s: float) -> None:
+    """Run ``job`` on its tp*pp local ranks (``selm _worker convert SPEC``)."""
     with tempfile.TemporaryDirectory(prefix="selm-convert-") as tmp:
         spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(spec))
+        spec_path.write_text(job.to_json())
         run_local_ranks(
             ["-P", "-m", "selm_mcore.cli", "_worker", "convert", str(spec_path)],
-            nprocs,
+            job.tp * job.pp,
             timeout_s=timeout_s,
             echo_rank0=True,
         )
@@ -142,25 +179,15 @@ def hf_to_mcore(
         what="--out-dir",
         needed_bytes=num_params(hf_dir) * bytes_per_param,
     )
+    job = ConvertJob("hf-to-mcore", str(hf_dir), str(out_dir), tp, pp, dtype=dtype)
     if _in_matching_launch(tp * pp):
-        _hf_to_mcore_rank(str(hf_dir), str(out_dir), tp, pp, dtype)
+        job.run()
     else:
-        _launch(
-            {
-                "job": "hf-to-mcore",
-                "hf_dir": str(hf_dir),
-                "out_dir": str(out_dir),
-                "tp": tp,
-                "pp": pp,
-                "dtype": dtype,
-            },
-            tp * pp,
-            timeout_s,
-        )
+        _launch(job, timeout_s)
     logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
 
 
-class ExportTargetError(FileExistsError):
+class ExportTargetError(UserError, FileExistsError):
     """An export target that holds files and may not be replaced."""
 
 
@@ -215,29 +242,21 @@ def mcore_to_hf(
         needed_bytes=model_bytes(Path(mcore_dir) / "hf", meta.get("dtype", "fp32")),
     )
     tmp = export_tmp_dir(out_dir)
+    job = ConvertJob(
+        "mcore-to-hf", str(mcore_dir), str(tmp), tp, pp, max_shard_bytes=max_shard_bytes
+    )
     if _in_matching_launch(tp * pp):
         # Only rank 0 writes files (selm_mcore.mcore.weights.export_hf).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        _mcore_to_hf_rank(str(mcore_dir), str(tmp), tp, pp, max_shard_bytes)
+        job.run()
         if rank == 0:
             replace_dir(tmp, out_dir)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            _launch(
-                {
-                    "job": "mcore-to-hf",
-                    "mcore_dir": str(mcore_dir),
-                    "out_dir": str(tmp),
-                    "tp": tp,
-                    "pp": pp,
-                    "max_shard_bytes": max_shard_bytes,
-                },
-                tp * pp,
-                timeout_s,
-            )
+            _launch(job, timeout_s)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -245,16 +264,10 @@ def mcore_to_hf(
     logger.info("exported %s -> %s", mcore_dir, out_dir)
 
 
-def worker_main(spec: dict) -> int:
-    """One conversion rank (``selm _worker convert SPEC``)."""
-    if spec["job"] == "hf-to-mcore":
-        _hf_to_mcore_rank(spec["hf_dir"], spec["out_dir"], spec["tp"], spec["pp"], spec["dtype"])
-    elif spec["job"] == "mcore-to-hf":
-        _mcore_to_hf_rank(
-            spec["mcore_dir"], spec["out_dir"], spec["tp"], spec["pp"], spec["max_shard_bytes"]
-        )
-    else:
-        raise ValueError(f"unknown conversion job {spec['job']!r}")
+def worker_main(spec: dict[str, Any]) -> int:
+    """One conversion rank (``selm _worker convert SPEC``: ``spec`` is the file's JSON object,
+    a ``ConvertJob``)."""
+    ConvertJob.from_dict(spec).run()
     return 0
 
 

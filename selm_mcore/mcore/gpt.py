@@ -54,6 +54,8 @@ class SelmGPTModel(GPTModel):
                 "the packed forward takes no attention_mask or GPTModel options: "
                 "the layout is packed_layout"
             )
+        if head_index is None:
+            raise ValueError("the packed forward needs head_index: the positions to score")
         decoder_input = self._preprocess(input_ids=input_ids, position_ids=position_ids)[0]
         rotary_pos_emb = rope_from_positions(self.rotary_pos_emb.inv_freq, position_ids)
         hidden_states = self.decoder(

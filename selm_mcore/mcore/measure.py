@@ -37,11 +37,11 @@ def static_tensor_bytes(models: Iterable, ddp_models: Iterable, optimizer) -> di
     from selm_mcore.mcore.optim import distributed_optimizers
 
     param_storages = {_storage_key(p) for m in models for p in m.parameters()}
-    grad_storages = set()
+    grad_storages: set[tuple[int, int]] = set()
     for ddp in ddp_models:
         for buffer in [*getattr(ddp, "buffers", []), *getattr(ddp, "expert_parallel_buffers", [])]:
             grad_storages.add(_storage_key(buffer.grad_data))
-    state_storages = set()
+    state_storages: set[tuple[int, int]] = set()
     for dist_opt in distributed_optimizers(optimizer):
         inner = dist_opt.optimizer
         # fp32 master copies of bf16 parameters (the model's own parameters are taken off below)
@@ -67,7 +67,7 @@ class SavedActivationPeak:
         self._live: dict[int, list[int]] = {}  # storage pointer -> [nbytes, saved tensors]
         self.live_bytes = 0
         self.peak_bytes = 0
-        self._hooks = None
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _release(self, pointer: int) -> None:
         entry = self._live.get(pointer)
@@ -96,5 +96,6 @@ class SavedActivationPeak:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        assert self._hooks is not None  # set by __enter__
         self._hooks.__exit__(*exc_info)
         self._hooks = None

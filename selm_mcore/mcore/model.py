@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 from selm_mcore.config.schema import RECOMPUTE_CHOICES
 from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
+from selm_mcore.modelspec import padded_vocab_size
+from selm_mcore.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The HF config describes a model outside the supported Llama-3 layout."""
 
 
@@ -171,12 +173,6 @@ def validate_hf_config(hf_config) -> None:
             f"config.json num_attention_heads={hf_config.num_attention_heads} must be a multiple "
             f"of num_key_value_heads={num_query_groups(hf_config)}"
         )
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Vocabulary rounded up to a multiple of ``divisible_by * tp`` (Megatron's convention)."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def tp_options(hf_config, padded_vocab: int | None = None, max_tp: int = 64) -> list[int]:
@@ -405,13 +401,6 @@ def build_model(
     micro-batches (``SelmGPTModel``'s packed forward; ``data.packing`` pack / shared_prompt).
     ``recompute``: "none", "selective" or "full" activation recompute (true = full).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
-    from selm_mcore.mcore.gpt import SelmGPTModel
-
     hf_config = load_hf_config(hf_config)
     validate_hf_config(hf_config)
     # A vocabulary padded here for ctx.tp always divides; only a fixed one needs checking.
@@ -429,44 +418,14 @@ def build_model(
         init_weights=init_weights,
         packed=packed,
     )
-    layer_spec = (
-        get_gpt_layer_with_transformer_engine_spec()
-        if use_te
-        else get_gpt_layer_local_spec(normalization="RMSNorm")
-    )
-    if packed:
-        from selm_mcore.mcore.attention import PackedAttention
-
-        layer_spec = copy.deepcopy(layer_spec)
-        layer_spec.submodules.self_attention.submodules.core_attention = PackedAttention
+    layer_spec = _layer_spec(use_te=use_te, packed=packed)
     inv_freq = rope_inv_freq(hf_config).to(ctx.device)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-
-    models = []
-    for vp_stage in range(ctx.num_chunks):
-        model = SelmGPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec,
-            vocab_size=padded_vocab,
-            max_sequence_length=hf_config.max_position_embeddings,
-            pre_process=_is_first_chunk(ctx, vp_stage),
-            post_process=_is_last_chunk(ctx, vp_stage),
-            parallel_output=True,
-            share_embeddings_and_output_weights=tied,
-            position_embedding_type="rope",
-            rotary_percent=1.0,
-            rotary_base=int(rope_parameters(hf_config)["rope_theta"]),
-            vp_stage=vp_stage if ctx.vpp else None,
+    models = [
+        _build_chunk(
+            hf_config, ctx, vp_stage, config, layer_spec, padded_vocab, inv_freq, init_weights
         )
-        # Megatron's llama3 scaling hard-codes its constants: use the config's frequencies.
-        model.rotary_pos_emb.inv_freq = inv_freq.clone()
-        model.hf_config = hf_config
-        model.true_vocab_size = hf_config.vocab_size
-        if not init_weights:
-            _mark_tensor_parallel_weights(model)
-        if ctx.device.type == "cuda":
-            model.cuda(ctx.device)
-        models.append(model)
+        for vp_stage in range(ctx.num_chunks)
+    ]
     logger.info(
         "built %d Megatron chunk(s): %d layers, hidden %d, vocab %d (padded %d), tp=%d "
         "pp=%d vpp=%s, %s spec, %s",
@@ -482,6 +441,65 @@ def build_model(
         params_dtype,
     )
     return models
+
+
+def _layer_spec(*, use_te: bool, packed: bool) -> Any:
+    """Megatron's Llama layer spec: Transformer Engine's or the local one (torch RMSNorm), with
+    ``PackedAttention`` as the core attention for packed micro-batches."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    layer_spec = (
+        get_gpt_layer_with_transformer_engine_spec()
+        if use_te
+        else get_gpt_layer_local_spec(normalization="RMSNorm")
+    )
+    if packed:
+        from selm_mcore.mcore.attention import PackedAttention
+
+        layer_spec = copy.deepcopy(layer_spec)
+        layer_spec.submodules.self_attention.submodules.core_attention = PackedAttention
+    return layer_spec
+
+
+def _build_chunk(
+    hf_config,
+    ctx: ParallelContext,
+    vp_stage: int,
+    config,
+    layer_spec,
+    padded_vocab: int,
+    inv_freq: torch.Tensor,
+    init_weights: bool,
+):
+    """The model chunk of virtual pipeline stage ``vp_stage`` on this rank."""
+    from selm_mcore.mcore.gpt import SelmGPTModel
+
+    model = SelmGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=padded_vocab,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=_is_first_chunk(ctx, vp_stage),
+        post_process=_is_last_chunk(ctx, vp_stage),
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(rope_parameters(hf_config)["rope_theta"]),
+        vp_stage=vp_stage if ctx.vpp else None,
+    )
+    # Megatron's llama3 scaling hard-codes its constants: use the config's frequencies.
+    model.rotary_pos_emb.inv_freq = inv_freq.clone()
+    model.hf_config = hf_config
+    model.true_vocab_size = hf_config.vocab_size
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
+    if ctx.device.type == "cuda":
+        model.cuda(ctx.device)
+    return model
 
 
 def _mark_tensor_parallel_weights(model) -> None:

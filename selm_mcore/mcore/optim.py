@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from selm_mcore.config.schema import OptimConfig
+from selm_mcore.runtime.errors import UserError
 
 DP_RESHARDABLE = "dp_reshardable"
 FULLY_RESHARDABLE = "fully_reshardable"
@@ -53,7 +54,7 @@ OPTIMIZER_FORMATS = (DP_RESHARDABLE, FULLY_RESHARDABLE)
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": FULLY_RESHARDABLE}
 
 
-class OptimizerStateError(RuntimeError):
+class OptimizerStateError(UserError, RuntimeError):
     """An optimizer state that cannot be loaded into this run's optimizer."""
 
 

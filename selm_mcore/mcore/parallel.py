@@ -6,29 +6,57 @@
 
 Backends: NCCL on GPU (one device per local rank), gloo on CPU, where the CPU compatibility
 layer for megatron-core (``selm_mcore.mcore.cpu_compat``) is applied first. Under torchrun the
-process
-group is created from the environment (``init_method="env://"``: a ``tcp://`` URL on another
-port hangs under torchrun); a plain single process gets an in-memory store, no port needed.
+process group is created from the environment (``init_method="env://"``: a ``tcp://`` URL on
+another port hangs under torchrun); a plain single process gets an in-memory store, no port
+needed.
 
 Megatron still keeps its groups in ``megatron.core.parallel_state`` (its model classes read them
 from there); this module initialises that state and hands the groups on explicitly so our own
 code never reads the globals. Local multi-process launches live in ``selm_mcore.runtime.launch``.
+
+Megatron's checkpoint-writer helper processes die with the rank that started them
+(``bind_helper_processes``, called by ``init_parallel``). megatron-core 0.16.1 writes a dist
+checkpoint (``torch_dist``) through ``FileSystemWriterAsync``, even when saving synchronously:
+``write_preloaded_data_multiproc`` forks one writer process per write bucket, and the writers
+report to a queue held by a ``multiprocessing.Manager`` server, a *spawned* process created on
+the first save (``filesystem_async._get_write_results_queue``) and kept for the life of the rank.
+A rank killed with SIGKILL (a crash, the OOM killer, torchrun or ``selm run`` killing it) left
+that manager running forever (PPID 1, ~275 MB). So a fork hook makes every process forked by a
+rank ask for SIGKILL when the rank dies (the parent-death signal is cleared at fork, so the
+child must ask itself; ``selm_mcore.runtime.procs``), and the results queue comes from our own
+Manager, started with an initializer that makes the server ask for the same signal (a spawned
+child runs no fork hook). The queue replaces private Megatron names (``HELPER_TARGETS``);
+``check_helper_targets`` (run at binding and by ``tests/unit/test_lifetime.py``) fails loudly
+if they move.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from selm_mcore.runtime.errors import UserError
+from selm_mcore.runtime.procs import forked_children_die_with_this_process, set_parent_death_signal
+
 logger = logging.getLogger(__name__)
 
+FS_ASYNC_MODULE = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+HELPER_TARGETS = (
+    (FS_ASYNC_MODULE, "_get_write_results_queue"),
+    (FS_ASYNC_MODULE, "_results_queue"),
+)
+_BOUND_FLAG = "_selm_dies_with_rank"
 
-class ParallelLayoutError(ValueError):
+
+class ParallelLayoutError(UserError, ValueError):
     """A parallel layout that cannot work (world size, tp/pp/vpp against the model)."""
 
 
@@ -78,6 +106,45 @@ def _init_process_group(backend: str) -> None:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def check_helper_targets() -> None:
+    """Raise RuntimeError naming the private Megatron names ``bind_helper_processes`` needs but
+    the installed megatron-core lacks."""
+    module = importlib.import_module(FS_ASYNC_MODULE)
+    missing = [f"{name}.{attr}" for name, attr in HELPER_TARGETS if not hasattr(module, attr)]
+    if missing:
+        raise RuntimeError(
+            f"selm_mcore.mcore.parallel.bind_helper_processes needs {', '.join(missing)} of "
+            "megatron-core 0.16.1, which the installed megatron-core lacks; port it to the new "
+            "names"
+        )
+
+
+def _manager_initializer(parent_pid: int) -> None:
+    set_parent_death_signal(parent_pid)
+
+
+def results_queue_dying_with_this_process() -> Any:
+    """Megatron's write-results queue, served by a Manager that dies with this process."""
+    module: Any = importlib.import_module(FS_ASYNC_MODULE)  # private names, checked above
+    if module._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_manager_initializer, initargs=(os.getpid(),))
+        # The queue proxy keeps a reference to its manager: the server lives as long as it.
+        module._results_queue = manager.Queue()
+    return module._results_queue
+
+
+def bind_helper_processes() -> None:
+    """Make Megatron's checkpoint-writer processes die with this process (idempotent)."""
+    module: Any = importlib.import_module(FS_ASYNC_MODULE)
+    if getattr(module, _BOUND_FLAG, False):
+        return
+    check_helper_targets()
+    forked_children_die_with_this_process()
+    module._get_write_results_queue = results_queue_dying_with_this_process
+    setattr(module, _BOUND_FLAG, True)
+
+
 def init_parallel(
     tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234
 ) -> ParallelContext:
@@ -96,8 +163,6 @@ def init_parallel(
         raise ParallelLayoutError(
             f"parallel.vpp={vpp} needs vpp >= 2 and pp >= 2 (pp={pp}); use vpp=None for plain 1F1B"
         )
-
-    from selm_mcore.mcore.helper_processes import bind_helper_processes
 
     bind_helper_processes()  # Megatron's checkpoint writers die with this rank
     use_cuda = torch.cuda.is_available()

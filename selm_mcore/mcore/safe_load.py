@@ -53,6 +53,8 @@ from megatron.core.dist_checkpointing.strategies.common import (
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from selm_mcore.runtime.errors import UserError
+
 # The globals a torch 2.13 ``.metadata`` file needs, as found by reading real model and
 # optimizer checkpoints written by selm-mcore (fp32 and bf16), plus the bytes-entry
 # counterparts of the tensor classes (BytesStorageMetadata, BytesIOWriteData) that a checkpoint
@@ -81,7 +83,7 @@ DCP_METADATA_GLOBALS = frozenset(
 _READER_HOOK = "_get_filesystem_reader"  # in megatron.core.dist_checkpointing.strategies.torch
 
 
-class UnsafeCheckpointError(CheckpointingException):
+class UnsafeCheckpointError(UserError, CheckpointingException):
     """A checkpoint file asks for an object outside the allow-list; nothing was executed."""
 
 

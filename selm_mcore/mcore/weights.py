@@ -20,8 +20,9 @@ Layout maps (Llama, HF -> Megatron, per layer):
 Streaming and memory: HF safetensors are read tensor by tensor with positioned reads of only
 this rank's rows (no memory map), copied straight into the parameters; the exporter gathers
 one tensor at a time and writes it at once (safetensors headers are planned from the config, so
-no shard is buffered). Peak resident memory per rank, measured on SmolLM2-135M (fp32, 538 MB of
-weights; a process with torch + Megatron imported takes ~0.48 GB before any weight):
+no shard is buffered; the file reader and writer: ``selm_mcore.runtime.weight_files``). Peak
+resident memory per rank, measured on SmolLM2-135M (fp32, 538 MB of weights; a process with
+torch + Megatron imported takes ~0.48 GB before any weight):
   hf_to_mcore  ~ 0.48 GB + 1.0 x (model bytes / (tp*pp)) + ~0.2 GB of dist-checkpoint save
   mcore_to_hf  ~ 0.48 GB + 1.0 x (model bytes / (tp*pp)) + the SwiGLU fc1 weights (Megatron
                merges the [gate; up] halves into new tensors on load: ~0.4 of a Llama's bytes)
@@ -35,7 +36,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +46,15 @@ import torch.distributed as dist
 from selm_mcore.mcore.model import head_dim, layers_of_stage, load_hf_config, num_query_groups
 from selm_mcore.mcore.parallel import ParallelContext
 from selm_mcore.runtime.files import checksum_files, list_files, write_checksums
+from selm_mcore.runtime.weight_files import (
+    DEFAULT_MAX_SHARD_BYTES,
+    SafetensorsReader,
+    StreamingSafetensorsWriter,
+    WeightsError,
+)
 
 logger = logging.getLogger(__name__)
 
-HF_INDEX_FILE = "model.safetensors.index.json"
-HF_SINGLE_FILE = "model.safetensors"
 # Tokenizer and generation files copied along with the weights (whichever exist).
 HF_AUX_FILES = (
     "tokenizer.json",
@@ -64,12 +68,6 @@ HF_AUX_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-class WeightsError(ValueError):
-    """HF weights that do not fit the model (missing file or tensor, wrong shape, config)."""
 
 
 # --- the parameter table: one row per Megatron parameter, in HF order -------------------------
@@ -184,118 +182,7 @@ def hf_config_of(models: Sequence):
     return hf_config
 
 
-# --- reading HF safetensors -------------------------------------------------------------------
-
-
-_ST_TO_TORCH = {
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(tensor entries, byte offset of the data section) of a safetensors file."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
-class SafetensorsReader:
-    """Reads (row ranges of) tensors from an HF folder's safetensors files, one at a time.
-
-    Reads with plain positioned file reads into fresh buffers instead of memory-mapping the
-    files, so resident memory holds only what is being copied (a memory map would keep every
-    page touched so far resident until the file is closed).
-    """
-
-    def __init__(self, hf_dir: str | os.PathLike):
-        self.hf_dir = Path(hf_dir)
-        self._headers: dict[str, tuple[dict, int]] = {}
-        index_path = self.hf_dir / HF_INDEX_FILE
-        if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            missing = sorted(set(weight_map.values()) - {p.name for p in self.hf_dir.iterdir()})
-            if missing:
-                example = next(k for k, v in weight_map.items() if v == missing[0])
-                raise WeightsError(
-                    f"{index_path} lists shard file(s) {missing} that are not in {self.hf_dir} "
-                    f"(e.g. tensor {example!r} lives in {missing[0]}); copy the complete model "
-                    "folder"
-                )
-            self.weight_map = dict(weight_map)
-        else:
-            files = (
-                [self.hf_dir / HF_SINGLE_FILE]
-                if (self.hf_dir / HF_SINGLE_FILE).is_file()
-                else sorted(self.hf_dir.glob("*.safetensors"))
-            )
-            if not files:
-                raise WeightsError(
-                    f"no safetensors weights in {self.hf_dir} (expected {HF_SINGLE_FILE} or "
-                    f"{HF_INDEX_FILE} with its shards); save the model with "
-                    "save_pretrained(safe_serialization=True)"
-                )
-            self.weight_map = {}
-            for path in files:
-                for name in self._header(path.name)[0]:
-                    self.weight_map[name] = path.name
-
-    def _header(self, file_name: str) -> tuple[dict, int]:
-        if file_name not in self._headers:
-            self._headers[file_name] = _read_safetensors_header(self.hf_dir / file_name)
-        return self._headers[file_name]
-
-    def read(
-        self,
-        name: str,
-        expected_shape: tuple[int, ...],
-        rows: slice | None = None,
-        cols: slice | None = None,
-    ) -> torch.Tensor:
-        """Tensor ``name`` (only ``[rows, cols]`` of it), after checking its full shape.
-
-        Only the requested rows are read from disk; a column slice reads those rows whole and
-        returns a view (transient memory: one tensor).
-        """
-        if name not in self.weight_map:
-            raise WeightsError(f"tensor {name!r} is missing from the safetensors in {self.hf_dir}")
-        path = self.hf_dir / self.weight_map[name]
-        header, data_start = self._header(self.weight_map[name])
-        if name not in header:
-            raise WeightsError(f"tensor {name!r} is not in {path} (as the index says)")
-        entry = header[name]
-        shape = tuple(entry["shape"])
-        if shape != tuple(expected_shape):
-            raise WeightsError(
-                f"tensor {name!r} in {path} has shape {shape}, config.json "
-                f"implies {tuple(expected_shape)}"
-            )
-        dtype = _ST_TO_TORCH[entry["dtype"]]
-        first, last = (rows or slice(None)).indices(shape[0])[:2] if shape else (0, 1)
-        row_numel = int(torch.Size(shape[1:]).numel())
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        begin = data_start + entry["data_offsets"][0] + first * row_numel * itemsize
-        buffer = bytearray((last - first) * row_numel * itemsize)
-        if buffer:
-            with open(path, "rb") as f:
-                f.seek(begin)
-                if f.readinto(buffer) != len(buffer):
-                    raise WeightsError(f"{path} is truncated (tensor {name!r})")
-            tensor = torch.frombuffer(buffer, dtype=dtype)
-        else:
-            tensor = torch.empty(0, dtype=dtype)
-        tensor = tensor.view(last - first, *shape[1:]) if shape else tensor.view(())
-        return tensor if cols is None else tensor[:, cols]
+# --- loading: this rank's slices of the HF tensors ----------------------------------------------
 
 
 def read_local_shard(
@@ -492,98 +379,8 @@ def iter_hf_weights(models: Sequence, ctx: ParallelContext) -> Iterator[tuple[st
             for tensor in tensors:
                 dist.recv(tensor, src=src, group=ctx.pp_group)
         if ctx.rank == 0:
+            assert tensors is not None  # global rank 0 is pipeline stage 0, TP rank 0
             yield from zip(spec.hf_names, tensors)
-
-
-class StreamingSafetensorsWriter:
-    """Writes HF safetensors shards tensor by tensor from a plan of (name, shape) in order.
-
-    The headers are computed up front from the plan, so each tensor is written to disk as it
-    arrives and nothing is buffered. Writes an index when there is more than one shard.
-    """
-
-    def __init__(
-        self,
-        out_dir: Path,
-        plan: list[tuple[str, tuple[int, ...]]],
-        dtype: torch.dtype,
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    ):
-        self.out_dir, self.dtype = Path(out_dir), dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for name, shape in plan:
-            nbytes = itemsize * int(torch.Size(shape).numel())
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, tuple(shape), nbytes))
-            size += nbytes
-        n = len(shards)
-        self.files = (
-            [HF_SINGLE_FILE]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        self._expected = [
-            (name, shape, i) for i, shard in enumerate(shards) for name, shape, _ in shard
-        ]
-        self._shards = shards
-        self._pos = 0
-        self._file = None
-        self._file_idx = -1
-        self.total_bytes = sum(nb for shard in shards for *_, nb in shard)
-
-    def _open(self, idx: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        header, offset = {}, 0
-        for name, shape, nbytes in self._shards[idx]:
-            header[name] = {
-                "dtype": _ST_DTYPES[self.dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._file = open(self.out_dir / self.files[idx], "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
-        self._file_idx = idx
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor of the plan (names must come in plan order)."""
-        exp_name, exp_shape, idx = self._expected[self._pos]
-        if name != exp_name or tuple(tensor.shape) != exp_shape:
-            raise RuntimeError(
-                f"export order: got {name} {tuple(tensor.shape)}, expected {exp_name} {exp_shape}"
-            )
-        if idx != self._file_idx:
-            self._open(idx)
-        data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous().reshape(-1)
-        if data.numel():
-            self._file.write(data.view(torch.uint8).numpy())  # no extra copy
-        self._pos += 1
-
-    def close(self) -> None:
-        """Finish the last file and write the index for sharded output."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._pos != len(self._expected):
-            raise RuntimeError(f"export incomplete: wrote {self._pos} of {len(self._expected)}")
-        if len(self.files) > 1:
-            weight_map = {name: self.files[idx] for name, _, idx in self._expected}
-            (self.out_dir / HF_INDEX_FILE).write_text(
-                json.dumps(
-                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
-                    indent=2,
-                )
-                + "\n"
-            )
 
 
 def export_plan(hf_config) -> list[tuple[str, tuple[int, ...]]]:
@@ -632,11 +429,13 @@ def export_hf(
     writer = None
     if ctx.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        writer = StreamingSafetensorsWriter(out_dir, export_plan(hf_config), dtype, max_shard_bytes)
+        plan = [(name, shape, dtype) for name, shape in export_plan(hf_config)]
+        writer = StreamingSafetensorsWriter(out_dir, plan, max_shard_bytes)
     for name, tensor in iter_hf_weights(models, ctx):
+        assert writer is not None  # only rank 0 is given tensors
         writer.write(name, tensor)
         del tensor
-    if ctx.rank == 0:
+    if writer is not None:
         writer.close()
         write_hf_config_files(hf_config, out_dir, Path(aux_dir) if aux_dir else None, dtype)
         write_checksums(out_dir, checksum_files(out_dir, list_files(out_dir)))

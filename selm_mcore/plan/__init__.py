@@ -15,17 +15,22 @@ layouts that would fit when it is predicted not to fit (the example scripts run 
 
 ``--model`` is an HF folder with config.json or a known name (``KNOWN_MODELS``; nothing is
 downloaded). Batch size, lengths, packing, dtype and y_ref come from ``--config`` (default: the
-example config of a known model, else examples/configs/selm_llama3_8b.yaml).
+settings of the example config of a known model's size, else of
+examples/configs/selm_llama3_8b.yaml; ``selm_mcore.plan.known`` holds them).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.config.io import add_config_arguments, apply_overrides, from_dict, load_config
+from selm_mcore.modelspec import ModelShape
+from selm_mcore.plan.known import DEFAULT_EXAMPLE, EXAMPLE_SETTINGS, KNOWN_MODELS
 from selm_mcore.plan.layouts import (
     Hardware,
     PlanRow,
@@ -33,58 +38,24 @@ from selm_mcore.plan.layouts import (
     plan_all,
     plan_layout,
 )
-from selm_mcore.plan.memory import IMPLS, SAVE_FORMATS, Layout, PlanModel
+from selm_mcore.plan.memory import IMPLS, SAVE_FORMATS, Layout
+from selm_mcore.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO_ROOT / "examples" / "configs"
 
-_LLAMA3 = dict(
-    model_type="llama",
-    vocab_size=128256,
-    num_attention_heads=None,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    hidden_act="silu",
-)
-_LLAMA3_8B = {
-    **_LLAMA3,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-}
-_LLAMA3_70B = {
-    **_LLAMA3,
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-}
-# Known names -> (config.json numbers as published on the Hub, the example config of that size).
-KNOWN_MODELS: dict[str, tuple[dict[str, Any], str]] = {
-    "meta-llama/Meta-Llama-3-8B": (_LLAMA3_8B, "selm_llama3_8b.yaml"),
-    "meta-llama/Meta-Llama-3-8B-Instruct": (_LLAMA3_8B, "selm_llama3_8b.yaml"),
-    "meta-llama/Meta-Llama-3-70B": (_LLAMA3_70B, "selm_llama3_70b.yaml"),
-    "meta-llama/Meta-Llama-3-70B-Instruct": (_LLAMA3_70B, "selm_llama3_70b.yaml"),
-}
-
-
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A model or config the planner cannot price, or a layout predicted not to fit."""
 
 
-def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[PlanModel, str]:
+def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[ModelShape, str]:
     """(the model, the example config file name for a known model, else '')."""
     known = {k.lower(): (k, v) for k, v in KNOWN_MODELS.items()}
     if name_or_dir.lower() in known:
         name, (config, example) = known[name_or_dir.lower()]
-        return PlanModel.from_hf(config, name, vocab_divisible_by), example
+        return ModelShape.from_hf_config(
+            config, name=name, vocab_divisible_by=vocab_divisible_by
+        ), example
     path = Path(name_or_dir) / "config.json"
     if not path.is_file():
         raise PlanError(
@@ -98,7 +69,10 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Plan
             f"{path}: model_type={config.get('model_type')!r}; the planner prices "
             "the Llama layout selm-mcore trains"
         )
-    return PlanModel.from_hf(config, str(name_or_dir), vocab_divisible_by), ""
+    shape = ModelShape.from_hf_config(
+        config, name=str(name_or_dir), vocab_divisible_by=vocab_divisible_by
+    )
+    return shape, ""
 
 
 def config_layout(cfg, gpus: int, impl: str) -> Layout:
@@ -160,12 +134,13 @@ def format_rows(rows: list[PlanRow]) -> str:
 
 
 def describe(
-    model: PlanModel, workload: Workload, hw: Hardware, gpus: int, impl: str, config_name: str
+    model: ModelShape, workload: Workload, hw: Hardware, gpus: int, impl: str, config_name: str
 ) -> str:
     lines = [
         f"model {model.name}: {model.num_params() / 1e9:.2f}B parameters, {model.num_layers} "
-        f"layers, hidden {model.hidden}, {model.heads} heads / {model.kv_heads} query groups, "
-        f"FFN {model.ffn}, vocabulary {model.vocab}{' (tied)' if model.tied else ''}",
+        f"layers, hidden {model.hidden_size}, {model.num_heads} heads / {model.num_kv_heads} "
+        f"query groups, FFN {model.ffn_hidden_size}, vocabulary {model.vocab_size}"
+        f"{' (tied)' if model.tied_embeddings else ''}",
         f"{gpus} GPUs: {hw.describe()}",
         f"layers: {impl} spec{' (sequence parallel with tp > 1)' if impl == 'te' else ''}; "
         f"config {config_name}: global batch {workload.global_batch} pairs, "
@@ -208,14 +183,7 @@ def add_arguments(parser) -> None:
         metavar="CONFIG",
         help="price only CONFIG's layout; exit 1 if it is predicted not to fit",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value",
-    )
+    add_config_arguments(parser, config_file="none")
     parser.add_argument(
         "--impl",
         choices=IMPLS,
@@ -261,8 +229,6 @@ def add_arguments(parser) -> None:
 
 def build_inputs(args):
     """(model, workload, hardware, gpus, config, config name) from the arguments."""
-    from selm_mcore.config.io import load_config
-
     path = args.check or args.config
     cfg = load_config(path, args.overrides) if path else None
     model_arg = args.model or (cfg.model.hf_dir if cfg else "")
@@ -272,9 +238,9 @@ def build_inputs(args):
         model_arg, cfg.model.make_vocab_size_divisible_by if cfg else 128
     )
     if cfg is None:
-        example_path = EXAMPLES / (example or "selm_llama3_8b.yaml")
-        path = str(example_path.relative_to(REPO_ROOT)) if example_path.is_file() else ""
-        cfg = load_config(example_path if path else None, args.overrides)
+        path = f"examples/configs/{example or DEFAULT_EXAMPLE}"
+        raw = copy.deepcopy(EXAMPLE_SETTINGS[example or DEFAULT_EXAMPLE])
+        cfg = from_dict(apply_overrides(raw, args.overrides), path)
     gpus = args.gpus or (cfg.online.nproc_per_node * cfg.online.nnodes if args.check else 0)
     if gpus < 1:
         raise PlanError("--gpus N is required (the number of GPUs of the run)")
@@ -298,18 +264,15 @@ def build_inputs(args):
     return model, workload, hw, gpus, cfg, path or "<defaults>"
 
 
+def pricing(args) -> dict[str, Any]:
+    """How the arguments price a layout: layer implementation, DDP overlap, checkpoint format."""
+    return {"impl": args.impl, "overlap": not args.no_overlap, "save_format": args.save_format}
+
+
 def run_check(args, model, workload, hw, gpus, cfg, config_name) -> int:
     """Price the config's layout; PlanError (exit 1) with the fitting layouts if it does not fit."""
     layout = config_layout(cfg, gpus, args.impl)
-    row = plan_layout(
-        model,
-        layout,
-        workload,
-        hw,
-        impl=args.impl,
-        overlap=not args.no_overlap,
-        save_format=args.save_format,
-    )
+    row = plan_layout(model, layout, workload, hw, **pricing(args))
     row.mark = "<- config"
     print(describe(model, workload, hw, gpus, args.impl, config_name))
     print(format_rows([row]))
@@ -319,20 +282,8 @@ def run_check(args, model, workload, hw, gpus, cfg, config_name) -> int:
             f"to fit: {row.peak_gib:.1f} of {hw.gpu_mem_gib * (1 - hw.headroom):.1f} GiB"
         )
         return 0
-    others = [
-        r
-        for r in plan_all(
-            model,
-            workload,
-            hw,
-            gpus,
-            impl=args.impl,
-            overlap=not args.no_overlap,
-            save_format=args.save_format,
-            max_vpp=args.max_vpp,
-        )
-        if r.fits
-    ][:5]
+    rows = plan_all(model, workload, hw, gpus, max_vpp=args.max_vpp, **pricing(args))
+    others = [r for r in rows if r.fits][:5]
     parts = ", ".join(
         f"{k} {row.memory_gib[k]:.1f}"
         for k in ("params", "grads", "optimizer", "activations", "logits", "working")
@@ -358,23 +309,10 @@ def run_check(args, model, workload, hw, gpus, cfg, config_name) -> int:
 
 
 def main(args) -> int:
-    try:
-        model, workload, hw, gpus, cfg, config_name = build_inputs(args)
-        if args.check:
-            return run_check(args, model, workload, hw, gpus, cfg, config_name)
-    except PlanError as exc:
-        print(f"[plan] error: {exc}")
-        return 1
-    rows = plan_all(
-        model,
-        workload,
-        hw,
-        gpus,
-        impl=args.impl,
-        overlap=not args.no_overlap,
-        save_format=args.save_format,
-        max_vpp=args.max_vpp,
-    )
+    model, workload, hw, gpus, cfg, config_name = build_inputs(args)
+    if args.check:
+        return run_check(args, model, workload, hw, gpus, cfg, config_name)
+    rows = plan_all(model, workload, hw, gpus, max_vpp=args.max_vpp, **pricing(args))
     marked = (
         config_layout(cfg, gpus, args.impl)
         if gpus % (cfg.parallel.tp * cfg.parallel.pp) == 0

@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from selm_mcore.modelspec import ModelShape, causal_pairs, packed_group_pairs
 from selm_mcore.plan import memory
-from selm_mcore.plan.memory import GiB_BYTES, Group, Layout, MicroBatch, PlanModel
+from selm_mcore.plan.memory import GiB_BYTES, Group, Layout, MicroBatch, RankMemory
 
 
 @dataclass(frozen=True)
@@ -157,20 +158,15 @@ class Workload:
         return math.ceil(self.global_batch / dp / self.pairs_per_micro_batch())
 
 
-def layer_forward_flops(model: PlanModel, mb: MicroBatch) -> tuple[float, float]:
+def layer_forward_flops(model: ModelShape, mb: MicroBatch) -> tuple[float, float]:
     """(dense, attention) FLOPs of one layer's forward over a micro-batch, counted as
-    ``selm_mcore.train.metrics.packed_forward_flops`` / ``forward_flops`` count them."""
-    h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
-    dense = 2 * (2 * h * q + 2 * h * kv + 3 * h * f) * mb.tokens
-    if mb.packed:
-        attended = sum(
-            g.prompt * (g.prompt + 1) // 2
-            + sum(r * g.prompt + r * (r + 1) // 2 for r in g.responses)
-            for g in mb.groups
-        )
+    ``selm_mcore.modelspec.packed_forward_flops`` / ``forward_flops`` count them."""
+    dense = 2 * model.layer_matmul_params() * mb.tokens
+    if mb.groups is not None:
+        pairs = sum(packed_group_pairs(g.prompt, g.responses) for g in mb.groups)
     else:
-        attended = mb.rows * mb.row_length * (mb.row_length + 1) // 2
-    return float(dense), float(4 * q * attended)
+        pairs = mb.rows * causal_pairs(mb.row_length)
+    return float(dense), float(4 * model.query_dim * pairs)
 
 
 def divisors(n: int) -> list[int]:
@@ -178,7 +174,7 @@ def divisors(n: int) -> list[int]:
 
 
 def enumerate_layouts(
-    model: PlanModel,
+    model: ModelShape,
     workload: Workload,
     gpus: int,
     gpus_per_node: int,
@@ -191,7 +187,9 @@ def enumerate_layouts(
     layouts = []
     for tp in divisors(gpus):
         # (the padded vocabulary is a multiple of tp by construction)
-        if tp > gpus_per_node or any(x % tp for x in (model.heads, model.kv_heads, model.ffn)):
+        if tp > gpus_per_node or any(
+            x % tp for x in (model.num_heads, model.num_kv_heads, model.ffn_hidden_size)
+        ):
             continue
         for pp in divisors(gpus // tp):
             if model.num_layers % pp:
@@ -232,7 +230,7 @@ class PlanRow:
 
 
 def stage_memory(
-    model: PlanModel,
+    model: ModelShape,
     layout: Layout,
     workload: Workload,
     impl: str,
@@ -240,50 +238,24 @@ def stage_memory(
     *,
     overlap: bool,
     save_format: str,
-) -> dict[str, float]:
-    """Bytes of one rank of pipeline stage ``pp_rank``, by component, and its peak."""
-    e = workload.param_bytes
-    mb = workload.micro_batch()
-    last = pp_rank == layout.pp - 1
-    static = memory.static_bytes(
-        model,
-        layout,
-        pp_rank,
-        param_bytes=e,
-        bucket_size=memory.ddp_bucket_size(layout.dp, overlap),
-        fp32_norms=impl != "te",
-    )
-    acts = memory.activation_bytes(
+) -> RankMemory:
+    """Bytes of one rank of pipeline stage ``pp_rank`` running the workload's full
+    micro-batches (``selm_mcore.plan.memory.rank_memory``)."""
+    return memory.rank_memory(
         model,
         layout,
         impl,
-        mb,
-        e,
+        workload.micro_batch(),
+        workload.param_bytes,
         pp_rank=pp_rank,
         num_microbatches=workload.micro_batches_per_step(layout.dp),
+        bucket_size=memory.ddp_bucket_size(layout.dp, overlap),
+        save_format=save_format if workload.save_interval else "",
     )
-    working = memory.working_bytes(model, layout, impl, mb, e, last)
-    save = (
-        memory.save_buffer_bytes(static["largest_bucket"], save_format)
-        if workload.save_interval
-        else 0
-    )
-    parts = {
-        "params": static["params"],
-        "grads": static["grads"],
-        "optimizer": static["optimizer"],
-        "activations": acts["layers"] + acts["embedding"],
-        "logits": acts["head"],
-        "working": memory.transient_bytes(acts, working),
-        "save_buffer": save,
-    }
-    state = parts["params"] + parts["grads"] + parts["optimizer"]
-    parts["peak"] = state + max(parts["activations"] + parts["logits"] + parts["working"], save)
-    return parts
 
 
 def step_time(
-    model: PlanModel, layout: Layout, workload: Workload, hw: Hardware, params_per_rank: int
+    model: ModelShape, layout: Layout, workload: Workload, hw: Hardware, params_per_rank: int
 ) -> dict[str, float]:
     """The step-time estimate of the module docstring, by component (seconds)."""
     mb = workload.micro_batch()
@@ -292,14 +264,14 @@ def step_time(
     dense, attention = layer_forward_flops(model, mb)
     extra = {"none": 0.0, "selective": attention, "full": dense + attention}[layout.recompute]
     layers = model.num_layers // layout.pp
-    head = 2.0 * model.hidden * model.vocab * mb.head_positions
+    head = 2.0 * model.hidden_size * model.vocab_size * mb.head_positions
     compute = (layers * (3 * (dense + attention) + extra) + 3 * head) / rate
-    activation = mb.tokens * model.hidden * e
+    activation = mb.tokens * model.hidden_size * e
     tp_ops = 4 + (2 if layout.recompute == "full" else 0)
     ring = 2 * (layout.tp - 1) / layout.tp
     tp = (
         ring
-        * (layers * tp_ops * activation + mb.head_positions * model.hidden * e)
+        * (layers * tp_ops * activation + mb.head_positions * model.hidden_size * e)
         / (hw.nvlink_gbs * 1e9)
     )
     multi_node = layout.world > hw.gpus_per_node
@@ -329,7 +301,7 @@ def step_time(
 
 
 def plan_layout(
-    model: PlanModel,
+    model: ModelShape,
     layout: Layout,
     workload: Workload,
     hw: Hardware,
@@ -344,10 +316,10 @@ def plan_layout(
         stage_memory(model, layout, workload, impl, r, overlap=overlap, save_format=save_format)
         for r in stages
     ]
-    worst = max(per_stage, key=lambda parts: parts["peak"])
-    params_per_rank = max(p["params"] for p in per_stage) // workload.param_bytes
+    worst = max(per_stage, key=lambda parts: parts.peak)
+    params_per_rank = max(p.params for p in per_stage) // workload.param_bytes
     times = step_time(model, layout, workload, hw, params_per_rank)
-    memory_gib = {key: value / GiB_BYTES for key, value in worst.items()}
+    memory_gib = {key: value / GiB_BYTES for key, value in worst.table().items()}
     peak = memory_gib["peak"]
     return PlanRow(
         layout=layout,
@@ -361,7 +333,7 @@ def plan_layout(
 
 
 def plan_all(
-    model: PlanModel,
+    model: ModelShape,
     workload: Workload,
     hw: Hardware,
     gpus: int,

@@ -43,84 +43,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from selm_mcore.config.schema import RECOMPUTE_CHOICES
-from selm_mcore.mcore.model import padded_vocab_size
-from selm_mcore.train.metrics import ModelShape
+from selm_mcore.modelspec import ModelShape
 
 IMPLS = ("te", "local", "cpu")
 RECOMPUTE = RECOMPUTE_CHOICES
 SAVE_FORMATS = ("fully_reshardable", "dp_reshardable")
 GiB_BYTES = 2**30
-
-
-@dataclass(frozen=True)
-class PlanModel:
-    """The numbers of a Llama config the planner needs."""
-
-    name: str
-    num_layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    vocab_divisible_by: int = 128
-
-    @classmethod
-    def from_hf(cls, config: Any, name: str, vocab_divisible_by: int = 128) -> PlanModel:
-        """From an HF config object or config.json dict."""
-        shape = ModelShape.from_hf_config(config)
-        get = (
-            config.get
-            if isinstance(config, dict)
-            else lambda key, default=None: getattr(config, key, default)
-        )
-        return cls(
-            name=name,
-            num_layers=shape.num_layers,
-            hidden=shape.hidden_size,
-            ffn=shape.ffn_hidden_size,
-            heads=shape.num_heads,
-            kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
-            vocab=shape.vocab_size,
-            tied=bool(get("tie_word_embeddings", False)),
-            vocab_divisible_by=vocab_divisible_by,
-        )
-
-    @property
-    def shape(self) -> ModelShape:
-        return ModelShape(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden,
-            ffn_hidden_size=self.ffn,
-            num_heads=self.heads,
-            num_kv_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            vocab_size=self.vocab,
-        )
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def padded_vocab(self, tp: int) -> int:
-        return padded_vocab_size(self.vocab, tp, self.vocab_divisible_by)
-
-    def num_params(self) -> int:
-        """Parameters of the whole model (unpadded vocabulary; a tied head counted once)."""
-        h = self.hidden
-        layer = 2 * h + h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h + 3 * h * self.ffn
-        head = 0 if self.tied else self.vocab * h
-        return self.num_layers * layer + self.vocab * h + h + head
 
 
 @dataclass(frozen=True)
@@ -142,7 +72,7 @@ class Layout:
     def world(self) -> int:
         return self.tp * self.pp * self.dp
 
-    def layers_per_chunk(self, model: PlanModel) -> int:
+    def layers_per_chunk(self, model: ModelShape) -> int:
         return model.num_layers // (self.pp * self.chunks)
 
     def label(self) -> str:
@@ -182,30 +112,30 @@ class MicroBatch:
 
 
 def chunk_parameters(
-    model: PlanModel, layout: Layout, pp_rank: int, chunk: int
+    model: ModelShape, layout: Layout, pp_rank: int, chunk: int
 ) -> list[tuple[int, bool, bool]]:
     """(numel, own bucket, is a norm weight) of the parameters of one model chunk on one TP
     rank, in ``module.parameters()`` order (embedding, layers, final norm, output layer)."""
-    t, h = layout.tp, model.hidden
+    t, h = layout.tp, model.hidden_size
     vocab = model.padded_vocab(t)
     first = pp_rank == 0 and chunk == 0
     last = pp_rank == layout.pp - 1 and chunk == layout.chunks - 1
     params: list[tuple[int, bool, bool]] = []
     if first:
-        params.append((vocab // t * h, model.tied, False))
+        params.append((vocab // t * h, model.tied_embeddings, False))
     layer = [
         (h, True),
-        (model.q_dim * h // t, False),
-        ((model.q_dim + 2 * model.kv_dim) * h // t, False),
+        (model.query_dim * h // t, False),
+        ((model.query_dim + 2 * model.kv_dim) * h // t, False),
         (h, True),
-        (2 * model.ffn * h // t, False),
-        (model.ffn * h // t, False),
+        (2 * model.ffn_hidden_size * h // t, False),
+        (model.ffn_hidden_size * h // t, False),
     ]
     for _ in range(layout.layers_per_chunk(model)):
         params += [(numel, False, norm) for numel, norm in layer]
     if last:
         params.append((h, False, True))
-        if not model.tied:
+        if not model.tied_embeddings:
             params.append((vocab // t * h, False, False))
         elif layout.pp > 1:  # the last stage's copy of a tied embedding
             params.append((vocab // t * h, True, False))
@@ -265,7 +195,7 @@ def shard_numels(
 
 
 def static_bytes(
-    model: PlanModel,
+    model: ModelShape,
     layout: Layout,
     pp_rank: int,
     *,
@@ -322,7 +252,7 @@ def ddp_bucket_size(dp: int, overlap: bool) -> int | None:
 # --- activations -------------------------------------------------------------------------------
 
 
-def attention_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int) -> int:
+def attention_bytes(model: ModelShape, layout: Layout, impl: str, mb: MicroBatch, e: int) -> int:
     """Bytes the core attention of one layer saves for backward.
 
     Packed (``PackedAttention``): the gathered q/k/v of two varlen calls (prompts; responses
@@ -334,21 +264,22 @@ def attention_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch,
     output, the output and the fp32 statistics.
     """
     t = layout.tp
-    heads, hd = model.heads // t, model.head_dim
-    q, kv = model.q_dim // t, model.kv_dim // t
-    if not mb.packed:
+    heads, hd = model.num_heads // t, model.head_dim
+    q, kv = model.query_dim // t, model.kv_dim // t
+    groups = mb.groups
+    if groups is None:
         b, s = mb.rows, mb.row_length
         if impl == "te":
             return mb.tokens * (e * (q + kv) + e * (q + 2 * kv) + e * q + 4 * heads)
         probs = 4 + (e if e != 4 else 0)
         return 3 * b * heads * s * hd * e + b * heads * s * s * probs + s * s
-    prompts = sum(g.prompt for g in mb.groups)
-    queries = sum(sum(g.responses) for g in mb.groups)
-    keys = sum(g.prompt * len(g.responses) + sum(g.responses) for g in mb.groups)
+    prompts = sum(g.prompt for g in groups)
+    queries = sum(sum(g.responses) for g in groups)
+    keys = sum(g.prompt * len(g.responses) + sum(g.responses) for g in groups)
     indices = 8 * (prompts + queries + keys)
     if impl == "cpu":
         per_group = 0
-        for g in mb.groups:
+        for g in groups:
             calls = [(g.prompt, g.prompt)] + [(r, g.prompt + r) for r in g.responses if r]
             per_group += sum(
                 4 * heads * (length * hd + 2 * span * hd + length * span) for length, span in calls
@@ -362,10 +293,10 @@ def attention_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch,
 
 
 def layer_bytes(
-    model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int, recompute: str = "none"
+    model: ModelShape, layout: Layout, impl: str, mb: MicroBatch, e: int, recompute: str = "none"
 ) -> int:
     """Bytes one transformer layer saves for backward under ``recompute`` (module docstring)."""
-    t, h = layout.tp, model.hidden
+    t, h = layout.tp, model.hidden_size
     sp = t if layout.sequence_parallel else 1
     n = mb.tokens
     if recompute == "full":
@@ -375,10 +306,10 @@ def layer_bytes(
     else:
         boundary = 2 * (2 * h * e + 4) // sp
     rope = 0 if (impl == "te" and not mb.packed) else 4 * model.head_dim * e * mb.row_length
-    mlp = (5 if impl == "cpu" else 3) * model.ffn * e // t
-    body = n * (boundary + model.q_dim * e // t + mlp) + rope
+    mlp = (5 if impl == "cpu" else 3) * model.ffn_hidden_size * e // t
+    body = n * (boundary + model.query_dim * e // t + mlp) + rope
     if recompute == "selective":
-        q, kv = model.q_dim // t, model.kv_dim // t
+        q, kv = model.query_dim // t, model.kv_dim // t
         return body + n * e * (q + kv + q + 2 * kv)
     return body + attention_bytes(model, layout, impl, mb, e)
 
@@ -395,10 +326,10 @@ def in_flight_chunks(layout: Layout, num_microbatches: int, pp_rank: int) -> int
     return min(num_microbatches * layout.vpp, warmup + 1)
 
 
-def head_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int) -> int:
+def head_bytes(model: ModelShape, layout: Layout, impl: str, mb: MicroBatch, e: int) -> int:
     """Last stage, one micro-batch: final norm, the LM head's input, the logits of the head
     positions (kept by the log-prob kernel) and its 8 bytes of statistics per position."""
-    t, h = layout.tp, model.hidden
+    t, h = layout.tp, model.hidden_size
     sp = t if layout.sequence_parallel else 1
     n, m = mb.tokens, mb.head_positions
     norm = n * (8 * h + 4) if impl == "cpu" else n * (h * e + 4) // sp
@@ -408,7 +339,7 @@ def head_bytes(model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: i
 
 
 def activation_bytes(
-    model: PlanModel,
+    model: ModelShape,
     layout: Layout,
     impl: str,
     mb: MicroBatch,
@@ -448,7 +379,7 @@ def activation_bytes(
 
 
 def working_bytes(
-    model: PlanModel, layout: Layout, impl: str, mb: MicroBatch, e: int, last_stage: bool
+    model: ModelShape, layout: Layout, impl: str, mb: MicroBatch, e: int, last_stage: bool
 ) -> dict[str, int]:
     """Transient estimates on top of the saved tensors: "layer" (one layer's activation
     gradients in backward) and, on the last stage, "head" (the larger of a non-in-place logits
@@ -459,7 +390,7 @@ def working_bytes(
         return {"layer": layer, "head": 0}
     t = layout.tp
     logits_grad = 0 if mb.packed else mb.tokens * model.padded_vocab(t) // t * e
-    wgrad = 0 if impl == "te" else model.padded_vocab(t) // t * model.hidden * e
+    wgrad = 0 if impl == "te" else model.padded_vocab(t) // t * model.hidden_size * e
     return {"layer": layer, "head": max(logits_grad, wgrad)}
 
 
@@ -473,3 +404,85 @@ def save_buffer_bytes(largest_bucket: int, save_format: str) -> int:
     """GPU bytes a step checkpoint's optimizer save allocates: fully_reshardable all-gathers
     one fp32 state of a bucket over DP at a time; dp_reshardable copies shards to the host."""
     return 4 * largest_bucket if save_format == "fully_reshardable" else 0
+
+
+# --- one rank ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes of one rank by component: parameters, fp32 gradients, its optimizer shard, the
+    saved activations (layers in flight + token ids), the LM head's saved tensors ("logits"),
+    the transient backward working set, a step checkpoint's save buffer and ``saved_peak``, the
+    tensors saved for backward at their peak (``activation_bytes``)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    working: int
+    save_buffer: int
+    saved_peak: int
+
+    @property
+    def peak(self) -> int:
+        """state + max(activations + logits + working, save buffer)."""
+        state = self.params + self.grads + self.optimizer
+        return state + max(self.activations + self.logits + self.working, self.save_buffer)
+
+    def table(self) -> dict[str, int]:
+        """The planner's columns (``selm plan``), peak last."""
+        return {
+            "params": self.params,
+            "grads": self.grads,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "logits": self.logits,
+            "working": self.working,
+            "save_buffer": self.save_buffer,
+            "peak": self.peak,
+        }
+
+
+def rank_memory(
+    model: ModelShape,
+    layout: Layout,
+    impl: str,
+    mb: MicroBatch,
+    e: int,
+    *,
+    pp_rank: int,
+    num_microbatches: int,
+    bucket_size: int | None,
+    dp_rank: int | None = None,
+    save_format: str = "",
+) -> RankMemory:
+    """One rank of pipeline stage ``pp_rank`` (DP rank ``dp_rank``, default the one with the
+    largest optimizer shard) training micro-batches like ``mb`` with ``e``-byte parameters;
+    ``save_format``: the optimizer format of step checkpoints ("": none are saved)."""
+    static = static_bytes(
+        model,
+        layout,
+        pp_rank,
+        param_bytes=e,
+        bucket_size=bucket_size,
+        fp32_norms=impl != "te",
+        dp_rank=dp_rank,
+    )
+    acts = activation_bytes(
+        model, layout, impl, mb, e, num_microbatches=num_microbatches, pp_rank=pp_rank
+    )
+    working = working_bytes(model, layout, impl, mb, e, pp_rank == layout.pp - 1)
+    return RankMemory(
+        params=static["params"],
+        grads=static["grads"],
+        optimizer=static["optimizer"],
+        activations=acts["layers"] + acts["embedding"],
+        logits=acts["head"],
+        working=transient_bytes(acts, working),
+        save_buffer=(
+            save_buffer_bytes(static["largest_bucket"], save_format) if save_format else 0
+        ),
+        saved_peak=acts["saved_peak"],
+    )

@@ -5,11 +5,16 @@
     rows = run_engines(model_dir, prompt_rows, gen_cfg, trust_remote_code, workdir, bounds)
     merge_node_outputs(prompt_ids, out_path, num_nodes)              # after every node is done
 
-Each slice is one ``selm _worker engine SPEC`` process (``selm_mcore.rollout.generate.worker_main``)
-on its own tensor_parallel_size GPUs of this node (``engine_env``), or its own CPU cores, seeded
-with the slice's start so that any split samples what one engine would. ``generation.num_engines``
-counts the engines of the whole allocation: across N nodes each node runs num_engines / N of the
-slices and writes ``OUT.node<k>.jsonl`` (``node_output_path``). No vLLM import here.
+Each slice is one ``selm _worker engine SPEC`` process (``selm_mcore.rollout.generate.worker_main``
+reads its ``EngineSpec``) on its own tensor_parallel_size GPUs of this node, or its own CPU
+cores (``engine_environments``), seeded with the slice's start so that any split samples what
+one engine would. The engines run under the one child-process supervisor
+(``selm_mcore.runtime.procs.ChildProcesses``): the first that fails stops the others.
+``generation.num_engines`` counts the engines of the whole allocation: across N nodes each node
+runs num_engines / N of the slices (``engines_per_node``) and writes ``OUT.node<k>.jsonl``
+(``node_output_path``). The two layout rules (a count that splits over the nodes, GPUs enough
+for a node's engines) are checked once each, here, both at config time (``check_engine_layout``)
+and where the engines start. No vLLM import here.
 """
 
 from __future__ import annotations
@@ -18,51 +23,22 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from selm_mcore.config.schema import GenerationConfig
-from selm_mcore.runtime.errors import InputError
+from selm_mcore.config.schema import ConfigError, GenerationConfig
+from selm_mcore.runtime.errors import InputError, UserError
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
-from selm_mcore.runtime.procs import child_env, die_with_parent_preexec
+from selm_mcore.runtime.procs import ChildProcesses, cuda_available
 
 logger = logging.getLogger(__name__)
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UserError, RuntimeError):
     """vLLM could not start or generate; the round must stop."""
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def check_engine_layout(
-    num_engines: int, tensor_parallel_size: int, num_nodes: int, gpus_per_node: int | None
-) -> None:
-    """Refuse engines that cannot be spread: a count that is not a multiple of the nodes, or
-    more engines x tensor_parallel_size per node than the node has GPUs (``gpus_per_node``;
-    None on CPU, where engines share the cores)."""
-    from selm_mcore.config.schema import ConfigError
-
-    if num_engines % num_nodes:
-        raise ConfigError(
-            f"generation.num_engines={num_engines} counts the engines of the whole allocation "
-            f"and must be a multiple of online.nnodes={num_nodes} (e.g. {num_nodes}: one per "
-            "node)"
-        )
-    per_node = num_engines // num_nodes
-    if gpus_per_node is not None and per_node * tensor_parallel_size > gpus_per_node:
-        raise ConfigError(
-            f"generation.num_engines={num_engines} over {num_nodes} node(s) puts {per_node} "
-            f"engine(s) x tensor_parallel_size={tensor_parallel_size} GPUs on each node, more "
-            f"than its online.nproc_per_node={gpus_per_node} GPUs; lower num_engines"
-        )
 
 
 def split_contiguous(count: int, parts: int) -> list[tuple[int, int]]:
@@ -78,28 +54,45 @@ def split_contiguous(count: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def engine_env(engine: int, num_engines: int, tp: int, on_cpu: bool) -> dict[str, str]:
-    """Environment of data-parallel engine ``engine``: its own GPUs, or its own CPU cores."""
-    env = dict(os.environ)
-    if on_cpu:
-        cores = sorted(os.sched_getaffinity(0))
-        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and len(cores) >= num_engines:
-            per = len(cores) // num_engines
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(
-                str(c) for c in cores[engine * per : (engine + 1) * per]
-            )
-        return env
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    import torch
-
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    if len(devices) < num_engines * tp:
-        raise InputError(
-            f"generation.num_engines={num_engines} x tensor_parallel_size={tp} needs "
-            f"{num_engines * tp} GPUs, {len(devices)} visible; lower num_engines"
+def engines_per_node(num_engines: int, num_nodes: int) -> int:
+    """How many of the allocation's ``num_engines`` engines each of ``num_nodes`` nodes runs;
+    refuses a count that does not split evenly."""
+    if num_engines % num_nodes:
+        raise ConfigError(
+            f"generation.num_engines={num_engines} counts the engines of the whole allocation "
+            f"and must be a multiple of online.nnodes={num_nodes} (e.g. {num_nodes}: one per "
+            "node)"
         )
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[engine * tp : (engine + 1) * tp])
-    return env
+    return num_engines // num_nodes
+
+
+def check_engine_gpus(
+    num_engines: int, engines_on_node: int, tensor_parallel_size: int, gpus: int, where: str
+) -> None:
+    """Refuse more of the ``num_engines`` engines x tensor_parallel_size GPUs on one node than
+    it has GPUs (``where`` says where the GPU count comes from)."""
+    if engines_on_node * tensor_parallel_size > gpus:
+        raise ConfigError(
+            f"generation.num_engines={num_engines} puts {engines_on_node} engine(s) x "
+            f"tensor_parallel_size={tensor_parallel_size} GPUs on one node, more than its {gpus} "
+            f"GPUs ({where}); lower num_engines"
+        )
+
+
+def check_engine_layout(
+    num_engines: int, tensor_parallel_size: int, num_nodes: int, gpus_per_node: int | None
+) -> None:
+    """At config time: a count that splits over the nodes, and GPUs enough for each node's
+    engines (``gpus_per_node``; None on CPU, where engines share the cores)."""
+    per_node = engines_per_node(num_engines, num_nodes)
+    if gpus_per_node is not None:
+        check_engine_gpus(
+            num_engines,
+            per_node,
+            tensor_parallel_size,
+            gpus_per_node,
+            f"online.nproc_per_node, over online.nnodes={num_nodes}",
+        )
 
 
 def node_slices(
@@ -107,17 +100,56 @@ def node_slices(
 ) -> list[tuple[int, int]]:
     """The [start, end) prompt slices node ``node_rank`` of ``num_nodes`` generates: its
     contiguous share of the ``num_engines`` slices of all prompts (one node: all of them)."""
-    if num_engines % num_nodes:
-        raise ValueError(
-            f"generation.num_engines={num_engines} engines over {num_nodes} nodes: "
-            "it counts the engines of the whole allocation and must be a multiple "
-            "of the node count (online.nnodes)"
-        )
+    per_node = engines_per_node(num_engines, num_nodes)
     if not 0 <= node_rank < num_nodes:
-        raise ValueError(f"node rank {node_rank} is outside 0..{num_nodes - 1}")
+        raise InputError(f"node rank {node_rank} is outside 0..{num_nodes - 1}")
     bounds = split_contiguous(num_prompts, num_engines)
-    per_node = num_engines // num_nodes
     return bounds[node_rank * per_node : (node_rank + 1) * per_node]
+
+
+def engine_environments(num_engines: int, gen_cfg: GenerationConfig) -> list[dict[str, str]]:
+    """What each of this node's ``num_engines`` engines adds to its environment: its own
+    tensor_parallel_size GPUs (refused when the visible ones are too few), or on CPU its own
+    cores (unless VLLM_CPU_OMP_THREADS_BIND is set or the cores are fewer than the engines)."""
+    if not cuda_available():
+        cores = sorted(os.sched_getaffinity(0))
+        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < num_engines:
+            return [{} for _ in range(num_engines)]
+        per = len(cores) // num_engines
+        return [
+            {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores[k * per : (k + 1) * per]))}
+            for k in range(num_engines)
+        ]
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    tp = gen_cfg.tensor_parallel_size
+    check_engine_gpus(gen_cfg.num_engines, num_engines, tp, len(devices), "visible here")
+    return [
+        {"CUDA_VISIBLE_DEVICES": ",".join(devices[k * tp : (k + 1) * tp])}
+        for k in range(num_engines)
+    ]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine's job, ``selm _worker engine SPEC``: written as JSON by ``run_engines``, read
+    by ``selm_mcore.rollout.generate.worker_main``."""
+
+    model_dir: str
+    prompts: str  # JSONL of the slice's prompt rows
+    out: str  # JSONL the engine writes, one row per prompt
+    gen_cfg: GenerationConfig
+    trust_remote_code: bool
+    seed_offset: int  # the slice's start: seeds as one engine over all prompts
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EngineSpec:
+        return cls(**{**data, "gen_cfg": GenerationConfig(**data["gen_cfg"])})
 
 
 def node_rank_from_env() -> int:
@@ -125,7 +157,7 @@ def node_rank_from_env() -> int:
     for key in ("SLURM_NODEID", "NODE_RANK", "GROUP_RANK"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
-    raise ValueError(
+    raise InputError(
         "--num-nodes > 1 needs the node rank: pass --node-rank, or start one "
         "process per node with srun (SLURM_NODEID) or set NODE_RANK"
     )
@@ -163,7 +195,7 @@ def merge_node_outputs(
 
 
 def run_engines(
-    model_dir,
+    model_dir: str | os.PathLike,
     prompts: Sequence[dict],
     gen_cfg: GenerationConfig,
     trust_remote_code: bool,
@@ -173,78 +205,53 @@ def run_engines(
     """One engine process per contiguous slice (``bounds``, default the num_engines slices of
     all prompts), each on this node's next GPUs; rows of the slices in order. A failed engine
     stops the others and raises with its log tail."""
-    on_cpu = not cuda_available()
     if bounds is None:
         bounds = split_contiguous(len(prompts), gen_cfg.num_engines)
-    if not on_cpu:
-        engine_env(0, len(bounds), gen_cfg.tensor_parallel_size, on_cpu)  # GPU count
+    environments = engine_environments(len(bounds), gen_cfg)
     child_cfg = dataclasses.replace(gen_cfg, num_engines=1)
-    procs = []
-    try:
+    specs = []
+    with ChildProcesses() as children:
         for engine, (start, end) in enumerate(bounds):
             slice_path = workdir / f"engine{engine}.prompts.jsonl"
             write_jsonl_atomic(slice_path, list(prompts[start:end]))
-            spec = {
-                "model_dir": str(model_dir),
-                "prompts": str(slice_path),
-                "out": str(workdir / f"engine{engine}.out.jsonl"),
-                "gen_cfg": dataclasses.asdict(child_cfg),
-                "trust_remote_code": trust_remote_code,
-                "seed_offset": start,
-            }
+            spec = EngineSpec(
+                str(model_dir),
+                str(slice_path),
+                str(workdir / f"engine{engine}.out.jsonl"),
+                child_cfg,
+                trust_remote_code,
+                seed_offset=start,
+            )
             spec_path = workdir / f"engine{engine}.spec.json"
-            spec_path.write_text(json.dumps(spec))
-            log_path = workdir / f"engine{engine}.log"
-            with log_path.open("w") as log:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-P",
-                        "-m",
-                        "selm_mcore.cli",
-                        "_worker",
-                        "engine",
-                        str(spec_path),
-                    ],
-                    env=child_env(
-                        engine_env(engine, len(bounds), gen_cfg.tensor_parallel_size, on_cpu)
-                    ),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=die_with_parent_preexec(),
-                )
-            procs.append((engine, start, end, proc, log_path, Path(spec["out"])))
-        logger.info("started %d vLLM engines on slices %s", len(procs), bounds)
-        deadline = time.monotonic() + gen_cfg.engine_timeout_s if gen_cfg.engine_timeout_s else None
-        for engine, start, end, proc, log_path, _ in procs:
-            try:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                code = None
-            if code != 0:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                reason = (
-                    f"timed out after generation.engine_timeout_s={gen_cfg.engine_timeout_s}"
-                    if code is None
-                    else f"exited with {code}"
-                )
-                raise GenerationError(
-                    f"vLLM engine {engine} (prompts {start}..{end - 1}) {reason}; log "
-                    f"{log_path}:\n{tail}"
-                )
-    finally:
-        for *_, proc, _, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            spec_path.write_text(json.dumps(spec.to_json()))
+            children.start(
+                [sys.executable, "-P", "-m", "selm_mcore.cli", "_worker", "engine", str(spec_path)],
+                workdir / f"engine{engine}.log",
+                env={**os.environ, **environments[engine]},
+            )
+            specs.append(spec)
+        logger.info("started %d vLLM engines on slices %s", len(specs), list(bounds))
+        outcome = children.wait(gen_cfg.engine_timeout_s, settle_s=1.0)
+    if not outcome.ok:
+        child = outcome.failed or outcome.running[0]
+        engine = children.children.index(child)
+        start, end = bounds[engine]
+        reason = (
+            f"timed out after generation.engine_timeout_s={gen_cfg.engine_timeout_s}"
+            if outcome.timed_out
+            else f"exited with {child.returncode}"
+        )
+        raise GenerationError(
+            f"vLLM engine {engine} (prompts {start}..{end - 1}) {reason}; log "
+            f"{child.log_path}:\n{child.tail_chars(3000)}"
+        )
     merged = []
-    for engine, start, end, _, _, out_path in procs:
-        rows = read_records(out_path)
+    for engine, ((start, end), spec) in enumerate(zip(bounds, specs)):
+        rows = read_records(spec.out)
         expected = [p["prompt_id"] for p in prompts[start:end]]
         if [r["prompt_id"] for r in rows] != expected:
             raise GenerationError(
-                f"engine {engine} output {out_path} does not match its prompt "
+                f"engine {engine} output {spec.out} does not match its prompt "
                 f"slice {start}..{end - 1}"
             )
         merged.extend(rows)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,81 +80,102 @@ def build_pairs(
     reference_response (y_ref, whatever the ranker did with it); other input keys are kept.
     Stats: prompt_id, candidate names, scores, ranks, chosen/rejected index and name.
     """
-    groups: dict[int, list[int]] = {}
-    prepared = []
-    for index, row in enumerate(rows):
-        prompt_id = row.get("prompt_id")
-        where = f"row {index} (prompt_id={prompt_id!r})"
-        if prompt_id is None:
-            raise ValueError(f"row {index}: missing 'prompt_id'")
-        if prompt_id not in y_refs:
-            raise KeyError(
-                f"{where}: no generated response for this prompt_id in the "
-                "generations; regenerate this round's responses"
-            )
-        responses = y_refs[prompt_id]
-        responses = [responses] if isinstance(responses, str) else list(responses)
-        responses = [strip_response(r) for r in responses]
-        if not responses:
-            raise ValueError(f"{where}: the generations hold no response")
-        messages = prompt_conversation(row, where)
-        if "chosen" in row or "rejected" in row:
-            y_w = _last_assistant(row.get("chosen"), "chosen", where)
-            y_l = _last_assistant(row.get("rejected"), "rejected", where)
-            candidates, names = [responses[0], y_w, y_l], list(PREFERENCE_CANDIDATES)
-        else:
-            if len(responses) < 2:
-                raise ValueError(
-                    f"{where}: a prompt-only row needs >= 2 generated responses to "
-                    f"form a pair, got {len(responses)}; set generation.n >= 2"
-                )
-            candidates = responses
-            names = [f"sample_{k}" for k in range(len(responses))]
-        prepared.append((row, messages, raw_prompt(row, messages), candidates, names))
-        groups.setdefault(len(candidates), []).append(index)
-
-    scores: list[np.ndarray | None] = [None] * len(prepared)
+    prepared = [_candidates(index, row, y_refs) for index, row in enumerate(rows)]
+    groups: dict[int, list[int]] = {}  # candidates per row -> the rows ranked together
+    for index, candidate in enumerate(prepared):
+        groups.setdefault(len(candidate.texts), []).append(index)
+    scores: list[np.ndarray] = [np.empty(0)] * len(prepared)
     for indices in groups.values():
         group_scores = ranker.scores(
-            [prepared[i][2] for i in indices],
-            [prepared[i][3] for i in indices],
-            answers=[prepared[i][0].get(answer_key) for i in indices],
+            [prepared[i].prompt for i in indices],
+            [prepared[i].texts for i in indices],
+            answers=[prepared[i].row.get(answer_key) for i in indices],
         )
-        for i, s in zip(indices, group_scores):
-            scores[i] = s
-
+        for i, row_scores in zip(indices, group_scores):
+            scores[i] = row_scores
     new_rows, stats = [], []
-    for (row, messages, prompt, candidates, names), row_scores in zip(prepared, scores):
-        ranks = ranks_from_scores(row_scores[None])[0]
-        best, worst = int(np.argmin(ranks)), int(np.argmax(ranks))  # first index wins ties
-        chosen = messages + [{"role": "assistant", "content": candidates[best]}]
-        rejected = messages + [{"role": "assistant", "content": candidates[worst]}]
-        new_row = {k: v for k, v in row.items() if k != "responses"}
-        new_row.update(
-            prompt=prompt,
-            prompt_id=row["prompt_id"],
-            chosen=chosen,
-            rejected=rejected,
-            messages=chosen,
-            score_chosen=float(row_scores[best]),
-            score_rejected=float(row_scores[worst]),
-            reference_response=candidates[0],
-        )
+    for candidate, row_scores in zip(prepared, scores):
+        new_row, stat = _ranked_pair(candidate, row_scores)
         new_rows.append(new_row)
-        stats.append(
-            {
-                "prompt_id": row["prompt_id"],
-                "candidates": names,
-                "scores": [float(s) for s in row_scores],
-                "ranks": [int(r) for r in ranks],
-                "chosen_index": best,
-                "rejected_index": worst,
-                "chosen": names[best],
-                "rejected": names[worst],
-                "tie": best == worst,
-            }
-        )
+        stats.append(stat)
     return new_rows, stats
+
+
+@dataclass
+class _Candidates:
+    """One row's candidates for ranking: [y_ref, y_w, y_l], or a prompt-only row's samples."""
+
+    row: Mapping[str, Any]
+    messages: list[dict[str, str]]  # the prompt conversation
+    prompt: str  # the raw prompt text the ranker sees
+    texts: list[str]
+    names: list[str]
+
+
+def _candidates(
+    index: int, row: Mapping[str, Any], y_refs: Mapping[str, Sequence[str] | str]
+) -> _Candidates:
+    prompt_id = row.get("prompt_id")
+    where = f"row {index} (prompt_id={prompt_id!r})"
+    if prompt_id is None:
+        raise ValueError(f"row {index}: missing 'prompt_id'")
+    if prompt_id not in y_refs:
+        raise KeyError(
+            f"{where}: no generated response for this prompt_id in the "
+            "generations; regenerate this round's responses"
+        )
+    generated = y_refs[prompt_id]
+    responses = [
+        strip_response(r) for r in ([generated] if isinstance(generated, str) else generated)
+    ]
+    if not responses:
+        raise ValueError(f"{where}: the generations hold no response")
+    messages = prompt_conversation(row, where)
+    if "chosen" in row or "rejected" in row:
+        y_w = _last_assistant(row.get("chosen"), "chosen", where)
+        y_l = _last_assistant(row.get("rejected"), "rejected", where)
+        texts, names = [responses[0], y_w, y_l], list(PREFERENCE_CANDIDATES)
+    else:
+        if len(responses) < 2:
+            raise ValueError(
+                f"{where}: a prompt-only row needs >= 2 generated responses to "
+                f"form a pair, got {len(responses)}; set generation.n >= 2"
+            )
+        texts, names = responses, [f"sample_{k}" for k in range(len(responses))]
+    return _Candidates(row, messages, raw_prompt(row, messages), texts, names)
+
+
+def _ranked_pair(candidates: _Candidates, scores: np.ndarray) -> tuple[dict, dict]:
+    """(the new preference row, its stats) from one row's candidate scores: best and worst
+    rank, the first index winning ties."""
+    row, texts, names = candidates.row, candidates.texts, candidates.names
+    ranks = ranks_from_scores(scores[None])[0]
+    best, worst = int(np.argmin(ranks)), int(np.argmax(ranks))  # first index wins ties
+    chosen = candidates.messages + [{"role": "assistant", "content": texts[best]}]
+    rejected = candidates.messages + [{"role": "assistant", "content": texts[worst]}]
+    new_row = {k: v for k, v in row.items() if k != "responses"}
+    new_row.update(
+        prompt=candidates.prompt,
+        prompt_id=row["prompt_id"],
+        chosen=chosen,
+        rejected=rejected,
+        messages=chosen,
+        score_chosen=float(scores[best]),
+        score_rejected=float(scores[worst]),
+        reference_response=texts[0],
+    )
+    stats = {
+        "prompt_id": row["prompt_id"],
+        "candidates": names,
+        "scores": [float(s) for s in scores],
+        "ranks": [int(r) for r in ranks],
+        "chosen_index": best,
+        "rejected_index": worst,
+        "chosen": names[best],
+        "rejected": names[worst],
+        "tie": best == worst,
+    }
+    return new_row, stats
 
 
 def summarize_stats(stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

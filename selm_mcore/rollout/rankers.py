@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from selm_mcore.config.schema import RankingConfig
+from selm_mcore.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 PAIRRM_PREFIX_TOKENS = ["<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"]
 
 
-class RankerError(RuntimeError):
+class RankerError(UserError, RuntimeError):
     """A ranker failed or returned something unusable; the round must stop."""
 
 
@@ -151,13 +152,13 @@ class Ranker(abc.ABC):
         ``answers`` (one per prompt, or None) is used by rankers that check answers and ignored
         by the others. Every prompt needs the same number of candidates (>= 1)."""
         prompts = list(prompts)
-        candidates = [list(c) for c in candidates]
-        if len(prompts) != len(candidates):
-            raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+        candidate_lists: list[list[str]] = [list(c) for c in candidates]
+        if len(prompts) != len(candidate_lists):
+            raise ValueError(f"{len(prompts)} prompts but {len(candidate_lists)} candidate lists")
         if not prompts:
             return np.zeros((0, 0))
-        width = len(candidates[0])
-        for i, cands in enumerate(candidates):
+        width = len(candidate_lists[0])
+        for i, cands in enumerate(candidate_lists):
             if len(cands) != width or width == 0:
                 raise ValueError(
                     f"prompt {i} has {len(cands)} candidates, prompt 0 has {width}: "
@@ -170,7 +171,7 @@ class Ranker(abc.ABC):
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
         try:
-            result = self._scores(prompts, candidates, answers)
+            result = self._scores(prompts, candidate_lists, answers)
         except RankerError:
             raise
         except Exception as exc:

@@ -1,6 +1,7 @@
 """User errors and how a command reports them: one message for a problem the user can fix, the
 traceback for a bug.
 
+    class ConfigError(UserError, ValueError): ...              # every user-fixable error class
     raise InputError("--rows and --out go together")          # any user-fixable problem
     with naming_write_errors(path):                            # ENOSPC -> DiskFullError(path)
         ...
@@ -8,13 +9,16 @@ traceback for a bug.
 
 What counts as a user error (``user_message`` returns its message):
 
-* ``UserError`` and its subclasses (``InputError``, ``DiskFullError``);
-* the project's error classes for user-fixable problems, listed by name in
-  ``USER_ERROR_CLASSES`` (resolved only when their module is already imported, so naming a
-  class here costs no Megatron or vLLM import);
+* ``UserError`` and its subclasses: every error class of the project for a problem the user
+  can fix inherits it (``InputError``, ``DiskFullError`` here; ``ConfigError``, ``DataError``,
+  ``OnlineError``, ``CheckpointError``, ``PlanError``, ... where they are raised), keeping its
+  other base (``ValueError``, ``RuntimeError``) for callers that catch that;
 * an ``OSError`` that names its file (missing input, not a folder, permission denied);
-* a full disk or quota (ENOSPC, EDQUOT) anywhere in the exception chain: the message names the
-  file when known and the free space of its filesystem.
+* a full disk or quota (errno ENOSPC, EDQUOT) anywhere in the exception chain: the message
+  names the file when known and the free space of its filesystem. A writer that loses the
+  errno (torch's checkpoint writer process reports "unexpected pos") is caught where the
+  write happens, by ``naming_write_errors(path, needed_bytes)``: less free space than the
+  write needs.
 
 Everything else is a bug and keeps its traceback. ``selm_mcore.cli`` applies this to every
 command.
@@ -24,10 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,29 +44,6 @@ FILE_ERRNOS = (
     errno.EROFS,
     errno.EEXIST,
     errno.ENOTEMPTY,
-)
-
-# "module.Class" of the project's exceptions that describe a user-fixable problem.
-USER_ERROR_CLASSES = (
-    "selm_mcore.config.schema.ConfigError",
-    "selm_mcore.runtime.files.DataError",
-    "selm_mcore.loop.runner.OnlineError",
-    "selm_mcore.runtime.launch.LaunchError",
-    "selm_mcore.rollout.engines.GenerationError",
-    "selm_mcore.rollout.rankers.RankerError",
-    "selm_mcore.train.refpass.StaleReferenceCacheError",
-    "selm_mcore.data.packing.PackingError",
-    "selm_mcore.bench.common.BenchError",
-    "selm_mcore.mcore.checkpoint.CheckpointError",
-    "selm_mcore.mcore.checkpoint.ResumeError",
-    "selm_mcore.mcore.optim.OptimizerStateError",
-    "selm_mcore.mcore.parallel.ParallelLayoutError",
-    "selm_mcore.mcore.model.UnsupportedModelError",
-    "selm_mcore.mcore.weights.WeightsError",
-    "selm_mcore.mcore.safe_load.UnsafeCheckpointError",
-    "selm_mcore.runtime.files.ChecksumError",
-    "selm_mcore.mcore.convert.ExportTargetError",
-    "selm_mcore.train.guards.NonFiniteError",
 )
 
 
@@ -142,7 +121,7 @@ def naming_write_errors(path: str | os.PathLike, needed_bytes: int | None = None
         if _disk_full_link(exc) is not None:
             raise DiskFullError(path, needed_bytes) from exc
         free = free_bytes(path) if needed_bytes else None
-        if free is not None and free < needed_bytes:
+        if needed_bytes and free is not None and free < needed_bytes:
             first_line = (str(exc).strip().splitlines() or [""])[-1][:200]
             raise DiskFullError(
                 path,
@@ -159,46 +138,29 @@ def naming_write_errors(path: str | os.PathLike, needed_bytes: int | None = None
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen and len(seen) < 32:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen and len(seen) < 32:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
-_DISK_FULL_TEXTS = tuple(os.strerror(code) for code in DISK_FULL_ERRNOS)
-
-
-def _disk_full_link(exc: BaseException) -> BaseException | None:
-    """The link of the chain that says the disk is full: an OSError with ENOSPC/EDQUOT, or an
-    exception whose text carries the system's message (libraries that re-raise a writer's
-    error as text, e.g. a checkpoint writer process)."""
+def _disk_full_link(exc: BaseException) -> OSError | None:
+    """The link of the chain that says the disk is full: an OSError with ENOSPC/EDQUOT."""
     for link in _chain(exc):
         if isinstance(link, OSError) and link.errno in DISK_FULL_ERRNOS:
-            return link
-        if any(text in str(link) for text in _DISK_FULL_TEXTS):
             return link
     return None
 
 
-def _project_user_classes() -> tuple[type, ...]:
-    classes = []
-    for dotted in USER_ERROR_CLASSES:
-        module_name, _, name = dotted.rpartition(".")
-        module = sys.modules.get(module_name)
-        cls = getattr(module, name, None) if module is not None else None
-        if isinstance(cls, type):
-            classes.append(cls)
-    return tuple(classes)
-
-
 def user_message(exc: BaseException) -> str | None:
     """The message to print for a user error, or None when ``exc`` is a bug (traceback)."""
-    if isinstance(exc, UserError) or isinstance(exc, _project_user_classes()):
+    if isinstance(exc, UserError):
         return str(exc)
     full = _disk_full_link(exc)
     if full is not None:
-        return str(DiskFullError(getattr(full, "filename", None)))
+        return str(DiskFullError(full.filename))
     if isinstance(exc, OSError) and exc.errno in FILE_ERRNOS and exc.filename is not None:
         return str(exc)
     if isinstance(exc, FileNotFoundError):  # raised by our own checks with the path in the text
@@ -212,11 +174,3 @@ def is_rank_local(exc: BaseException) -> bool:
     return _disk_full_link(exc) is not None or any(
         isinstance(link, (OSError, DiskFullError)) for link in _chain(exc)
     )
-
-
-def import_user_classes() -> None:
-    """Import every module of ``USER_ERROR_CLASSES`` (tests check the names resolve)."""
-    for dotted in USER_ERROR_CLASSES:
-        module_name, _, name = dotted.rpartition(".")
-        if not isinstance(getattr(importlib.import_module(module_name), name, None), type):
-            raise AttributeError(f"{dotted} is not a class")

@@ -31,15 +31,15 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
-from selm_mcore.runtime.errors import naming_write_errors
+from selm_mcore.runtime.errors import UserError, naming_write_errors
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user-fixable problem in a data file, naming the file, the 1-based row, the rule, a fix."""
 
     def __init__(self, path: str | os.PathLike, row: int | None, rule: str, fix: str):
@@ -82,6 +82,18 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | DataErro
         )
 
 
+@overload
+def read_records(
+    path: str | os.PathLike, *, with_row_numbers: Literal[False] = False
+) -> list[dict]: ...
+
+
+@overload
+def read_records(
+    path: str | os.PathLike, *, with_row_numbers: Literal[True]
+) -> list[tuple[int, dict]]: ...
+
+
 def read_records(
     path: str | os.PathLike, *, with_row_numbers: bool = False
 ) -> list[dict] | list[tuple[int, dict]]:
@@ -89,7 +101,7 @@ def read_records(
 
     ``with_row_numbers`` returns (1-based row, record) pairs, the numbers ``DataError`` uses.
     """
-    records = []
+    records: list[Any] = []
     for row, record in iter_records(path):
         if isinstance(record, DataError):
             raise record
@@ -270,7 +282,7 @@ CHECKSUM_FORMAT = "selm-checksums/1"
 CHECKSUM_ALGORITHM = "sha256"
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserError, ValueError):
     """A saved file that is missing, truncated or changed since its checksum was recorded."""
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str):
@@ -294,7 +306,7 @@ def list_files(folder: str | os.PathLike, under: Iterable[str] = ("",)) -> list[
     """Sorted folder-relative POSIX paths of the files below ``folder/<each of under>`` (a
     name in ``under`` may also be a single file); manifests are left out."""
     folder = Path(folder)
-    names = set()
+    names: set[str] = set()
     for part in under:
         path = folder / part
         found = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())

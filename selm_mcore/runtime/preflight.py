@@ -17,11 +17,11 @@ optimizer's fp32 Adam moments (8 bytes per parameter) and, for bf16 weights, the
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
+from selm_mcore.modelspec import ModelShape
 from selm_mcore.runtime.errors import DiskFullError, InputError, free_bytes
 
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
@@ -57,18 +57,9 @@ def check_output_dir(
 
 
 def num_params(config_dir: str | os.PathLike) -> int:
-    """Parameters of the Llama model whose config.json is in ``config_dir`` (norms excluded)."""
-    path = Path(config_dir) / "config.json"
-    config = json.loads(path.read_text())
-    config = config.get("text_config", config)
-    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    kv = int(config.get("num_key_value_heads") or heads) * head_dim
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
-    mlp = 3 * hidden * int(config["intermediate_size"])
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    return int(config["num_hidden_layers"]) * (attention + mlp) + embeddings
+    """Parameters of the Llama model whose config.json is in ``config_dir``
+    (``selm_mcore.modelspec.ModelShape.num_params``)."""
+    return ModelShape.from_dir(config_dir).num_params()
 
 
 def model_bytes(config_dir: str | os.PathLike, dtype: str = "fp32") -> int:

@@ -1,43 +1,68 @@
-"""Child processes die with their parent: the parent-death signal on Linux, a watchdog elsewhere.
+"""Child processes: one supervisor for all of them, and children that die with their parent.
 
-    subprocess.Popen(cmd, preexec_fn=die_with_parent_preexec(), env=child_env(env))  # launchers
+    with ChildProcesses() as children:             # every launcher: ranks, engines, phases
+        child = children.start(argv, log_path, env=env)
+        outcome = children.wait(timeout_s)          # all exited 0, one failed, or the deadline
+    # here every child's process group is killed and reaped; child.returncode is final
+    run_logged(cmd, log_path, timeout_s=600)        # one command, teed to a log and our stdout
     bind_to_launcher()      # at CLI start-up: a rank that torchrun (or our launcher) started
 
-A process killed with SIGKILL cannot clean up, so without this its children run on as orphans:
-torchrun's ranks (each in its own session) keep training, a phase of ``selm run`` keeps
-computing, Megatron's checkpoint-writer helpers keep their memory. The kernel can instead send
-the child SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``). The request is cleared at
-fork (and kept across exec), so every generation makes its own:
+The supervisor (``ChildProcesses``) starts each child in its own session (so its whole process
+group can be killed: the child and whatever it started), with the parent-death signal below,
+its output in a log file; ``wait`` polls the children (copying one log to our console as it
+grows, when asked) until all exited 0, one exited otherwise, or the deadline passed; leaving the
+``with`` block kills every child's group and reaps the children. Its callers:
+``runner.run_command`` (a phase of ``selm run``, through ``run_logged``),
+``launch.run_local_ranks`` (N ranks with torchrun's environment) and
+``selm_mcore.rollout.engines.run_engines`` (data-parallel vLLM engines); each words its own
+error from the outcome and the tail of the failed child's log.
 
-* our launchers (``runner.run_command``, ``launch.run_local_ranks``,
-  ``generation._run_engines``) make it in the child between fork and exec (``preexec_fn``), so
-  it covers any program they start (torchrun, srun, ``selm``);
+A process killed with SIGKILL cannot clean up, so without the parent-death signal its children
+run on as orphans: torchrun's ranks (each in its own session) keep training, a phase of ``selm
+run`` keeps computing, Megatron's checkpoint-writer helpers keep their memory. The kernel can
+instead send the child SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``). The request is
+cleared at fork (and kept across exec), so every generation makes its own:
+
+* the supervisor makes it in the child between fork and exec (``preexec_fn``), so it covers
+  any program it starts (torchrun, srun, ``selm``);
 * a rank started by torchrun, which is not ours, makes it at start-up (``bind_to_launcher`` in
   ``selm_mcore.cli``, when ``TORCHELASTIC_RUN_ID`` or ``SELM_DIE_WITH_PARENT`` is set);
 * processes forked by a rank or an engine (``forked_children_die_with_this_process``, a fork
-  hook) and Megatron's spawned checkpoint-writer manager: ``selm_mcore.mcore.helper_processes``.
+  hook) and Megatron's spawned checkpoint-writer manager (``selm_mcore.mcore.parallel``).
 
 Linux sends the signal when the *thread* that started the child ends: children are started from
 the thread that waits for them. Where prctl is missing (macOS), ``bind_to_launcher`` starts a
 daemon thread that polls the parent pid every ``WATCHDOG_INTERVAL_S`` and kills the process
-when it changes; the launchers then set ``SELM_DIE_WITH_PARENT`` so their children do so.
+when it changes; the supervisor then sets ``SELM_DIE_WITH_PARENT`` so its children do so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, TextIO
+
+logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
 DIE_WITH_PARENT_ENV = "SELM_DIE_WITH_PARENT"  # the launcher's pid
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every rank's environment
 WATCHDOG_INTERVAL_S = 0.5
+POLL_INTERVAL_S = 0.05  # how often the supervisor looks at its children
+TAIL_READ_BYTES = 1 << 20  # at most this much of a log's end is read for an error message
 
 
 def _prctl() -> Callable | None:
@@ -154,3 +179,226 @@ def bind_to_launcher() -> None:
     and the like keep working)."""
     if os.environ.get(TORCHRUN_ENV) or os.environ.get(DIE_WITH_PARENT_ENV):
         die_with_parent()
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA device (imports torch on the first call): decides where
+    the children of a job run (GPUs or CPU cores) and the checks of their layout."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- the supervisor ---------------------------------------------------------------------------
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads: the child and whatever it started and left
+    (torchrun's ranks, vLLM's workers, Megatron's checkpoint writers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class Child:
+    """A started child (the leader of its own process group) and the log of its output."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    log_start: int = 0  # its output starts at this offset of log_path (a log appended to)
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status (negative: killed by that signal); None while it runs."""
+        return self.proc.returncode
+
+    def output(self) -> str:
+        """The end of what it wrote to its log (at most ``TAIL_READ_BYTES``)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(self.log_start, size - TAIL_READ_BYTES))
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail_chars(self, max_chars: int) -> str:
+        """The last ``max_chars`` characters of its output (``...`` first when cut)."""
+        text = self.output()
+        return text if len(text) <= max_chars else "...\n" + text[-max_chars:]
+
+    def tail_lines(self, count: int) -> str:
+        """The last ``count`` lines of its output."""
+        lines = self.output().split("\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        return "\n".join(line.rstrip("\r") for line in lines[-count:])
+
+
+@dataclass
+class Outcome:
+    """How ``ChildProcesses.wait`` ended: all exited 0 (``ok``), ``failed`` (the first child
+    seen exiting non-zero), or ``timed_out`` with the children still ``running`` then."""
+
+    failed: Child | None = None
+    timed_out: bool = False
+    running: list[Child] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed is None and not self.timed_out
+
+
+class _Echo:
+    """Copies what a log gains to a console stream (bytes as written, where it has a buffer)."""
+
+    def __init__(self, child: Child, stream: TextIO):
+        self.file = open(child.log_path, "rb")  # closed by close()
+        self.file.seek(child.log_start)
+        self.stream = stream
+
+    def copy(self) -> None:
+        data = self.file.read()
+        if not data:
+            return
+        self.stream.flush()
+        buffer: BinaryIO | None = getattr(self.stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+            buffer.flush()
+        else:
+            self.stream.write(data.decode(errors="replace"))
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.copy()
+        self.file.close()
+
+
+class ChildProcesses:
+    """The children of one job, supervised together: started in their own sessions, dying with
+    this process, waited for with one deadline, and killed together (each one's whole process
+    group) when the ``with`` block ends, however it ends (an error, Ctrl-C, SystemExit)."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+        self._echoes: list[_Echo] = []
+
+    def start(
+        self,
+        argv: Sequence[str],
+        log_path: str | os.PathLike,
+        *,
+        stdout_path: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        append: bool = False,
+        echo_to: TextIO | None = None,
+    ) -> Child:
+        """Start ``argv`` with its stdout and stderr in ``log_path`` (appended to with ``append``;
+        stdout apart in ``stdout_path`` when given). ``env``: its whole environment (default:
+        ours). ``echo_to``: copy what it writes to ``log_path`` to this stream while waiting."""
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(open(log_path, "ab" if append else "wb"))
+            out = files.enter_context(open(stdout_path, "wb")) if stdout_path else log
+            log_start = log.seek(0, os.SEEK_END)
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=log,
+                env=child_env(dict(env) if env is not None else None),
+                cwd=cwd,
+                start_new_session=True,  # its own process group, killed as a whole
+                preexec_fn=die_with_parent_preexec(),
+            )
+        child = Child(proc, Path(log_path), log_start)
+        self.children.append(child)
+        if echo_to is not None:
+            self._echoes.append(_Echo(child, echo_to))
+        return child
+
+    def wait(self, timeout_s: float | None = None, *, settle_s: float = 0.0) -> Outcome:
+        """Wait until every child exited 0, one exited otherwise (then ``settle_s`` more
+        seconds, in which the others may write their own error), or ``timeout_s`` seconds
+        passed (no deadline when None or 0)."""
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        while True:
+            for echo in self._echoes:
+                echo.copy()
+            codes = [child.proc.poll() for child in self.children]
+            failed = [child for child, code in zip(self.children, codes) if code not in (None, 0)]
+            if failed:
+                # Children that fail for one cause (a bad model) fail together: after the settle
+                # time, the first of them in start order is the one reported, whichever was first.
+                time.sleep(settle_s)
+                codes = [child.proc.poll() for child in self.children]
+                failed = [c for c, code in zip(self.children, codes) if code not in (None, 0)]
+                return Outcome(failed=failed[0])
+            if all(code == 0 for code in codes):
+                return Outcome()
+            if deadline is not None and time.monotonic() > deadline:
+                running = [child for child, code in zip(self.children, codes) if code is None]
+                return Outcome(timed_out=True, running=running)
+            time.sleep(POLL_INTERVAL_S)
+
+    def close(self) -> None:
+        """Kill every child's process group (stragglers of finished children too) and reap."""
+        for child in self.children:
+            kill_group(child.proc)
+        for child in self.children:
+            child.proc.wait()
+        for echo in self._echoes:
+            echo.close()
+        self._echoes.clear()
+
+    def __enter__(self) -> ChildProcesses:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class CommandFailed(RuntimeError):
+    """A command of ``run_logged`` exited non-zero, was killed or ran past its deadline."""
+
+
+def run_logged(
+    cmd: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+    timeout_setting: str = "timeout_s",
+    tail_lines: int = 30,
+) -> None:
+    """Run ``cmd`` with its output appended to ``log_path`` and copied to our stdout as it comes
+    (a tee); ``env`` is added to our environment. Raises CommandFailed naming the command and
+    the exit status or signal, the log file and the last lines of output; or, after
+    ``timeout_s`` (the value of ``timeout_setting``), that it was killed."""
+    command = shlex.join(cmd)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("$ %s", command)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {command}\n".encode())
+    with ChildProcesses() as children:
+        child = children.start(
+            cmd, log_path, env={**os.environ, **(env or {})}, append=True, echo_to=sys.stdout
+        )
+        outcome = children.wait(timeout_s)
+    if outcome.timed_out:
+        raise CommandFailed(
+            f"`{command}` ran longer than {timeout_setting}={timeout_s} s and was killed "
+            f"(log: {log_path})"
+        )
+    code = child.proc.wait()  # reaped already: its final status
+    if code != 0:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        tail = child.tail_lines(tail_lines)
+        raise CommandFailed(f"`{command}` {how} (full log: {log_path}); last output:\n{tail}")

@@ -139,7 +139,7 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
         **kwargs,
     )
     torch.manual_seed(seed)
@@ -222,7 +222,7 @@ def build_tiny_pairrm(
     """
     import torch
     from safetensors.torch import save_model
-    from transformers import DebertaV2Config, DebertaV2Model
+    from transformers import DebertaV2Model
 
     from selm_mcore.rollout import rankers
 
@@ -233,7 +233,30 @@ def build_tiny_pairrm(
     backbone_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _tiny_deberta_tokenizer()
     tokenizer.save_pretrained(str(backbone_dir))
-    config = DebertaV2Config(
+    torch.manual_seed(seed)
+    DebertaV2Model(_tiny_deberta_config(tokenizer, hidden_size)).save_pretrained(str(backbone_dir))
+    ranker_config = _pairrm_ranker_config(backbone_dir)
+    (out_dir / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
+
+    # Build the ranker module with llm-blender's own code so the weight names are its names.
+    llm_blender = rankers.import_llm_blender()
+    from llm_blender.blender.blender_utils import load_ranker
+
+    cfg = llm_blender.RankerConfig.from_dict({**ranker_config, "cache_dir": None})
+    ranker, _, _ = load_ranker(cfg)
+    if prefer != "random":
+        _set_length_preference(ranker, hidden_size, sign=1.0 if prefer == "longer" else -1.0)
+    save_model(ranker, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+def _tiny_deberta_config(tokenizer, hidden_size: int):
+    """A 2-layer DeBERTa-v3-shaped config (PairRM's backbone family) for ``tokenizer``."""
+    from transformers import DebertaV2Config
+
+    # DeBERTa-v3's relative-attention options (position_buckets, norm_rel_ebd, share_att_key)
+    # are read by the model with getattr; the config class does not declare them.
+    return DebertaV2Config(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=2,
@@ -253,9 +276,12 @@ def build_tiny_pairrm(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    torch.manual_seed(seed)
-    DebertaV2Model(config).save_pretrained(str(backbone_dir))
-    ranker_config = {
+
+
+def _pairrm_ranker_config(backbone_dir: Path) -> dict:
+    """llm-blender's RankerConfig of PairRM (pairranker on a DeBERTa backbone, its max lengths),
+    with the backbone at ``backbone_dir``."""
+    return {
         "ranker_type": "pairranker",
         "model_type": "deberta",
         "model_name": str(backbone_dir),
@@ -275,18 +301,6 @@ def build_tiny_pairrm(
         "fp16": True,
         "device": None,
     }
-    (out_dir / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
-
-    # Build the ranker module with llm-blender's own code so the weight names are its names.
-    llm_blender = rankers.import_llm_blender()
-    from llm_blender.blender.blender_utils import load_ranker
-
-    cfg = llm_blender.RankerConfig.from_dict({**ranker_config, "cache_dir": None})
-    ranker, _, _ = load_ranker(cfg)
-    if prefer != "random":
-        _set_length_preference(ranker, hidden_size, sign=1.0 if prefer == "longer" else -1.0)
-    save_model(ranker, str(out_dir / "model.safetensors"))
-    return out_dir
 
 
 def _set_length_preference(ranker, hidden: int, sign: float) -> None:

@@ -30,6 +30,7 @@ import json
 import os
 import random
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +78,11 @@ def _problem(rng: random.Random) -> Problem:
     return Problem(rng.randint(2, 12), "*", rng.randint(2, 12))
 
 
-def make_problems(count: int, seed: int, exclude: set[str] = frozenset()) -> list[Problem]:
+def make_problems(count: int, seed: int, exclude: Iterable[str] = ()) -> list[Problem]:
     """``count`` distinct problems (none whose question is in ``exclude``), fixed by ``seed``."""
     rng = random.Random(seed)
-    problems, seen = [], set(exclude)
+    problems: list[Problem] = []
+    seen = set(exclude)
     while len(problems) < count:
         problem = _problem(rng)
         if problem.question not in seen:

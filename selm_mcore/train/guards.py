@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config.schema import SelmConfig
+from selm_mcore.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def check_resume(path: str | Path, saved: dict[str, Any] | None, current: dict[s
 # --- non-finite steps -------------------------------------------------------------------------
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """A step whose loss, gradients or parameters are NaN or infinite: the run stops."""
 
     def __init__(self, message: str, step: int, metrics: dict[str, float]):
@@ -137,7 +138,8 @@ def raise_non_finite(
     applied: bool,
 ) -> None:
     """Raise ``NonFiniteError`` for ``step``, naming the last good checkpoint and what to try."""
-    from selm_mcore.mcore.checkpoint import ResumeError, find_latest
+    from selm_mcore.mcore.checkpoint import ResumeError
+    from selm_mcore.mcore.step_checkpoints import find_latest
 
     try:
         latest = find_latest(Path(output_dir) / "checkpoints")

@@ -51,13 +51,43 @@ def _check_inputs(
             f"alpha={alpha} > 0 needs y_ref log-probs (policy_yref_logps, "
             "ref_yref_logps); set alpha=0 for plain DPO"
         )
-    shape = tensors["policy_chosen_logps"].shape
+    policy_chosen = tensors["policy_chosen_logps"]
+    assert policy_chosen is not None  # a required argument of selm_loss
+    shape = policy_chosen.shape
     for name, value in tensors.items():
         if value is not None and (value.dim() != 1 or value.shape != shape):
             raise ValueError(
                 f"{name} has shape {tuple(value.shape)}; every input must be [B] "
                 f"with B={shape[0] if len(shape) else '?'}"
             )
+
+
+def _preference_loss(
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str,
+    chosen_num_tokens: torch.Tensor | None,
+    rejected_num_tokens: torch.Tensor | None,
+) -> torch.Tensor:
+    """The DPO (sigmoid) or IPO term per example [B] from fp32 sequence log-probs."""
+    if loss_type == "sigmoid":
+        h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+        return -F.logsigmoid(beta * h)
+    if chosen_num_tokens is None or rejected_num_tokens is None:
+        raise ValueError(
+            "loss_type='ipo' averages log-probs over tokens (as TRL does): pass "
+            "chosen_num_tokens and rejected_num_tokens"
+        )
+    n_chosen = chosen_num_tokens.float().clamp(min=1)
+    n_rejected = rejected_num_tokens.float().clamp(min=1)
+    h_avg = (pi_chosen / n_chosen - pi_rejected / n_rejected) - (
+        ref_chosen / n_chosen - ref_rejected / n_rejected
+    )
+    return (h_avg - 1.0 / (2.0 * beta)) ** 2
 
 
 def selm_loss(
@@ -101,25 +131,20 @@ def selm_loss(
     ref_chosen = ref_chosen_logps.detach().float()
     ref_rejected = ref_rejected_logps.detach().float()
 
-    if loss_type == "sigmoid":
-        h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
-        preference_loss = -F.logsigmoid(beta * h)
-    else:
-        if chosen_num_tokens is None or rejected_num_tokens is None:
-            raise ValueError(
-                "loss_type='ipo' averages log-probs over tokens (as TRL does): pass "
-                "chosen_num_tokens and rejected_num_tokens"
-            )
-        n_chosen = chosen_num_tokens.float().clamp(min=1)
-        n_rejected = rejected_num_tokens.float().clamp(min=1)
-        h_avg = (pi_chosen / n_chosen - pi_rejected / n_rejected) - (
-            ref_chosen / n_chosen - ref_rejected / n_rejected
-        )
-        preference_loss = (h_avg - 1.0 / (2.0 * beta)) ** 2
+    preference_loss = _preference_loss(
+        pi_chosen,
+        pi_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=beta,
+        loss_type=loss_type,
+        chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens,
+    )
     loss = preference_loss
 
     metrics: dict[str, torch.Tensor] = {}
-    if policy_yref_logps is not None:
+    if policy_yref_logps is not None and ref_yref_logps is not None:  # both or neither
         pi_yref = policy_yref_logps.float()
         ref_yref = ref_yref_logps.detach().float()
         optimism = alpha * beta * (pi_yref - ref_yref)
@@ -136,19 +161,28 @@ def selm_loss(
         loss = loss + sft_weight * sft
         metrics["loss/sft"] = sft.detach()
 
+    metrics.update(_pair_metrics(beta, pi_chosen, pi_rejected, ref_chosen, ref_rejected))
+    metrics["loss/preference"] = preference_loss.detach()
+    return loss, metrics
+
+
+def _pair_metrics(
+    beta: float,
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Implicit rewards (beta * (policy - reference) on summed log-probs) and the log-probs."""
     chosen_rewards = beta * (pi_chosen.detach() - ref_chosen)
     rejected_rewards = beta * (pi_rejected.detach() - ref_rejected)
-    metrics.update(
-        {
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": pi_chosen.detach(),
-            "logps/rejected": pi_rejected.detach(),
-            "logps/ref_chosen": ref_chosen,
-            "logps/ref_rejected": ref_rejected,
-            "loss/preference": preference_loss.detach(),
-        }
-    )
-    return loss, metrics
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": pi_chosen.detach(),
+        "logps/rejected": pi_rejected.detach(),
+        "logps/ref_chosen": ref_chosen,
+        "logps/ref_rejected": ref_rejected,
+    }

@@ -1,4 +1,4 @@
-"""Per-step training metrics (a log line, TensorBoard, JSONL, a progress bar), FLOPs and MFU.
+"""Per-step training metrics (a log line, TensorBoard, JSONL, a progress bar) and MFU.
 
 Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetricsWriter`` with
 ``enabled=False`` so call sites stay free of rank checks::
@@ -12,12 +12,7 @@ Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetr
 reads as one continuous run; non-finite values are written as NaN / Infinity (never dropped).
 TensorBoard needs the ``tensorboard`` package (pip extra ``selm-mcore[logging]``).
 
-Model FLOPs (``training_flops``): with N = matmul weights per token (per layer q, k, v, o and the
-three SwiGLU projections, plus the LM head; the embedding lookup is no matmul) and a sequence of
-s tokens, one forward costs ``2*N*s + 2*L*d_q*s*(s+1)`` (the second term: causal attention
-scores and weighted values, d_q = heads * head_dim, each query attending to its own and earlier
-positions). The policy's forward + backward costs 3x its forward; a reference forward inside the
-step (on the fly) is counted separately, once. Norms, softmax, RoPE and the loss are not counted.
+Model FLOPs: ``selm_mcore.modelspec`` (``training_flops``, ``packed_forward_flops``).
 
 MFU = policy model FLOP/s per device / device peak. Peaks: NVIDIA H100/H200 989 TFLOP/s dense
 bf16 (A100 312); on CPU the fp32 GEMM rate measured on this machine with the same thread count
@@ -28,12 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +128,7 @@ class StepMetricsWriter:
         """Record the metrics of optimizer step ``step`` (1-based)."""
         if not self.enabled:
             return
+        assert self._jsonl is not None, "log() after close()"
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
@@ -158,7 +151,7 @@ class StepMetricsWriter:
         self._bar = self._tb = self._jsonl = None
 
 
-# --- FLOPs and MFU ----------------------------------------------------------------------------
+# --- MFU: device peaks --------------------------------------------------------------------------
 
 
 GPU_PEAK_BF16_FLOPS = {
@@ -166,105 +159,6 @@ GPU_PEAK_BF16_FLOPS = {
     "H100": 989.4e12,  # SXM; the PCIe card is 756 TFLOP/s
     "A100": 312e12,
 }
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the FLOP formula needs from a Llama config."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-
-    @classmethod
-    def from_hf_config(cls, hf_config: Any) -> ModelShape:
-        """From an HF config object or a plain dict (config.json)."""
-        get = (
-            hf_config.get
-            if isinstance(hf_config, dict)
-            else lambda key, default=None: getattr(hf_config, key, default)
-        )
-        heads = int(get("num_attention_heads"))
-        return cls(
-            num_layers=int(get("num_hidden_layers")),
-            hidden_size=int(get("hidden_size")),
-            ffn_hidden_size=int(get("intermediate_size")),
-            num_heads=heads,
-            num_kv_heads=int(get("num_key_value_heads") or heads),
-            head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
-            vocab_size=int(get("vocab_size")),
-        )
-
-    @classmethod
-    def from_dir(cls, hf_dir: str | os.PathLike) -> ModelShape:
-        path = Path(hf_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: model.hf_dir must be an HF model folder")
-        return cls.from_hf_config(json.loads(path.read_text()))
-
-    @property
-    def query_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    def matmul_params(self) -> int:
-        """N: weights that take part in a matmul per token (layers + LM head, no embedding)."""
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        attention = h * self.query_dim + 2 * h * kv + self.query_dim * h
-        mlp = 3 * h * self.ffn_hidden_size
-        return self.num_layers * (attention + mlp) + h * self.vocab_size
-
-
-def forward_flops(shape: ModelShape, seq_lens: Iterable[int], *, causal: bool = True) -> float:
-    """FLOPs of one forward over sequences of the given (non-pad) lengths (module docstring).
-
-    ``causal=False`` counts the full s x s score matrix (what an unmasked matmul executes); the
-    benchmarks use the causal count.
-    """
-    seq_lens = [int(s) for s in seq_lens]
-    dense = 2 * shape.matmul_params() * sum(seq_lens)
-    if causal:
-        attention = sum(2 * shape.num_layers * shape.query_dim * s * (s + 1) for s in seq_lens)
-    else:
-        attention = sum(4 * shape.num_layers * shape.query_dim * s * s for s in seq_lens)
-    return float(dense + attention)
-
-
-def packed_forward_flops(
-    shape: ModelShape, segments: Iterable[Sequence[int]], num_head_positions: int
-) -> float:
-    """FLOPs of one forward over a packed layout (``selm_mcore.data.packing`` segments rows: row,
-    start, prompt_len, r1, r2, r3): every fed token through the layers once, the LM head on the
-    head positions only, and attention as the groups attend (the prompt causally; each response
-    over the prompt and causally over itself). Counted as ``forward_flops`` counts."""
-    tokens = attended = 0
-    for _, _, prompt, *responses in segments:
-        tokens += prompt + sum(responses)
-        attended += prompt * (prompt + 1) // 2
-        attended += sum(r * prompt + r * (r + 1) // 2 for r in responses)
-    head = shape.hidden_size * shape.vocab_size
-    layers = shape.matmul_params() - head
-    return float(
-        2 * layers * tokens
-        + 2 * head * num_head_positions
-        + 4 * shape.num_layers * shape.query_dim * attended
-    )
-
-
-def training_flops(
-    shape: ModelShape, seq_lens: Iterable[int], *, reference_forward: bool, causal: bool = True
-) -> dict[str, float]:
-    """Model FLOPs of one optimizer step over the policy's sequences.
-
-    {"policy": 3 x forward (forward + backward), "reference": one forward when the reference
-    log-probs are computed inside the step (on the fly), else 0, "total": the sum}.
-    """
-    forward = forward_flops(shape, seq_lens, causal=causal)
-    reference = forward if reference_forward else 0.0
-    return {"policy": 3.0 * forward, "reference": reference, "total": 3.0 * forward + reference}
 
 
 def measure_cpu_peak_flops(threads: int, *, size: int = 1024, seconds: float = 1.0) -> float:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from selm_mcore.config.io import add_config_arguments, config_from_args
 from selm_mcore.config.schema import SelmConfig
 from selm_mcore.data.batches import PreferenceBatch
-from selm_mcore.data.packing import pack_budget
+from selm_mcore.data.packing import PackedBatch, pack_budget
 from selm_mcore.data.tokenize import (
     PreferenceDataset,
     load_preferences,
@@ -52,6 +53,7 @@ from selm_mcore.data.tokenize import (
 )
 from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
 from selm_mcore.mcore.forward import (
+    MicroBatch,
     collate_micro_batches,
     forward_only_logps,
     length_multiple,
@@ -59,7 +61,8 @@ from selm_mcore.mcore.forward import (
     pack_micro_batches,
 )
 from selm_mcore.mcore.model import sequence_length_multiple
-from selm_mcore.runtime.errors import InputError
+from selm_mcore.mcore.parallel import ParallelContext
+from selm_mcore.runtime.errors import InputError, UserError
 from selm_mcore.runtime.files import ChecksumError, atomic_open, hash_path
 from selm_mcore.runtime.preflight import check_output_dir
 
@@ -73,7 +76,7 @@ CACHE_NAMES = ("ref_chosen_logps", "ref_rejected_logps", "ref_yref_logps")
 REFPASS_MICROBATCHES_PER_CALL = 8
 
 
-class StaleReferenceCacheError(RuntimeError):
+class StaleReferenceCacheError(UserError, RuntimeError):
     """A reference log-prob cache that does not belong to this run's data/tokenizer/reference."""
 
 
@@ -210,7 +213,7 @@ class ReferenceLogps:
     def __len__(self) -> int:
         return int(self.chosen.numel())
 
-    def for_batch(self, batch: PreferenceBatch) -> torch.Tensor:
+    def for_batch(self, batch: PreferenceBatch | PackedBatch) -> torch.Tensor:
         """[N] reference log-probs in the batch's sequence order (chosen.., rejected.., yref..)."""
         index = batch.example_indices.cpu()
         parts = [self.chosen[index], self.rejected[index]]
@@ -330,6 +333,67 @@ def shard_for_rank(
     return groups, set(owned)
 
 
+def _micro_batch_calls(
+    dataset: PreferenceDataset,
+    groups: list[list[int]],
+    ctx: ParallelContext,
+    *,
+    per_call: int,
+    pad_id: int,
+    pad_to_multiple_of: int,
+    seq_length: int | None,
+    pack_tokens: int,
+    shared_prompt: bool,
+) -> Iterator[list[MicroBatch]]:
+    """This rank's micro-batches, ``per_call`` per pipeline call: packed rows of ``pack_tokens``
+    tokens (``groups`` is then one group of every owned example), else one right-padded
+    micro-batch per group."""
+    if not pack_tokens:
+        for start in range(0, len(groups), per_call):
+            yield collate_micro_batches(
+                dataset,
+                groups[start : start + per_call],
+                pad_id=pad_id,
+                pad_to_multiple_of=pad_to_multiple_of,
+                seq_length=seq_length,
+                device=ctx.device,
+            )
+        return
+    packed = pack_micro_batches(
+        dataset,
+        groups[0] if groups else [],
+        budget=pack_tokens,
+        shared_prompt=shared_prompt,
+        pad_id=pad_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+        fixed_length=ctx.pp > 1,
+        num_microbatches_multiple=ctx.pp if ctx.vpp else 1,
+        device=ctx.device,
+    )
+    for start in range(0, len(packed), per_call):
+        yield packed[start : start + per_call]
+
+
+def _gather_over_ranks(
+    values: torch.Tensor, counts: torch.Tensor, ctx: ParallelContext
+) -> torch.Tensor:
+    """Every example's values on every rank, each checked to be written exactly once."""
+    # Each example was written by exactly one rank (last stage, TP rank 0 of one DP replica):
+    # a sum over the world gathers them exactly (x + 0 = x).
+    if ctx.world_size > 1:  # on the backend's device (NCCL needs CUDA tensors)
+        gathered = torch.cat([values, counts[:, None]], 1).to(ctx.device)
+        dist.all_reduce(gathered)
+        gathered = gathered.cpu()
+        values, counts = gathered[:, :-1], gathered[:, -1]
+    missing = (counts != 1).nonzero().flatten()
+    if missing.numel():
+        raise RuntimeError(
+            f"reference pass covered examples {missing[:10].tolist()} "
+            f"{counts[missing[:10]].tolist()} times instead of once"
+        )
+    return values
+
+
 def compute_reference_logps(
     models: list,
     ctx,
@@ -363,41 +427,27 @@ def compute_reference_logps(
     values = torch.zeros(len(dataset), sequences_per_example, dtype=torch.float64)
     counts = torch.zeros(len(dataset), dtype=torch.float64)
 
-    def micro_batch_calls():
-        if not pack_tokens:
-            for start in range(0, len(groups), per_call):
-                yield collate_micro_batches(
-                    dataset,
-                    groups[start : start + per_call],
-                    pad_id=pad_id,
-                    pad_to_multiple_of=pad_to_multiple_of,
-                    seq_length=seq_length,
-                    device=ctx.device,
-                )
-            return
-        packed = pack_micro_batches(
-            dataset,
-            groups[0] if groups else [],
-            budget=pack_tokens,
-            shared_prompt=shared_prompt,
-            pad_id=pad_id,
-            pad_to_multiple_of=pad_to_multiple_of,
-            fixed_length=ctx.pp > 1,
-            num_microbatches_multiple=ctx.pp if ctx.vpp else 1,
-            device=ctx.device,
-        )
-        for start in range(0, len(packed), per_call):
-            yield packed[start : start + per_call]
-
+    calls = _micro_batch_calls(
+        dataset,
+        groups,
+        ctx,
+        per_call=per_call,
+        pad_id=pad_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+        seq_length=seq_length,
+        pack_tokens=pack_tokens,
+        shared_prompt=shared_prompt,
+    )
     bar = None
     if progress and ctx.rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=len(owned), desc="refpass", unit="pair", mininterval=1.0)
     writer = ctx.is_last_stage and ctx.tp_rank == 0
-    for micro_batches in micro_batch_calls():
+    for micro_batches in calls:
         logps = forward_only_logps(models, ctx, micro_batches, vocab_size)
         if writer:
+            assert logps is not None  # the last pipeline stage holds the log-probs
             for micro_batch, seq in zip(micro_batches, logps):
                 per_example = seq.cpu().double().view(sequences_per_example, -1).t()
                 for row, i in enumerate(micro_batch.batch.example_indices.tolist()):
@@ -410,20 +460,7 @@ def compute_reference_logps(
             )
     if bar is not None:
         bar.close()
-    # Each example was written by exactly one rank (last stage, TP rank 0 of one DP replica):
-    # a sum over the world gathers them exactly (x + 0 = x).
-    if ctx.world_size > 1:  # on the backend's device (NCCL needs CUDA tensors)
-        gathered = torch.cat([values, counts[:, None]], 1).to(ctx.device)
-        dist.all_reduce(gathered)
-        gathered = gathered.cpu()
-        values, counts = gathered[:, :-1], gathered[:, -1]
-    missing = (counts != 1).nonzero().flatten()
-    if missing.numel():
-        raise RuntimeError(
-            f"reference pass covered examples {missing[:10].tolist()} "
-            f"{counts[missing[:10]].tolist()} times instead of once"
-        )
-    values = values.float()
+    values = _gather_over_ranks(values, counts, ctx).float()
     return ReferenceLogps(
         chosen=values[:, 0].clone(),
         rejected=values[:, 1].clone(),

@@ -5,6 +5,7 @@ The repository root is never added: kernels/ is only importable as selm_mcore.ke
 Every dist test but the GPU-marked ones runs with ``CUDA_VISIBLE_DEVICES=""``, so the ranks its
 code starts (through launch.py or the converters' own launcher) take the CPU/gloo path.
 """
+
 import sys
 from pathlib import Path
 

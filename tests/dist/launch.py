@@ -38,13 +38,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from selm_mcore.runtime.launch import LaunchError, run_local_ranks
 
-__all__ = ["run_distributed", "rank_environment", "emit", "results", "LaunchError",
-           "REPO_ROOT", "DIST_DIR"]
+__all__ = [
+    "run_distributed",
+    "rank_environment",
+    "emit",
+    "results",
+    "LaunchError",
+    "REPO_ROOT",
+    "DIST_DIR",
+]
 
 DIST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DIST_DIR.parents[1]
@@ -67,9 +75,16 @@ def rank_environment(env: dict[str, str] | None = None, *, cuda: bool = False) -
     return {**OFFLINE_ENV, **({} if cuda else HIDE_CUDA), **(env or {})}
 
 
-def run_distributed(script: str | os.PathLike, nprocs: int, args: Sequence[Any] = (), *,
-                    timeout_s: float = 300.0, env: dict[str, str] | None = None,
-                    module: bool = False, cuda: bool = False) -> list[str]:
+def run_distributed(
+    script: str | os.PathLike,
+    nprocs: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+    module: bool = False,
+    cuda: bool = False,
+) -> list[str]:
     """Run ``python script *args`` (or ``python -m script`` with module=True) as nprocs ranks,
     on the CPU/gloo path unless ``cuda`` (GPU tests).
 
@@ -77,8 +92,9 @@ def run_distributed(script: str | os.PathLike, nprocs: int, args: Sequence[Any] 
     rank fails or the run exceeds ``timeout_s``.
     """
     argv = (["-m", str(script)] if module else [str(script)]) + [str(a) for a in args]
-    return run_local_ranks(argv, nprocs, timeout_s=timeout_s,
-                           env=rank_environment(env, cuda=cuda), cwd=str(REPO_ROOT))
+    return run_local_ranks(
+        argv, nprocs, timeout_s=timeout_s, env=rank_environment(env, cuda=cuda), cwd=str(REPO_ROOT)
+    )
 
 
 def emit(value: Any) -> None:
@@ -88,5 +104,7 @@ def emit(value: Any) -> None:
 
 def results(stdouts: Iterable[str]) -> list[list[Any]]:
     """Per rank, the values it emitted, in order."""
-    return [[json.loads(line[len(_MARK):]) for line in out.splitlines() if line.startswith(_MARK)]
-            for out in stdouts]
+    return [
+        [json.loads(line[len(_MARK) :]) for line in out.splitlines() if line.startswith(_MARK)]
+        for out in stdouts
+    ]

@@ -15,6 +15,7 @@ Modes:
   step 2 loads the state and takes the same third step. Emits both third steps' loss, grad norm
   and weight checksum, and the loaded state's step bookkeeping.
 """
+
 import contextlib
 import sys
 from pathlib import Path
@@ -30,9 +31,16 @@ SEQ = 16
 def tiny_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def micro_batches(step: int, dp_rank: int, count: int = 4) -> list:
@@ -41,8 +49,11 @@ def micro_batches(step: int, dp_rank: int, count: int = 4) -> list:
     out = []
     for _ in range(count):
         tokens = torch.randint(0, VOCAB, (2, SEQ), generator=generator)
-        batch = SimpleNamespace(tokens=tokens, position_ids=torch.arange(SEQ).expand(2, SEQ),
-                                labels=tokens.roll(-1, dims=1))
+        batch = SimpleNamespace(
+            tokens=tokens,
+            position_ids=torch.arange(SEQ).expand(2, SEQ),
+            labels=tokens.roll(-1, dims=1),
+        )
         out.append(SimpleNamespace(batch=batch, packed=False))
     return out
 
@@ -57,31 +68,42 @@ def build(ctx, *, overlap: bool, kind: str = "torch"):
     models = build_model(tiny_config(), ctx)
     # Small buckets: several per chunk, so the overlapped path dispatches bucket by bucket.
     ddp_models = wrap_ddp(models, overlap=overlap, bucket_size=20_000)
-    optimizer = build_optimizer(ddp_models, OptimConfig(lr=1e-2, weight_decay=0.01),
-                                peak_lr=1e-2, params_dtype=torch.float32)
+    optimizer = build_optimizer(
+        ddp_models,
+        OptimConfig(lr=1e-2, weight_decay=0.01),
+        peak_lr=1e-2,
+        params_dtype=torch.float32,
+    )
     if kind == "fused":
         swap_in_fused_adam_like(optimizer)
     return models, ddp_models, optimizer
 
 
 def train_step(ctx, ddp_models, optimizer, step: int) -> dict:
-    from selm_mcore.train.logprobs import vocab_parallel_logprobs
     from selm_mcore.mcore.forward import run_micro_batches
+    from selm_mcore.train.logprobs import vocab_parallel_logprobs
 
     tp_group = ctx.tp_group if ctx.tp > 1 else None
 
     def loss_fn(micro_batch, logits):
         token_logps, _ = vocab_parallel_logprobs(
-            logits, micro_batch.batch.labels.to(logits.device), None, tp_group=tp_group,
-            vocab_size=VOCAB, inplace_backward=True, check_labels=False)
+            logits,
+            micro_batch.batch.labels.to(logits.device),
+            None,
+            tp_group=tp_group,
+            vocab_size=VOCAB,
+            inplace_backward=True,
+            check_labels=False,
+        )
         loss = -token_logps.mean()
         return loss, {"loss": loss.detach().clone()}
 
     for model in ddp_models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    reduced = run_micro_batches(ddp_models, micro_batches(step, ctx.dp_rank), loss_fn,
-                                forward_only=False)
+    reduced = run_micro_batches(
+        ddp_models, micro_batches(step, ctx.dp_rank), loss_fn, forward_only=False
+    )
     ok, grad_norm, _ = optimizer.step()
     assert ok
     return {"losses": [float(r["loss"]) for r in reduced], "grad_norm": float(grad_norm)}
@@ -104,10 +126,15 @@ def overlap_mode(tp: int, pp: int, vpp) -> dict:
         stale = checksum(models)
         sync_params(ddp_models)
         out["on" if overlap else "off"] = {
-            "steps": steps, "stale_checksum": stale, "checksum": checksum(models),
+            "steps": steps,
+            "stale_checksum": stale,
+            "checksum": checksum(models),
             "buckets": sum(len(m.bucket_groups) for m in ddp_models),
-            "hooks": {name: getattr(config, name) is not None
-                      for name in ("no_sync_func", "grad_sync_func", "param_sync_func")}}
+            "hooks": {
+                name: getattr(config, name) is not None
+                for name in ("no_sync_func", "grad_sync_func", "param_sync_func")
+            },
+        }
     return out
 
 
@@ -142,8 +169,9 @@ def state_mode(root: Path, kind: str, sharding: str) -> dict:
     for step in range(2):
         train_step(ctx, ddp_models, optimizer, step)
     sync_params(ddp_models)
-    weights = {k: v.detach().clone() for k, v in models[0].state_dict().items()
-               if torch.is_tensor(v)}
+    weights = {
+        k: v.detach().clone() for k, v in models[0].state_dict().items() if torch.is_tensor(v)
+    }
     out_dir = root / f"{kind}_{sharding}"
     if ctx.rank == 0:
         out_dir.mkdir(parents=True)
@@ -161,8 +189,14 @@ def state_mode(root: Path, kind: str, sharding: str) -> dict:
     bookkeeping = {
         "inner": sorted({type(opt).__name__ for opt in inner}),
         "state_keys": sorted({key for s in states for key in s}),
-        "group_steps": sorted({g.get("step") for opt in inner for g in opt.param_groups
-                               if g["params"] and not torch.is_tensor(g.get("step"))}),
+        "group_steps": sorted(
+            {
+                g.get("step")
+                for opt in inner
+                for g in opt.param_groups
+                if g["params"] and not torch.is_tensor(g.get("step"))
+            }
+        ),
         "per_param_steps": sorted({float(s["step"]) for s in states if "step" in s}),
         "distinct_step_tensors": len({id(s["step"]) for s in states if "step" in s}),
         "num_states": len(states),
@@ -182,31 +216,42 @@ def example_pairs(count: int = 3) -> list:
     def ids(length):
         return tuple(torch.randint(1, VOCAB, (length,), generator=generator).tolist())
 
-    return [TokenizedExample(index=i, prompt_ids=ids(4 + i), chosen_ids=ids(3 + 2 * i),
-                             rejected_ids=ids(5 - i)) for i in range(count)]
+    return [
+        TokenizedExample(
+            index=i, prompt_ids=ids(4 + i), chosen_ids=ids(3 + 2 * i), rejected_ids=ids(5 - i)
+        )
+        for i in range(count)
+    ]
 
 
 def recompute_mode() -> dict:
     """Logits and gradients of one forward/backward per recompute choice, unpacked and packed
     (the packed layer spec holds PackedAttention, which selective recompute checkpoints)."""
+    from selm_mcore.data.batches import collate_preferences
+    from selm_mcore.data.packing import collate_packed
     from selm_mcore.mcore.forward import sequence_logps
     from selm_mcore.mcore.model import build_model
     from selm_mcore.mcore.parallel import init_parallel
-    from selm_mcore.data.batches import collate_preferences
-    from selm_mcore.data.packing import collate_packed
 
     pairs = example_pairs()
     out = {}
     for packed in (False, True):
-        batch = (collate_packed(pairs, pad_id=0, shared_prompt=True, has_yref=False)
-                 if packed else collate_preferences(pairs, pad_id=0, pad_to_multiple_of=8))
+        batch = (
+            collate_packed(pairs, pad_id=0, shared_prompt=True, has_yref=False)
+            if packed
+            else collate_preferences(pairs, pad_id=0, pad_to_multiple_of=8)
+        )
         reference = None
         for recompute in ("none", "selective", "full"):
             ctx = init_parallel(seed=17)
             model = build_model(tiny_config(), ctx, recompute=recompute, packed=packed)[0]
             if packed:
-                logits = model(batch.tokens, batch.position_ids, packed_layout=batch.segments,
-                               head_index=batch.head_index)
+                logits = model(
+                    batch.tokens,
+                    batch.position_ids,
+                    packed_layout=batch.segments,
+                    head_index=batch.head_index,
+                )
             else:
                 logits = model(batch.tokens, batch.position_ids)
             logps = sequence_logps(logits, batch, tp_group=None, vocab_size=VOCAB)
@@ -215,10 +260,13 @@ def recompute_mode() -> dict:
             if reference is None:
                 reference = result
             key = f"{'packed' if packed else 'unpacked'}/{recompute}"
-            out[key] = {"max_abs_diff": float((result - reference).abs().max()),
-                        "granularity": model.config.recompute_granularity,
-                        "checkpoint_core_attention": bool(
-                            model.decoder.layers[0].self_attention.checkpoint_core_attention)}
+            out[key] = {
+                "max_abs_diff": float((result - reference).abs().max()),
+                "granularity": model.config.recompute_granularity,
+                "checkpoint_core_attention": bool(
+                    model.decoder.layers[0].self_attention.checkpoint_core_attention
+                ),
+            }
     return out
 
 

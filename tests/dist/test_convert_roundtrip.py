@@ -13,6 +13,7 @@
 The slow SmolLM2 test does the same for a real tied model through both CLIs and prints the
 converters' peak memory.
 """
+
 import json
 import os
 import re
@@ -25,16 +26,26 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 CLI_DIR = REPO / "tools" / "convert_hf"
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def _run_cli(script: str, *args, timeout_s: float) -> str:
     from launch import OFFLINE_ENV
 
-    proc = subprocess.run([sys.executable, str(CLI_DIR / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO),
-                          env={**os.environ, **OFFLINE_ENV})
+    proc = subprocess.run(
+        [sys.executable, str(CLI_DIR / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=str(REPO),
+        env={**os.environ, **OFFLINE_ENV},
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-6000:]}"
     return proc.stderr
 
@@ -94,8 +105,11 @@ def _assert_same_hf_model(original: Path, exported: Path) -> None:
 def _worker(mcore_dir: str, out_dir: str) -> None:
     from launch import emit
 
-    from selm_mcore.mcore.checkpoint import (CheckpointError, build_model_from_checkpoint,
-                                             load_model_checkpoint)
+    from selm_mcore.mcore.checkpoint import (
+        CheckpointError,
+        build_model_from_checkpoint,
+        load_model_checkpoint,
+    )
     from selm_mcore.mcore.convert import mcore_to_hf
     from selm_mcore.mcore.model import build_model, load_hf_config
     from selm_mcore.mcore.parallel import init_parallel
@@ -126,20 +140,40 @@ def test_roundtrip_tp2_pp2_bit_exact(tmp_path):
     from selm_mcore.testing.assets import build_tiny_llama
 
     hf_dir, mcore_dir, out_dir = tmp_path / "hf", tmp_path / "mcore", tmp_path / "out"
-    build_tiny_llama(hf_dir, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
-                     max_position_embeddings=512, seed=5)
-    log = _run_cli("hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", mcore_dir, "--tp", 2,
-                   "--pp", 2, timeout_s=300)
+    build_tiny_llama(
+        hf_dir,
+        rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        seed=5,
+    )
+    log = _run_cli(
+        "hf_to_mcore.py",
+        "--hf-dir",
+        hf_dir,
+        "--out-dir",
+        mcore_dir,
+        "--tp",
+        2,
+        "--pp",
+        2,
+        timeout_s=300,
+    )
     meta = json.loads((mcore_dir / "selm_checkpoint.json").read_text())
     assert (meta["tp"], meta["pp"], meta["vocab_size"], meta["padded_vocab_size"]) == (
-        2, 2, 500, 512)
+        2,
+        2,
+        500,
+        512,
+    )
     assert len(_peak_rss_mb(log)) == 4  # one report per rank
 
     out_dir.mkdir()
     ids = torch.randint(0, 500, (2, 80), generator=torch.Generator().manual_seed(2))
     torch.save(ids, out_dir / "input_ids.pt")
-    outs = run_distributed(Path(__file__).resolve(), 1, ["--worker", mcore_dir, out_dir],
-                           timeout_s=240)
+    outs = run_distributed(
+        Path(__file__).resolve(), 1, ["--worker", mcore_dir, out_dir], timeout_s=240
+    )
     (report,) = results(outs)[0]
     message = report["vocab_error"]
     assert message and "vocab_size=500" in message and "vocab_size=1100" in message
@@ -167,12 +201,14 @@ def test_smollm2_roundtrip_and_peak_memory(tmp_path):
 
     hf_dir = smollm2_dir()
     mcore_dir, exported = tmp_path / "mcore", tmp_path / "hf"
-    log_in = _run_cli("hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", mcore_dir,
-                      timeout_s=600)
-    log_out = _run_cli("mcore_to_hf.py", "--mcore-dir", mcore_dir, "--out-dir", exported,
-                       timeout_s=600)
-    print(f"SmolLM2-135M fp32 (538 MB of weights): hf_to_mcore peak RSS "
-          f"{_peak_rss_mb(log_in)} MB, mcore_to_hf peak RSS {_peak_rss_mb(log_out)} MB")
+    log_in = _run_cli("hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", mcore_dir, timeout_s=600)
+    log_out = _run_cli(
+        "mcore_to_hf.py", "--mcore-dir", mcore_dir, "--out-dir", exported, timeout_s=600
+    )
+    print(
+        f"SmolLM2-135M fp32 (538 MB of weights): hf_to_mcore peak RSS "
+        f"{_peak_rss_mb(log_in)} MB, mcore_to_hf peak RSS {_peak_rss_mb(log_out)} MB"
+    )
     assert _assert_bit_exact(hf_dir, exported) == 30 * 9 + 2  # tied: no lm_head
     _assert_same_hf_model(hf_dir, exported)
 

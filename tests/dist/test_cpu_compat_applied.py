@@ -10,6 +10,7 @@ itself now calls behaves like what it replaced, checked against plain torch.
 
 The pytest process itself stays unpatched (tests/unit/test_cpu_compat.py).
 """
+
 import sys
 from pathlib import Path
 
@@ -25,8 +26,11 @@ def _worker() -> None:
 
     from selm_mcore.mcore import cpu_compat
 
-    report = {"applied": cpu_compat.apply(), "again": cpu_compat.apply(),
-              "is_applied": cpu_compat.is_applied()}
+    report = {
+        "applied": cpu_compat.apply(),
+        "again": cpu_compat.apply(),
+        "is_applied": cpu_compat.is_applied(),
+    }
 
     mrandom.initialize_rng_tracker(force_reset=True)
     tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -41,11 +45,14 @@ def _worker() -> None:
     with tracker.fork("model-parallel-rng"):
         second = torch.rand(3)
     torch.manual_seed(123)
-    report["fork_streams_seeded"] = torch.equal(first, torch.rand(3)) and \
-        torch.equal(second, torch.rand(3))
+    report["fork_streams_seeded"] = torch.equal(first, torch.rand(3)) and torch.equal(
+        second, torch.rand(3)
+    )
     report["default_stream_untouched"] = torch.equal(default, expected_default)
-    for name, call in (("duplicate_seed", lambda: tracker.add("other", 123)),
-                       ("unknown_name", lambda: tracker.fork("missing").__enter__())):
+    for name, call in (
+        ("duplicate_seed", lambda: tracker.add("other", 123)),
+        ("unknown_name", lambda: tracker.fork("missing").__enter__()),
+    ):
         try:
             call()
             report[name] = None
@@ -58,8 +65,7 @@ def _worker() -> None:
     mrandom._set_cuda_rng_state(state)
     report["set_rng_state"] = torch.equal(torch.get_rng_state(), state)
 
-    report["causal_mask"] = torch.equal(get_default_causal_mask(4),
-                                        torch.ones(4, 4).triu(1).bool())
+    report["causal_mask"] = torch.equal(get_default_causal_mask(4), torch.ones(4, 4).triu(1).bool())
     report["current_device"] = str(torch.cuda.current_device())
     report["synchronize"] = torch.cuda.synchronize()
     report["cuda_tensor_device"] = torch.zeros(2, device="cuda").device.type
@@ -71,8 +77,9 @@ def _worker() -> None:
 def test_applied_layer_through_megatrons_own_functions():
     from launch import results, run_distributed
 
-    (report,) = results(run_distributed(Path(__file__).resolve(), 1, ["--worker"],
-                                        timeout_s=240))[0]
+    (report,) = results(run_distributed(Path(__file__).resolve(), 1, ["--worker"], timeout_s=240))[
+        0
+    ]
     assert report["applied"] is True and report["again"] is True and report["is_applied"]
     assert report["tracker_class"] == "CpuRNGStatesTracker"
     assert report["fork_streams_seeded"] and report["default_stream_untouched"]

@@ -1,15 +1,18 @@
-"""selm_mcore.runtime.launch.run_local_ranks (behind tests/dist/launch.py): torchrun's environment per
-rank, every rank's stderr on failure, a hard timeout that kills all ranks, and helpers a killed
+"""selm_mcore.runtime.launch.run_local_ranks (behind tests/dist/launch.py): torchrun's environment
+per rank, every rank's stderr on failure, a hard timeout that kills all ranks, and helpers a killed
 rank leaves behind."""
+
 import json
 
 import pytest
 
 from selm_mcore.runtime.launch import LaunchError, free_port, run_local_ranks
 
-ENV_PROBE = ("import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', "
-             "'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS', "
-             "'EXTRA')}))")
+ENV_PROBE = (
+    "import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', "
+    "'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS', "
+    "'EXTRA')}))"
+)
 
 
 def test_ranks_get_torchrun_environment():
@@ -22,10 +25,12 @@ def test_ranks_get_torchrun_environment():
 
 
 def test_failure_reports_every_rank():
-    script = ("import os, sys, time\n"
-              "if os.environ['RANK'] == '1':\n"
-              "    sys.stderr.write('rank one broke\\n'); sys.exit(3)\n"
-              "time.sleep(60)\n")
+    script = (
+        "import os, sys, time\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    sys.stderr.write('rank one broke\\n'); sys.exit(3)\n"
+        "time.sleep(60)\n"
+    )
     with pytest.raises(LaunchError) as info:
         run_local_ranks(["-c", script], 2, timeout_s=120)
     message = str(info.value)
@@ -46,10 +51,12 @@ def test_helpers_left_by_a_killed_rank_are_cleared(tmp_path):
     import time
 
     pid_file = tmp_path / "helper.pid"
-    script = ("import os, signal, subprocess\n"
-              "helper = subprocess.Popen(['sleep', '300'])\n"
-              f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
-              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    script = (
+        "import os, signal, subprocess\n"
+        "helper = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     with pytest.raises(LaunchError):
         run_local_ranks(["-c", script], 1, timeout_s=60)
     helper_pid = int(pid_file.read_text())
@@ -85,8 +92,13 @@ def test_ranks_get_cuda_hidden(monkeypatch):
     assert rank_environment()["CUDA_VISIBLE_DEVICES"] == ""
     assert "CUDA_VISIBLE_DEVICES" not in rank_environment(cuda=True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    outs = run_distributed("-c", 2, timeout_s=60, module=False, args=[
-        "import json, os; print(json.dumps(os.environ.get('CUDA_VISIBLE_DEVICES')))"])
+    outs = run_distributed(
+        "-c",
+        2,
+        timeout_s=60,
+        module=False,
+        args=["import json, os; print(json.dumps(os.environ.get('CUDA_VISIBLE_DEVICES')))"],
+    )
     assert [json.loads(out) for out in outs] == ["", ""]
 
 
@@ -103,8 +115,6 @@ def test_rank_with_a_visible_cuda_variable_uses_gloo(monkeypatch):
     from launch import results, run_distributed
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    outs = run_distributed(Path(__file__).resolve().parent / "backend_worker.py", 2,
-                           timeout_s=180)
+    outs = run_distributed(Path(__file__).resolve().parent / "backend_worker.py", 2, timeout_s=180)
     for (rank,) in results(outs):
-        assert rank == {"backend": "gloo", "device": "cpu", "cuda_available": False,
-                        "visible": ""}
+        assert rank == {"backend": "gloo", "device": "cpu", "cuda_available": False, "visible": ""}

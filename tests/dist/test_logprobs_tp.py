@@ -10,6 +10,7 @@ token and sequence log-probs and the concatenated gradients against TP=1 compute
 the chunked and reference paths, and checks the collective count: one all-gather in forward,
 none in backward.
 """
+
 import sys
 from pathlib import Path
 
@@ -41,8 +42,13 @@ def _worker(out_dir: str) -> None:
     from selm_mcore.train.logprobs import vocab_parallel_logprobs
 
     calls = {"n": 0}
-    for name in ("all_gather_into_tensor", "all_gather", "all_reduce", "reduce_scatter_tensor",
-                 "broadcast"):
+    for name in (
+        "all_gather_into_tensor",
+        "all_gather",
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "broadcast",
+    ):
         original = getattr(dist, name)
 
         def counted(*args, _original=original, **kwargs):
@@ -59,14 +65,21 @@ def _worker(out_dir: str) -> None:
             x = logits[..., rank * local : (rank + 1) * local].detach().requires_grad_()
             calls["n"] = 0
             token_logps, seq_logps = vocab_parallel_logprobs(
-                x, labels, loss_mask, tp_group=dist.group.WORLD, vocab_size=VOCAB_SIZE,
+                x,
+                labels,
+                loss_mask,
+                tp_group=dist.group.WORLD,
+                vocab_size=VOCAB_SIZE,
                 backend=backend,
             )
             fwd_calls = calls["n"]
             (grad,) = torch.autograd.grad((token_logps * upstream).sum(), x)
             results[(str(dtype), backend)] = dict(
-                token_logps=token_logps.detach(), seq_logps=seq_logps.detach(), grad=grad,
-                fwd_collectives=fwd_calls, bwd_collectives=calls["n"] - fwd_calls,
+                token_logps=token_logps.detach(),
+                seq_logps=seq_logps.detach(),
+                grad=grad,
+                fwd_collectives=fwd_calls,
+                bwd_collectives=calls["n"] - fwd_calls,
             )
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -77,8 +90,12 @@ def tp2_results(tmp_path_factory):
     from selm_mcore.runtime.launch import run_local_ranks
 
     out_dir = tmp_path_factory.mktemp("logprobs_tp2")
-    run_local_ranks([str(Path(__file__).resolve()), "--worker", str(out_dir)], TP,
-                    timeout_s=400, env={"TRITON_INTERPRET": "1"})
+    run_local_ranks(
+        [str(Path(__file__).resolve()), "--worker", str(out_dir)],
+        TP,
+        timeout_s=400,
+        env={"TRITON_INTERPRET": "1"},
+    )
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(TP)]
 
 
@@ -92,7 +109,8 @@ def test_tp2_equals_tp1(tp2_results, backend, dtype):
     for tp1_backend in ("chunked", "torch"):
         x = logits.detach().requires_grad_()
         token_logps, seq_logps = vocab_parallel_logprobs(
-            x, labels, loss_mask, vocab_size=VOCAB_SIZE, backend=tp1_backend)
+            x, labels, loss_mask, vocab_size=VOCAB_SIZE, backend=tp1_backend
+        )
         (grad,) = torch.autograd.grad((token_logps * upstream).sum(), x)
         ranks = [r[(str(dtype), backend)] for r in tp2_results]
         for r in ranks:  # the log-probs are replicated on every TP rank

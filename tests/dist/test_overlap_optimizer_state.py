@@ -42,10 +42,9 @@ def assert_overlap_equal(result: dict, vpp: bool) -> None:
         assert len(step_off["losses"]) == len(step_on["losses"])
         assert all(_close(a, b) for a, b in zip(step_off["losses"], step_on["losses"]))
     assert _close(off["checksum"], on["checksum"])
-    assert off["stale_checksum"] == off["checksum"]        # synchronous all-gather in the step
-    assert on["stale_checksum"] != on["checksum"]          # deferred to the next forward ...
-    assert on["hooks"] == {"no_sync_func": True, "grad_sync_func": True,
-                           "param_sync_func": vpp}
+    assert off["stale_checksum"] == off["checksum"]  # synchronous all-gather in the step
+    assert on["stale_checksum"] != on["checksum"]  # deferred to the next forward ...
+    assert on["hooks"] == {"no_sync_func": True, "grad_sync_func": True, "param_sync_func": vpp}
     assert off["hooks"] == dict.fromkeys(off["hooks"], False)
 
 
@@ -53,8 +52,10 @@ def assert_overlap_equal(result: dict, vpp: bool) -> None:
 def dp2(tmp_path_factory):
     root = tmp_path_factory.mktemp("optimizer_state")
     modes = ["overlap:1:1:none", "recompute"] + [
-        f"state:{kind}:{fmt}" for kind in ("torch", "fused")
-        for fmt in ("dp_reshardable", "fully_reshardable")]
+        f"state:{kind}:{fmt}"
+        for kind in ("torch", "fused")
+        for fmt in ("dp_reshardable", "fully_reshardable")
+    ]
     outs = run_distributed(DIST_DIR / "optimizer_worker.py", 2, [root, *modes], timeout_s=400)
     return [rank[0] for rank in results(outs)]
 
@@ -69,8 +70,9 @@ def test_overlapped_dp_communication_equals_synchronous_at_dp2(dp2):
 
 @pytest.mark.timeout(600)
 def test_overlapped_dp_communication_with_interleaved_pipeline(tmp_path):
-    outs = run_distributed(DIST_DIR / "optimizer_worker.py", 4, [tmp_path, "overlap:1:2:2"],
-                           timeout_s=400)
+    outs = run_distributed(
+        DIST_DIR / "optimizer_worker.py", 4, [tmp_path, "overlap:1:2:2"], timeout_s=400
+    )
     per_rank = [rank[0]["overlap:1:2:2"] for rank in results(outs)]
     for result in per_rank:
         assert_overlap_equal(result, vpp=True)

@@ -18,6 +18,7 @@ exported in HF layout through iter_hf_weights); the parent compares them with HF
   asked for TP2, which no Megatron layout allows: 9 attention heads and 3 query groups are not
   divisible by 2.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -25,11 +26,16 @@ from pathlib import Path
 import pytest
 import torch
 
-TOL = 1e-4        # fp32 logits, max abs difference
+TOL = 1e-4  # fp32 logits, max abs difference
 GRAD_RTOL = 1e-4  # gradients: max abs difference relative to the largest gradient
 SEQ = 96
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def megatron_logits(models, ctx, input_ids):
@@ -52,8 +58,12 @@ def megatron_logits(models, ctx, input_ids):
             forward_step_func=forward_step,
             data_iterator=iterators if len(models) > 1 else iterators[0],
             model=models if len(models) > 1 else models[0],
-            num_microbatches=batch, seq_length=seq, micro_batch_size=1,
-            forward_only=True, collect_non_loss_data=True)
+            num_microbatches=batch,
+            seq_length=seq,
+            micro_batch_size=1,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
     if not ctx.is_last_stage:
         return None
     local = torch.cat(outputs)  # [B, T, V/tp]
@@ -93,7 +103,11 @@ def megatron_grads(models, ctx, input_ids, labels, vocab):
         forward_step_func=forward_step,
         data_iterator=iterators if len(models) > 1 else iterators[0],
         model=models if len(models) > 1 else models[0],
-        num_microbatches=batch, seq_length=seq, micro_batch_size=1, forward_only=False)
+        num_microbatches=batch,
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=False,
+    )
     for model in models:  # export the gradients in HF layout with the weights' own exporter
         for param in model.parameters():
             param.data = param.grad
@@ -101,13 +115,27 @@ def megatron_grads(models, ctx, input_ids, labels, vocab):
     return grads if ctx.rank == 0 else None
 
 
-def job(model: str, layout: str, *, kind: str = "logits", bf16: bool = False,
-        save_to: str | None = None, load_from: str | None = None) -> dict:
+def job(
+    model: str,
+    layout: str,
+    *,
+    kind: str = "logits",
+    bf16: bool = False,
+    save_to: str | None = None,
+    load_from: str | None = None,
+) -> dict:
     """One worker job; ``key`` names its output file. kind: logits | grads."""
     key = f"{model}_{layout}" + ("_bf16" if bf16 else "") + ("_grads" if kind == "grads" else "")
     key += f"_from_{load_from}" if load_from else ""
-    return {"key": key, "model": model, "layout": layout, "kind": kind, "bf16": bf16,
-            "save_to": save_to, "load_from": load_from}
+    return {
+        "key": key,
+        "model": model,
+        "layout": layout,
+        "kind": kind,
+        "bf16": bf16,
+        "save_to": save_to,
+        "load_from": load_from,
+    }
 
 
 def _worker(out_dir: str) -> None:
@@ -128,8 +156,13 @@ def _worker(out_dir: str) -> None:
             models, _, _ = build_model_from_checkpoint(out / job["load_from"], ctx)
         else:
             dtype = torch.bfloat16 if job["bf16"] else torch.float32
-            models = build_model(model_dir, ctx, init_weights=False, params_dtype=dtype,
-                                 recompute=job["kind"] == "grads")
+            models = build_model(
+                model_dir,
+                ctx,
+                init_weights=False,
+                params_dtype=dtype,
+                recompute=job["kind"] == "grads",
+            )
             load_hf_weights(models, model_dir, ctx)
         if job["save_to"]:
             save_model_checkpoint(models, ctx, out / job["save_to"], tokenizer_dir=model_dir)
@@ -163,8 +196,15 @@ def _hf_grads(hf, input_ids, labels) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in hf.named_parameters()}
 
 
-def run_parity(models: dict[str, Path], jobs: list[dict], out_dir: Path, nprocs: int,
-               timeout_s: float, batch: int = 2, cuda: bool = False) -> dict[str, float]:
+def run_parity(
+    models: dict[str, Path],
+    jobs: list[dict],
+    out_dir: Path,
+    nprocs: int,
+    timeout_s: float,
+    batch: int = 2,
+    cuda: bool = False,
+) -> dict[str, float]:
     """Run the jobs in one launch of nprocs ranks and compare each with HF; returns the diffs.
 
     fp32 logits: max abs diff <= TOL. bf16 logits: error against HF fp32 within 2x the error of
@@ -194,12 +234,15 @@ def run_parity(models: dict[str, Path], jobs: list[dict], out_dir: Path, nprocs:
                 hf_bf16 = hf.to(torch.bfloat16)(input_ids).logits.float()
             bf16_error[name] = (hf_bf16 - logits_ref[name]).abs().max().item()
         del hf
-    (out_dir / "jobs.json").write_text(json.dumps(
-        {"models": {k: str(v) for k, v in models.items()}, "jobs": jobs}))
-    outs = run_distributed(Path(__file__).resolve(), nprocs, ["--worker", out_dir],
-                           timeout_s=timeout_s, cuda=cuda)
+    (out_dir / "jobs.json").write_text(
+        json.dumps({"models": {k: str(v) for k, v in models.items()}, "jobs": jobs})
+    )
+    outs = run_distributed(
+        Path(__file__).resolve(), nprocs, ["--worker", out_dir], timeout_s=timeout_s, cuda=cuda
+    )
     assert sorted(r["job"] for rank in results(outs) for r in rank) == sorted(
-        j["key"] for j in jobs)
+        j["key"] for j in jobs
+    )
 
     diffs, bad = {}, []
     for j in jobs:
@@ -221,8 +264,12 @@ def run_parity(models: dict[str, Path], jobs: list[dict], out_dir: Path, nprocs:
         diffs[j["key"]] = diff
         if not diff <= limit:
             bad.append(f"{j['key']}: {diff:.3g} > {limit:.3g}")
-    print("max abs diff vs HF:", {k: f"{v:.2e}" for k, v in diffs.items()},
-          "| HF bf16 vs HF fp32:", {k: f"{v:.2e}" for k, v in bf16_error.items()})
+    print(
+        "max abs diff vs HF:",
+        {k: f"{v:.2e}" for k, v in diffs.items()},
+        "| HF bf16 vs HF fp32:",
+        {k: f"{v:.2e}" for k, v in bf16_error.items()},
+    )
     assert not bad, "parity broken: " + "; ".join(bad)
     return diffs
 
@@ -231,19 +278,31 @@ def run_parity(models: dict[str, Path], jobs: list[dict], out_dir: Path, nprocs:
 def test_tiny_llama_parity_tp_pp_vpp(tmp_path):
     from selm_mcore.testing.assets import build_tiny_llama
 
-    build_tiny_llama(tmp_path / "untied", rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
-                     max_position_embeddings=512, seed=3)
+    build_tiny_llama(
+        tmp_path / "untied",
+        rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        seed=3,
+    )
     build_tiny_llama(tmp_path / "tied", tie_word_embeddings=True, seed=4)
     jobs = [job("untied", layout) for layout in ("1x1", "2x1", "1x2", "2x2")]
-    jobs += [job("untied", "1x2v2", save_to="ckpt_vpp"),
-             job("untied", "2x1", load_from="ckpt_vpp"),
-             job("untied", "2x2", kind="grads"),
-             job("untied", "1x2v2", kind="grads"),
-             job("untied", "2x2", bf16=True),
-             job("tied", "1x2"),
-             job("tied", "2x2")]
-    run_parity({"untied": tmp_path / "untied", "tied": tmp_path / "tied"}, jobs,
-               tmp_path / "out", nprocs=4, timeout_s=420)
+    jobs += [
+        job("untied", "1x2v2", save_to="ckpt_vpp"),
+        job("untied", "2x1", load_from="ckpt_vpp"),
+        job("untied", "2x2", kind="grads"),
+        job("untied", "1x2v2", kind="grads"),
+        job("untied", "2x2", bf16=True),
+        job("tied", "1x2"),
+        job("tied", "2x2"),
+    ]
+    run_parity(
+        {"untied": tmp_path / "untied", "tied": tmp_path / "tied"},
+        jobs,
+        tmp_path / "out",
+        nprocs=4,
+        timeout_s=420,
+    )
 
 
 @pytest.mark.slow
@@ -253,8 +312,13 @@ def test_smollm2_parity_tp1_tp3(tmp_path):
     tp in {1, 3}; TP2 is refused by validate_layout (see test_model_config)."""
     from selm_mcore.testing.assets import smollm2_dir
 
-    run_parity({"smollm2": smollm2_dir()}, [job("smollm2", "1x1"), job("smollm2", "3x1")],
-               tmp_path / "out", nprocs=3, timeout_s=540)
+    run_parity(
+        {"smollm2": smollm2_dir()},
+        [job("smollm2", "1x1"), job("smollm2", "3x1")],
+        tmp_path / "out",
+        nprocs=3,
+        timeout_s=540,
+    )
 
 
 @pytest.mark.gpu
@@ -265,10 +329,21 @@ def test_gpu_te_spec_parity(tmp_path):
     to HF fp32 as HF's own bf16 model. Skipped without CUDA."""
     from selm_mcore.testing.assets import build_tiny_llama
 
-    build_tiny_llama(tmp_path / "untied", rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
-                     max_position_embeddings=512, seed=3)
-    run_parity({"untied": tmp_path / "untied"}, [job("untied", "1x1", bf16=True)],
-               tmp_path / "out", nprocs=1, timeout_s=540, cuda=True)
+    build_tiny_llama(
+        tmp_path / "untied",
+        rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        seed=3,
+    )
+    run_parity(
+        {"untied": tmp_path / "untied"},
+        [job("untied", "1x1", bf16=True)],
+        tmp_path / "out",
+        nprocs=1,
+        timeout_s=540,
+        cuda=True,
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

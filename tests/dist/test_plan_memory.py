@@ -15,10 +15,28 @@ def test_planner_matches_the_tensors_of_a_tp2_dp2_run(tmp_path):
     from launch import run_distributed
 
     out = tmp_path / "plan_check.json"
-    run_distributed("selm_mcore.cli", 4, module=True, timeout_s=540, args=[
-        "bench", "plan-check", "--threads", "1", "--set", "parallel.tp=2",
-        "--set", "train.global_batch_size=8", "--set", "data.pack_tokens=512",
-        "--set", "model.dtype=bf16", "--json", out])
+    run_distributed(
+        "selm_mcore.cli",
+        4,
+        module=True,
+        timeout_s=540,
+        args=[
+            "bench",
+            "plan-check",
+            "--threads",
+            "1",
+            "--set",
+            "parallel.tp=2",
+            "--set",
+            "train.global_batch_size=8",
+            "--set",
+            "data.pack_tokens=512",
+            "--set",
+            "model.dtype=bf16",
+            "--json",
+            out,
+        ],
+    )
     result = json.loads(out.read_text())
     assert (result["tp"], result["pp"], result["dp"], result["impl"]) == (2, 1, 2, "cpu")
     ranks = result["ranks"]

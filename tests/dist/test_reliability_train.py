@@ -27,6 +27,7 @@ tests/unit/test_refpass.py; the checksum list itself in tests/unit/test_files.py
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -53,8 +54,12 @@ def launch(subcommand: list[str], *overrides: str, env: dict | None = None) -> N
     args = ["-m", "selm_mcore.cli", *subcommand]
     for item in overrides:
         args += ["--set", item]
-    run_local_ranks(args, 1, timeout_s=LAUNCH_TIMEOUT_S,
-                    env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    run_local_ranks(
+        args,
+        1,
+        timeout_s=LAUNCH_TIMEOUT_S,
+        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+    )
 
 
 def launch_failing(subcommand: list[str], *overrides: str, env: dict | None = None) -> str:
@@ -90,21 +95,46 @@ def ws(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_r
     """The poisoned run: steps 1-2 checkpointed, step 3 NaN."""
     root = tmp_path_factory.mktemp("reliability")
     rng = random.Random(0)
-    rows = [preference_row(sentence(rng, 3, 12) + "?", sentence(rng, 1, 10),
-                           sentence(rng, 1, 10), reference_response=sentence(rng, 1, 10))
-            for _ in range(16)]
+    rows = [
+        preference_row(
+            sentence(rng, 3, 12) + "?",
+            sentence(rng, 1, 10),
+            sentence(rng, 1, 10),
+            reference_response=sentence(rng, 1, 10),
+        )
+        for _ in range(16)
+    ]
     pairs = write_jsonl(root / "pairs.jsonl", rows)
     config = write_config(
-        root / "config.yaml", model={"hf_dir": str(tiny_llama_dir)},
-        data={"train_path": str(pairs), "max_length": 64, "max_prompt_length": 32,
-              "pad_to_multiple_of": 8},
-        loss={"beta": 0.1, "alpha": 0.5}, optim={"lr": 1.0e-3, "warmup_ratio": 0.25},
-        train={"global_batch_size": 4, "micro_batch_size": 2, "max_steps": NUM_STEPS,
-               "save_interval": 1, "keep_checkpoints": 0, "reference_mode": "onthefly",
-               "tensorboard": False, "output_dir": str(root / "run")})
+        root / "config.yaml",
+        model={"hf_dir": str(tiny_llama_dir)},
+        data={
+            "train_path": str(pairs),
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "pad_to_multiple_of": 8,
+        },
+        loss={"beta": 0.1, "alpha": 0.5},
+        optim={"lr": 1.0e-3, "warmup_ratio": 0.25},
+        train={
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "max_steps": NUM_STEPS,
+            "save_interval": 1,
+            "keep_checkpoints": 0,
+            "reference_mode": "onthefly",
+            "tensorboard": False,
+            "output_dir": str(root / "run"),
+        },
+    )
     error = launch_failing(["train", str(config)], env={"SELM_TRAIN_NAN_AT_STEP": "3"})
-    return {"root": root, "config": config, "run": root / "run", "error": error,
-            "checkpoints": root / "run" / "checkpoints"}
+    return {
+        "root": root,
+        "config": config,
+        "run": root / "run",
+        "error": error,
+        "checkpoints": root / "run" / "checkpoints",
+    }
 
 
 def copy_run(ws: dict, name: str) -> Path:
@@ -124,7 +154,10 @@ def test_nan_mid_training_stops_with_the_last_good_checkpoint_as_latest(ws):
     assert "optim.lr" in ws["error"]  # what to try
     assert (checkpoints / "latest").read_text().strip() == "step_0000002"
     assert sorted(p.name for p in checkpoints.iterdir()) == [
-        "latest", "step_0000001", "step_0000002"]  # no step-3 checkpoint, no temp folder
+        "latest",
+        "step_0000001",
+        "step_0000002",
+    ]  # no step-3 checkpoint, no temp folder
     assert not (ws["run"] / "final").exists()
     assert not list(ws["run"].glob(".final*"))
     records = read_records(ws["run"] / "metrics.jsonl")
@@ -140,8 +173,17 @@ def exported(ws):
     out.mkdir()
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    launch(["convert", "mcore-to-hf", "--mcore-dir", str(ws["checkpoints"] / "step_0000002"),
-            "--out-dir", str(out), "--overwrite"])
+    launch(
+        [
+            "convert",
+            "mcore-to-hf",
+            "--mcore-dir",
+            str(ws["checkpoints"] / "step_0000002"),
+            "--out-dir",
+            str(out),
+            "--overwrite",
+        ]
+    )
     return out
 
 
@@ -164,8 +206,7 @@ def test_export_with_overwrite_replaces_the_folder_whole(ws, exported):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
     manifest = json.loads((exported / CHECKSUM_FILE).read_text())
     assert sorted(manifest["files"]) == names  # every file listed, nothing else
-    assert verify_checksums(exported, fix="x") == sum((exported / n).stat().st_size
-                                                      for n in names)
+    assert verify_checksums(exported, fix="x") == sum((exported / n).stat().st_size for n in names)
     assert sorted(p.name for p in exported.parent.glob(".hf_step2*")) == []  # no temp folder
 
 
@@ -176,8 +217,11 @@ def test_export_into_a_non_empty_folder_is_refused_before_any_process(ws, tmp_pa
     target = tmp_path / "hf"
     target.mkdir()
     (target / "model-00001-of-00002.safetensors").write_bytes(b"old")
-    with pytest.raises(ExportTargetError, match=rf"--out-dir {target} is not empty \(1 entries: "
-                                                r"model-00001-of-00002.safetensors\).*--overwrite"):
+    with pytest.raises(
+        ExportTargetError,
+        match=rf"--out-dir {target} is not empty \(1 entries: "
+        r"model-00001-of-00002.safetensors\).*--overwrite",
+    ):
         mcore_to_hf(ws["checkpoints"] / "step_0000002", target, timeout_s=5)
     assert [p.name for p in target.iterdir()] == ["model-00001-of-00002.safetensors"]
 
@@ -189,14 +233,18 @@ def test_resume_with_another_start_model_is_refused(ws, tmp_path):
     other = tmp_path / "other_llama"
     build_tiny_llama(other, seed=1)
     run = copy_run(ws, "run_other_model")
-    error = launch_failing(["train", str(ws["config"])], f"train.output_dir={run}",
-                           f"model.hf_dir={other}")
+    error = launch_failing(
+        ["train", str(ws["config"])], f"train.output_dir={run}", f"model.hf_dir={other}"
+    )
     assert f"cannot resume from {run / 'checkpoints' / 'step_0000002'}" in error
     assert "the start model (train.init_from / model.hf_dir; its weights' fingerprint)" in error
     assert "train.resume=false or another train.output_dir" in error
     assert "loss.beta" not in error  # only what differs is named
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "latest", "step_0000001", "step_0000002"]
+        "latest",
+        "step_0000001",
+        "step_0000002",
+    ]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -210,9 +258,11 @@ def test_corrupt_checkpoint_names_the_file_and_the_fix_resumes(ws):
     flip_byte(shard)
     error = launch_failing(["train", str(ws["config"])], f"train.output_dir={run}")
     assert f"{shard}: the content differs from the sha256 recorded" in error
-    fix = (f"resume from the previous kept checkpoint {checkpoints / 'step_0000001'}: run "
-           f"`echo step_0000001 > {checkpoints / 'latest'}` and `rm -r "
-           f"{checkpoints / 'step_0000002'}`")
+    fix = (
+        f"resume from the previous kept checkpoint {checkpoints / 'step_0000001'}: run "
+        f"`echo step_0000001 > {checkpoints / 'latest'}` and `rm -r "
+        f"{checkpoints / 'step_0000002'}`"
+    )
     assert fix in error
     (checkpoints / "latest").write_text("step_0000001\n")
     shutil.rmtree(checkpoints / "step_0000002")
@@ -232,14 +282,26 @@ def damaged(ws, exported, tiny_llama_dir):
 
     out = ws["root"] / "damaged"
     out.mkdir()
-    run_distributed(Path(__file__).resolve(), 1,
-                    ["--worker", ws["checkpoints"], exported, out, tiny_llama_dir],
-                    timeout_s=WORKER_TIMEOUT_S)
+    run_distributed(
+        Path(__file__).resolve(),
+        1,
+        ["--worker", ws["checkpoints"], exported, out, tiny_llama_dir],
+        timeout_s=WORKER_TIMEOUT_S,
+    )
     return json.loads((out / "results.json").read_text())
 
 
-CASES = ("model_distcp", "model_truncated", "model_metadata", "optimizer_distcp", "rng",
-         "state_json", "selm_checkpoint_json", "hf_config", "exported_hf")
+CASES = (
+    "model_distcp",
+    "model_truncated",
+    "model_metadata",
+    "optimizer_distcp",
+    "rng",
+    "state_json",
+    "selm_checkpoint_json",
+    "hf_config",
+    "exported_hf",
+)
 
 
 @pytest.mark.timeout(600)
@@ -248,7 +310,7 @@ def test_each_damaged_checkpoint_file_is_named(damaged, case):
     outcome = damaged[case]
     assert outcome["error_type"] == "ChecksumError", outcome
     assert outcome["message"].startswith(f"{outcome['file']}: "), outcome
-    problem = ("truncated" if case == "model_truncated" else "the content differs")
+    problem = "truncated" if case == "model_truncated" else "the content differs"
     assert problem in outcome["message"], outcome
     if case == "exported_hf":
         assert "selm convert mcore-to-hf --overwrite" in outcome["message"]
@@ -265,15 +327,19 @@ def test_intact_checkpoint_files_load(damaged):
 @pytest.mark.timeout(600)
 def test_the_trainer_finds_one_non_finite_gradient_or_parameter(damaged):
     assert damaged["finite_checks"] == {
-        "grads_zero": True, "grads_one_inf": False, "grads_huge_finite": True,
-        "params_loaded": True, "params_one_nan": False}
+        "grads_zero": True,
+        "grads_one_inf": False,
+        "grads_huge_finite": True,
+        "params_loaded": True,
+        "params_one_nan": False,
+    }
 
 
 @pytest.mark.timeout(600)
 def test_generate_refuses_a_damaged_export_before_starting_vllm(exported, tmp_path, monkeypatch):
     from selm_mcore.config.schema import GenerationConfig
-    from selm_mcore.runtime.files import ChecksumError
     from selm_mcore.rollout.generate import generate_file
+    from selm_mcore.runtime.files import ChecksumError
 
     copy = tmp_path / "hf"
     shutil.copytree(exported, copy)
@@ -321,9 +387,11 @@ def _damage(checkpoints: Path, root: Path, case: str):
         file = step / "train" / "rng" / "rank_00000.safetensors"
         flip_byte(file, safetensors_data_offset(file) + 3)
     else:
-        file = {"state_json": step / "train" / "state.json",
-                "selm_checkpoint_json": step / "selm_checkpoint.json",
-                "hf_config": step / "hf" / "config.json"}[case]
+        file = {
+            "state_json": step / "train" / "state.json",
+            "selm_checkpoint_json": step / "selm_checkpoint.json",
+            "hf_config": step / "hf" / "config.json",
+        }[case]
         flip_last_digit(file)
     return step, file
 
@@ -351,10 +419,10 @@ def _finite_checks(models, ddp_models, ctx) -> dict:
 
 def _worker(checkpoints: Path, exported: Path, root: Path, hf_dir: Path) -> None:
     from selm_mcore.config.schema import ModelConfig, OptimConfig
-    from selm_mcore.mcore.checkpoint import (build_model_from_checkpoint, load_policy,
-                                             load_training_state, read_train_state)
+    from selm_mcore.mcore.checkpoint import build_model_from_checkpoint, load_policy
     from selm_mcore.mcore.optim import build_lr_scheduler, build_optimizer, wrap_ddp
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.mcore.step_checkpoints import load_training_state, read_train_state
 
     ctx = init_parallel(tp=1, pp=1)
     models, _, _ = build_model_from_checkpoint(checkpoints / "step_0000002", ctx)
@@ -362,23 +430,35 @@ def _worker(checkpoints: Path, exported: Path, root: Path, hf_dir: Path) -> None
     ddp_models = wrap_ddp(models)
     optimizer = build_optimizer(ddp_models, optim_cfg, peak_lr=1e-3, params_dtype=torch.float32)
     scheduler = build_lr_scheduler(optimizer, optim_cfg, peak_lr=1e-3, total_steps=NUM_STEPS)
-    state = load_training_state(checkpoints / "step_0000002", models=models, optimizer=optimizer,
-                                scheduler=scheduler, ctx=ctx)
+    state = load_training_state(
+        checkpoints / "step_0000002",
+        models=models,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ctx=ctx,
+    )
     load_policy(exported, ctx, ModelConfig())
-    results = {"intact": {"model": "loaded", "training_state": state.step,
-                          "exported_hf": "loaded"}}
+    results = {"intact": {"model": "loaded", "training_state": state.step, "exported_hf": "loaded"}}
     loaders = {
         "model": lambda step: build_model_from_checkpoint(step, ctx),
-        "train": lambda step: load_training_state(step, models=models, optimizer=optimizer,
-                                                  scheduler=scheduler, ctx=ctx),
+        "train": lambda step: load_training_state(
+            step, models=models, optimizer=optimizer, scheduler=scheduler, ctx=ctx
+        ),
         "state": lambda step: read_train_state(step),  # what a resume reads first
     }
-    uses = {"model_distcp": "model", "model_truncated": "model", "model_metadata": "model",
-            "optimizer_distcp": "train", "rng": "train", "state_json": "state",
-            "selm_checkpoint_json": "model", "hf_config": "model"}
+    uses = {
+        "model_distcp": "model",
+        "model_truncated": "model",
+        "model_metadata": "model",
+        "optimizer_distcp": "train",
+        "rng": "train",
+        "state_json": "state",
+        "selm_checkpoint_json": "model",
+        "hf_config": "model",
+    }
     for case, loader in uses.items():
         step, file = _damage(checkpoints, root, case)
-        results[case] = _attempt(lambda: loaders[loader](step), file)
+        results[case] = _attempt(functools.partial(loaders[loader], step), file)
     copy = root / "exported_hf"
     shutil.copytree(exported, copy)
     weights = copy / "model.safetensors"

@@ -2,9 +2,9 @@
 
 In one worker process (this file re-run as ``python <this file> --worker ROOT HF``, started by
 tests/dist/launch.py; Megatron saves need the ``__main__`` guard): a tiny Llama plus its
-distributed optimizer is saved with ``mcore.checkpoint.save_checkpoint``; the model loads through
-``mcore.checkpoint.load_model_checkpoint`` and the optimizer through
-``mcore.checkpoint.load_training_state`` with tensors identical to those before the save;
+distributed optimizer is saved with ``mcore.step_checkpoints.save_checkpoint``; the model loads
+through ``mcore.checkpoint.load_model_checkpoint`` and the optimizer through
+``mcore.step_checkpoints.load_training_state`` with tensors identical to those before the save;
 tampered copies (malicious ``.metadata`` for model and optimizer; a real-looking ``.metadata``
 that turns a weight into a bytes entry pointing at a malicious pickle), whose checksum lists the
 attacker rewrote too, are refused with no file created, while Megatron's default loader does
@@ -34,8 +34,9 @@ def worker(tmp_path_factory, tiny_llama_dir):
     from launch import run_distributed
 
     root = tmp_path_factory.mktemp("safe_load")
-    run_distributed(Path(__file__).resolve(), 1, ["--worker", root, tiny_llama_dir],
-                    timeout_s=WORKER_TIMEOUT_S)
+    run_distributed(
+        Path(__file__).resolve(), 1, ["--worker", root, tiny_llama_dir], timeout_s=WORKER_TIMEOUT_S
+    )
     return root, json.loads((root / "results.json").read_text())
 
 
@@ -105,8 +106,11 @@ def _mismatched(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
 
 
 def _model_tensors(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if torch.is_tensor(v) and not k.endswith("_extra_state")
+    }
 
 
 def _attempt(load, marker: Path, file: Path) -> dict:
@@ -115,8 +119,12 @@ def _attempt(load, marker: Path, file: Path) -> dict:
         error_type, message = None, ""
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         error_type, message = type(exc).__name__, str(exc)
-    return {"error_type": error_type, "message": message, "file": str(file),
-            "marker_created": marker.exists()}
+    return {
+        "error_type": error_type,
+        "message": message,
+        "file": str(file),
+        "marker_created": marker.exists(),
+    }
 
 
 def _bytes_entry_copy(src: Path, dst: Path, marker: Path) -> Path:
@@ -155,18 +163,25 @@ def _worker(root: Path, hf_dir: Path) -> None:
     from megatron.core import dist_checkpointing
 
     from selm_mcore.config.schema import OptimConfig
-    from selm_mcore.mcore.checkpoint import (load_model_checkpoint, load_training_state,
-                                             save_checkpoint)
+    from selm_mcore.mcore.checkpoint import load_model_checkpoint
     from selm_mcore.mcore.model import build_model, load_hf_config
-    from selm_mcore.mcore.optim import (build_lr_scheduler, build_optimizer, load_optimizer_state,
-                                        model_sharded_state_dict, prefill_adam_state, wrap_ddp)
+    from selm_mcore.mcore.optim import (
+        build_lr_scheduler,
+        build_optimizer,
+        load_optimizer_state,
+        model_sharded_state_dict,
+        prefill_adam_state,
+        wrap_ddp,
+    )
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.mcore.step_checkpoints import load_training_state, save_checkpoint
 
     ctx = init_parallel(tp=1, pp=1)
     hf_config = load_hf_config(hf_dir)
     models = build_model(hf_config, ctx)
-    optimizer = build_optimizer(wrap_ddp(models), OptimConfig(), peak_lr=1e-3,
-                                params_dtype=torch.float32)
+    optimizer = build_optimizer(
+        wrap_ddp(models), OptimConfig(), peak_lr=1e-3, params_dtype=torch.float32
+    )
     scheduler = build_lr_scheduler(optimizer, OptimConfig(), peak_lr=1e-3, total_steps=10)
     prefill_adam_state(optimizer)
     generator = torch.Generator().manual_seed(7)
@@ -174,27 +189,43 @@ def _worker(root: Path, hf_dir: Path) -> None:
         tensor.copy_(torch.rand(tensor.shape, generator=generator))
     saved_model = _model_tensors(models[0])
     saved_adam = [t.clone() for t in _adam_states(optimizer)]
-    ckpt = save_checkpoint(root / "ckpt", 1, models=models, optimizer=optimizer,
-                           scheduler=scheduler, data_state={"consumed_samples": 8}, ctx=ctx,
-                           hf_config=hf_config, tokenizer_dir=hf_dir)
+    ckpt = save_checkpoint(
+        root / "ckpt",
+        1,
+        models=models,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data_state={"consumed_samples": 8},
+        ctx=ctx,
+        hf_config=hf_config,
+        tokenizer_dir=hf_dir,
+    )
     results = {}
 
     fresh = build_model(hf_config, ctx)
     differed = bool(_mismatched(saved_model, _model_tensors(fresh[0])))
     load_model_checkpoint(fresh, ctx, ckpt)
     loaded = _model_tensors(fresh[0])
-    results["model"] = {"num_tensors": len(saved_model), "differed_before_load": differed,
-                        "num_layers": hf_config.num_hidden_layers,
-                        "mismatched": _mismatched(saved_model, loaded)}
+    results["model"] = {
+        "num_tensors": len(saved_model),
+        "differed_before_load": differed,
+        "num_layers": hf_config.num_hidden_layers,
+        "mismatched": _mismatched(saved_model, loaded),
+    }
 
     for tensor in _adam_states(optimizer):
         tensor.zero_()
-    state = load_training_state(ckpt, models=models, optimizer=optimizer, scheduler=scheduler,
-                                ctx=ctx)
+    state = load_training_state(
+        ckpt, models=models, optimizer=optimizer, scheduler=scheduler, ctx=ctx
+    )
     after = _adam_states(optimizer)
-    results["optimizer"] = {"num_tensors": len(after), "step": state.step,
-                            "mismatched": [i for i, (a, b) in enumerate(zip(saved_adam, after))
-                                           if not torch.equal(a, b)]}
+    results["optimizer"] = {
+        "num_tensors": len(after),
+        "step": state.step,
+        "mismatched": [
+            i for i, (a, b) in enumerate(zip(saved_adam, after)) if not torch.equal(a, b)
+        ],
+    }
 
     tampered = {}
     marker = root / "pwned_model_metadata"
@@ -202,8 +233,9 @@ def _worker(root: Path, hf_dir: Path) -> None:
     shutil.copytree(ckpt, copy)
     bad = write_pickle(copy / "model" / ".metadata", TouchOnUnpickle(marker))
     _forge_checksums(copy)
-    tampered["model_metadata"] = _attempt(lambda: load_model_checkpoint(fresh, ctx, copy),
-                                          marker, bad)
+    tampered["model_metadata"] = _attempt(
+        lambda: load_model_checkpoint(fresh, ctx, copy), marker, bad
+    )
 
     marker = root / "pwned_optimizer_metadata"
     copy = root / "tampered_optimizer"
@@ -211,23 +243,28 @@ def _worker(root: Path, hf_dir: Path) -> None:
     bad = write_pickle(copy / "train" / "optimizer" / ".metadata", TouchOnUnpickle(marker))
     _forge_checksums(copy / "train")
     tampered["optimizer_metadata"] = _attempt(
-        lambda: load_optimizer_state(optimizer, models, copy / "train" / "optimizer"),
-        marker, bad)
+        lambda: load_optimizer_state(optimizer, models, copy / "train" / "optimizer"), marker, bad
+    )
 
     marker = root / "pwned_bytes_entry"
     evil = _bytes_entry_copy(ckpt, root / "tampered_bytes", marker)
     _forge_checksums(root / "tampered_bytes")
     tampered["model_bytes_entry"] = _attempt(
-        lambda: load_model_checkpoint(fresh, ctx, root / "tampered_bytes"), marker, evil)
+        lambda: load_model_checkpoint(fresh, ctx, root / "tampered_bytes"), marker, evil
+    )
 
     marker = root / "pwned_control"
     _bytes_entry_copy(ckpt, root / "tampered_control", marker)
     # The model's sharded state dict as the checkpoint holds it (no "_extra_state" entries).
-    sharded = {chunk: {k: v for k, v in entries.items() if not k.endswith("_extra_state")}
-               for chunk, entries in model_sharded_state_dict(fresh).items()}
+    sharded = {
+        chunk: {k: v for k, v in entries.items() if not k.endswith("_extra_state")}
+        for chunk, entries in model_sharded_state_dict(fresh).items()
+    }
     tampered["control_default_loader"] = _attempt(
         lambda: dist_checkpointing.load(sharded, str(root / "tampered_control" / "model")),
-        marker, root / "tampered_control")
+        marker,
+        root / "tampered_control",
+    )
     results["tampered"] = tampered
     (root / "results.json").write_text(json.dumps(results, indent=2))
     destroy_parallel()

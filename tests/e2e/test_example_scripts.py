@@ -38,7 +38,7 @@ def test_8b_script_stops_early_when_the_layout_does_not_fit(tmp_path):
         SELM_DOWNLOADS=str(tmp_path / "downloads"),
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "parallel.tp=1 pp=1" in proc.stdout and "is predicted to need" in proc.stdout
+    assert "parallel.tp=1 pp=1" in proc.stderr and "is predicted to need" in proc.stderr
     assert "downloading" not in proc.stdout + proc.stderr
     assert not (tmp_path / "downloads").exists()
 
@@ -70,5 +70,5 @@ def test_70b_script_checks_the_node_count_it_gets(tmp_path):
         SELM_GPU_MEM_GIB="80",
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "(dp=1)" in proc.stdout and "on 16 GPUs is predicted to need" in proc.stdout
+    assert "(dp=1)" in proc.stderr and "on 16 GPUs is predicted to need" in proc.stderr
     assert "2 node(s), 8 CPUs per node task" in proc.stdout

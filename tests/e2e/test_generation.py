@@ -5,6 +5,7 @@ One in-process engine serves the module (engine start costs seconds); the file a
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ LONG_PROMPT = "Please explain the answer step by step. " * 40
 
 @pytest.fixture(scope="module")
 def generator(tiny_llama_dir):
-    from selm_mcore.rollout.generate import VLLMGenerator
+    from selm_mcore.rollout.vllm_engine import VLLMGenerator
 
     gen = VLLMGenerator(tiny_llama_dir, GenerationConfig(**ENGINE_KW))
     yield gen
@@ -307,7 +308,8 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
 
 
 def test_errors_surface_with_nonzero_exit(tiny_llama_dir, tmp_path, write_config):
-    from selm_mcore.rollout.generate import check_model_dir, generate_file
+    from selm_mcore.rollout.generate import generate_file
+    from selm_mcore.rollout.vllm_engine import check_model_dir
 
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl_atomic(prompts, PROMPT_ROWS[:2])
@@ -359,6 +361,8 @@ def test_errors_surface_with_nonzero_exit(tiny_llama_dir, tmp_path, write_config
         cwd=tmp_path,
     )
     assert proc.returncode != 0
-    assert "vLLM engine 0 (prompts 0..0) exited with 1" in proc.stderr
+    # Both engines fail on the broken model; the first in start order that failed is named.
+    named = r"vLLM engine (0 \(prompts 0\.\.0\)|1 \(prompts 1\.\.1\)) exited with 1"
+    assert re.search(named, proc.stderr)
     assert "starting vLLM" in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()

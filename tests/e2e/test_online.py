@@ -16,7 +16,8 @@ Checks, each against something computed independently of the code under test:
 * a kill inside each kind of phase (SIGKILL via SELM_FAULT, and the trainer killed mid-round)
   then a rerun: it resumes and ends with exactly the weights and pairs of an uninterrupted run;
 * a generation failure and a ranker failure stop the run: exit status 1, the phase and the
-  cause named, nothing after it run;
+  cause named, nothing after it run; with the weights fixed, the next run resumes there (both
+  made inside the kill sequence, so they cost no run of their own);
 * the DPO warm-up round (online.warmup_dpo_round): plain DPO on the first portion's original
   pairs, then round 1 from its policy (the reference log-probs of round 1 equal HF's on round 0's
   checkpoint mapped by hand), resumable after a kill, the switch part of the run's identity.
@@ -38,6 +39,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from checkpoints import checkpoint_tensors
 from child_env import child_env
 
 from selm_mcore.runtime.files import read_records
@@ -142,16 +144,6 @@ def selm_run(config: Path, *extra: str, env: dict[str, str] | None = None):
         text=True,
         timeout=RUN_TIMEOUT_S,
     )
-
-
-def checkpoint_tensors(ckpt_dir: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    """The model tensors of a Megatron checkpoint folder, read with torch's own DCP reader."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    scratch.parent.mkdir(parents=True, exist_ok=True)
-    dcp_to_torch_save(str(ckpt_dir / "model"), str(scratch))
-    state = torch.load(scratch, weights_only=False)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +341,7 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     from vllm.inputs import TokensPrompt
 
     from selm_mcore.config.io import load_config
-    from selm_mcore.rollout.generate import VLLMGenerator
+    from selm_mcore.rollout.vllm_engine import VLLMGenerator
 
     workdir, _ = reference_run
     policy_hf = workdir / "round_2" / "policy_hf"
@@ -411,12 +403,66 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     )
 
 
+def _break_weights(folder: Path) -> bytes:
+    """Replace ``folder``'s model.safetensors with bytes that are not a safetensors file; returns
+    the original bytes (to restore)."""
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(b"\0" * 64)
+    return original
+
+
+def _generation_failure_stops_the_run(config: Path, workdir: Path, model: Path) -> None:
+    """Start model weights unreadable: round1/generate fails, nothing after it runs."""
+    original = _break_weights(model)
+    result = selm_run(config)
+    (model / "model.safetensors").write_bytes(original)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "round1/generate failed" in result.stderr
+    assert "starting vLLM" in result.stderr  # the cause, from the child's output
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert list(manifest["phases"]) == ["round1/portion"]
+    assert manifest["last_error"]["phase"] == "round1/generate"
+    assert not (workdir / "round_1" / "generate").exists()
+    assert not (workdir / "round_1" / "rank").exists()
+
+
+def _ranker_failure_stops_the_run(config: Path, workdir: Path, ranker: Path) -> None:
+    """Ranker weights unreadable: round1/rank fails after generating, nothing after it runs."""
+    original = _break_weights(ranker)
+    result = selm_run(config)
+    (ranker / "model.safetensors").write_bytes(original)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "round1/rank failed" in result.stderr
+    assert "loading the PairRM ranker" in result.stderr
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert list(manifest["phases"]) == ["round1/portion", "round1/generate"]
+    assert not (workdir / "round_1" / "rank").exists()
+    assert not (workdir / "round_1" / "refpass").exists()
+
+
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S)
-def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, assets, tmp_path):
-    """One kill per kind of phase, each rerun resuming the previous kill; then compare."""
+def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(
+    reference_run, assets, tmp_path
+):
+    """One kill per kind of phase, each rerun resuming the previous kill; then compare.
+
+    Between the kills, a generation failure (unreadable start model) and a ranker failure
+    (unreadable ranker weights) stop the run with the phase and the cause named and nothing
+    after it run; with the weights restored (an input whose first reader has not finished may
+    change) the next run resumes there.
+    """
     reference_dir, _ = reference_run
+    model, ranker = tmp_path / "tiny_llama", tmp_path / "tiny_pairrm"
+    shutil.copytree(assets.tiny_llama, model)
+    shutil.copytree(assets.tiny_pairrm, ranker)
     workdir = tmp_path / "run"
-    config = assets.config(workdir, online={"final_eval": False})
+    config = assets.config(
+        workdir,
+        model={"hf_dir": str(model)},
+        ranking={"model_path": str(ranker)},
+        online={"final_eval": False},
+    )
     kills = [
         "round1/portion",
         "round1/generate",
@@ -426,8 +472,14 @@ def test_kill_inside_each_phase_resumes_to_the_same_weights(reference_run, asset
         "round1/report",
         "round2/export",
     ]
+    failures = {
+        "round1/generate": lambda: _generation_failure_stops_the_run(config, workdir, model),
+        "round1/rank:published": lambda: _ranker_failure_stops_the_run(config, workdir, ranker),
+    }
     previous = None
     for fault in kills:
+        if fault in failures:  # fails in this phase first, then the kill inside it
+            failures[fault]()
         result = selm_run(config, env={"SELM_FAULT": fault})
         assert result.returncode == -signal.SIGKILL, (fault, result.stderr[-4000:])
         recorded = json.loads((workdir / "manifest.json").read_text())["phases"]
@@ -533,36 +585,3 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
     assert again.returncode == 0 and "todo" not in again.stdout
     changed = selm_run(config, "--set", "online.warmup_dpo_round=false")
     assert changed.returncode == 1 and "online.warmup_dpo_round" in changed.stderr
-
-
-def test_generation_failure_stops_the_run(assets, tmp_path):
-    broken = tmp_path / "broken_llama"
-    shutil.copytree(assets.tiny_llama, broken)
-    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # not a safetensors file
-    workdir = tmp_path / "run"
-    result = selm_run(assets.config(workdir, model={"hf_dir": str(broken)}))
-    assert result.returncode == 1
-    assert "round1/generate failed" in result.stderr
-    assert "starting vLLM" in result.stderr  # the cause, from the child's output
-    manifest = json.loads((workdir / "manifest.json").read_text())
-    assert list(manifest["phases"]) == ["round1/portion"]
-    assert manifest["last_error"]["phase"] == "round1/generate"
-    assert not (workdir / "round_1" / "generate").exists()
-    assert not (workdir / "round_1" / "rank").exists()
-
-
-def test_ranker_failure_stops_the_run(assets, tmp_path):
-    broken = tmp_path / "broken_pairrm"
-    shutil.copytree(assets.tiny_pairrm, broken)
-    (broken / "model.safetensors").write_bytes(b"\0" * 64)
-    workdir = tmp_path / "run"
-    result = selm_run(
-        assets.config(workdir, ranking={"model_path": str(broken)}, online={"final_eval": False})
-    )
-    assert result.returncode == 1
-    assert "round1/rank failed" in result.stderr
-    assert "loading the PairRM ranker" in result.stderr
-    manifest = json.loads((workdir / "manifest.json").read_text())
-    assert list(manifest["phases"]) == ["round1/portion", "round1/generate"]
-    assert not (workdir / "round_1" / "rank").exists()
-    assert not (workdir / "round_1" / "refpass").exists()

@@ -1,6 +1,6 @@
 """selm_mcore.loop.runner with real processes: the SELM_FAULT hook's SIGKILL and the resume after
 it,
-and ``run_command`` (output tee, failures, signals, timeouts, helpers left holding the pipe).
+and ``run_command`` (output tee, failures, signals, timeouts, helpers a killed child leaves).
 
 The manifest and resume rules themselves are tested in-process in tests/unit/test_runner.py.
 """
@@ -154,12 +154,26 @@ def test_run_command_timeout_kills_a_silent_child_and_its_children(tmp_path):
 
 
 @pytest.mark.timeout(60)  # broken, it waits for the helper's 600 s
-def test_run_command_returns_when_a_killed_child_leaves_a_helper_holding_the_pipe(tmp_path):
-    """A SIGKILLed trainer can leave checkpoint-writer processes with our pipe open."""
+def test_run_command_returns_when_a_killed_child_leaves_a_helper_behind(tmp_path):
+    """A SIGKILLed trainer can leave checkpoint-writer processes that hold its output open: the
+    child's exit ends the phase, and the helper, in the child's process group, is killed."""
     code = (
         "import os, subprocess, sys; "
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-        "print('parent dies now', flush=True); os.kill(os.getpid(), 9)"
+        "h = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        "print('helper', h.pid, flush=True); os.kill(os.getpid(), 9)"
     )
+    log = tmp_path / "lingering.log"
     with pytest.raises(PhaseFailed, match="killed by signal 9"):
-        run_command([sys.executable, "-c", code], tmp_path / "lingering.log")
+        run_command([sys.executable, "-c", code], log)
+    (helper,) = [
+        int(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("helper ")
+    ]
+    for _ in range(50):
+        try:  # a killed process may linger as a zombie until init reaps it
+            if Path(f"/proc/{helper}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"helper {helper} survived its phase")

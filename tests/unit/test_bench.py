@@ -2,9 +2,12 @@
 an online manifest, and the benchmark pairs (what the peer reads is what our pipeline trains on).
 
 The benchmarks themselves run in tests/e2e/test_bench_smoke.py; their FLOP formula is tested in
-test_metrics.py. No timing is asserted anywhere: these check what the numbers mean.
+test_modelspec.py. No timing is asserted anywhere: these check what the numbers mean. The TRL
+peer's runner (run in TRL's own environment) is checked here for what needs no TRL: its step
+arithmetic and that it imports nothing of ours.
 """
 
+import ast
 import json
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from selm_mcore.bench.common import format_table, median_summary
 from selm_mcore.bench.pairs import write_benchmark_pairs
 from selm_mcore.bench.phases import phase_times
+from selm_mcore.bench.trl_runner import step_deltas
 from selm_mcore.data.tokenize import PreferenceDataset
 from selm_mcore.loop.runner import Manifest
 
@@ -103,3 +107,24 @@ def test_realistic_profile_is_long_tailed_within_its_bounds():
     assert all(y == 0 for *_, y in half)
     assert max(p for p, *_ in half) == REALISTIC_PROMPT["high"] // 2
     assert all(p + max(c, r) <= REALISTIC_RESPONSE["total"] // 2 for p, c, r, _ in half)
+
+
+def test_trl_runner_measures_the_steps_after_the_warm_up():
+    # (time, tokens, padded tokens) at the end of 4 optimizer steps
+    ends = [(1.0, 10, 12), (3.0, 25, 30), (6.0, 45, 52), (10.0, 70, 80)]
+    assert step_deltas(ends, 1) == ([2.0, 3.0, 4.0], [15, 20, 25], [18, 22, 28])
+    assert step_deltas(ends, 2) == ([3.0, 4.0], [20, 25], [22, 28])
+
+
+def test_trl_runner_imports_nothing_of_ours():
+    """It runs in TRL's environment, where selm_mcore is not installed."""
+    import selm_mcore.bench.compare as compare
+
+    imported = []
+    for node in ast.walk(ast.parse(compare.TRL_RUNNER.read_text())):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            imported.append(node.module or "")
+    assert "trl" in imported and not [m for m in imported if m.split(".")[0] == "selm_mcore"]
+    assert compare.TRL_SETUP_SCRIPT.is_file()

@@ -8,12 +8,8 @@ import json
 
 import pytest
 
-from selm_mcore.mcore.checkpoint import (
-    TRAIN_STATE_FORMAT,
-    ResumeError,
-    find_latest,
-    read_train_state,
-)
+from selm_mcore.mcore.checkpoint import ResumeError
+from selm_mcore.mcore.step_checkpoints import TRAIN_STATE_FORMAT, find_latest, read_train_state
 
 SCHEDULE = {
     "max_lr": 5e-7,
@@ -107,7 +103,7 @@ def test_latest_may_not_lead_out_through_a_symlink(tmp_path):
 
 
 def test_unreadable_state_and_rng_files_name_the_file(tmp_path):
-    from selm_mcore.mcore.checkpoint import load_rng_file
+    from selm_mcore.mcore.step_checkpoints import load_rng_file
 
     write_state(tmp_path / "step_0000040")
     state = tmp_path / "step_0000040" / "train" / "state.json"

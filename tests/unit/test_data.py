@@ -1,6 +1,6 @@
-"""selm_mcore.data.rows: reading + validation of preference / prompt rows, the round portions, and
-the
-one rule for which conversation a row asks the policy to continue (``prompt_conversation``).
+"""selm_mcore.data.rows: reading + validation of preference / prompt rows, the round portions
+(selm_mcore.data.portions), and the one rule for which conversation a row asks the policy to
+continue (``prompt_conversation``).
 
 Tokenisation is in test_dataset.py, collation and sampling in test_batches.py; ``sample_rows``
 (tests/unit/conftest.py) are two single-turn rows and a multi-turn row with a system turn.
@@ -13,13 +13,12 @@ import logging
 
 import pytest
 
+from selm_mcore.data.portions import file_portion, split_rounds
 from selm_mcore.data.rows import (
     DataError,
-    file_portion,
     prompt_conversation,
     raw_prompt,
     read_rows,
-    split_rounds,
     write_rows,
 )
 

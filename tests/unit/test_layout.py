@@ -1,8 +1,9 @@
-"""The source layout rules (docs: /work/shared/STYLE.md "Layout"), read from the source files:
+"""The project's source layout rules, checked on the source files themselves:
 
 * ``selm_mcore/mcore/`` is the one folder that imports Megatron: no module elsewhere under
   ``selm_mcore/`` or ``kernels/`` imports ``megatron`` (module level or inside a function);
-* short files: no source module over ``MAX_LINES`` lines;
+* short files: no source module over ``MAX_LINES`` lines, no function (``def`` at any depth,
+  methods and nested functions included) over ``MAX_FUNCTION_LINES`` lines;
 * the folder kernels/ is imported only as ``selm_mcore.kernels`` (never as top-level
   ``kernels``; child processes: tests/e2e/test_kernels_import.py).
 """
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = (REPO / "selm_mcore", REPO / "kernels")
 MEGATRON_DIR = REPO / "selm_mcore" / "mcore"
 MAX_LINES = 550
+MAX_FUNCTION_LINES = 80
 
 
 def source_files() -> list[Path]:
@@ -91,6 +93,48 @@ def test_no_source_module_is_longer_than_the_limit():
         for name, n in sorted(offenders.items(), key=lambda item: -item[1]):
             print(f"  {n:5d}  {name}")
     assert not offenders, f"modules over {MAX_LINES} lines (split them): {offenders}"
+
+
+def long_functions(source: str, filename: str = "<source>", limit: int = MAX_FUNCTION_LINES):
+    """{``file:line name``: lines} of every function (any depth) longer than ``limit`` lines,
+    from its ``def`` (or first decorator: not counted) to its last line."""
+    found = {}
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > limit:
+                found[f"{filename}:{node.lineno} {node.name}"] = length
+    return found
+
+
+def test_the_function_scan_measures_nested_functions_and_methods():
+    body = "".join(f"    x{i} = {i}\n" for i in range(4))
+    source = (
+        "def short():\n    return 1\n"
+        "class Holder:\n"
+        "    def method(self):\n"
+        "        def inner():\n" + body.replace("    ", "            ") + "        return inner\n"
+        "async def coroutine():\n" + body
+    )
+    # method: def + inner's 5 lines + return = 7; inner: 5; coroutine: 5; short: 2
+    assert long_functions(source, limit=4) == {
+        "<source>:4 method": 7,
+        "<source>:5 inner": 5,
+        "<source>:11 coroutine": 5,
+    }
+
+
+def test_no_function_is_longer_than_the_limit():
+    offenders = {}
+    for path in source_files():
+        offenders.update(long_functions(path.read_text(), str(path.relative_to(REPO))))
+    if offenders:
+        print(f"functions over {MAX_FUNCTION_LINES} lines:")
+        for name, n in sorted(offenders.items(), key=lambda item: -item[1]):
+            print(f"  {n:5d}  {name}")
+    assert not offenders, (
+        f"functions over {MAX_FUNCTION_LINES} lines (split them into named helpers): {offenders}"
+    )
 
 
 def test_kernels_resolve_to_the_repo_folder_as_selm_mcore_kernels():

@@ -1,7 +1,7 @@
-"""selm_mcore.runtime.procs and selm_mcore.mcore.helper_processes without killing anything: the
-private Megatron names the writer binding replaces exist, the binding is idempotent, and the
-launchers' pre-exec hook exists on Linux. The kills themselves (real SIGKILLs, whole process
-trees) are in tests/e2e/test_process_lifetime.py."""
+"""selm_mcore.runtime.procs and selm_mcore.mcore.parallel's binding of Megatron's helper processes
+without killing anything: the private Megatron names the writer binding replaces exist, the
+binding is idempotent, and the launchers' pre-exec hook exists on Linux. The kills themselves
+(real SIGKILLs, whole process trees) are in tests/e2e/test_process_lifetime.py."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ from selm_mcore.runtime import procs as lifetime
 
 
 def test_megatron_names_the_writer_binding_replaces_exist():
-    from selm_mcore.mcore.helper_processes import check_helper_targets
+    from selm_mcore.mcore.parallel import check_helper_targets
 
     check_helper_targets()
 
 
 def test_binding_replaces_megatrons_results_queue_once():
-    from selm_mcore.mcore import helper_processes
+    from selm_mcore.mcore import parallel
 
-    module = importlib.import_module(helper_processes.FS_ASYNC_MODULE)
-    helper_processes.bind_helper_processes()
-    helper_processes.bind_helper_processes()
-    assert module._get_write_results_queue is helper_processes.results_queue_dying_with_this_process
+    module = importlib.import_module(parallel.FS_ASYNC_MODULE)
+    parallel.bind_helper_processes()
+    parallel.bind_helper_processes()
+    assert module._get_write_results_queue is parallel.results_queue_dying_with_this_process
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")

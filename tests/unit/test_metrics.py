@@ -1,21 +1,11 @@
-"""selm_mcore.train.metrics: per-step records (JSONL, the log line, resume truncation, TensorBoard)
-and
-the FLOP formula behind MFU, against a hand count and torch's FLOP counter on HF Llama."""
+"""selm_mcore.train.metrics: per-step records (JSONL, the log line, resume truncation,
+TensorBoard). The FLOP formula behind MFU: tests/unit/test_modelspec.py."""
 
 import logging
 import math
 
-import pytest
-import torch
-
 from selm_mcore.runtime.files import read_records
-from selm_mcore.train.metrics import (
-    ModelShape,
-    StepMetricsWriter,
-    format_step_line,
-    forward_flops,
-    training_flops,
-)
+from selm_mcore.train.metrics import StepMetricsWriter, format_step_line
 
 # --- step records -----------------------------------------------------------------------------
 
@@ -84,101 +74,3 @@ def test_format_step_line_skips_missing_fields():
         format_step_line(2, 10, {"loss": 0.5, "mfu": None, "tokens_per_s": 1234.4})
         == "step 2/10 | loss 0.500000 | 1234 tok/s"
     )
-
-
-# --- FLOPs ------------------------------------------------------------------------------------
-
-# L=2, h=8, ffn=16, 2 heads of 4 (d_q = 8), 1 kv head (d_kv = 4), V=10.
-HAND_SHAPE = ModelShape(
-    num_layers=2,
-    hidden_size=8,
-    ffn_hidden_size=16,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=4,
-    vocab_size=10,
-)
-
-
-def test_matmul_params_hand_count():
-    # per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 = 192; mlp 3*8*16 = 384 -> 576; x2 layers = 1152
-    # LM head 8*10 = 80
-    assert HAND_SHAPE.matmul_params() == 1232
-
-
-def test_forward_and_training_flops_hand_count():
-    # two sequences of 3 and 5 tokens
-    # dense: 2 * 1232 * (3 + 5) = 19712
-    # causal attention: 2 * L * d_q * s * (s + 1) = 2*2*8*(3*4 + 5*6) = 32 * 42 = 1344
-    assert forward_flops(HAND_SHAPE, [3, 5]) == 19712 + 1344
-    # full (unmasked) attention: 4 * L * d_q * s^2 = 4*2*8*(9 + 25) = 2176
-    assert forward_flops(HAND_SHAPE, [3, 5], causal=False) == 19712 + 2176
-    on_the_fly = training_flops(HAND_SHAPE, [3, 5], reference_forward=True)
-    assert on_the_fly == {"policy": 3 * 21056, "reference": 21056, "total": 4 * 21056}
-    precomputed = training_flops(HAND_SHAPE, [3, 5], reference_forward=False)
-    assert precomputed == {"policy": 3 * 21056, "reference": 0.0, "total": 3 * 21056}
-
-
-def test_shape_from_hf_config_dict_object_and_folder(tiny_llama_dir):
-    import json
-
-    from transformers import LlamaConfig
-
-    raw = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    expected = ModelShape(
-        num_layers=2,
-        hidden_size=32,
-        ffn_hidden_size=48,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        vocab_size=96,
-    )
-    assert ModelShape.from_hf_config(raw) == expected
-    assert ModelShape.from_hf_config(LlamaConfig(**raw)) == expected
-    config = json.loads((tiny_llama_dir / "config.json").read_text())
-    assert ModelShape.from_dir(tiny_llama_dir) == ModelShape.from_hf_config(config)
-    with pytest.raises(FileNotFoundError, match="model.hf_dir must be an HF model folder"):
-        ModelShape.from_dir(tiny_llama_dir / "missing")
-
-
-@pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_training_flops_equal_torch_flop_counter_on_hf_llama(num_kv_heads):
-    """torch's FlopCounterMode counts every matmul of HF's eager Llama, forward + backward.
-
-    Eager attention multiplies the full s x s score matrix (the mask is added afterwards), so
-    it matches the formula's ``causal=False`` count exactly; backward costs 2x forward.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    batch, seq = 3, 11
-    input_ids = torch.randint(0, config.vocab_size, (batch, seq))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        logits = model(input_ids=input_ids).logits
-        forward_only = counter.get_total_flops()
-        logits.float().sum().backward()
-    shape = ModelShape.from_hf_config(config)
-    assert forward_only == forward_flops(shape, [seq] * batch, causal=False)
-    counted = training_flops(shape, [seq] * batch, reference_forward=False, causal=False)
-    assert counter.get_total_flops() == counted["policy"]

@@ -1,6 +1,6 @@
-"""selm_mcore.loop.online without running phases: example configs load and validate, run-level
-checks
-refuse bad layouts before any phase, round portions, the phase plan and the phase commands."""
+"""selm_mcore.loop.online and selm_mcore.loop.rounds without running phases: example configs
+load and validate, run-level checks refuse bad layouts before any phase, round portions, the
+phase plan and the phase commands."""
 
 from __future__ import annotations
 
@@ -14,15 +14,9 @@ import pytest
 
 from selm_mcore.config.io import load_config
 from selm_mcore.config.schema import ConfigError, SelmConfig
-from selm_mcore.loop.online import (
-    RoundPhases,
-    RunPaths,
-    check_run_inputs,
-    first_readers,
-    generation_input,
-    megatron_command,
-    write_portion,
-)
+from selm_mcore.data.portions import write_portion
+from selm_mcore.loop.online import check_run_inputs, first_readers
+from selm_mcore.loop.rounds import RoundPhases, RunPaths, generation_input, megatron_command
 from selm_mcore.loop.runner import Manifest, OnlineError, selm_command
 from selm_mcore.runtime.files import DataError
 

@@ -1,35 +1,44 @@
 """The layout planner (selm_mcore.plan): layout enumeration, Megatron's buffer arithmetic, the
 activation inventory and the step-time terms against numbers worked out by hand for a small
-model, and the CLI (the table, --check's error). The comparison with real tensors of a
-training run is tests/dist/test_plan_memory.py."""
+model, the CLI (the table, --check's error), the example settings the package ships against
+examples/configs/, and the planner of a package installed without the repository. The
+comparison with real tensors of a training run is tests/dist/test_plan_memory.py."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import selm_mcore
 from selm_mcore.cli import main as cli_main
-from selm_mcore.config.io import load_config
+from selm_mcore.config.io import from_dict, load_config
+from selm_mcore.modelspec import ModelShape, packed_forward_flops
 from selm_mcore.plan import KNOWN_MODELS, PlanError, resolve_model
 from selm_mcore.plan import layouts as L
 from selm_mcore.plan import memory as M
-from selm_mcore.train.metrics import packed_forward_flops
+from selm_mcore.plan.known import EXAMPLE_SETTINGS
 
 REPO = Path(__file__).resolve().parents[2]
 # hidden 128, FFN 256, 4 heads / 2 groups of 32, 4 layers, vocabulary 500 (padded to 512 at tp1,
 # to 512 at tp2: a multiple of 256), untied: the tiny Llama's numbers.
-SMALL = M.PlanModel(
+SMALL = ModelShape(
     name="small",
     num_layers=4,
-    hidden=128,
-    ffn=256,
-    heads=4,
-    kv_heads=2,
+    hidden_size=128,
+    ffn_hidden_size=256,
+    num_heads=4,
+    num_kv_heads=2,
     head_dim=32,
-    vocab=500,
-    tied=False,
+    vocab_size=500,
+    tied_embeddings=False,
 )
 
 
@@ -122,7 +131,7 @@ def test_static_bytes_by_hand():
 
 
 def test_tied_embedding_copy_on_the_last_stage():
-    tied = M.PlanModel(**{**SMALL.__dict__, "tied": True})
+    tied = dataclasses.replace(SMALL, tied_embeddings=True)
     pp1 = M.chunk_parameters(tied, M.Layout(1, 1, None, 1), 0, 0)
     # one embedding (its own bucket), the layers, the final norm, and no separate head
     assert pp1[0] == (512 * 128, True, False) and pp1[-1] == (128, False, True)
@@ -135,16 +144,15 @@ def test_tied_embedding_copy_on_the_last_stage():
 def test_activation_inventory_by_hand():
     """Packed shared-prompt row of 4 pairs (prompt 40, two responses of 30) through a layer on
     CPU in fp32: the tensors torch and Megatron save, counted one by one."""
-    model = M.PlanModel(
+    model = ModelShape(
         name="m",
         num_layers=2,
-        hidden=256,
-        ffn=768,
-        heads=8,
-        kv_heads=2,
+        hidden_size=256,
+        ffn_hidden_size=768,
+        num_heads=8,
+        num_kv_heads=2,
         head_dim=32,
-        vocab=1000,
-        tied=False,
+        vocab_size=1000,
     )
     mb = M.MicroBatch(
         rows=1,
@@ -212,8 +220,8 @@ def test_flops_agree_with_the_metrics_formula():
     mb = small_workload().micro_batch()
     dense, attention = L.layer_forward_flops(SMALL, mb)
     segments = [[0, 0, g.prompt, *g.responses, 0] for g in mb.groups]
-    expected = packed_forward_flops(SMALL.shape, segments, mb.head_positions)
-    head = 2 * SMALL.hidden * SMALL.vocab * mb.head_positions
+    expected = packed_forward_flops(SMALL, segments, mb.head_positions)
+    head = 2 * SMALL.hidden_size * SMALL.vocab_size * mb.head_positions
     # packed_forward_flops counts every row token; the row here is full of pairs (4 x 128)
     assert SMALL.num_layers * (dense + attention) + head == pytest.approx(expected)
 
@@ -245,7 +253,7 @@ def test_known_models_and_hf_folders(tiny_llama_dir):
     model, _ = resolve_model("META-LLAMA/Meta-Llama-3-8B")
     assert 8.0e9 < model.num_params() < 8.1e9 and len(KNOWN_MODELS) == 4
     model, example = resolve_model(str(tiny_llama_dir))
-    assert (model.hidden, model.num_layers, example) == (128, 4, "")
+    assert (model.hidden_size, model.num_layers, example) == (128, 4, "")
     with pytest.raises(PlanError, match="neither an HF folder"):
         resolve_model("no/such-model")
 
@@ -280,8 +288,58 @@ def test_check_refuses_a_layout_that_does_not_fit(capsys):
             "40",
         ]
     )
-    out = capsys.readouterr().out
-    assert code == 1
-    assert "parallel.tp=1 pp=1" in out and "is predicted to need" in out and "Fix:" in out
+    err = capsys.readouterr().err  # through the one handler of every command (selm_mcore.cli)
+    assert code == 1 and err.startswith("selm plan: error: ")
+    assert "parallel.tp=1 pp=1" in err and "is predicted to need" in err and "Fix:" in err
     assert cli_main(["plan", "--check", config, "--model", "meta-llama/Meta-Llama-3-8B"]) == 0
     assert "is predicted to fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_SETTINGS))
+def test_packaged_example_settings_equal_the_example_configs(example):
+    """What the planner reads from an example config, as the package ships it, equals the file
+    in examples/configs/ (every key the workload, the layout and the vocabulary padding use)."""
+    from_file = load_config(REPO / "examples" / "configs" / example)
+    packaged = from_dict(copy.deepcopy(EXAMPLE_SETTINGS[example]))
+    keys = {
+        "model": ("dtype", "recompute", "make_vocab_size_divisible_by"),
+        "parallel": ("tp", "pp", "vpp"),
+        "data": ("packing", "pack_tokens", "max_length", "max_prompt_length", "pad_to_multiple_of"),
+        "loss": ("alpha",),
+        "train": ("global_batch_size", "micro_batch_size", "save_interval"),
+    }
+    for section, names in keys.items():
+        for name in names:
+            expected = getattr(getattr(from_file, section), name)
+            assert getattr(getattr(packaged, section), name) == expected, f"{section}.{name}"
+    assert L.Workload.from_config(packaged) == L.Workload.from_config(from_file)
+
+
+def test_an_installed_package_plans_without_the_repository(tmp_path, capsys):
+    """The package alone (no examples/ or tools/ beside it), run from another folder, prices a
+    known model with its example's settings: the same table as in the repository."""
+    site = tmp_path / "site"
+    shutil.copytree(
+        Path(selm_mcore.__file__).parent,
+        site / "selm_mcore",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    argv = ["plan", "--model", "meta-llama/Meta-Llama-3-8B-Instruct", "--gpus", "8", "--top", "3"]
+    script = (
+        "import sys, selm_mcore; from pathlib import Path; "
+        f"assert Path(selm_mcore.__file__).is_relative_to({str(site)!r}), selm_mcore.__file__; "
+        f"from selm_mcore.cli import main; sys.exit(main({argv!r}))"
+    )
+    installed = subprocess.run(
+        [sys.executable, "-P", "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    assert cli_main(argv) == 0
+    in_repo = capsys.readouterr().out
+    assert "config examples/configs/selm_llama3_8b.yaml" in in_repo
+    assert installed.stdout == in_repo

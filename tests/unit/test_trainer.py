@@ -1,7 +1,7 @@
-"""selm_mcore.train.trainer without processes: the round's data (loaded and checked before any
-process
-group exists), the step count, and the loss of one micro-batch with its reduced metrics, against
-log-probs and the SELM loss computed here from the same logits.
+"""selm_mcore.train.build and selm_mcore.train.step without processes: the round's data (loaded
+and checked before any process group exists), the step count, and the loss of one micro-batch
+with its reduced metrics, against log-probs and the SELM loss computed here from the same
+logits.
 
 Training itself (Megatron, TP/PP/DP, resume) is tested in tests/dist/test_train_parallel.py.
 """
@@ -18,14 +18,10 @@ from selm_mcore.config.io import load_config
 from selm_mcore.config.schema import ConfigError
 from selm_mcore.data.tokenize import pad_token_id
 from selm_mcore.mcore.forward import collate_micro_batches
+from selm_mcore.modelspec import ModelShape, forward_flops
+from selm_mcore.train.build import load_round_data, total_train_steps
 from selm_mcore.train.loss import selm_loss
-from selm_mcore.train.metrics import ModelShape, forward_flops
-from selm_mcore.train.trainer import (
-    load_round_data,
-    reduce_step_metrics,
-    selm_step_loss,
-    total_train_steps,
-)
+from selm_mcore.train.step import reduce_step_metrics, selm_step_loss
 
 
 def round_config(model_dir, train_path, *overrides):
@@ -162,7 +158,7 @@ def test_step_loss_and_reduced_metrics_match_an_independent_computation(tiny_lla
 
 def test_reduced_metrics_keep_a_non_finite_loss():
     """A NaN or infinite loss is reported as such (a metric no micro-batch produces is not)."""
-    from selm_mcore.train.trainer import COUNTS
+    from selm_mcore.train.step import COUNTS
 
     def micro(loss):
         sums = {name: torch.tensor(1.0, dtype=torch.float64) for name in COUNTS}

@@ -14,7 +14,8 @@ from selm_mcore.mcore.checkpoint import CheckpointError
 from selm_mcore.mcore.convert import hf_to_mcore, mcore_to_hf
 from selm_mcore.mcore.model import UnsupportedModelError, load_hf_config
 from selm_mcore.mcore.parallel import ParallelLayoutError
-from selm_mcore.mcore.weights import SafetensorsReader, WeightsError, check_same_architecture
+from selm_mcore.mcore.weights import check_same_architecture
+from selm_mcore.runtime.weight_files import SafetensorsReader, WeightsError
 from selm_mcore.testing.assets import build_tiny_llama
 
 
@@ -121,3 +122,23 @@ def test_export_target_must_be_empty_unless_overwrite(tmp_path):
     with pytest.raises(ExportTargetError, match="is a file"):
         check_export_target(tmp_path / "file", overwrite=True)
     assert export_tmp_dir(tmp_path / "out") == tmp_path / ".out.export-tmp"
+
+
+def test_convert_child_spec_round_trips_through_its_json_file():
+    """What ``selm _worker convert SPEC`` reads is what the launching process wrote (the ranks
+    themselves run in tests/dist/test_convert_roundtrip.py)."""
+    from selm_mcore.mcore.convert import ConvertJob
+
+    jobs = [
+        ConvertJob("hf-to-mcore", "/m/hf", "/m/mcore", tp=2, pp=2, dtype="bf16"),
+        ConvertJob("mcore-to-hf", "/m/mcore", "/m/.hf.export-tmp", 1, 4, max_shard_bytes=1 << 20),
+    ]
+    for job in jobs:
+        text = job.to_json()
+        assert ConvertJob.from_json(text) == job
+        assert ConvertJob.from_dict(json.loads(text)) == job  # the worker's path (cli reads JSON)
+    assert json.loads(jobs[1].to_json())["max_shard_bytes"] == 1 << 20
+    with pytest.raises(ValueError, match="unknown conversion job 'defragment'"):
+        ConvertJob.from_dict({"job": "defragment"})
+    with pytest.raises(TypeError, match="hf_dir"):  # the old dict spec's keys are refused
+        ConvertJob.from_dict({"job": "hf-to-mcore", "hf_dir": "/m/hf", "out_dir": "/o"})

@@ -1,7 +1,8 @@
 """HF <-> Megatron tensor layouts of selm_mcore.mcore.weights, single process, against references
 written out here with explicit per-head loops: QKV interleaved per query group, fc1 = [gate;
 up] per TP shard, row-parallel columns, padded vocabulary rows; export re-joins them exactly;
-the streaming safetensors writer produces files safetensors and the reader read back."""
+the streaming safetensors writer (selm_mcore.runtime.weight_files) produces files safetensors and
+the reader read back, also from (name, tensor) pairs of mixed dtypes (the vLLM weight reload)."""
 
 import json
 
@@ -11,14 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from selm_mcore.mcore.model import padded_vocab_size
-from selm_mcore.mcore.weights import (
+from selm_mcore.mcore.weights import export_plan, param_table, read_local_shard, split_full
+from selm_mcore.runtime.weight_files import (
     HF_INDEX_FILE,
     SafetensorsReader,
     StreamingSafetensorsWriter,
-    export_plan,
-    param_table,
-    read_local_shard,
-    split_full,
+    write_safetensors,
 )
 
 CONFIG = LlamaConfig(
@@ -118,7 +117,9 @@ def test_param_table_owners_follow_megatron_interleaved_split():
 def test_streaming_writer_shards_and_reads_back(tmp_path, hf_tensors, dtype):
     _, tensors = hf_tensors
     plan = export_plan(CONFIG)
-    writer = StreamingSafetensorsWriter(tmp_path, plan, dtype, max_shard_bytes=40_000)
+    writer = StreamingSafetensorsWriter(
+        tmp_path, [(name, shape, dtype) for name, shape in plan], max_shard_bytes=40_000
+    )
     for name, _ in plan:
         writer.write(name, tensors[name])
     writer.close()
@@ -143,10 +144,37 @@ def test_streaming_writer_shards_and_reads_back(tmp_path, hf_tensors, dtype):
 def test_streaming_writer_single_file_and_order_check(tmp_path, hf_tensors):
     _, tensors = hf_tensors
     plan = export_plan(CONFIG)
-    writer = StreamingSafetensorsWriter(tmp_path, plan, torch.float32)
+    writer = StreamingSafetensorsWriter(
+        tmp_path, [(name, shape, torch.float32) for name, shape in plan]
+    )
     assert writer.files == ["model.safetensors"]
     with pytest.raises(RuntimeError, match="export order"):
         writer.write(plan[1][0], tensors[plan[1][0]])
     writer.write(plan[0][0], tensors[plan[0][0]])
     with pytest.raises(RuntimeError, match="export incomplete"):
         writer.close()
+
+
+def test_named_tensors_keep_their_dtypes_in_shards_and_one_file(tmp_path):
+    """``write_safetensors``: what the vLLM reload writes for a multi-process engine."""
+    torch.manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(64, 32) for i in range(5)}  # 8 KiB each
+    tensors["view.weight"] = torch.randn(32, 64).t()  # non-contiguous
+    tensors["half.weight"] = torch.randn(16, 8).to(torch.bfloat16)
+    tensors["steps"] = torch.arange(7)
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    sharded.mkdir()
+    single.mkdir()
+    files = write_safetensors(tensors.items(), sharded, max_shard_bytes=20_000)
+    assert [p.name for p in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((sharded / HF_INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert write_safetensors(tensors.items(), single) == [single / "model.safetensors"]
+    assert not (single / HF_INDEX_FILE).exists()
+    for paths in (files, [single / "model.safetensors"]):
+        loaded = {}
+        for path in paths:
+            loaded.update(load_file(str(path)))  # the real safetensors parser
+        assert loaded.keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name

@@ -1,9 +1,10 @@
 """The TRL peer of ``selm bench compare-trl``: trains TRL's DPOTrainer and prints step-time JSON.
 
-Runs inside TRL's own environment (built by tools/setup_trl_env.sh), never inside ours, so it
-imports nothing from selm_mcore; ``selm bench compare-trl`` starts it as
+Runs inside TRL's own environment (built by setup_trl_env.sh beside this file), never inside
+ours, so it imports nothing from selm_mcore; ``selm bench compare-trl`` starts it by its path,
+with -P so that the modules beside it do not shadow top-level names:
 
-    <trl-venv>/bin/python tools/bench_trl_runner.py --model-dir M --pairs pairs.jsonl \
+    <trl-venv>/bin/python -P selm_mcore/bench/trl_runner.py --model-dir M --pairs pairs.jsonl \
         --micro-batch-size 2 --global-batch-size 4 --max-length 512 --steps 4 --warmup-steps 1 \
         --threads 2 --ref-mode onthefly --out result.json
 
@@ -53,8 +54,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def check_args(args) -> None:
     if args.warmup_steps < 1:
         raise SystemExit("--warmup-steps must be >= 1: the first step's start is the warm-up's end")
     if args.global_batch_size % args.micro_batch_size:
@@ -62,20 +62,11 @@ def main(argv=None) -> int:
             f"--global-batch-size={args.global_batch_size} must be a multiple of "
             f"--micro-batch-size={args.micro_batch_size}"
         )
-    # Thread count before torch starts its pools (same rule as our side).
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
-    import torch
-    import transformers
-    import trl
+
+def load_pairs(args, total_steps: int):
+    """(the pairs as a datasets.Dataset, whether they carry our token ids)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    torch.set_num_threads(args.threads)
-    rss_after_imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -86,45 +77,24 @@ def main(argv=None) -> int:
         else ("prompt", "chosen", "rejected")
     )
     dataset = Dataset.from_list([{k: r[k] for k in keys} for r in rows])
-    accum = args.global_batch_size // args.micro_batch_size
-    total_steps = args.warmup_steps + args.steps
     if len(rows) < total_steps * args.global_batch_size:
         raise SystemExit(
             f"{args.pairs}: {len(rows)} pairs < (warmup {args.warmup_steps} + steps "
             f"{args.steps}) x global batch {args.global_batch_size}; write more pairs"
         )
+    return dataset, pretokenized
 
-    class PretokenizedDPOTrainer(DPOTrainer):
-        """DPOTrainer on our token ids as they are (TRL's collator, loss and step unchanged)."""
 
-        tokens_seen = 0
-        padded_tokens_seen = 0
+def dpo_config(args, total_steps: int):
+    """TRL's settings matched to our trainer's benchmark (module docstring)."""
+    from trl import DPOConfig
 
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if pretokenized:
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        def training_step(self, *a, **kw):
-            inputs = a[1] if len(a) > 1 else kw["inputs"]
-            self.tokens_seen += int(inputs["attention_mask"].sum())
-            self.padded_tokens_seen += int(inputs["input_ids"].numel())
-            return super().training_step(*a, **kw)
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            # (time, tokens, padded tokens) at each optimizer step's end
-            self.ends: list[tuple[float, int, int]] = []
-
-        def on_step_end(self, _args, state, control, **kw):
-            self.ends.append((time.perf_counter(), trainer.tokens_seen, trainer.padded_tokens_seen))
-
-    config = DPOConfig(
+    return DPOConfig(
         output_dir=os.path.join(
             os.path.dirname(os.path.abspath(args.out or args.pairs)), "trl_out"
         ),
         per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=accum,
+        gradient_accumulation_steps=args.global_batch_size // args.micro_batch_size,
         max_steps=total_steps,
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
@@ -149,14 +119,83 @@ def main(argv=None) -> int:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def counting_trainer(pretokenized: bool):
+    """(a DPOTrainer class that counts the tokens it trains on, a callback that records the
+    time and those counts at each optimizer step's end in its ``ends``)."""
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer on our token ids as they are (TRL's collator, loss and step unchanged)."""
+
+        tokens_seen = 0
+        padded_tokens_seen = 0
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if pretokenized:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def training_step(self, *a, **kw):
+            inputs = a[1] if len(a) > 1 else kw["inputs"]
+            self.tokens_seen += int(inputs["attention_mask"].sum())
+            self.padded_tokens_seen += int(inputs["input_ids"].numel())
+            return super().training_step(*a, **kw)
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            # (time, tokens, padded tokens) at each optimizer step's end
+            self.ends: list[tuple[float, int, int]] = []
+            self.trainer: PretokenizedDPOTrainer | None = None
+
+        def on_step_end(self, _args, state, control, **kw):
+            trainer = self.trainer
+            assert trainer is not None
+            self.ends.append((time.perf_counter(), trainer.tokens_seen, trainer.padded_tokens_seen))
+
+    return PretokenizedDPOTrainer, StepClock()
+
+
+def step_deltas(ends, warmup_steps: int) -> tuple[list[float], list[int], list[int]]:
+    """(seconds, tokens, padded tokens) of each optimizer step after the warm-up."""
+    step_times, tokens, padded = [], [], []
+    for (t_prev, n_prev, p_prev), (t, n, p) in zip(
+        ends[warmup_steps - 1 : -1], ends[warmup_steps:]
+    ):
+        step_times.append(t - t_prev)
+        tokens.append(n - n_prev)
+        padded.append(p - p_prev)
+    return step_times, tokens, padded
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    # Thread count before torch starts its pools (same rule as our side).
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    import torch
+    import transformers
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    rss_after_imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    total_steps = args.warmup_steps + args.steps
+    dataset, pretokenized = load_pairs(args, total_steps)
+    config = dpo_config(args, total_steps)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     ref_model = None
     if args.ref_mode == "onthefly":
         ref_model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    clock = StepClock()
+    trainer_class, clock = counting_trainer(pretokenized)
     t0 = time.perf_counter()
-    trainer = PretokenizedDPOTrainer(
+    trainer = clock.trainer = trainer_class(
         model=model,
         ref_model=ref_model,
         args=config,
@@ -167,17 +206,11 @@ def main(argv=None) -> int:
     init_s = time.perf_counter() - t0
     trainer.train()
 
-    ends = clock.ends
-    if len(ends) != total_steps:
-        raise SystemExit(f"expected {total_steps} optimizer steps, the trainer made {len(ends)}")
-    step_times, tokens, padded = [], [], []
-    for (t_prev, n_prev, p_prev), (t, n, p) in zip(
-        ends[args.warmup_steps - 1 : -1], ends[args.warmup_steps :]
-    ):
-        step_times.append(t - t_prev)
-        tokens.append(n - n_prev)
-        padded.append(p - p_prev)
-    measured_s = sum(step_times)
+    if len(clock.ends) != total_steps:
+        raise SystemExit(
+            f"expected {total_steps} optimizer steps, the trainer made {len(clock.ends)}"
+        )
+    step_times, tokens, padded = step_deltas(clock.ends, args.warmup_steps)
     result = {
         "impl": f"trl-{args.ref_mode}",
         "versions": {
@@ -194,7 +227,7 @@ def main(argv=None) -> int:
         "step_times_s": step_times,
         "tokens_per_step": statistics.mean(tokens),
         "padded_tokens_per_step": statistics.mean(padded),
-        "tokens_per_s": sum(tokens) / measured_s,
+        "tokens_per_s": sum(tokens) / sum(step_times),
         "ref_precompute_s": init_s if args.ref_mode == "precompute" else None,
         "init_s": init_s,
         "rss_after_imports_mb": rss_after_imports_mb,
