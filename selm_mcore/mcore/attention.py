@@ -5,8 +5,7 @@
 ``shared_prompt``. Megatron hands it query [T, B, np, hn] and key/value [T, B, ng, hn] (this
 rank's heads) and, in the ``attention_mask`` slot, the packed layout: the int64 CPU tensor
 ``segments`` [G, 6] of ``selm_mcore.data.packing`` (one row per group: row, start, prompt_len, r1,
-r2,
-r3). It returns the context [T, B, np * hn]; padding positions get zeros.
+r2, r3). It returns the context [T, B, np * hn]; padding positions get zeros.
 
 The shared-prompt mask (response k sees the prompt and itself causally) is computed as two
 kinds of causal attention, never as a dense [T, T] mask:

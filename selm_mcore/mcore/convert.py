@@ -9,8 +9,8 @@
 Inputs are validated in the calling process first (config, layout, shard files); then, unless
 this process is already one of tp*pp launched ranks, tp*pp local processes
 (``selm _worker convert SPEC``, started by ``selm_mcore.runtime.launch.run_local_ranks``) do the
-work,
-each reading only its slices. The streaming and memory rules are in ``selm_mcore.mcore.weights``.
+work, each reading only its slices. The streaming and memory rules are in
+``selm_mcore.mcore.weights``.
 
 An export writes into ``.<name>.export-tmp`` next to the target (with ``checksums.json``) and
 renames it into place when complete, so a reader never sees a partial or mixed folder. A

@@ -5,12 +5,11 @@
     reduced = run_micro_batches(models, micro_batches, loss_fn, forward_only=False)   # train
     logps = forward_only_logps(models, ctx, micro_batches, vocab_size)               # reference
 
-``run_micro_batches`` drives Megatron's ``get_forward_backward_func`` (1F1B; interleaved with
-VPP); ``sequence_logps`` turns the last stage's vocab-parallel logits into summed response
-log-probs (``selm_mcore.train.logprobs``, the fused kernel on GPU). Megatron's pipeline schedule
-sends
-[T, N, hidden] activations between stages with one shape per call, so with pipeline parallelism
-the micro-batches of one call share one padded length T (packed rows: the budget).
+``run_micro_batches`` drives Megatron's ``get_forward_backward_func`` (1F1B; interleaved with VPP);
+``sequence_logps`` turns the last stage's vocab-parallel logits into summed response log-probs
+(``selm_mcore.train.logprobs``, the fused kernel on GPU). Megatron's pipeline schedule sends [T, N,
+hidden] activations between stages with one shape per call, so with pipeline parallelism the
+micro-batches of one call share one padded length T (packed rows: the budget).
 
 Packed micro-batches (``selm_mcore.data.packing``) hold a varying number of pairs; each carries a
 ``loss_scale`` so that, after Megatron divides every micro-batch's loss by their count, the

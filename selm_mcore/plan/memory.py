@@ -27,11 +27,10 @@ head_dim, kv = groups * head_dim, f = FFN width, a = heads / t; ``layer_bytes``)
 With ``model.recompute`` = full a layer keeps only its input (n h e / sp) and one layer is
 recomputed at a time (its norm keeps that same input); selective keeps everything but the core
 attention, which keeps its q, k (after RoPE) and the fused qkv output instead. Megatron's pipeline
-schedule holds several
-micro-batches (and model chunks) in flight on the first stages (``in_flight_chunks``). The last
-stage adds the LM head (``head_bytes``): the final norm, the head's input, the logits of the head
-positions (packed: response positions only) kept by the log-prob kernel, and 8 bytes of kernel
-statistics per position.
+schedule holds several micro-batches (and model chunks) in flight on the first stages
+(``in_flight_chunks``). The last stage adds the LM head (``head_bytes``): the final norm, the head's
+input, the logits of the head positions (packed: response positions only) kept by the log-prob
+kernel, and 8 bytes of kernel statistics per position.
 
 ``working_bytes`` estimates the transient peak on top (the gradients of one layer in backward,
 the output layer's weight-gradient temporary, a non-in-place logits gradient); it is not checked
