@@ -131,6 +131,7 @@ class Training:
     resumed_from: Path | None
     checkpoint_kwargs: dict[str, Any]
     device_peak_flops: float
+    model_shape: ModelShape  # the policy's shape (model FLOPs of each micro-batch)
 
     @property
     def num_microbatches(self) -> int:
@@ -233,7 +234,6 @@ def build_training(
         cfg=cfg,
         tp_group=ctx.tp_group if ctx.tp > 1 else None,
         vocab_size=models[0].true_vocab_size,
-        shape=ModelShape.from_hf_config(hf_config),
     )
     checkpoint_kwargs = dict(
         models=models,
@@ -262,4 +262,5 @@ def build_training(
         resumed_from=resume_from,
         checkpoint_kwargs=checkpoint_kwargs,
         device_peak_flops=peak["flops"],
+        model_shape=ModelShape.from_hf_config(hf_config),
     )

@@ -249,7 +249,7 @@ def recompute_mode() -> dict:
                 logits = model(
                     batch.tokens,
                     batch.position_ids,
-                    packed_layout=batch.segments,
+                    attention_plan=batch.attention_plan,
                     head_index=batch.head_index,
                 )
             else:
