@@ -189,13 +189,19 @@ COLUMNS = (
 )
 
 
-def _backends(on_gpu: bool) -> tuple[list[str], dict[str, str]]:
+def _backends(on_gpu: bool, dtype) -> tuple[list[str], dict[str, str]]:
     """(the backends to run here, the others with the reason they do not)."""
-    from selm_mcore.mcore.attention import flash_attn_installed, torch_varlen_function
+    from selm_mcore.mcore.attention import (
+        FLASH_DTYPES,
+        flash_attn_installed,
+        torch_varlen_function,
+    )
 
     skipped = {}
     if not on_gpu:
         skipped = {"varlen": "needs CUDA", "flash": "needs CUDA"}
+    elif dtype not in FLASH_DTYPES:
+        skipped = {"varlen": "needs bf16 or fp16", "flash": "needs bf16 or fp16"}
     else:
         if torch_varlen_function() is None:
             skipped["varlen"] = "this torch has no torch.nn.attention.varlen"
@@ -241,7 +247,7 @@ def run_attention(args) -> dict[str, Any]:
     padding = (torch.arange(row_length) >= batch.num_tokens).to(device)
     q, k, v = inputs
     reference = _reference(q, k, v, mask, scale, padding, upstream)
-    names, skipped = _backends(on_gpu)
+    names, skipped = _backends(on_gpu, dtype)
     rows = []
     for name in names:
         run = _runner(name, plan, mask, padding, scale)

@@ -21,8 +21,9 @@ causal diagonal at the bottom right). Backends, chosen at the first call from th
   the way; torch 2.13 has all but ``is_causal``): ``varlen_adapter`` reads the installed one.
 * ``flash`` (CUDA without torch's varlen, with the flash-attn package): ``flash_attn_varlen_func``,
   the same kernels and the same bottom-right alignment (flash-attn >= 2.1).
-* ``sdpa`` (CPU, or CUDA with neither): ``scaled_dot_product_attention`` per sequence with a
-  small [L, P + L] boolean mask for each response; the lengths come from the plan's Python tuples.
+* ``sdpa`` (CPU, or CUDA with neither, or fp32 activations / head sizes the FlashAttention-2
+  kernels do not take): ``scaled_dot_product_attention`` per sequence with a small [L, P + L]
+  boolean mask for each response; the lengths come from the plan's Python tuples.
 
 Why not the others: Transformer Engine's "arbitrary" mask type runs only in its unfused backend
 (a dense [b, np, T, T] score tensor); FlexAttention needs torch.compile for speed and memory (its
@@ -43,6 +44,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from selm_mcore.data.attention_plan import AttentionPlan, VarlenCall
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 # attend(q, k, v, call, scale) -> context of the call's queries [Tq, np, hn]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, VarlenCall, float], torch.Tensor]
@@ -175,9 +178,11 @@ def flash_attn_installed() -> bool:
     return True
 
 
-def attention_backend(device: torch.device) -> str:
-    """``varlen``, ``flash`` or ``sdpa`` for activations on ``device`` (module docstring)."""
-    if device.type != "cuda":
+def attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """``varlen``, ``flash`` or ``sdpa`` for activations of ``dtype`` on ``device`` (module
+    docstring); the FlashAttention-2 kernels take fp16 / bf16 and head sizes up to 256 in
+    multiples of 8, anything else runs the SDPA path."""
+    if device.type != "cuda" or dtype not in FLASH_DTYPES or head_dim % 8 or head_dim > 256:
         return "sdpa"
     if torch_varlen_function() is not None:
         return "varlen"
@@ -248,7 +253,7 @@ class PackedAttention(MegatronModule):
                 f"the activations have {batch} of {seq_len}"
             )
         if self._attend is None:
-            self.backend = attention_backend(query.device)
+            self.backend = attention_backend(query.device, query.dtype, head_dim)
             self._attend = backend_attend(self.backend)
         # [T, B, h, d] -> [B * T, h, d], the token order of the plan's indices
         q, k, v = (

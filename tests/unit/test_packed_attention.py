@@ -222,3 +222,16 @@ def test_plan_holds_each_groups_positions_and_lengths():
     assert (
         collate_packed([], pad_id=0, shared_prompt=True, has_yref=True).attention_plan.calls == ()
     )
+
+
+def test_backend_follows_device_dtype_and_head_size():
+    from selm_mcore.mcore.attention import attention_backend, torch_varlen_function
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert torch_varlen_function() is not None  # torch 2.13 has torch.nn.attention.varlen
+    assert attention_backend(cuda, torch.bfloat16, 128) == "varlen"
+    assert attention_backend(cuda, torch.float16, 64) == "varlen"
+    assert attention_backend(cpu, torch.bfloat16, 128) == "sdpa"
+    assert attention_backend(cuda, torch.float32, 128) == "sdpa"  # FA2 takes fp16 / bf16 only
+    assert attention_backend(cuda, torch.bfloat16, 12) == "sdpa"  # not a multiple of 8
+    assert attention_backend(cuda, torch.bfloat16, 512) == "sdpa"  # over 256
