@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selm_mcore.data.batches import to_device
+from selm_mcore.data.batches import is_on, to_device
 
 
 @dataclass(frozen=True)
@@ -77,24 +77,16 @@ class AttentionPlan:
     num_rows: int
     row_length: int
 
-    @property
-    def device(self) -> torch.device:
-        return self.calls[0].query_index.device if self.calls else torch.device("cpu")
-
     def to(self, device: torch.device | str) -> AttentionPlan:
         """The plan on ``device`` (itself when already there)."""
-        if self._on(device):
+        tensors = [t for c in self.calls for t in (c.query_index, c.key_index, c.cu_q, c.cu_k)]
+        if all(is_on(t, device) for t in tensors):
             return self
         return AttentionPlan(
             calls=tuple(call.to(device) for call in self.calls),
             num_rows=self.num_rows,
             row_length=self.row_length,
         )
-
-    def _on(self, device: torch.device | str) -> bool:
-        device = torch.device(device)
-        tensors = [t for c in self.calls for t in (c.query_index, c.key_index, c.cu_q, c.cu_k)]
-        return all(to_device(t, device) is t for t in tensors)
 
 
 def concatenated_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

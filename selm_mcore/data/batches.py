@@ -25,11 +25,17 @@ from selm_mcore.data.tokenize import TokenizedExample
 # --- collation --------------------------------------------------------------------------------
 
 
+def is_on(tensor: torch.Tensor, device: torch.device | str) -> bool:
+    """``tensor`` lives on ``device`` (a device without an index matches any of its type)."""
+    device = torch.device(device)
+    return tensor.device == device or (device.type == tensor.device.type and device.index is None)
+
+
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device``; host -> CUDA copies go through pinned memory without blocking
     the host (an ordinary copy from pageable memory synchronises the stream)."""
     device = torch.device(device)
-    if tensor.device == device or (device.type == tensor.device.type and device.index is None):
+    if is_on(tensor, device):
         return tensor
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)

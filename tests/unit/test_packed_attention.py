@@ -218,6 +218,8 @@ def test_plan_holds_each_groups_positions_and_lengths():
     second_row[:, 0] = 1
     plan = attention_plan(torch.cat([batch.segments, second_row]), row_length=32, num_rows=2)
     assert plan.calls[0].query_index.tolist() == [0, 1, 2, 10, 11, 32, 33, 34, 42, 43]
+    # moving to where it is already is free: the same plan, no copy
+    assert batch.to("cpu").attention_plan is batch.attention_plan
     # no groups (an empty filler row): no calls
     assert (
         collate_packed([], pad_id=0, shared_prompt=True, has_yref=True).attention_plan.calls == ()
