@@ -24,7 +24,6 @@ Notes for callers:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -290,20 +289,6 @@ def recompute_settings(recompute: str | bool | None) -> dict[str, Any]:
     return {}
 
 
-def uses_sequence_parallel(tp: int, use_te: bool | None = None) -> bool:
-    """Sequence parallelism is on with tp > 1 and Transformer Engine's layer spec (GPU); the
-    local spec (always on CPU) runs without it."""
-    use_te = _te_available() if use_te is None else use_te
-    return bool(use_te) and tp > 1
-
-
-def sequence_length_multiple(tp: int, use_te: bool | None = None) -> int:
-    """What every micro-batch's token count T must be a multiple of: tp under sequence
-    parallelism (each rank holds T/tp positions between layers and in the pipeline's p2p
-    messages), else 1."""
-    return tp if uses_sequence_parallel(tp, use_te) else 1
-
-
 def transformer_config(
     hf_config,
     ctx: ParallelContext,
@@ -317,7 +302,7 @@ def transformer_config(
 ):
     """Megatron TransformerConfig for the HF Llama config under ctx's layout.
 
-    On GPU: sequence parallelism with tp > 1 and the TE spec (``uses_sequence_parallel``),
+    Sequence parallelism as ``ctx.sequence_parallel`` (``parallel.sequence_parallel``). On GPU:
     gradient accumulation fused into the weight-gradient GEMMs when apex's extension imports
     (``wgrad_fusion``; None = probe), batched p2p. On CPU all of these stay off.
     ``recompute``: "none", "selective" or "full" (``recompute_settings``; true = full).
@@ -365,7 +350,7 @@ def transformer_config(
         # Needs apex's fused_weight_gradient_mlp_cuda: Megatron's ColumnParallelLinear (the LM
         # head in both specs) refuses the flag without it.
         gradient_accumulation_fusion=on_gpu and wgrad_fusion,
-        sequence_parallel=on_gpu and uses_sequence_parallel(ctx.tp, use_te),
+        sequence_parallel=ctx.sequence_parallel,
         # batch_p2p_comm=True gives wrong gradients with interleaved PP over gloo.
         batch_p2p_comm=on_gpu,
     )
@@ -444,24 +429,11 @@ def build_model(
 
 
 def _layer_spec(*, use_te: bool, packed: bool) -> Any:
-    """Megatron's Llama layer spec: Transformer Engine's or the local one (torch RMSNorm), with
-    ``PackedAttention`` as the core attention for packed micro-batches."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    """Megatron's Llama layer spec (``selm_mcore.mcore.layer_spec``): Transformer Engine's or
+    the local one, with ``PackedAttention`` as the core attention for packed micro-batches."""
+    from selm_mcore.mcore.layer_spec import gpt_layer_spec
 
-    layer_spec = (
-        get_gpt_layer_with_transformer_engine_spec()
-        if use_te
-        else get_gpt_layer_local_spec(normalization="RMSNorm")
-    )
-    if packed:
-        from selm_mcore.mcore.attention import PackedAttention
-
-        layer_spec = copy.deepcopy(layer_spec)
-        layer_spec.submodules.self_attention.submodules.core_attention = PackedAttention
-    return layer_spec
+    return gpt_layer_spec(use_te=use_te, packed=packed)
 
 
 def _build_chunk(
@@ -476,10 +448,12 @@ def _build_chunk(
 ):
     """The model chunk of virtual pipeline stage ``vp_stage`` on this rank."""
     from selm_mcore.mcore.gpt import SelmGPTModel
+    from selm_mcore.mcore.layer_spec import decoder_spec
 
+    vp = vp_stage if ctx.vpp else None
     model = SelmGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=decoder_spec(layer_spec, config, vp_stage=vp, pp_rank=ctx.pp_rank),
         vocab_size=padded_vocab,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=_is_first_chunk(ctx, vp_stage),
@@ -489,7 +463,7 @@ def _build_chunk(
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(rope_parameters(hf_config)["rope_theta"]),
-        vp_stage=vp_stage if ctx.vpp else None,
+        vp_stage=vp,
     )
     # Megatron's llama3 scaling hard-codes its constants: use the config's frequencies.
     model.rotary_pos_emb.inv_freq = inv_freq.clone()

@@ -78,6 +78,8 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Mode
 def config_layout(cfg, gpus: int, impl: str) -> Layout:
     """The layout a config runs on ``gpus`` processes."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    mode = cfg.parallel.sequence_parallel  # auto: on with tp > 1 on a GPU
+    sequence_parallel = tp > 1 and (mode == "true" or (mode == "auto" and impl != "cpu"))
     if gpus % (tp * pp):
         raise PlanError(f"{gpus} GPUs are not a multiple of parallel.tp * parallel.pp = {tp * pp}")
     return Layout(
@@ -86,7 +88,7 @@ def config_layout(cfg, gpus: int, impl: str) -> Layout:
         vpp=cfg.parallel.vpp,
         dp=gpus // (tp * pp),
         recompute=cfg.model.recompute,
-        sequence_parallel=impl == "te" and tp > 1,
+        sequence_parallel=sequence_parallel,
     )
 
 

@@ -332,7 +332,7 @@ def head_bytes(model: ModelShape, layout: Layout, impl: str, mb: MicroBatch, e: 
     sp = t if layout.sequence_parallel else 1
     n, m = mb.tokens, mb.head_positions
     norm = n * (8 * h + 4) if impl == "cpu" else n * (h * e + 4) // sp
-    head_input = m * (h * e + 8) if mb.packed else n * h * e // (sp if impl == "te" else 1)
+    head_input = m * (h * e + 8) if mb.packed else n * h * e // sp
     logits = m * model.padded_vocab(t) // t * e
     return norm + head_input + logits + 8 * m
 
@@ -466,7 +466,7 @@ def rank_memory(
         pp_rank,
         param_bytes=e,
         bucket_size=bucket_size,
-        fp32_norms=impl != "te",
+        fp32_norms=False,  # LocalNorm (selm_mcore.mcore.layer_spec): the parameter dtype
         dp_rank=dp_rank,
     )
     acts = activation_bytes(
