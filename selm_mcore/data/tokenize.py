@@ -84,8 +84,9 @@ def render_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
 
 
 def leading_bos(tokenizer) -> int | None:
-    """The BOS id the tokenizer puts in front of every text by default (``add_bos_token``), or
-    None when it adds none (ChatML and Llama-3 tokenizers: their templates write any BOS)."""
+    """The BOS id the tokenizer puts in front of every text by default (``add_bos_token``:
+    Mistral's, Phi-3's, Llama-3's), or None when it adds none (ChatML tokenizers). Llama-3's
+    template writes that BOS itself, so ``encode_prompt`` adds none there."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return None

@@ -40,20 +40,22 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Zephyr's chat format: a role line, the content, the EOS, a newline.
+# Zephyr's and Phi-3's formats: a <|role|> line, the content, the turn's end (Zephyr: the EOS;
+# Phi-3: <|end|>), a newline; without a generation prompt Phi-3's conversation ends with EOS.
+_ROLE_TURNS = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+)
 ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
+    _ROLE_TURNS + "eos_token + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-# Phi-3's: turns end with <|end|>; a conversation without a generation prompt ends with EOS.
 PHI3_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
+    _ROLE_TURNS + "'<|end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+_LLAMA_SPECIAL = ["<unk>", "<s>", "</s>"]
+_PHI3_ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+_PHI3_SPECIAL = _LLAMA_SPECIAL + ["<|endoftext|>"] + _PHI3_ROLES
 # name -> (template, special tokens, bos, eos, pad, whether every text starts with the BOS).
 # The pad is never a token the text holds: HF's embedding never trains the row of the
 # config's pad_token_id (padding_idx), Megatron's does (docs/models.md).
@@ -66,16 +68,8 @@ CHAT_FORMATS = {
         "<|endoftext|>",
         False,
     ),
-    "zephyr": (ZEPHYR_TEMPLATE, ["<unk>", "<s>", "</s>"], "<s>", "</s>", "<unk>", True),
-    "phi3": (
-        PHI3_TEMPLATE,
-        ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
-        + ["<|end|>"],
-        "<s>",
-        "<|endoftext|>",
-        "<|endoftext|>",
-        True,
-    ),
+    "zephyr": (ZEPHYR_TEMPLATE, _LLAMA_SPECIAL, "<s>", "</s>", "<unk>", True),
+    "phi3": (PHI3_TEMPLATE, _PHI3_SPECIAL, "<s>", "<|endoftext|>", "<|endoftext|>", True),
 }
 
 _WORDS = (
