@@ -34,6 +34,7 @@ from selm_mcore.data.tokenize import (
     pad_token_id,
 )
 from selm_mcore.mcore.checkpoint import DTYPES, hf_files_dir
+from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.mcore.forward import token_multiple
 from selm_mcore.mcore.parallel import ParallelContext, sequence_length_multiple
 from selm_mcore.modelspec import ModelShape
@@ -81,6 +82,7 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
     """The round's data and (precomputed) reference log-probs; a bad row or a stale cache fails
     here, before a model is built."""
     source = cfg.start_model()
+    check_model_config_dir(hf_files_dir(source), max_length=cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model, hf_files_dir(source))
     dataset = load_preferences(cfg.data, tokenizer)
     if cfg.loss.alpha > 0 and not dataset.has_yref:

@@ -52,6 +52,7 @@ from selm_mcore.data.tokenize import (
     pad_token_id,
 )
 from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
+from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.mcore.forward import (
     MicroBatch,
     collate_micro_batches,
@@ -491,6 +492,7 @@ def run_refpass(cfg: SelmConfig) -> Path:
     )
     try:
         source = cfg.start_model()
+        check_model_config_dir(hf_files_dir(source), max_length=cfg.data.max_length)
         tokenizer = load_tokenizer(cfg.model, hf_files_dir(source))
         dataset = load_preferences(cfg.data, tokenizer)
         key = reference_key(
