@@ -356,7 +356,11 @@ def run_plan_check(args) -> dict[str, Any]:
         )
         data = _round_data(cfg, args, hf_config.vocab_size, Path(workdir))
         ctx = init_parallel(
-            tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.parallel.seed
+            tp=cfg.parallel.tp,
+            pp=cfg.parallel.pp,
+            vpp=cfg.parallel.vpp,
+            seed=cfg.parallel.seed,
+            device=cfg.parallel.device,
         )
         try:
             models = build_model(

@@ -57,8 +57,13 @@ class ParallelConfig:
     # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
     vpp: int | None = None
     seed: int = 1234
+    # Where the Megatron phases, generation and ranking run: "cuda" (a GPU is required),
+    # "cpu", or "auto" (cuda when an NVIDIA device is visible). Expecting CUDA that torch cannot
+    # use stops the command with the versions and the fix (selm_mcore.runtime.device).
+    device: str = "auto"
 
     def validate(self) -> None:
+        _choice("parallel.device", self.device, ("auto", "cuda", "cpu"))
         for key in ("tp", "pp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
@@ -304,9 +309,17 @@ class RankingConfig:
     max_length: int = 2048
     # verifiable: the row field holding the checkable answer.
     answer_key: str = "answer"
+    # Ranker processes per node, each on its own GPU (or share of the CPU cores), each ranking a
+    # contiguous slice of whole batches; 0 = one per visible GPU when the ranker runs on CUDA
+    # (ranking.device auto or cuda), else 1 (selm_mcore.rollout.rank_workers).
+    num_workers: int = 0
 
     def validate(self) -> None:
         _choice("ranking.kind", self.kind, ("pairrm", "reward_model", "verifiable"))
+        if self.num_workers < 0:
+            raise ConfigError(
+                f"ranking.num_workers={self.num_workers} must be >= 0 (0 = one per GPU)"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"ranking.device={self.device!r} must be auto, cpu, cuda or cuda:N")
         if self.batch_size < 1 or self.max_length < 1:

@@ -56,8 +56,8 @@ def megatron_command(cfg: SelmConfig, subcommand: str, *args: str) -> list[str]:
 
 
 def generation_nodes(cfg: SelmConfig) -> int:
-    """Nodes the generate phase spreads its engines over: every node of a multi-node run
-    started through online.launcher, else this one."""
+    """Nodes the generate and rank phases spread their engines and rankers over: every node of
+    a multi-node run started through online.launcher, else this one."""
     return cfg.online.nnodes if cfg.online.nnodes > 1 and cfg.online.launcher else 1
 
 
@@ -271,7 +271,20 @@ class RoundPhases:
                     "--eval-out",
                     str(partial / "eval_scores.jsonl"),
                 ]
-            self._run(name, cmd)
+            nodes = generation_nodes(self.cfg)
+            if nodes == 1:
+                self._run(name, cmd)
+                return
+            # One `selm rank` per node, as generation; the node parts are joined here.
+            from selm_mcore.rollout.rank_workers import merge_rank_nodes
+
+            self._run(
+                name, [*shlex.split(self.cfg.online.launcher), *cmd, "--num-nodes", str(nodes)]
+            )
+            outputs = [partial / "pairs.jsonl", partial / "stats.jsonl"] if rows_path else []
+            if self.eval_rows:
+                outputs.append(partial / "eval_scores.jsonl")
+            merge_rank_nodes(outputs, nodes)
 
         return Phase(name, self.paths.rel(out), run)
 

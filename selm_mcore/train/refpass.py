@@ -484,7 +484,11 @@ def run_refpass(cfg: SelmConfig) -> Path:
         )
     check_output_dir(cfg.train.ref_cache_path().parent, what="train.ref_cache")
     ctx = init_parallel(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.parallel.seed
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        vpp=cfg.parallel.vpp,
+        seed=cfg.parallel.seed,
+        device=cfg.parallel.device,
     )
     try:
         source = cfg.start_model()

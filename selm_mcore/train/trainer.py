@@ -161,7 +161,11 @@ def train_round(cfg: SelmConfig) -> Path:
     check_train_outputs(cfg)
     data = load_round_data(cfg)
     ctx = init_parallel(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.parallel.seed
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        vpp=cfg.parallel.vpp,
+        seed=cfg.parallel.seed,
+        device=cfg.parallel.device,
     )
     try:
         run = build_training(cfg, ctx, data)
