@@ -16,6 +16,8 @@ Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` 
                          planner's memory prediction beside the measured tensors and peaks
     phases WORKDIR       seconds per phase of each round, from an online run's manifest
     checksums HF_DIR     seconds per GB the checksums add to saving and loading checkpoints
+    ranker               a PairRM-shaped ranker with random weights: pairs/s per device, MFU
+                         (llm-blender's path, or transformers' DebertaV2 without it)
     flops CONFIG         the FLOP formula's numbers and the device peak, nothing run
 
 Pairs: synthetic rows written once per run (``--profile uniform``: the given lengths;
@@ -239,12 +241,23 @@ def _add_other_modes(modes) -> None:
     p.add_argument("--seq-length", type=int, default=1024)
 
 
+def _add_ranker_mode(modes) -> None:
+    from selm_mcore.bench.ranker import add_arguments as add_ranker_arguments
+
+    p = modes.add_parser(
+        "ranker", help="PairRM-shaped ranker (random weights): pairs/s per device, MFU, padding"
+    )
+    _add_common(p, config=False)
+    add_ranker_arguments(p)
+
+
 def add_arguments(parser) -> None:
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     _add_training_modes(modes)
     _add_generation_mode(modes)
     _add_logprob_path_mode(modes)
     _add_other_modes(modes)
+    _add_ranker_mode(modes)
 
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
@@ -256,6 +269,7 @@ def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
         logprob_path,
         phases,
         plan_check,
+        ranker,
         train,
     )
 
@@ -270,6 +284,7 @@ def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
         "plan-check": plan_check.run_plan_check,
         "flops": phases.run_flops,
         "checksums": checksums.run_checksums,
+        "ranker": ranker.run_ranker_bench,
     }
 
 

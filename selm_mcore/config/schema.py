@@ -222,12 +222,17 @@ class TrainConfig:
     # reshardable (resumable at any layout; gathers each replica's optimizer state on its
     # DP rank 0's host at every save).
     reshardable_checkpoints: bool = False
+    # Host memory (GiB per node) a fully reshardable save may gather the optimizer state into;
+    # 0 = what the node has available when the round starts. Checked before the round trains:
+    # too little saves the last checkpoint dp-reshardable (selm_mcore.plan.host_memory).
+    host_memory_gb: float = 0.0
 
     def ref_cache_path(self) -> Path:
         """train.ref_cache, else <train.output_dir>/ref_logps.safetensors."""
         return Path(self.ref_cache or Path(self.output_dir) / "ref_logps.safetensors")
 
     def validate(self) -> None:
+        check_numbers("train", self)
         for key in (
             "global_batch_size",
             "micro_batch_size",
@@ -445,6 +450,7 @@ NUMBER_RULES = {
     "optim.adam_eps": "> 0",
     "optim.warmup_ratio": "in [0, 1)",
     "optim.clip_grad": ">= 0",
+    "train.host_memory_gb": ">= 0",
     "generation.temperature": ">= 0",
     "generation.top_p": "in (0, 1]",
     "generation.gpu_memory_utilization": "in (0, 1]",

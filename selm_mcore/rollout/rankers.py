@@ -28,6 +28,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,6 +107,17 @@ def import_llm_blender():
     collator.encode_texts = _encode_texts
     llm_blender._selm_compat = True
     return llm_blender
+
+
+def pairrm_classes() -> tuple[Any, Any, Any]:
+    """llm-blender's (RankerConfig, CrossCompareCollator, CrossCompareReranker): what
+    ``Blender.loadranker`` builds PairRM from, for a ranker built in memory (the ranker
+    benchmark, ``selm_mcore.bench.ranker``)."""
+    llm_blender = import_llm_blender()
+    from llm_blender.pair_ranker.collator import CrossCompareCollator
+    from llm_blender.pair_ranker.ranker import CrossCompareReranker
+
+    return llm_blender.RankerConfig, CrossCompareCollator, CrossCompareReranker
 
 
 # --- the ranker interface ---------------------------------------------------------------------

@@ -131,6 +131,9 @@ class Training:
     resumed_from: Path | None
     checkpoint_kwargs: dict[str, Any]
     device_peak_flops: float
+    # The round's last step checkpoint in the fully reshardable format (False: the host memory
+    # of its gather does not fit; selm_mcore.plan.host_memory).
+    last_save_reshardable: bool = True
 
     @property
     def num_microbatches(self) -> int:
