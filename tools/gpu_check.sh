@@ -118,7 +118,7 @@ bench_available() {  # a `selm bench` mode of this checkout, or record the part 
 }
 
 "$python" -P -m selm_mcore.bench.gpu_report env "$work/env.json" \
-  || { echo "[gpu_check] $python cannot import torch: install torch first" >&2; exit 1; }
+  || { echo "[gpu_check] $python -m selm_mcore.bench.gpu_report env failed (is torch installed?)" >&2; exit 1; }
 cuda=0; "$python" -c "import json,sys; sys.exit(0 if json.load(open('$work/env.json'))['cuda_available'] else 1)" && cuda=1
 if [ "$cuda" = 0 ] && [ "$dry" = 0 ]; then
   echo "[gpu_check] no CUDA device visible to $python: run on a GPU (or --dry for the CPU check)" >&2

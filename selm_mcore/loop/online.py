@@ -86,6 +86,8 @@ RESUME_MUTABLE_KEYS = frozenset(
         "online.rdzv_id",
         "ranking.device",
         "ranking.batch_size",
+        "ranking.num_workers",
+        "train.host_memory_gb",
         "train.log_interval",
         "train.tensorboard",
         "generation.engine_timeout_s",

@@ -5,6 +5,8 @@ workers themselves run in tests/e2e/test_rank_workers.py (real llm-blender class
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from selm_mcore.config.schema import ConfigError, RankingConfig
@@ -72,3 +74,21 @@ def test_merge_rank_nodes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "stats.jsonl"]
     with pytest.raises(RankerError, match="did not run `selm rank` on every node"):
         merge_rank_nodes([out], 2)
+
+
+def test_rank_phase_runs_once_per_node_through_the_launcher():
+    from selm_mcore.config.io import load_config
+    from selm_mcore.loop.rounds import rank_command
+
+    base = ["online.nproc_per_node=8", "online.rdzv_endpoint=head:29500"]
+    cmd = ["selm", "rank", "c.yaml", "--rows", "r.jsonl"]
+    assert rank_command(load_config(None, base), cmd) == cmd
+    multi = load_config(
+        None, base + ["online.nnodes=4", "online.launcher=srun --nodes=4 --ntasks-per-node=1"]
+    )
+    assert rank_command(multi, cmd) == [
+        *shlex.split("srun --nodes=4 --ntasks-per-node=1"),
+        *cmd,
+        "--num-nodes",
+        "4",
+    ]
