@@ -21,6 +21,8 @@ Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` 
                          (torch.cuda.set_sync_debug_mode); prints a "needs CUDA" line on CPU
     phases WORKDIR       seconds per phase of each round, from an online run's manifest
     checksums HF_DIR     seconds per GB the checksums add to saving and loading checkpoints
+    ranker               a PairRM-shaped ranker with random weights: pairs/s per device, MFU
+                         (llm-blender's path, or transformers' DebertaV2 without it)
     flops CONFIG         the FLOP formula's numbers and the device peak, nothing run
 
 Pairs: synthetic rows written once per run (``--profile uniform``: the given lengths;
@@ -259,6 +261,16 @@ def _add_gpu_path_modes(modes) -> None:
     add_host_syncs_arguments(p)
 
 
+def _add_ranker_mode(modes) -> None:
+    from selm_mcore.bench.ranker import add_arguments as add_ranker_arguments
+
+    p = modes.add_parser(
+        "ranker", help="PairRM-shaped ranker (random weights): pairs/s per device, MFU, padding"
+    )
+    _add_common(p, config=False)
+    add_ranker_arguments(p)
+
+
 def add_arguments(parser) -> None:
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     _add_training_modes(modes)
@@ -266,6 +278,7 @@ def add_arguments(parser) -> None:
     _add_logprob_path_mode(modes)
     _add_gpu_path_modes(modes)
     _add_other_modes(modes)
+    _add_ranker_mode(modes)
 
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
@@ -279,6 +292,7 @@ def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
         logprob_path,
         phases,
         plan_check,
+        ranker,
         train,
     )
 
@@ -295,6 +309,7 @@ def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
         "plan-check": plan_check.run_plan_check,
         "flops": phases.run_flops,
         "checksums": checksums.run_checksums,
+        "ranker": ranker.run_ranker_bench,
     }
 
 

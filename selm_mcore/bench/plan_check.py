@@ -361,6 +361,7 @@ def run_plan_check(args) -> dict[str, Any]:
             vpp=cfg.parallel.vpp,
             seed=cfg.parallel.seed,
             sequence_parallel=cfg.parallel.sequence_parallel,
+            device=cfg.parallel.device,
         )
         try:
             models = build_model(

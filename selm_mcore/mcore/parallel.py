@@ -175,22 +175,8 @@ def sequence_length_multiple(tp: int, mode: str | bool = "auto", on_gpu: bool | 
     return tp if sequence_parallel_enabled(mode, tp, on_gpu) else 1
 
 
-def init_parallel(
-    tp: int = 1,
-    pp: int = 1,
-    vpp: int | None = None,
-    seed: int = 1234,
-    sequence_parallel: str | bool = "auto",
-) -> ParallelContext:
-    """Initialise torch.distributed (env:// or one process) and Megatron's TP/PP/VPP/DP groups.
-
-    Seeds torch and Megatron's model-parallel RNG tracker with ``seed`` (the tensor-parallel
-    state differs per TP rank as in Megatron; weights created with use_cpu_initialization are
-    TP-invariant). Raises ParallelLayoutError when the world size is not a multiple of tp*pp.
-    ``sequence_parallel``: auto / true / false (``sequence_parallel_enabled``).
-    """
-    from megatron.core import parallel_state, tensor_parallel
-
+def _check_sizes(tp: int, pp: int, vpp: int | None) -> None:
+    """The layout's sizes on their own (before any process group exists)."""
     for name, value in (("parallel.tp", tp), ("parallel.pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ParallelLayoutError(f"{name}={value!r} must be an integer >= 1")
@@ -199,18 +185,41 @@ def init_parallel(
             f"parallel.vpp={vpp} needs vpp >= 2 and pp >= 2 (pp={pp}); use vpp=None for plain 1F1B"
         )
 
+
+def init_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    seed: int = 1234,
+    sequence_parallel: str | bool = "auto",
+    device: str = "auto",
+) -> ParallelContext:
+    """Initialise torch.distributed (env:// or one process) and Megatron's TP/PP/VPP/DP groups.
+
+    Seeds torch and Megatron's model-parallel RNG tracker with ``seed`` (the tensor-parallel
+    state differs per TP rank as in Megatron; weights created with use_cpu_initialization are
+    TP-invariant). Raises ParallelLayoutError when the world size is not a multiple of tp*pp,
+    and ``CudaUnavailableError`` when ``device`` (parallel.device) expects CUDA that torch cannot
+    use (``selm_mcore.runtime.device``), before anything else. ``sequence_parallel``: auto /
+    true / false (``sequence_parallel_enabled``).
+    """
+    from selm_mcore.runtime.device import apply_device_setting
+
+    use_cuda = apply_device_setting(device) == "cuda"
+    from megatron.core import parallel_state, tensor_parallel
+
+    _check_sizes(tp, pp, vpp)
     bind_helper_processes()  # Megatron's checkpoint writers die with this rank
-    use_cuda = torch.cuda.is_available()
     sequence_parallel = sequence_parallel_enabled(sequence_parallel, tp, use_cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch_device = torch.device("cuda", local_rank)
     else:
         from selm_mcore.mcore import cpu_compat
 
         cpu_compat.apply()
-        device = torch.device("cpu")
+        torch_device = torch.device("cpu")
     _init_process_group("nccl" if use_cuda else "gloo")
 
     world_size = dist.get_world_size()
@@ -243,7 +252,7 @@ def init_parallel(
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
-        device=device,
+        device=torch_device,
         local_rank=local_rank,
         seed=seed,
         sequence_parallel=sequence_parallel,

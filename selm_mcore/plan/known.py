@@ -110,21 +110,34 @@ _RECIPE: dict[str, dict[str, Any]] = {
     "data": {"max_length": 1024, "max_prompt_length": 512, "pad_to_multiple_of": 64},
     "loss": {"alpha": 1.0e-4},
 }
+# What the round estimate (`selm plan --round`) reads besides: generation, ranking, held-out.
+_ROUND = {
+    "ranking": {"kind": "pairrm", "batch_size": 32},
+}
 EXAMPLE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "selm_llama3_8b.yaml": {
         **_RECIPE,
+        **_ROUND,
         "parallel": {"tp": 2, "pp": 1},
         "train": {"global_batch_size": 128, "micro_batch_size": 2, "save_interval": 20},
+        "generation": {"num_engines": 8, "tensor_parallel_size": 1, "max_tokens": 1024},
+        "online": {"max_eval_prompts": 2000, "nproc_per_node": 8, "export_tp": 1},
     },
     "selm_llama3_70b.yaml": {
         **_RECIPE,
+        **_ROUND,
         "parallel": {"tp": 8, "pp": 2},
         "train": {"global_batch_size": 128, "micro_batch_size": 1, "save_interval": 10},
+        "generation": {"num_engines": 8, "tensor_parallel_size": 8, "max_tokens": 1024},
+        "online": {"max_eval_prompts": 2000, "nproc_per_node": 8, "export_tp": 8},
     },
     "selm_zephyr_7b.yaml": {
         **_RECIPE,
+        **_ROUND,
         "loss": {"alpha": 1.0e-3},
         "parallel": {"tp": 2, "pp": 1},
         "train": {"global_batch_size": 256, "micro_batch_size": 2, "save_interval": 10},
+        "generation": {"num_engines": 8, "tensor_parallel_size": 1, "max_tokens": 1024},
+        "online": {"max_eval_prompts": 2000, "nproc_per_node": 8, "export_tp": 1},
     },
 }

@@ -45,6 +45,7 @@ from selm_mcore.data.tokenize import encode_prompt
 from selm_mcore.mcore.families import check_attention_window
 from selm_mcore.rollout.engines import GenerationError, cuda_available
 from selm_mcore.runtime.errors import InputError
+from selm_mcore.runtime.progress import ProgressCounter, counting_tqdm
 from selm_mcore.runtime.weight_files import write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -223,9 +224,10 @@ class VLLMGenerator:
         *,
         seed_offset: int = 0,
         labels: Sequence[str] | None = None,
+        progress: ProgressCounter | None = None,
     ) -> list[list[Completion]]:
         """Completions (text, token ids, finish reason) per conversation. Prompt i is sampled
-        with seed generation.seed + seed_offset + i."""
+        with seed generation.seed + seed_offset + i. ``progress`` counts the finished prompts."""
         from vllm.inputs import TokensPrompt
 
         rendered = self.render_counted(conversations)
@@ -239,7 +241,9 @@ class VLLMGenerator:
         start = time.perf_counter()
         try:
             outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+                [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+                params,
+                use_tqdm=counting_tqdm(progress) if progress is not None else False,
             )
         except Exception as exc:
             raise GenerationError(

@@ -278,7 +278,7 @@ _TINY_WORDS = (
 ).split()
 
 
-def _tiny_deberta_tokenizer():
+def tiny_deberta_tokenizer():
     """A DeBERTa-v2 (Unigram, Metaspace) tokenizer built from a hand-written vocabulary: the
     DeBERTa special tokens, every printable ASCII character (alone and word-initial) and a few
     common words. No download, no training; with PairRM's four prefix tokens added."""
@@ -330,11 +330,11 @@ def build_tiny_pairrm(
     out_dir = Path(out_dir).absolute()
     backbone_dir = out_dir / "backbone"
     backbone_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tiny_deberta_tokenizer()
+    tokenizer = tiny_deberta_tokenizer()
     tokenizer.save_pretrained(str(backbone_dir))
     torch.manual_seed(seed)
     DebertaV2Model(_tiny_deberta_config(tokenizer, hidden_size)).save_pretrained(str(backbone_dir))
-    ranker_config = _pairrm_ranker_config(backbone_dir)
+    ranker_config = pairrm_ranker_config(backbone_dir)
     (out_dir / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
 
     # Build the ranker module with llm-blender's own code so the weight names are its names.
@@ -377,7 +377,7 @@ def _tiny_deberta_config(tokenizer, hidden_size: int):
     )
 
 
-def _pairrm_ranker_config(backbone_dir: Path) -> dict:
+def pairrm_ranker_config(backbone_dir: Path) -> dict:
     """llm-blender's RankerConfig of PairRM (pairranker on a DeBERTa backbone, its max lengths),
     with the backbone at ``backbone_dir``."""
     return {

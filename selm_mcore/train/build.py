@@ -135,6 +135,9 @@ class Training:
     checkpoint_kwargs: dict[str, Any]
     device_peak_flops: float
     model_shape: ModelShape  # the policy's shape (model FLOPs of each micro-batch)
+    # The round's last step checkpoint in the fully reshardable format (False: the host memory
+    # of its gather does not fit; selm_mcore.plan.host_memory).
+    last_save_reshardable: bool = True
 
     @property
     def num_microbatches(self) -> int:

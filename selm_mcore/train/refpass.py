@@ -489,6 +489,7 @@ def run_refpass(cfg: SelmConfig) -> Path:
         vpp=cfg.parallel.vpp,
         seed=cfg.parallel.seed,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        device=cfg.parallel.device,
     )
     try:
         source = cfg.start_model()

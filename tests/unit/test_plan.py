@@ -306,7 +306,10 @@ def test_packaged_example_settings_equal_the_example_configs(example):
         "parallel": ("tp", "pp", "vpp"),
         "data": ("packing", "pack_tokens", "max_length", "max_prompt_length", "pad_to_multiple_of"),
         "loss": ("alpha",),
-        "train": ("global_batch_size", "micro_batch_size", "save_interval"),
+        "train": ("global_batch_size", "micro_batch_size", "save_interval", "epochs"),
+        "generation": ("num_engines", "tensor_parallel_size", "max_tokens", "n"),
+        "ranking": ("kind", "batch_size"),
+        "online": ("max_eval_prompts", "nproc_per_node", "export_tp"),
     }
     for section, names in keys.items():
         for name in names:
