@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config.schema import GenerationConfig
+from selm_mcore.data.special_tokens import SpecialTokenText
 from selm_mcore.data.tokenize import encode_prompt
 from selm_mcore.rollout.engines import GenerationError, cuda_available
 from selm_mcore.runtime.errors import InputError
@@ -185,6 +186,7 @@ class VLLMGenerator:
         context). Chat template + generation prompt, tokenised once without extra special
         tokens; a longer prompt keeps its last ``generation_context`` tokens."""
         context = generation_context(self.cfg)
+        specials = SpecialTokenText(self.tokenizer)  # their text in a prompt stays plain text
         out = []
         for conversation in conversations:
             messages = (
@@ -192,7 +194,7 @@ class VLLMGenerator:
                 if isinstance(conversation, str)
                 else [dict(m) for m in conversation]
             )
-            out.append(fit_context(encode_prompt(self.tokenizer, messages), context))
+            out.append(fit_context(encode_prompt(self.tokenizer, messages, specials), context))
         return out
 
     def render(self, conversations: Sequence[Sequence[Mapping[str, str]] | str]) -> list[list[int]]:
