@@ -71,6 +71,7 @@ from selm_mcore.loop.runner import (
     workdir_lock,
 )
 from selm_mcore.runtime.files import hash_path
+from selm_mcore.runtime.preflight import check_model_run
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ def check_run_inputs(cfg: SelmConfig) -> None:
             f"data.train_path={cfg.data.train_path!r} is not a file: point it at "
             "the preference rows (JSONL or Parquet)"
         )
+    for job in ("train", "generate"):  # the phases check again with their own processes
+        check_model_run(cfg, cfg.model.hf_dir, job=job)
 
 
 def run_online(
