@@ -192,8 +192,8 @@ def check_run_inputs(cfg: SelmConfig) -> None:
             f"data.train_path={cfg.data.train_path!r} is not a file: point it at "
             "the preference rows (JSONL or Parquet)"
         )
-    for job in ("train", "generate"):  # the phases check again with their own processes
-        check_model_run(cfg, cfg.model.hf_dir, job=job)
+    for job in ("train", "generate"):  # each phase checks its memory in its own processes
+        check_model_run(cfg, cfg.model.hf_dir, job=job, memory=False)
 
 
 def run_online(

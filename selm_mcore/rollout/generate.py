@@ -312,6 +312,7 @@ def main(args) -> int:
     if not model_dir:
         raise InputError("no model to serve: pass --model-dir or set model.hf_dir")
     check_output_dir(Path(args.out).absolute().parent, what="--out")
+    check_model_dir(model_dir, on_cpu=not cuda_available())  # an HF folder vLLM can serve
     check_model_run(
         cfg,
         model_dir,

@@ -64,7 +64,12 @@ def check_model_dir(model_dir: str | os.PathLike, *, on_cpu: bool) -> dict:
             f"model dir {model_dir} has no config.json: not an HF model folder (export the "
             "policy first, or set model.hf_dir / --model-dir)"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path} is not a JSON object; use the model's own config.json")
     quant = (config.get("quantization_config") or {}).get("quant_method")
     if quant == "gguf" and not any(model_dir.glob("*.gguf")):
         raise InputError(

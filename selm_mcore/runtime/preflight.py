@@ -18,8 +18,9 @@ optimizer's fp32 Adam moments (8 bytes per parameter) and, for bf16 weights, the
 (4 more).
 
 The model and the run (``check_model_run``, called first by every command that builds a model
-or batches: ``selm refpass``, ``train``, ``generate``, ``convert``, ``bench train``, and
-``selm run`` for its phases), before a process group, a model or a batch exists:
+or batches: ``selm refpass``, ``train``, ``generate``, ``convert``, ``bench train``; ``selm
+run`` checks the config and the lengths before any phase, each phase its memory), before a
+process group, a model or a batch exists:
 
 * the config.json describes a model (``selm_mcore.modelspec``: dimensions >= 1, heads a
   multiple of the key/value heads, ...) and ``model.make_vocab_size_divisible_by`` >= 1;
@@ -37,6 +38,7 @@ or batches: ``selm refpass``, ``train``, ``generate``, ``convert``, ``bench trai
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -132,11 +134,11 @@ def _host_memory_bytes() -> int | None:
 
 
 def available_memory(processes_on_host: int) -> tuple[int | None, str]:
-    """(bytes one process may use, where): the GPU's memory when CUDA is visible, else the
-    host's available memory shared by ``processes_on_host`` processes."""
-    import torch
-
-    if torch.cuda.is_available():
+    """(bytes one process may use, where): the GPU's memory when CUDA is visible (asked of
+    torch when the command has imported it), else the host's available memory shared by
+    ``processes_on_host`` processes."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         return torch.cuda.mem_get_info()[1], f"the memory of one {torch.cuda.get_device_name()}"
     host = _host_memory_bytes()
     if host is None:
@@ -199,11 +201,13 @@ def check_model_run(
     job: Job,
     dtype: str | None = None,
     processes_on_host: int | None = None,
+    memory: bool = True,
 ) -> ModelShape:
     """The pre-flight of a command that builds a model or batches (module docstring): the
-    model's config.json, the lengths against its context and the memory; returns its shape.
-    ``dtype``: the weights' dtype (fp32 / bf16; default model.dtype); ``processes_on_host``:
-    the job's processes on this host (default LOCAL_WORLD_SIZE, else 1)."""
+    model's config.json, the lengths against its context and (``memory``) the memory; returns
+    its shape. ``dtype``: the weights' dtype (fp32 / bf16; default model.dtype);
+    ``processes_on_host``: the job's processes on this host (default LOCAL_WORLD_SIZE, else
+    1)."""
     shape = ModelShape.from_dir(
         config_dir, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by
     )
@@ -212,6 +216,7 @@ def check_model_run(
         check_context(shape, cfg.data.max_length, "data.max_length", source)
     if job == "generate":
         check_context(shape, cfg.generation.max_model_len, "generation.max_model_len", source)
-    processes = processes_on_host or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    check_memory(shape, cfg, job, dtype or cfg.model.dtype, processes)
+    if memory:
+        processes = processes_on_host or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        check_memory(shape, cfg, job, dtype or cfg.model.dtype, processes)
     return shape
