@@ -70,6 +70,7 @@ from selm_mcore.loop.runner import (
     run_phases,
     workdir_lock,
 )
+from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.runtime.files import hash_path
 from selm_mcore.runtime.preflight import check_model_run
 
@@ -186,6 +187,12 @@ def check_run_inputs(cfg: SelmConfig) -> None:
         raise ConfigError(
             f"model.hf_dir={cfg.model.hf_dir!r} is not a folder: point it at the "
             "starting policy (an HF model folder)"
+        )
+    if (Path(cfg.model.hf_dir) / "config.json").is_file():  # else its first phase says why
+        check_model_config_dir(
+            cfg.model.hf_dir,
+            max_length=cfg.data.max_length,
+            generation_context=cfg.generation.max_model_len,
         )
     if not cfg.data.train_path or not Path(cfg.data.train_path).is_file():
         raise ConfigError(

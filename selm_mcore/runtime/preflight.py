@@ -28,11 +28,12 @@ process group, a model or a batch exists:
   the Megatron jobs, generation.max_model_len for generation;
 * memory: a lower bound of what one process holds (``memory_needed``: the weights of its share
   of the model; for training also the fp32 gradients, its share of the Adam state and a frozen
-  reference on the fly; the layer inputs of one micro-batch of fixed length) must fit the
-  memory there is (``available_memory``: the GPU's memory, else the host's available memory
-  over the processes of the job on this host). A bound, not an estimate: what passes may still
-  not fit (``selm plan`` estimates the whole), but a config.json of 10^7 layers or a
-  data.max_length far past the context stops here with one line, not after gigabytes.
+  reference on the fly; the layer inputs of one micro-batch of fixed length, split over TP
+  unless sequence parallelism is off) must fit the memory there is (``available_memory``: the
+  GPU's memory, else the host's available memory over the processes of the job on this
+  host). A bound, not an estimate: what passes may still not fit (``selm plan`` estimates the
+  whole), but a config.json of 10^7 layers or a data.max_length far past the context stops
+  here with one line, not after gigabytes.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def check_output_dir(
 
 
 def num_params(config_dir: str | os.PathLike) -> int:
-    """Parameters of the Llama model whose config.json is in ``config_dir``
+    """Parameters of the model whose config.json is in ``config_dir``
     (``selm_mcore.modelspec.ModelShape.num_params``)."""
     return ModelShape.from_dir(config_dir).num_params()
 
@@ -172,7 +173,10 @@ def memory_needed(shape: ModelShape, cfg: Any, job: Job, dtype: str) -> dict[str
         elif tokens:
             tokens *= cfg.train.micro_batch_size * 2  # chosen and rejected at least
         layers = shape.num_layers // pp if job == "train" else 1
-        parts["activations"] = tokens * shape.hidden_size * width * layers
+        # Sequence parallelism (on unless parallel.sequence_parallel=false, when tp > 1) keeps
+        # 1/tp of each layer input per process: the bound assumes it may be on.
+        split = tp if cfg.parallel.sequence_parallel != "false" else 1
+        parts["activations"] = tokens * shape.hidden_size * width * layers // split
     return parts
 
 

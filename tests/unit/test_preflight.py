@@ -16,6 +16,7 @@ from selm_mcore import cli
 from selm_mcore.runtime.errors import DiskFullError, InputError, format_bytes
 from selm_mcore.runtime.preflight import (
     check_output_dir,
+    memory_needed,
     model_bytes,
     num_params,
     step_checkpoint_bytes,
@@ -135,6 +136,34 @@ def test_selm_refpass_refuses_a_run_that_cannot_fit_at_once(
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(expected), lines[0]
+
+
+@pytest.mark.parametrize("sequence_parallel", ["auto", "true", "false"])
+def test_the_layer_inputs_bound_is_split_over_tp_unless_sequence_parallelism_is_off(
+    tiny_llama_dir, sequence_parallel
+):
+    """The activations part of the memory bound: the layer inputs of one fixed-length
+    micro-batch (chosen + rejected, 1024 tokens each, hidden 128, fp32) on every layer of the
+    stage, 1/tp of them per process when sequence parallelism may be on (a lower bound)."""
+    from selm_mcore.config.io import load_config
+    from selm_mcore.modelspec import ModelShape
+
+    cfg = load_config(
+        None,
+        [
+            "parallel.tp=2",
+            f"parallel.sequence_parallel={sequence_parallel}",
+            "data.max_length=1024",
+            "data.pad_to_max_length=true",
+            "data.packing=none",
+            "train.micro_batch_size=1",
+        ],
+    )
+    shape = ModelShape.from_dir(tiny_llama_dir)
+    split = 1 if sequence_parallel == "false" else 2
+    per_layer = 2 * 1024 * 128 * 4
+    assert memory_needed(shape, cfg, "train", "fp32")["activations"] == 4 * per_layer // split
+    assert memory_needed(shape, cfg, "refpass", "fp32")["activations"] == per_layer // split
 
 
 CONFIG_FAULTS = {

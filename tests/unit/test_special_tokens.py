@@ -190,3 +190,28 @@ def test_selm_rank_leaves_out_rows_whose_prompt_generate_skipped(
     assert cli.main([*args, "--out", str(out)]) == 0
     assert [json.loads(line)["prompt_id"] for line in out.read_text().splitlines()] == ["a", "c"]
     assert f"{special_rows}: left out 1 rows whose prompt selm generate skipped" in caplog.text
+
+
+@pytest.mark.parametrize("chat_format", ["zephyr", "phi3"])
+def test_a_tokenizer_that_adds_a_bos_gets_one_in_front_of_a_quoting_prompt(tmp_path, chat_format):
+    """The Llama-style tokenizers of Mistral/Zephyr and Phi-3 put their BOS in front of every
+    text: a prompt quoting the EOS text gets that one BOS, the template's markers as special
+    tokens and the quoted text as plain text; the piece-by-piece encoding of a prompt without
+    such text equals the tokenizer's own encoding of the whole rendered text."""
+    from transformers import AutoTokenizer
+
+    from selm_mcore.data.special_tokens import SpecialTokenText, encode_prompt_plain
+    from selm_mcore.testing.assets import build_tiny_tokenizer
+
+    build_tiny_tokenizer(tmp_path, chat_format=chat_format)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    quoting = [{"role": "user", "content": f"Is {tok.eos_token} the end?"}]
+    ids = encode_prompt(tok, quoting)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ids[1:]) == render_prompt(tok, quoting)
+    template_eos = render_prompt(tok, quoting).count(tok.eos_token) - 1  # less the quoted one
+    assert ids.count(tok.eos_token_id) == template_eos
+    clean = [{"role": "user", "content": "What is 2 plus 3?"}]
+    whole = tok(render_prompt(tok, clean), add_special_tokens=False)["input_ids"]
+    assert encode_prompt_plain(tok, clean, SpecialTokenText(tok), render_prompt) == whole
+    assert encode_prompt(tok, clean) == [tok.bos_token_id, *whole]

@@ -209,17 +209,34 @@ def test_weights_that_do_not_match_the_config_stop_the_load_naming_them(
     assert not out.exists()
 
 
-def test_the_expected_tensors_are_the_name_map_each_read_once(tiny_llama_dir):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
+def test_the_expected_tensors_are_the_name_map_each_read_once(tmp_path, family, tied):
     """The tensors a load expects come from the name map (``param_table``), each once: exactly
-    the tensors transformers itself saved for this config (untied and tied)."""
+    the tensors transformers itself saves for a tiny model of each supported family (Qwen2's
+    q/k/v biases, Phi-3's fused qkv_proj and gate_up_proj), untied and tied."""
+    import transformers
     from safetensors import safe_open
 
+    from selm_mcore.mcore.families import FAMILIES
     from selm_mcore.mcore.weights import hf_tensor_plan
 
-    plan = hf_tensor_plan(load_hf_config(tiny_llama_dir))
-    with safe_open(str(tiny_llama_dir / "model.safetensors"), framework="pt") as f:
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "phi3"}  # a new family joins this test
+    config = transformers.AutoConfig.for_model(
+        family,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    getattr(transformers, FAMILIES[family].architecture)(config).save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    assert plan == saved
-    tied = load_hf_config(tiny_llama_dir)
-    tied.tie_word_embeddings = True
-    assert set(hf_tensor_plan(tied)) == set(saved) - {"lm_head.weight"}
+    assert ("lm_head.weight" in saved) is not tied
+    assert hf_tensor_plan(load_hf_config(tmp_path)) == saved
