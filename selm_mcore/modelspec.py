@@ -15,6 +15,11 @@ Qwen2 model adds its q, k and v biases (d_q + 2 * d_kv per layer); the other fam
 ``selm_mcore.mcore.families`` have the same parameters as the Llama layout (Phi-3 fuses some
 matrices in its HF files, not in its shapes).
 
+Reading a config (``from_hf_config`` / ``from_dir``) checks that it describes a model: every
+dimension a whole number >= 1, the heads a multiple of the key/value heads, the hidden size a
+multiple of the heads when head_dim is not given; otherwise ``ModelShapeError`` names the file,
+the key and the rule (instead of a ZeroDivisionError deep inside a build).
+
 Model FLOPs (``training_flops``): with N = matmul weights per token (``matmul_params``: per
 layer q, k, v, o and the three SwiGLU projections, plus the LM head; the embedding lookup is no
 matmul) and a sequence of s tokens, one forward costs ``2*N*s + 2*L*d_q*s*(s+1)`` (the second
@@ -33,9 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.runtime.errors import UserError, short_repr
+
+
+class ModelShapeError(UserError, ValueError):
+    """A config.json whose dimensions describe no model (0 heads, -1 layers, ...)."""
+
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Vocabulary rounded up to a multiple of ``divisible_by * tp`` (Megatron's convention)."""
+    if divisible_by < 1 or tp < 1:
+        raise ModelShapeError(
+            f"model.make_vocab_size_divisible_by={divisible_by} and tp={tp} must be >= 1"
+        )
     multiple = divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
@@ -69,26 +84,63 @@ class ModelShape:
     tied_embeddings: bool = False
     vocab_divisible_by: int = 128  # Megatron's make_vocab_size_divisible_by
     name: str = field(default="", compare=False)
+    max_positions: int | None = field(default=None, compare=False)  # the model's context
     qkv_bias: bool = False  # biases on q, k and v (Qwen2)
 
     @classmethod
     def from_hf_config(
-        cls, hf_config: Any, *, name: str = "", vocab_divisible_by: int = 128
+        cls,
+        hf_config: Any,
+        *,
+        name: str = "",
+        vocab_divisible_by: int = 128,
+        source: str = "config.json",
     ) -> ModelShape:
-        """From an HF config object or a plain dict (config.json)."""
+        """From an HF config object or a plain dict (config.json), every dimension checked
+        (``source`` names the file in the error)."""
         get = config_getter(hf_config)
-        heads = int(get("num_attention_heads"))
+
+        def dimension(key: str, default: Any = None) -> int:
+            value = get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelShapeError(
+                    f"{source}: {key}={short_repr(value)} must be a whole number >= 1; use the "
+                    "config.json that came with the model"
+                )
+            return value
+
+        heads = dimension("num_attention_heads")
+        kv_heads = (
+            dimension("num_key_value_heads") if get("num_key_value_heads") is not None else heads
+        )
+        hidden = dimension("hidden_size")
+        if get("head_dim") is None and hidden % heads:
+            raise ModelShapeError(
+                f"{source}: hidden_size={hidden} must be a multiple of num_attention_heads={heads} "
+                "(or head_dim set); use the config.json that came with the model"
+            )
+        if heads % kv_heads:
+            raise ModelShapeError(
+                f"{source}: num_attention_heads={heads} must be a multiple of "
+                f"num_key_value_heads={kv_heads}; use the config.json that came with the model"
+            )
+        if vocab_divisible_by < 1:
+            raise ModelShapeError(
+                f"model.make_vocab_size_divisible_by={vocab_divisible_by} must be >= 1"
+            )
+        context = get("max_position_embeddings")
         return cls(
-            num_layers=int(get("num_hidden_layers")),
-            hidden_size=int(get("hidden_size")),
-            ffn_hidden_size=int(get("intermediate_size")),
+            num_layers=dimension("num_hidden_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=dimension("intermediate_size"),
             num_heads=heads,
-            num_kv_heads=int(get("num_key_value_heads") or heads),
-            head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
-            vocab_size=int(get("vocab_size")),
+            num_kv_heads=kv_heads,
+            head_dim=dimension("head_dim") if get("head_dim") is not None else hidden // heads,
+            vocab_size=dimension("vocab_size"),
             tied_embeddings=bool(get("tie_word_embeddings", False)),
             vocab_divisible_by=vocab_divisible_by,
             name=name,
+            max_positions=dimension("max_position_embeddings") if context is not None else None,
             qkv_bias=_has_qkv_bias(get("model_type")),
         )
 
@@ -98,7 +150,15 @@ class ModelShape:
         path = Path(hf_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: model.hf_dir must be an HF model folder")
-        return cls.from_hf_config(json.loads(path.read_text()), **kwargs)
+        try:
+            config = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError):  # invalid UTF-8 or JSON
+            raise ModelShapeError(
+                f"{path} is not valid JSON; use the config.json that came with the model"
+            ) from None
+        if not isinstance(config, dict) or not isinstance(config.get("text_config", {}), dict):
+            raise ModelShapeError(f"{path} must hold a JSON object of the model's settings")
+        return cls.from_hf_config(config, source=str(path), **kwargs)
 
     @property
     def query_dim(self) -> int:

@@ -8,6 +8,11 @@ parsed as YAML, so ``--set optim.lr=3e-7`` gives a float and ``--set parallel.vp
 None). Unknown sections and keys and wrong types are refused naming the key (and the override or
 the file and line that set it); the values' rules are the config tree's
 (``selm_mcore.config.schema``).
+
+YAML aliases (``*name``) are bounded: a document (file or ``--set`` value) whose values, with
+every alias expanded, number more than ``MAX_YAML_VALUES`` (a few hundred in a real config), or
+that refers to itself, is refused before it is built (an "alias bomb" of a few hundred bytes
+expands to billions of values). Messages show values through ``short_repr`` (bounded work).
 """
 
 from __future__ import annotations
@@ -20,6 +25,62 @@ from typing import Any, Literal
 import yaml
 
 from selm_mcore.config.schema import ConfigError, SelmConfig
+from selm_mcore.runtime.errors import clip_text, short_repr
+
+# Values (scalars, lists, mappings) of one YAML document with every alias expanded.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(root: yaml.Node, source: str) -> int:
+    """Values under ``root`` with every alias expanded (each shared node counted once per use),
+    without building them; stops past MAX_YAML_VALUES. A node that contains itself is refused."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_VALUES + 1)
+            continue
+        if id(node) in open_nodes:
+            raise ConfigError(f"{source}: a YAML alias refers to the value that contains it")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise ConfigError(f"{source}: a YAML alias refers to the value that contains it")
+            stack.append((child, False))
+    return sizes[id(root)]
+
+
+def safe_load_bounded(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` after checking that its aliases expand to at most
+    MAX_YAML_VALUES values (``source`` names the file or override in the error)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: the YAML is nested too deeply") from None
+        if node is None:
+            return None
+        size = _expanded_size(node, source)
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}: the YAML's aliases (*name) expand to more than {MAX_YAML_VALUES} "
+                "values (an alias bomb?); write the values out instead of nesting aliases"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -40,7 +101,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(errors[0])
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r} must be a list")
+            raise ConfigError(f"{key}={short_repr(value)} must be a list")
         (item,) = typing.get_args(annotation)
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
@@ -52,7 +113,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             pass
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ConfigError(
-            f"{key}={value!r} must be of type {annotation.__name__}, got {type(value).__name__}"
+            f"{key}={short_repr(value)} must be of type {annotation.__name__}, got "
+            f"{type(value).__name__}"
         )
     return value
 
@@ -69,18 +131,19 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> SelmConfig:
     for section_name, section_values in (raw or {}).items():
         if section_name not in hints:
             raise ConfigError(
-                f"{source}: unknown section {section_name!r}; known: {', '.join(hints)}"
+                f"{source}: unknown section {short_repr(section_name)}; known: {', '.join(hints)}"
             )
         if section_values is None:  # an empty section in YAML (`data:` and nothing under it)
             continue
         if not isinstance(section_values, dict):
-            raise ConfigError(f"{source}: section {section_name!r} must be a mapping")
+            raise ConfigError(f"{source}: section {short_repr(section_name)} must be a mapping")
         section = getattr(cfg, section_name)
         field_types = typing.get_type_hints(type(section))
         for key, value in section_values.items():
             if key not in field_types:
                 raise ConfigError(
-                    f"{source}: unknown key {section_name}.{key}; known: {', '.join(field_types)}"
+                    f"{source}: unknown key {section_name}.{clip_text(str(key))}; known: "
+                    f"{', '.join(field_types)}"
                 )
             setattr(section, key, _coerce(f"{section_name}.{key}", value, field_types[key]))
     try:
@@ -93,24 +156,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config dict."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-7")
+            raise ConfigError(
+                f"--set {short_repr(item)}: expected section.key=value, e.g. optim.lr=3e-7"
+            )
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
         field_type = _override_field_type(item, section, key)
+        label = f"--set {clip_text(item)}"
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = safe_load_bounded(text, label) if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{label}: the value is not valid YAML ({problem})") from None
         if not isinstance(value, str) and field_type is str:
             value = text  # a string field takes the text as typed (a path like 2024, "001")
         try:
             value = _coerce(dotted, value, field_type)
         except ConfigError as exc:
-            raise ConfigError(f"--set {item}: {exc}") from None
+            raise ConfigError(f"{label}: {exc}") from None
         if raw.get(section) is None:
             raw[section] = {}
         elif not isinstance(raw[section], dict):
-            raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping in the file")
+            raise ConfigError(
+                f"{label}: section {short_repr(section)} is not a mapping in the file"
+            )
         raw[section][key] = value
     return raw
 
@@ -120,12 +189,13 @@ def _override_field_type(item: str, section: str, key: str) -> Any:
     sections = typing.get_type_hints(SelmConfig)
     if section not in sections:
         raise ConfigError(
-            f"--set {item}: unknown section {section!r}; known: {', '.join(sections)}"
+            f"--set {clip_text(item)}: unknown section {short_repr(section)}; known: "
+            f"{', '.join(sections)}"
         )
     fields = typing.get_type_hints(sections[section])
     if key not in fields:
         raise ConfigError(
-            f"--set {item}: unknown key {section}.{key}; known: "
+            f"--set {clip_text(item)}: unknown key {section}.{clip_text(key)}; known: "
             f"{', '.join(f'{section}.{name}' for name in fields)}"
         )
     return fields[key]
@@ -134,7 +204,11 @@ def _override_field_type(item: str, section: str, key: str) -> Any:
 def _read_yaml(path: Path) -> Any:
     """The YAML document of ``path``; a syntax error names the file, line and column."""
     try:
-        return yaml.safe_load(path.read_text())
+        return safe_load_bounded(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark else str(path)

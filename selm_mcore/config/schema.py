@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.runtime.errors import UserError
+from selm_mcore.runtime.errors import UserError, short_repr
 
 
 class ConfigError(UserError, ValueError):
@@ -45,6 +45,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        if self.make_vocab_size_divisible_by < 1:
+            raise ConfigError(
+                f"model.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} must be "
+                ">= 1 (the vocabulary is padded to a multiple of it; 128 is usual)"
+            )
         if isinstance(self.recompute, bool):  # the former boolean: true meant full recompute
             self.recompute = "full" if self.recompute else "none"
         _choice("model.recompute", self.recompute, RECOMPUTE_CHOICES)
@@ -121,9 +126,16 @@ class DataConfig:
     # A row with more text than this (UTF-8 bytes of prompt, messages and responses) is refused
     # (or skipped with skip_bad_rows) before tokenisation; 0 = no limit.
     max_row_bytes: int = 1_000_000
+    # Text that spells a special token of the tokenizer (e.g. "<|im_end|>" inside a response) is
+    # always tokenised as plain text; this says what to do with such rows: "plain" (tokenise
+    # them so), "refuse" (stop, naming the row) or "skip" (leave them out, counted).
+    special_tokens_in_text: str = "plain"
 
     def validate(self) -> None:
         _choice("data.packing", self.packing, ("shared_prompt", "pack", "none"))
+        _choice(
+            "data.special_tokens_in_text", self.special_tokens_in_text, ("plain", "refuse", "skip")
+        )
         for key in ("max_length", "max_prompt_length", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
@@ -338,7 +350,9 @@ class RankingConfig:
                 f"ranking.num_workers={self.num_workers} must be >= 0 (0 = one per GPU)"
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"ranking.device={self.device!r} must be auto, cpu, cuda or cuda:N")
+            raise ConfigError(
+                f"ranking.device={short_repr(self.device)} must be auto, cpu, cuda or cuda:N"
+            )
         if self.batch_size < 1 or self.max_length < 1:
             raise ConfigError("ranking.batch_size and ranking.max_length must be >= 1")
         if self.kind != "verifiable" and not self.model_path:
@@ -499,9 +513,11 @@ def check_numbers(section_name: str, section: Any) -> None:
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 continue  # None of an optional field; types are checked on load
             if not math.isfinite(item) or (rule and not _satisfies(item, rule)):
-                raise ConfigError(f"{item_key}={item!r} must be a finite number {rule}".rstrip())
+                raise ConfigError(
+                    f"{item_key}={short_repr(item)} must be a finite number {rule}".rstrip()
+                )
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{key}={short_repr(value)} is not one of {', '.join(allowed)}")

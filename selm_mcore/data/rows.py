@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import DataError, iter_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -490,7 +491,7 @@ def prompt_conversation(row: Mapping[str, Any], where: str = "row") -> list[dict
             or not isinstance(chosen[-1], Mapping)
             or chosen[-1].get("role") != "assistant"
         ):
-            raise ValueError(
+            raise InputError(
                 f"{where}: 'chosen' must be a message list ending with an assistant "
                 "turn (UltraFeedback-binarized schema)"
             )
@@ -501,7 +502,7 @@ def prompt_conversation(row: Mapping[str, Any], where: str = "row") -> list[dict
     while messages and messages[-1].get("role") == "assistant":
         messages.pop()
     if not messages or messages[-1].get("role") != "user":
-        raise ValueError(
+        raise InputError(
             f"{where}: needs 'prompt' (str), 'chosen' or 'messages' ending with a user turn"
         )
     return messages

@@ -12,7 +12,12 @@ Tokenisation (a documented, clean choice; the reference code inherits chat-templ
   function, so its prompt tokens are the training ones;
 * response = the assistant content encoded once with ``add_special_tokens=False``, then the
   tokenizer's EOS id appended;
-* only response tokens (EOS included) carry labels.
+* only response tokens (EOS included) carry labels;
+* special-token text inside a prompt or response (``<|im_end|>`` written in the data) is
+  encoded as plain text, never as the control token; ``data.special_tokens_in_text`` says
+  whether such rows are tokenised so (plain, the default), refused or skipped
+  (``selm_mcore.data.special_tokens``). Chat templates run under a time and size budget
+  (``selm_mcore.data.templates``).
 
 Truncation as the reference code (its ``tokenize_row``: TRL 0.8.6 with truncation_mode
 keep_end), decided by the PAIR alone: when ``len(prompt) + longer(chosen, rejected) >
@@ -41,12 +46,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from selm_mcore.data.rows import PreferenceRow, read_rows
+from selm_mcore.data.special_tokens import (
+    SpecialTokenText,
+    encode_plain,
+    encode_prompt_plain,
+    first_special_text,
+    keep_row,
+    row_texts,
+)
+from selm_mcore.data.templates import render_chat_template
 from selm_mcore.runtime.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -72,9 +86,10 @@ def pad_token_id(tokenizer) -> int:
     return int(pad)
 
 
-def render_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
-    """The chat-templated prompt with the generation prompt, as text."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
+    """The chat-templated prompt with the generation prompt, as text (within the template
+    budget of ``selm_mcore.data.templates``)."""
+    text = render_chat_template(tokenizer, messages, add_generation_prompt=True)
     if not isinstance(text, str):
         raise TypeError(
             f"apply_chat_template(tokenize=False) returned {type(text).__name__}, "
@@ -95,20 +110,31 @@ def leading_bos(tokenizer) -> int | None:
     return int(bos) if with_special[:1] == [bos] and without[:1] != [bos] else None
 
 
-def encode_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+def encode_prompt(
+    tokenizer, messages: Sequence[dict[str, str]], specials: SpecialTokenText | None = None
+) -> list[int]:
     """Prompt token ids: the templated text encoded once, no special tokens added, except the
-    tokenizer's default leading BOS when the template wrote none (``leading_bos``)."""
-    ids = list(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False))
+    tokenizer's default leading BOS when the template wrote none (``leading_bos``); special-token
+    text inside the messages stays plain text (``specials``: built once per tokenizer by the
+    caller that encodes many prompts)."""
+    specials = specials or SpecialTokenText(tokenizer)
+    if any(specials.find(m["content"]) for m in messages):
+        ids = encode_prompt_plain(tokenizer, messages, specials, render_prompt)
+    else:
+        ids = list(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False))
     bos = leading_bos(tokenizer)
     if bos is not None and ids[:1] != [bos]:
         ids.insert(0, bos)
     return ids
 
 
-def encode_response(tokenizer, content: str) -> list[int]:
-    """Response token ids: the assistant content encoded once (no special tokens) + EOS."""
+def encode_response(tokenizer, content: str, specials: SpecialTokenText | None = None) -> list[int]:
+    """Response token ids: the assistant content encoded once (no special tokens, its
+    special-token text as plain text) + EOS."""
     if tokenizer.eos_token_id is None:
         raise InputError("the tokenizer has no eos_token_id; set eos_token in its config")
+    if (specials or SpecialTokenText(tokenizer)).find(content):
+        return encode_plain(tokenizer, content) + [tokenizer.eos_token_id]
     return list(tokenizer.encode(content, add_special_tokens=False)) + [tokenizer.eos_token_id]
 
 
@@ -184,10 +210,18 @@ class TruncationStats:
     prompt_truncated: int = 0
     response_truncated: int = 0  # examples whose chosen or rejected was cut
     yref_truncated: int = 0
+    special_text_rows: int = 0  # rows holding special-token text, tokenised as plain text
+    special_text_skipped: int = 0  # such rows left out (data.special_tokens_in_text=skip)
 
 
 def tokenize_row(
-    row: PreferenceRow, tokenizer, *, index: int, max_length: int, max_prompt_length: int
+    row: PreferenceRow,
+    tokenizer,
+    *,
+    index: int,
+    max_length: int,
+    max_prompt_length: int,
+    specials: SpecialTokenText | None = None,
 ) -> TokenizedExample:
     """Tokenise and truncate one preference row (y_ref too, when the row has one)."""
     if not row.has_pair:
@@ -196,10 +230,14 @@ def tokenize_row(
             "generate and rank responses first"
         )
     assert row.chosen is not None and row.rejected is not None  # has_pair
-    prompt_ids = encode_prompt(tokenizer, row.prompt_messages)
-    responses = [encode_response(tokenizer, row.chosen), encode_response(tokenizer, row.rejected)]
+    specials = specials or SpecialTokenText(tokenizer)
+    prompt_ids = encode_prompt(tokenizer, row.prompt_messages, specials)
+    responses = [
+        encode_response(tokenizer, row.chosen, specials),
+        encode_response(tokenizer, row.rejected, specials),
+    ]
     if row.reference_response is not None:
-        responses.append(encode_response(tokenizer, row.reference_response))
+        responses.append(encode_response(tokenizer, row.reference_response, specials))
     full_yref_length = len(responses[2]) if len(responses) == 3 else 0
     prompt_ids, responses, prompt_cut, response_cut = truncate(
         prompt_ids, responses, max_length, max_prompt_length
@@ -235,6 +273,28 @@ def content_hash(examples: Sequence[TokenizedExample]) -> str:
     return digest.hexdigest()
 
 
+def _log_tokenised(
+    stats: TruncationStats, max_length: int, max_prompt_length: int, special_rule: str
+) -> None:
+    logger.info(
+        "tokenised %d examples (max_length %d, max_prompt_length %d): %d prompts truncated "
+        "(kept the last %d tokens), %d examples with chosen/rejected cut to %d tokens, %d "
+        "y_ref cut to fit; special-token text (data.special_tokens_in_text=%s): %d rows "
+        "tokenised as plain text, %d rows left out",
+        stats.num_examples,
+        max_length,
+        max_prompt_length,
+        stats.prompt_truncated,
+        max_prompt_length,
+        stats.response_truncated,
+        max_length - max_prompt_length,
+        stats.yref_truncated,
+        special_rule,
+        stats.special_text_rows,
+        stats.special_text_skipped,
+    )
+
+
 class PreferenceDataset:
     """Tokenised examples with stable indices 0..len-1 (the order of the rows given)."""
 
@@ -251,31 +311,44 @@ class PreferenceDataset:
 
     @classmethod
     def from_rows(
-        cls, rows: Sequence[PreferenceRow], tokenizer, *, max_length: int, max_prompt_length: int
+        cls,
+        rows: Sequence[PreferenceRow],
+        tokenizer,
+        *,
+        max_length: int,
+        max_prompt_length: int,
+        special_tokens_in_text: str = "plain",
     ) -> PreferenceDataset:
-        stats = TruncationStats(num_examples=len(rows))
-        examples = []
+        """Tokenised rows (indices 0..n-1 over the rows kept); a row holding special-token text
+        is tokenised as plain text, refused or left out by ``special_tokens_in_text``."""
+        stats = TruncationStats()
+        specials = SpecialTokenText(tokenizer)
+        examples: list[TokenizedExample] = []
         for i, row in enumerate(rows):
+            hit = first_special_text(specials, row_texts(row))
+            if not keep_row(special_tokens_in_text, hit, row.source or f"row {i}"):
+                stats.special_text_skipped += 1
+                continue
+            stats.special_text_rows += hit is not None
             example = tokenize_row(
-                row, tokenizer, index=i, max_length=max_length, max_prompt_length=max_prompt_length
+                row,
+                tokenizer,
+                index=len(examples),
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                specials=specials,
             )
             stats.prompt_truncated += example.prompt_truncated
             stats.response_truncated += example.response_truncated
             stats.yref_truncated += example.yref_truncated
             examples.append(example)
-        logger.info(
-            "tokenised %d examples (max_length %d, max_prompt_length %d): %d prompts truncated "
-            "(kept the last %d tokens), %d examples with chosen/rejected cut to %d tokens, %d "
-            "y_ref cut to fit",
-            stats.num_examples,
-            max_length,
-            max_prompt_length,
-            stats.prompt_truncated,
-            max_prompt_length,
-            stats.response_truncated,
-            max_length - max_prompt_length,
-            stats.yref_truncated,
-        )
+        stats.num_examples = len(examples)
+        _log_tokenised(stats, max_length, max_prompt_length, special_tokens_in_text)
+        if not examples:
+            raise InputError(
+                f"all {len(rows)} rows hold special-token text and were left out "
+                "(data.special_tokens_in_text=skip); set it to plain to tokenise them as text"
+            )
         return cls(examples, stats)
 
     @classmethod
@@ -288,12 +361,17 @@ class PreferenceDataset:
         max_prompt_length: int,
         skip_bad_rows: bool = False,
         max_row_bytes: int = 0,
+        special_tokens_in_text: str = "plain",
     ) -> PreferenceDataset:
         loaded = read_rows(
             path, kind="preference", skip_bad_rows=skip_bad_rows, max_row_bytes=max_row_bytes
         )
         return cls.from_rows(
-            loaded.rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+            loaded.rows,
+            tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            special_tokens_in_text=special_tokens_in_text,
         )
 
     def __len__(self) -> int:
@@ -335,4 +413,5 @@ def load_preferences(data_cfg, tokenizer) -> PreferenceDataset:
         max_prompt_length=data_cfg.max_prompt_length,
         skip_bad_rows=data_cfg.skip_bad_rows,
         max_row_bytes=data_cfg.max_row_bytes,
+        special_tokens_in_text=data_cfg.special_tokens_in_text,
     )

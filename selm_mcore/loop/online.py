@@ -72,6 +72,7 @@ from selm_mcore.loop.runner import (
 )
 from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.runtime.files import hash_path
+from selm_mcore.runtime.preflight import check_model_run
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ def check_run_inputs(cfg: SelmConfig) -> None:
             f"data.train_path={cfg.data.train_path!r} is not a file: point it at "
             "the preference rows (JSONL or Parquet)"
         )
+    for job in ("train", "generate"):  # each phase checks its memory in its own processes
+        check_model_run(cfg, cfg.model.hf_dir, job=job, memory=False)
 
 
 def run_online(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config.schema import SelmConfig
+from selm_mcore.data.ids import prompt_key
 from selm_mcore.data.portions import first_round, write_portion
 from selm_mcore.data.rows import prompt_conversation
 from selm_mcore.loop.reports import write_report
@@ -137,6 +138,7 @@ def read_eval_rows(cfg: SelmConfig) -> list[dict[str, Any]]:
     for index, row in enumerate(rows):
         if row.get("prompt_id") is None:
             row["prompt_id"] = f"row-{index + 1}"
+        row["prompt_id"] = prompt_key(row["prompt_id"], f"{path} row {index + 1}")
     return rows
 
 

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.runtime.errors import UserError, user_message
+from selm_mcore.loop.manifest_shape import manifest_problem
+from selm_mcore.runtime.errors import UserError, short_repr, user_message
 from selm_mcore.runtime.files import hash_path, write_json_atomic
 from selm_mcore.runtime.procs import CommandFailed, run_logged
 
@@ -109,13 +110,18 @@ class Manifest:
         self.mutable_keys = mutable_keys
         self.defaults = _flatten(defaults or {})
         if self.path.exists():
+            edited = (
+                "it is only ever replaced atomically, so it was edited by hand: fix it or start "
+                "a new online.workdir"
+            )
             try:
-                data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as exc:
-                raise OnlineError(
-                    f"{self.path} is not valid JSON ({exc}); it is only ever replaced atomically, "
-                    "so it was edited by hand: fix it or start a new online.workdir"
-                ) from None
+                data = json.loads(self.path.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                reason = str(exc).splitlines()[0][:200]
+                raise OnlineError(f"{self.path} is not valid JSON ({reason}); {edited}") from None
+            problem = manifest_problem(data)
+            if problem is not None:
+                raise OnlineError(f"{self.path}: {problem}; {edited}")
             if data.get("format") != MANIFEST_FORMAT:
                 raise OnlineError(
                     f"{self.path}: format {data.get('format')!r} is not {MANIFEST_FORMAT!r}; "
@@ -157,7 +163,9 @@ class Manifest:
             if k not in self.mutable_keys and old.get(k) != new.get(k)
         )
         if changed:
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+            details = "; ".join(
+                f"{k}: {short_repr(old.get(k))} -> {short_repr(new.get(k))}" for k in changed[:8]
+            )
             raise OnlineError(
                 f"{self.path}: the config differs from the one this run started with ({details}). "
                 "Finished phases were produced with the old values, so resuming would mix them. "

@@ -43,11 +43,11 @@ from selm_mcore.mcore.checkpoint import (
 )
 from selm_mcore.mcore.model import build_model, load_hf_config, validate_hf_config, validate_layout
 from selm_mcore.mcore.parallel import ParallelContext, destroy_parallel, init_parallel
-from selm_mcore.mcore.weights import export_hf, load_hf_weights
+from selm_mcore.mcore.weights import check_hf_folder, export_hf, load_hf_weights
 from selm_mcore.runtime.errors import UserError
 from selm_mcore.runtime.files import replace_dir
 from selm_mcore.runtime.launch import run_local_ranks
-from selm_mcore.runtime.preflight import check_output_dir, model_bytes, num_params
+from selm_mcore.runtime.preflight import check_model_run, check_output_dir, model_bytes, num_params
 from selm_mcore.runtime.weight_files import DEFAULT_MAX_SHARD_BYTES, SafetensorsReader
 
 logger = logging.getLogger(__name__)
@@ -170,10 +170,12 @@ def hf_to_mcore(
 
     ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32), fp32 or bf16.
     """
+    _preflight(hf_dir, tp, pp, "fp32" if dtype == "fp32" else "bf16")  # auto: at least bf16
     hf_config = load_hf_config(hf_dir)
     validate_hf_config(hf_config)
     validate_layout(hf_config, tp, pp)
-    SafetensorsReader(hf_dir)  # missing shard files fail here, before any process starts
+    # Missing shard files, left-over or mis-typed tensors fail here, before any process starts.
+    check_hf_folder(SafetensorsReader(hf_dir), hf_config)
     bytes_per_param = _checkpoint_dtype(hf_config, dtype).itemsize
     check_output_dir(
         Path(out_dir).absolute().parent,
@@ -186,6 +188,22 @@ def hf_to_mcore(
     else:
         _launch(job, timeout_s)
     logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
+
+
+def _preflight(config_dir: str | os.PathLike, tp: int, pp: int, dtype: str) -> None:
+    """The model's config.json and the memory of its tp*pp local ranks
+    (``selm_mcore.runtime.preflight.check_model_run``), before any process starts."""
+    from selm_mcore.config.schema import SelmConfig
+
+    cfg = SelmConfig()
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    check_model_run(
+        cfg,
+        config_dir,
+        job="convert",
+        dtype=dtype,
+        processes_on_host=tp * pp,
+    )
 
 
 class ExportTargetError(UserError, FileExistsError):
@@ -231,6 +249,7 @@ def mcore_to_hf(
     stripped. A non-empty ``out_dir`` is refused unless ``overwrite`` (see the module doc).
     """
     meta = read_checkpoint_meta(mcore_dir)
+    _preflight(Path(mcore_dir) / "hf", tp, pp, meta.get("dtype", "fp32"))
     validate_layout(
         load_hf_config(Path(mcore_dir) / "hf"), tp, pp, padded_vocab=meta["padded_vocab_size"]
     )

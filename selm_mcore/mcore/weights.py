@@ -57,6 +57,7 @@ from selm_mcore.runtime.weight_files import (
     SafetensorsReader,
     StreamingSafetensorsWriter,
     WeightsError,
+    check_hf_tensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -296,16 +297,43 @@ def check_same_architecture(model_config, hf_dir: Path) -> None:
             )
 
 
+def hf_tensor_plan(hf_config) -> dict[str, tuple[int, ...]]:
+    """{HF name: shape} of every tensor the model reads from an HF folder (``param_table``'s
+    names: whatever the name map lists, each exactly once)."""
+    plan: dict[str, tuple[int, ...]] = {}
+    for spec in param_table(hf_config, 1, 1):
+        for name, shape in zip(spec.hf_names, spec.hf_shapes):
+            if name in plan:
+                raise AssertionError(f"param_table lists the HF tensor {name} twice")
+            plan[name] = tuple(shape)
+    return plan
+
+
+def check_hf_folder(reader: SafetensorsReader, hf_config) -> None:
+    """The folder's tensors are exactly those the model reads, with the expected shapes and
+    floating-point dtypes (``check_hf_tensors``); raises WeightsError naming the others."""
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    note = (
+        f" (config.json: {hf_config.num_hidden_layers} layers"
+        + (", tie_word_embeddings=true: lm_head.weight is the embedding" if tied else "")
+        + ")"
+    )
+    check_hf_tensors(reader, hf_tensor_plan(hf_config), note)
+
+
 def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelContext) -> None:
     """Copy HF safetensors weights into this rank's Megatron chunks (only its slices are read).
 
-    Raises WeightsError naming the file/tensor when a shard file or tensor is missing, a shape
-    does not match, or the folder's config.json describes another architecture.
+    Raises WeightsError naming the file/tensor when a shard file or tensor is missing or left
+    over, a shape or dtype does not match, or the folder's config.json describes another
+    architecture (``check_hf_folder``, before anything is read). After the copy, the tensors
+    this rank read are exactly those its parameters map to.
     """
     hf_dir = Path(hf_dir)
     hf_config = hf_config_of(models)
     check_same_architecture(hf_config, hf_dir)
     reader = SafetensorsReader(hf_dir)
+    check_hf_folder(reader, hf_config)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     specs = [s for s in param_table(hf_config, ctx.pp, ctx.num_chunks) if s.pp_rank == ctx.pp_rank]
     last_chunk = models[-1]
@@ -335,6 +363,13 @@ def load_hf_weights(models: Sequence, hf_dir: str | os.PathLike, ctx: ParallelCo
             param = _local_param(models, spec)
             written.add(id(param))
             read_local_shard(reader, spec, hf_config, ctx.tp, ctx.tp_rank, param.data)
+    wanted = {name for spec in specs for name in spec.hf_names}
+    if reader.consumed != wanted:
+        raise RuntimeError(
+            f"the loader read HF tensors {sorted(reader.consumed - wanted)[:5]} it does not map "
+            f"and left {sorted(wanted - reader.consumed)[:5]} unread: read_local_shard and "
+            "param_table disagree"
+        )
     unset = [
         name for model in models for name, p in model.named_parameters() if id(p) not in written
     ]
@@ -424,11 +459,7 @@ def iter_hf_weights(models: Sequence, ctx: ParallelContext) -> Iterator[tuple[st
 
 def export_plan(hf_config) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, shape) of every exported tensor, in the order iter_hf_weights yields them."""
-    return [
-        (name, shape)
-        for spec in param_table(hf_config, 1, 1)
-        for name, shape in zip(spec.hf_names, spec.hf_shapes)
-    ]
+    return list(hf_tensor_plan(hf_config).items())
 
 
 def write_hf_config_files(

@@ -173,8 +173,9 @@ def node_output_path(out_path: str | os.PathLike, node_rank: int) -> Path:
 def merge_node_outputs(
     prompt_ids: Sequence[str], out_path: str | os.PathLike, num_nodes: int
 ) -> list[dict]:
-    """Join the nodes' ``OUT.node<k>.jsonl`` into ``out_path`` (atomically) and remove them;
-    refuse a missing node file or rows that are not ``prompt_ids`` in order."""
+    """Join the nodes' ``OUT.node<k>.jsonl`` into ``out_path`` (atomically, in ``prompt_ids``
+    order) and remove them; refuse a missing node file or rows that are not ``prompt_ids`` once
+    each."""
     expected = list(prompt_ids)
     parts = [node_output_path(out_path, k) for k in range(num_nodes)]
     missing = [str(p) for p in parts if not p.is_file()]
@@ -185,11 +186,13 @@ def merge_node_outputs(
             "online.launcher and the phase log)"
         )
     rows = [row for part in parts for row in read_records(part)]
-    if [r["prompt_id"] for r in rows] != expected:
+    by_id = {r["prompt_id"]: r for r in rows}  # node 0 also holds the rows of skipped prompts
+    if len(by_id) != len(rows) or sorted(by_id) != sorted(expected):
         raise GenerationError(
             f"the node outputs {[str(p) for p in parts]} do not hold the "
-            f"{len(expected)} prompts in order"
+            f"{len(expected)} prompts once each"
         )
+    rows = [by_id[prompt_id] for prompt_id in expected]
     write_jsonl_atomic(out_path, rows)
     for part in parts:
         part.unlink()

@@ -38,7 +38,14 @@ from typing import Any
 
 from selm_mcore.config.io import add_config_arguments, config_from_args
 from selm_mcore.config.schema import GenerationConfig
+from selm_mcore.data.ids import prompt_key
 from selm_mcore.data.rows import prompt_conversation, raw_prompt, strip_response
+from selm_mcore.data.special_tokens import (
+    SpecialTokenText,
+    first_special_text,
+    keep_row,
+    messages_texts,
+)
 from selm_mcore.rollout.engines import (
     cuda_available,
     node_output_path,
@@ -54,8 +61,8 @@ from selm_mcore.rollout.vllm_engine import (
 )
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import read_records, verify_checksums, write_jsonl_atomic
-from selm_mcore.runtime.preflight import check_output_dir
-from selm_mcore.runtime.progress import ProgressCounter, job_reporter
+from selm_mcore.runtime.preflight import check_model_run, check_output_dir
+from selm_mcore.runtime.progress import ProgressCounter, ProgressReporter, job_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +80,9 @@ class PromptRow:
 def prompt_row(row: Mapping[str, Any], where: str) -> PromptRow:
     """A prompt from a row (``selm_mcore.data.rows.prompt_conversation`` says which
     conversation)."""
-    if "prompt_id" not in row:
-        raise InputError(f"{where}: missing 'prompt_id'")
+    prompt_id = prompt_key(row.get("prompt_id"), where)
     messages = prompt_conversation(row, where)
-    return PromptRow(str(row["prompt_id"]), raw_prompt(row, messages), messages)
+    return PromptRow(prompt_id, raw_prompt(row, messages), messages)
 
 
 def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
@@ -93,6 +99,46 @@ def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
         seen[prompt.prompt_id] = index
         prompts.append(prompt)
     return prompts
+
+
+def screen_prompts(
+    prompts: Sequence[PromptRow], model_dir, rule: str, trust_remote_code: bool, where: str
+) -> tuple[list[PromptRow], list[dict], int]:
+    """Apply data.special_tokens_in_text to prompts whose messages hold the text of one of the
+    model's special tokens (``selm_mcore.data.special_tokens``): (the prompts to generate for,
+    the output rows of the prompts left out (rule skip: no responses, ``skipped``), how many
+    prompts hold such text). Rule refuse raises naming the prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    specials = SpecialTokenText(tokenizer)
+    kept: list[PromptRow] = []
+    left_out: list[dict] = []
+    concerned = 0
+    for index, prompt in enumerate(prompts):
+        hit = first_special_text(specials, messages_texts(prompt.messages))
+        concerned += hit is not None
+        if keep_row(rule, hit, f"{where} row {index + 1} (prompt_id {prompt.prompt_id!r})"):
+            kept.append(prompt)
+        else:
+            left_out.append(
+                {
+                    "prompt_id": prompt.prompt_id,
+                    "prompt": prompt.prompt,
+                    "responses": [],
+                    "finish_reasons": [],
+                    "prompt_tokens_cut": 0,
+                    "skipped": "special-token text (data.special_tokens_in_text=skip)",
+                }
+            )
+    return kept, left_out, concerned
+
+
+def _in_prompt_order(
+    prompts: Sequence[PromptRow], generated: Sequence[dict], left_out: Sequence[dict]
+) -> list[dict]:
+    by_id = {row["prompt_id"]: row for row in (*generated, *left_out)}
+    return [by_id[p.prompt_id] for p in prompts]
 
 
 # --- files (data-parallel and multi-node engines: selm_mcore.rollout.engines) ----------------
@@ -131,6 +177,43 @@ def _generate_rows(
     return _output_rows(prompts, completions)
 
 
+def _generate(
+    model_dir,
+    prompts: Sequence[PromptRow],
+    gen_cfg: GenerationConfig,
+    trust_remote_code: bool,
+    out_path: str | os.PathLike,
+    bounds: list[tuple[int, int]] | None,
+    reporter: ProgressReporter,
+) -> list[dict]:
+    """Output rows of ``prompts`` (this node's ``bounds`` slices when given): one engine in
+    this process, or one engine process per slice; no engine for no prompt. ``reporter``
+    counts the prompts done."""
+    if bounds is not None or (gen_cfg.num_engines > 1 and len(prompts) > 1):
+        out_dir = Path(out_path).absolute().parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if bounds == []:
+            return []
+        with tempfile.TemporaryDirectory(prefix=".engines.", dir=out_dir) as workdir:
+            return run_engines(
+                model_dir,
+                [dataclasses.asdict(p) for p in prompts],
+                gen_cfg,
+                trust_remote_code,
+                Path(workdir),
+                bounds,
+                reporter=reporter,
+            )
+    if not prompts:
+        return []
+    counter = ProgressCounter()
+    reporter.add_source(counter)
+    with reporter:
+        return _generate_rows(
+            model_dir, prompts, gen_cfg, trust_remote_code, seed_offset=0, progress=counter
+        )
+
+
 def generate_file(
     model_dir: str | os.PathLike,
     prompts_path: str | os.PathLike,
@@ -140,19 +223,24 @@ def generate_file(
     trust_remote_code: bool = False,
     num_nodes: int = 1,
     node_rank: int = 0,
+    special_tokens_in_text: str = "plain",
 ) -> list[dict]:
     """Generate responses for every prompt row of ``prompts_path`` and write
     ``{prompt_id, prompt, responses, finish_reasons, prompt_tokens_cut}`` JSONL to ``out_path``
     atomically (responses stripped). With ``num_nodes > 1`` only this node's slices, to
     ``node_output_path(out_path, rank)`` (``merge_node_outputs`` joins them). Returns the rows
-    written."""
+    written. Prompts holding special-token text follow ``special_tokens_in_text``
+    (``screen_prompts``; with skip, the seeds of the prompts kept follow their order)."""
     gen_cfg.validate()
-    prompts = load_prompts(prompts_path)
+    all_prompts = load_prompts(prompts_path)
     check_model_dir(model_dir, on_cpu=not cuda_available())
     verify_checksums(
         model_dir,
         fix=f"export {model_dir} again (selm convert mcore-to-hf "
         "--overwrite) or point at an intact copy",
+    )
+    prompts, left_out, special_prompts = screen_prompts(
+        all_prompts, model_dir, special_tokens_in_text, trust_remote_code, str(prompts_path)
     )
     start = time.perf_counter()
     reporter = job_reporter(
@@ -168,41 +256,26 @@ def generate_file(
         out_path = node_output_path(out_path, node_rank)
     else:
         bounds = None
-    if bounds is not None or (gen_cfg.num_engines > 1 and len(prompts) > 1):
-        out_dir = Path(out_path).absolute().parent
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".engines.", dir=out_dir) as workdir:
-            rows = (
-                run_engines(
-                    model_dir,
-                    [dataclasses.asdict(p) for p in prompts],
-                    gen_cfg,
-                    trust_remote_code,
-                    Path(workdir),
-                    bounds,
-                    reporter=reporter,
-                )
-                if bounds != []
-                else []
-            )
-    else:
-        counter = ProgressCounter()
-        reporter.add_source(counter)
-        with reporter:
-            rows = _generate_rows(
-                model_dir, prompts, gen_cfg, trust_remote_code, seed_offset=0, progress=counter
-            )
+    rows = _generate(model_dir, prompts, gen_cfg, trust_remote_code, out_path, bounds, reporter)
+    if left_out and bounds is None:  # one node: every prompt's row, in file order
+        rows = _in_prompt_order(all_prompts, rows, left_out)
+    elif left_out:  # this node's slices of the prompts kept; node 0 adds the rows left out
+        rows = rows + (left_out if node_rank == 0 else [])
     write_jsonl_atomic(out_path, rows)
     truncated = sum(1 for row in rows if row["prompt_tokens_cut"])
     logger.info(
         "wrote %d prompts x %d responses to %s in %.1f s; %d prompts truncated to the "
-        "generation context of %d tokens (kept the end)",
+        "generation context of %d tokens (kept the end); special-token text "
+        "(data.special_tokens_in_text=%s): %d prompts, %d left out",
         len(rows),
         gen_cfg.n,
         out_path,
         time.perf_counter() - start,
         truncated,
         generation_context(gen_cfg),
+        special_tokens_in_text,
+        special_prompts,
+        len(left_out),
     )
     return rows
 
@@ -266,6 +339,14 @@ def main(args) -> int:
     if not model_dir:
         raise InputError("no model to serve: pass --model-dir or set model.hf_dir")
     check_output_dir(Path(args.out).absolute().parent, what="--out")
+    check_model_dir(model_dir, on_cpu=not cuda_available())  # an HF folder vLLM can serve
+    check_model_run(
+        cfg,
+        model_dir,
+        job="generate",
+        dtype="fp32" if cfg.generation.dtype == "float32" else "bf16",  # auto: at least 2 bytes
+        processes_on_host=1 if cuda_available() else cfg.generation.num_engines,
+    )
     node_rank = 0
     if args.num_nodes > 1:
         node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
@@ -277,5 +358,6 @@ def main(args) -> int:
         trust_remote_code=cfg.model.trust_remote_code,
         num_nodes=args.num_nodes,
         node_rank=node_rank,
+        special_tokens_in_text=cfg.data.special_tokens_in_text,
     )
     return 0

@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from selm_mcore.config.io import add_config_arguments, config_from_args
+from selm_mcore.data.ids import prompt_key
 from selm_mcore.data.rows import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.rollout.rankers import PairRMRanker, Ranker, ranks_from_scores
-from selm_mcore.runtime.errors import InputError
+from selm_mcore.runtime.errors import InputError, short_repr
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
 from selm_mcore.runtime.preflight import check_output_dir
 
@@ -53,7 +54,7 @@ def _last_assistant(conversation: Any, key: str, where: str) -> str:
         or not conversation
         or conversation[-1].get("role") != "assistant"
     ):
-        raise ValueError(f"{where}: '{key}' must be a message list ending with an assistant turn")
+        raise InputError(f"{where}: '{key}' must be a message list ending with an assistant turn")
     return conversation[-1]["content"]
 
 
@@ -117,12 +118,10 @@ class _Candidates:
 def _candidates(
     index: int, row: Mapping[str, Any], y_refs: Mapping[str, Sequence[str] | str]
 ) -> _Candidates:
-    prompt_id = row.get("prompt_id")
-    where = f"row {index} (prompt_id={prompt_id!r})"
-    if prompt_id is None:
-        raise ValueError(f"row {index}: missing 'prompt_id'")
+    prompt_id = prompt_key(row.get("prompt_id"), f"row {index}")
+    where = f"row {index} (prompt_id={short_repr(prompt_id)})"
     if prompt_id not in y_refs:
-        raise KeyError(
+        raise InputError(
             f"{where}: no generated response for this prompt_id in the "
             "generations; regenerate this round's responses"
         )
@@ -131,7 +130,7 @@ def _candidates(
         strip_response(r) for r in ([generated] if isinstance(generated, str) else generated)
     ]
     if not responses:
-        raise ValueError(f"{where}: the generations hold no response")
+        raise InputError(f"{where}: the generations hold no response")
     messages = prompt_conversation(row, where)
     if "chosen" in row or "rejected" in row:
         y_w = _last_assistant(row.get("chosen"), "chosen", where)
@@ -139,7 +138,7 @@ def _candidates(
         texts, names = [responses[0], y_w, y_l], list(PREFERENCE_CANDIDATES)
     else:
         if len(responses) < 2:
-            raise ValueError(
+            raise InputError(
                 f"{where}: a prompt-only row needs >= 2 generated responses to "
                 f"form a pair, got {len(responses)}; set generation.n >= 2"
             )
@@ -158,7 +157,7 @@ def _ranked_pair(candidates: _Candidates, scores: np.ndarray) -> tuple[dict, dic
     new_row = {k: v for k, v in row.items() if k != "responses"}
     new_row.update(
         prompt=candidates.prompt,
-        prompt_id=row["prompt_id"],
+        prompt_id=prompt_key(row["prompt_id"], "row"),
         chosen=chosen,
         rejected=rejected,
         messages=chosen,
@@ -167,7 +166,7 @@ def _ranked_pair(candidates: _Candidates, scores: np.ndarray) -> tuple[dict, dic
         reference_response=texts[0],
     )
     stats = {
-        "prompt_id": row["prompt_id"],
+        "prompt_id": prompt_key(row["prompt_id"], "row"),
         "candidates": names,
         "scores": [float(s) for s in scores],
         "ranks": [int(r) for r in ranks],
@@ -192,14 +191,26 @@ def summarize_stats(stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def load_generations(path: str | os.PathLike) -> dict[str, list[str]]:
-    """``generate_file`` output -> {prompt_id: responses}."""
+def read_generations(path: str | os.PathLike) -> tuple[dict[str, list[str]], set[str]]:
+    """``generate_file`` output -> ({prompt_id: responses}, the prompt_ids it skipped: rows with
+    ``skipped``, data.special_tokens_in_text=skip); ids in their normalised form."""
     out: dict[str, list[str]] = {}
-    for index, row in enumerate(read_records(path)):
-        if "prompt_id" not in row or not isinstance(row.get("responses"), list):
-            raise ValueError(f"{path} row {index}: expected keys prompt_id and responses (list)")
-        out[row["prompt_id"]] = row["responses"]
-    return out
+    skipped: set[str] = set()
+    for row_number, row in read_records(path, with_row_numbers=True):
+        where = f"{path} row {row_number}"
+        if not isinstance(row.get("responses"), list):
+            raise InputError(f"{where}: expected keys prompt_id and responses (list)")
+        key = prompt_key(row.get("prompt_id"), where)
+        if row.get("skipped"):
+            skipped.add(key)
+        else:
+            out[key] = row["responses"]
+    return out, skipped
+
+
+def load_generations(path: str | os.PathLike) -> dict[str, list[str]]:
+    """``generate_file`` output -> {prompt_id: responses} (prompts it skipped left out)."""
+    return read_generations(path)[0]
 
 
 # --- held-out scores ---------------------------------------------------------------------------
@@ -229,16 +240,18 @@ def score_eval_responses(
     the others score it alone. Returns rows {prompt_id, response, score}.
     """
     prompts, candidates, answers = [], [], []
-    for row in eval_rows:
-        key = EVAL_ID_PREFIX + str(row["prompt_id"])
+    for index, row in enumerate(eval_rows):
+        key = EVAL_ID_PREFIX + prompt_key(row.get("prompt_id"), f"held-out row {index}")
         if key not in generations:
-            raise KeyError(f"held-out prompt {row['prompt_id']!r} has no generated response")
+            raise InputError(
+                f"held-out prompt {short_repr(row['prompt_id'])} has no generated response"
+            )
         response = strip_response(generations[key][0])
         prompts.append(raw_prompt(row, prompt_conversation(row, f"held-out prompt {key!r}")))
         if isinstance(ranker, PairRMRanker):
             anchor = eval_anchor(row)
             if anchor is None:
-                raise ValueError(
+                raise InputError(
                     f"held-out prompt {row['prompt_id']!r} has no chosen response "
                     "to compare against (PairRM scores pairs)"
                 )
@@ -248,7 +261,11 @@ def score_eval_responses(
         answers.append(row.get(answer_key))
     scores = ranker.scores(prompts, candidates, answers=answers) if prompts else []
     return [
-        {"prompt_id": row["prompt_id"], "response": cands[0], "score": float(score[0])}
+        {
+            "prompt_id": prompt_key(row["prompt_id"], "row"),
+            "response": cands[0],
+            "score": float(score[0]),
+        }
         for row, cands, score in zip(eval_rows, candidates, scores)
     ]
 
@@ -286,15 +303,15 @@ def warn_repeated_prompt_ids(rows: Sequence[Mapping[str, Any]], path: str) -> in
     seen: dict[str, int] = {}
     repeats = []
     for index, row in enumerate(rows, start=1):
-        prompt_id = row.get("prompt_id")
-        if prompt_id is None:
+        if row.get("prompt_id") is None:
             continue
-        if str(prompt_id) in seen:
+        prompt_id = prompt_key(row["prompt_id"], f"{path} row {index}")
+        if prompt_id in seen:
             repeats.append(
-                f"row {index} repeats prompt_id {prompt_id!r} of row {seen[str(prompt_id)]}"
+                f"row {index} repeats prompt_id {short_repr(prompt_id)} of row {seen[prompt_id]}"
             )
         else:
-            seen[str(prompt_id)] = index
+            seen[prompt_id] = index
     if repeats:
         logger.warning(
             "%s: %d rows repeat an earlier row's prompt_id and so share its generated "
@@ -371,6 +388,25 @@ def rank_job(
     return pairs, stats, scored
 
 
+def _rows_to_rank(path: str, skipped: set[str], id_prefix: str = "") -> list[dict]:
+    """The rows of ``path``, each with a prompt_id (a missing or mistyped one is refused naming
+    the row), less those whose prompt ``selm generate`` skipped (counted in the log)."""
+    rows, left_out = [], 0
+    for row_number, row in read_records(path, with_row_numbers=True):
+        if id_prefix + prompt_key(row.get("prompt_id"), f"{path} row {row_number}") in skipped:
+            left_out += 1
+        else:
+            rows.append(row)
+    if left_out:
+        logger.warning(
+            "%s: left out %d rows whose prompt selm generate skipped (special-token text, "
+            "data.special_tokens_in_text=skip)",
+            path,
+            left_out,
+        )
+    return rows
+
+
 def _check_arguments(args) -> None:
     if (args.rows is None) != (args.out is None):
         raise InputError("--rows and --out go together (the rows to pair and where the pairs go)")
@@ -400,7 +436,7 @@ def output_paths(args) -> list[Path]:
 def check_pairs_left(stats: Sequence[Mapping[str, Any]], generations_path: str) -> None:
     """Refuse a ranking whose every new pair has an empty chosen, rejected or y_ref."""
     if stats and all(s["dropped_empty"] for s in stats):
-        raise ValueError(
+        raise InputError(
             f"every one of the {len(stats)} new pairs has an empty chosen, rejected or y_ref "
             f"response; check the generations ({generations_path})"
         )
@@ -416,9 +452,9 @@ def main(args) -> int:
     _check_arguments(args)
     cfg = config_from_args(args)
     apply_device_setting(cfg.parallel.device)
-    generations = load_generations(args.generations)
-    rows = read_records(args.rows) if args.rows is not None else []
-    eval_rows = read_records(args.eval_rows) if args.eval_rows is not None else []
+    generations, skipped = read_generations(args.generations)
+    rows = _rows_to_rank(args.rows, skipped) if args.rows is not None else []
+    eval_rows = _rows_to_rank(args.eval_rows, skipped, EVAL_ID_PREFIX) if args.eval_rows else []
     if args.rows is not None:
         warn_repeated_prompt_ids(rows, args.rows)
     node_rank = 0

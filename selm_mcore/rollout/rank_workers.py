@@ -196,12 +196,13 @@ def _worker_files(
     generations: Mapping[str, list[str]],
 ) -> tuple[str, str, str]:
     """Write one worker's rows, held-out rows and their generations; their paths."""
+    from selm_mcore.data.ids import prompt_key
     from selm_mcore.rollout.pairs import EVAL_ID_PREFIX
 
     base = workdir / f"worker{worker}"
     base.mkdir()
-    ids = [str(r["prompt_id"]) for r in rows] + [
-        EVAL_ID_PREFIX + str(r["prompt_id"]) for r in eval_rows
+    ids = [prompt_key(r["prompt_id"], "row") for r in rows] + [
+        EVAL_ID_PREFIX + prompt_key(r["prompt_id"], "row") for r in eval_rows
     ]
     write_jsonl_atomic(
         base / "generations.jsonl",

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from selm_mcore.config.schema import RankingConfig
+from selm_mcore.data.templates import render_chat_template
 from selm_mcore.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -376,9 +377,9 @@ class RewardModelRanker(Ranker):
 
     def _encode(self, prompt: str, response: str) -> list[int]:
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(
+            text = render_chat_template(  # within the template budget
+                self.tokenizer,
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                tokenize=False,
             )
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:

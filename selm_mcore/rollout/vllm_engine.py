@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config.schema import GenerationConfig
+from selm_mcore.data.special_tokens import SpecialTokenText
 from selm_mcore.data.tokenize import encode_prompt
 from selm_mcore.mcore.families import check_attention_window
 from selm_mcore.rollout.engines import GenerationError, cuda_available
@@ -66,7 +67,12 @@ def check_model_dir(model_dir: str | os.PathLike, *, on_cpu: bool) -> dict:
             f"model dir {model_dir} has no config.json: not an HF model folder (export the "
             "policy first, or set model.hf_dir / --model-dir)"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path} is not a JSON object; use the model's own config.json")
     quant = (config.get("quantization_config") or {}).get("quant_method")
     if quant == "gguf" and not any(model_dir.glob("*.gguf")):
         raise InputError(
@@ -193,6 +199,7 @@ class VLLMGenerator:
         context). Chat template + generation prompt, tokenised once without extra special
         tokens; a longer prompt keeps its last ``generation_context`` tokens."""
         context = generation_context(self.cfg)
+        specials = SpecialTokenText(self.tokenizer)  # their text in a prompt stays plain text
         out = []
         for conversation in conversations:
             messages = (
@@ -200,7 +207,7 @@ class VLLMGenerator:
                 if isinstance(conversation, str)
                 else [dict(m) for m in conversation]
             )
-            out.append(fit_context(encode_prompt(self.tokenizer, messages), context))
+            out.append(fit_context(encode_prompt(self.tokenizer, messages, specials), context))
         return out
 
     def render(self, conversations: Sequence[Sequence[Mapping[str, str]] | str]) -> list[list[int]]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import reprlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,30 @@ FILE_ERRNOS = (
 
 class UserError(Exception):
     """A problem the user can fix; the command prints its message alone (no traceback)."""
+
+
+# A value a user wrote may be huge (a 1 MB string, a list of YAML aliases that expands
+# exponentially): messages show it through this bounded repr, never through repr().
+SHORT_REPR_CHARS = 120
+
+
+def clip_text(text: str, limit: int = SHORT_REPR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (with "..." when cut)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)`` cut to a few items per container, two levels and about 120 characters:
+    the work is bounded whatever the value (``repr`` of a shared, nested list is not)."""
+    bounded = reprlib.Repr()  # Python 3.11 takes no keyword arguments here
+    bounded.maxlevel = 2
+    bounded.maxtuple = bounded.maxlist = bounded.maxdict = bounded.maxset = 4
+    bounded.maxstring = bounded.maxother = 60
+    try:
+        text = bounded.repr(value)
+    except ValueError:  # an int beyond Python's 4300-digit str() limit
+        text = f"<{type(value).__name__} too large to show>"
+    return clip_text(text)
 
 
 class InputError(UserError, ValueError):

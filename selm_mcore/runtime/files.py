@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -130,16 +131,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
                 continue
             try:
                 record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield (
-                    line_number,
-                    DataError(
-                        path,
-                        line_number,
-                        f"invalid JSON ({exc.msg} at column {exc.colno})",
-                        "write exactly one JSON object per line (check quotes, escapes, commas)",
-                    ),
-                )
+            except (ValueError, RecursionError) as exc:  # also a huge int, deep nesting
+                yield line_number, _unreadable_json(path, line_number, exc)
                 continue
             if not isinstance(record, dict):
                 yield (
@@ -153,6 +146,28 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
                 )
                 continue
             yield line_number, record
+
+
+def _unreadable_json(path: Path, line_number: int, exc: Exception) -> DataError:
+    """The bad row for a line ``json.loads`` refused: invalid JSON, an integer beyond Python's
+    digit limit, or nesting deeper than the parser's recursion limit (any column: the line is
+    parsed whole)."""
+    if isinstance(exc, json.JSONDecodeError):
+        rule = f"invalid JSON ({exc.msg} at column {exc.colno})"
+        fix = "write exactly one JSON object per line (check quotes, escapes, commas)"
+    elif isinstance(exc, RecursionError):
+        rule = "the JSON is nested too deeply to read (arrays/objects inside each other)"
+        fix = "flatten or drop that value (even in a column the rows do not use)"
+    elif "digits" in str(exc):
+        limit = sys.get_int_max_str_digits()
+        rule = (
+            f"the JSON holds a value that cannot be read (an integer of more than {limit} digits)"
+        )
+        fix = "write such a number as a string, or drop that value"
+    else:
+        rule = f"the JSON holds a value that cannot be read ({str(exc)[:200]})"
+        fix = "check the line (and the tool that wrote it)"
+    return DataError(path, line_number, rule, fix)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict | DataError]]:

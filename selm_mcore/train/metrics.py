@@ -9,7 +9,8 @@ Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetr
 
 ``out_dir/metrics.jsonl`` holds one JSON object per logged step; on resume, lines of steps after
 ``resume_step`` (written by the interrupted run after its last checkpoint) are dropped so the file
-reads as one continuous run; non-finite values are written as NaN / Infinity (never dropped).
+reads as one continuous run, and so is a line that does not read (torn by a kill), with a
+warning; non-finite values are written as NaN / Infinity (never dropped).
 TensorBoard needs the ``tensorboard`` package (pip extra ``selm-mcore[logging]``).
 
 Model FLOPs: ``selm_mcore.modelspec`` (``training_flops``, ``packed_forward_flops``).
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+from selm_mcore.runtime.files import DataError, iter_records, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,30 @@ def peak_memory_gib(device: torch.device) -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def _lines_to_keep(path: Path, resume_step: int) -> list[dict]:
+    """The records of ``path`` up to ``resume_step``. A line that does not read (a torn last
+    line: the run was killed while writing it) is dropped with a warning: this file is written
+    here, and its steps after the checkpoint are logged again."""
+    kept, unreadable = [], []
+    for line, record in iter_records(path):
+        if isinstance(record, DataError):
+            unreadable.append(line)
+            continue
+        step = record.get("step", 0)
+        if isinstance(step, (int, float)) and step <= resume_step:
+            kept.append(record)
+    if unreadable:
+        logger.warning(
+            "%s: dropped %d line(s) that do not read (line %s; a run stopped while writing "
+            "them); the steps after step %d are logged again",
+            path,
+            len(unreadable),
+            ", ".join(map(str, unreadable[:5])),
+            resume_step,
+        )
+    return kept
 
 
 def format_step_line(step: int, total_steps: int, metrics: dict[str, float]) -> str:
@@ -95,9 +120,7 @@ class StepMetricsWriter:
         out_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path = out_dir / "metrics.jsonl"
         if jsonl_path.exists():
-            write_jsonl_atomic(
-                jsonl_path, [r for r in read_records(jsonl_path) if r.get("step", 0) <= resume_step]
-            )
+            write_jsonl_atomic(jsonl_path, _lines_to_keep(jsonl_path, resume_step))
         self._jsonl = jsonl_path.open("a")
         if tensorboard:
             try:

@@ -64,7 +64,7 @@ from selm_mcore.mcore.forward import (
 from selm_mcore.mcore.parallel import ParallelContext, sequence_length_multiple
 from selm_mcore.runtime.errors import InputError, UserError
 from selm_mcore.runtime.files import ChecksumError, atomic_open, hash_path
-from selm_mcore.runtime.preflight import check_output_dir
+from selm_mcore.runtime.preflight import check_model_run, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -483,6 +483,7 @@ def run_refpass(cfg: SelmConfig) -> Path:
             "a file (e.g. ref_logps.safetensors)"
         )
     check_output_dir(cfg.train.ref_cache_path().parent, what="train.ref_cache")
+    check_model_run(cfg, hf_files_dir(cfg.start_model()), job="refpass")
     ctx = init_parallel(
         tp=cfg.parallel.tp,
         pp=cfg.parallel.pp,
@@ -529,10 +530,7 @@ def run_refpass(cfg: SelmConfig) -> Path:
             logps.save(path, key)
             logger.info(
                 "reference pass: %d examples in %.1f s -> %s (key %s...)",
-                len(dataset),
-                elapsed,
-                path,
-                key.digest[:12],
+                *(len(dataset), elapsed, path, key.digest[:12]),
             )
         if ctx.world_size > 1:
             dist.barrier()

@@ -50,7 +50,12 @@ from pathlib import Path
 from selm_mcore.config.io import add_config_arguments, config_from_args
 from selm_mcore.config.schema import SelmConfig
 from selm_mcore.mcore.checkpoint import hf_files_dir
-from selm_mcore.runtime.preflight import check_output_dir, model_bytes, step_checkpoint_bytes
+from selm_mcore.runtime.preflight import (
+    check_model_run,
+    check_output_dir,
+    model_bytes,
+    step_checkpoint_bytes,
+)
 from selm_mcore.train.build import Training, build_training, load_round_data
 from selm_mcore.train.guards import NonFiniteError
 from selm_mcore.train.metrics import StepMetricsWriter
@@ -209,6 +214,7 @@ def train_round(cfg: SelmConfig) -> Path:
     from selm_mcore.runtime.deps import check_dependencies
 
     check_dependencies(cfg, phases=("train", "data"))
+    check_model_run(cfg, hf_files_dir(cfg.start_model()), job="train")
     check_train_outputs(cfg)
     data = load_round_data(cfg)
     ctx = init_parallel(

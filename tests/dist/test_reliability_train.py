@@ -12,6 +12,7 @@ poisoned (``SELM_TRAIN_NAN_AT_STEP=3``); the tests then check, against files rea
 * a flipped byte in the step-2 model shard makes `selm train` refuse the resume naming the file
   and the previous kept checkpoint; following the offered fix resumes from step 1, whose
   replayed step 2 equals the first run's step 2 (loss and grad norm, exactly);
+  the same resume drops a torn last line of metrics.jsonl (a kill while it was written);
 * export: into a non-empty folder refused before any process starts; with --overwrite the stale
   shards and index are gone and the folder holds exactly the new export with its checksums;
 * every kind of checkpoint file (model and optimizer .distcp, RNG safetensors, state.json,
@@ -250,6 +251,10 @@ def test_resume_with_another_start_model_is_refused(ws, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_corrupt_checkpoint_names_the_file_and_the_fix_resumes(ws):
+    """A flipped byte in the newest model shard is named with the fix; the fixed run resumes
+    from step 1 and replays step 2 exactly. The same resume also meets a torn last line in
+    metrics.jsonl (a kill while it was written): dropped, no "fix your JSON" about a file the
+    trainer wrote itself."""
     from selm_mcore.runtime.files import read_records
 
     run = copy_run(ws, "run_corrupt")
@@ -266,6 +271,9 @@ def test_corrupt_checkpoint_names_the_file_and_the_fix_resumes(ws):
     assert fix in error
     (checkpoints / "latest").write_text("step_0000001\n")
     shutil.rmtree(checkpoints / "step_0000002")
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # step 3, torn
     launch(["train", str(ws["config"])], f"train.output_dir={run}")
     records = read_records(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))

@@ -73,10 +73,14 @@ def error_lines(stderr: str) -> list[str]:
 
 @pytest.fixture
 def broken_run(tmp_path, write_jsonl, write_config, preference_row):
-    """A run whose generate phase fails at once (the model folder has no config.json), so
-    `selm run` gets as far as a finished round-1 portion in seconds."""
+    """A run whose generate phase fails at once (the model folder holds a config.json, which
+    `selm run` checks first, but no weights or tokenizer), so `selm run` gets as far as a
+    finished round-1 portion in seconds."""
     model = tmp_path / "not_a_model"
     model.mkdir()
+    dims = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=512)
+    config = dict(model_type="llama", num_attention_heads=4, max_position_embeddings=4096)
+    (model / "config.json").write_text(json.dumps({**dims, **config}))
     data = write_jsonl(
         tmp_path / "train.jsonl",
         [preference_row(f"q{i}", "a", "b", prompt_id=f"p{i}") for i in range(4)],

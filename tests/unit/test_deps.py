@@ -41,6 +41,8 @@ def test_selm_run_stops_before_any_phase_naming_the_extras(
             "train.global_batch_size=2",
             "train.tensorboard=true",
             "ranking.kind=pairrm",
+            "generation.max_model_len=1024",  # the tiny model's context
+            "generation.max_tokens=256",
         ],
     )
     check_run_inputs(cfg)  # everything installed here

@@ -72,7 +72,7 @@ def test_merge_node_outputs(tmp_path):
     with pytest.raises(GenerationError, match="left no output"):
         merge_node_outputs([r["prompt_id"] for r in rows], out, 2)
     write_jsonl_atomic(node_output_path(out, 1), rows[4:])
-    with pytest.raises(GenerationError, match="do not hold the 5 prompts in order"):
+    with pytest.raises(GenerationError, match="do not hold the 5 prompts once each"):
         merge_node_outputs([r["prompt_id"] for r in rows], out, 2)
     write_jsonl_atomic(node_output_path(out, 1), rows[3:])
     assert merge_node_outputs([r["prompt_id"] for r in rows], out, 2) == rows

@@ -54,10 +54,28 @@ def test_online_config_validation():
         load_config(None, ["online.rounds=0"])
 
 
+def write_model_config(folder: Path) -> Path:
+    """A config.json alone (what `selm run` reads of the start model before any phase)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(
+        model_type="llama",
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=4096,
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_check_run_inputs_refuses_bad_layouts_and_missing_inputs(
     tmp_path, write_jsonl, preference_row
 ):
     train = write_jsonl(tmp_path / "train.jsonl", [preference_row("q0", "a0", "b0")])
+    write_model_config(tmp_path)
     base = [f"model.hf_dir={tmp_path}", f"data.train_path={train}"]
     check_run_inputs(load_config(None, base + ["train.global_batch_size=8"]))
     with pytest.raises(ConfigError, match="multiple of parallel.tp \\* parallel.pp = 4"):
@@ -382,8 +400,7 @@ def test_run_with_its_manifest_deleted_refuses_before_any_phase(
     from selm_mcore.loop.online import run_online
     from selm_mcore.runtime.files import hash_path
 
-    model = tmp_path / "model"
-    model.mkdir()
+    model = write_model_config(tmp_path / "model")
     train = write_jsonl(
         tmp_path / "train.jsonl",
         [preference_row(f"q{i}", "a", "b", prompt_id=f"p{i}") for i in range(4)],
@@ -440,3 +457,54 @@ def test_phases_run_with_a_safe_path(tmp_path, monkeypatch):
         timeout_s=60,
     )
     assert "safe 1" in log.read_text()
+
+
+BAD_MANIFESTS = {
+    "a_list": (b"[]", "the manifest must be a JSON object, got a list"),
+    "config_a_string": (
+        b'{"format": "selm-online/1", "config": "tiny", "phases": {}}',
+        "config must be an object, got a string",
+    ),
+    "phases_a_list": (
+        b'{"format": "selm-online/1", "config": {}, "phases": ["round1/portion"]}',
+        "phases must be an object of phase records, got a list",
+    ),
+    "sha256_a_number": (
+        b'{"format": "selm-online/1", "config": {}, "phases": {"round1/portion": '
+        b'{"output": "round_1/portion.jsonl", "sha256": 12, "seconds": 1.0}}}',
+        "phases.round1/portion.sha256=12 must be a string",
+    ),
+    "invalid_utf8": (
+        b'{"format": "selm-online/1", "config": {"x": "\xff\xfe"}, "phases": {}}',
+        "is not valid JSON ('utf-8' codec can't decode byte 0xff",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
+def test_a_manifest_of_the_wrong_shape_is_one_line(
+    case, tmp_path, tiny_llama_dir, write_jsonl, write_config, preference_row, capsys
+):
+    """`selm run` on a workdir whose manifest.json was edited into another shape: one line
+    naming the file and what is wrong (before: AttributeError / TypeError tracebacks)."""
+    from selm_mcore import cli
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    content, expected = BAD_MANIFESTS[case]
+    (workdir / "manifest.json").write_bytes(content)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [preference_row("Q?", "A.", "B.", answer="1")] * 4)
+    config = write_config(
+        tmp_path / "run.yaml",
+        model={"hf_dir": str(tiny_llama_dir)},
+        data={"train_path": str(rows)},
+        ranking={"kind": "verifiable"},
+        train={"global_batch_size": 2},
+        generation={"max_model_len": 512, "max_tokens": 16},
+        online={"rounds": 1, "workdir": str(workdir)},
+    )
+    assert cli.main(["run", str(config), "--list-phases"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"selm run: error: {workdir / 'manifest.json'}"), err
+    assert expected in err[0] and "edited by hand" in err[0], err[0]
+    assert len(err) == 2 and err[1].startswith("selm run stopped")  # the run's hint

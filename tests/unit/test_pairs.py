@@ -22,6 +22,7 @@ from selm_mcore.rollout.pairs import (
     summarize_stats,
 )
 from selm_mcore.rollout.rankers import Ranker, RankerError, VerifiableAnswerRanker
+from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import read_records
 
 
@@ -162,7 +163,7 @@ def test_pairs_keep_the_whole_prompt_conversation(preference_row):
 
 def test_build_pairs_refuses_missing_or_short_generations(pref_row):
     ranker = TableRanker({})
-    with pytest.raises(KeyError, match="prompt_id='x'"):
+    with pytest.raises(InputError, match="prompt_id='x'"):
         build_pairs([pref_row("x", "w", "l")], {}, ranker)
     with pytest.raises(ValueError, match="needs >= 2 generated responses"):
         build_pairs([{"prompt_id": "y", "prompt": "Q"}], {"y": ["only"]}, ranker)
@@ -226,7 +227,7 @@ def test_heldout_scores_with_the_verifiable_ranker():
     assert [r["prompt_id"] for r in scored] == ["a", "b"]
     assert scored[0]["response"] == "2 + 2 = 4" and scored[0]["score"] > 1.0  # correct
     assert scored[1]["score"] == 0.0  # wrong
-    with pytest.raises(KeyError, match="held-out prompt 'c' has no generated response"):
+    with pytest.raises(InputError, match="held-out prompt 'c' has no generated response"):
         score_eval_responses(
             VerifiableAnswerRanker(), [{"prompt_id": "c", "prompt": "Q"}], generations, "answer"
         )
@@ -241,7 +242,7 @@ def test_load_generations(tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "gen.jsonl", [{"prompt_id": "a", "responses": ["x", "y"]}])
     assert load_generations(path) == {"a": ["x", "y"]}
     write_jsonl(path, [{"prompt_id": "a", "responses": "x"}])
-    with pytest.raises(ValueError, match="row 0: expected keys prompt_id and responses"):
+    with pytest.raises(ValueError, match="row 1: expected keys prompt_id and responses"):
         load_generations(path)
 
 
@@ -302,6 +303,46 @@ def test_selm_rank_writes_pairs_stats_and_heldout_scores_with_one_ranker(
     (scored,) = read_records(tmp_path / "rank" / "eval_scores.jsonl")
     assert scored["prompt_id"] == "e1" and scored["response"] == "That makes 8."
     assert scored["score"] == pytest.approx(1 + 1 / (1 + len("That makes 8.")))
+
+
+def test_selm_rank_matches_integer_prompt_ids_and_names_a_missing_one(
+    tmp_path, write_jsonl, write_config, preference_row, capsys
+):
+    """Rows (and held-out rows) with integer prompt_ids: `selm generate` writes them as strings,
+    `selm rank` compares both in one normalised form. A row without a prompt_id, or with a
+    float one, is one line naming the file and row."""
+    from selm_mcore import cli
+
+    config = write_config(tmp_path / "cfg.yaml", ranking={"kind": "verifiable"})
+    rows = [
+        preference_row("What is 2 + 3?", "It is 5.", "It is 6.", prompt_id=17, answer="5"),
+        preference_row("What is 1 + 1?", "2", "3", prompt_id=18, answer="2"),
+    ]
+    rows_path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    evals = write_jsonl(
+        tmp_path / "eval.jsonl", [{"prompt_id": 3, "prompt": "What is 4 + 4?", "answer": "8"}]
+    )
+    generations = write_jsonl(
+        tmp_path / "gen.jsonl",
+        [
+            {"prompt_id": "17", "responses": ["5"]},
+            {"prompt_id": "18", "responses": ["2"]},
+            {"prompt_id": EVAL_ID_PREFIX + "3", "responses": ["8"]},
+        ],
+    )
+    out, scores = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
+    argv = ["rank", str(config), "--generations", str(generations), "--rows", str(rows_path)]
+    argv += ["--out", str(out), "--eval-rows", str(evals), "--eval-out", str(scores)]
+    assert cli.main(argv) == 0
+    assert [p["prompt_id"] for p in read_records(out)] == ["17", "18"]
+    assert [s["prompt_id"] for s in read_records(scores)] == ["3"]
+    for bad, expected in ((None, "missing 'prompt_id'"), (1.5, "prompt_id=1.5 must be a string")):
+        rows[1]["prompt_id"] = bad
+        write_jsonl(rows_path, rows)
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"selm rank: error: {rows_path} row 2: "), err
+        assert expected in err[0]
 
 
 def test_selm_rank_refuses_half_given_jobs(tmp_path, write_config):

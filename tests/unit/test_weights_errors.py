@@ -142,3 +142,101 @@ def test_convert_child_spec_round_trips_through_its_json_file():
         ConvertJob.from_dict({"job": "defragment"})
     with pytest.raises(TypeError, match="hf_dir"):  # the old dict spec's keys are refused
         ConvertJob.from_dict({"job": "hf-to-mcore", "hf_dir": "/m/hf", "out_dir": "/o"})
+
+
+def _model_copy(tmp_path, tiny_llama_dir, change: str):
+    """The tiny Llama with one fault: a config.json of fewer layers than the weights, an int8
+    tensor, a missing tensor, a tensor of another shape, or a safetensors header claiming
+    2^62 bytes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / change
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    tensors = load_file(str(weights))
+    if change == "fewer_layers":
+        config = json.loads((model / "config.json").read_text())
+        config["num_hidden_layers"] = 2
+        (model / "config.json").write_text(json.dumps(config))
+    elif change == "int8":
+        tensors["model.norm.weight"] = torch.ones(128, dtype=torch.int8)
+    elif change == "missing":
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+    elif change == "shape":
+        tensors["model.layers.3.self_attn.o_proj.weight"] = torch.zeros(128, 64)
+    if change != "huge_header":
+        save_file(tensors, str(weights))
+    else:
+        with open(weights, "r+b") as f:
+            f.write((1 << 62).to_bytes(8, "little"))
+    return model
+
+
+WEIGHT_FAULTS = {
+    "fewer_layers": "the weights do not match the model its config.json describes: 18 "
+    "tensor(s) the model does not read: model.layers.2.input_layernorm.weight, "
+    "model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, "
+    "model.layers.2.mlp.up_proj.weight, model.layers.2.post_attention_layernorm.weight, ... "
+    "(13 more) (config.json: 2 layers)",
+    "int8": "1 tensor(s) not floating-point: model.norm.weight (I8); only F32, BF16, F16, F64 "
+    "weights load (no quantised format",
+    "missing": "1 tensor(s) missing: model.layers.1.mlp.up_proj.weight. Fix: use the "
+    "config.json that came with these weights",
+    "shape": "1 tensor(s) of another shape: model.layers.3.self_attn.o_proj.weight (128, 64) "
+    "(the config implies (128, 128))",
+    "huge_header": "model.safetensors: the header claims 4611686018427387904 bytes but the "
+    "file has",
+}
+
+
+@pytest.mark.parametrize("change", sorted(WEIGHT_FAULTS))
+def test_weights_that_do_not_match_the_config_stop_the_load_naming_them(
+    tmp_path, tiny_llama_dir, change, capsys
+):
+    """`selm convert hf-to-mcore` (the loader every command uses: load_hf_weights) on each
+    fault: one line naming the tensors (or the file), before any rank starts; nothing
+    written. Before, the fewer-layers folder loaded a subset and the int8 tensor was cast."""
+    from selm_mcore import cli
+
+    model = _model_copy(tmp_path, tiny_llama_dir, change)
+    out = tmp_path / "out"
+    assert cli.main(["convert", "hf-to-mcore", "--hf-dir", str(model), "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"selm convert: error: {model}"), err
+    assert WEIGHT_FAULTS[change] in err[0], err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
+def test_the_expected_tensors_are_the_name_map_each_read_once(tmp_path, family, tied):
+    """The tensors a load expects come from the name map (``param_table``), each once: exactly
+    the tensors transformers itself saves for a tiny model of each supported family (Qwen2's
+    q/k/v biases, Phi-3's fused qkv_proj and gate_up_proj), untied and tied."""
+    import transformers
+    from safetensors import safe_open
+
+    from selm_mcore.mcore.families import FAMILIES
+    from selm_mcore.mcore.weights import hf_tensor_plan
+
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "phi3"}  # a new family joins this test
+    config = transformers.AutoConfig.for_model(
+        family,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    getattr(transformers, FAMILIES[family].architecture)(config).save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    assert ("lm_head.weight" in saved) is not tied
+    assert hf_tensor_plan(load_hf_config(tmp_path)) == saved
