@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.config.eval_section import EvalConfig
 from selm_mcore.runtime.errors import UserError
 
 
@@ -217,6 +218,17 @@ class TrainConfig:
     # reshardable (resumable at any layout; gathers each replica's optimizer state on its
     # DP rank 0's host at every save).
     reshardable_checkpoints: bool = False
+    # Weights & Biases: the step metrics (as TensorBoard), each round's summary and the report
+    # images go to this project; "" = no W&B (selm_mcore.train.wandb_log).
+    wandb_project: str = ""
+    # The W&B team or user that owns the project; "" = the logged-in user's default.
+    wandb_entity: str = ""
+    # The run's name (its training rounds log as <name>-round<t> in its group); "" = the
+    # workdir's folder name.
+    wandb_name: str = ""
+    # "online" (stream to the server), "offline" (write run folders to sync later with `wandb
+    # sync`) or "disabled".
+    wandb_mode: str = "online"
 
     def ref_cache_path(self) -> Path:
         """train.ref_cache, else <train.output_dir>/ref_logps.safetensors."""
@@ -236,6 +248,7 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
         _choice("train.reference_mode", self.reference_mode, ("precomputed", "onthefly"))
+        _choice("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
@@ -345,8 +358,17 @@ class OnlineConfig:
     # Local processes the policy export (Megatron -> HF for vLLM) is spread over; each holds
     # about 1/export_tp of the model in CPU memory.
     export_tp: int = 1
+    # Benchmarks each round's policy (and the start model) answers, judged offline by the
+    # ranker and written for the official judges: alpaca_eval, mt_bench (settings: eval.*).
+    eval: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        from selm_mcore.config.eval_section import BENCHMARKS
+
+        for name in self.eval:
+            _choice("online.eval[]", name, BENCHMARKS)
+        if len(set(self.eval)) != len(self.eval):
+            raise ConfigError(f"online.eval={self.eval} names a benchmark twice")
         if self.rounds < 1:
             raise ConfigError(f"online.rounds={self.rounds} must be >= 1")
         for key in ("nproc_per_node", "nnodes", "export_tp"):
@@ -373,6 +395,7 @@ class SelmConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int | None = None) -> SelmConfig:
         """Every section's rules, then the cross-section ones; with ``world_size`` (processes of
@@ -437,6 +460,8 @@ NUMBER_RULES = {
     "generation.gpu_memory_utilization": "in (0, 1]",
     "generation.kv_cache_memory_gb": ">= 0",
     "generation.reload_timeout_s": ">= 0",
+    "eval.alpaca_eval_temperature": ">= 0",
+    "eval.alpaca_eval_top_p": "in (0, 1]",
 }
 
 

@@ -59,6 +59,7 @@ from pathlib import Path
 
 from selm_mcore.config.io import add_config_arguments, config_from_args, save_config
 from selm_mcore.config.schema import ConfigError, SelmConfig
+from selm_mcore.data.sources import check_source, source_hash
 from selm_mcore.loop.rounds import RoundPhases, RunPaths, generation_nodes
 from selm_mcore.loop.runner import (
     FAULT_ENV,
@@ -70,7 +71,6 @@ from selm_mcore.loop.runner import (
     run_phases,
     workdir_lock,
 )
-from selm_mcore.runtime.files import hash_path
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def input_hashes(cfg: SelmConfig, full_hash_max_bytes: int) -> dict[str, tuple[s
         if cfg.ranking.backbone:
             inputs["ranking.backbone"] = (cfg.ranking.backbone, readers["ranking"])
     return {
-        key: (hash_path(path, full_hash_max_bytes), first)
+        key: (source_hash(path, full_hash_max_bytes), first)
         for key, (path, first) in inputs.items()
         if path
     }
@@ -186,11 +186,7 @@ def check_run_inputs(cfg: SelmConfig) -> None:
             f"model.hf_dir={cfg.model.hf_dir!r} is not a folder: point it at the "
             "starting policy (an HF model folder)"
         )
-    if not cfg.data.train_path or not Path(cfg.data.train_path).is_file():
-        raise ConfigError(
-            f"data.train_path={cfg.data.train_path!r} is not a file: point it at "
-            "the preference rows (JSONL or Parquet)"
-        )
+    check_source(cfg.data.train_path, "data.train_path")
 
 
 def run_online(

@@ -20,6 +20,7 @@ from typing import Any
 from selm_mcore.config.schema import SelmConfig
 from selm_mcore.data.portions import first_round, write_portion
 from selm_mcore.data.rows import prompt_conversation
+from selm_mcore.data.sources import check_source, read_source_records
 from selm_mcore.loop.reports import write_report
 from selm_mcore.loop.runner import Manifest, OnlineError, Phase, run_command, selm_command
 from selm_mcore.rollout.pairs import EVAL_ID_PREFIX, eval_anchor
@@ -118,10 +119,8 @@ def read_eval_rows(cfg: SelmConfig) -> list[dict[str, Any]]:
     """The held-out rows (the first online.max_eval_prompts), [] without data.eval_prompts_path."""
     if not cfg.data.eval_prompts_path:
         return []
-    path = Path(cfg.data.eval_prompts_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.eval_prompts_path={path} does not exist")
-    rows = read_records(path)
+    check_source(cfg.data.eval_prompts_path, "data.eval_prompts_path")
+    rows = read_source_records(cfg.data.eval_prompts_path)
     if cfg.online.max_eval_prompts:
         rows = rows[: cfg.online.max_eval_prompts]
     for index, row in enumerate(rows):
