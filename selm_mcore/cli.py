@@ -55,6 +55,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "selm_mcore.rollout.pairs",
         "rank candidates: new preference pairs and held-out scores",
     ),
+    "eval": (
+        "selm_mcore.eval.cli",
+        "answer AlpacaEval / MT-Bench with a policy, judge offline, write the official files",
+    ),
     "convert": ("selm_mcore.mcore.convert", "convert HF <-> Megatron checkpoints"),
     "bench": ("selm_mcore.bench", "measure throughput, MFU, memory and phase times"),
     "plan": ("selm_mcore.plan", "per-GPU memory and speed of every parallel layout of a model"),
