@@ -257,17 +257,22 @@ def _hash_file(path: Path, digest: Any, full_hash_max_bytes: int) -> None:
                 digest.update(f.read(chunk))
 
 
-def hash_path(path: str | os.PathLike, full_hash_max_bytes: int = 64 << 20) -> str:
+def hash_path(
+    path: str | os.PathLike, full_hash_max_bytes: int = 64 << 20, skip: Iterable[str] = ()
+) -> str:
     """sha256 of a file, or of a folder's sorted (relative path, size, content) entries.
 
     Files larger than ``full_hash_max_bytes`` are fingerprinted by size and three 1 MiB windows.
+    ``skip``: folder-relative POSIX names of files left out (files rewritten later on purpose).
     """
     path = Path(path)
     digest = hashlib.sha256()
+    skipped = set(skip)
     if path.is_file():
         _hash_file(path, digest, full_hash_max_bytes)
     elif path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        files = (p for p in path.rglob("*") if p.is_file())
+        for file in sorted(f for f in files if f.relative_to(path).as_posix() not in skipped):
             digest.update(str(file.relative_to(path).as_posix()).encode() + b"\0")
             _hash_file(file, digest, full_hash_max_bytes)
     else:
