@@ -100,6 +100,20 @@ def _offline() -> bool:
 def load_hub_dataset(spec: HubSpec):
     """The ``datasets.Dataset`` of ``spec`` (module docstring: the datasets cache, then the
     hub cache's files)."""
+    _import_datasets()
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return _one_split(_load(spec), spec)
+    except DatasetGenerationError as exc:  # a file datasets cannot convert: name the cause
+        cause = exc.__cause__ or exc
+        raise HubDatasetError(
+            f"{spec}: datasets could not read the files ({type(cause).__name__}: "
+            f"{str(cause)[:300]}); every split of a dataset must have the same columns"
+        ) from None
+
+
+def _load(spec: HubSpec):
     datasets = _import_datasets()
     from datasets.exceptions import DatasetNotFoundError
 
@@ -117,7 +131,7 @@ def load_hub_dataset(spec: HubSpec):
         loaded = _load_snapshot(snapshot, spec)
     except ValueError as exc:  # an unknown split or config: datasets lists the known ones
         raise HubDatasetError(f"{spec}: {exc}") from None
-    return _one_split(loaded, spec)
+    return loaded
 
 
 def _hub_cache() -> str:

@@ -95,8 +95,10 @@ def run_eval(
     model_name: str = "",
     prompts: str | None = None,
     reference: str | None = None,
+    publish_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Answer, write, judge (module docstring); returns the summary written to DIR/summary.json."""
+    """Answer, write, judge (module docstring); returns the summary written to DIR/summary.json.
+    ``publish_dir``: where DIR will be moved to (the printed commands name it)."""
     check_eval_config(cfg, benchmarks)
     if (prompts or reference) and len(benchmarks) != 1:
         raise InputError("--prompts / --reference go with exactly one --benchmark")
@@ -132,6 +134,7 @@ def run_eval(
         official_jobs(out_dir, benchmarks, model_name),
         mode=cfg.eval.official_judge,
         out_dir=out_dir,
+        publish_dir=publish_dir,
     )
     for name, entry in official.items():
         summary["benchmarks"][name]["official"] = entry
@@ -161,6 +164,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reference", default=None, help="reference answers, file or hf://...")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument(
+        "--publish-dir",
+        default=None,
+        help="where the output folder will be moved to, for the printed commands (the online "
+        "loop writes a partial folder first); default: --out",
+    )
+    parser.add_argument(
         "--model-name",
         default="",
         help="the name in the answer files (default: eval.model_name, else the folder's name)",
@@ -181,6 +190,7 @@ def main(args) -> int:
         model_name=args.model_name,
         prompts=args.prompts,
         reference=args.reference,
+        publish_dir=Path(args.publish_dir) if args.publish_dir else None,
     )
     table = format_eval_table([(summary["model_name"], summary)])
     write_text_atomic(out_dir / "eval.md", table + "\n")

@@ -53,12 +53,14 @@ class OfficialJob:
     install: str
     prepare: list[tuple[Path, Path]] = field(default_factory=list)  # files copied first
 
-    def shell(self) -> str:
-        """The commands as one shell line (what is printed)."""
+    def shell(self, moved: tuple[Path, Path] | None = None) -> str:
+        """The commands as one shell line (what is printed); ``moved`` = (folder, where it
+        will be) names the answer files at their final place."""
         steps = [f"cp {shlex.quote(str(a))} {shlex.quote(str(b))}" for a, b in self.prepare]
         steps += [shlex.join(cmd) for cmd in self.commands]
         cd = f"cd {shlex.quote(str(self.cwd))} && " if self.cwd else ""
-        return cd + " && ".join(steps)
+        text = cd + " && ".join(steps)
+        return text.replace(str(moved[0]), str(moved[1])) if moved else text
 
 
 def _fastchat_judge_dir() -> Path | None:
@@ -127,14 +129,19 @@ def _importable(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def run_official_jobs(jobs: list[OfficialJob], *, mode: str, out_dir: Path) -> dict[str, dict]:
+def run_official_jobs(
+    jobs: list[OfficialJob], *, mode: str, out_dir: Path, publish_dir: Path | None = None
+) -> dict[str, dict]:
     """Print each job's command; run it when ``mode`` is "auto" and it can run. Returns
-    {benchmark: {"command", "ran", "reason", "result"}} (result: the parsed scores)."""
+    {benchmark: {"command", "ran", "reason", "result"}} (result: the parsed scores). The
+    printed commands name ``publish_dir`` where ``out_dir`` will be moved to."""
     report: dict[str, dict] = {}
+    moved = (out_dir.absolute(), publish_dir.absolute()) if publish_dir else None
     for job in jobs:
         reason = "eval.official_judge=print" if mode == "print" else why_not_runnable(job)
-        entry: dict = {"command": job.shell(), "ran": False, "reason": reason, "result": None}
-        print(f"[{job.benchmark}] official judge: {job.shell()}", flush=True)
+        command = job.shell(moved)
+        entry: dict = {"command": command, "ran": False, "reason": reason, "result": None}
+        print(f"[{job.benchmark}] official judge: {command}", flush=True)
         if reason is None:
             entry.update(_run(job, out_dir))
         else:

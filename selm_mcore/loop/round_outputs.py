@@ -46,11 +46,16 @@ def answers_name(cfg: SelmConfig, t: int | None) -> str:
     return f"{base}-start" if t is None else f"{base}-round{t}"
 
 
-def child_env(cfg: SelmConfig, workdir: Path) -> dict[str, str]:
-    """Environment of the phases' commands: W&B run folders under the workdir, one group."""
+def child_env(cfg: SelmConfig, workdir: Path, phase: str) -> dict[str, str]:
+    """Environment of a phase's command: W&B run folders under the workdir, the run's group,
+    the phase's round in the W&B run name (``<run>-round1``)."""
     if not cfg.train.wandb_project:
         return {}
-    return {"WANDB_DIR": str(workdir / "wandb"), "WANDB_RUN_GROUP": run_name(cfg)}
+    return {
+        "WANDB_DIR": str(workdir / "wandb"),
+        "WANDB_RUN_GROUP": run_name(cfg),
+        "WANDB_NAME": f"{run_name(cfg)}-{phase.split('/')[0]}",
+    }
 
 
 def export_phase(plan, t: int) -> Phase:
@@ -114,6 +119,8 @@ def eval_phase(plan, t: int | None) -> Phase:
                 *benchmarks,
                 "--out",
                 str(partial),
+                "--publish-dir",
+                str(eval_dir(plan, t)),
                 "--model-name",
                 answers_name(plan.cfg, t),
             ),

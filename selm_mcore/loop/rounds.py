@@ -189,7 +189,7 @@ class RoundPhases:
         return overrides
 
     def _run(self, name: str, cmd: list[str]) -> None:
-        env = round_outputs.child_env(self.cfg, self.paths.workdir)
+        env = round_outputs.child_env(self.cfg, self.paths.workdir, name)
         run_command(cmd, self.paths.log(name), env=env, timeout_s=self.timeout_s)
 
     run_child = _run

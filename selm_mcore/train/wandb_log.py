@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,9 @@ def _import_wandb():
 
 
 def new_run_id() -> str:
-    return _import_wandb().util.generate_id()
+    """A fresh W&B run id (8 lower-case letters and digits, as W&B makes them)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 class WandbRun:
@@ -116,7 +120,11 @@ def open_training_run(cfg: SelmConfig, output_dir: Path) -> WandbRun | None:
 
         run_id = new_run_id()
         write_text_atomic(id_file, run_id + "\n")
-    name = cfg.train.wandb_name or f"selm-round{cfg.train.round_index}"
+    name = (
+        os.environ.get("WANDB_NAME")  # selm run: <run>-round<t>
+        or cfg.train.wandb_name
+        or f"selm-round{cfg.train.round_index}"
+    )
     return open_run(cfg, name=name, job_type="train", run_id=run_id, directory=Path(output_dir))
 
 
