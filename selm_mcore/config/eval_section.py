@@ -37,7 +37,9 @@ class EvalConfig:
     # AlpacaEval decoding: what most of alpaca_eval's configs for locally served models use
     # (sampled at temperature 0.7, top_p 1.0, up to 2048 new tokens; docs/eval.md).
     alpaca_eval_temperature: float = 0.7
+    # AlpacaEval nucleus sampling mass (1.0 = off).
     alpaca_eval_top_p: float = 1.0
+    # AlpacaEval new tokens per answer at most.
     alpaca_eval_max_tokens: int = 2048
     # MT-Bench decoding: FastChat's gen_model_answer (its per-category temperatures, greedy
     # below 1e-4) with up to this many new tokens per turn (its default 1024).

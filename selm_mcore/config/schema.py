@@ -42,6 +42,7 @@ class ModelConfig:
     recompute: str | bool = "none"
     # Model/tokenizer loads keep remote code off unless the user opts in.
     trust_remote_code: bool = False
+    # Megatron pads the vocabulary to a multiple of this times parallel.tp.
     make_vocab_size_divisible_by: int = 128
 
     def validate(self) -> None:
@@ -53,10 +54,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
+    # Tensor-parallel size of the Megatron phases (reference pass, training).
     tp: int = 1
+    # Pipeline-parallel stages of the Megatron phases.
     pp: int = 1
     # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
     vpp: int | None = None
+    # Seed of Megatron's model-parallel RNG (weight init, dropout).
     seed: int = 1234
 
     def validate(self) -> None:
@@ -72,20 +76,24 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # Preference rows (UltraFeedback-binarized schema) or prompt-only rows: JSONL or Parquet.
+    # Preference rows (UltraFeedback-binarized messages, or prompt/chosen/rejected strings) or
+    # prompt-only rows: a JSONL / JSON-list / Parquet file, or a dataset by name,
+    # hf://OWNER/NAME[/CONFIG][:SPLIT] (e.g. hf://HuggingFaceH4/ultrafeedback_binarized:train_prefs).
     train_path: str = ""
-    # Held-out prompts for the per-round reports.
+    # Held-out prompts for the per-round reports (a file or hf://..., as data.train_path).
     eval_prompts_path: str = ""
+    # Tokens kept per prompt + response (longer pairs are truncated, the reference's rule).
     max_length: int = 1024
+    # Tokens kept of a prompt (its end) when a pair is too long.
     max_prompt_length: int = 512
     # Skip malformed rows (with a count) instead of stopping at the first one.
     skip_bad_rows: bool = False
     # Collation: pad each micro-batch to a multiple of this many tokens (packed rows and the
-    # automatic packing budget too) ...
+    # automatic packing budget too).
     pad_to_multiple_of: int = 64
-    # ... or, when true, every micro-batch of packing none to max_length rounded up to that
-    # multiple (equal shapes: pipeline parallelism needs them; packed rows are then always
-    # pack_tokens long).
+    # Pad every micro-batch of packing none to max_length rounded up to pad_to_multiple_of
+    # (equal shapes: pipeline parallelism needs them; packed rows are then always pack_tokens
+    # long).
     pad_to_max_length: bool = False
     # Shuffle the epoch order (seeded by train.seed); false = file order.
     shuffle: bool = True
@@ -130,6 +138,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    # DPO's beta: the scale of the log-ratio margin (and of the implicit rewards).
     beta: float = 0.01
     # The optimism weight as the paper and reference code expose it: the loss adds
     # alpha * beta * (logp_pi(y_ref) - logp_ref(y_ref)). alpha = 0 is iterative DPO.
@@ -147,16 +156,25 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    # Peak learning rate of every round (unless optim.lr_per_round is given).
     lr: float = 5e-7
     # Learning rate of round t (1-based) = lr_per_round[t-1] when given, else lr.
     lr_per_round: list[float] = field(default_factory=list)
+    # Learning rate at the end of a round's decay.
     min_lr: float = 0.0
+    # AdamW weight decay.
     weight_decay: float = 0.0
+    # Adam's first-moment decay.
     adam_beta1: float = 0.9
+    # Adam's second-moment decay.
     adam_beta2: float = 0.999
+    # Adam's epsilon.
     adam_eps: float = 1e-8
+    # Share of a round's steps spent warming the learning rate up linearly.
     warmup_ratio: float = 0.1
+    # Decay after the warm-up: cosine, linear or constant.
     schedule: str = "cosine"
+    # Global gradient-norm clip (0 = none).
     clip_grad: float = 1.0
 
     def validate(self) -> None:
@@ -185,15 +203,23 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # Preference pairs per optimizer step, over all data-parallel ranks.
     global_batch_size: int = 128
+    # Pairs per micro-batch (data.packing none; packed rows hold as many as fit).
     micro_batch_size: int = 1
+    # Passes over a round's pairs.
     epochs: int = 1
     # Stop after this many optimizer steps (0 = the full epoch); for smoke runs and benchmarks.
     max_steps: int = 0
+    # Seed of the data order (data.shuffle).
     seed: int = 1234
+    # Save a step checkpoint every this many steps (0 = none; a killed round restarts).
     save_interval: int = 0
+    # Log a step line every this many steps.
     log_interval: int = 1
+    # Where `selm train` / `selm refpass` write (the online loop sets it per round).
     output_dir: str = "outputs/train"
+    # Write TensorBoard events next to metrics.jsonl.
     tensorboard: bool = True
     # The round's starting policy and frozen reference: a Megatron checkpoint folder (the format
     # of docs/architecture.md) or an HF folder; empty = model.hf_dir.
@@ -258,17 +284,26 @@ class TrainConfig:
 
 @dataclass
 class GenerationConfig:
-    # Reference defaults: greedy, one sample, up to 1024 new tokens, stop at EOS.
+    # Sampling temperature of y_ref (0 = greedy; the reference: greedy, one sample, up to 1024
+    # new tokens, stop at EOS).
     temperature: float = 0.0
+    # Nucleus sampling mass (1.0 = off).
     top_p: float = 1.0
+    # Responses per prompt (prompt-only rows need >= 2 to form a pair).
     n: int = 1
+    # New tokens per response at most.
     max_tokens: int = 1024
+    # Sampling seed (prompt i is sampled with seed + i).
     seed: int = 0
+    # GPUs per vLLM engine.
     tensor_parallel_size: int = 1
     # Independent vLLM engines, each on its own slice of the prompts (data parallel).
     num_engines: int = 1
+    # vLLM context: prompt + response tokens.
     max_model_len: int = 2048
+    # Share of a GPU's memory vLLM may take.
     gpu_memory_utilization: float = 0.85
+    # vLLM weight dtype: auto (the model's), float32, bfloat16 or float16.
     dtype: str = "auto"
     # KV cache size in GiB (0 = vLLM's default: gpu_memory_utilization on GPU,
     # VLLM_CPU_KVCACHE_SPACE or its automatic size on CPU).
@@ -307,11 +342,13 @@ class GenerationConfig:
 class RankingConfig:
     # "pairrm" (llm-blender), "reward_model" (HF sequence classification), "verifiable"
     kind: str = "pairrm"
+    # The ranker: a local llm-blender ranker or reward-model folder, or a hub name.
     model_path: str = "llm-blender/PairRM"
     # Backbone folder/name for PairRM (microsoft/deberta-v3-large by default).
     backbone: str = ""
     # "auto" = cuda when a GPU is visible, else cpu; or "cpu", "cuda", "cuda:N".
     device: str = "auto"
+    # Prompts per ranker batch.
     batch_size: int = 8
     # reward_model: tokens kept per prompt + response (the end is kept).
     max_length: int = 2048
@@ -336,6 +373,7 @@ class OnlineConfig:
     # chosen/rejected pairs of the first portion before the SELM rounds; the data is then split
     # into rounds + 1 portions and optim.lr_per_round lists round 0's learning rate first.
     warmup_dpo_round: bool = False
+    # The run's folder: its manifest, logs and every round's outputs.
     workdir: str = "outputs/selm"
     # Prompts per round for the demo / smoke runs (0 = the full portion).
     max_prompts_per_round: int = 0
@@ -345,11 +383,14 @@ class OnlineConfig:
     final_eval: bool = True
     # Processes for the Megatron phases (refpass, train): torchrun when nproc_per_node * nnodes > 1.
     nproc_per_node: int = 1
+    # Nodes of the Megatron phases (multi-node needs online.launcher and rdzv_endpoint).
     nnodes: int = 1
     # Multi-node: a command prefix that starts one torchrun per node (e.g. "srun --nodes=8
-    # --ntasks-per-node=1"), and the c10d rendezvous host:port every node reaches.
+    # --ntasks-per-node=1").
     launcher: str = ""
+    # Multi-node: the c10d rendezvous host:port every node reaches.
     rdzv_endpoint: str = ""
+    # Multi-node: torchrun's rendezvous id.
     rdzv_id: str = "selm"
     # Stop a phase's subprocess after this many seconds (0 = no limit).
     phase_timeout_s: int = 0
