@@ -37,7 +37,7 @@ def _field_comments(cls: type) -> dict[str, str]:
     for node in tree.body[0].body:  # type: ignore[attr-defined]
         if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
-        block = []
+        block: list[str] = []
         row = node.lineno - 2
         while row >= 0 and lines[row].strip().startswith("#"):
             block.insert(0, lines[row].strip().lstrip("#").strip())
