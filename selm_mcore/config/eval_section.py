@@ -67,7 +67,14 @@ class EvalConfig:
                 raise ConfigError(f"eval.{key}={getattr(self, key)} must be >= 1")
         if self.max_prompts < 0:
             raise ConfigError(f"eval.max_prompts={self.max_prompts} must be >= 0 (0 = all)")
-        for key in ("alpaca_eval_max_tokens", "mt_bench_max_tokens"):
+
+    def check_lengths(self, benchmarks: list[str]) -> None:
+        """Each benchmark's answer must fit the evaluation context (checked for the benchmarks
+        that run: ``selm_mcore.eval.cli.check_eval_config``)."""
+        from selm_mcore.config.schema import ConfigError
+
+        for name in benchmarks:
+            key = f"{name}_max_tokens"
             if getattr(self, key) >= self.max_model_len:
                 raise ConfigError(
                     f"eval.{key}={getattr(self, key)} must be < eval.max_model_len="

@@ -50,6 +50,7 @@ def check_eval_config(cfg: SelmConfig, benchmarks: list[str]) -> None:
     for name in benchmarks:
         if name not in BENCHMARKS:
             raise ConfigError(f"benchmark {name!r} is not one of {', '.join(BENCHMARKS)}")
+    cfg.eval.check_lengths(benchmarks)
     if "mt_bench" in benchmarks and cfg.ranking.kind == "verifiable":
         raise ConfigError(
             "MT-Bench's questions carry no checkable answer, so ranking.kind=verifiable cannot "
