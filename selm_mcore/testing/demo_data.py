@@ -138,7 +138,7 @@ def eval_rows(count: int, seed: int = 0, train_count: int = 0) -> list[dict]:
     return rows
 
 
-def alpaca_eval_rows(count: int, seed: int = 0, exclude: set[str] = frozenset()) -> list[dict]:
+def alpaca_eval_rows(count: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[dict]:
     """A small benchmark in alpaca_eval's file format (instruction, output, generator, dataset)
     on questions not in ``exclude`` (the train and held-out prompts): the reference output is
     the equation with its right result, and the ``answer`` column lets the verifiable ranker
