@@ -172,7 +172,7 @@ def input_hashes(cfg: SelmConfig, full_hash_max_bytes: int) -> dict[str, tuple[s
         "model.hf_dir": (cfg.model.hf_dir, readers["model.hf_dir"]),
         "data.eval_prompts_path": (cfg.data.eval_prompts_path, readers["data.eval_prompts_path"]),
     }
-    for key, path in eval_sources(cfg):
+    for key, path in round_outputs.eval_sources(cfg):
         inputs[key] = (path, "start/eval")
     if cfg.ranking.kind != "verifiable" and Path(cfg.ranking.model_path).exists():
         inputs["ranking.model_path"] = (cfg.ranking.model_path, readers["ranking"])
@@ -183,18 +183,6 @@ def input_hashes(cfg: SelmConfig, full_hash_max_bytes: int) -> dict[str, tuple[s
         for key, (path, first) in inputs.items()
         if path
     }
-
-
-def eval_sources(cfg: SelmConfig) -> list[tuple[str, str]]:
-    """(config key, source) of the benchmark files the run's eval phases read (set ones)."""
-    keys = {"alpaca_eval": ("alpaca_eval_prompts", "alpaca_eval_reference"),
-            "mt_bench": ("mt_bench_questions", "mt_bench_reference")}  # fmt: skip
-    return [
-        (f"eval.{key}", getattr(cfg.eval, key))
-        for name in cfg.online.eval
-        for key in keys[name]
-        if getattr(cfg.eval, key)
-    ]
 
 
 def collect_summaries(paths: RunPaths, rounds: int):
@@ -225,13 +213,7 @@ def check_run_inputs(cfg: SelmConfig) -> None:
             "starting policy (an HF model folder)"
         )
     check_source(cfg.data.train_path, "data.train_path")
-    if cfg.online.eval:
-        from selm_mcore.eval.benchmarks import read_benchmark, read_references
-        from selm_mcore.eval.cli import check_eval_config
-
-        check_eval_config(cfg, cfg.online.eval)
-        for name in cfg.online.eval:  # read now: a missing file fails before round 1, not after
-            read_references(name, cfg.eval, read_benchmark(name, cfg.eval))
+    round_outputs.check_eval_inputs(cfg)
 
 
 def run_online(

@@ -58,6 +58,31 @@ def child_env(cfg: SelmConfig, workdir: Path, phase: str) -> dict[str, str]:
     }
 
 
+def eval_sources(cfg: SelmConfig) -> list[tuple[str, str]]:
+    """(config key, source) of the benchmark files the run's eval phases read (set ones)."""
+    keys = {"alpaca_eval": ("alpaca_eval_prompts", "alpaca_eval_reference"),
+            "mt_bench": ("mt_bench_questions", "mt_bench_reference")}  # fmt: skip
+    return [
+        (f"eval.{key}", getattr(cfg.eval, key))
+        for name in cfg.online.eval
+        for key in keys[name]
+        if getattr(cfg.eval, key)
+    ]
+
+
+def check_eval_inputs(cfg: SelmConfig) -> None:
+    """Before any phase: the judge suits the benchmarks and their files read (a missing file
+    fails now, not after round 1)."""
+    if not cfg.online.eval:
+        return
+    from selm_mcore.eval.benchmarks import read_benchmark, read_references
+    from selm_mcore.eval.cli import check_eval_config
+
+    check_eval_config(cfg, cfg.online.eval)
+    for name in cfg.online.eval:
+        read_references(name, cfg.eval, read_benchmark(name, cfg.eval))
+
+
 def export_phase(plan, t: int) -> Phase:
     """``roundT/export``: the policy after round T as an HF folder with its model card."""
     name, out = f"round{t}/export", plan.paths.round_dir(t) / "policy_hf"
