@@ -13,6 +13,7 @@ eval.official_judge=auto, run when their package and API key are present (``offi
 DIR then holds::
 
     summary.json                              every number below, per benchmark
+    eval.md                                   the table `selm eval` prints
     alpaca_eval/model_outputs.json            alpaca_eval's input (instruction, output, ...)
     alpaca_eval/reference_outputs.json        the reference outputs of those instructions
     mt_bench/model_answer/<model>.jsonl       FastChat llm_judge's input

@@ -51,7 +51,8 @@ def _settings(cfg: SelmConfig, round_index: int, warmup: bool) -> list[str]:
     alpha = 0.0 if warmup else cfg.loss.alpha
     rows = [
         ("training data", f"{cfg.data.train_path} (portion {schedule_index} of {rounds})"),
-        ("ranker", f"{cfg.ranking.kind} ({cfg.ranking.model_path})"),
+        ("ranker", cfg.ranking.kind + ("" if cfg.ranking.kind == "verifiable"
+                                       else f" ({cfg.ranking.model_path})")),
         ("loss", f"{cfg.loss.loss_type}, beta {cfg.loss.beta}, alpha {alpha} "
                  f"(optimism weight alpha*beta = {alpha * cfg.loss.beta:.3g})"),
         ("learning rate", f"{cfg.optim.lr_for_round(schedule_index):.3g} peak, "
@@ -89,7 +90,7 @@ def render_model_card(
     eval_rows: Sequence[Row] | None,
 ) -> str:
     """The card's markdown (module docstring). ``eval_rows``: None when not evaluated yet."""
-    name = cfg.train.wandb_name or Path(cfg.online.workdir).name
+    name = cfg.eval.model_name or cfg.train.wandb_name or Path(cfg.online.workdir).name
     what = "offline DPO warm-up (Zephyr recipe)" if warmup else "SELM"
     lines = _front_matter(cfg) + [
         f"# {name}: the policy after {round_label}",
