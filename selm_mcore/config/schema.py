@@ -62,6 +62,10 @@ class ParallelConfig:
     vpp: int | None = None
     # Seed of Megatron's model-parallel RNG (weight init, dropout).
     seed: int = 1234
+    # Sequence parallelism (each tensor-parallel rank keeps 1/tp of the sequence between the
+    # layers: activations / tp): "auto" = on with tp > 1 on a GPU, "true" (needs tp > 1; also
+    # runs on CPU/gloo), "false".
+    sequence_parallel: str | bool = "auto"
 
     def validate(self) -> None:
         for key in ("tp", "pp"):
@@ -71,6 +75,14 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp}); "
                 "set parallel.vpp=null for plain 1F1B"
+            )
+        if isinstance(self.sequence_parallel, bool):
+            self.sequence_parallel = "true" if self.sequence_parallel else "false"
+        _choice("parallel.sequence_parallel", self.sequence_parallel, ("auto", "true", "false"))
+        if self.sequence_parallel == "true" and self.tp < 2:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true needs parallel.tp > 1 (tp={self.tp}): it "
+                "splits each sequence over the tensor-parallel ranks; set it to auto or false"
             )
 
 

@@ -78,6 +78,7 @@ from selm_mcore.loop.runner import (
     run_phases,
     workdir_lock,
 )
+from selm_mcore.mcore.families import check_model_config_dir
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,12 @@ def check_run_inputs(cfg: SelmConfig) -> None:
         raise ConfigError(
             f"model.hf_dir={cfg.model.hf_dir!r} is not a folder: point it at the "
             "starting policy (an HF model folder)"
+        )
+    if (Path(cfg.model.hf_dir) / "config.json").is_file():  # else its first phase says why
+        check_model_config_dir(
+            cfg.model.hf_dir,
+            max_length=cfg.data.max_length,
+            generation_context=cfg.generation.max_model_len,
         )
     check_source(cfg.data.train_path, "data.train_path")
     round_outputs.check_eval_inputs(cfg)

@@ -13,10 +13,11 @@ layout is marked. ``--check`` prices only the config's layout and exits with sta
 layouts that would fit when it is predicted not to fit (the example scripts run it before
 ``selm run``). The formulas and how they were checked against measured runs: docs/plan.md.
 
-``--model`` is an HF folder with config.json or a known name (``KNOWN_MODELS``; nothing is
-downloaded). Batch size, lengths, packing, dtype and y_ref come from ``--config`` (default: the
-settings of the example config of a known model's size, else of
-examples/configs/selm_llama3_8b.yaml; ``selm_mcore.plan.known`` holds them).
+``--model`` is an HF folder with config.json of a supported family (llama, mistral, qwen2,
+phi3: ``selm_mcore.mcore.families``) or a known name (``KNOWN_MODELS``: Llama-3 8B/70B,
+Mistral-7B, Qwen2.5-7B, Phi-3-mini; nothing is downloaded). Batch size, lengths, packing, dtype
+and y_ref come from ``--config`` (default: the settings of the example config of a known
+model, else of examples/configs/selm_llama3_8b.yaml; ``selm_mcore.plan.known`` holds them).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config.io import add_config_arguments, apply_overrides, from_dict, load_config
+from selm_mcore.mcore.families import UnsupportedModelError, check_family_config
 from selm_mcore.modelspec import ModelShape
 from selm_mcore.plan.known import DEFAULT_EXAMPLE, EXAMPLE_SETTINGS, KNOWN_MODELS
 from selm_mcore.plan.layouts import (
@@ -64,11 +66,10 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Mode
         )
     config = json.loads(path.read_text())
     config = config.get("text_config", config)
-    if config.get("model_type") != "llama":
-        raise PlanError(
-            f"{path}: model_type={config.get('model_type')!r}; the planner prices "
-            "the Llama layout selm-mcore trains"
-        )
+    try:
+        check_family_config(config)
+    except UnsupportedModelError as exc:
+        raise PlanError(f"{path}: {exc}") from None
     shape = ModelShape.from_hf_config(
         config, name=str(name_or_dir), vocab_divisible_by=vocab_divisible_by
     )
@@ -78,6 +79,8 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Mode
 def config_layout(cfg, gpus: int, impl: str) -> Layout:
     """The layout a config runs on ``gpus`` processes."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    mode = cfg.parallel.sequence_parallel  # auto: on with tp > 1 on a GPU
+    sequence_parallel = tp > 1 and (mode == "true" or (mode == "auto" and impl != "cpu"))
     if gpus % (tp * pp):
         raise PlanError(f"{gpus} GPUs are not a multiple of parallel.tp * parallel.pp = {tp * pp}")
     return Layout(
@@ -86,7 +89,7 @@ def config_layout(cfg, gpus: int, impl: str) -> Layout:
         vpp=cfg.parallel.vpp,
         dp=gpus // (tp * pp),
         recompute=cfg.model.recompute,
-        sequence_parallel=impl == "te" and tp > 1,
+        sequence_parallel=sequence_parallel,
     )
 
 

@@ -15,8 +15,7 @@ llm-blender does). Implementations:
   wrong one, and among correct answers the shorter one wins.
 
 ``selm_mcore.testing.assets.build_tiny_pairrm(out_dir)`` writes an offline PairRM-shaped ranker
-whose
-order is known; tests use it where the real PairRM weights are absent.
+whose order is known; tests use it where the real PairRM weights are absent.
 """
 
 from __future__ import annotations

@@ -162,7 +162,11 @@ def train_round(cfg: SelmConfig) -> Path:
     check_train_outputs(cfg)
     data = load_round_data(cfg)
     ctx = init_parallel(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.parallel.seed
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        vpp=cfg.parallel.vpp,
+        seed=cfg.parallel.seed,
+        sequence_parallel=cfg.parallel.sequence_parallel,
     )
     try:
         run = build_training(cfg, ctx, data)
