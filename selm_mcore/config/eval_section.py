@@ -18,6 +18,16 @@ BENCHMARKS = ("alpaca_eval", "mt_bench")
 ALPACA_EVAL_2_SOURCE = "hf://tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline:eval"
 
 
+def check_benchmark_names(names: list[str]) -> None:
+    """online.eval: known benchmarks, each named once."""
+    from selm_mcore.config.schema import ConfigError, _choice
+
+    for name in names:
+        _choice("online.eval[]", name, BENCHMARKS)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"online.eval={names} names a benchmark twice")
+
+
 @dataclass
 class EvalConfig:
     # AlpacaEval instructions: alpaca_eval's file format (a JSON list of instruction, output,

@@ -261,8 +261,7 @@ class TrainConfig:
     wandb_project: str = ""
     # The W&B team or user that owns the project; "" = the logged-in user's default.
     wandb_entity: str = ""
-    # The run's name (its training rounds log as <name>-round<t> in its group); "" = the
-    # workdir's folder name.
+    # The run's name (its rounds log as <name>-round<t> in its group); "" = the workdir's name.
     wandb_name: str = ""
     # "online" (stream to the server), "offline" (write run folders to sync later with `wandb
     # sync`) or "disabled".
@@ -416,12 +415,9 @@ class OnlineConfig:
     eval: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        from selm_mcore.config.eval_section import BENCHMARKS
+        from selm_mcore.config.eval_section import check_benchmark_names
 
-        for name in self.eval:
-            _choice("online.eval[]", name, BENCHMARKS)
-        if len(set(self.eval)) != len(self.eval):
-            raise ConfigError(f"online.eval={self.eval} names a benchmark twice")
+        check_benchmark_names(self.eval)
         if self.rounds < 1:
             raise ConfigError(f"online.rounds={self.rounds} must be >= 1")
         for key in ("nproc_per_node", "nnodes", "export_tp"):
