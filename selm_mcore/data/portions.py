@@ -5,9 +5,11 @@ of its ORIGINAL rows (integer division; the tail remainder is unused): one per S
 one for the DPO warm-up round 0 when online.warmup_dpo_round is set (Zephyr: quarters, round 0
 on the first). Round t reads portion t (t + 1 after a warm-up). Rows that fail validation are
 skipped inside their portion with a count under data.skip_bad_rows (without it the first one
-stops the run, naming the row and that switch); they never shift a boundary.
+stops the run, naming the row and that switch); they never shift a boundary. data.train_path
+may name a dataset (``hf://OWNER/NAME[:SPLIT]``): the portions are slices of that split.
 
     write_portion(cfg, round_index, "round_1/portion.jsonl")   # the ``roundN/portion`` phase
+    portion_records(cfg, round_index)                          # the same rows, not written
     file_portion(read_rows(path), num_portions, index)          # any file's portion k of P
 """
 
@@ -17,12 +19,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from selm_mcore.config.schema import SelmConfig
+from selm_mcore.data.hub import is_hub_source
 from selm_mcore.data.rows import LoadedRows, PreferenceRow, read_rows
+from selm_mcore.data.sources import read_source_records
 from selm_mcore.runtime.errors import InputError
-from selm_mcore.runtime.files import DataError, read_records, write_jsonl_atomic
+from selm_mcore.runtime.files import DataError, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ def first_round(cfg: SelmConfig) -> int:
     return 0 if cfg.online.warmup_dpo_round else 1
 
 
-def _read_train_rows(cfg: SelmConfig, train_path: Path):
+def _read_train_rows(cfg: SelmConfig, train_path: str | Path):
     try:
         return read_rows(
             train_path, skip_bad_rows=cfg.data.skip_bad_rows, max_row_bytes=cfg.data.max_row_bytes
@@ -109,6 +113,15 @@ def _read_train_rows(cfg: SelmConfig, train_path: Path):
 
 
 def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
+    """Write ``portion_records`` of round ``round_index`` to ``out_path`` (atomically); returns
+    the row count."""
+    records = portion_records(cfg, round_index)
+    write_jsonl_atomic(out_path, records)
+    logger.info("round %d: %d rows", round_index, len(records))
+    return len(records)
+
+
+def portion_records(cfg: SelmConfig, round_index: int) -> list[dict]:
     """The rows of round ``round_index`` (0 = the DPO warm-up) as validated rows in the file
     schema plus the ranking's answer column; rows without a prompt_id get ``row-<file row>``.
 
@@ -116,9 +129,11 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
     portions of data.train_path's ORIGINAL rows (``file_portion``); bad rows inside it are
     skipped with a count under data.skip_bad_rows, never shifting the boundaries. The result is
     capped at online.max_prompts_per_round. The warm-up trains on the original chosen/rejected
-    pairs alone (any reference_response column is left out). Returns the row count.
+    pairs alone (any reference_response column is left out).
     """
-    train_path = Path(cfg.data.train_path)
+    train_path: str | Path = cfg.data.train_path
+    if not is_hub_source(train_path):
+        train_path = Path(train_path)
     if not cfg.data.train_path:
         raise InputError("data.train_path is empty: point it at the preference (or prompt) rows")
     loaded = _read_train_rows(cfg, train_path)
@@ -130,7 +145,7 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
         )
     # Only the verifiable ranker reads a column beyond the file schema (its answers).
     raw = (
-        dict(cast(list[tuple[int, dict]], read_records(train_path, with_row_numbers=True)))
+        dict(read_source_records(train_path, with_row_numbers=True))  # (row, record) pairs
         if cfg.ranking.kind == "verifiable"
         else {}
     )
@@ -162,12 +177,10 @@ def write_portion(cfg: SelmConfig, round_index: int, out_path: Path) -> int:
             )
         seen[record["prompt_id"]] = file_row
         records.append(record)
-    write_jsonl_atomic(out_path, records)
-    logger.info("round %d: %d rows", round_index, len(records))
-    return len(records)
+    return records
 
 
-def _report_portion(round_index: int, portion: Portion, train_path: Path) -> None:
+def _report_portion(round_index: int, portion: Portion, train_path: str | Path) -> None:
     logger.info(
         "round %d: portion %d of %d of %s: file rows %d..%d (%d rows), %d valid, %d "
         "skipped as bad (data.skip_bad_rows)",

@@ -48,8 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.data.hub import is_hub_source
+from selm_mcore.data.sources import iter_source_records
 from selm_mcore.runtime.errors import InputError
-from selm_mcore.runtime.files import DataError, iter_records, write_jsonl_atomic
+from selm_mcore.runtime.files import DataError, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,8 @@ def read_rows(
     skip_bad_rows: bool = False,
     max_row_bytes: int = 0,
 ) -> LoadedRows:
-    """Read and validate a JSONL or Parquet file of preference (or prompt-only) rows.
+    """Read and validate a JSONL or Parquet file (or an ``hf://`` dataset,
+    ``selm_mcore.data.sources``) of preference (or prompt-only) rows.
 
     kind: "preference" (prompt + chosen + rejected), "prompt" (prompt [+ prompt_id]; any pair
     columns are ignored) or "auto" (preference when the first row has ``chosen`` or ``rejected``).
@@ -153,12 +156,12 @@ def read_rows(
     """
     if kind not in ("auto", "preference", "prompt"):
         raise ValueError(f"kind={kind!r} must be one of auto, preference, prompt")
-    path = Path(path)
+    path = str(path) if is_hub_source(path) else Path(path)
     rows: list[PreferenceRow] = []
     skipped: list[DataError] = []
     has_yref: bool | None = None
     record_rows: list[int] = []
-    for row_number, record in iter_records(path):
+    for row_number, record in iter_source_records(path):
         record_rows.append(row_number)
         try:
             if isinstance(record, DataError):
@@ -166,7 +169,7 @@ def read_rows(
             _check_row_size(record, max_row_bytes, path, row_number)
             if kind == "auto":
                 kind = "preference" if ("chosen" in record or "rejected" in record) else "prompt"
-            row = _parse_record(record, kind, f"{path}:{row_number}", path, row_number)
+            row = _parse_record(record, kind, path, row_number)
             if kind == "preference":
                 has_yref = _same_yref_column(row, has_yref, path, row_number)
         except DataError as exc:
@@ -208,7 +211,7 @@ def read_rows(
 
 
 def _same_yref_column(
-    row: PreferenceRow, file_has_yref: bool | None, path: Path, row_number: int
+    row: PreferenceRow, file_has_yref: bool | None, path: str | Path, row_number: int
 ) -> bool:
     """Whether the file's preference rows have y_ref (the first valid row decides); a row that
     differs from the earlier ones is a bad row."""
@@ -228,7 +231,7 @@ def _same_yref_column(
     return row_has_yref
 
 
-def _log_skipped(path: Path, skipped: Sequence[DataError], num_records: int) -> None:
+def _log_skipped(path: str | Path, skipped: Sequence[DataError], num_records: int) -> None:
     logger.warning(
         "%s: skipped %d of %d rows (data.skip_bad_rows=true)", path, len(skipped), num_records
     )
@@ -250,7 +253,7 @@ def _text_bytes(value: Any) -> int:
     return 0
 
 
-def _check_row_size(record: dict, max_row_bytes: int, path: Path, row: int) -> None:
+def _check_row_size(record: dict, max_row_bytes: int, path: str | Path, row: int) -> None:
     if not max_row_bytes:
         return
     size = sum(_text_bytes(record.get(name)) for name in _TEXT_FIELDS)
@@ -347,7 +350,7 @@ def write_rows(rows: Sequence[PreferenceRow], path: str | os.PathLike) -> None:
     write_jsonl_atomic(path, (row.to_record() for row in rows))
 
 
-def _parse_record(record: dict, kind: str, source: str, path: Path, row: int) -> PreferenceRow:
+def _parse_record(record: dict, kind: str, path: str | Path, row: int) -> PreferenceRow:
     def fail(rule: str, fix: str) -> DataError:
         return DataError(path, row, rule, fix)
 
@@ -400,7 +403,7 @@ def _parse_record(record: dict, kind: str, source: str, path: Path, row: int) ->
             prompt_messages=({"role": "user", "content": prompt},),
             reference_response=reference_response,
             prompt_id=prompt_id,
-            source=source,
+            source=f"{path}:{row}",
         )
 
     conversations = {}
@@ -425,7 +428,7 @@ def _parse_record(record: dict, kind: str, source: str, path: Path, row: int) ->
         rejected=rejected,
         reference_response=reference_response,
         prompt_id=prompt_id,
-        source=source,
+        source=f"{path}:{row}",
     )
 
 

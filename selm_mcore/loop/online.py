@@ -8,28 +8,33 @@ rules: ``selm_mcore.loop.runner``). This module checks the run's inputs, holds t
 and runs the list. A round runs, in this order:
 
     portion   portion t of data.train_path (selm_mcore.data.portions)           portion.jsonl
-    export    the policy trained in round t-1 as an HF folder for vLLM       policy_hf/
-              (every round but the first: it generates from model.hf_dir)
-    generate  greedy y_ref for the portion and the held-out prompts (vLLM)   generate/
+    generate  greedy y_ref for the portion and the held-out prompts (vLLM),
+              from round t-1's policy_hf (the first round: model.hf_dir)      generate/
     rank      rank [y_ref, y_w, y_l]: best/worst -> new pairs with a
               reference_response column; held-out scores (one ranker load) rank/
     refpass   reference log-probs of chosen / rejected / y_ref               refpass/
     train     one round of SELM training -> Megatron checkpoint train/final  train/
-    report    held-out score distribution, implicit rewards, win counts      report/
+    export    the policy after round t as an HF folder (vLLM, `hf upload`)
+              with its model card README.md (selm_mcore.loop.round_outputs)  policy_hf/
+    eval      its AlpacaEval / MT-Bench answers, judged offline (online.eval) eval/
+    report    held-out score distribution, implicit rewards, win counts,
+              the benchmark table; the model card gets the benchmarks        report/
 
-so the data flows generate -> rank -> reference pass -> train -> export (opening the next
-round) -> generate ... Then ``final/export``, ``final/generate``, ``final/rank`` and
-``final/report`` score the last policy on the held-out prompts (online.final_eval). The round's
-starting policy and frozen reference is round t-1's ``train/final`` (the first round:
-model.hf_dir). At the end a table with one row per policy is printed
-(``reports.format_round_table``).
+so the data flows generate -> rank -> reference pass -> train -> export -> (next round)
+generate ... With online.eval, ``start/eval`` first evaluates model.hf_dir. Every run ends with
+``final/export``: ``final/policy_hf``, a link to the last round's ``policy_hf``; then
+``final/generate``, ``final/rank`` and ``final/report`` score it on the held-out prompts
+(online.final_eval, with held-out prompts). The round's starting policy and frozen reference is
+round t-1's ``train/final`` (the first round: model.hf_dir). At the end a table with one row per
+policy is printed (``reports.format_round_table``), and the benchmark table with online.eval.
 
 With online.warmup_dpo_round (the paper's Zephyr recipe) a round 0 comes first: ``round0/portion``
 (the first of rounds + 1 portions: the original chosen/rejected pairs), ``round0/generate`` and
 ``round0/rank`` (held-out scores of the start model only, when there are held-out prompts),
 ``round0/refpass``, ``round0/train`` (plain DPO: loss.alpha = 0, learning rate
-optim.lr_per_round[0]) and ``round0/report``; round 1 then exports, generates from and starts
-from round 0's policy, and round t reads portion t + 1 with optim.lr_per_round[t]. This reads
+optim.lr_per_round[0]), ``round0/export`` (``round_0/policy_hf``), ``round0/eval`` and
+``round0/report``; round 1 then generates from and starts from round 0's policy, and round t
+reads portion t + 1 with optim.lr_per_round[t]. This reads
 the reference's Zephyr script (train_zephyr.sh with dpo_config_full.yaml): its first of 4
 iterations is TRL's plain DPOTrainer on train_prefs[0 : 61135 // 4] (the original pairs, no
 y_ref) from the SFT model, with the SELM rounds' settings but alpha (beta 0.01, lr 5e-7, cosine,
@@ -37,7 +42,8 @@ y_ref) from the SFT model, with the SELM rounds' settings but alpha (beta 0.01, 
 quarters from its policy (lr 5e-7, 5e-7, 1e-7).
 
 Processes: every phase but portion and report runs a public ``selm`` subcommand in its own
-process (``selm generate``, ``selm rank``, ``selm refpass``, ``selm train``, ``selm convert``), so
+process (``selm generate``, ``selm rank``, ``selm refpass``, ``selm train``, ``selm convert``,
+``selm eval``), so
 each has the accelerators to itself; the Megatron phases (refpass, train) run under torchrun
 when online.nproc_per_node * online.nnodes > 1 (multi-node: online.launcher, e.g. srun, starts
 one torchrun per node). This process never loads a model. Every child's output is shown and
@@ -59,6 +65,8 @@ from pathlib import Path
 
 from selm_mcore.config.io import add_config_arguments, config_from_args, save_config
 from selm_mcore.config.schema import ConfigError, SelmConfig
+from selm_mcore.data.sources import check_source, source_hash
+from selm_mcore.loop import resume_changes, round_outputs
 from selm_mcore.loop.rounds import RoundPhases, RunPaths, generation_nodes
 from selm_mcore.loop.runner import (
     FAULT_ENV,
@@ -71,31 +79,39 @@ from selm_mcore.loop.runner import (
     workdir_lock,
 )
 from selm_mcore.mcore.families import check_model_config_dir
-from selm_mcore.runtime.files import hash_path
 from selm_mcore.runtime.preflight import check_model_run
 
 logger = logging.getLogger(__name__)
 
-# Config keys a resumed run may change: they do not alter what finished phases produced.
-# (Not online.rounds: it changes how the data is split into portions.)
-RESUME_MUTABLE_KEYS = frozenset(
-    {
-        "online.workdir",
-        "online.final_eval",
-        "online.phase_timeout_s",
-        "online.launcher",
-        "online.rdzv_endpoint",
-        "online.rdzv_id",
-        "ranking.device",
-        "ranking.batch_size",
-        "ranking.num_workers",
-        "train.host_memory_gb",
-        "train.log_interval",
-        "train.tensorboard",
-        "generation.engine_timeout_s",
-        "generation.reload_timeout_s",
-        "generation.gpu_memory_utilization",
-    }
+# Config keys a resumed run may change: they do not alter what finished phases produced
+# (the layout and round keys under the rules of selm_mcore.loop.resume_changes).
+RESUME_MUTABLE_KEYS = (
+    resume_changes.LAYOUT_KEYS
+    | resume_changes.ROUND_KEYS
+    | frozenset(
+        {
+            "online.workdir",
+            "online.final_eval",
+            "online.phase_timeout_s",
+            "online.launcher",
+            "online.rdzv_endpoint",
+            "online.rdzv_id",
+            "ranking.device",
+            "ranking.batch_size",
+            "ranking.num_workers",
+            "train.host_memory_gb",
+            "train.log_interval",
+            "train.tensorboard",
+            "generation.engine_timeout_s",
+            "generation.reload_timeout_s",
+            "generation.gpu_memory_utilization",
+            "train.wandb_project",
+            "train.wandb_entity",
+            "train.wandb_name",
+            "train.wandb_mode",
+            "eval.official_judge",
+        }
+    )
 )
 
 
@@ -123,7 +139,15 @@ def add_arguments(parser) -> None:
 
 def first_readers(cfg: SelmConfig) -> dict[str, str]:
     """{input: the first phase that reads it} (the DPO warm-up round 0 generates and ranks only
-    when there are held-out prompts)."""
+    when there are held-out prompts; with online.eval, start/eval reads the start model and the
+    ranker first)."""
+    readers = _first_readers(cfg)
+    if cfg.online.eval:
+        readers.update({"model.hf_dir": "start/eval", "ranking": "start/eval"})
+    return readers
+
+
+def _first_readers(cfg: SelmConfig) -> dict[str, str]:
     if not cfg.online.warmup_dpo_round:
         return {
             "data.train_path": "round1/portion",
@@ -152,12 +176,14 @@ def input_hashes(cfg: SelmConfig, full_hash_max_bytes: int) -> dict[str, tuple[s
         "model.hf_dir": (cfg.model.hf_dir, readers["model.hf_dir"]),
         "data.eval_prompts_path": (cfg.data.eval_prompts_path, readers["data.eval_prompts_path"]),
     }
+    for key, path in round_outputs.eval_sources(cfg):
+        inputs[key] = (path, "start/eval")
     if cfg.ranking.kind != "verifiable" and Path(cfg.ranking.model_path).exists():
         inputs["ranking.model_path"] = (cfg.ranking.model_path, readers["ranking"])
         if cfg.ranking.backbone:
             inputs["ranking.backbone"] = (cfg.ranking.backbone, readers["ranking"])
     return {
-        key: (hash_path(path, full_hash_max_bytes), first)
+        key: (source_hash(path, full_hash_max_bytes), first)
         for key, (path, first) in inputs.items()
         if path
     }
@@ -199,11 +225,8 @@ def check_run_inputs(cfg: SelmConfig) -> None:
             max_length=cfg.data.max_length,
             generation_context=cfg.generation.max_model_len,
         )
-    if not cfg.data.train_path or not Path(cfg.data.train_path).is_file():
-        raise ConfigError(
-            f"data.train_path={cfg.data.train_path!r} is not a file: point it at "
-            "the preference rows (JSONL or Parquet)"
-        )
+    check_source(cfg.data.train_path, "data.train_path")
+    round_outputs.check_eval_inputs(cfg)
     for job in ("train", "generate"):  # each phase checks its memory in its own processes
         check_model_run(cfg, cfg.model.hf_dir, job=job, memory=False)
 
@@ -225,6 +248,7 @@ def run_online(
         if fresh and paths.manifest.exists():  # first: it may hold another config
             logger.warning("--fresh: deleting %s", paths.manifest)
             paths.manifest.unlink()
+        previous = resume_changes.recorded_config(paths.manifest)
         manifest = Manifest(
             paths.manifest,
             cfg.to_dict(),
@@ -232,9 +256,12 @@ def run_online(
             defaults=SelmConfig().to_dict(),
         )
         save_config(cfg, paths.config)
-        phases = RoundPhases(cfg, paths, cfg.online.phase_timeout_s).build(manifest)
+        plan = RoundPhases(cfg, paths, cfg.online.phase_timeout_s)
+        phases = plan.build(manifest)
         if fresh:
             clear_outputs(phases, paths.workdir)
+        if not list_only:
+            resume_changes.apply_resume_changes(previous, cfg, paths.workdir, phases, manifest)
         if fault is not None and fault[0] not in {p.name for p in phases}:
             raise OnlineError(f"{FAULT_ENV}={fault[0]!r} names no phase of this run")
         if list_only:
@@ -271,6 +298,7 @@ def run_online(
         f"reports: {paths.workdir}/round_*/report/report.md"
         + (f", {final_report}" if final_report.exists() else "")
     )
+    print(round_outputs.closing_lines(plan))
     return 0
 
 

@@ -5,7 +5,9 @@
 DPO warm-up round 0: ``selm_mcore.loop.online``). Each phase runs a public ``selm`` subcommand in
 a child process (``megatron_command`` puts the Megatron phases under torchrun, and
 ``generate_command`` spreads generation over the nodes of a multi-node run) or, for the portion
-and the report, a plain function in this process.
+and the report, a plain function in this process. What a round publishes (its ``export`` to
+``round_t/policy_hf``, its ``eval``, ``final/export`` and the report's additions) is built by
+``selm_mcore.loop.round_outputs``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from selm_mcore.config.schema import SelmConfig
 from selm_mcore.data.ids import prompt_key
 from selm_mcore.data.portions import first_round, write_portion
 from selm_mcore.data.rows import prompt_conversation
+from selm_mcore.data.sources import check_source, read_source_records
+from selm_mcore.loop import round_outputs
 from selm_mcore.loop.reports import write_report
 from selm_mcore.loop.runner import Manifest, OnlineError, Phase, run_command, selm_command
 from selm_mcore.rollout.pairs import EVAL_ID_PREFIX, eval_anchor
@@ -129,10 +133,9 @@ def read_eval_rows(cfg: SelmConfig) -> list[dict[str, Any]]:
     """The held-out rows (the first online.max_eval_prompts), [] without data.eval_prompts_path."""
     if not cfg.data.eval_prompts_path:
         return []
-    path = Path(cfg.data.eval_prompts_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.eval_prompts_path={path} does not exist")
-    rows = read_records(path)
+    path = cfg.data.eval_prompts_path
+    check_source(path, "data.eval_prompts_path")
+    rows = read_source_records(path)
     if cfg.online.max_eval_prompts:
         rows = rows[: cfg.online.max_eval_prompts]
     for index, row in enumerate(rows):
@@ -172,10 +175,11 @@ class RoundPhases:
 
     # Policy of round t: what it generates from (HF) and what training starts from.
     def policy_hf(self, t: int) -> Path:
-        """HF folder vLLM serves in round t (the first round: model.hf_dir)."""
+        """HF folder vLLM serves in round t: round t-1's exported policy (the first round:
+        model.hf_dir)."""
         if t == first_round(self.cfg):
             return Path(self.cfg.model.hf_dir).absolute()
-        return self.paths.round_dir(t) / "policy_hf"
+        return self.paths.round_dir(t - 1) / "policy_hf"
 
     def policy_start(self, t: int) -> Path:
         """The round's starting policy and frozen reference (the first round: model.hf_dir,
@@ -198,7 +202,10 @@ class RoundPhases:
         return overrides
 
     def _run(self, name: str, cmd: list[str]) -> None:
-        run_command(cmd, self.paths.log(name), timeout_s=self.timeout_s)
+        env = round_outputs.child_env(self.cfg, self.paths.workdir, name)
+        run_command(cmd, self.paths.log(name), env=env, timeout_s=self.timeout_s)
+
+    run_child = _run
 
     def _overrides(self, **values: Any) -> list[str]:
         args = []
@@ -214,22 +221,6 @@ class RoundPhases:
         return Phase(
             f"round{t}/portion", self.paths.rel(self.paths.round_dir(t) / "portion.jsonl"), run
         )
-
-    def export(self, name: str, checkpoint: Path, out: Path) -> Phase:
-        def run(partial: Path) -> None:
-            cmd = selm_command(
-                "convert",
-                "mcore-to-hf",
-                "--mcore-dir",
-                str(checkpoint),
-                "--out-dir",
-                str(partial),
-                "--tp",
-                str(self.cfg.online.export_tp),
-            )
-            self._run(name, cmd)
-
-        return Phase(name, self.paths.rel(out), run)
 
     def generate(self, name: str, policy_hf: Path, out: Path, rows_path: Path | None) -> Phase:
         def run(partial: Path) -> None:
@@ -361,7 +352,11 @@ class RoundPhases:
         history_dirs: list[Path],
         manifest: Manifest,
         warmup: bool = False,
+        after: int | None = None,
     ) -> Phase:
+        """``after``: the round whose benchmarks, model card and W&B point the report adds
+        (``round_outputs.after_report``)."""
+
         def run(partial: Path) -> None:
             write_report(
                 partial,
@@ -373,6 +368,8 @@ class RoundPhases:
                 phase_seconds=_round_seconds(manifest, name.split("/")[0]),
                 warmup=warmup,
             )
+            if after is not None:
+                round_outputs.after_report(self, manifest, after, partial)
 
         return Phase(name, self.paths.rel(out), run)
 
@@ -391,6 +388,7 @@ class RoundPhases:
         if self.cfg.train.reference_mode == "precomputed":
             phases.append(self.refpass(0))
         phases.append(self.train(0))
+        phases += self.publish(0)
         phases.append(
             self.report(
                 "round0/report",
@@ -402,18 +400,25 @@ class RoundPhases:
                 [],
                 manifest,
                 warmup=True,
+                after=0,
             )
         )
         return phases
 
+    def publish(self, t: int) -> list[Phase]:
+        """The policy after round t as an HF folder (next round's generator), and its
+        benchmarks when online.eval is set."""
+        phases = [round_outputs.export_phase(self, t)]
+        if self.cfg.online.eval:
+            phases.append(round_outputs.eval_phase(self, t))
+        return phases
+
     def selm_round(self, t: int, manifest: Manifest, reports: list[Path]) -> list[Phase]:
-        """SELM round t: generate -> rank -> reference pass -> train (-> report); the export of
-        the previous round's policy for vLLM opens every round but the first."""
+        """SELM round t: generate -> rank -> reference pass -> train -> export (-> eval ->
+        report); it generates from the previous round's exported policy."""
         round_dir = self.paths.round_dir(t)
         portion = round_dir / "portion.jsonl"
         phases = [self.portion(t)]
-        if t > first_round(self.cfg):
-            phases.append(self.export(f"round{t}/export", self.policy_start(t), self.policy_hf(t)))
         phases.append(
             self.generate(f"round{t}/generate", self.policy_hf(t), round_dir / "generate", portion)
         )
@@ -423,6 +428,7 @@ class RoundPhases:
         if self.cfg.train.reference_mode == "precomputed":
             phases.append(self.refpass(t))
         phases.append(self.train(t))
+        phases += self.publish(t)
         generator = "start" if t == first_round(self.cfg) else f"round {t - 1} policy"
         phases.append(
             self.report(
@@ -434,6 +440,7 @@ class RoundPhases:
                 round_dir / "report",
                 list(reports),
                 manifest,
+                after=t,
             )
         )
         return phases
@@ -443,16 +450,17 @@ class RoundPhases:
         phases: list[Phase] = []
         reports: list[Path] = []
         rounds = self.cfg.online.rounds
+        if self.cfg.online.eval:
+            phases.append(round_outputs.eval_phase(self, None))
         if self.cfg.online.warmup_dpo_round:
             phases += self.warmup_round(manifest)
             reports.append(self.paths.round_dir(0) / "report")
         for t in range(1, rounds + 1):
             phases += self.selm_round(t, manifest, reports)
             reports.append(self.paths.round_dir(t) / "report")
+        phases.append(round_outputs.final_export_phase(self, rounds))
         if self.cfg.online.final_eval and self.eval_rows:
             final = self.paths.final_dir
-            last_policy = self.paths.round_dir(rounds) / "train" / "final"
-            phases.append(self.export("final/export", last_policy, final / "policy_hf"))
             phases.append(
                 self.generate("final/generate", final / "policy_hf", final / "generate", None)
             )

@@ -1,7 +1,8 @@
 """A resumable runner of phases: the manifest, the phase loop, subprocesses, the workdir lock.
 
 Knows nothing of SELM (``selm_mcore.loop.online`` builds the phase list). A ``Phase`` writes one
-output (a file or a folder) under the workdir; ``run_phases`` runs the phases in order:
+output (a file or a folder) under the workdir (files it names ``unhashed``, e.g. a model card a
+later phase completes, are left out of its hash); ``run_phases`` runs the phases in order:
 
 * a phase writes ``<output>.partial``, renamed into place only after it succeeded, and only
   then recorded in ``WORKDIR/manifest.json`` (always replaced atomically) with a hash of its
@@ -230,8 +231,13 @@ class Phase:
 
     name: str  # "round1/generate"
     output: str  # relative to the workdir: "round_1/generate"
-    run: Callable[[Path], None]
+    run: Callable[[Path], object]
     resumable: bool = False
+    # Files of a folder output that later phases rewrite (a model card): left out of its hash.
+    unhashed: tuple[str, ...] = ()
+
+    def digest(self, path: Path, full_hash_max_bytes: int) -> str:
+        return hash_path(path, full_hash_max_bytes, skip=self.unhashed)
 
 
 def parse_fault(value: str | None) -> tuple[str, str] | None:
@@ -265,7 +271,7 @@ def _verify_recorded(
             f"{phase.name}: its output {output} is missing but the manifest {manifest.path} "
             f"records it as finished. Fix: restore it, or rerun with --redo {phase.name}."
         )
-    digest = hash_path(output, full_hash_max_bytes)
+    digest = phase.digest(output, full_hash_max_bytes)
     if digest != record["sha256"]:
         raise OnlineError(
             f"{phase.name}: output {output} changed since the manifest recorded it "
@@ -328,7 +334,7 @@ def _adopt_published(
     if not (_adoptable(phase, manifest) and _exists(output)):
         return False
     publishing = manifest.data["publishing"]
-    digest = hash_path(output, full_hash_max_bytes)
+    digest = phase.digest(output, full_hash_max_bytes)
     if digest != publishing["sha256"]:
         raise OnlineError(
             f"{phase.name}: output {output} was being published when the run stopped, but its "
@@ -400,7 +406,7 @@ def _run_and_publish(
         message = f"{phase.name} finished without writing its output {partial}"
         manifest.record_error(phase.name, message)
         raise OnlineError(message)
-    digest, seconds = hash_path(partial, full_hash_max_bytes), time.perf_counter() - start
+    digest, seconds = phase.digest(partial, full_hash_max_bytes), time.perf_counter() - start
     manifest.announce(phase.name, phase.output, digest, seconds)
     os.replace(partial, output)
     output.with_name(output.name + ".partial.inputs").unlink(missing_ok=True)

@@ -71,7 +71,24 @@ def requirements(cfg: SelmConfig, phases: tuple[str, ...] = ONLINE_PHASES) -> li
                 "matplotlib", "the report phase (score plots)", "pip install 'selm-mcore[reports]'"
             )
         )
+    if "train" in phases and cfg.train.wandb_project and cfg.train.wandb_mode != "disabled":
+        out.append(
+            Requirement(
+                "wandb",
+                f"train.wandb_project={cfg.train.wandb_project}",
+                "pip install 'selm-mcore[logging]' (or set train.wandb_project='')",
+            )
+        )
     if "data" in phases:
+        named = [key for key, path in _data_sources(cfg) if str(path).startswith("hf://")]
+        if named:
+            out.append(
+                Requirement(
+                    "datasets",
+                    f"{named[0]} (a dataset by name, hf://)",
+                    "pip install 'selm-mcore[data]'",
+                )
+            )
         for key in ("train_path", "eval_prompts_path"):
             path = getattr(cfg.data, key)
             if path and Path(path).suffix == ".parquet":
@@ -82,6 +99,24 @@ def requirements(cfg: SelmConfig, phases: tuple[str, ...] = ONLINE_PHASES) -> li
                 )
                 break
     return out
+
+
+def _data_sources(cfg: SelmConfig) -> list[tuple[str, str]]:
+    """(config key, source) of every data source the run reads."""
+    sources = [
+        (f"data.{key}", getattr(cfg.data, key)) for key in ("train_path", "eval_prompts_path")
+    ]
+    if "alpaca_eval" in cfg.online.eval:
+        sources += [
+            (f"eval.{k}", getattr(cfg.eval, k))
+            for k in ("alpaca_eval_prompts", "alpaca_eval_reference")
+        ]
+    if "mt_bench" in cfg.online.eval:
+        sources += [
+            (f"eval.{k}", getattr(cfg.eval, k))
+            for k in ("mt_bench_questions", "mt_bench_reference")
+        ]
+    return [(key, path) for key, path in sources if path]
 
 
 def missing(reqs: list[Requirement]) -> list[Requirement]:

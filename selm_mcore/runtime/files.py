@@ -132,7 +132,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
             try:
                 record = json.loads(text)
             except (ValueError, RecursionError) as exc:  # also a huge int, deep nesting
-                yield line_number, _unreadable_json(path, line_number, exc)
+                yield line_number, unreadable_json(path, line_number, exc)
                 continue
             if not isinstance(record, dict):
                 yield (
@@ -148,7 +148,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
             yield line_number, record
 
 
-def _unreadable_json(path: Path, line_number: int, exc: Exception) -> DataError:
+def unreadable_json(path: Path, line_number: int | None, exc: Exception) -> DataError:
     """The bad row for a line ``json.loads`` refused: invalid JSON, an integer beyond Python's
     digit limit, or nesting deeper than the parser's recursion limit (any column: the line is
     parsed whole)."""
@@ -272,17 +272,22 @@ def _hash_file(path: Path, digest: Any, full_hash_max_bytes: int) -> None:
                 digest.update(f.read(chunk))
 
 
-def hash_path(path: str | os.PathLike, full_hash_max_bytes: int = 64 << 20) -> str:
+def hash_path(
+    path: str | os.PathLike, full_hash_max_bytes: int = 64 << 20, skip: Iterable[str] = ()
+) -> str:
     """sha256 of a file, or of a folder's sorted (relative path, size, content) entries.
 
     Files larger than ``full_hash_max_bytes`` are fingerprinted by size and three 1 MiB windows.
+    ``skip``: folder-relative POSIX names of files left out (files rewritten later on purpose).
     """
     path = Path(path)
     digest = hashlib.sha256()
+    skipped = set(skip)
     if path.is_file():
         _hash_file(path, digest, full_hash_max_bytes)
     elif path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        files = (p for p in path.rglob("*") if p.is_file())
+        for file in sorted(f for f in files if f.relative_to(path).as_posix() not in skipped):
             digest.update(str(file.relative_to(path).as_posix()).encode() + b"\0")
             _hash_file(file, digest, full_hash_max_bytes)
     else:

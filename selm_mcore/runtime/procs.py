@@ -13,9 +13,10 @@ its output in a log file; ``wait`` polls the children (copying one log to our co
 grows, when asked) until all exited 0, one exited otherwise, or the deadline passed; leaving the
 ``with`` block kills every child's group and reaps the children. Its callers:
 ``runner.run_command`` (a phase of ``selm run``, through ``run_logged``),
-``launch.run_local_ranks`` (N ranks with torchrun's environment) and
-``selm_mcore.rollout.engines.run_engines`` (data-parallel vLLM engines); each words its own
-error from the outcome and the tail of the failed child's log.
+``launch.run_local_ranks`` (N ranks with torchrun's environment),
+``selm_mcore.rollout.engines.run_engines`` (data-parallel vLLM engines) and
+``selm_mcore.eval.official`` (the benchmarks' official judges); each words its own error from
+the outcome and the tail of the failed child's log.
 
 A process killed with SIGKILL cannot clean up, so without the parent-death signal its children
 run on as orphans: torchrun's ranks (each in its own session) keep training, a phase of ``selm

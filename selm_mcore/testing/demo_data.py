@@ -17,10 +17,12 @@ set (other questions, with ``answer``
 and the right answer as ``chosen``) feeds the per-round reports. The sets are deterministic in
 ``seed``.
 
-    python -m selm_mcore.testing.demo_data OUT_DIR [--train 64] [--eval 32] [--seed 0]
+    python -m selm_mcore.testing.demo_data OUT_DIR [--train 64] [--eval 32] [--alpaca-eval 16]
 
-writes ``OUT_DIR/train.jsonl`` and ``OUT_DIR/eval.jsonl`` (atomically; unchanged files are not
-rewritten, so a resumed demo sees the same bytes).
+writes ``OUT_DIR/train.jsonl``, ``OUT_DIR/eval.jsonl`` and, with --alpaca-eval, a small benchmark
+in alpaca_eval's file format, ``OUT_DIR/alpaca_eval.json`` (other questions, the right equation
+as the reference output; ``online.eval: [alpaca_eval]`` answers it every round). Files are
+written atomically; unchanged files are not rewritten, so a resumed demo sees the same bytes.
 """
 
 from __future__ import annotations
@@ -136,8 +138,24 @@ def eval_rows(count: int, seed: int = 0, train_count: int = 0) -> list[dict]:
     return rows
 
 
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    text = "".join(json.dumps(row) + "\n" for row in rows)
+def alpaca_eval_rows(count: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[dict]:
+    """A small benchmark in alpaca_eval's file format (instruction, output, generator, dataset)
+    on questions not in ``exclude`` (the train and held-out prompts): the reference output is
+    the equation with its right result, and the ``answer`` column lets the verifiable ranker
+    judge (alpaca_eval ignores extra columns)."""
+    return [
+        {
+            "instruction": problem.question,
+            "output": problem.statement(problem.answer),
+            "generator": "arithmetic_reference",
+            "dataset": "selm_demo_arithmetic",
+            "answer": str(problem.answer),
+        }
+        for problem in make_problems(count, seed + 2000, exclude)
+    ]
+
+
+def _write_text(text: str, path: Path) -> None:
     if path.exists() and path.read_text() == text:
         return  # keep the file (and its hash) as is for a resumed run
     tmp = path.with_name(path.name + ".tmp")
@@ -145,15 +163,30 @@ def _write_jsonl(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    _write_text("".join(json.dumps(row) + "\n" for row in rows), path)
+
+
 def write_demo_data(
-    out_dir: str | os.PathLike, num_train: int = 64, num_eval: int = 32, seed: int = 0
+    out_dir: str | os.PathLike,
+    num_train: int = 64,
+    num_eval: int = 32,
+    seed: int = 0,
+    num_alpaca_eval: int = 0,
 ) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` into out_dir; return their paths."""
+    """Write ``train.jsonl``, ``eval.jsonl`` and (``num_alpaca_eval`` > 0) ``alpaca_eval.json``
+    into out_dir; return the first two paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    _write_jsonl(train_rows(num_train, seed), train_path)
-    _write_jsonl(eval_rows(num_eval, seed, train_count=num_train), eval_path)
+    train = train_rows(num_train, seed)
+    held_out = eval_rows(num_eval, seed, train_count=num_train)
+    _write_jsonl(train, train_path)
+    _write_jsonl(held_out, eval_path)
+    if num_alpaca_eval:
+        asked = {row["prompt"] for row in train + held_out}
+        rows = alpaca_eval_rows(num_alpaca_eval, seed, asked)
+        _write_text(json.dumps(rows, indent=2) + "\n", out_dir / "alpaca_eval.json")
     return train_path, eval_path
 
 
@@ -164,12 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--train", type=int, default=64, help="preference rows (all rounds)")
     parser.add_argument("--eval", type=int, default=32, help="held-out prompts for the reports")
+    parser.add_argument(
+        "--alpaca-eval",
+        type=int,
+        default=0,
+        help="prompts of a small benchmark in alpaca_eval's format (alpaca_eval.json)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    train_path, eval_path = write_demo_data(args.out_dir, args.train, args.eval, args.seed)
+    train_path, eval_path = write_demo_data(
+        args.out_dir, args.train, args.eval, args.seed, args.alpaca_eval
+    )
     print(
         f"wrote {args.train} preference rows to {train_path} and {args.eval} held-out prompts "
         f"to {eval_path}"
+        + (
+            f"; {args.alpaca_eval} benchmark prompts to alpaca_eval.json"
+            if args.alpaca_eval
+            else ""
+        )
     )
     return 0
 

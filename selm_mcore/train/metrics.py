@@ -7,6 +7,7 @@ Only the logging rank (global rank 0) writes; every other rank gets a ``StepMetr
     writer.log(41, {"loss": 0.69, "lr": 1e-7, ...})
     writer.close()
 
+With ``wandb_run`` (``selm_mcore.train.wandb_log``) the same metrics go to Weights & Biases.
 ``out_dir/metrics.jsonl`` holds one JSON object per logged step; on resume, lines of steps after
 ``resume_step`` (written by the interrupted run after its last checkpoint) are dropped so the file
 reads as one continuous run, and so is a line that does not read (torn by a kill), with a
@@ -107,10 +108,13 @@ class StepMetricsWriter:
         resume_step: int = 0,
         log_interval: int = 1,
         progress_bar: bool = True,
+        wandb_run: Any = None,
     ):
         self.total_steps = total_steps
         self.enabled = enabled
         self.log_interval = max(1, log_interval)
+        # A selm_mcore.train.wandb_log.WandbRun: the same metrics, under the same names.
+        self._wandb = wandb_run if enabled else None
         self._tb = None
         self._jsonl = None
         self._bar = None
@@ -158,6 +162,8 @@ class StepMetricsWriter:
         if self._tb is not None:
             for key, value in clean.items():
                 self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, clean)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{clean.get('loss', float('nan')):.4f}", refresh=False)
@@ -171,7 +177,9 @@ class StepMetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._bar = self._tb = self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._bar = self._tb = self._jsonl = self._wandb = None
 
 
 # --- MFU: device peaks --------------------------------------------------------------------------

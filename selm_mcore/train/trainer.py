@@ -212,6 +212,7 @@ def train_round(cfg: SelmConfig) -> Path:
     from selm_mcore.mcore.checkpoint import save_model_atomic
     from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
     from selm_mcore.runtime.deps import check_dependencies
+    from selm_mcore.train.wandb_log import open_training_run
 
     check_dependencies(cfg, phases=("train", "data"))
     check_model_run(cfg, hf_files_dir(cfg.start_model()), job="train")
@@ -237,6 +238,7 @@ def train_round(cfg: SelmConfig) -> Path:
             tensorboard=cfg.train.tensorboard,
             resume_step=run.step,
             log_interval=cfg.train.log_interval,
+            wandb_run=open_training_run(cfg, output_dir) if ctx.rank == 0 else None,
         )
         _log_round_plan(run)
         run_steps(run, writer)

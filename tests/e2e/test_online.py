@@ -48,7 +48,9 @@ pytest.importorskip("vllm")
 if importlib.util.find_spec("llm_blender") is None:  # imported through ranking's compat fixes
     pytest.skip("llm-blender is not installed (extra selm-mcore[ranking])", allow_module_level=True)
 
-pytestmark = pytest.mark.slow
+# One worker runs every test of this file (tools/test.sh: pytest-xdist, --dist loadgroup), so
+# the module's run fixture runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("online_run")]
 
 RUN_TIMEOUT_S = 1200  # one `selm run` (~2 min on 2 idle cores; shared machines are slower)
 
@@ -164,13 +166,14 @@ def test_two_rounds_run_and_print_the_table(reference_run):
         "round1/rank",
         "round1/refpass",
         "round1/train",
+        "round1/export",
         "round1/report",
         "round2/portion",
-        "round2/export",
         "round2/generate",
         "round2/rank",
         "round2/refpass",
         "round2/train",
+        "round2/export",
         "round2/report",
         "final/export",
         "final/generate",
@@ -187,6 +190,9 @@ def test_two_rounds_run_and_print_the_table(reference_run):
         assert (workdir / f"round_{t}" / "report" / "scores.png").stat().st_size > 1000
         assert "y_ref became chosen" in (workdir / f"round_{t}/report/report.md").read_text()
     assert not (workdir / "round_1" / "train" / "checkpoints").exists()  # pruned after the round
+    # the last policy is published at final/policy_hf, with its model card
+    assert (workdir / "final" / "policy_hf").resolve() == (workdir / "round_2" / "policy_hf")
+    assert "the policy after round 2" in (workdir / "final/policy_hf/README.md").read_text()
 
 
 def test_pairs_follow_the_best_worst_rule(reference_run, assets):
@@ -344,7 +350,7 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     from selm_mcore.rollout.vllm_engine import VLLMGenerator
 
     workdir, _ = reference_run
-    policy_hf = workdir / "round_2" / "policy_hf"
+    policy_hf = workdir / "round_1" / "policy_hf"  # the policy after round 1
     assert f"--model-dir {policy_hf}" in (workdir / "logs" / "round2_generate.log").read_text()
     state = checkpoint_tensors(workdir / "round_1" / "train" / "final", tmp_path / "r1.pt")
     trained = _hf_model_from_megatron(state, assets.tiny_llama)
@@ -469,8 +475,8 @@ def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(
         "round1/rank:published",
         "round1/refpass",
         "round1/train",
+        "round1/export",
         "round1/report",
-        "round2/export",
     ]
     failures = {
         "round1/generate": lambda: _generation_failure_stops_the_run(config, workdir, model),
@@ -534,14 +540,16 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
         "round0/portion",
         "round0/refpass",
         "round0/train",
+        "round0/export",
         "round0/report",
         "round1/portion",
-        "round1/export",
         "round1/generate",
         "round1/rank",
         "round1/refpass",
         "round1/train",
+        "round1/export",
         "round1/report",
+        "final/export",
     ]
     assert "| round 0 (DPO warm-up) |" in result.stdout
 
@@ -578,7 +586,11 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
         start_weights["model.layers.0.mlp.down_proj.weight"],
         warm.state_dict()["model.layers.0.mlp.down_proj.weight"],
     )
-    assert "round_0/train/final" in (workdir / "logs" / "round1_export.log").read_text()
+    assert "round_0/train/final" in (workdir / "logs" / "round0_export.log").read_text()
+    assert (
+        f"--model-dir {workdir / 'round_0' / 'policy_hf'}"
+        in (workdir / "logs" / "round1_generate.log").read_text()
+    )
 
     # the finished run resumes to nothing; switching the warm-up off is refused
     again = selm_run(config, "--list-phases")

@@ -347,7 +347,8 @@ def test_every_float_field_is_checked_for_finiteness():
     import dataclasses
     import typing
 
-    from selm_mcore.config.schema import NUMBER_RULES, SelmConfig
+    from selm_mcore.config.rules import NUMBER_RULES
+    from selm_mcore.config.schema import SelmConfig
 
     cfg = SelmConfig()
     float_keys = [

@@ -195,11 +195,11 @@ def test_docs_state_the_round_order_the_code_runs(tmp_path):
     ]
     assert [n.split("/")[1] for n in names if n.startswith("round2/")] == [
         "portion",
-        "export",
         "generate",
         "rank",
         "refpass",
         "train",
+        "export",
         "report",
     ]
     root = EXAMPLES.parents[1]
@@ -271,21 +271,23 @@ def test_phase_plan_with_the_dpo_warmup_round(tmp_path, write_jsonl):
         "round0/rank",
         "round0/refpass",
         "round0/train",
+        "round0/export",
         "round0/report",
         "round1/portion",
-        "round1/export",
         "round1/generate",
         "round1/rank",
         "round1/refpass",
         "round1/train",
+        "round1/export",
         "round1/report",
         "round2/portion",
-        "round2/export",
         "round2/generate",
         "round2/rank",
         "round2/refpass",
         "round2/train",
+        "round2/export",
         "round2/report",
+        "final/export",
     ]
     # round 0: plain DPO on its portion, from the start model, lr_per_round[0]
     assert plan.train_data(0) == paths.round_dir(0) / "portion.jsonl"
@@ -295,14 +297,20 @@ def test_phase_plan_with_the_dpo_warmup_round(tmp_path, write_jsonl):
     assert plan.train_data(1) == paths.round_dir(1) / "rank" / "pairs.jsonl"
     assert plan.round_overrides(1) == {"train__round_index": 2}
     assert plan.policy_start(1) == paths.round_dir(0) / "train" / "final"
-    assert plan.policy_hf(1) == paths.round_dir(1) / "policy_hf"
+    assert plan.policy_hf(1) == paths.round_dir(0) / "policy_hf"  # the policy after round 0
     assert first_readers(cfg)["model.hf_dir"] == "round0/generate"
 
     cfg.data.eval_prompts_path = ""
     names = [
         p.name for p in RoundPhases(cfg, paths).build(Manifest(tmp_path / "m2.json", cfg.to_dict()))
     ]
-    assert names[:4] == ["round0/portion", "round0/refpass", "round0/train", "round0/report"]
+    assert names[:5] == [
+        "round0/portion",
+        "round0/refpass",
+        "round0/train",
+        "round0/export",
+        "round0/report",
+    ]
     assert first_readers(cfg) == {
         "data.train_path": "round0/portion",
         "model.hf_dir": "round0/refpass",
@@ -341,13 +349,14 @@ def test_phase_plan(tmp_path, write_jsonl):
         "round1/rank",
         "round1/refpass",
         "round1/train",
+        "round1/export",
         "round1/report",
         "round2/portion",
-        "round2/export",
         "round2/generate",
         "round2/rank",
         "round2/refpass",
         "round2/train",
+        "round2/export",
         "round2/report",
         "final/export",
         "final/generate",
@@ -357,7 +366,9 @@ def test_phase_plan(tmp_path, write_jsonl):
     cfg.train.reference_mode = "onthefly"
     cfg.online.final_eval = False
     names = [p.name for p in RoundPhases(cfg, RunPaths(tmp_path)).build(manifest)]
-    assert "round1/refpass" not in names and not any(n.startswith("final/") for n in names)
+    assert "round1/refpass" not in names
+    # without the final evaluation the run still ends with the last policy at final/policy_hf
+    assert [n for n in names if n.startswith("final/")] == ["final/export"]
 
 
 def test_generation_inputs_carry_the_conversation_to_continue(preference_row):

