@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +50,12 @@ from selm_mcore.rollout.vllm_engine import (
 )
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import read_records, verify_checksums, write_jsonl_atomic
+from selm_mcore.runtime.outputs import (
+    add_overwrite_argument,
+    output_locks,
+    refuse_finished,
+    temp_folder,
+)
 from selm_mcore.runtime.preflight import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -157,14 +162,14 @@ def generate_file(
     if bounds is not None or (gen_cfg.num_engines > 1 and len(prompts) > 1):
         out_dir = Path(out_path).absolute().parent
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".engines.", dir=out_dir) as workdir:
+        with temp_folder(".engines.", out_dir) as workdir:
             rows = (
                 run_engines(
                     model_dir,
                     [dataclasses.asdict(p) for p in prompts],
                     gen_cfg,
                     trust_remote_code,
-                    Path(workdir),
+                    workdir,
                     bounds,
                 )
                 if bounds != []
@@ -233,6 +238,7 @@ def add_arguments(parser) -> None:
         default=None,
         help="this node's rank (default: SLURM_NODEID / NODE_RANK / GROUP_RANK)",
     )
+    add_overwrite_argument(parser, "the --out file")
 
 
 def main(args) -> int:
@@ -242,15 +248,19 @@ def main(args) -> int:
         raise InputError("no model to serve: pass --model-dir or set model.hf_dir")
     check_output_dir(Path(args.out).absolute().parent, what="--out")
     node_rank = 0
+    out = Path(args.out)
     if args.num_nodes > 1:
         node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
-    generate_file(
-        model_dir,
-        args.prompts,
-        args.out,
-        cfg.generation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        num_nodes=args.num_nodes,
-        node_rank=node_rank,
-    )
+        out = node_output_path(out, node_rank)
+    with output_locks({out: "--out"}, command="selm generate"):
+        refuse_finished(out, setting="--out", overwrite=args.overwrite, what="generations")
+        generate_file(
+            model_dir,
+            args.prompts,
+            args.out,
+            cfg.generation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            num_nodes=args.num_nodes,
+            node_rank=node_rank,
+        )
     return 0

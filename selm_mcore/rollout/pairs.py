@@ -35,6 +35,7 @@ from selm_mcore.data.rows import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.rollout.rankers import PairRMRanker, Ranker, build_ranker, ranks_from_scores
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+from selm_mcore.runtime.outputs import add_overwrite_argument, output_locks, refuse_finished
 from selm_mcore.runtime.preflight import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -331,6 +332,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--eval-out", default=None, help="JSONL of held-out scores (prompt_id, response, score)"
     )
+    add_overwrite_argument(parser, "the --out, --stats and --eval-out files")
 
 
 def main(args) -> int:
@@ -344,13 +346,34 @@ def main(args) -> int:
             "nothing to do: pass --rows/--out (new pairs) and/or "
             "--eval-rows/--eval-out (held-out scores)"
         )
-    for flag, path in (("--out", args.out), ("--stats", args.stats), ("--eval-out", args.eval_out)):
-        if path is not None:
-            check_output_dir(Path(path).absolute().parent, what=flag)
+    out = Path(args.out) if args.out is not None else None
+    stats_path = (
+        Path(args.stats)
+        if args.stats
+        else out.with_name(out.stem + ".stats.jsonl")
+        if out
+        else None
+    )
+    eval_out = Path(args.eval_out) if args.eval_out is not None else None
+    outputs = {
+        path: flag
+        for flag, path in (("--out", out), ("--stats", stats_path), ("--eval-out", eval_out))
+        if path is not None
+    }
+    for path, flag in outputs.items():
+        check_output_dir(path.absolute().parent, what=flag)
+    with output_locks(outputs, command="selm rank"):
+        for path, flag in outputs.items():
+            refuse_finished(path, setting=flag, overwrite=args.overwrite, what="ranking results")
+        _rank(args, out, stats_path, eval_out)
+    return 0
+
+
+def _rank(args, out: Path | None, stats_path: Path | None, eval_out: Path | None) -> None:
     cfg = config_from_args(args)
     generations = load_generations(args.generations)
     ranker = build_ranker(cfg.ranking, trust_remote_code=cfg.model.trust_remote_code)
-    if args.rows is not None:
+    if out is not None and stats_path is not None:
         rows = read_records(args.rows)
         logger.info("ranking %d rows with %s", len(rows), ranker.name)
         warn_repeated_prompt_ids(rows, args.rows)
@@ -362,19 +385,16 @@ def main(args) -> int:
                 f"rejected or y_ref response; check the generations "
                 f"({args.generations})"
             )
-        out = Path(args.out)
-        stats_path = Path(args.stats) if args.stats else out.with_name(out.stem + ".stats.jsonl")
         write_jsonl_atomic(out, kept)
         write_jsonl_atomic(stats_path, stats)
         logger.info("wrote %d pairs to %s; %s", len(kept), out, json.dumps(summarize_stats(stats)))
-    if args.eval_rows is not None:
+    if eval_out is not None:
         eval_rows = read_records(args.eval_rows)
         scored = score_eval_responses(ranker, eval_rows, generations, cfg.ranking.answer_key)
-        write_jsonl_atomic(args.eval_out, scored)
+        write_jsonl_atomic(eval_out, scored)
         if scored:
             logger.info(
                 "held-out: %d responses, mean score %.4f",
                 len(scored),
                 sum(r["score"] for r in scored) / len(scored),
             )
-    return 0

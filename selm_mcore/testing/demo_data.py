@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from selm_mcore.runtime.files import write_text_atomic
+
 INSTRUCTION = "Reply with the equation and its result."
 
 
@@ -140,9 +142,7 @@ def _write_jsonl(rows: list[dict], path: Path) -> None:
     text = "".join(json.dumps(row) + "\n" for row in rows)
     if path.exists() and path.read_text() == text:
         return  # keep the file (and its hash) as is for a resumed run
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def write_demo_data(

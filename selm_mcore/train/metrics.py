@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+from selm_mcore.runtime.outputs import is_plain_file, open_log
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +95,11 @@ class StepMetricsWriter:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path = out_dir / "metrics.jsonl"
-        if jsonl_path.exists():
+        if is_plain_file(jsonl_path):  # a link there is removed by open_log, never read
             write_jsonl_atomic(
                 jsonl_path, [r for r in read_records(jsonl_path) if r.get("step", 0) <= resume_step]
             )
-        self._jsonl = jsonl_path.open("a")
+        self._jsonl = open_log(jsonl_path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
