@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -327,15 +328,21 @@ def save_model_atomic(
     hf_config,
     tokenizer_dir: str | Path | None,
 ) -> Path:
-    """Save a model-only checkpoint folder via a temp folder renamed into place."""
+    """Save a model-only checkpoint folder via a fresh temporary folder renamed into place (a
+    failed save removes it: a full disk gets its space back)."""
     out_dir = Path(out_dir).absolute()
     if ctx.rank == 0:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = shared_temp_dir(out_dir, ctx)
-    save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
-    barrier(ctx)
-    if ctx.rank == 0:
-        replace_dir(tmp, out_dir)
+    try:
+        save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
+        barrier(ctx)
+        if ctx.rank == 0:
+            replace_dir(tmp, out_dir)
+    except BaseException:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier(ctx)
     return out_dir
 

@@ -25,6 +25,7 @@ order is known; tests use it where the real PairRM weights are absent.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import math
 import re
@@ -207,6 +208,38 @@ class Ranker(abc.ABC):
         return ranks_from_scores(self.scores(prompts, candidates, answers=answers))
 
 
+# Reward models llm-blender recognises by name and loads its own way (not PairRM); Starling's
+# loader calls torch.load without weights_only.
+LLM_BLENDER_OTHER_MODELS = (
+    "OpenAssistant/reward-model-deberta-v3-large-v2",
+    "berkeley-nest/Starling-RM-7B-alpha",
+    "openbmb/UltraRM-13b",
+)
+
+
+def _check_pairrm_path(model_path: str) -> None:
+    """Refuse, before llm-blender reads anything, a ranker that is not a pairranker: one of the
+    reward models llm-blender loads by name, or a local folder whose config says otherwise."""
+    other = [name for name in LLM_BLENDER_OTHER_MODELS if model_path.rstrip("/").endswith(name)]
+    if other:
+        raise RankerError(
+            f"ranking.model_path={model_path} names {other[0]}, a reward model llm-blender loads "
+            "its own way, not a PairRM ranker; score with it through ranking.kind=reward_model "
+            "and a local folder"
+        )
+    config = Path(model_path) / "config.json"
+    if config.is_file():
+        try:
+            ranker_type = json.loads(config.read_text()).get("ranker_type")
+        except (ValueError, AttributeError) as exc:
+            raise RankerError(f"{config} is not a readable JSON object ({exc})") from None
+        if ranker_type != "pairranker":
+            raise RankerError(
+                f"{model_path} is a {ranker_type!r} ranker (its config.json); PairRMRanker "
+                "needs ranker_type 'pairranker'"
+            )
+
+
 class PairRMRanker(Ranker):
     """PairRM (or any llm-blender pairranker folder) through ``llm_blender.Blender``.
 
@@ -237,6 +270,7 @@ class PairRMRanker(Ranker):
                 "(e.g. microsoft/deberta-v3-large) and point ranking.backbone at it, or set "
                 "ranking.backbone='' to use the name in the ranker's config.json"
             )
+        _check_pairrm_path(model_path)
         llm_blender = import_llm_blender()
         self.blender = llm_blender.Blender(
             blender_config=llm_blender.BlenderConfig(device=self.device, use_tqdm=False)

@@ -114,7 +114,23 @@ def new_temp_dir(target: str | os.PathLike, tag: str = "tmp", *, clear_stale: bo
     target = _beside(target)
     if clear_stale:
         remove_stale_temps(target, tag)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=f".{tag}", dir=target.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=f".{tag}", dir=target.parent))
+    path.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; the renamed one is not
+    return path
+
+
+def _umask() -> int:
+    """This process's file-mode creation mask (read, not changed, where Linux shows it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from selm_mcore.runtime.files import hash_path, replace_dir
 PACKAGE = Path(selm_mcore.__file__).resolve().parent
 HELPER_MODULE = PACKAGE / "runtime" / "outputs.py"
 HELD_LOCKS_ENV = "SELM_HELD_LOCKS"
+FILE_MODE = re.compile(r"^[rwxabt+]{1,4}$")
 # A name derived from another by a temporary, lock, swap or backup suffix.
 DERIVED_NAME = re.compile(r"\.(tmp|temp|lock|old|bak|swap|partial\.tmp)(\b|$)|-tmp\b")
 HELPERS = ("new_temp_file", "new_temp_dir", "temp_folder", "temp_path_for", "output_locks")
@@ -52,12 +53,14 @@ def _docstrings(tree: ast.Module) -> set[int]:
 
 
 def _mode_strings(call: ast.Call) -> list[str]:
-    args = call.args[1:2] + [k.value for k in call.keywords if k.arg == "mode"]
+    """The file-mode strings among an open call's first two arguments and ``mode=``
+    (``open(path, "ab")``, ``path.open("a")``, ``os.fdopen(fd, "a" if x else "w")``)."""
+    args = call.args[:2] + [k.value for k in call.keywords if k.arg == "mode"]
     return [
         n.value
         for a in args
         for n in ast.walk(a)
-        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and FILE_MODE.match(n.value)
     ]
 
 
