@@ -56,8 +56,9 @@ class OutputBusyError(UserError, RuntimeError):
     """Another command holds the lock of an output this command would write."""
 
 
-class OutputExistsError(UserError, FileExistsError):
-    """A finished output that is not to be replaced without ``--overwrite``."""
+class OutputExistsError(UserError, ValueError):
+    """A finished output that is not to be replaced without ``--overwrite`` (every rank sees
+    the same output: reported once, by rank 0)."""
 
 
 class LinkRefusedError(UserError, OSError):
