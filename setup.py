@@ -4,7 +4,15 @@ The folder ``kernels/`` is installed as ``selm_mcore.kernels``: a top-level ``ke
 package would collide with the PyPI package of that name that transformers probes for.
 """
 
-from setuptools import find_packages, setup
+import sys
+
+if sys.version_info < (3, 11):  # noqa: UP036 (the point: a clear line on older Pythons)
+    sys.exit(
+        f"selm-mcore needs Python >= 3.11 (its commands run `python -P`); {sys.executable} "
+        f"is Python {sys.version.split()[0]}: install it with a newer python"
+    )
+
+from setuptools import find_packages, setup  # noqa: E402
 
 packages = find_packages(include=["selm_mcore", "selm_mcore.*"])
 packages.append("selm_mcore.kernels")
@@ -13,14 +21,16 @@ setup(
     name="selm-mcore",
     version="0.1.0",
     description="Self-Exploring Language Models (online preference alignment) on Megatron-Core",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=packages,
     package_dir={"selm_mcore.kernels": "kernels"},
     # Files the installed package runs that are not Python modules.
     package_data={"selm_mcore.bench": ["setup_trl_env.sh"]},
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16.1",
+        # Exactly this version: selm_mcore.mcore patches private megatron-core 0.16.1 names
+        # (checked at start-up; tests/unit/test_cpu_compat.py fails loudly when they move).
+        "megatron-core==0.16.1",
         "psutil",
         "transformers>=5.16.1,<5.20",
         "safetensors",

@@ -17,19 +17,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 downloads=${SELM_DOWNLOADS:-$repo/outputs/downloads}
-hf_cli=$(command -v hf || command -v huggingface-cli || true)
-
-fetch() {  # fetch REPO_ID LOCAL_DIR [hf download args...]: download once, say what and where
-  local repo_id=$1 dir=$2; shift 2
-  if [ -e "$dir/.complete" ]; then echo "[selm] have $repo_id in $dir"; return; fi
-  if [ -z "$hf_cli" ]; then
-    echo "[selm] need $repo_id in $dir: install huggingface_hub (pip install huggingface_hub)" >&2
-    exit 1
-  fi
-  echo "[selm] downloading $repo_id -> $dir"
-  "$hf_cli" download "$repo_id" "$@" --local-dir "$dir"
-  touch "$dir/.complete"
-}
+source examples/fetch.sh   # fetch REPO_ID LOCAL_DIR [hf download args...]: download once
 
 echo "[selm] needs: 8 GPUs x 80 GB, the GPU environment, access to meta-llama (gated)"
 # Stop before downloading anything if the layout is predicted not to fit these GPUs.

@@ -64,6 +64,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 WORKERS: dict[str, str] = {
     "engine": "selm_mcore.rollout.generate",
     "convert": "selm_mcore.mcore.convert",
+    "rank": "selm_mcore.rollout.rank_workers",
 }
 
 

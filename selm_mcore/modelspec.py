@@ -1,5 +1,5 @@
-"""Pure model arithmetic of the Llama layout selm-mcore trains: dimensions, parameter count,
-FLOPs, padded vocabulary. Plain Python (no torch, no Megatron), read by the planner, the
+"""Pure model arithmetic of the Llama-layout families selm-mcore trains: dimensions, parameter
+count, FLOPs, padded vocabulary. Plain Python (no torch, no Megatron), read by the planner, the
 benchmarks, the pre-flight size checks and the trainer's MFU.
 
     shape = ModelShape.from_dir(hf_dir)        # or .from_hf_config(config object or dict)
@@ -10,7 +10,10 @@ benchmarks, the pre-flight size checks and the trainer's MFU.
 Parameters (``num_params``), per layer: q, k, v and o projections (h * d_q + 2 * h * d_kv +
 d_q * h, with d_q = heads * head_dim and d_kv = groups * head_dim), the three SwiGLU matrices
 (3 * h * f) and two RMSNorm weights (2 * h); plus the embedding (V * h), the final norm (h) and
-the LM head (V * h, none when it is tied to the embedding). V is the unpadded vocabulary.
+the LM head (V * h, none when it is tied to the embedding). V is the unpadded vocabulary. A
+Qwen2 model adds its q, k and v biases (d_q + 2 * d_kv per layer); the other families of
+``selm_mcore.mcore.families`` have the same parameters as the Llama layout (Phi-3 fuses some
+matrices in its HF files, not in its shapes).
 
 Model FLOPs (``training_flops``): with N = matmul weights per token (``matmul_params``: per
 layer q, k, v, o and the three SwiGLU projections, plus the LM head; the embedding lookup is no
@@ -37,7 +40,7 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def _config_getter(config: Any) -> Callable[..., Any]:
+def config_getter(config: Any) -> Callable[..., Any]:
     """``get(key, default)`` over an HF config object or a config.json dict (a multimodal
     config.json's ``text_config`` is the language model's)."""
     if isinstance(config, dict):
@@ -45,9 +48,16 @@ def _config_getter(config: Any) -> Callable[..., Any]:
     return lambda key, default=None: getattr(config, key, default)
 
 
+def _has_qkv_bias(model_type: Any) -> bool:
+    from selm_mcore.mcore.families import FAMILIES  # plain Python; imports this module
+
+    family = FAMILIES.get(str(model_type))
+    return bool(family and family.qkv_bias)
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama model (``name`` is a label, not part of the shape)."""
+    """The dimensions of a Llama-layout model (``name`` is a label, not part of the shape)."""
 
     num_layers: int
     hidden_size: int
@@ -59,13 +69,14 @@ class ModelShape:
     tied_embeddings: bool = False
     vocab_divisible_by: int = 128  # Megatron's make_vocab_size_divisible_by
     name: str = field(default="", compare=False)
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2)
 
     @classmethod
     def from_hf_config(
         cls, hf_config: Any, *, name: str = "", vocab_divisible_by: int = 128
     ) -> ModelShape:
         """From an HF config object or a plain dict (config.json)."""
-        get = _config_getter(hf_config)
+        get = config_getter(hf_config)
         heads = int(get("num_attention_heads"))
         return cls(
             num_layers=int(get("num_hidden_layers")),
@@ -78,6 +89,7 @@ class ModelShape:
             tied_embeddings=bool(get("tie_word_embeddings", False)),
             vocab_divisible_by=vocab_divisible_by,
             name=name,
+            qkv_bias=_has_qkv_bias(get("model_type")),
         )
 
     @classmethod
@@ -112,7 +124,8 @@ class ModelShape:
     def num_params(self) -> int:
         """Every parameter of the model (module docstring; a tied LM head counted once)."""
         h, vocab = self.hidden_size, self.vocab_size
-        layer = self.layer_matmul_params() + 2 * h
+        biases = self.query_dim + 2 * self.kv_dim if self.qkv_bias else 0
+        layer = self.layer_matmul_params() + 2 * h + biases
         head = 0 if self.tied_embeddings else vocab * h
         return self.num_layers * layer + vocab * h + h + head
 

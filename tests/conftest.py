@@ -1,10 +1,10 @@
 """Fixtures shared by every test folder (unit, kernels, dist, e2e).
 
 * ``tiny_llama_dir``: one tiny random Llama HF folder
-(``selm_mcore.testing.assets.build_tiny_llama``
-  with its defaults: 4 layers, hidden 128, head_dim 32, untied, seed 0, the tiny ChatML
-  tokenizer), built once per session. Treat it as read-only: a test that changes files copies
-  it first; a test that needs another config builds its own.
+  (``selm_mcore.testing.assets.build_tiny_llama`` with its defaults: 4 layers, hidden 128,
+  head_dim 32, untied, seed 0, the tiny ChatML tokenizer), built once per session. Treat it as
+  read-only: a test that changes files copies it first; a test that needs another config builds
+  its own.
 * ``tiny_tokenizer_dir`` / ``tiny_tokenizer``: the tiny ChatML tokenizer alone (session).
 * ``write_jsonl(path, rows) -> path``: one ``json.dumps`` line per row (ASCII escapes, so a
   lone surrogate in a string is written as ``\\ud800`` and reaches the reader as such).
@@ -98,3 +98,14 @@ def write_config():
 @pytest.fixture(scope="session")
 def preference_row():
     return _preference_row
+
+
+def pytest_collection_modifyitems(config, items):
+    """tools/test.sh runs the suite on two pytest-xdist workers (``--dist loadgroup``): most tests
+    keep one core busy, so two at a time use both. The tests that start several busy processes
+    themselves (tests/dist: 2-4 gloo ranks each) share one group, so they run one after another
+    on one worker instead of two of them oversubscribing the cores."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        if Path(item.path).resolve().parent == tests_dir / "dist":
+            item.add_marker(pytest.mark.xdist_group("ranks"))

@@ -14,8 +14,15 @@ Modes (see ``selm bench MODE --help``; CONFIG is optional: defaults + ``--set`` 
                          cross-entropy path (the logprob part of tools/gpu_check.sh)
     plan-check CONFIG    a shape-only random model through the trainer's step: the layout
                          planner's memory prediction beside the measured tensors and peaks
+    attention            packed attention backends (torch varlen, flash-attn, per-sequence SDPA)
+                         vs the dense masked reference: max error and time, fwd and fwd+bwd
+                         (bf16 on a GPU; a small fp32 run on CPU)
+    host-syncs CONFIG    host synchronisations per training step on CUDA
+                         (torch.cuda.set_sync_debug_mode); prints a "needs CUDA" line on CPU
     phases WORKDIR       seconds per phase of each round, from an online run's manifest
     checksums HF_DIR     seconds per GB the checksums add to saving and loading checkpoints
+    ranker               a PairRM-shaped ranker with random weights: pairs/s per device, MFU
+                         (llm-blender's path, or transformers' DebertaV2 without it)
     flops CONFIG         the FLOP formula's numbers and the device peak, nothing run
 
 Pairs: synthetic rows written once per run (``--profile uniform``: the given lengths;
@@ -243,23 +250,53 @@ def _add_other_modes(modes) -> None:
     p.add_argument("--seq-length", type=int, default=1024)
 
 
+def _add_gpu_path_modes(modes) -> None:
+    from selm_mcore.bench.attention import add_arguments as add_attention_arguments
+    from selm_mcore.bench.host_syncs import add_arguments as add_host_syncs_arguments
+
+    p = modes.add_parser(
+        "attention",
+        help="packed attention backends vs the dense masked reference: max error and time",
+    )
+    _add_common(p, config=False)
+    add_attention_arguments(p)
+    p = modes.add_parser("host-syncs", help="host synchronisations per training step (CUDA)")
+    _add_common(p)
+    add_host_syncs_arguments(p)
+
+
+def _add_ranker_mode(modes) -> None:
+    from selm_mcore.bench.ranker import add_arguments as add_ranker_arguments
+
+    p = modes.add_parser(
+        "ranker", help="PairRM-shaped ranker (random weights): pairs/s per device, MFU, padding"
+    )
+    _add_common(p, config=False)
+    add_ranker_arguments(p)
+
+
 def add_arguments(parser) -> None:
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     _add_training_modes(modes)
     _add_generation_mode(modes)
     _add_logprob_path_mode(modes)
+    _add_gpu_path_modes(modes)
     _add_other_modes(modes)
+    _add_ranker_mode(modes)
 
 
 def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     """Mode name -> its runner (imported when a mode runs: the modes import torch, vLLM...)."""
     from selm_mcore.bench import (
+        attention,
         checksums,
         compare,
         generation,
+        host_syncs,
         logprob_path,
         phases,
         plan_check,
+        ranker,
         train,
     )
 
@@ -270,10 +307,13 @@ def _modes() -> dict[str, Callable[[Any], dict[str, Any]]]:
         "packing": compare.run_packing,
         "generation": generation.run_generation,
         "logprob-path": logprob_path.run_logprob_path,
+        "attention": attention.run_attention,
+        "host-syncs": host_syncs.run_host_syncs,
         "phases": phases.run_phases_mode,
         "plan-check": plan_check.run_plan_check,
         "flops": phases.run_flops,
         "checksums": checksums.run_checksums,
+        "ranker": ranker.run_ranker_bench,
     }
 
 

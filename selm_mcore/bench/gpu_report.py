@@ -7,8 +7,11 @@ WORK holds the parts' outputs: ``env.json``, ``status.tsv`` (part, exit status, 
 one line per part), ``pytest.xml`` (JUnit of ``pytest -m gpu``), ``kernels.json``
 (``selm_mcore.kernels.bench_logprobs --json``), ``train_*.json`` (``selm bench plan-check``) and
 ``logprob.json`` (``selm bench logprob-path``), ``generation.json`` (``selm bench generation``,
-only with vLLM). A part that did not run or failed appears with
-its status and note; the report never fails because a part is missing.
+only with vLLM), ``attention.json`` (``selm bench attention``), ``host_syncs.json`` (``selm bench
+host-syncs``) and ``ranker.json`` (``selm bench ranker``). A part that did not run or failed
+appears with its status and note; the report never fails because a part is missing.
+
+    python -P -m selm_mcore.bench.gpu_report probe MODULE...       # exit 0 when all import
 """
 
 from __future__ import annotations
@@ -22,10 +25,49 @@ from pathlib import Path
 from typing import Any
 
 OPTIONAL = ("megatron", "transformer_engine", "flash_attn", "vllm", "triton")
+# What the parts import (tools/gpu_check.sh names the parts that need each), probed by importing
+# them for real: a package that is installed but does not import counts as missing.
+PROBED = (
+    "torch",
+    "triton",
+    "numpy",
+    "yaml",
+    "pytest",
+    "transformers",
+    "safetensors",
+    "megatron.core",
+    "llm_blender",
+    "vllm",
+    "transformer_engine",
+    "flash_attn",
+)
+
+
+def probe_import(module: str) -> str:
+    """ "" when ``module`` imports here, else why not (one line); llm_blender is imported with
+    the project's compatibility fixes, as the ranker imports it."""
+    import importlib
+
+    try:
+        if module == "llm_blender":
+            from selm_mcore.rollout.rankers import import_llm_blender
+
+            import_llm_blender()
+        else:
+            importlib.import_module(module)
+    except Exception as exc:  # an import can fail in any way (a missing .so, a CUDA check)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+    return ""
+
+
+def probe_all(modules: tuple[str, ...] = PROBED) -> dict[str, str]:
+    """{module: why it does not import, "" when it does} (``gpu_report env`` runs in a process
+    of its own, so the imports stay there)."""
+    return {module: probe_import(module) for module in modules}
 
 
 def environment() -> dict[str, Any]:
-    """Versions and what is importable here (nothing heavy is imported but torch)."""
+    """Versions, and which packages import here (``probe_all``)."""
     import torch
 
     env: dict[str, Any] = {
@@ -43,6 +85,8 @@ def environment() -> dict[str, Any]:
         import triton
 
         env["triton"] = triton.__version__
+    env["import_errors"] = probe_all()
+    env["importable"] = {m: not why for m, why in env["import_errors"].items()}
     return env
 
 
@@ -97,6 +141,9 @@ def collect(work: Path) -> dict[str, Any]:
         "train": [_load(p) for p in sorted(work.glob("train_*.json"))],
         "logprob_path": _load(work / "logprob.json"),
         "generation": _load(work / "generation.json"),
+        "attention": _load(work / "attention.json"),
+        "host_syncs": _load(work / "host_syncs.json"),
+        "ranker": _load(work / "ranker.json"),
     }
 
 
@@ -189,6 +236,46 @@ def _train_lines(results: list[dict[str, Any]]) -> list[str]:
     )
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+def rows_table(result: dict[str, Any]) -> list[str]:
+    """Any benchmark JSON with a list of ``rows`` (dicts) as a markdown table of their keys."""
+    rows = [r for r in result.get("rows", []) if isinstance(r, dict)]
+    if not rows:
+        return [str(result.get("skipped") or result.get("note") or "no rows")]
+    keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+    return _table(keys, [[_cell(r.get(k, "")) for k in keys] for r in rows])
+
+
+EXTRA_SECTIONS = (
+    ("attention", "Packed attention: varlen vs the dense masked reference (bf16)"),
+    ("host_syncs", "Host syncs per training step"),
+    ("ranker", "Ranker throughput (PairRM-shaped, random weights)"),
+)
+
+
+def _extra_sections(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for key, title in EXTRA_SECTIONS:
+        result = report.get(key)
+        if not result:
+            continue
+        lines += ["", f"## {title}", ""]
+        if key == "ranker":
+            lines += [
+                f"{result['shape']}, {result['dtype']} on {result['device']}: prompt "
+                f"~{result['source_tokens']} + 3 candidates ~{result['candidate_tokens']} tokens, "
+                f"6 ordered pairs per prompt; MFU of {result['peak_source']}",
+                "",
+            ]
+        lines += rows_table(result)
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["env"] or {}
     lines = [
@@ -251,6 +338,7 @@ def markdown(report: dict[str, Any]) -> str:
                 for r in logprob["rows"]
             ],
         )
+    lines += _extra_sections(report)
     generation = report.get("generation")
     if generation:
         lines += [
@@ -268,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     from selm_mcore.runtime.files import write_json_atomic, write_text_atomic
 
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "probe":
+        errors = {m: why for m, why in probe_all(tuple(argv[1:])).items() if why}
+        for module, why in errors.items():
+            print(f"{module}: {why}")
+        return 1 if errors else 0
     if len(argv) == 2 and argv[0] == "env":
         write_json_atomic(argv[1], environment())
         return 0
@@ -279,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(out / "gpu_check.md", markdown(report))
         print(markdown(report))
         return 0
-    sys.exit("usage: python -m selm_mcore.bench.gpu_report env FILE | report WORKDIR OUTDIR")
+    sys.exit(
+        "usage: python -m selm_mcore.bench.gpu_report env FILE | report WORKDIR OUTDIR | "
+        "probe MODULE..."
+    )
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def predict(run, hf_config, geometry, num_microbatches: int, impl: str) -> dict[
         vpp=ctx.vpp,
         dp=ctx.dp,
         recompute=cfg.model.recompute,
-        sequence_parallel=impl == "te" and ctx.tp > 1,
+        sequence_parallel=ctx.sequence_parallel,
     )
     rank = memory.rank_memory(
         model,
@@ -356,7 +356,12 @@ def run_plan_check(args) -> dict[str, Any]:
         )
         data = _round_data(cfg, args, hf_config.vocab_size, Path(workdir))
         ctx = init_parallel(
-            tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.parallel.seed
+            tp=cfg.parallel.tp,
+            pp=cfg.parallel.pp,
+            vpp=cfg.parallel.vpp,
+            seed=cfg.parallel.seed,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            device=cfg.parallel.device,
         )
         try:
             models = build_model(

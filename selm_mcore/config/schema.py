@@ -57,8 +57,17 @@ class ParallelConfig:
     # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
     vpp: int | None = None
     seed: int = 1234
+    # Sequence parallelism (each tensor-parallel rank keeps 1/tp of the sequence between the
+    # layers: activations / tp): "auto" = on with tp > 1 on a GPU, "true" (needs tp > 1; also
+    # runs on CPU/gloo), "false".
+    sequence_parallel: str | bool = "auto"
+    # Where the Megatron phases, generation and ranking run: "cuda" (a GPU is required),
+    # "cpu", or "auto" (cuda when an NVIDIA device is visible). Expecting CUDA that torch cannot
+    # use stops the command with the versions and the fix (selm_mcore.runtime.device).
+    device: str = "auto"
 
     def validate(self) -> None:
+        _choice("parallel.device", self.device, ("auto", "cuda", "cpu"))
         for key in ("tp", "pp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
@@ -66,6 +75,14 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp}); "
                 "set parallel.vpp=null for plain 1F1B"
+            )
+        if isinstance(self.sequence_parallel, bool):
+            self.sequence_parallel = "true" if self.sequence_parallel else "false"
+        _choice("parallel.sequence_parallel", self.sequence_parallel, ("auto", "true", "false"))
+        if self.sequence_parallel == "true" and self.tp < 2:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true needs parallel.tp > 1 (tp={self.tp}): it "
+                "splits each sequence over the tensor-parallel ranks; set it to auto or false"
             )
 
 
@@ -217,12 +234,17 @@ class TrainConfig:
     # reshardable (resumable at any layout; gathers each replica's optimizer state on its
     # DP rank 0's host at every save).
     reshardable_checkpoints: bool = False
+    # Host memory (GiB per node) a fully reshardable save may gather the optimizer state into;
+    # 0 = what the node has available when the round starts. Checked before the round trains:
+    # too little saves the last checkpoint dp-reshardable (selm_mcore.plan.host_memory).
+    host_memory_gb: float = 0.0
 
     def ref_cache_path(self) -> Path:
         """train.ref_cache, else <train.output_dir>/ref_logps.safetensors."""
         return Path(self.ref_cache or Path(self.output_dir) / "ref_logps.safetensors")
 
     def validate(self) -> None:
+        check_numbers("train", self)
         for key in (
             "global_batch_size",
             "micro_batch_size",
@@ -304,9 +326,17 @@ class RankingConfig:
     max_length: int = 2048
     # verifiable: the row field holding the checkable answer.
     answer_key: str = "answer"
+    # Ranker processes per node, each on its own GPU (or share of the CPU cores), each ranking a
+    # contiguous slice of whole batches; 0 = one per visible GPU when the ranker runs on CUDA
+    # (ranking.device auto or cuda), else 1 (selm_mcore.rollout.rank_workers).
+    num_workers: int = 0
 
     def validate(self) -> None:
         _choice("ranking.kind", self.kind, ("pairrm", "reward_model", "verifiable"))
+        if self.num_workers < 0:
+            raise ConfigError(
+                f"ranking.num_workers={self.num_workers} must be >= 0 (0 = one per GPU)"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"ranking.device={self.device!r} must be auto, cpu, cuda or cuda:N")
         if self.batch_size < 1 or self.max_length < 1:
@@ -432,6 +462,7 @@ NUMBER_RULES = {
     "optim.adam_eps": "> 0",
     "optim.warmup_ratio": "in [0, 1)",
     "optim.clip_grad": ">= 0",
+    "train.host_memory_gb": ">= 0",
     "generation.temperature": ">= 0",
     "generation.top_p": "in (0, 1]",
     "generation.gpu_memory_utilization": "in (0, 1]",

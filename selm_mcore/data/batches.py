@@ -25,6 +25,23 @@ from selm_mcore.data.tokenize import TokenizedExample
 # --- collation --------------------------------------------------------------------------------
 
 
+def is_on(tensor: torch.Tensor, device: torch.device | str) -> bool:
+    """``tensor`` lives on ``device`` (a device without an index matches any of its type)."""
+    device = torch.device(device)
+    return tensor.device == device or (device.type == tensor.device.type and device.index is None)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``; host -> CUDA copies go through pinned memory without blocking
+    the host (an ordinary copy from pageable memory synchronises the stream)."""
+    device = torch.device(device)
+    if is_on(tensor, device):
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class PairOrder:
     """Sequences of B pairs in the order [chosen_0..B-1, rejected_0..B-1, (yref_0..B-1)]: what
     a batch of either layout (``PreferenceBatch``, ``selm_mcore.data.packing.PackedBatch``) shares.
@@ -72,12 +89,14 @@ class PreferenceBatch(PairOrder):
     has_yref: bool
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
+        """Tensors to ``device`` (pinned, non-blocking from the host); ``example_indices`` stays
+        on the host, where only the host reads it."""
         return PreferenceBatch(
-            tokens=self.tokens.to(device),
-            labels=self.labels.to(device),
-            loss_mask=self.loss_mask.to(device),
-            position_ids=self.position_ids.to(device),
-            example_indices=self.example_indices.to(device),
+            tokens=to_device(self.tokens, device),
+            labels=to_device(self.labels, device),
+            loss_mask=to_device(self.loss_mask, device),
+            position_ids=to_device(self.position_ids, device),
+            example_indices=self.example_indices,
             has_yref=self.has_yref,
         )
 

@@ -21,11 +21,13 @@ most ``3 * max_length`` tokens in ``pack`` and ``P + 3 * (max_length - P)`` in
 ``shared_prompt`` (2 instead of 3 without y_ref); ``auto_budget`` is the longest actual pair and
 ``check_budget`` refuses a budget some pair does not fit.
 
-The layout reaches the attention as ``PackedBatch.segments``, an int64 CPU tensor [G, 6] with one
-row per group of tokens that attend to each other (a pair in shared_prompt, a sequence in pack):
+The layout is ``PackedBatch.segments``, an int64 CPU tensor [G, 6] with one row per group of
+tokens that attend to each other (a pair in shared_prompt, a sequence in pack):
 ``(row, start, prompt_len, r1, r2, r3)``: tokens ``[start, start + prompt_len)`` attend causally;
 the responses follow back to back, response k attending to the prompt and causally to itself.
-In ``pack`` every sequence is a group with ``prompt_len`` = its length and no responses.
+In ``pack`` every sequence is a group with ``prompt_len`` = its length and no responses. The
+attention reads it as ``PackedBatch.attention_plan`` (``selm_mcore.data.attention_plan``: gather
+indices, cumulative lengths, maximum lengths), built here once per micro-batch on the host.
 
 Only positions whose next token is a response token go through the LM head and the log-prob
 kernel (``head_index``, flat over [rows, T]); in shared_prompt the prompt's last position
@@ -43,7 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from selm_mcore.data.batches import PairOrder
+from selm_mcore.data.attention_plan import AttentionPlan, attention_plan
+from selm_mcore.data.batches import PairOrder, to_device
 from selm_mcore.data.tokenize import TokenizedExample
 from selm_mcore.runtime.errors import UserError
 
@@ -152,11 +155,13 @@ def pack_examples(
 class PackedBatch(PairOrder):
     """One micro-batch of B pairs packed into R rows (see the module docstring).
 
-    tokens, position_ids: int64 [R, T]; segments: int64 [G, 6] on the CPU (read by the attention
-    on every layer without a device sync); head_index: int64 [M] into the flattened [R * T]
-    positions; head_labels: int64 [M]; head_sequence: int64 [M], the sequence each head position
-    belongs to in the pair order [chosen_0..B-1, rejected_0..B-1, (yref_0..B-1)];
-    example_indices: int64 [B]. ``num_tokens`` counts the tokens fed (no padding).
+    tokens, position_ids (the RoPE positions): int64 [R, T]; segments: int64 [G, 6], on the host;
+    attention_plan: the layout as varlen calls (``selm_mcore.data.attention_plan``), read by the
+    attention of every layer; head_index: int64 [M] into the flattened [R * T] positions;
+    head_labels: int64 [M]; head_sequence: int64 [M], the sequence each head position belongs to
+    in the pair order [chosen_0..B-1, rejected_0..B-1, (yref_0..B-1)]; sequence_response_lengths:
+    int64 [N], the response tokens of each sequence; example_indices: int64 [B], on the host.
+    ``num_tokens`` counts the tokens fed (no padding).
     """
 
     tokens: torch.Tensor
@@ -168,24 +173,29 @@ class PackedBatch(PairOrder):
     example_indices: torch.Tensor
     has_yref: bool
     num_tokens: int
+    attention_plan: AttentionPlan
+    sequence_response_lengths: torch.Tensor
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        """Tensors to ``device``; ``segments`` stays on the CPU."""
+        """Tensors to ``device`` (pinned, non-blocking from the host); ``segments`` and
+        ``example_indices`` stay on the host, where only the host reads them."""
         return PackedBatch(
-            tokens=self.tokens.to(device),
-            position_ids=self.position_ids.to(device),
+            tokens=to_device(self.tokens, device),
+            position_ids=to_device(self.position_ids, device),
             segments=self.segments,
-            head_index=self.head_index.to(device),
-            head_labels=self.head_labels.to(device),
-            head_sequence=self.head_sequence.to(device),
-            example_indices=self.example_indices.to(device),
+            head_index=to_device(self.head_index, device),
+            head_labels=to_device(self.head_labels, device),
+            head_sequence=to_device(self.head_sequence, device),
+            example_indices=self.example_indices,
             has_yref=self.has_yref,
             num_tokens=self.num_tokens,
+            attention_plan=self.attention_plan.to(device),
+            sequence_response_lengths=to_device(self.sequence_response_lengths, device),
         )
 
     def response_lengths(self) -> torch.Tensor:
         """[N] response tokens of each sequence (the labels each sequence sums)."""
-        return torch.bincount(self.head_sequence.cpu(), minlength=self.num_sequences)
+        return self.sequence_response_lengths
 
 
 class _RowBuilder:
@@ -283,14 +293,18 @@ def collate_packed(
     positions[0, :used] = torch.tensor(builder.positions, dtype=torch.long)
     positions[0, used:] = torch.arange(length - used)  # padding: attends to itself only
     segments = torch.tensor(builder.segments, dtype=torch.long).reshape(-1, len(SEGMENT_COLUMNS))
+    head_sequence = torch.tensor(builder.head_sequence, dtype=torch.long)
+    num_sequences = num_examples * (3 if has_yref else 2)
     return PackedBatch(
         tokens=tokens,
         position_ids=positions,
         segments=segments,
         head_index=torch.tensor(builder.head_index, dtype=torch.long),
         head_labels=torch.tensor(builder.head_labels, dtype=torch.long),
-        head_sequence=torch.tensor(builder.head_sequence, dtype=torch.long),
+        head_sequence=head_sequence,
         example_indices=torch.tensor([e.index for e in examples], dtype=torch.long),
         has_yref=has_yref,
         num_tokens=used,
+        attention_plan=attention_plan(segments, length),
+        sequence_response_lengths=torch.bincount(head_sequence, minlength=num_sequences),
     )

@@ -5,8 +5,11 @@ Needs only a Hugging Face tokenizer object (duck-typed); no torch, no Megatron.
 Tokenisation (a documented, clean choice; the reference code inherits chat-template quirks):
 
 * prompt   = ``apply_chat_template(prompt conversation, add_generation_prompt=True)`` as text,
-  encoded once with ``add_special_tokens=False`` (the template itself writes any BOS); vLLM
-  generation renders prompts with the same function, so its prompt tokens are the training ones;
+  encoded once with ``add_special_tokens=False`` (the template itself writes any BOS: Llama-3's,
+  ChatML's none). A tokenizer that starts every text with its BOS (``add_bos_token``: the
+  Llama-style tokenizers of Mistral/Zephyr and Phi-3, whose templates write none) gets that one
+  BOS in front, as its model saw in training; vLLM generation renders prompts with the same
+  function, so its prompt tokens are the training ones;
 * response = the assistant content encoded once with ``add_special_tokens=False``, then the
   tokenizer's EOS id appended;
 * only response tokens (EOS included) carry labels.
@@ -80,9 +83,26 @@ def render_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
     return text
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts in front of every text by default (``add_bos_token``:
+    Mistral's, Phi-3's, Llama-3's), or None when it adds none (ChatML tokenizers). Llama-3's
+    template writes that BOS itself, so ``encode_prompt`` adds none there."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = list(tokenizer.encode("a", add_special_tokens=True))
+    without = list(tokenizer.encode("a", add_special_tokens=False))
+    return int(bos) if with_special[:1] == [bos] and without[:1] != [bos] else None
+
+
 def encode_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Prompt token ids: the templated text encoded once, no special tokens added."""
-    return list(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False))
+    """Prompt token ids: the templated text encoded once, no special tokens added, except the
+    tokenizer's default leading BOS when the template wrote none (``leading_bos``)."""
+    ids = list(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False))
+    bos = leading_bos(tokenizer)
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
 
 
 def encode_response(tokenizer, content: str) -> list[int]:

@@ -70,6 +70,7 @@ from selm_mcore.loop.runner import (
     run_phases,
     workdir_lock,
 )
+from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.runtime.files import hash_path
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ RESUME_MUTABLE_KEYS = frozenset(
         "online.rdzv_id",
         "ranking.device",
         "ranking.batch_size",
+        "ranking.num_workers",
+        "train.host_memory_gb",
         "train.log_interval",
         "train.tensorboard",
         "generation.engine_timeout_s",
@@ -169,11 +172,14 @@ def collect_summaries(paths: RunPaths, rounds: int):
 
 def check_run_inputs(cfg: SelmConfig) -> None:
     """What would otherwise fail rounds later, in a subprocess: the config for this many
-    processes, the optional packages the phases import, and the start model and data files."""
+    processes, the device (parallel.device), the optional packages the phases import, and the
+    start model and data files."""
     from selm_mcore.rollout.engines import check_engine_layout, cuda_available
     from selm_mcore.runtime.deps import check_dependencies
+    from selm_mcore.runtime.device import apply_device_setting
 
     cfg.validate(world_size=cfg.online.nproc_per_node * cfg.online.nnodes)
+    apply_device_setting(cfg.parallel.device)  # CUDA expected but unusable: stop now, loudly
     check_dependencies(cfg)
     check_engine_layout(
         cfg.generation.num_engines,
@@ -185,6 +191,12 @@ def check_run_inputs(cfg: SelmConfig) -> None:
         raise ConfigError(
             f"model.hf_dir={cfg.model.hf_dir!r} is not a folder: point it at the "
             "starting policy (an HF model folder)"
+        )
+    if (Path(cfg.model.hf_dir) / "config.json").is_file():  # else its first phase says why
+        check_model_config_dir(
+            cfg.model.hf_dir,
+            max_length=cfg.data.max_length,
+            generation_context=cfg.generation.max_model_len,
         )
     if not cfg.data.train_path or not Path(cfg.data.train_path).is_file():
         raise ConfigError(

@@ -56,8 +56,8 @@ def megatron_command(cfg: SelmConfig, subcommand: str, *args: str) -> list[str]:
 
 
 def generation_nodes(cfg: SelmConfig) -> int:
-    """Nodes the generate phase spreads its engines over: every node of a multi-node run
-    started through online.launcher, else this one."""
+    """Nodes the generate and rank phases spread their engines and rankers over: every node of
+    a multi-node run started through online.launcher, else this one."""
     return cfg.online.nnodes if cfg.online.nnodes > 1 and cfg.online.launcher else 1
 
 
@@ -76,6 +76,16 @@ def generate_command(
         "--model-dir",
         str(model_dir),
     )
+    nodes = generation_nodes(cfg)
+    if nodes == 1:
+        return cmd
+    return [*shlex.split(cfg.online.launcher), *cmd, "--num-nodes", str(nodes)]
+
+
+def rank_command(cfg: SelmConfig, cmd: list[str]) -> list[str]:
+    """``selm rank`` (``cmd``) on this node, or once per node through online.launcher (each
+    node ranks its share with its own ranker processes and writes OUT.node<k>.jsonl, joined
+    by the phase)."""
     nodes = generation_nodes(cfg)
     if nodes == 1:
         return cmd
@@ -247,7 +257,7 @@ class RoundPhases:
 
     def rank(self, name: str, generate_dir: Path, out: Path, rows_path: Path | None) -> Phase:
         def run(partial: Path) -> None:
-            # One ranker load serves both jobs: the new pairs and the held-out scores.
+            # One ranker load per ranker process serves both jobs: new pairs, held-out scores.
             partial.mkdir()
             cmd = selm_command(
                 "rank",
@@ -271,7 +281,21 @@ class RoundPhases:
                     "--eval-out",
                     str(partial / "eval_scores.jsonl"),
                 ]
-            self._run(name, cmd)
+            self._run(name, rank_command(self.cfg, cmd))
+            nodes = generation_nodes(self.cfg)
+            if nodes == 1:
+                return
+            # One `selm rank` per node, as generation: the node parts are joined here.
+            from selm_mcore.rollout.rank_workers import merge_rank_nodes
+
+            outputs = [partial / "pairs.jsonl", partial / "stats.jsonl"] if rows_path else []
+            if self.eval_rows:
+                outputs.append(partial / "eval_scores.jsonl")
+            merge_rank_nodes(outputs, nodes)
+            if rows_path:  # what `selm rank` checks on one node, over every node's pairs
+                from selm_mcore.rollout.pairs import check_pairs_left
+
+                check_pairs_left(read_records(partial / "stats.jsonl"), "the generate phase")
 
         return Phase(name, self.paths.rel(out), run)
 

@@ -4,7 +4,8 @@
                 Megatron's checkpoint-writer processes bound to their rank's lifetime
     cpu_compat  the CPU compatibility layer for megatron-core (applied only without CUDA)
     safe_load   dist-checkpoint loading without unpickling arbitrary objects
-    model       GPTModel in the Llama-3 layout from an HF config
+    families    the supported HF families (llama, mistral, qwen2, phi3): what each changes
+    model       GPTModel in the Llama-3 layout from an HF config of a supported family
     gpt         SelmGPTModel: GPTModel plus the packed forward (per-token RoPE, response head)
     attention   PackedAttention: core attention of packed rows (flash-attn varlen / torch SDPA)
     weights     HF <-> Megatron name/layout maps, streaming load and export

@@ -9,8 +9,8 @@
 Inputs are validated in the calling process first (config, layout, shard files); then, unless
 this process is already one of tp*pp launched ranks, tp*pp local processes
 (``selm _worker convert SPEC``, started by ``selm_mcore.runtime.launch.run_local_ranks``) do the
-work,
-each reading only its slices. The streaming and memory rules are in ``selm_mcore.mcore.weights``.
+work, each reading only its slices. The streaming and memory rules are in
+``selm_mcore.mcore.weights``.
 
 Both directions write into a fresh ``.<name>.<random>.tmp`` folder next to the target
 (``checkpoint.shared_temp_dir``: never a planted link; the export with ``checksums.json``) and
@@ -178,7 +178,8 @@ def hf_to_mcore(
     timeout_s: float = 3600.0,
     overwrite: bool = False,
 ) -> None:
-    """Convert an HF Llama folder into a selm-mcore checkpoint, sharded over tp*pp ranks.
+    """Convert an HF folder (a supported family: ``selm_mcore.mcore.families``) into a
+    selm-mcore checkpoint, sharded over tp*pp ranks.
 
     ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32), fp32 or bf16. The checkpoint
     is written beside ``out_dir`` and renamed into place when complete; a non-empty
@@ -280,7 +281,7 @@ def worker_main(spec: dict[str, Any]) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``selm convert hf-to-mcore|mcore-to-hf`` arguments."""
     sub = parser.add_subparsers(dest="direction", required=True)
-    to_mcore = sub.add_parser("hf-to-mcore", help="HF Llama folder -> Megatron checkpoint")
+    to_mcore = sub.add_parser("hf-to-mcore", help="HF folder -> Megatron checkpoint")
     add_hf_to_mcore_arguments(to_mcore)
     to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF folder")
     add_mcore_to_hf_arguments(to_hf)

@@ -5,12 +5,11 @@
     reduced = run_micro_batches(models, micro_batches, loss_fn, forward_only=False)   # train
     logps = forward_only_logps(models, ctx, micro_batches, vocab_size)               # reference
 
-``run_micro_batches`` drives Megatron's ``get_forward_backward_func`` (1F1B; interleaved with
-VPP); ``sequence_logps`` turns the last stage's vocab-parallel logits into summed response
-log-probs (``selm_mcore.train.logprobs``, the fused kernel on GPU). Megatron's pipeline schedule
-sends
-[T, N, hidden] activations between stages with one shape per call, so with pipeline parallelism
-the micro-batches of one call share one padded length T (packed rows: the budget).
+``run_micro_batches`` drives Megatron's ``get_forward_backward_func`` (1F1B; interleaved with VPP);
+``sequence_logps`` turns the last stage's vocab-parallel logits into summed response log-probs
+(``selm_mcore.train.logprobs``, the fused kernel on GPU). Megatron's pipeline schedule sends [T, N,
+hidden] activations between stages with one shape per call, so with pipeline parallelism the
+micro-batches of one call share one padded length T (packed rows: the budget).
 
 Packed micro-batches (``selm_mcore.data.packing``) hold a varying number of pairs; each carries a
 ``loss_scale`` so that, after Megatron divides every micro-batch's loss by their count, the
@@ -22,6 +21,7 @@ y_ref), N = S * B sequences, T padded tokens, V/tp vocabulary columns on this ra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -29,7 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from selm_mcore.data.batches import PreferenceBatch, collate_preferences, padded_length
+from selm_mcore.data.batches import (
+    PreferenceBatch,
+    collate_preferences,
+    padded_length,
+    to_device,
+)
 from selm_mcore.data.packing import PackedBatch, collate_packed, pack_examples
 from selm_mcore.data.tokenize import PreferenceDataset, TokenizedExample
 
@@ -44,6 +49,8 @@ class MicroBatch:
     ``num_computed``: tokens the model computes on (padding included).
     ``loss_scale``: packed micro-batches return ``sum of per-pair losses * loss_scale`` (None:
     the mean over the micro-batch, as unpacked ones do).
+    ``counts`` float64 [4]: examples, tokens, computed tokens and model FLOPs of the step's
+    metrics, made on the host with the batch (the loss needs no host-to-device copy of its own).
     """
 
     batch: PreferenceBatch | PackedBatch
@@ -52,10 +59,21 @@ class MicroBatch:
     num_computed: int
     loss_scale: float | None = None
     ref_logps: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:
         return isinstance(self.batch, PackedBatch)
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """The micro-batch with its tensors on ``device`` (pinned, non-blocking from the host):
+        moved before the schedule runs, so no micro-batch copies anything on its own."""
+        return dataclasses.replace(
+            self,
+            batch=self.batch.to(device),
+            ref_logps=None if self.ref_logps is None else to_device(self.ref_logps, device),
+            counts=None if self.counts is None else to_device(self.counts, device),
+        )
 
 
 def token_multiple(models: Sequence) -> int:
@@ -232,7 +250,7 @@ def _forward_step(data_iterator, model, *, loss_fn: Callable):
         output = model(
             batch.tokens,
             batch.position_ids,
-            packed_layout=batch.segments,
+            attention_plan=batch.attention_plan,
             head_index=batch.head_index,
         )
     else:

@@ -1,22 +1,24 @@
 """``SelmGPTModel``: Megatron's GPTModel with the packed forward our trainer needs.
 
     logits = model(tokens, position_ids)                           # [B, T, V/tp], as GPTModel
-    logits = model(tokens, position_ids, packed_layout=segments,   # [M, V/tp]: head rows only
+    logits = model(tokens, position_ids, attention_plan=plan,      # [M, V/tp]: head rows only
                    head_index=head_index)
 
-The packed forward (``packed_layout`` given, see ``selm_mcore.data.packing``) differs from
-GPTModel.forward in three places, all inside this subclass (Megatron is not patched):
+The packed forward (``attention_plan`` given: ``PackedBatch.attention_plan`` of
+``selm_mcore.data.packing``) differs from GPTModel.forward in three places, all inside this
+subclass (Megatron is not patched):
 
 * RoPE follows ``position_ids`` token by token (GPTModel always uses 0..T-1): positions restart
   at every packed sequence and continue after a shared prompt;
-* the layout goes to the core attention in the ``attention_mask`` slot (the layer spec holds
-  ``selm_mcore.mcore.attention.PackedAttention`` when packing);
+* the plan goes to every layer's core attention in Megatron's ``packed_seq_params`` slot (the
+  layer spec holds ``selm_mcore.mcore.attention.PackedAttention`` when packing), built once per
+  micro-batch at collation: no layer computes indices or copies anything to the device;
 * the output layer (LM head) runs only on the ``head_index`` positions, the ones whose next
   token is a response label. Under sequence parallelism the hidden states are gathered first
   and the head runs without its sequence-parallel gather (as GPTModel does for inference), so
   the gradient of every position is exact.
 
-Without ``packed_layout`` the forward is GPTModel's own, unchanged. The parameters and the
+Without ``attention_plan`` the forward is GPTModel's own, unchanged. The parameters and the
 sharded state dict are GPTModel's, so checkpoints do not depend on the packing.
 """
 
@@ -25,6 +27,9 @@ from __future__ import annotations
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+from selm_mcore.data.attention_plan import AttentionPlan
+from selm_mcore.mcore.attention import packed_layout
 
 
 def rope_from_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -43,23 +48,26 @@ class SelmGPTModel(GPTModel):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        packed_layout: torch.Tensor | None = None,
+        attention_plan: AttentionPlan | None = None,
         head_index: torch.Tensor | None = None,
         **kwargs,
     ):
-        if packed_layout is None:
+        if attention_plan is None:
             return super().forward(input_ids, position_ids, attention_mask, **kwargs)
         if attention_mask is not None or kwargs:
             raise ValueError(
                 "the packed forward takes no attention_mask or GPTModel options: "
-                "the layout is packed_layout"
+                "the layout is attention_plan"
             )
         if head_index is None:
             raise ValueError("the packed forward needs head_index: the positions to score")
         decoder_input = self._preprocess(input_ids=input_ids, position_ids=position_ids)[0]
         rotary_pos_emb = rope_from_positions(self.rotary_pos_emb.inv_freq, position_ids)
         hidden_states = self.decoder(
-            hidden_states=decoder_input, attention_mask=packed_layout, rotary_pos_emb=rotary_pos_emb
+            hidden_states=decoder_input,
+            attention_mask=None,
+            rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=packed_layout(attention_plan),
         )
         if not self.post_process:
             return hidden_states

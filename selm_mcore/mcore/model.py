@@ -1,4 +1,5 @@
-"""Megatron-Core GPTModel in the Llama-3 layout, built from a Hugging Face ``LlamaConfig``.
+"""Megatron-Core GPTModel in the Llama-3 layout, built from a Hugging Face config of a supported
+family (llama, mistral, qwen2, phi3: ``selm_mcore.mcore.families`` says what each changes).
 
     ctx = init_parallel(tp=2, pp=2)
     models = build_model(hf_config, ctx)              # one GPTModel chunk per virtual stage
@@ -6,11 +7,11 @@
 
 Layout: RMSNorm, SwiGLU MLP (``linear_fc1`` = [gate; up]), grouped-query attention with a fused
 ``linear_qkv``, RoPE (non-interleaved, ``rope_theta``; scaling types "default", "linear" and
-"llama3" with the config's own factors), no biases, tied or untied embeddings, vocabulary padded
-to a multiple of ``make_vocab_size_divisible_by * tp``. Transformer Engine's layer spec is used
-on GPU when TE imports, Megatron's local spec otherwise (always on CPU); both keep the same
-dist-checkpoint keys. Configs outside this layout are refused (``UnsupportedModelError``), as are
-layouts that do not divide (``ParallelLayoutError``).
+"llama3" with the config's own factors), no biases (Qwen2: q/k/v biases), tied or untied
+embeddings, vocabulary padded to a multiple of ``make_vocab_size_divisible_by * tp``.
+Transformer Engine's layer spec is used on GPU when TE imports, Megatron's local spec otherwise
+(always on CPU); both keep the same dist-checkpoint keys. Configs outside this layout are
+refused (``UnsupportedModelError``), as are layouts that do not divide (``ParallelLayoutError``).
 
 Notes for callers:
 * RoPE positions are always 0..T-1 (Megatron's GPTModel ignores ``position_ids`` for RoPE), so
@@ -24,7 +25,6 @@ Notes for callers:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -34,18 +34,17 @@ import torch
 import torch.nn.functional as F
 
 from selm_mcore.config.schema import RECOMPUTE_CHOICES
+from selm_mcore.mcore.families import (
+    UnsupportedModelError,
+    check_family_config,
+    transformer_overrides,
+)
 from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
 from selm_mcore.modelspec import padded_vocab_size
-from selm_mcore.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class UnsupportedModelError(UserError, ValueError):
-    """The HF config describes a model outside the supported Llama-3 layout."""
 
 
 # --- config helpers ---------------------------------------------------------------------------
@@ -53,12 +52,13 @@ class UnsupportedModelError(UserError, ValueError):
 
 def load_hf_config(hf_config_or_dir):
     """An HF config object from a config object, a dict or a folder holding config.json."""
-    from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(hf_config_or_dir, PretrainedConfig):
         return hf_config_or_dir
     if isinstance(hf_config_or_dir, dict):
-        return LlamaConfig(**hf_config_or_dir)
+        values = dict(hf_config_or_dir)
+        return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
     path = os.fspath(hf_config_or_dir)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}/config.json not found: pass an HF model folder")
@@ -126,36 +126,15 @@ def rope_inv_freq(hf_config) -> torch.Tensor:
 
 
 def validate_hf_config(hf_config) -> None:
-    """Raise UnsupportedModelError if the config is not a plain Llama(-3) decoder."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"config.json model_type={model_type!r} is not supported: only Llama-architecture "
-            f"models ({', '.join(SUPPORTED_MODEL_TYPES)}) convert to the Megatron Llama-3 layout"
-        )
-    for key in ("attention_bias", "mlp_bias"):
-        if getattr(hf_config, key, False):
-            raise UnsupportedModelError(
-                f"config.json {key}=true is not supported: the Megatron Llama-3 layout has no "
-                "biases (use a model without linear biases)"
-            )
+    """Raise UnsupportedModelError unless the config is a supported family's plain decoder
+    (``families.check_family_config``: model_type, MoE, biases, foreign features) with SwiGLU
+    and RoPE over the whole head. A sliding window is checked against the run's lengths
+    (``families.check_attention_window``), not here."""
+    check_family_config(hf_config)
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(
             f"config.json hidden_act={act!r} is not supported: the SwiGLU MLP needs 'silu'"
-        )
-    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        if getattr(hf_config, key, None):
-            raise UnsupportedModelError(
-                f"config.json {key}={getattr(hf_config, key)} describes a mixture-of-experts "
-                "model; only dense Llama models are supported"
-            )
-    if getattr(hf_config, "sliding_window", None) or getattr(
-        hf_config, "use_sliding_window", False
-    ):
-        raise UnsupportedModelError(
-            f"config.json sliding_window={getattr(hf_config, 'sliding_window', None)} is not "
-            "supported: the Megatron model uses full causal attention"
         )
     params = rope_parameters(hf_config)
     if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
@@ -290,20 +269,6 @@ def recompute_settings(recompute: str | bool | None) -> dict[str, Any]:
     return {}
 
 
-def uses_sequence_parallel(tp: int, use_te: bool | None = None) -> bool:
-    """Sequence parallelism is on with tp > 1 and Transformer Engine's layer spec (GPU); the
-    local spec (always on CPU) runs without it."""
-    use_te = _te_available() if use_te is None else use_te
-    return bool(use_te) and tp > 1
-
-
-def sequence_length_multiple(tp: int, use_te: bool | None = None) -> int:
-    """What every micro-batch's token count T must be a multiple of: tp under sequence
-    parallelism (each rank holds T/tp positions between layers and in the pipeline's p2p
-    messages), else 1."""
-    return tp if uses_sequence_parallel(tp, use_te) else 1
-
-
 def transformer_config(
     hf_config,
     ctx: ParallelContext,
@@ -315,9 +280,9 @@ def transformer_config(
     packed: bool = False,
     wgrad_fusion: bool | None = None,
 ):
-    """Megatron TransformerConfig for the HF Llama config under ctx's layout.
+    """Megatron TransformerConfig for the HF config (of a supported family) under ctx's layout.
 
-    On GPU: sequence parallelism with tp > 1 and the TE spec (``uses_sequence_parallel``),
+    Sequence parallelism as ``ctx.sequence_parallel`` (``parallel.sequence_parallel``). On GPU:
     gradient accumulation fused into the weight-gradient GEMMs when apex's extension imports
     (``wgrad_fusion``; None = probe), batched p2p. On CPU all of these stay off.
     ``recompute``: "none", "selective" or "full" (``recompute_settings``; true = full).
@@ -365,11 +330,12 @@ def transformer_config(
         # Needs apex's fused_weight_gradient_mlp_cuda: Megatron's ColumnParallelLinear (the LM
         # head in both specs) refuses the flag without it.
         gradient_accumulation_fusion=on_gpu and wgrad_fusion,
-        sequence_parallel=on_gpu and uses_sequence_parallel(ctx.tp, use_te),
+        sequence_parallel=ctx.sequence_parallel,
         # batch_p2p_comm=True gives wrong gradients with interleaved PP over gloo.
         batch_p2p_comm=on_gpu,
     )
     kwargs.update(recompute_settings(recompute))
+    kwargs.update(transformer_overrides(hf_config))
     if on_gpu and not wgrad_fusion:
         logger.info(
             "gradient_accumulation_fusion off: apex's fused_weight_gradient_mlp_cuda "
@@ -391,7 +357,7 @@ def build_model(
     init_weights: bool = True,
     packed: bool = False,
 ) -> list:
-    """Build this rank's GPTModel chunks (one per virtual pipeline stage) for an HF Llama config.
+    """Build this rank's GPTModel chunks (one per virtual pipeline stage) for an HF config.
 
     Weights are randomly initialised (seeded by init_parallel; TP-invariant on CPU); load real
     weights with ``selm_mcore.mcore.weights.load_hf_weights`` or ``load_model_checkpoint``.
@@ -444,24 +410,11 @@ def build_model(
 
 
 def _layer_spec(*, use_te: bool, packed: bool) -> Any:
-    """Megatron's Llama layer spec: Transformer Engine's or the local one (torch RMSNorm), with
-    ``PackedAttention`` as the core attention for packed micro-batches."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    """Megatron's Llama layer spec (``selm_mcore.mcore.layer_spec``): Transformer Engine's or
+    the local one, with ``PackedAttention`` as the core attention for packed micro-batches."""
+    from selm_mcore.mcore.layer_spec import gpt_layer_spec
 
-    layer_spec = (
-        get_gpt_layer_with_transformer_engine_spec()
-        if use_te
-        else get_gpt_layer_local_spec(normalization="RMSNorm")
-    )
-    if packed:
-        from selm_mcore.mcore.attention import PackedAttention
-
-        layer_spec = copy.deepcopy(layer_spec)
-        layer_spec.submodules.self_attention.submodules.core_attention = PackedAttention
-    return layer_spec
+    return gpt_layer_spec(use_te=use_te, packed=packed)
 
 
 def _build_chunk(
@@ -476,10 +429,12 @@ def _build_chunk(
 ):
     """The model chunk of virtual pipeline stage ``vp_stage`` on this rank."""
     from selm_mcore.mcore.gpt import SelmGPTModel
+    from selm_mcore.mcore.layer_spec import decoder_spec
 
+    vp = vp_stage if ctx.vpp else None
     model = SelmGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=decoder_spec(layer_spec, config, vp_stage=vp, pp_rank=ctx.pp_rank),
         vocab_size=padded_vocab,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=_is_first_chunk(ctx, vp_stage),
@@ -489,7 +444,7 @@ def _build_chunk(
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(rope_parameters(hf_config)["rope_theta"]),
-        vp_stage=vp_stage if ctx.vpp else None,
+        vp_stage=vp,
     )
     # Megatron's llama3 scaling hard-codes its constants: use the config's frequencies.
     model.rotary_pos_emb.inv_freq = inv_freq.clone()

@@ -32,6 +32,13 @@ CPU), which needs three measures to save and load:
 Transformer Engine's or Apex's FusedAdam keep the step in the param groups, and TE's
 ``state_dict()`` refuses state keys it does not know (``KeyError: 'step'``): Megatron allocates
 their state itself (``uses_torch_adam`` picks the path).
+
+Torch's AdamW implementation (``use_adam_implementation``): Megatron builds torch's AdamW without
+choosing one, so torch would take its for-each kernels on CUDA and the one-tensor-at-a-time loop
+on CPU. The distributed optimizer's AdamW runs ``fused=True`` on CUDA (one kernel over all of
+this rank's fp32 shards; its ``step`` counters live on the device) and ``foreach=True``
+elsewhere (on CPU bit-identical to the loop, measured). A checkpoint's param groups carry the
+flags of the run that saved it; loading keeps this run's (``load_optimizer_state``).
 """
 
 from __future__ import annotations
@@ -119,9 +126,43 @@ def build_optimizer(
         # Megatron asks for the DDP value here too.
         overlap_param_gather=ddp_models[0].ddp_config.overlap_param_gather,
     )
-    return get_megatron_optimizer(
+    optimizer = get_megatron_optimizer(
         config, ddp_models, config_overrides=get_standard_config_overrides(config)
     )
+    use_adam_implementation(optimizer)
+    return optimizer
+
+
+def use_adam_implementation(optimizer, *, fused: bool | None = None) -> None:
+    """Torch AdamW's kernels for the distributed optimizer (module docstring): ``fused`` on
+    CUDA, ``foreach`` elsewhere (``fused``: force one); the ``step`` counters follow (a fused
+    group keeps them as fp32 on the parameter's device). A TE/Apex FusedAdam is left alone."""
+    if not uses_torch_adam(optimizer):
+        return
+    for dist_opt in distributed_optimizers(optimizer):
+        inner = dist_opt.optimizer
+        for group in inner.param_groups:
+            params = group["params"]
+            use_fused = bool(params) and all(p.is_cuda for p in params) if fused is None else fused
+            _set_adam_kernels(inner, group, fused=use_fused, foreach=not use_fused)
+
+
+def _set_adam_kernels(inner, group: dict, *, fused: bool | None, foreach: bool | None) -> None:
+    """Set a torch AdamW param group's kernel flags; its ``step`` counters follow."""
+    group["fused"], group["foreach"] = fused, foreach
+    for param in group["params"]:
+        state = inner.state.get(param)
+        if state and torch.is_tensor(state.get("step")):
+            state["step"] = _step_tensor(state["step"], param, group)
+
+
+def _step_tensor(step: torch.Tensor | float, param: torch.Tensor, group: dict) -> torch.Tensor:
+    """A ``step`` counter where torch's AdamW wants it: fp32 on the parameter's device for fused
+    (or capturable) groups, a CPU scalar otherwise."""
+    device = param.device if group.get("fused") or group.get("capturable") else "cpu"
+    if torch.is_tensor(step):
+        return step.detach().to(device=device, dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
 def ddp_config_for(*, overlap: bool, num_chunks: int, bucket_size: int | None = None):
@@ -272,7 +313,7 @@ def prefill_adam_state(optimizer) -> None:
             for param in group["params"]:
                 if not inner.state.get(param):
                     inner.state[param] = {
-                        "step": torch.tensor(0.0, dtype=torch.float32),
+                        "step": _step_tensor(0.0, param, group),
                         "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
                         "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
                     }
@@ -392,11 +433,16 @@ def load_optimizer_state(
     """Load a state written by ``save_optimizer_state`` in format ``sharding`` (any TP/PP/DP for
     fully_reshardable; the saving layout's tp/pp/vpp for dp_reshardable; see module doc).
 
-    The dist checkpoint is read without unrestricted unpickling (``safe_load``).
+    The dist checkpoint is read without unrestricted unpickling (``safe_load``). Torch AdamW
+    keeps this run's kernels (fused / foreach), whatever the saving run used.
     """
     from selm_mcore.mcore.safe_load import load_dist_checkpoint
 
     torch_adam = uses_torch_adam(optimizer)
+    kernels = [
+        [(group.get("fused"), group.get("foreach")) for group in d.optimizer.param_groups]
+        for d in distributed_optimizers(optimizer)
+    ]
     if torch_adam:
         prefill_adam_state(optimizer)
     sharded = _sharded_optimizer_state(optimizer, models, sharding, is_loading=True)
@@ -422,6 +468,16 @@ def load_optimizer_state(
                 dist_opt.load_parameter_state_from_fully_reshardable(param_state)
         for param, step in steps.items():
             inner_state[param]["step"] = step.detach().clone()
+    if torch_adam:
+        _restore_adam_kernels(optimizer, kernels)
+
+
+def _restore_adam_kernels(optimizer, kernels: list) -> None:
+    """Put back the fused / foreach flags a checkpoint's param groups replaced (and move the
+    step counters where those kernels want them)."""
+    for dist_opt, flags in zip(distributed_optimizers(optimizer), kernels):
+        for group, (fused, foreach) in zip(dist_opt.optimizer.param_groups, flags):
+            _set_adam_kernels(dist_opt.optimizer, group, fused=fused, foreach=foreach)
 
 
 def optimizer_state_layout(ctx, ddp_config) -> dict:

@@ -1,6 +1,7 @@
 """torch.distributed + Megatron model-parallel set-up, returned as a small ``ParallelContext``.
 
     ctx = init_parallel(tp=2, pp=2, vpp=None, seed=1234)   # under torchrun, or 1 process
+    ctx = init_parallel(tp=2, sequence_parallel=True)      # also on CPU (gloo)
     ...                                                      # pass ctx to whoever needs groups
     destroy_parallel()
 
@@ -79,6 +80,8 @@ class ParallelContext:
     device: torch.device
     local_rank: int = 0
     seed: int = 1234
+    # Sequence parallelism (parallel.sequence_parallel resolved: sequence_parallel_enabled).
+    sequence_parallel: bool = False
 
     @property
     def is_first_stage(self) -> bool:
@@ -145,17 +148,35 @@ def bind_helper_processes() -> None:
     setattr(module, _BOUND_FLAG, True)
 
 
-def init_parallel(
-    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234
-) -> ParallelContext:
-    """Initialise torch.distributed (env:// or one process) and Megatron's TP/PP/VPP/DP groups.
+def sequence_parallel_enabled(mode: str | bool, tp: int, on_gpu: bool | None = None) -> bool:
+    """``parallel.sequence_parallel`` resolved for ``tp``: "auto" = on with tp > 1 on a GPU
+    (``on_gpu``; None = whether torch sees CUDA), "true" = on (needs tp > 1: it splits the
+    sequence over the tensor-parallel ranks; also on CPU/gloo), "false" = off."""
+    if isinstance(mode, bool):
+        mode = "true" if mode else "false"
+    if mode not in ("auto", "true", "false"):
+        raise ParallelLayoutError(
+            f"parallel.sequence_parallel={mode!r} is not one of auto, true, false"
+        )
+    if mode == "true" and tp < 2:
+        raise ParallelLayoutError(
+            "parallel.sequence_parallel=true needs parallel.tp > 1 (it splits each sequence "
+            f"over the tensor-parallel ranks; tp={tp}); set it to auto or false"
+        )
+    if mode == "auto":
+        return tp > 1 and (torch.cuda.is_available() if on_gpu is None else on_gpu)
+    return mode == "true"
 
-    Seeds torch and Megatron's model-parallel RNG tracker with ``seed`` (the tensor-parallel
-    state differs per TP rank as in Megatron; weights created with use_cpu_initialization are
-    TP-invariant). Raises ParallelLayoutError when the world size is not a multiple of tp*pp.
-    """
-    from megatron.core import parallel_state, tensor_parallel
 
+def sequence_length_multiple(tp: int, mode: str | bool = "auto", on_gpu: bool | None = None) -> int:
+    """What every micro-batch's token count T must be a multiple of: tp under sequence
+    parallelism (each rank holds T/tp positions between layers and in the pipeline's p2p
+    messages), else 1."""
+    return tp if sequence_parallel_enabled(mode, tp, on_gpu) else 1
+
+
+def _check_sizes(tp: int, pp: int, vpp: int | None) -> None:
+    """The layout's sizes on their own (before any process group exists)."""
     for name, value in (("parallel.tp", tp), ("parallel.pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ParallelLayoutError(f"{name}={value!r} must be an integer >= 1")
@@ -164,17 +185,41 @@ def init_parallel(
             f"parallel.vpp={vpp} needs vpp >= 2 and pp >= 2 (pp={pp}); use vpp=None for plain 1F1B"
         )
 
+
+def init_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    seed: int = 1234,
+    sequence_parallel: str | bool = "auto",
+    device: str = "auto",
+) -> ParallelContext:
+    """Initialise torch.distributed (env:// or one process) and Megatron's TP/PP/VPP/DP groups.
+
+    Seeds torch and Megatron's model-parallel RNG tracker with ``seed`` (the tensor-parallel
+    state differs per TP rank as in Megatron; weights created with use_cpu_initialization are
+    TP-invariant). Raises ParallelLayoutError when the world size is not a multiple of tp*pp,
+    and ``CudaUnavailableError`` when ``device`` (parallel.device) expects CUDA that torch cannot
+    use (``selm_mcore.runtime.device``), before anything else. ``sequence_parallel``: auto /
+    true / false (``sequence_parallel_enabled``).
+    """
+    from selm_mcore.runtime.device import apply_device_setting
+
+    use_cuda = apply_device_setting(device) == "cuda"
+    from megatron.core import parallel_state, tensor_parallel
+
+    _check_sizes(tp, pp, vpp)
     bind_helper_processes()  # Megatron's checkpoint writers die with this rank
-    use_cuda = torch.cuda.is_available()
+    sequence_parallel = sequence_parallel_enabled(sequence_parallel, tp, use_cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch_device = torch.device("cuda", local_rank)
     else:
         from selm_mcore.mcore import cpu_compat
 
         cpu_compat.apply()
-        device = torch.device("cpu")
+        torch_device = torch.device("cpu")
     _init_process_group("nccl" if use_cuda else "gloo")
 
     world_size = dist.get_world_size()
@@ -207,17 +252,14 @@ def init_parallel(
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
-        device=device,
+        device=torch_device,
         local_rank=local_rank,
         seed=seed,
+        sequence_parallel=sequence_parallel,
     )
     logger.info(
-        "parallel: world=%d tp=%d pp=%d vpp=%s dp=%d backend=%s",
-        world_size,
-        tp,
-        pp,
-        vpp,
-        ctx.dp,
+        "parallel: world=%d tp=%d pp=%d vpp=%s dp=%d%s backend=%s",
+        *(world_size, tp, pp, vpp, ctx.dp, " sequence-parallel" if sequence_parallel else ""),
         dist.get_backend(),
     )
     return ctx

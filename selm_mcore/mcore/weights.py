@@ -16,6 +16,11 @@ Layout maps (Llama, HF -> Megatron, per layer):
   embed_tokens / lm_head     -> embedding.word_embeddings / output_layer, vocab rows split over
                                 TP and padded with zero rows up to the padded vocabulary; padding
                                 is stripped on export. Tied models export no lm_head.
+Family additions (``selm_mcore.mcore.families``):
+  qwen2: q_proj/k_proj/v_proj.bias -> linear_qkv.bias, interleaved per query group as the rows
+  phi3:  qkv_proj ([q; k; v] rows)  -> linear_qkv, split into q, k, v by row offsets on load and
+                                       re-joined on export; gate_up_proj ([gate; up] rows) ->
+                                       linear_fc1 the same way
 
 Streaming and memory: HF safetensors are read tensor by tensor with positioned reads of only
 this rank's rows (no memory map), copied straight into the parameters; the exporter gathers
@@ -43,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from selm_mcore.mcore.families import family_of
 from selm_mcore.mcore.model import head_dim, layers_of_stage, load_hf_config, num_query_groups
 from selm_mcore.mcore.parallel import ParallelContext
 from selm_mcore.runtime.files import checksum_files, list_files, write_checksums
@@ -77,38 +83,49 @@ HF_AUX_FILES = (
 class ParamSpec:
     """A Megatron parameter and the HF tensor(s) it holds."""
 
-    part: str  # embedding | output | final_norm | input_norm | qkv | proj | ...
+    part: str  # embedding | output | final_norm | input_norm | qkv | qkv_bias | proj | ...
     layer: int | None  # global 0-based layer, None outside the decoder layers
     kind: str  # vocab | qkv | fc1 | row | replicated  (how it is split over TP)
-    hf_names: tuple[str, ...]
+    hf_names: tuple[str, ...]  # qkv: q, k, v or one fused [q; k; v]; fc1: gate, up or [gate; up]
     hf_shapes: tuple[tuple[int, ...], ...]
     pp_rank: int  # owning pipeline stage
     chunk: int  # owning virtual stage on that pipeline rank
 
 
-def _layer_rows(hf_config, layer: int) -> list[tuple[str, str, tuple, tuple]]:
+_Row = tuple[str, str, tuple[str, ...], tuple[tuple[int, ...], ...]]  # part, kind, names, shapes
+
+
+def _layer_rows(hf_config, layer: int) -> list[_Row]:
     h, f = hf_config.hidden_size, hf_config.intermediate_size
     heads, groups, hd = (
         hf_config.num_attention_heads,
         num_query_groups(hf_config),
         head_dim(hf_config),
     )
+    family = family_of(hf_config)
     p = f"model.layers.{layer}."
-    return [
+    attn = p + "self_attn."
+    q_k_v: tuple[tuple[int, ...], ...] = ((heads * hd,), (groups * hd,), (groups * hd,))
+    qkv: tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]
+    fc1: tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]
+    if family.fused_qkv:
+        qkv = ((attn + "qkv_proj.weight",), (((heads + 2 * groups) * hd, h),))
+    else:
+        qkv = (tuple(attn + f"{x}_proj.weight" for x in "qkv"), tuple((*s, h) for s in q_k_v))
+    if family.fused_gate_up:
+        fc1 = ((p + "mlp.gate_up_proj.weight",), ((2 * f, h),))
+    else:
+        fc1 = ((p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((f, h), (f, h)))
+    rows: list[_Row] = [
         ("input_norm", "replicated", (p + "input_layernorm.weight",), ((h,),)),
-        (
-            "qkv",
-            "qkv",
-            (
-                p + "self_attn.q_proj.weight",
-                p + "self_attn.k_proj.weight",
-                p + "self_attn.v_proj.weight",
-            ),
-            ((heads * hd, h), (groups * hd, h), (groups * hd, h)),
-        ),
-        ("proj", "row", (p + "self_attn.o_proj.weight",), ((h, heads * hd),)),
+        ("qkv", "qkv", *qkv),
+    ]
+    if family.qkv_bias:
+        rows.append(("qkv_bias", "qkv", tuple(attn + f"{x}_proj.bias" for x in "qkv"), q_k_v))
+    return rows + [
+        ("proj", "row", (attn + "o_proj.weight",), ((h, heads * hd),)),
         ("post_norm", "replicated", (p + "post_attention_layernorm.weight",), ((h,),)),
-        ("fc1", "fc1", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((f, h), (f, h))),
+        ("fc1", "fc1", *fc1),
         ("fc2", "row", (p + "mlp.down_proj.weight",), ((h, f),)),
     ]
 
@@ -149,6 +166,8 @@ def _layer_param(layer, part: str) -> torch.nn.Parameter:
     if part == "post_norm":
         fused = getattr(mlp.linear_fc1, "layer_norm_weight", None)
         return fused if fused is not None else layer.pre_mlp_layernorm.weight
+    if part == "qkv_bias":
+        return attn.linear_qkv.bias
     return {
         "qkv": attn.linear_qkv,
         "proj": attn.linear_proj,
@@ -185,6 +204,26 @@ def hf_config_of(models: Sequence):
 # --- loading: this rank's slices of the HF tensors ----------------------------------------------
 
 
+def _qkv_sources(spec: ParamSpec, hf_config) -> list[tuple[str, tuple[int, ...], int]]:
+    """(HF name, its full shape, first row) of the q, k and v rows of a qkv spec: three
+    tensors, or row ranges of one fused [q; k; v] tensor (Phi-3's qkv_proj)."""
+    if len(spec.hf_names) == 3:
+        return [(name, shape, 0) for name, shape in zip(spec.hf_names, spec.hf_shapes)]
+    q_rows = hf_config.num_attention_heads * head_dim(hf_config)
+    kv_rows = num_query_groups(hf_config) * head_dim(hf_config)
+    name, shape = spec.hf_names[0], spec.hf_shapes[0]
+    return [(name, shape, 0), (name, shape, q_rows), (name, shape, q_rows + kv_rows)]
+
+
+def _fc1_sources(spec: ParamSpec) -> list[tuple[str, tuple[int, ...], int]]:
+    """(HF name, its full shape, first row) of the gate and up rows: two tensors, or the two
+    halves of one fused [gate; up] tensor (Phi-3's gate_up_proj)."""
+    if len(spec.hf_names) == 2:
+        return [(name, shape, 0) for name, shape in zip(spec.hf_names, spec.hf_shapes)]
+    name, shape = spec.hf_names[0], spec.hf_shapes[0]
+    return [(name, shape, 0), (name, shape, shape[0] // 2)]
+
+
 def read_local_shard(
     reader: SafetensorsReader, spec: ParamSpec, hf_config, tp: int, tp_rank: int, out: torch.Tensor
 ) -> torch.Tensor:
@@ -201,29 +240,25 @@ def read_local_shard(
         part = slice(tp_rank * cols, (tp_rank + 1) * cols)
         out.copy_(reader.read(names[0], shapes[0], cols=part))
     elif spec.kind == "fc1":
-        rows = shapes[0][0] // tp
-        part = slice(tp_rank * rows, (tp_rank + 1) * rows)
-        gate, up = out.chunk(2)
-        gate.copy_(reader.read(names[0], shapes[0], rows=part))
-        up.copy_(reader.read(names[1], shapes[1], rows=part))
+        rows = out.shape[0] // 2  # this rank's gate (and up) rows
+        for half, (name, shape, first) in zip(out.chunk(2), _fc1_sources(spec)):
+            start = first + tp_rank * rows
+            half.copy_(reader.read(name, shape, rows=slice(start, start + rows)))
     elif spec.kind == "qkv":
-        hd, hidden = head_dim(hf_config), hf_config.hidden_size
+        hd = head_dim(hf_config)
         groups = num_query_groups(hf_config)
         per_group = hf_config.num_attention_heads // groups
         local_groups = groups // tp
         g0, g1 = tp_rank * local_groups, (tp_rank + 1) * local_groups
-        view = out.view(local_groups, per_group + 2, hd, hidden)
+        view = out.view(local_groups, per_group + 2, hd, *out.shape[1:])
+        (q_name, q_shape, q0), *kv = _qkv_sources(spec, hf_config)
+        q_rows = slice(q0 + g0 * per_group * hd, q0 + g1 * per_group * hd)
         view[:, :per_group].copy_(
-            reader.read(
-                names[0], shapes[0], rows=slice(g0 * per_group * hd, g1 * per_group * hd)
-            ).view(local_groups, per_group, hd, hidden)
+            reader.read(q_name, q_shape, rows=q_rows).view(view[:, :per_group].shape)
         )
-        for i, name in ((per_group, names[1]), (per_group + 1, names[2])):
-            view[:, i].copy_(
-                reader.read(name, shapes[1], rows=slice(g0 * hd, g1 * hd)).view(
-                    local_groups, hd, hidden
-                )
-            )
+        for i, (name, shape, first) in zip((per_group, per_group + 1), kv):
+            kv_rows = slice(first + g0 * hd, first + g1 * hd)
+            view[:, i].copy_(reader.read(name, shape, rows=kv_rows).view(view[:, i].shape))
     elif spec.kind == "vocab":
         vocab, local_rows = shapes[0][0], out.shape[0]
         start = tp_rank * local_rows
@@ -237,6 +272,7 @@ def read_local_shard(
 
 
 _CONFIG_KEYS_MUST_MATCH = (
+    "model_type",
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -329,17 +365,20 @@ def split_full(spec: ParamSpec, shards: list[torch.Tensor], hf_config) -> list[t
         return [torch.cat(shards)[: spec.hf_shapes[0][0]]]
     if spec.kind == "fc1":
         halves = [s.chunk(2) for s in shards]
-        return [torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])]
+        gate, up = torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])
+        return [gate, up] if len(spec.hf_names) == 2 else [torch.cat([gate, up])]
     if spec.kind == "qkv":
-        hd, hidden = head_dim(hf_config), hf_config.hidden_size
+        hd = head_dim(hf_config)
         groups = num_query_groups(hf_config)
         per_group = hf_config.num_attention_heads // groups
-        full = torch.cat(shards).view(groups, per_group + 2, hd, hidden)
-        return [
-            full[:, :per_group].reshape(-1, hidden),
-            full[:, per_group].reshape(-1, hidden),
-            full[:, per_group + 1].reshape(-1, hidden),
+        trailing = shards[0].shape[1:]
+        full = torch.cat(shards).view(groups, per_group + 2, hd, *trailing)
+        q_k_v = [
+            full[:, :per_group].reshape(-1, *trailing),
+            full[:, per_group].reshape(-1, *trailing),
+            full[:, per_group + 1].reshape(-1, *trailing),
         ]
+        return q_k_v if len(spec.hf_names) == 3 else [torch.cat(q_k_v)]
     raise AssertionError(spec.kind)
 
 
@@ -395,11 +434,12 @@ def export_plan(hf_config) -> list[tuple[str, tuple[int, ...]]]:
 def write_hf_config_files(
     hf_config, out_dir: Path, aux_dir: Path | None, dtype: torch.dtype | None = None
 ) -> None:
-    """config.json (dtype set, architectures LlamaForCausalLM) + tokenizer/generation files."""
+    """config.json (dtype set, architectures: the family's HF class, e.g. LlamaForCausalLM) +
+    tokenizer/generation files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = hf_config.to_diff_dict()
     config.pop("_name_or_path", None)
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = [family_of(hf_config).architecture]
     if dtype is not None:
         config["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
         config.pop("torch_dtype", None)

@@ -3,6 +3,7 @@
     selm plan --model meta-llama/Meta-Llama-3-8B-Instruct --gpus 8
     selm plan --model HF_DIR --gpus 64 --gpus-per-node 8 --gpu-mem 80 --config CONFIG.yaml
     selm plan --check CONFIG.yaml [--set a.b=v ...] [--model HF_DIR] [--gpus N]
+    selm plan --round --model NAME --gpus N [--config CONFIG.yaml] [--prompts N ...]
 
 For every valid layout (``selm_mcore.plan.layouts``) and recompute choice (none / selective /
 full) it prints the per-GPU memory (``selm_mcore.plan.memory``: parameters, fp32 gradient
@@ -11,12 +12,15 @@ head's logits and log-prob buffers, a transient working estimate, the checkpoint
 and an estimated step time and pairs/s, fitting layouts first, fastest first; the config's own
 layout is marked. ``--check`` prices only the config's layout and exits with status 1 and the
 layouts that would fit when it is predicted not to fit (the example scripts run it before
-``selm run``). The formulas and how they were checked against measured runs: docs/plan.md.
+``selm run``). ``--round`` estimates a whole round per phase at the config's layout
+(``selm_mcore.plan.round``, its assumptions printed with it). The formulas and how they were
+checked against measured runs: docs/plan.md.
 
-``--model`` is an HF folder with config.json or a known name (``KNOWN_MODELS``; nothing is
-downloaded). Batch size, lengths, packing, dtype and y_ref come from ``--config`` (default: the
-settings of the example config of a known model's size, else of
-examples/configs/selm_llama3_8b.yaml; ``selm_mcore.plan.known`` holds them).
+``--model`` is an HF folder with config.json of a supported family (llama, mistral, qwen2,
+phi3: ``selm_mcore.mcore.families``) or a known name (``KNOWN_MODELS``: Llama-3 8B/70B,
+Mistral-7B, Qwen2.5-7B, Phi-3-mini; nothing is downloaded). Batch size, lengths, packing, dtype
+and y_ref come from ``--config`` (default: the settings of the example config of a known
+model, else of examples/configs/selm_llama3_8b.yaml; ``selm_mcore.plan.known`` holds them).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.config.io import add_config_arguments, apply_overrides, from_dict, load_config
+from selm_mcore.mcore.families import UnsupportedModelError, check_family_config
 from selm_mcore.modelspec import ModelShape
 from selm_mcore.plan.known import DEFAULT_EXAMPLE, EXAMPLE_SETTINGS, KNOWN_MODELS
 from selm_mcore.plan.layouts import (
@@ -64,11 +69,10 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Mode
         )
     config = json.loads(path.read_text())
     config = config.get("text_config", config)
-    if config.get("model_type") != "llama":
-        raise PlanError(
-            f"{path}: model_type={config.get('model_type')!r}; the planner prices "
-            "the Llama layout selm-mcore trains"
-        )
+    try:
+        check_family_config(config)
+    except UnsupportedModelError as exc:
+        raise PlanError(f"{path}: {exc}") from None
     shape = ModelShape.from_hf_config(
         config, name=str(name_or_dir), vocab_divisible_by=vocab_divisible_by
     )
@@ -78,6 +82,8 @@ def resolve_model(name_or_dir: str, vocab_divisible_by: int = 128) -> tuple[Mode
 def config_layout(cfg, gpus: int, impl: str) -> Layout:
     """The layout a config runs on ``gpus`` processes."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    mode = cfg.parallel.sequence_parallel  # auto: on with tp > 1 on a GPU
+    sequence_parallel = tp > 1 and (mode == "true" or (mode == "auto" and impl != "cpu"))
     if gpus % (tp * pp):
         raise PlanError(f"{gpus} GPUs are not a multiple of parallel.tp * parallel.pp = {tp * pp}")
     return Layout(
@@ -86,7 +92,7 @@ def config_layout(cfg, gpus: int, impl: str) -> Layout:
         vpp=cfg.parallel.vpp,
         dp=gpus // (tp * pp),
         recompute=cfg.model.recompute,
-        sequence_parallel=impl == "te" and tp > 1,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -225,6 +231,52 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-vpp", type=int, default=4)
     parser.add_argument("--top", type=int, default=20, help="fitting layouts shown (0 = all)")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
+    add_round_arguments(parser)
+
+
+def add_round_arguments(parser) -> None:
+    """``--round`` and the assumptions of the round estimate (``selm_mcore.plan.round``)."""
+    from dataclasses import fields
+
+    from selm_mcore.plan.round import RoundAssumptions
+
+    parser.add_argument(
+        "--round",
+        action="store_true",
+        help="estimate a whole round per phase (generate, rank, reference pass, train, export) "
+        "at the config's layout, with the assumptions below",
+    )
+    defaults = RoundAssumptions()
+    for f in fields(RoundAssumptions):
+        default = getattr(defaults, f.name)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"round_{f.name}",
+            type=type(default),
+            default=default,
+            help=f"round estimate: {f.name.replace('_', ' ')} (default {default})",
+        )
+
+
+def run_round(args, model, workload, hw, gpus, cfg, config_name) -> int:
+    """Print the per-phase estimate of one round at the config's layout."""
+    from dataclasses import fields
+
+    from selm_mcore.plan.round import (
+        RoundAssumptions,
+        describe_assumptions,
+        estimate_round,
+        format_round,
+    )
+
+    assumptions = RoundAssumptions(
+        **{f.name: getattr(args, f"round_{f.name}") for f in fields(RoundAssumptions)}
+    )
+    row = plan_layout(model, config_layout(cfg, gpus, args.impl), workload, hw, **pricing(args))
+    print(describe(model, workload, hw, gpus, args.impl, config_name))
+    print(describe_assumptions(assumptions, cfg))
+    print(format_round(estimate_round(model, cfg, workload, gpus, hw, row, assumptions)))
+    return 0
 
 
 def build_inputs(args):
@@ -310,6 +362,8 @@ def run_check(args, model, workload, hw, gpus, cfg, config_name) -> int:
 
 def main(args) -> int:
     model, workload, hw, gpus, cfg, config_name = build_inputs(args)
+    if args.round:
+        return run_round(args, model, workload, hw, gpus, cfg, config_name)
     if args.check:
         return run_check(args, model, workload, hw, gpus, cfg, config_name)
     rows = plan_all(model, workload, hw, gpus, max_vpp=args.max_vpp, **pricing(args))

@@ -209,7 +209,7 @@ def enumerate_layouts(
                             vpp=vpp,
                             dp=dp,
                             recompute=choice,
-                            sequence_parallel=impl == "te" and tp > 1,
+                            sequence_parallel=impl != "cpu" and tp > 1,
                         )
                     )
     return layouts

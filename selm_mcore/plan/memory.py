@@ -27,11 +27,10 @@ head_dim, kv = groups * head_dim, f = FFN width, a = heads / t; ``layer_bytes``)
 With ``model.recompute`` = full a layer keeps only its input (n h e / sp) and one layer is
 recomputed at a time (its norm keeps that same input); selective keeps everything but the core
 attention, which keeps its q, k (after RoPE) and the fused qkv output instead. Megatron's pipeline
-schedule holds several
-micro-batches (and model chunks) in flight on the first stages (``in_flight_chunks``). The last
-stage adds the LM head (``head_bytes``): the final norm, the head's input, the logits of the head
-positions (packed: response positions only) kept by the log-prob kernel, and 8 bytes of kernel
-statistics per position.
+schedule holds several micro-batches (and model chunks) in flight on the first stages
+(``in_flight_chunks``). The last stage adds the LM head (``head_bytes``): the final norm, the head's
+input, the logits of the head positions (packed: response positions only) kept by the log-prob
+kernel, and 8 bytes of kernel statistics per position.
 
 ``working_bytes`` estimates the transient peak on top (the gradients of one layer in backward,
 the output layer's weight-gradient temporary, a non-in-place logits gradient); it is not checked
@@ -333,7 +332,7 @@ def head_bytes(model: ModelShape, layout: Layout, impl: str, mb: MicroBatch, e: 
     sp = t if layout.sequence_parallel else 1
     n, m = mb.tokens, mb.head_positions
     norm = n * (8 * h + 4) if impl == "cpu" else n * (h * e + 4) // sp
-    head_input = m * (h * e + 8) if mb.packed else n * h * e // (sp if impl == "te" else 1)
+    head_input = m * (h * e + 8) if mb.packed else n * h * e // sp
     logits = m * model.padded_vocab(t) // t * e
     return norm + head_input + logits + 8 * m
 
@@ -467,7 +466,7 @@ def rank_memory(
         pp_rank,
         param_bytes=e,
         bucket_size=bucket_size,
-        fp32_norms=impl != "te",
+        fp32_norms=False,  # LocalNorm (selm_mcore.mcore.layer_spec): the parameter dtype
         dp_rank=dp_rank,
     )
     acts = activation_bytes(

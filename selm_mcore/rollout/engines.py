@@ -33,6 +33,7 @@ from selm_mcore.config.schema import ConfigError, GenerationConfig
 from selm_mcore.runtime.errors import InputError, UserError
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
 from selm_mcore.runtime.procs import ChildProcesses, cuda_available
+from selm_mcore.runtime.progress import ProgressReporter, remove_node_progress
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class EngineSpec:
     gen_cfg: GenerationConfig
     trust_remote_code: bool
     seed_offset: int  # the slice's start: seeds as one engine over all prompts
+    progress: str = ""  # the file the engine publishes its count of finished prompts to
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,6 +193,7 @@ def merge_node_outputs(
     write_jsonl_atomic(out_path, rows)
     for part in parts:
         part.unlink()
+    remove_node_progress(out_path, num_nodes)
     return rows
 
 
@@ -201,16 +204,19 @@ def run_engines(
     trust_remote_code: bool,
     workdir: Path,
     bounds: Sequence[tuple[int, int]] | None = None,
+    reporter: ProgressReporter | None = None,
 ) -> list[dict]:
     """One engine process per contiguous slice (``bounds``, default the num_engines slices of
     all prompts), each on this node's next GPUs; rows of the slices in order. A failed engine
-    stops the others and raises with its log tail."""
+    stops the others and raises with its log tail. ``reporter`` logs the engines' progress
+    (each publishes its count to ``engine<k>.progress`` in ``workdir``)."""
     if bounds is None:
         bounds = split_contiguous(len(prompts), gen_cfg.num_engines)
     environments = engine_environments(len(bounds), gen_cfg)
     child_cfg = dataclasses.replace(gen_cfg, num_engines=1)
     specs = []
-    with ChildProcesses() as children:
+    reporter = reporter or ProgressReporter("generate", len(prompts), "prompts", enabled=False)
+    with ChildProcesses() as children, reporter:
         for engine, (start, end) in enumerate(bounds):
             slice_path = workdir / f"engine{engine}.prompts.jsonl"
             write_jsonl_atomic(slice_path, list(prompts[start:end]))
@@ -221,7 +227,9 @@ def run_engines(
                 child_cfg,
                 trust_remote_code,
                 seed_offset=start,
+                progress=str(workdir / f"engine{engine}.progress"),
             )
+            reporter.add_file(spec.progress)
             spec_path = workdir / f"engine{engine}.spec.json"
             spec_path.write_text(json.dumps(spec.to_json()))
             children.start(

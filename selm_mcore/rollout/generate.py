@@ -19,6 +19,9 @@ node runs the engines of its contiguous share of the slices (``node_slices``; th
 from SLURM_NODEID, NODE_RANK or GROUP_RANK, or ``--node-rank``) and writes
 ``OUT.node<k>.jsonl``; ``merge_node_outputs`` joins them in prompt order. Slices and per-prompt
 seeds are those of one node running all engines, so the output does not depend on N.
+
+Progress: done/total prompts, rate and ETA at least every 30 s, summed over the engines and
+nodes, logged by node 0 (``selm_mcore.runtime.progress``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from selm_mcore.runtime.outputs import (
     temp_folder,
 )
 from selm_mcore.runtime.preflight import check_output_dir
+from selm_mcore.runtime.progress import ProgressCounter, job_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +124,14 @@ def _generate_rows(
     gen_cfg: GenerationConfig,
     trust_remote_code: bool,
     seed_offset: int,
+    progress: ProgressCounter | None = None,
 ) -> list[dict]:
     with VLLMGenerator(model_dir, gen_cfg, trust_remote_code) as generator:
         completions = generator.generate_outputs(
             [p.messages for p in prompts],
             seed_offset=seed_offset,
             labels=[p.prompt_id for p in prompts],
+            progress=progress,
         )
     return _output_rows(prompts, completions)
 
@@ -154,6 +160,14 @@ def generate_file(
         "--overwrite) or point at an intact copy",
     )
     start = time.perf_counter()
+    reporter = job_reporter(
+        "generate",
+        len(prompts),
+        "prompts",
+        out_path=out_path,
+        num_nodes=num_nodes,
+        node_rank=node_rank,
+    )
     if num_nodes > 1:
         bounds = node_slices(len(prompts), gen_cfg.num_engines, num_nodes, node_rank)
         out_path = node_output_path(out_path, node_rank)
@@ -171,12 +185,18 @@ def generate_file(
                     trust_remote_code,
                     workdir,
                     bounds,
+                    reporter=reporter,
                 )
                 if bounds != []
                 else []
             )
     else:
-        rows = _generate_rows(model_dir, prompts, gen_cfg, trust_remote_code, seed_offset=0)
+        counter = ProgressCounter()
+        reporter.add_source(counter)
+        with reporter:
+            rows = _generate_rows(
+                model_dir, prompts, gen_cfg, trust_remote_code, seed_offset=0, progress=counter
+            )
     write_jsonl_atomic(out_path, rows)
     truncated = sum(1 for row in rows if row["prompt_tokens_cut"])
     logger.info(
@@ -201,9 +221,11 @@ def worker_main(spec: dict) -> int:
     forked_children_die_with_this_process()  # vLLM's forked workers die with this engine
     job = EngineSpec.from_json(spec)
     prompts = [PromptRow(**row) for row in read_records(job.prompts)]
+    counter = ProgressCounter(job.progress or None)
     rows = _generate_rows(
-        job.model_dir, prompts, job.gen_cfg, job.trust_remote_code, job.seed_offset
+        job.model_dir, prompts, job.gen_cfg, job.trust_remote_code, job.seed_offset, counter
     )
+    counter.publish()
     write_jsonl_atomic(job.out, rows)
     return 0
 
@@ -242,7 +264,10 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from selm_mcore.runtime.device import apply_device_setting
+
     cfg = config_from_args(args)
+    apply_device_setting(cfg.parallel.device)
     model_dir = args.model_dir or cfg.model.hf_dir
     if not model_dir:
         raise InputError("no model to serve: pass --model-dir or set model.hf_dir")

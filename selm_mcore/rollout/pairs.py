@@ -13,9 +13,11 @@ The held-out score of a policy is the ranker's score of its response to each hel
 (pairwise rankers: against the row's chosen response).
 
     selm rank CONFIG --generations GEN.jsonl [--rows ROWS.jsonl --out PAIRS.jsonl]
-                     [--eval-rows EVAL.jsonl --eval-out SCORES.jsonl]
+                     [--eval-rows EVAL.jsonl --eval-out SCORES.jsonl] [--num-nodes N]
 
-One ranker load serves both jobs (the online loop's rank phase runs both).
+One ranker load per ranker process serves both jobs (the online loop's rank phase runs both);
+ranking.num_workers processes per node, one per GPU by default, and one ``selm rank`` per node
+across nodes (``selm_mcore.rollout.rank_workers``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 
 from selm_mcore.config.io import add_config_arguments, config_from_args
 from selm_mcore.data.rows import prompt_conversation, raw_prompt, strip_response
-from selm_mcore.rollout.rankers import PairRMRanker, Ranker, build_ranker, ranks_from_scores
+from selm_mcore.rollout.rankers import PairRMRanker, Ranker, ranks_from_scores
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
 from selm_mcore.runtime.outputs import add_overwrite_argument, output_locks, refuse_finished
@@ -217,7 +219,10 @@ def eval_anchor(row: dict[str, Any]) -> str | None:
 
 
 def score_eval_responses(
-    ranker, eval_rows: list[dict[str, Any]], generations: dict[str, list[str]], answer_key: str
+    ranker,
+    eval_rows: list[dict[str, Any]],
+    generations: Mapping[str, Sequence[str] | str],
+    answer_key: str,
 ) -> list[dict]:
     """The ranker's score of the policy's (first) response to each held-out prompt.
 
@@ -332,11 +337,43 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--eval-out", default=None, help="JSONL of held-out scores (prompt_id, response, score)"
     )
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        default=1,
+        help="rank this node's share of the rows over N nodes (one process per node, e.g. "
+        "through srun); writes OUT.node<k>.jsonl for each output",
+    )
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="this node's rank (default: SLURM_NODEID / NODE_RANK / GROUP_RANK)",
+    )
     add_overwrite_argument(parser, "the --out, --stats and --eval-out files")
 
 
-def main(args) -> int:
-    """New pairs from --rows and/or held-out scores of --eval-rows, with one ranker load."""
+def rank_job(
+    ranker: Ranker,
+    rows: Sequence[Mapping[str, Any]],
+    eval_rows: Sequence[dict[str, Any]],
+    generations: Mapping[str, Sequence[str] | str],
+    answer_key: str,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """What one ranker load does for ``selm rank`` (or one of its worker processes): (the new
+    pairs without the empty ones, every row's stats, the held-out scores)."""
+    pairs: list[dict] = []
+    stats: list[dict] = []
+    if rows:
+        new_rows, stats = build_pairs(rows, generations, ranker, answer_key=answer_key)
+        pairs = drop_empty_responses(new_rows, stats)
+    scored = (
+        score_eval_responses(ranker, list(eval_rows), generations, answer_key) if eval_rows else []
+    )
+    return pairs, stats, scored
+
+
+def _check_arguments(args) -> None:
     if (args.rows is None) != (args.out is None):
         raise InputError("--rows and --out go together (the rows to pair and where the pairs go)")
     if (args.eval_rows is None) != (args.eval_out is None):
@@ -346,52 +383,96 @@ def main(args) -> int:
             "nothing to do: pass --rows/--out (new pairs) and/or "
             "--eval-rows/--eval-out (held-out scores)"
         )
-    out = Path(args.out) if args.out is not None else None
-    stats_path = (
-        Path(args.stats)
-        if args.stats
-        else out.with_name(out.stem + ".stats.jsonl")
-        if out
-        else None
-    )
-    eval_out = Path(args.eval_out) if args.eval_out is not None else None
-    outputs = {
-        path: flag
-        for flag, path in (("--out", out), ("--stats", stats_path), ("--eval-out", eval_out))
-        if path is not None
-    }
-    for path, flag in outputs.items():
-        check_output_dir(path.absolute().parent, what=flag)
+    for flag, path in (("--out", args.out), ("--stats", args.stats), ("--eval-out", args.eval_out)):
+        if path is not None:
+            check_output_dir(Path(path).absolute().parent, what=flag)
+
+
+def output_paths(args) -> dict[Path, str]:
+    """The files ``selm rank`` writes, each with the flag naming it: pairs and stats (with
+    --rows), held-out scores (in this order)."""
+    paths: dict[Path, str] = {}
+    if args.out is not None:
+        out = Path(args.out)
+        paths[out] = "--out"
+        paths[Path(args.stats) if args.stats else out.with_name(out.stem + ".stats.jsonl")] = (
+            "--stats"
+        )
+    if args.eval_out is not None:
+        paths[Path(args.eval_out)] = "--eval-out"
+    return paths
+
+
+def check_pairs_left(stats: Sequence[Mapping[str, Any]], generations_path: str) -> None:
+    """Refuse a ranking whose every new pair has an empty chosen, rejected or y_ref."""
+    if stats and all(s["dropped_empty"] for s in stats):
+        raise ValueError(
+            f"every one of the {len(stats)} new pairs has an empty chosen, rejected or y_ref "
+            f"response; check the generations ({generations_path})"
+        )
+
+
+def main(args) -> int:
+    """New pairs from --rows and/or held-out scores of --eval-rows, one ranker load per ranker
+    process (ranking.num_workers per node; ``selm_mcore.rollout.rank_workers``). Holds the lock
+    of each file it writes (this node's part with --num-nodes) and refuses to replace one
+    without --overwrite."""
+    from selm_mcore.rollout.engines import node_output_path, node_rank_from_env
+
+    _check_arguments(args)
+    node_rank = 0
+    if args.num_nodes > 1:
+        node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
+    named = output_paths(args)
+    outputs = named
+    if args.num_nodes > 1:  # this node's part; the phase joins them (merge_rank_nodes)
+        outputs = {node_output_path(path, node_rank): flag for path, flag in named.items()}
     with output_locks(outputs, command="selm rank"):
         for path, flag in outputs.items():
             refuse_finished(path, setting=flag, overwrite=args.overwrite, what="ranking results")
-        _rank(args, out, stats_path, eval_out)
+        _rank(args, progress_path=next(iter(named)), paths=list(outputs), node_rank=node_rank)
     return 0
 
 
-def _rank(args, out: Path | None, stats_path: Path | None, eval_out: Path | None) -> None:
+def _rank(args, *, progress_path: Path, paths: list[Path], node_rank: int) -> None:
+    """``selm rank``'s work once its outputs are locked: rank, then write ``paths``."""
+    from selm_mcore.rollout.rank_workers import rank_rows
+    from selm_mcore.runtime.device import apply_device_setting
+
     cfg = config_from_args(args)
+    apply_device_setting(cfg.parallel.device)
     generations = load_generations(args.generations)
-    ranker = build_ranker(cfg.ranking, trust_remote_code=cfg.model.trust_remote_code)
-    if out is not None and stats_path is not None:
-        rows = read_records(args.rows)
-        logger.info("ranking %d rows with %s", len(rows), ranker.name)
+    rows = read_records(args.rows) if args.rows is not None else []
+    eval_rows = read_records(args.eval_rows) if args.eval_rows is not None else []
+    if args.rows is not None:
         warn_repeated_prompt_ids(rows, args.rows)
-        new_rows, stats = build_pairs(rows, generations, ranker, answer_key=cfg.ranking.answer_key)
-        kept = drop_empty_responses(new_rows, stats)
-        if not kept:
-            raise ValueError(
-                f"every one of the {len(new_rows)} new pairs has an empty chosen, "
-                f"rejected or y_ref response; check the generations "
-                f"({args.generations})"
-            )
-        write_jsonl_atomic(out, kept)
-        write_jsonl_atomic(stats_path, stats)
-        logger.info("wrote %d pairs to %s; %s", len(kept), out, json.dumps(summarize_stats(stats)))
-    if eval_out is not None:
-        eval_rows = read_records(args.eval_rows)
-        scored = score_eval_responses(ranker, eval_rows, generations, cfg.ranking.answer_key)
-        write_jsonl_atomic(eval_out, scored)
+    logger.info(
+        "ranking %d rows and %d held-out rows with %s", len(rows), len(eval_rows), cfg.ranking.kind
+    )
+    result = rank_rows(
+        cfg.ranking,
+        cfg.model.trust_remote_code,
+        rows,
+        eval_rows,
+        generations,
+        progress_path=progress_path,
+        num_nodes=args.num_nodes,
+        node_rank=node_rank,
+    )
+    if args.num_nodes == 1 and args.rows is not None:
+        check_pairs_left(result.stats, args.generations)
+    if args.rows is not None:
+        write_jsonl_atomic(paths[0], result.pairs)
+        write_jsonl_atomic(paths[1], result.stats)
+        logger.info(
+            "wrote %d pairs to %s; %s",
+            len(result.pairs),
+            paths[0],
+            json.dumps(summarize_stats(result.stats)),
+        )
+    if args.eval_rows is not None:
+        scored = result.eval_scores
+        write_jsonl_atomic(paths[-1], scored)
         if scored:
             logger.info(
                 "held-out: %d responses, mean score %.4f",

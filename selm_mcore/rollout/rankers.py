@@ -18,8 +18,7 @@ llm-blender does). Implementations:
   wrong one, and among correct answers the shorter one wins.
 
 ``selm_mcore.testing.assets.build_tiny_pairrm(out_dir)`` writes an offline PairRM-shaped ranker
-whose
-order is known; tests use it where the real PairRM weights are absent.
+whose order is known; tests use it where the real PairRM weights are absent.
 """
 
 from __future__ import annotations
@@ -30,8 +29,9 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -113,6 +113,17 @@ def import_llm_blender():
     return llm_blender
 
 
+def pairrm_classes() -> tuple[Any, Any, Any]:
+    """llm-blender's (RankerConfig, CrossCompareCollator, CrossCompareReranker): what
+    ``Blender.loadranker`` builds PairRM from, for a ranker built in memory (the ranker
+    benchmark, ``selm_mcore.bench.ranker``)."""
+    llm_blender = import_llm_blender()
+    from llm_blender.pair_ranker.collator import CrossCompareCollator
+    from llm_blender.pair_ranker.ranker import CrossCompareReranker
+
+    return llm_blender.RankerConfig, CrossCompareCollator, CrossCompareReranker
+
+
 # --- the ranker interface ---------------------------------------------------------------------
 
 
@@ -124,12 +135,13 @@ def ranks_from_scores(scores: np.ndarray) -> np.ndarray:
 
 
 def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; anything else is returned as is."""
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu" (a visible NVIDIA device that torch
+    cannot use stops with the fix: ``selm_mcore.runtime.device``); anything else as is."""
     if device != "auto":
         return device
-    import torch
+    from selm_mcore.runtime.device import check_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device("auto")
 
 
 class Ranker(abc.ABC):
@@ -138,6 +150,14 @@ class Ranker(abc.ABC):
     silently wrong pairs."""
 
     name = "ranker"
+    # Called with the number of prompts scored, as they are scored (progress lines); rankers
+    # that score in batches (counts_batches) call it per batch, the others per ``scores`` call.
+    progress: Callable[[int], None] | None = None
+    counts_batches = False
+
+    def _count(self, prompts: int) -> None:
+        if self.progress is not None:
+            self.progress(prompts)
 
     @abc.abstractmethod
     def _scores(
@@ -177,6 +197,8 @@ class Ranker(abc.ABC):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
         try:
             result = self._scores(prompts, candidate_lists, answers)
+            if not self.counts_batches:
+                self._count(len(prompts))
         except RankerError:
             raise
         except Exception as exc:
@@ -337,10 +359,25 @@ class PairRMRanker(Ranker):
                 result.unexpected_keys[:3],
             )
 
+    counts_batches = True
+
     def _scores(self, prompts, candidates, answers):
-        return self.blender.rank(
-            prompts, candidates, return_scores=True, batch_size=self.batch_size, disable_tqdm=True
-        )
+        # One Blender.rank call per batch (the batches its DataLoader would make), so progress
+        # is counted as the batches finish.
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            out.append(
+                self.blender.rank(
+                    prompts[start:end],
+                    candidates[start:end],
+                    return_scores=True,
+                    batch_size=self.batch_size,
+                    disable_tqdm=True,
+                )
+            )
+            self._count(len(out[-1]))
+        return np.concatenate(out, axis=0)
 
 
 class RewardModelRanker(Ranker):

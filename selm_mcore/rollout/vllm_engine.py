@@ -2,7 +2,8 @@
 
 ``VLLMGenerator`` wraps an offline vLLM engine started from an HF folder (the policy exported
 after each round). Prompts are rendered with the model's chat template plus the generation
-prompt and tokenised once (no extra BOS), then decoded with the reference defaults: greedy
+prompt and tokenised once (``selm_mcore.data.tokenize.encode_prompt``: one BOS, from the
+template or the tokenizer's default), then decoded with the reference defaults: greedy
 (temperature 0, top_p 1), n=1, max_tokens 1024, stop at EOS. A prompt longer than the
 generation context (generation.max_model_len - generation.max_tokens tokens) keeps its LAST
 that many tokens, as training truncation keeps the end of a prompt: it is counted in the log
@@ -40,9 +41,11 @@ from typing import Any
 
 from selm_mcore.config.schema import GenerationConfig
 from selm_mcore.data.tokenize import encode_prompt
+from selm_mcore.mcore.families import check_attention_window
 from selm_mcore.rollout.engines import GenerationError, cuda_available
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.outputs import temp_folder
+from selm_mcore.runtime.progress import ProgressCounter, counting_tqdm
 from selm_mcore.runtime.weight_files import write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -124,7 +127,12 @@ class VLLMGenerator:
         self.model_dir = Path(model_dir)
         self.cfg = gen_cfg
         self.on_cpu = not cuda_available()
-        check_model_dir(self.model_dir, on_cpu=self.on_cpu)
+        config = check_model_dir(self.model_dir, on_cpu=self.on_cpu)
+        check_attention_window(
+            config,
+            generation_context=gen_cfg.max_model_len,
+            source=str(self.model_dir / "config.json"),
+        )
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -216,9 +224,10 @@ class VLLMGenerator:
         *,
         seed_offset: int = 0,
         labels: Sequence[str] | None = None,
+        progress: ProgressCounter | None = None,
     ) -> list[list[Completion]]:
         """Completions (text, token ids, finish reason) per conversation. Prompt i is sampled
-        with seed generation.seed + seed_offset + i."""
+        with seed generation.seed + seed_offset + i. ``progress`` counts the finished prompts."""
         from vllm.inputs import TokensPrompt
 
         rendered = self.render_counted(conversations)
@@ -232,7 +241,9 @@ class VLLMGenerator:
         start = time.perf_counter()
         try:
             outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+                [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+                params,
+                use_tqdm=counting_tqdm(progress) if progress is not None else False,
             )
         except Exception as exc:
             raise GenerationError(

@@ -57,7 +57,7 @@ def check_output_dir(
 
 
 def num_params(config_dir: str | os.PathLike) -> int:
-    """Parameters of the Llama model whose config.json is in ``config_dir``
+    """Parameters of the model whose config.json is in ``config_dir``
     (``selm_mcore.modelspec.ModelShape.num_params``)."""
     return ModelShape.from_dir(config_dir).num_params()
 

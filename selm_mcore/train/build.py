@@ -34,9 +34,9 @@ from selm_mcore.data.tokenize import (
     pad_token_id,
 )
 from selm_mcore.mcore.checkpoint import DTYPES, hf_files_dir
+from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.mcore.forward import token_multiple
-from selm_mcore.mcore.model import sequence_length_multiple
-from selm_mcore.mcore.parallel import ParallelContext
+from selm_mcore.mcore.parallel import ParallelContext, sequence_length_multiple
 from selm_mcore.modelspec import ModelShape
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.train.guards import check_resume, run_identity
@@ -78,6 +78,7 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
     """The round's data and (precomputed) reference log-probs; a bad row or a stale cache fails
     here, before a model is built."""
     source = cfg.start_model()
+    check_model_config_dir(hf_files_dir(source), max_length=cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model, hf_files_dir(source))
     dataset = load_preferences(cfg.data, tokenizer)
     if cfg.loss.alpha > 0 and not dataset.has_yref:
@@ -102,7 +103,9 @@ def load_round_data(cfg: SelmConfig) -> RoundData:
         reference_cache=reference_cache,
         total_steps=total_train_steps(cfg, len(dataset)),
         pack_tokens=pack_budget(
-            cfg.data, dataset.examples, multiple=sequence_length_multiple(cfg.parallel.tp)
+            cfg.data,
+            dataset.examples,
+            multiple=sequence_length_multiple(cfg.parallel.tp, cfg.parallel.sequence_parallel),
         ),
         source_fingerprint=fingerprint or reference_fingerprint(source),
     )
@@ -127,6 +130,10 @@ class Training:
     resumed_from: Path | None
     checkpoint_kwargs: dict[str, Any]
     device_peak_flops: float
+    model_shape: ModelShape  # the policy's shape (model FLOPs of each micro-batch)
+    # The round's last step checkpoint in the fully reshardable format (False: the host memory
+    # of its gather does not fit; selm_mcore.plan.host_memory).
+    last_save_reshardable: bool = True
 
     @property
     def num_microbatches(self) -> int:
@@ -229,7 +236,6 @@ def build_training(
         cfg=cfg,
         tp_group=ctx.tp_group if ctx.tp > 1 else None,
         vocab_size=models[0].true_vocab_size,
-        shape=ModelShape.from_hf_config(hf_config),
     )
     checkpoint_kwargs = dict(
         models=models,
@@ -258,4 +264,5 @@ def build_training(
         resumed_from=resume_from,
         checkpoint_kwargs=checkpoint_kwargs,
         device_peak_flops=peak["flops"],
+        model_shape=ModelShape.from_hf_config(hf_config),
     )

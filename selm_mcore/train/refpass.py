@@ -52,6 +52,7 @@ from selm_mcore.data.tokenize import (
     pad_token_id,
 )
 from selm_mcore.mcore.checkpoint import hf_files_dir
+from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.mcore.forward import (
     MicroBatch,
     collate_micro_batches,
@@ -60,8 +61,7 @@ from selm_mcore.mcore.forward import (
     longest_sequence,
     pack_micro_batches,
 )
-from selm_mcore.mcore.model import sequence_length_multiple
-from selm_mcore.mcore.parallel import ParallelContext
+from selm_mcore.mcore.parallel import ParallelContext, sequence_length_multiple
 from selm_mcore.runtime.errors import InputError, UserError
 from selm_mcore.runtime.files import ChecksumError, atomic_open
 from selm_mcore.runtime.outputs import add_overwrite_argument, output_locks, refuse_finished
@@ -376,10 +376,16 @@ def run_refpass(cfg: SelmConfig) -> Path:
         )
     check_output_dir(cfg.train.ref_cache_path().parent, what="train.ref_cache")
     ctx = init_parallel(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.parallel.seed
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        vpp=cfg.parallel.vpp,
+        seed=cfg.parallel.seed,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        device=cfg.parallel.device,
     )
     try:
         source = cfg.start_model()
+        check_model_config_dir(hf_files_dir(source), max_length=cfg.data.max_length)
         tokenizer = load_tokenizer(cfg.model, hf_files_dir(source))
         dataset = load_preferences(cfg.data, tokenizer)
         key = reference_key(
@@ -392,7 +398,7 @@ def run_refpass(cfg: SelmConfig) -> Path:
             cfg.data,
             dataset.examples,
             refpass=True,
-            multiple=sequence_length_multiple(cfg.parallel.tp),
+            multiple=sequence_length_multiple(cfg.parallel.tp, cfg.parallel.sequence_parallel),
         )
         models = load_frozen_policy(source, ctx, cfg.model, packed=pack_tokens > 0)
         dataset.check_token_ids(models[0].true_vocab_size)

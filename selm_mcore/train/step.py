@@ -76,6 +76,20 @@ SUMMED_METRICS = (
 COUNTS = ("num_examples", "num_tokens", "num_computed", "num_response_tokens", "model_flops")
 
 
+def step_counts(micro_batch: MicroBatch, shape: ModelShape) -> torch.Tensor:
+    """float64 [4] on the host: the micro-batch's examples, tokens fed, tokens computed and model
+    FLOPs (policy forward + backward = 3 forwards of the layout actually computed)."""
+    batch = micro_batch.batch
+    if isinstance(batch, PackedBatch):
+        flops = 3.0 * packed_forward_flops(shape, batch.segments.tolist(), batch.head_index.numel())
+    else:
+        flops = 3.0 * forward_flops(shape, micro_batch.sequence_lengths)
+    return torch.tensor(
+        [batch.num_examples, micro_batch.num_tokens, micro_batch.num_computed, flops],
+        dtype=torch.float64,
+    )
+
+
 def selm_step_loss(
     micro_batch: MicroBatch,
     logits: torch.Tensor,
@@ -83,18 +97,22 @@ def selm_step_loss(
     cfg: SelmConfig,
     tp_group,
     vocab_size: int,
-    shape: ModelShape,
 ):
-    """Loss of one micro-batch on the last stage: (mean loss, per-example sums for logging)."""
+    """Loss of one micro-batch on the last stage: (mean loss, per-example sums for logging).
+
+    Everything it reads besides the logits (reference log-probs, response lengths, counts) was
+    made on the host and moved with the micro-batch before the schedule: no host sync here.
+    """
     from selm_mcore.train.loss import selm_loss
 
     batch = micro_batch.batch
     policy_chosen, policy_rejected, policy_yref = batch.split(
         sequence_logps(logits, batch, tp_group=tp_group, vocab_size=vocab_size)
     )
-    assert micro_batch.ref_logps is not None  # train_step sets them before the schedule runs
-    ref_chosen, ref_rejected, ref_yref = batch.split(micro_batch.ref_logps.to(logits.device))
-    response_lengths = batch.response_lengths().to(logits.device)
+    # train_step sets both before the schedule runs
+    assert micro_batch.ref_logps is not None and micro_batch.counts is not None
+    ref_chosen, ref_rejected, ref_yref = batch.split(micro_batch.ref_logps)
+    response_lengths = batch.response_lengths()
     chosen_tokens, rejected_tokens, _ = batch.split(response_lengths)
     loss, metrics = selm_loss(
         policy_chosen,
@@ -110,16 +128,7 @@ def selm_step_loss(
         chosen_num_tokens=chosen_tokens,
         rejected_num_tokens=rejected_tokens,
     )
-    # Policy forward + backward = 3 forwards of the layout actually computed.
-    if isinstance(batch, PackedBatch):
-        flops = 3.0 * packed_forward_flops(shape, batch.segments.tolist(), batch.head_index.numel())
-    else:
-        flops = 3.0 * forward_flops(shape, micro_batch.sequence_lengths)
-    counts = torch.tensor(
-        [batch.num_examples, micro_batch.num_tokens, micro_batch.num_computed, flops],
-        dtype=torch.float64,
-        device=logits.device,
-    )
+    counts = micro_batch.counts
     sums = {
         "loss": loss.detach().sum(),
         "num_examples": counts[0],
@@ -172,12 +181,13 @@ def reduce_step_metrics(
 
 
 def step_micro_batches(run: Training, indices: list[int]) -> list[MicroBatch]:
-    """This DP rank's micro-batches of one step: packed rows or padded [S*B, T] batches."""
+    """This DP rank's micro-batches of one step, on the host: packed rows or padded [S*B, T]
+    batches, each with its counts (``step_counts``)."""
     cfg, ctx = run.cfg, run.ctx
     # Sequence parallelism needs T to be a multiple of tp (a no-op without it).
     pad_to_multiple_of = length_multiple(cfg.data.pad_to_multiple_of, run.models)
     if run.data.packed:
-        return pack_micro_batches(
+        batches = pack_micro_batches(
             run.data.dataset,
             indices,
             budget=run.data.pack_tokens,
@@ -187,16 +197,18 @@ def step_micro_batches(run: Training, indices: list[int]) -> list[MicroBatch]:
             fixed_length=ctx.pp > 1,
             num_microbatches_multiple=ctx.pp if ctx.vpp else 1,
             examples_per_step=len(indices),
-            device=ctx.device,
         )
-    return collate_micro_batches(
-        run.data.dataset,
-        micro_batches(indices, cfg.train.micro_batch_size),
-        pad_id=run.pad_id,
-        pad_to_multiple_of=pad_to_multiple_of,
-        seq_length=cfg.data.seq_length(),
-        device=ctx.device,
-    )
+    else:
+        batches = collate_micro_batches(
+            run.data.dataset,
+            micro_batches(indices, cfg.train.micro_batch_size),
+            pad_id=run.pad_id,
+            pad_to_multiple_of=pad_to_multiple_of,
+            seq_length=cfg.data.seq_length(),
+        )
+    for micro_batch in batches:
+        micro_batch.counts = step_counts(micro_batch, run.model_shape)
+    return batches
 
 
 def train_step(run: Training, indices: list[int]) -> dict[str, float]:
@@ -204,15 +216,17 @@ def train_step(run: Training, indices: list[int]) -> dict[str, float]:
     cfg, ctx = run.cfg, run.ctx
     start = time.perf_counter()
     batches = step_micro_batches(run, indices)
-    if run.ref_models is not None:
-        ref_logps = forward_only_logps(run.ref_models, ctx, batches, run.models[0].true_vocab_size)
-        for micro_batch, logps in zip(batches, ref_logps or []):
-            micro_batch.ref_logps = logps
-    else:
+    if run.ref_models is None:
         cache = run.data.reference_cache
         assert cache is not None  # reference_mode=precomputed: loaded by load_round_data
         for micro_batch in batches:
             micro_batch.ref_logps = cache.for_batch(micro_batch.batch)
+    # Everything the micro-batches need goes to the device now, before the schedule runs.
+    batches = [micro_batch.to(ctx.device) for micro_batch in batches]
+    if run.ref_models is not None:
+        ref_logps = forward_only_logps(run.ref_models, ctx, batches, run.models[0].true_vocab_size)
+        for micro_batch, logps in zip(batches, ref_logps or []):
+            micro_batch.ref_logps = logps
 
     for model in run.ddp_models:
         model.zero_grad_buffer()

@@ -17,7 +17,10 @@ Outputs in ``train.output_dir``:
     checkpoints/step_*/    with train.save_interval > 0: every N steps and at the end, with the
                            optimizer, scheduler, data position and RNG (the optimizer state
                            dp-reshardable in the round, fully reshardable at the end or with
-                           train.reshardable_checkpoints; selm_mcore.mcore.step_checkpoints)
+                           train.reshardable_checkpoints; selm_mcore.mcore.step_checkpoints;
+                           the last one dp-reshardable too when its gather would not fit the
+                           nodes' host memory, checked before the round trains:
+                           selm_mcore.plan.host_memory)
     metrics.jsonl          one record per step (rank 0); tensorboard/ with train.tensorboard
     ref_logps.safetensors  the reference cache, when train.ref_cache is not set
 
@@ -73,11 +76,57 @@ def _maybe_kill_after(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def step_checkpoint_reshardable(cfg: SelmConfig, step: int, total_steps: int) -> bool:
+def step_checkpoint_reshardable(
+    cfg: SelmConfig, step: int, total_steps: int, last_reshardable: bool = True
+) -> bool:
     """Whether checkpoint ``step`` stores the optimizer state fully reshardable: the round's
     last one (or every one with train.reshardable_checkpoints); in-round ones are
-    dp_reshardable (no gather; the same tp/pp/vpp resumes them)."""
-    return step == total_steps or cfg.train.reshardable_checkpoints
+    dp_reshardable (no gather; the same tp/pp/vpp resumes them). ``last_reshardable``: False
+    when the last one's gather does not fit the host memory (``last_save_reshardable``)."""
+    return cfg.train.reshardable_checkpoints or (step == total_steps and last_reshardable)
+
+
+def last_save_reshardable(cfg: SelmConfig, ctx) -> bool:
+    """Whether the round's last step checkpoint can gather its optimizer state fully
+    reshardable within each node's host memory (``selm_mcore.plan.host_memory``), decided
+    before the round trains, the same on every rank: False (with a warning) when some node
+    lacks the memory; HostMemoryError on every rank when train.reshardable_checkpoints asks
+    for the gather anyway."""
+    import torch.distributed as dist
+
+    from selm_mcore.modelspec import ModelShape
+    from selm_mcore.plan import host_memory
+    from selm_mcore.plan.memory import Layout
+
+    if not cfg.train.save_interval:
+        return True  # no step checkpoints, no gather
+    shape = ModelShape.from_dir(
+        hf_files_dir(cfg.start_model()), vocab_divisible_by=cfg.model.make_vocab_size_divisible_by
+    )
+    layout = Layout(tp=ctx.tp, pp=ctx.pp, vpp=ctx.vpp, dp=ctx.dp)
+    node, per_node = host_memory.local_node(ctx.rank, ctx.world_size)
+    needed = host_memory.gather_bytes_per_node(shape, layout, per_node).get(node, 0)
+    processes = sum(r // per_node == node for r, _ in host_memory.dp_rank0_ranks(layout))
+    if cfg.train.host_memory_gb:
+        available = int(cfg.train.host_memory_gb * 2**30)
+        source = f"train.host_memory_gb={cfg.train.host_memory_gb:g} allows"
+    else:
+        available, source = host_memory.available_host_bytes(), "available on it"
+    try:
+        verdict = host_memory.last_save_format(
+            cfg.train.reshardable_checkpoints, node, needed, processes, available, source
+        )
+    except host_memory.HostMemoryError as exc:
+        verdict = ("error", str(exc))
+    verdicts: list = [None] * ctx.world_size
+    dist.all_gather_object(verdicts, verdict)
+    errors = [message for fmt, message in verdicts if fmt == "error"]
+    if errors:
+        raise host_memory.HostMemoryError(errors[0])
+    warnings = [message for fmt, message in verdicts if fmt == "dp_reshardable"]
+    if warnings and ctx.rank == 0:
+        logger.warning("%s", warnings[0])
+    return not warnings
 
 
 def save_step_checkpoint(run: Training, root: Path) -> None:
@@ -91,7 +140,9 @@ def save_step_checkpoint(run: Training, root: Path) -> None:
         root,
         run.step,
         data_state=run.sampler.state_dict(),
-        reshardable=step_checkpoint_reshardable(run.cfg, run.step, run.data.total_steps),
+        reshardable=step_checkpoint_reshardable(
+            run.cfg, run.step, run.data.total_steps, run.last_save_reshardable
+        ),
         **run.checkpoint_kwargs,
     )
 
@@ -168,10 +219,17 @@ def train_round(cfg: SelmConfig) -> Path:
     check_train_outputs(cfg)
     data = load_round_data(cfg)
     ctx = init_parallel(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.parallel.seed
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        vpp=cfg.parallel.vpp,
+        seed=cfg.parallel.seed,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        device=cfg.parallel.device,
     )
     try:
+        reshardable = last_save_reshardable(cfg, ctx)  # before the model is built
         run = build_training(cfg, ctx, data)
+        run.last_save_reshardable = reshardable
         output_dir = Path(cfg.train.output_dir)
         writer = StepMetricsWriter(
             output_dir,

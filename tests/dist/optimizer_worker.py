@@ -9,11 +9,17 @@ Modes:
   Megatron's schedule hooks); emits per step the last stage's losses and the grad norm, each
   rank's weight checksum right after the last step (before ``sync_params``) and after it, the
   number of gradient buckets and which hooks were installed.
-* ``state:KIND:FORMAT`` (KIND ``torch`` = torch AdamW, ``fused`` = FusedAdamLike with
-  Megatron's TE-optimizer branches switched on; FORMAT dp_reshardable / fully_reshardable):
-  two steps, save the optimizer state, one more step; then a fresh model with the weights of
-  step 2 loads the state and takes the same third step. Emits both third steps' loss, grad norm
-  and weight checksum, and the loaded state's step bookkeeping.
+* ``state:KIND:FORMAT`` (KIND ``torch`` = torch AdamW with the kernels ``build_optimizer``
+  picks (foreach on CPU), ``torch-fused`` = torch AdamW forced to its fused kernel, ``fused`` =
+  FusedAdamLike with Megatron's TE-optimizer branches switched on; FORMAT dp_reshardable /
+  fully_reshardable): two steps, save the optimizer state, one more step; then a fresh model
+  with the weights of step 2 loads the state and takes the same third step. Emits both third
+  steps' loss, grad norm and weight checksum, the loaded state's step bookkeeping, its largest
+  difference from the saved exp_avg / exp_avg_sq, and the AdamW kernel flags before the save
+  and after the load (torch AdamW saves with the other kernel's flags in its param groups: the
+  load must keep the loading run's).
+* ``plan``: packed micro-batches through a forward and backward of the real schedule with full
+  recompute; counts the attention plans built and which plan each layer's attention read.
 """
 
 import contextlib
@@ -76,7 +82,48 @@ def build(ctx, *, overlap: bool, kind: str = "torch"):
     )
     if kind == "fused":
         swap_in_fused_adam_like(optimizer)
+    elif kind == "torch-fused":
+        from selm_mcore.mcore.optim import use_adam_implementation
+
+        use_adam_implementation(optimizer, fused=True)  # torch's fused AdamW kernel (CPU too)
     return models, ddp_models, optimizer
+
+
+def adam_kernels(optimizer) -> list:
+    """The (fused, foreach) flags of every torch AdamW param group."""
+    from selm_mcore.mcore.optim import distributed_optimizers
+
+    return sorted(
+        {
+            (g.get("fused"), g.get("foreach"))
+            for d in distributed_optimizers(optimizer)
+            for g in d.optimizer.param_groups
+        }
+    )
+
+
+def adam_moments(optimizer) -> list:
+    """exp_avg and exp_avg_sq of every parameter in param-group order (clones)."""
+    from selm_mcore.mcore.optim import distributed_optimizers
+
+    return [
+        inner.state[param][key].detach().clone()
+        for inner in (d.optimizer for d in distributed_optimizers(optimizer))
+        for group in inner.param_groups
+        for param in group["params"]
+        for key in ("exp_avg", "exp_avg_sq")
+    ]
+
+
+def swap_adam_kernel_flags(optimizer) -> None:
+    """Give each torch AdamW group the other kernel's flags (foreach <-> single-tensor loop on
+    CPU: the same numbers), as a checkpoint from another kind of run would carry them."""
+    from selm_mcore.mcore.optim import distributed_optimizers
+
+    for d in distributed_optimizers(optimizer):
+        for group in d.optimizer.param_groups:
+            if not group.get("fused"):
+                group["foreach"] = not group.get("foreach")
 
 
 def train_step(ctx, ddp_models, optimizer, step: int) -> dict:
@@ -166,9 +213,13 @@ def state_mode(root: Path, kind: str, sharding: str) -> dict:
 
     ctx = init_parallel(seed=13)
     models, ddp_models, optimizer = build(ctx, overlap=True, kind=kind)
+    built_kernels = adam_kernels(optimizer) if kind != "fused" else []
     for step in range(2):
         train_step(ctx, ddp_models, optimizer, step)
     sync_params(ddp_models)
+    if kind == "torch":
+        swap_adam_kernel_flags(optimizer)
+    saved_moments = adam_moments(optimizer)
     weights = {
         k: v.detach().clone() for k, v in models[0].state_dict().items() if torch.is_tensor(v)
     }
@@ -186,7 +237,14 @@ def state_mode(root: Path, kind: str, sharding: str) -> dict:
     load_optimizer_state(fresh_optimizer, fresh, out_dir, sharding=sharding)
     inner = [d.optimizer for d in distributed_optimizers(fresh_optimizer)]
     states = [s for opt in inner for s in opt.state.values()]
+    loaded_moments = adam_moments(fresh_optimizer)
     bookkeeping = {
+        "built_kernels": built_kernels,
+        "loaded_kernels": adam_kernels(fresh_optimizer) if kind != "fused" else [],
+        "moments_max_diff": max(
+            float((a - b).abs().max()) for a, b in zip(saved_moments, loaded_moments, strict=True)
+        ),
+        "moments_nonzero": all(bool(m.abs().sum() > 0) for m in saved_moments[:2]),
         "inner": sorted({type(opt).__name__ for opt in inner}),
         "state_keys": sorted({key for s in states for key in s}),
         "group_steps": sorted(
@@ -249,7 +307,7 @@ def recompute_mode() -> dict:
                 logits = model(
                     batch.tokens,
                     batch.position_ids,
-                    packed_layout=batch.segments,
+                    attention_plan=batch.attention_plan,
                     head_index=batch.head_index,
                 )
             else:
@@ -270,6 +328,71 @@ def recompute_mode() -> dict:
     return out
 
 
+def plan_mode() -> dict:
+    """Attention plans of packed micro-batches through the real schedule's forward and backward
+    (4 layers, full recompute): how many were built, at collation and in the schedule, and how
+    often each layer's attention read each of them."""
+    from collections import Counter
+
+    import selm_mcore.data.packing as packing
+    from selm_mcore.data.tokenize import PreferenceDataset
+    from selm_mcore.mcore.attention import PackedAttention
+    from selm_mcore.mcore.forward import pack_micro_batches, run_micro_batches, sequence_logps
+    from selm_mcore.mcore.model import build_model
+    from selm_mcore.mcore.optim import wrap_ddp
+    from selm_mcore.mcore.parallel import init_parallel
+
+    ctx = init_parallel(seed=19)
+    models = build_model(tiny_config(), ctx, recompute="full", packed=True)
+    ddp_models = wrap_ddp(models)
+    dataset = PreferenceDataset(example_pairs(5))  # 12 + 2i tokens each: 3 rows of 32
+    built, seen = [], Counter()
+    build_plan, attention_forward = packing.attention_plan, PackedAttention.forward
+
+    def counting_build(*args, **kwargs):
+        built.append(build_plan(*args, **kwargs))
+        return built[-1]
+
+    def recording_forward(self, *args, packed_seq_params=None, **kwargs):
+        seen[id(packed_seq_params.plan)] += 1
+        return attention_forward(self, *args, packed_seq_params=packed_seq_params, **kwargs)
+
+    def loss_fn(micro_batch, logits):
+        logps = sequence_logps(logits, micro_batch.batch, tp_group=None, vocab_size=VOCAB)
+        loss = -logps.sum() * micro_batch.loss_scale
+        return loss, {"loss": loss.detach().clone()}
+
+    packing.attention_plan, PackedAttention.forward = counting_build, recording_forward
+    try:
+        micro = pack_micro_batches(
+            dataset,
+            range(len(dataset)),
+            budget=32,
+            shared_prompt=True,
+            pad_id=0,
+            pad_to_multiple_of=1,
+            fixed_length=False,
+            examples_per_step=len(dataset),
+        )
+        micro = [mb.to(ctx.device) for mb in micro]
+        at_collation = len(built)
+        run_micro_batches(ddp_models, micro, loss_fn, forward_only=False)
+    finally:
+        packing.attention_plan, PackedAttention.forward = build_plan, attention_forward
+    plans = [id(mb.batch.attention_plan) for mb in micro]
+    return {
+        "micro_batches": len(micro),
+        "layers": len(models[0].decoder.layers),
+        "built_at_collation": at_collation,
+        "built_in_schedule": len(built) - at_collation,
+        "reads_per_plan": [seen[plan] for plan in plans],
+        "reads_of_other_plans": sum(n for plan, n in seen.items() if plan not in plans),
+        "gradient_norm": float(
+            sum(float(p.main_grad.double().pow(2).sum()) for p in models[0].parameters()) ** 0.5
+        ),
+    }
+
+
 def main() -> None:
     from selm_mcore.mcore.parallel import destroy_parallel
 
@@ -286,6 +409,8 @@ def main() -> None:
                 results[mode] = state_mode(root, kind, sharding)
         elif name == "recompute":
             results[mode] = recompute_mode()
+        elif name == "plan":
+            results[mode] = plan_mode()
         else:
             raise SystemExit(f"unknown mode {mode}")
     emit(results)

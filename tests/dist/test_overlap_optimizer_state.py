@@ -10,12 +10,18 @@ path works bucket by bucket (``tests/dist/optimizer_worker.py``):
   equal;
 * DP2, torch AdamW and ``FusedAdamLike`` (TE FusedAdam's state layout and state_dict, with
   Megatron's TE-optimizer branches on), each in the dp_reshardable and fully_reshardable
-  formats: save after step 2, load into a fresh model + optimizer, and step 3 equals the
-  uninterrupted step 3 exactly; the fused state carries no ``step`` key (its step is in the
-  param groups), torch's has one step tensor per parameter. With several buckets this also
-  guards the fully_reshardable save against Megatron's bucket-padding offset bug;
+  formats, and torch AdamW forced to its fused kernel (dp_reshardable): save after step 2, load
+  into a fresh model + optimizer, and step 3 equals the uninterrupted step 3 exactly; the loaded
+  exp_avg / exp_avg_sq equal the saved ones; the fused state carries no ``step`` key (its step
+  is in the param groups), torch's has one step tensor per parameter; torch AdamW runs foreach
+  on CPU (fused on CUDA) and keeps its kernel across a load of a state saved with other flags.
+  With several buckets this also guards the fully_reshardable save against Megatron's
+  bucket-padding offset bug;
 * model.recompute none / selective / full give identical log-probs and gradients, unpacked and
-  packed.
+  packed;
+* packed micro-batches through the schedule's forward and backward (4 layers, full recompute):
+  one attention plan is built per micro-batch, at collation, none in the schedule, and every
+  layer's attention reads its micro-batch's plan (twice: forward and recompute).
 
 Tolerance for overlap on/off: 1e-6 relative (fp32 sums in another bucket order).
 """
@@ -51,7 +57,7 @@ def assert_overlap_equal(result: dict, vpp: bool) -> None:
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
     root = tmp_path_factory.mktemp("optimizer_state")
-    modes = ["overlap:1:1:none", "recompute"] + [
+    modes = ["overlap:1:1:none", "recompute", "plan", "state:torch-fused:dp_reshardable"] + [
         f"state:{kind}:{fmt}"
         for kind in ("torch", "fused")
         for fmt in ("dp_reshardable", "fully_reshardable")
@@ -80,21 +86,46 @@ def test_overlapped_dp_communication_with_interleaved_pipeline(tmp_path):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind", ["torch", "fused"])
-@pytest.mark.parametrize("fmt", ["dp_reshardable", "fully_reshardable"])
+@pytest.mark.parametrize(
+    "kind, fmt",
+    [
+        ("torch", "dp_reshardable"),
+        ("torch", "fully_reshardable"),
+        ("torch-fused", "dp_reshardable"),
+        ("fused", "dp_reshardable"),
+        ("fused", "fully_reshardable"),
+    ],
+)
 def test_optimizer_state_round_trip(dp2, kind, fmt):
     for rank in dp2:
         result = rank[f"state:{kind}:{fmt}"]
         assert result["resumed"] == result["uninterrupted"]
         book = result["bookkeeping"]
+        assert book["moments_nonzero"] and book["moments_max_diff"] == 0.0
         if kind == "fused":
             assert book["inner"] == ["FusedAdamLike"]
             assert book["state_keys"] == ["exp_avg", "exp_avg_sq"]  # no "step" key
             assert book["group_steps"] == [2]
-        else:
-            assert book["inner"] == ["AdamW"]
-            assert book["per_param_steps"] == [2.0]
-            assert book["distinct_step_tensors"] == book["num_states"] > 0
+            continue
+        assert book["inner"] == ["AdamW"]
+        assert book["per_param_steps"] == [2.0]
+        assert book["distinct_step_tensors"] == book["num_states"] > 0
+        # (fused, foreach): foreach on CPU as built, kept although the state was saved with
+        # the other flags; the forced fused kernel likewise
+        expected = [[True, False]] if kind == "torch-fused" else [[False, True]]
+        assert book["built_kernels"] == book["loaded_kernels"] == expected
+
+
+@pytest.mark.timeout(600)
+def test_attention_plan_built_once_per_micro_batch(dp2):
+    for rank in dp2:
+        result = rank["plan"]
+        assert result["micro_batches"] == 3 and result["layers"] == 4
+        assert result["built_at_collation"] == 3 and result["built_in_schedule"] == 0
+        # every layer read its micro-batch's plan in the forward and again in the recompute
+        assert result["reads_per_plan"] == [2 * 4] * 3
+        assert result["reads_of_other_plans"] == 0
+        assert result["gradient_norm"] > 0
 
 
 @pytest.mark.timeout(600)

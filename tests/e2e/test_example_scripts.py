@@ -72,3 +72,26 @@ def test_70b_script_checks_the_node_count_it_gets(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "(dp=1)" in proc.stderr and "on 16 GPUs is predicted to need" in proc.stderr
     assert "2 node(s), 8 CPUs per node task" in proc.stdout
+
+
+def test_zephyr_script_checks_the_layout_for_8_gpus_before_any_download(tmp_path):
+    """8 x 80 GB: the layout is predicted to fit and the script goes on to its first download
+    (a stand-in `hf` that fails); 8 x 40 GB: it stops before downloading anything."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "hf"
+    stand_in.write_text('#!/bin/sh\necho "hf $*"\nexit 3\n')
+    stand_in.chmod(0o755)
+    downloads = str(tmp_path / "downloads")
+    proc = run_script(
+        "selm_zephyr_7b.sh", tmp_path, SELM_GPU_MEM_GIB="80", SELM_DOWNLOADS=downloads
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "selm_zephyr_7b.yaml: tp2 pp1 dp4 recompute=none is predicted to fit" in proc.stdout
+    assert "global batch 256 pairs" in proc.stdout
+    assert "hf download HuggingFaceH4/mistral-7b-sft-beta" in proc.stdout
+    proc = run_script(
+        "selm_zephyr_7b.sh", tmp_path, SELM_GPU_MEM_GIB="40", SELM_DOWNLOADS=downloads
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "is predicted to need" in proc.stderr and "hf download" not in proc.stdout

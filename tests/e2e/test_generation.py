@@ -223,6 +223,8 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[engines] = read_records(out)
+        # progress: the engine's own count (vLLM's bar) or both engines' counts, summed
+        assert "generate: 6/6 prompts (100.0%)" in proc.stderr
     # Atomic write: no temporary files or engine folders are left next to the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["prompts.jsonl", "gen1.yaml", "gen2.yaml", "out1.jsonl", "out2.jsonl"]
@@ -269,6 +271,8 @@ def test_generate_file_schema_eos_and_data_parallel(eos_model_dir, tmp_path, wri
             env={"SLURM_NODEID": str(rank)},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+        progress = re.findall(r"generate: \d+/6 prompts", proc.stderr)
+        assert bool(progress) == (rank == 0), "node 0 alone prints the progress"
     assert sorted(p.name for p in tmp_path.glob("nodes*")) == [
         "nodes.node0.jsonl",
         "nodes.node1.jsonl",

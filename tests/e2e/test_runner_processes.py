@@ -1,6 +1,5 @@
 """selm_mcore.loop.runner with real processes: the SELM_FAULT hook's SIGKILL and the resume after
-it,
-and ``run_command`` (output tee, failures, signals, timeouts, helpers a killed child leaves).
+it, and ``run_command`` (output tee, failures, signals, timeouts, helpers a killed child leaves).
 
 The manifest and resume rules themselves are tested in-process in tests/unit/test_runner.py.
 """

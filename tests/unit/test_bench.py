@@ -4,7 +4,9 @@ an online manifest, and the benchmark pairs (what the peer reads is what our pip
 The benchmarks themselves run in tests/e2e/test_bench_smoke.py; their FLOP formula is tested in
 test_modelspec.py. No timing is asserted anywhere: these check what the numbers mean. The TRL
 peer's runner (run in TRL's own environment) is checked here for what needs no TRL: its step
-arithmetic and that it imports nothing of ours.
+arithmetic and that it imports nothing of ours. The GPU-path modes run here at their CPU size:
+``attention`` (the per-sequence SDPA path against its dense masked reference, fp32; the CUDA
+backends reported as skipped) and ``host-syncs`` (a "needs CUDA" line, exit status 0).
 """
 
 import ast
@@ -128,3 +130,52 @@ def test_trl_runner_imports_nothing_of_ours():
             imported.append(node.module or "")
     assert "trl" in imported and not [m for m in imported if m.split(".")[0] == "selm_mcore"]
     assert compare.TRL_SETUP_SCRIPT.is_file()
+
+
+def _bench(*argv: str):
+    """``selm bench ARGV``'s parsed arguments."""
+    import argparse
+
+    from selm_mcore.bench import add_arguments
+
+    parser = argparse.ArgumentParser(prog="selm bench")
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_attention_mode_on_cpu_measures_the_sdpa_path_against_the_dense_reference(tmp_path, capsys):
+    import torch
+
+    from selm_mcore.bench import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU size of the mode")
+    out = tmp_path / "attention.json"
+    args = _bench(
+        "attention", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)
+    )
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    rows = {row["backend"]: row for row in result["rows"]}
+    assert sorted(rows) == ["dense", "sdpa"] and result["dtype"] == "fp32"
+    assert result["skipped"] == {"varlen": "needs CUDA", "flash": "needs CUDA"}
+    assert rows["sdpa"]["max_abs_error_out"] < 1e-5
+    assert rows["sdpa"]["max_abs_error_grad"] < 1e-5
+    assert all(row["forward_ms"] > 0 and row["forward_backward_ms"] > 0 for row in rows.values())
+    assert result["groups"] == 3 and result["tokens"] < result["row_tokens"]  # padding too
+    printed = capsys.readouterr().out
+    assert "max |err| out" in printed and "varlen: skipped (needs CUDA)" in printed
+
+
+def test_host_syncs_mode_without_cuda_says_so(tmp_path, capsys):
+    import torch
+
+    from selm_mcore.bench import main
+    from selm_mcore.bench.host_syncs import SKIP_LINE
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU behaviour of the mode")
+    out = tmp_path / "syncs.json"
+    assert main(_bench("host-syncs", "--threads", "1", "--json", str(out))) == 0
+    assert SKIP_LINE in capsys.readouterr().out
+    assert json.loads(out.read_text())["skipped"] == "needs CUDA"

@@ -28,7 +28,7 @@ def test_worker_entry_reads_the_spec_and_calls_worker_main(tmp_path):
     spec.write_text(json.dumps({"job": "defragment"}))
     with pytest.raises(ValueError, match="unknown conversion job 'defragment'"):
         cli.main(["_worker", "convert", str(spec)])
-    with pytest.raises(SystemExit, match=r"usage: selm _worker \{engine,convert\} SPEC.json"):
+    with pytest.raises(SystemExit, match=r"usage: selm _worker \{engine,convert,rank\} SPEC.json"):
         cli.main(["_worker", "rank-worker", str(spec)])
     with pytest.raises(SystemExit, match="usage: selm _worker"):
         cli.main(["_worker", "convert"])

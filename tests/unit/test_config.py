@@ -279,6 +279,17 @@ def test_recompute_refuses_other_values():
         load_config(None, ["model.recompute=partial"])
 
 
+def test_sequence_parallel_choice():
+    assert load_config(None, []).parallel.sequence_parallel == "auto"
+    for value, expected in (("true", "true"), ("false", "false"), ("auto", "auto")):
+        cfg = load_config(None, ["parallel.tp=2", f"parallel.sequence_parallel={value}"])
+        assert cfg.parallel.sequence_parallel == expected
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tp > 1"):
+        load_config(None, ["parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="'always' is not one of auto, true, false"):
+        load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=always"])
+
+
 def test_example_configs_pick_a_recompute_choice():
     from pathlib import Path
 

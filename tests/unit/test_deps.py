@@ -1,6 +1,5 @@
 """Optional packages checked from the config before any phase runs (selm_mcore.runtime.deps): what
-each
-setting needs, and one error naming every missing package with its pip extra. A package is made
+each setting needs, and one error naming every missing package with its pip extra. A package is made
 missing the way Python itself reports one: ``sys.modules[name] = None``."""
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """selm_mcore.runtime.files: the record reader (JSONL / Parquet, row numbers), atomic writes,
-hash_path,
-checksum lists (checked against hashlib directly; real checkpoints in tests/dist/) and the
-atomic folder swap."""
+hash_path, checksum lists (checked against hashlib directly; real checkpoints in tests/dist/) and
+the atomic folder swap."""
 
 from __future__ import annotations
 

@@ -13,13 +13,16 @@ from selm_mcore.mcore.model import (
     recompute_mode,
     recompute_settings,
     rope_inv_freq,
-    sequence_length_multiple,
     transformer_config,
-    uses_sequence_parallel,
     validate_hf_config,
     validate_layout,
 )
-from selm_mcore.mcore.parallel import ParallelContext, ParallelLayoutError
+from selm_mcore.mcore.parallel import (
+    ParallelContext,
+    ParallelLayoutError,
+    sequence_length_multiple,
+    sequence_parallel_enabled,
+)
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -135,19 +138,19 @@ def test_unsupported_configs_refused(overrides, key):
         validate_hf_config(tiny_config(**overrides))
 
 
-def test_moe_sliding_window_and_other_architectures_refused():
+def test_moe_and_other_architectures_refused():
     config = tiny_config()
     config.num_local_experts = 8
     with pytest.raises(UnsupportedModelError, match="num_local_experts=8.*mixture-of-experts"):
         validate_hf_config(config)
+    from transformers import GemmaConfig
+
+    with pytest.raises(UnsupportedModelError, match="model_type='gemma'"):
+        validate_hf_config(GemmaConfig())
+    # A sliding window is checked against the run's lengths (tests/unit/test_families.py).
     config = tiny_config()
     config.sliding_window = 4096
-    with pytest.raises(UnsupportedModelError, match="sliding_window=4096"):
-        validate_hf_config(config)
-    from transformers import MistralConfig
-
-    with pytest.raises(UnsupportedModelError, match="model_type='mistral'"):
-        validate_hf_config(MistralConfig())
+    validate_hf_config(config)
     validate_hf_config(tiny_config())  # the plain layout passes
 
 
@@ -258,6 +261,7 @@ def test_transformer_config_llama3_layout():
 
 def _gpu_ctx(tp=2, pp=2, vpp=None, dp=2):
     return ParallelContext(
+        sequence_parallel=tp > 1,
         rank=0,
         world_size=tp * pp * dp,
         tp=tp,
@@ -303,11 +307,11 @@ def test_transformer_config_of_a_gpu_layout_turns_on_the_gpu_paths(te_rope_probe
     assert not transformer_config(
         config, _gpu_ctx(tp=2), use_te=True, wgrad_fusion=False, packed=packed
     ).gradient_accumulation_fusion
-    # No sequence parallelism at tp=1, nor with the local spec (no TE).
+    # Sequence parallelism as the context says: off at tp=1, on with the local spec too.
     assert not transformer_config(
         config, _gpu_ctx(tp=1), use_te=True, wgrad_fusion=True, packed=packed
     ).sequence_parallel
-    assert not transformer_config(
+    assert transformer_config(
         config, _gpu_ctx(tp=2), use_te=False, wgrad_fusion=True, packed=packed
     ).sequence_parallel
 
@@ -342,11 +346,22 @@ def test_recompute_choice_maps_to_megatron(recompute, expected):
         recompute_settings("partial")
 
 
-def test_sequence_length_multiple_follows_sequence_parallelism():
-    assert sequence_length_multiple(4, use_te=True) == 4
-    assert sequence_length_multiple(4, use_te=False) == 1
-    assert sequence_length_multiple(1, use_te=True) == 1
-    assert uses_sequence_parallel(2, use_te=True) and not uses_sequence_parallel(2, use_te=False)
+def test_sequence_parallel_choice_and_length_multiple():
+    # auto: on with tp > 1 on a GPU only; true: also on CPU; false: never.
+    assert sequence_parallel_enabled("auto", 2, on_gpu=True)
+    assert not sequence_parallel_enabled("auto", 2, on_gpu=False)
+    assert not sequence_parallel_enabled("auto", 1, on_gpu=True)
+    assert sequence_parallel_enabled("true", 2, on_gpu=False)
+    assert sequence_parallel_enabled(True, 2, on_gpu=False)
+    assert not sequence_parallel_enabled("false", 4, on_gpu=True)
+    assert sequence_length_multiple(4, "auto", on_gpu=True) == 4
+    assert sequence_length_multiple(4, "auto", on_gpu=False) == 1
+    assert sequence_length_multiple(4, "true", on_gpu=False) == 4
+    assert sequence_length_multiple(1, "auto", on_gpu=True) == 1
+    with pytest.raises(ParallelLayoutError, match="sequence_parallel=true needs parallel.tp > 1"):
+        sequence_parallel_enabled("true", 1)
+    with pytest.raises(ParallelLayoutError, match="not one of auto, true, false"):
+        sequence_parallel_enabled("yes", 2)
 
 
 def test_tp_hint_lists_only_sizes_that_fit_every_rule():
@@ -384,3 +399,51 @@ def test_tp_hint_lists_only_sizes_that_fit_every_rule():
         validate_layout(wide, tp=5, pp=1)
     for tp in (1, 2, 3, 4, 6, 12):
         validate_layout(wide, tp=tp, pp=1, padded_vocab=padded_vocab_size(1600, tp))
+
+
+def test_local_spec_norms_support_sequence_parallelism():
+    """The local spec's norms (``LocalNorm``): in every norm slot and as the decoder's final
+    norm, weights in the parameter dtype and marked for Megatron's tensor-parallel gradient
+    all-reduce under sequence parallelism; in fp32 the same maths as torch's RMSNorm."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from selm_mcore.mcore.attention import PackedAttention
+    from selm_mcore.mcore.layer_spec import LocalNorm, decoder_spec, gpt_layer_spec
+
+    spec = gpt_layer_spec(use_te=False, packed=True)
+
+    def slots(node):
+        if isinstance(node, ModuleSpec):
+            yield node.module
+            yield from slots(node.submodules)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for field in dataclasses.fields(node):
+                yield from slots(getattr(node, field.name))
+        else:
+            yield node
+
+    modules = list(slots(spec))
+    assert WrappedTorchNorm not in modules and modules.count(LocalNorm) == 2
+    assert spec.submodules.self_attention.submodules.core_attention is PackedAttention
+    config = transformer_config(
+        tiny_config(), _gpu_ctx(tp=2, pp=2), params_dtype=torch.bfloat16, use_te=False
+    )
+    assert config.sequence_parallel  # the context's choice, local spec included
+    block = decoder_spec(spec, config, vp_stage=None, pp_rank=1)
+    assert block.layer_norm is LocalNorm and block.layer_specs == [spec, spec]  # 4 layers / pp 2
+    norm = LocalNorm(config, 128, eps=1e-5)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.weight.dtype == torch.bfloat16
+    assert norm.weight.sequence_parallel is True
+
+    fp32 = transformer_config(tiny_config(), _ctx(), use_te=False)
+    ours, torch_norm = LocalNorm(fp32, 128, eps=1e-5), torch.nn.RMSNorm(128, eps=1e-5)
+    assert ours.weight.dtype == torch.float32 and ours.weight.sequence_parallel is False
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(128, generator=gen), torch.randn(5, 3, 128, generator=gen)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        torch_norm.weight.copy_(weight)
+    assert torch.equal(ours(x), torch_norm(x))

@@ -5,7 +5,7 @@
 * First-fit-decreasing: every pair lands in exactly one bin, no bin exceeds the budget, the
   order is deterministic, filler bins pad the count to a multiple.
 * PackedAttention's context equals dense attention with the mask written out token by token
-  (its SDPA path, GQA included), and the varlen plan the flash path uses gives the same result.
+  (its SDPA path, GQA included), and so does the batch's attention plan run call by call.
 * The per-token RoPE angles give transformers' cos/sin for arbitrary positions.
 """
 
@@ -159,9 +159,9 @@ def test_packed_attention_equals_dense_masked_attention(shared):
 
     from selm_mcore.mcore.attention import (
         PackedAttention,
-        sdpa_varlen,
+        packed_layout,
+        sdpa_attend,
         varlen_attention,
-        varlen_plan,
     )
 
     examples = _examples()
@@ -183,21 +183,20 @@ def test_packed_attention_equals_dense_masked_attention(shared):
     q = torch.randn(seq_len, 1, heads, dim, generator=gen, dtype=torch.float64)
     k = torch.randn(seq_len, 1, groups, dim, generator=gen, dtype=torch.float64)
     v = torch.randn(seq_len, 1, groups, dim, generator=gen, dtype=torch.float64)
-    got = attention(q, k, v, batch.segments)
+    got = attention(q, k, v, None, packed_seq_params=packed_layout(batch.attention_plan))
     want = _dense_reference(q, k, v, batch.segments, 1 / math.sqrt(dim))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert got[batch.num_tokens :].abs().max() == 0  # padding stays zero
-    # The flash path's plan, run through the torch stand-in of flash_attn_varlen_func.
-    plan = varlen_plan(batch.segments, seq_len, q.device)
+    # The plan's calls, run one by one through the per-sequence SDPA backend.
     flat = [x[:, 0] for x in (q, k, v)]
-    context = varlen_attention(*flat, plan, 1 / math.sqrt(dim), sdpa_varlen)
+    context = varlen_attention(*flat, batch.attention_plan, 1 / math.sqrt(dim), sdpa_attend)
     torch.testing.assert_close(context.reshape(seq_len, -1), want[:, 0], rtol=1e-10, atol=1e-10)
 
 
 def test_packed_attention_gradients_match_dense_reference():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from selm_mcore.mcore.attention import PackedAttention
+    from selm_mcore.mcore.attention import PackedAttention, packed_layout
 
     batch = collate_packed(_examples()[:3], pad_id=0, shared_prompt=True, has_yref=True)
     seq_len = batch.tokens.shape[1]
@@ -215,7 +214,8 @@ def test_packed_attention_gradients_match_dense_reference():
         torch.randn(seq_len, 1, h, 8, generator=gen, dtype=torch.float64, requires_grad=True)
         for h in (2, 1, 1)
     ]
-    attention(*inputs, batch.segments).pow(2).sum().backward()
+    layout = packed_layout(batch.attention_plan)
+    attention(*inputs, None, packed_seq_params=layout).pow(2).sum().backward()
     got = [x.grad.clone() for x in inputs]
     for x in inputs:
         x.grad = None

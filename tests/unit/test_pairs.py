@@ -1,7 +1,7 @@
-"""selm_mcore.rollout.pairs with table-driven fake rankers and the verifiable ranker: the
-best/worst pair
-rule and its ties, prompt-only rows, refusals, a failing ranker, empty responses, held-out scores,
-and ``selm rank`` run in this process (PairRM through the real CLI: tests/e2e/test_ranking.py)."""
+"""selm_mcore.rollout.pairs with table-driven fake rankers and the verifiable ranker: the best/worst
+pair rule and its ties, prompt-only rows, refusals, a failing ranker, empty responses, held-out
+scores, and ``selm rank`` run in this process (PairRM through the real CLI:
+tests/e2e/test_ranking.py)."""
 
 from __future__ import annotations
 

@@ -251,7 +251,7 @@ def test_known_models_and_hf_folders(tiny_llama_dir):
     model, example = resolve_model("meta-llama/Meta-Llama-3-70B-Instruct")
     assert example == "selm_llama3_70b.yaml" and 70.5e9 < model.num_params() < 70.6e9
     model, _ = resolve_model("META-LLAMA/Meta-Llama-3-8B")
-    assert 8.0e9 < model.num_params() < 8.1e9 and len(KNOWN_MODELS) == 4
+    assert 8.0e9 < model.num_params() < 8.1e9 and len(KNOWN_MODELS) == 9
     model, example = resolve_model(str(tiny_llama_dir))
     assert (model.hidden_size, model.num_layers, example) == (128, 4, "")
     with pytest.raises(PlanError, match="neither an HF folder"):
@@ -306,7 +306,10 @@ def test_packaged_example_settings_equal_the_example_configs(example):
         "parallel": ("tp", "pp", "vpp"),
         "data": ("packing", "pack_tokens", "max_length", "max_prompt_length", "pad_to_multiple_of"),
         "loss": ("alpha",),
-        "train": ("global_batch_size", "micro_batch_size", "save_interval"),
+        "train": ("global_batch_size", "micro_batch_size", "save_interval", "epochs"),
+        "generation": ("num_engines", "tensor_parallel_size", "max_tokens", "n"),
+        "ranking": ("kind", "batch_size"),
+        "online": ("max_eval_prompts", "nproc_per_node", "export_tp"),
     }
     for section, names in keys.items():
         for name in names:

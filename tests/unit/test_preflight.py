@@ -1,6 +1,5 @@
 """Pre-flight checks of output folders (selm_mcore.runtime.preflight): writable, with room, and the
-size
-estimates they compare against (parameter counts checked against transformers' own model)."""
+size estimates they compare against (parameter counts checked against transformers' own model)."""
 
 from __future__ import annotations
 

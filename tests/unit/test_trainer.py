@@ -21,7 +21,7 @@ from selm_mcore.mcore.forward import collate_micro_batches
 from selm_mcore.modelspec import ModelShape, forward_flops
 from selm_mcore.train.build import load_round_data, total_train_steps
 from selm_mcore.train.loss import selm_loss
-from selm_mcore.train.step import reduce_step_metrics, selm_step_loss
+from selm_mcore.train.step import reduce_step_metrics, selm_step_loss, step_counts
 
 
 def round_config(model_dir, train_path, *overrides):
@@ -113,9 +113,8 @@ def test_step_loss_and_reduced_metrics_match_an_independent_computation(tiny_lla
         logits = 3 * torch.randn(n, t, vocab + 12, generator=gen)  # 12 padded vocab columns
         logits[..., vocab:] = 50.0  # they must not enter the softmax
         mb.ref_logps = -10 * torch.rand(n, generator=gen)
-        mean, reduced = selm_step_loss(
-            mb, logits, cfg=cfg, tp_group=None, vocab_size=vocab, shape=shape
-        )
+        mb.counts = step_counts(mb, shape)
+        mean, reduced = selm_step_loss(mb, logits, cfg=cfg, tp_group=None, vocab_size=vocab)
         # Independent: summed response log-probs over the true vocabulary.
         token_logps = (
             logits[..., :vocab].log_softmax(-1).gather(-1, mb.batch.labels[..., None])[..., 0]

@@ -1,4 +1,5 @@
-"""Convert an HF Llama folder (safetensors) into a selm-mcore Megatron checkpoint.
+"""Convert an HF folder (safetensors; Llama, Mistral, Qwen2 or Phi-3: docs/models.md) into a
+selm-mcore Megatron checkpoint.
 
     python tools/convert_hf/hf_to_mcore.py --hf-dir H --out-dir M --tp T --pp P [--dtype auto]
 
