@@ -56,8 +56,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from selm_mcore.bench.common import BenchError, load_average, write_json
+from selm_mcore.bench.common import BenchError, load_average, workdir_path, write_json
 from selm_mcore.config.io import add_config_arguments
+from selm_mcore.runtime.outputs import output_locks
+
+# The modes that write into --workdir (``workdir_for``); `phases` only reads its workdir.
+WORKDIR_MODES = ("train", "refmode", "compare-trl", "packing", "generation", "checksums")
 
 
 def _add_common(parser, *, config: bool = True, threads_default: int | None = None) -> None:
@@ -318,7 +322,10 @@ def main(args) -> int:
         raise BenchError(
             "--warmup-steps must be >= 1: a measured step starts where the last warm-up step ended"
         )
-    result = _modes()[args.mode](args)
+    # One writer per benchmark folder; the benchmark's own child processes inherit the lock.
+    locks = {workdir_path(args, args.mode): "--workdir"} if args.mode in WORKDIR_MODES else {}
+    with output_locks(locks, command=f"selm bench {args.mode}"):
+        result = _modes()[args.mode](args)
     result["load_average_end"] = load_average()
     write_json(args.json, result)
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from selm_mcore.runtime.errors import UserError
 from selm_mcore.runtime.files import write_json_atomic
+from selm_mcore.runtime.outputs import open_log
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def run_worker(
     out_json.unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("$ %s", " ".join(map(str, cmd)))
-    with open(log_path, "w") as log:
+    with open_log(log_path, append=False) as log:
         try:
             proc = subprocess.run(
                 list(map(str, cmd)),
@@ -150,7 +151,12 @@ def config_arg(args) -> list[str]:
     return [args.config] if args.config else []
 
 
+def workdir_path(args, mode: str) -> Path:
+    """The folder a benchmark mode writes into (--workdir, default outputs/bench/MODE)."""
+    return Path(args.workdir or Path("outputs") / "bench" / mode).absolute()
+
+
 def workdir_for(args, mode: str) -> Path:
-    path = Path(args.workdir or Path("outputs") / "bench" / mode).absolute()
+    path = workdir_path(args, mode)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -15,7 +15,6 @@ source lines that caused them.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from selm_mcore.bench.common import format_table
+from selm_mcore.runtime.outputs import temp_folder
 
 SKIP_LINE = "host-syncs: needs CUDA (torch.cuda.is_available() is False); skipped"
 
@@ -132,7 +132,7 @@ def run_host_syncs(args) -> dict[str, Any]:
     from selm_mcore.train.step import step_micro_batches, train_step
 
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="selm-host-syncs-") as workdir:
+    with temp_folder("selm-host-syncs-") as workdir:
         run, cfg = _training(args, Path(workdir))
         try:
             batches = run.sampler.batches()

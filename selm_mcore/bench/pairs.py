@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.bench.common import BenchError
+from selm_mcore.runtime.outputs import temp_path_for
 
 
 def word_token_ids(tokenizer) -> list[int]:
@@ -130,23 +131,23 @@ def write_benchmark_pairs(
         if yref_tokens > 0:
             record["reference_response"] = words(tokenizer, pool, rng, yref_tokens - 1)
         records.append(record)
-    tmp = path.with_name(path.stem + ".tmp.jsonl")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    dataset = PreferenceDataset.from_rows(
-        read_rows(tmp, kind="preference").rows,
-        tokenizer,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-    )
-    with open(tmp, "w") as f:
-        for record, example in zip(records, dataset.examples):
-            record.update(
-                prompt_ids=list(example.prompt_ids),
-                chosen_ids=list(example.chosen_ids),
-                rejected_ids=list(example.rejected_ids),
-            )
-            f.write(json.dumps(record) + "\n")
-    tmp.replace(path)
+    with temp_path_for(path, ".jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        dataset = PreferenceDataset.from_rows(
+            read_rows(tmp, kind="preference").rows,
+            tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        )
+        with open(tmp, "w") as f:
+            for record, example in zip(records, dataset.examples):
+                record.update(
+                    prompt_ids=list(example.prompt_ids),
+                    chosen_ids=list(example.chosen_ids),
+                    rejected_ids=list(example.rejected_ids),
+                )
+                f.write(json.dumps(record) + "\n")
+        tmp.replace(path)
     return dataset.examples
 
 

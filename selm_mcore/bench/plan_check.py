@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from selm_mcore.bench.common import BenchError, format_table
+from selm_mcore.runtime.outputs import temp_folder
 
 SHAPES = {"llama3-8b": "meta-llama/Meta-Llama-3-8B", "llama3-70b": "meta-llama/Meta-Llama-3-70B"}
 
@@ -343,7 +343,7 @@ def run_plan_check(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     hf_config, name = _hf_config(args)
     impl = _impl(args)
-    with tempfile.TemporaryDirectory(prefix="selm-plan-check-") as workdir:
+    with temp_folder("selm-plan-check-") as workdir:
         cfg = load_config(
             args.config,
             [

@@ -24,6 +24,7 @@ from selm_mcore.bench.common import (
     workdir_for,
 )
 from selm_mcore.bench.pairs import pairs_for
+from selm_mcore.runtime.outputs import open_log
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,8 @@ def _ensure_reference_cache(args, overrides: Sequence[str], workdir: Path) -> fl
     from selm_mcore.config.io import load_config, save_config
     from selm_mcore.data.tokenize import load_preferences, load_tokenizer
     from selm_mcore.mcore.checkpoint import hf_files_dir
-    from selm_mcore.train.refpass import (
-        StaleReferenceCacheError,
-        load_reference_cache,
-        reference_key,
-    )
+    from selm_mcore.train.refkey import reference_key
+    from selm_mcore.train.refpass import StaleReferenceCacheError, load_reference_cache
 
     cfg = load_config(args.config, list(overrides))
     cache = Path(cfg.train.ref_cache)
@@ -78,10 +76,11 @@ def _ensure_reference_cache(args, overrides: Sequence[str], workdir: Path) -> fl
     # `selm refpass` needs a config file: the resolved one (overrides applied).
     resolved = workdir / "refpass_config.yaml"
     save_config(cfg, resolved)
-    cmd = [sys.executable, "-P", "-m", "selm_mcore.cli", "refpass", str(resolved)]
+    # --overwrite: a cache there belongs to other data (checked above).
+    cmd = [sys.executable, "-P", "-m", "selm_mcore.cli", "refpass", str(resolved), "--overwrite"]
     start = time.perf_counter()
     log = workdir / "refpass.log"
-    with open(log, "w") as out:
+    with open_log(log, append=False) as out:
         proc = subprocess.run(
             cmd,
             stdout=out,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.runtime.files import read_records
+from selm_mcore.runtime.outputs import temp_path_for
 
 # Candidate order in a ranked triple, as the reference code: [y_ref, y_w, y_l].
 YREF, CHOSEN, REJECTED = 0, 1, 2
@@ -258,10 +259,9 @@ def plot_implicit_rewards(
 
 
 def _save_figure(fig, out_png: str | os.PathLike) -> None:
-    out_png = Path(out_png)
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, out_png)
+    with temp_path_for(out_png, ".png") as tmp:  # savefig picks the format by the suffix
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
 
 
 # --- the markdown report -----------------------------------------------------------------------

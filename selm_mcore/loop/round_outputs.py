@@ -27,6 +27,7 @@ from selm_mcore.eval.cli import read_eval_summary
 from selm_mcore.eval.report import Row, eval_markdown, format_eval_table, plot_eval
 from selm_mcore.loop.model_card import CARD, write_model_card
 from selm_mcore.loop.runner import Manifest, Phase, selm_command
+from selm_mcore.runtime.outputs import open_log
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def after_report(plan, manifest: Manifest, t: int, report_dir: Path) -> None:
     rows = eval_rows(plan, t) if plan.cfg.online.eval else []
     if rows:
         plot_eval(rows, report_dir / "eval.png")
-        with open(report_dir / "report.md", "a") as handle:
+        with open_log(report_dir / "report.md") as handle:
             handle.write("\n" + eval_markdown(rows))
         write_card(plan, t, plan.paths.round_dir(t) / "policy_hf", eval_rows=rows)
     from selm_mcore.train.wandb_log import wandb_enabled

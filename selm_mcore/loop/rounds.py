@@ -328,10 +328,16 @@ class RoundPhases:
             )
             if self.cfg.train.reference_mode == "precomputed":
                 overrides["train__ref_cache"] = round_dir / "refpass" / "ref_logps.safetensors"
+            # The partial folder is this phase's own, unfinished by definition: a final model
+            # a kill left in it (before the phase was published) is replaced, not refused.
             self._run(
                 name,
                 megatron_command(
-                    self.cfg, "train", str(self.paths.config), *self._overrides(**overrides)
+                    self.cfg,
+                    "train",
+                    str(self.paths.config),
+                    *self._overrides(**overrides),
+                    "--overwrite",
                 ),
             )
             # The optimizer is fresh every round: step checkpoints (model + optimizer state,

@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -52,6 +50,7 @@ from typing import Any
 from selm_mcore.loop.manifest_shape import manifest_problem
 from selm_mcore.runtime.errors import UserError, short_repr, user_message
 from selm_mcore.runtime.files import hash_path, write_json_atomic
+from selm_mcore.runtime.outputs import is_plain_file, output_locks, remove_path
 from selm_mcore.runtime.procs import CommandFailed, run_logged
 
 logger = logging.getLogger(__name__)
@@ -70,13 +69,6 @@ class OnlineError(UserError, RuntimeError):
 
 class PhaseFailed(RuntimeError):
     """A phase's command exited non-zero (or its in-process work raised)."""
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -355,10 +347,11 @@ def _prepare_partial(phase: Phase, output: Path, inputs: dict[str, str], tag: st
     """
     partial = _partial_of(output)
     inputs_file = output.with_name(output.name + ".partial.inputs")
-    keep_partial = (
+    keep_partial = (  # never a link: a planted one is removed below, not followed
         phase.resumable
         and partial.is_dir()
-        and inputs_file.is_file()
+        and not partial.is_symlink()
+        and is_plain_file(inputs_file)
         and json.loads(inputs_file.read_text()) == inputs
     )
     if _exists(output):
@@ -368,7 +361,7 @@ def _prepare_partial(phase: Phase, output: Path, inputs: dict[str, str], tag: st
         )
     if not keep_partial and _exists(partial):
         logger.info("%s: removing the unfinished %s", tag, partial)
-        _remove(partial)
+        remove_path(partial)
     if keep_partial:
         logger.info("%s: continuing the interrupted %s", tag, partial)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -506,20 +499,10 @@ def selm_command(subcommand: str, *args: str) -> list[str]:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the workdir, refusing a second ``selm run`` on the same one."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OnlineError(
-                f"another `selm run` holds {workdir}/.lock; wait for it to finish or use another "
-                "online.workdir"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Hold the workdir's lock (``runtime.outputs.output_locks``: ``.NAME.lock`` beside it),
+    refusing a second ``selm run`` (or any other writer) of the same workdir at once."""
+    with output_locks({workdir: "online.workdir"}, command="selm run"):
+        yield
 
 
 def _remove_outputs(phases: list[Phase], workdir: Path, why: str) -> list[str]:
@@ -534,7 +517,7 @@ def _remove_outputs(phases: list[Phase], workdir: Path, why: str) -> list[str]:
         ):
             if _exists(path):
                 logger.warning("%s: deleting %s", why, path)
-                _remove(path)
+                remove_path(path)
                 removed.append(str(path))
     return removed
 

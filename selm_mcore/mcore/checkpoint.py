@@ -47,6 +47,7 @@ from selm_mcore.runtime.files import (
     replace_dir,
     verify_checksums,
 )
+from selm_mcore.runtime.outputs import new_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,24 @@ def barrier(ctx: ParallelContext) -> None:
     """All ranks meet here (nothing to wait for in a single process)."""
     if ctx.world_size > 1:
         dist.barrier()
+
+
+def shared_temp_dir(target: Path, ctx: ParallelContext, subdirs: Sequence[str] = ()) -> Path:
+    """A fresh temporary folder beside ``target`` (``runtime.outputs.new_temp_dir``: an
+    unpredictable name, never a planted link) that every rank writes a save into: rank 0
+    removes what an interrupted save of ``target`` left, creates it with ``subdirs`` and sends
+    its name to the other ranks."""
+    name: list[str | None] = [None]
+    if ctx.rank == 0:
+        with naming_write_errors(target.parent):
+            tmp = new_temp_dir(target, clear_stale=True)
+            for subdir in subdirs:
+                (tmp / subdir).mkdir(parents=True)
+        name[0] = str(tmp)
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(name, src=0)
+    assert name[0] is not None
+    return Path(name[0])
 
 
 # --- model checkpoints ------------------------------------------------------------------------
@@ -309,17 +328,21 @@ def save_model_atomic(
     hf_config,
     tokenizer_dir: str | Path | None,
 ) -> Path:
-    """Save a model-only checkpoint folder via a temp folder renamed into place."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    """Save a model-only checkpoint folder via a fresh temporary folder renamed into place (a
+    failed save removes it: a full disk gets its space back)."""
+    out_dir = Path(out_dir).absolute()
     if ctx.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(ctx)
-    save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
-    barrier(ctx)
-    if ctx.rank == 0:
-        replace_dir(tmp, out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = shared_temp_dir(out_dir, ctx)
+    try:
+        save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
+        barrier(ctx)
+        if ctx.rank == 0:
+            replace_dir(tmp, out_dir)
+    except BaseException:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier(ctx)
     return out_dir
 

@@ -3,7 +3,7 @@
     hf_to_mcore(hf_dir, M, tp=2, pp=2)   # spawns tp*pp gloo/NCCL ranks itself
     mcore_to_hf(M, out_dir)              # HF folder that transformers and vLLM load
 
-    selm convert hf-to-mcore --hf-dir H --out-dir M --tp T --pp P
+    selm convert hf-to-mcore --hf-dir H --out-dir M --tp T --pp P [--overwrite]
     selm convert mcore-to-hf --mcore-dir M --out-dir H2 [--overwrite]
 
 Inputs are validated in the calling process first (config, layout, shard files); then, unless
@@ -12,10 +12,12 @@ this process is already one of tp*pp launched ranks, tp*pp local processes
 work, each reading only its slices. The streaming and memory rules are in
 ``selm_mcore.mcore.weights``.
 
-An export writes into ``.<name>.export-tmp`` next to the target (with ``checksums.json``) and
-renames it into place when complete, so a reader never sees a partial or mixed folder. A
+Both directions write into a fresh ``.<name>.<random>.tmp`` folder next to the target
+(``checkpoint.shared_temp_dir``: never a planted link; the export with ``checksums.json``) and
+rename it into place when complete, so a reader never sees a partial or mixed folder. A
 non-empty target is refused (stale shards or index files would be loaded with the new ones)
 unless ``overwrite`` is given; then the old folder is swapped out in one step and deleted.
+``selm convert`` holds the target's lock while it runs (``runtime.outputs.output_locks``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import logging
 import os
 import resource
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,8 @@ from selm_mcore.mcore.checkpoint import (
     DTYPES,
     build_model_from_checkpoint,
     read_checkpoint_meta,
-    save_model_checkpoint,
+    save_model_atomic,
+    shared_temp_dir,
 )
 from selm_mcore.mcore.model import build_model, load_hf_config, validate_hf_config, validate_layout
 from selm_mcore.mcore.parallel import ParallelContext, destroy_parallel, init_parallel
@@ -47,6 +49,7 @@ from selm_mcore.mcore.weights import check_hf_folder, export_hf, load_hf_weights
 from selm_mcore.runtime.errors import UserError
 from selm_mcore.runtime.files import replace_dir
 from selm_mcore.runtime.launch import run_local_ranks
+from selm_mcore.runtime.outputs import output_locks, temp_folder
 from selm_mcore.runtime.preflight import check_model_run, check_output_dir, model_bytes, num_params
 from selm_mcore.runtime.weight_files import DEFAULT_MAX_SHARD_BYTES, SafetensorsReader
 
@@ -77,7 +80,7 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str) -
             hf_config, ctx, params_dtype=_checkpoint_dtype(hf_config, dtype), init_weights=False
         )
         load_hf_weights(models, hf_dir, ctx)
-        save_model_checkpoint(models, ctx, out_dir, hf_config, tokenizer_dir=hf_dir)
+        save_model_atomic(models, ctx, out_dir, hf_config=hf_config, tokenizer_dir=hf_dir)
         _log_peak_rss(ctx, "hf_to_mcore")
     finally:
         destroy_parallel()
@@ -87,9 +90,18 @@ def _mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int, max_shard_
     ctx = init_parallel(tp=tp, pp=pp)
     try:
         models, _, _ = build_model_from_checkpoint(mcore_dir, ctx)
-        export_hf(
-            models, ctx, out_dir, aux_dir=Path(mcore_dir) / "hf", max_shard_bytes=max_shard_bytes
-        )
+        # Rank 0 writes the folder beside the target and swaps it in when it is complete.
+        tmp = shared_temp_dir(Path(out_dir).absolute(), ctx)
+        try:
+            export_hf(
+                models, ctx, tmp, aux_dir=Path(mcore_dir) / "hf", max_shard_bytes=max_shard_bytes
+            )
+            if ctx.rank == 0:
+                replace_dir(tmp, out_dir)
+        except BaseException:
+            if ctx.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _log_peak_rss(ctx, "mcore_to_hf")
     finally:
         destroy_parallel()
@@ -145,8 +157,8 @@ def _in_matching_launch(nprocs: int) -> bool:
 
 def _launch(job: ConvertJob, timeout_s: float) -> None:
     """Run ``job`` on its tp*pp local ranks (``selm _worker convert SPEC``)."""
-    with tempfile.TemporaryDirectory(prefix="selm-convert-") as tmp:
-        spec_path = Path(tmp) / "spec.json"
+    with temp_folder("selm-convert-") as tmp:
+        spec_path = tmp / "spec.json"
         spec_path.write_text(job.to_json())
         run_local_ranks(
             ["-P", "-m", "selm_mcore.cli", "_worker", "convert", str(spec_path)],
@@ -164,12 +176,16 @@ def hf_to_mcore(
     *,
     dtype: str = "auto",
     timeout_s: float = 3600.0,
+    overwrite: bool = False,
 ) -> None:
     """Convert an HF folder (a supported family: ``selm_mcore.mcore.families``) into a
     selm-mcore checkpoint, sharded over tp*pp ranks.
 
-    ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32), fp32 or bf16.
+    ``dtype``: auto (the HF dtype: bf16 stays bf16, else fp32), fp32 or bf16. The checkpoint
+    is written beside ``out_dir`` and renamed into place when complete; a non-empty
+    ``out_dir`` is refused unless ``overwrite``.
     """
+    check_export_target(out_dir, overwrite)
     _preflight(hf_dir, tp, pp, "fp32" if dtype == "fp32" else "bf16")  # auto: at least bf16
     hf_config = load_hf_config(hf_dir)
     validate_hf_config(hf_config)
@@ -211,8 +227,14 @@ class ExportTargetError(UserError, FileExistsError):
 
 
 def check_export_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder unless ``overwrite``, as the export target."""
+    """Refuse a link, a file, or a non-empty folder unless ``overwrite``, as the target."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise ExportTargetError(
+            f"--out-dir {out_dir} is a symbolic link (to {os.readlink(out_dir)}); the finished "
+            "folder is renamed into place, which would replace the link, not fill the folder it "
+            "names: pass that folder instead"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportTargetError(f"--out-dir {out_dir} is a file, not a folder; choose a folder")
     entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
@@ -223,12 +245,6 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
             "index files there would be loaded with the new ones. Pass --overwrite to replace "
             "the folder, or export into an empty or new folder"
         )
-
-
-def export_tmp_dir(out_dir: str | os.PathLike) -> Path:
-    """The folder an export of ``out_dir`` is written to before it is renamed into place."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(f".{out_dir.name}.export-tmp")
 
 
 def mcore_to_hf(
@@ -261,26 +277,13 @@ def mcore_to_hf(
         what="--out-dir",
         needed_bytes=model_bytes(Path(mcore_dir) / "hf", meta.get("dtype", "fp32")),
     )
-    tmp = export_tmp_dir(out_dir)
     job = ConvertJob(
-        "mcore-to-hf", str(mcore_dir), str(tmp), tp, pp, max_shard_bytes=max_shard_bytes
+        "mcore-to-hf", str(mcore_dir), str(out_dir), tp, pp, max_shard_bytes=max_shard_bytes
     )
     if _in_matching_launch(tp * pp):
-        # Only rank 0 writes files (selm_mcore.mcore.weights.export_hf).
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
         job.run()
-        if rank == 0:
-            replace_dir(tmp, out_dir)
     else:
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _launch(job, timeout_s)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_dir(tmp, out_dir)
+        _launch(job, timeout_s)
     logger.info("exported %s -> %s", mcore_dir, out_dir)
 
 
@@ -310,6 +313,11 @@ def add_hf_to_mcore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--timeout-s", type=float, default=3600.0)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out-dir (swapped in once the checkpoint is done)",
+    )
 
 
 def add_mcore_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
@@ -328,9 +336,21 @@ def add_mcore_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments (``selm convert`` and the tools/ CLIs)."""
+    with output_locks({args.out_dir: "--out-dir"}, command=f"selm convert {args.direction}"):
+        _convert(args)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> None:
     if args.direction == "hf-to-mcore":
         hf_to_mcore(
-            args.hf_dir, args.out_dir, args.tp, args.pp, dtype=args.dtype, timeout_s=args.timeout_s
+            args.hf_dir,
+            args.out_dir,
+            args.tp,
+            args.pp,
+            dtype=args.dtype,
+            timeout_s=args.timeout_s,
+            overwrite=args.overwrite,
         )
     else:
         mcore_to_hf(
@@ -342,4 +362,3 @@ def main(args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s,
             overwrite=args.overwrite,
         )
-    return 0

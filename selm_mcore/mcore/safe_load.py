@@ -8,7 +8,8 @@ A torch_dist checkpoint folder holds four kinds of files, read here as follows:
 * ``metadata.json``   json (Megatron reads it; nothing to do).
 * ``.metadata``       a pickle of torch.distributed.checkpoint's ``Metadata``. torch's
                       ``FileSystemReader.read_metadata`` reads it with plain ``pickle.load``;
-                      ``SafeFileSystemReader`` reads it with ``RestrictedUnpickler``, which
+                      ``SafeFileSystemReader`` reads it with ``DcpMetadataUnpickler`` (the
+                      project's ``runtime.pickles.RestrictedUnpickler``), which
                       resolves only the globals in ``DCP_METADATA_GLOBALS`` (the DCP metadata
                       dataclasses and enums, ``torch.Size``, torch dtypes, torch's layout
                       lookup) and refuses anything else with ``UnsafeCheckpointError`` naming
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from selm_mcore.runtime.errors import UserError
+from selm_mcore.runtime.pickles import RestrictedUnpickler
 
 # The globals a torch 2.13 ``.metadata`` file needs, as found by reading real model and
 # optimizer checkpoints written by selm-mcore (fp32 and bf16), plus the bytes-entry
@@ -87,29 +89,26 @@ class UnsafeCheckpointError(UserError, CheckpointingException):
     """A checkpoint file asks for an object outside the allow-list; nothing was executed."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only ``DCP_METADATA_GLOBALS`` and torch dtypes.
-
-    Pickle can call only what ``find_class`` returns, so refusing every other global refuses
-    any ``__reduce__`` payload (os.system, eval, subprocess, ...) before it runs.
-    """
+class DcpMetadataUnpickler(RestrictedUnpickler):
+    """The project's restricted unpickler (``selm_mcore.runtime.pickles``) resolving only
+    ``DCP_METADATA_GLOBALS`` and torch dtypes; a refusal is an ``UnsafeCheckpointError``."""
 
     def __init__(self, file, *, source: str):
-        super().__init__(file)
-        self.source = source
+        super().__init__(
+            file,
+            allowed=DCP_METADATA_GLOBALS,
+            source=source,
+            why=(
+                "a torch.distributed.checkpoint metadata file holds only DCP metadata classes, "
+                "torch.Size and dtypes (selm_mcore.mcore.safe_load.DCP_METADATA_GLOBALS). The "
+                "file was not written by torch.distributed.checkpoint (or was tampered with); "
+                "do not load it, re-create the checkpoint from a source you trust"
+            ),
+        )
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in DCP_METADATA_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(
-            f"{self.source}: refusing to unpickle the global {module}.{name}: a "
-            "torch.distributed.checkpoint metadata file holds only DCP metadata classes, "
-            "torch.Size and dtypes (selm_mcore.mcore.safe_load.DCP_METADATA_GLOBALS). The file "
-            "was not "
-            "written by torch.distributed.checkpoint (or was tampered with); do not load it, "
-            "re-create the checkpoint from a source you trust"
+    def refusal(self, module: str, name: str) -> Exception:
+        return UnsafeCheckpointError(
+            f"{self.source}: refusing to unpickle the global {module}.{name}: {self.why}"
         )
 
 
@@ -118,7 +117,7 @@ def read_dcp_metadata(path: str | os.PathLike) -> Metadata:
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            metadata = RestrictedUnpickler(f, source=str(path)).load()
+            metadata = DcpMetadataUnpickler(f, source=str(path)).load()
         except UnsafeCheckpointError:
             raise
         except Exception as exc:

@@ -10,7 +10,8 @@ folder layout) plus ``train/``: optimizer/ (the distributed optimizer's state,
 states), state.json (step, scheduler, data position, layout, what defines the run) and
 checksums.json (of the files of train/, written last). They live in
 ``OUT/checkpoints/step_0000040/`` with ``OUT/checkpoints/latest`` naming the newest complete one.
-Every rank writes into a ``.<name>.tmp`` folder first; rank 0 renames it into place and only
+Every rank writes into a fresh ``.<name>.<random>.tmp`` folder first (``shared_temp_dir``: never a
+planted link; what an interrupted save left is removed); rank 0 renames it into place and only
 then updates ``latest``, so a crash leaves either the previous checkpoint or the new one, never
 a half-written folder that ``latest`` names. ``keep`` prunes older ones.
 
@@ -47,6 +48,7 @@ from selm_mcore.mcore.checkpoint import (
     barrier,
     corruption_fix,
     save_model_checkpoint,
+    shared_temp_dir,
 )
 from selm_mcore.mcore.checksums import record_checksums, verify_checksums_together
 from selm_mcore.mcore.parallel import ParallelContext
@@ -177,13 +179,10 @@ def save_checkpoint(
     )
 
     root = Path(root)
-    final = root / step_dir_name(step)
-    tmp = root / f".{final.name}.tmp"
+    final = root.absolute() / step_dir_name(step)
     if ctx.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "train" / "optimizer").mkdir(parents=True)
-        (tmp / "train" / "rng").mkdir()
-    barrier(ctx)
+        root.mkdir(parents=True, exist_ok=True)
+    tmp = shared_temp_dir(final, ctx, ["train/optimizer", "train/rng"])
     save_model_checkpoint(models, ctx, tmp, hf_config, tokenizer_dir)
     sharding = FULLY_RESHARDABLE if reshardable else DP_RESHARDABLE
     with naming_write_errors(tmp / "train" / "optimizer"):

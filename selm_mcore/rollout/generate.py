@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,12 @@ from selm_mcore.rollout.vllm_engine import (
 )
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.runtime.files import read_records, verify_checksums, write_jsonl_atomic
+from selm_mcore.runtime.outputs import (
+    add_overwrite_argument,
+    output_locks,
+    refuse_finished,
+    temp_folder,
+)
 from selm_mcore.runtime.preflight import check_model_run, check_output_dir
 from selm_mcore.runtime.progress import ProgressCounter, ProgressReporter, job_reporter
 
@@ -194,13 +199,13 @@ def _generate(
         out_dir.mkdir(parents=True, exist_ok=True)
         if bounds == []:
             return []
-        with tempfile.TemporaryDirectory(prefix=".engines.", dir=out_dir) as workdir:
+        with temp_folder(".engines.", out_dir) as workdir:
             return run_engines(
                 model_dir,
                 [dataclasses.asdict(p) for p in prompts],
                 gen_cfg,
                 trust_remote_code,
-                Path(workdir),
+                workdir,
                 bounds,
                 reporter=reporter,
             )
@@ -328,6 +333,7 @@ def add_arguments(parser) -> None:
         default=None,
         help="this node's rank (default: SLURM_NODEID / NODE_RANK / GROUP_RANK)",
     )
+    add_overwrite_argument(parser, "the --out file")
 
 
 def main(args) -> int:
@@ -348,16 +354,20 @@ def main(args) -> int:
         processes_on_host=1 if cuda_available() else cfg.generation.num_engines,
     )
     node_rank = 0
+    out = Path(args.out)
     if args.num_nodes > 1:
         node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
-    generate_file(
-        model_dir,
-        args.prompts,
-        args.out,
-        cfg.generation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        num_nodes=args.num_nodes,
-        node_rank=node_rank,
-        special_tokens_in_text=cfg.data.special_tokens_in_text,
-    )
+        out = node_output_path(out, node_rank)
+    with output_locks({out: "--out"}, command="selm generate"):
+        refuse_finished(out, setting="--out", overwrite=args.overwrite, what="generations")
+        generate_file(
+            model_dir,
+            args.prompts,
+            args.out,
+            cfg.generation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            num_nodes=args.num_nodes,
+            node_rank=node_rank,
+            special_tokens_in_text=cfg.data.special_tokens_in_text,
+        )
     return 0

@@ -38,6 +38,7 @@ from selm_mcore.data.rows import prompt_conversation, raw_prompt, strip_response
 from selm_mcore.rollout.rankers import PairRMRanker, Ranker, ranks_from_scores
 from selm_mcore.runtime.errors import InputError, short_repr
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+from selm_mcore.runtime.outputs import add_overwrite_argument, output_locks, refuse_finished
 from selm_mcore.runtime.preflight import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -366,6 +367,7 @@ def add_arguments(parser) -> None:
         default=None,
         help="this node's rank (default: SLURM_NODEID / NODE_RANK / GROUP_RANK)",
     )
+    add_overwrite_argument(parser, "the --out, --stats and --eval-out files")
 
 
 def rank_job(
@@ -422,14 +424,18 @@ def _check_arguments(args) -> None:
             check_output_dir(Path(path).absolute().parent, what=flag)
 
 
-def output_paths(args) -> list[Path]:
-    """The files ``selm rank`` writes: pairs and stats (with --rows), held-out scores."""
-    paths = []
+def output_paths(args) -> dict[Path, str]:
+    """The files ``selm rank`` writes, each with the flag naming it: pairs and stats (with
+    --rows), held-out scores (in this order)."""
+    paths: dict[Path, str] = {}
     if args.out is not None:
         out = Path(args.out)
-        paths += [out, Path(args.stats) if args.stats else out.with_name(out.stem + ".stats.jsonl")]
+        paths[out] = "--out"
+        paths[Path(args.stats) if args.stats else out.with_name(out.stem + ".stats.jsonl")] = (
+            "--stats"
+        )
     if args.eval_out is not None:
-        paths.append(Path(args.eval_out))
+        paths[Path(args.eval_out)] = "--eval-out"
     return paths
 
 
@@ -444,12 +450,31 @@ def check_pairs_left(stats: Sequence[Mapping[str, Any]], generations_path: str) 
 
 def main(args) -> int:
     """New pairs from --rows and/or held-out scores of --eval-rows, one ranker load per ranker
-    process (ranking.num_workers per node; ``selm_mcore.rollout.rank_workers``)."""
+    process (ranking.num_workers per node; ``selm_mcore.rollout.rank_workers``). Holds the lock
+    of each file it writes (this node's part with --num-nodes) and refuses to replace one
+    without --overwrite."""
     from selm_mcore.rollout.engines import node_output_path, node_rank_from_env
+
+    _check_arguments(args)
+    node_rank = 0
+    if args.num_nodes > 1:
+        node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
+    named = output_paths(args)
+    outputs = named
+    if args.num_nodes > 1:  # this node's part; the phase joins them (merge_rank_nodes)
+        outputs = {node_output_path(path, node_rank): flag for path, flag in named.items()}
+    with output_locks(outputs, command="selm rank"):
+        for path, flag in outputs.items():
+            refuse_finished(path, setting=flag, overwrite=args.overwrite, what="ranking results")
+        _rank(args, progress_path=next(iter(named)), paths=list(outputs), node_rank=node_rank)
+    return 0
+
+
+def _rank(args, *, progress_path: Path, paths: list[Path], node_rank: int) -> None:
+    """``selm rank``'s work once its outputs are locked: rank, then write ``paths``."""
     from selm_mcore.rollout.rank_workers import rank_rows
     from selm_mcore.runtime.device import apply_device_setting
 
-    _check_arguments(args)
     cfg = config_from_args(args)
     apply_device_setting(cfg.parallel.device)
     generations, skipped = read_generations(args.generations)
@@ -457,10 +482,6 @@ def main(args) -> int:
     eval_rows = _rows_to_rank(args.eval_rows, skipped, EVAL_ID_PREFIX) if args.eval_rows else []
     if args.rows is not None:
         warn_repeated_prompt_ids(rows, args.rows)
-    node_rank = 0
-    if args.num_nodes > 1:
-        node_rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
-    paths = output_paths(args)
     logger.info(
         "ranking %d rows and %d held-out rows with %s", len(rows), len(eval_rows), cfg.ranking.kind
     )
@@ -470,13 +491,11 @@ def main(args) -> int:
         rows,
         eval_rows,
         generations,
-        progress_path=paths[0],
+        progress_path=progress_path,
         num_nodes=args.num_nodes,
         node_rank=node_rank,
     )
-    if args.num_nodes > 1:  # this node's part; the phase joins them (merge_rank_nodes)
-        paths = [node_output_path(path, node_rank) for path in paths]
-    elif args.rows is not None:
+    if args.num_nodes == 1 and args.rows is not None:
         check_pairs_left(result.stats, args.generations)
     if args.rows is not None:
         write_jsonl_atomic(paths[0], result.pairs)
@@ -496,4 +515,3 @@ def main(args) -> int:
                 len(scored),
                 sum(r["score"] for r in scored) / len(scored),
             )
-    return 0

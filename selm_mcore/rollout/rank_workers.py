@@ -40,6 +40,7 @@ from selm_mcore.config.schema import ConfigError, RankingConfig
 from selm_mcore.rollout.engines import node_output_path, split_contiguous
 from selm_mcore.rollout.rankers import RankerError, build_ranker
 from selm_mcore.runtime.files import read_records, write_jsonl_atomic
+from selm_mcore.runtime.outputs import temp_folder
 from selm_mcore.runtime.procs import ChildProcesses
 from selm_mcore.runtime.progress import (
     ProgressCounter,
@@ -327,12 +328,10 @@ def rank_rows(
         reporter.add_source(counter)
         with reporter:
             return rank_here(cfg, trust_remote_code, rows, eval_rows, generations, counter)
-    import tempfile
-
     out_dir = Path(progress_path).absolute().parent
-    with tempfile.TemporaryDirectory(prefix=".rankers.", dir=out_dir) as workdir:
+    with temp_folder(".rankers.", parent=out_dir) as workdir:
         return run_rank_workers(
-            cfg, trust_remote_code, rows, eval_rows, generations, Path(workdir), count, reporter
+            cfg, trust_remote_code, rows, eval_rows, generations, workdir, count, reporter
         )
 
 

@@ -9,6 +9,9 @@ llm-blender does). Implementations:
 * ``PairRMRanker``: PairRM through llm-blender (``Blender.loadranker`` + ``Blender.rank``). This
   module is the only importer of ``llm_blender``; ``import_llm_blender()`` applies the small
   compatibility fixes llm-blender 0.0.2 needs under transformers 5 right before importing it.
+  llm-blender builds the ranker; its weights are read here (safetensors, or ``pytorch_model.bin``
+  through the restricted unpickler of ``selm_mcore.runtime.pickles``), never by llm-blender's
+  ``torch.load``.
 * ``RewardModelRanker``: any HF ``AutoModelForSequenceClassification`` scoring the chat-templated
   prompt + response (logit 0).
 * ``VerifiableAnswerRanker``: rows carrying a checkable ``answer``; a correct final answer beats a
@@ -21,6 +24,7 @@ whose order is known; tests use it where the real PairRM weights are absent.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import math
 import re
@@ -34,6 +38,7 @@ import numpy as np
 from selm_mcore.config.schema import RankingConfig
 from selm_mcore.data.templates import render_chat_template
 from selm_mcore.runtime.errors import UserError
+from selm_mcore.runtime.pickles import load_torch_weights
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +231,38 @@ class Ranker(abc.ABC):
         return ranks_from_scores(self.scores(prompts, candidates, answers=answers))
 
 
+# Reward models llm-blender recognises by name and loads its own way (not PairRM); Starling's
+# loader calls torch.load without weights_only.
+LLM_BLENDER_OTHER_MODELS = (
+    "OpenAssistant/reward-model-deberta-v3-large-v2",
+    "berkeley-nest/Starling-RM-7B-alpha",
+    "openbmb/UltraRM-13b",
+)
+
+
+def _check_pairrm_path(model_path: str) -> None:
+    """Refuse, before llm-blender reads anything, a ranker that is not a pairranker: one of the
+    reward models llm-blender loads by name, or a local folder whose config says otherwise."""
+    other = [name for name in LLM_BLENDER_OTHER_MODELS if model_path.rstrip("/").endswith(name)]
+    if other:
+        raise RankerError(
+            f"ranking.model_path={model_path} names {other[0]}, a reward model llm-blender loads "
+            "its own way, not a PairRM ranker; score with it through ranking.kind=reward_model "
+            "and a local folder"
+        )
+    config = Path(model_path) / "config.json"
+    if config.is_file():
+        try:
+            ranker_type = json.loads(config.read_text()).get("ranker_type")
+        except (ValueError, AttributeError) as exc:
+            raise RankerError(f"{config} is not a readable JSON object ({exc})") from None
+        if ranker_type != "pairranker":
+            raise RankerError(
+                f"{model_path} is a {ranker_type!r} ranker (its config.json); PairRMRanker "
+                "needs ranker_type 'pairranker'"
+            )
+
+
 class PairRMRanker(Ranker):
     """PairRM (or any llm-blender pairranker folder) through ``llm_blender.Blender``.
 
@@ -256,13 +293,18 @@ class PairRMRanker(Ranker):
                 "(e.g. microsoft/deberta-v3-large) and point ranking.backbone at it, or set "
                 "ranking.backbone='' to use the name in the ranker's config.json"
             )
+        _check_pairrm_path(model_path)
         llm_blender = import_llm_blender()
         self.blender = llm_blender.Blender(
             blender_config=llm_blender.BlenderConfig(device=self.device, use_tqdm=False)
         )
         kwargs = {"model_name": backbone} if backbone else {}
         try:
-            self.blender.loadranker(model_path, device=self.device, **kwargs)
+            # load_checkpoint=None: llm-blender builds the ranker but does not read its weights
+            # (it would torch.load pytorch_model.bin without weights_only, which
+            # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a plain unpickle); they are read
+            # below, without running anything a file asks for.
+            self.blender.loadranker(model_path, device=self.device, load_checkpoint=None, **kwargs)
         except Exception as exc:
             hint = (
                 ""
@@ -281,33 +323,41 @@ class PairRMRanker(Ranker):
                 f"{model_path} is a {self.blender.ranker_config.ranker_type!r} "
                 "ranker; PairRMRanker needs ranker_type 'pairranker'"
             )
-        self._check_loaded_keys(Path(self.blender.ranker_config.load_checkpoint or model_path))
+        # Where llm-blender found the folder: the local path, else its download cache.
+        folder = (
+            local if local.exists() else Path(self.blender.ranker_config.cache_dir) / model_path
+        )
+        self._load_weights(folder)
 
-    def _check_loaded_keys(self, folder: Path) -> None:
-        """llm-blender loads pytorch_model.bin with strict=False and only logs missing keys: a
-        checkpoint that does not match the backbone must not rank with random weights."""
-        expected = set(self.blender.ranker.state_dict())
+    def _load_weights(self, folder: Path) -> None:
+        """The ranker's weights from ``model.safetensors``, else ``pytorch_model.bin`` through
+        the restricted unpickler (``selm_mcore.runtime.pickles``, whatever torch's settings);
+        every weight of the model built from the backbone must be there (llm-blender would load
+        with strict=False and only log what is missing: random weights would rank)."""
         if (folder / "model.safetensors").is_file():
-            from safetensors import safe_open
+            from safetensors.torch import load_file
 
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-                found = set(handle.keys())
+            weights = load_file(str(folder / "model.safetensors"))
         elif (folder / "pytorch_model.bin").is_file():
-            import torch
-
-            found = set(
-                torch.load(
-                    folder / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True
-                )
-            )
+            weights = load_torch_weights(folder / "pytorch_model.bin")
         else:
-            return
-        missing = sorted(expected - found)
+            raise RankerError(
+                f"ranker folder {folder} holds neither model.safetensors nor pytorch_model.bin"
+            )
+        result = self.blender.ranker.load_state_dict(weights, strict=False)
+        missing = sorted(result.missing_keys)
         if missing:
             raise RankerError(
                 f"ranker checkpoint {folder} lacks {len(missing)} weights of the "
                 f"model built from its backbone (first: {missing[:3]}); the "
                 "backbone (ranking.backbone) does not match the checkpoint"
+            )
+        if result.unexpected_keys:
+            logger.warning(
+                "ranker checkpoint %s holds %d weights the model does not use (first: %s)",
+                folder,
+                len(result.unexpected_keys),
+                result.unexpected_keys[:3],
             )
 
     counts_batches = True

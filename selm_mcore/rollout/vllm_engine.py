@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from selm_mcore.data.tokenize import encode_prompt
 from selm_mcore.mcore.families import check_attention_window
 from selm_mcore.rollout.engines import GenerationError, cuda_available
 from selm_mcore.runtime.errors import InputError
+from selm_mcore.runtime.outputs import temp_folder
 from selm_mcore.runtime.progress import ProgressCounter, counting_tqdm
 from selm_mcore.runtime.weight_files import write_safetensors
 
@@ -320,11 +320,9 @@ class VLLMGenerator:
         start = time.perf_counter()
         if named_tensors is not None and not self.in_process:
             # next to the served model: a filesystem sized for models, not /tmp
-            with tempfile.TemporaryDirectory(
-                prefix=".selm-reload-", dir=self.model_dir.absolute().parent
-            ) as folder:
+            with temp_folder(".selm-reload-", self.model_dir.absolute().parent) as folder:
                 write_safetensors(named_tensors, folder, max_shard_bytes=RELOAD_SHARD_BYTES)
-                self._reload({"weights_path": folder})
+                self._reload({"weights_path": str(folder)})
         elif named_tensors is not None:
             self._reload({"weights_iterator": list(named_tensors)})
         else:

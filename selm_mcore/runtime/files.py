@@ -11,8 +11,10 @@ Records are JSONL (one JSON object per line; blank lines are not rows) or Parque
 (``pip install selm-mcore[data]``). A bad row becomes a ``DataError`` naming the file, the 1-based
 row (the line number in JSONL), the rule and a fix.
 
-Every write goes to a temporary file in the same folder, is fsynced and renamed over the target:
-a reader (or a resumed run) sees the old file or the complete new one, never a partial one.
+Every write goes to a fresh temporary file in the same folder (``runtime.outputs``: O_EXCL, an
+unpredictable name), is fsynced and renamed over the target: a reader (or a resumed run) sees
+the old file or the complete new one, never a partial one; a link at the target is replaced,
+never written through.
 
 Checksums: a saved folder (checkpoint, exported HF model) carries ``checksums.json`` with the
 size and sha256 of each file, written last; ``verify_checksums`` raises ``ChecksumError``
@@ -24,17 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal, overload
 
 from selm_mcore.runtime.errors import UserError, naming_write_errors
+from selm_mcore.runtime.outputs import new_temp_dir, new_temp_file
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -220,7 +223,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with naming_write_errors(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = new_temp_file(path)
     try:
         with naming_write_errors(path):
             encoding = None if "b" in mode else "utf-8"
@@ -421,16 +424,24 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Put folder ``src`` at ``dst``; an existing ``dst`` is swapped out in one atomic step
-    where the system allows (Linux), else renamed aside first, and then deleted."""
+    where the system allows (Linux), else renamed aside to a fresh name first, and then
+    deleted. A ``dst`` that is a symbolic link is refused: the swap would move the link, not
+    the folder it names, and a new folder is never written through a link."""
     src, dst = Path(src), Path(dst)
+    if dst.is_symlink():
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{dst} is a symbolic link (to {os.readlink(dst)}); a folder is never swapped in "
+            "through a link. Remove the link or write to the folder it names",
+            str(dst),
+        )
     if not dst.exists():
         os.replace(src, dst)
         return
     if _exchange(src, dst):
         shutil.rmtree(src)  # now the old folder
         return
-    trash = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(dst, trash)
+    trash = new_temp_dir(dst, "old")
+    os.replace(dst, trash)  # over the fresh empty folder
     os.replace(src, dst)
     shutil.rmtree(trash, ignore_errors=True)

@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from selm_mcore.runtime.errors import UserError
+from selm_mcore.runtime.outputs import temp_folder
 from selm_mcore.runtime.procs import Child, ChildProcesses, Outcome
 
 
@@ -86,8 +85,7 @@ def run_local_ranks(
         WORLD_SIZE=str(nprocs),
         LOCAL_WORLD_SIZE=str(nprocs),
     )
-    with tempfile.TemporaryDirectory(prefix="selm-ranks-") as log_dir:
-        logs = Path(log_dir)
+    with temp_folder("selm-ranks-") as logs:
         with ChildProcesses() as children:
             ranks = [
                 children.start(

@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from selm_mcore.modelspec import ModelShape
 from selm_mcore.runtime.errors import DiskFullError, InputError, UserError, format_bytes, free_bytes
+from selm_mcore.runtime.outputs import new_temp_file
 
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
 Job = Literal["train", "refpass", "generate", "convert"]
@@ -68,7 +68,7 @@ def check_output_dir(
         raise InputError(f"{what}: {folder} is a file, not a folder; {fix}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".selm-write-check.", dir=folder)
+        fd, probe = new_temp_file(folder / "selm-write-check", "probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

@@ -55,6 +55,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, TextIO
 
+from selm_mcore.runtime.outputs import open_log
+
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -302,8 +304,12 @@ class ChildProcesses:
         stdout apart in ``stdout_path`` when given). ``env``: its whole environment (default:
         ours). ``echo_to``: copy what it writes to ``log_path`` to this stream while waiting."""
         with contextlib.ExitStack() as files:
-            log = files.enter_context(open(log_path, "ab" if append else "wb"))
-            out = files.enter_context(open(stdout_path, "wb")) if stdout_path else log
+            log = files.enter_context(open_log(log_path, append=append, binary=True))
+            out = (
+                files.enter_context(open_log(stdout_path, append=False, binary=True))
+                if stdout_path
+                else log
+            )
             log_start = log.seek(0, os.SEEK_END)
             proc = subprocess.Popen(
                 list(argv),
@@ -386,7 +392,7 @@ def run_logged(
     command = shlex.join(cmd)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("$ %s", command)
-    with open(log_path, "ab") as log:
+    with open_log(log_path, binary=True) as log:
         log.write(f"$ {command}\n".encode())
     with ChildProcesses() as children:
         child = children.start(

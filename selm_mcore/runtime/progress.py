@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selm_mcore.runtime.outputs import new_temp_file
+
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 30.0  # a line at least this often
@@ -68,10 +70,16 @@ def progress_line(what: str, done: int, total: int, unit: str, elapsed_s: float)
 
 
 def _write_count(path: Path, value: int) -> None:
-    """Replace ``path`` with ``value`` (temporary file + rename: a reader never sees half)."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(str(value))
-    os.replace(partial, path)
+    """Replace ``path`` with ``value`` (a fresh temporary file + rename: a reader never sees
+    half, and a link planted beside ``path`` is never written through)."""
+    fd, partial = new_temp_file(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(str(value))
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read_count(path: str | os.PathLike, since: float = 0.0) -> int:

@@ -375,7 +375,8 @@ class StreamingSafetensorsWriter:
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.out_dir / self.files[idx], "wb")
+        # "x": a new file only (O_EXCL), so an existing name, a link included, is never reused.
+        self._file = open(self.out_dir / self.files[idx], "xb")
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
         self._file_idx = idx
@@ -403,13 +404,14 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"export incomplete: wrote {self._pos} of {len(self._expected)}")
         if len(self.files) > 1:
             weight_map = {name: self.files[idx] for name, _, _, idx in self._expected}
-            (self.out_dir / HF_INDEX_FILE).write_text(
-                json.dumps(
-                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
-                    indent=2,
+            with open(self.out_dir / HF_INDEX_FILE, "x") as index:
+                index.write(
+                    json.dumps(
+                        {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+                        indent=2,
+                    )
+                    + "\n"
                 )
-                + "\n"
-            )
 
 
 def write_safetensors(

@@ -28,8 +28,9 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from selm_mcore.runtime.outputs import new_temp_dir, output_locks, remove_path
 
 logger = logging.getLogger(__name__)
 
@@ -499,15 +500,12 @@ def smollm2_dir() -> Path:
     ChatML chat template and generation_config.json, in a temporary folder renamed into place
     (atomic; concurrent callers wait on a lock). Later calls return the folder at once.
     """
-    import fcntl
-
     target = cache_dir() / "models" / SMOLLM2_NAME
     if (target / "config.json").is_file():
         return target
     gguf_path = _smollm2_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{SMOLLM2_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with output_locks({target: "the SmolLM2 folder"}, command="smollm2 materialisation", wait=True):
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
         print(
@@ -516,14 +514,14 @@ def smollm2_dir() -> Path:
             file=sys.stderr,
             flush=True,
         )
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+        tmp_dir = new_temp_dir(target, clear_stale=True)
         try:
             _write_smollm2_folder(gguf_path, tmp_dir)
             tmp_dir.chmod(0o755)  # mkdtemp makes it private
             for path in tmp_dir.iterdir():
                 path.chmod(0o644)
-            if target.exists():  # a stale folder without config.json (cannot be complete)
-                shutil.rmtree(target)
+            if target.exists() or target.is_symlink():  # stale: no config.json, not complete
+                remove_path(target)
             os.rename(tmp_dir, target)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from selm_mcore.runtime.files import write_text_atomic
+
 INSTRUCTION = "Reply with the equation and its result."
 
 
@@ -158,9 +160,7 @@ def alpaca_eval_rows(count: int, seed: int = 0, exclude: Iterable[str] = ()) -> 
 def _write_text(text: str, path: Path) -> None:
     if path.exists() and path.read_text() == text:
         return  # keep the file (and its hash) as is for a resumed run
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:

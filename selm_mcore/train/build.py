@@ -41,12 +41,8 @@ from selm_mcore.modelspec import ModelShape
 from selm_mcore.runtime.errors import InputError
 from selm_mcore.train.guards import check_resume, run_identity
 from selm_mcore.train.metrics import device_peak
-from selm_mcore.train.refpass import (
-    ReferenceLogps,
-    load_reference_cache,
-    reference_fingerprint,
-    reference_key,
-)
+from selm_mcore.train.refkey import reference_fingerprint, reference_key
+from selm_mcore.train.refpass import ReferenceLogps, load_reference_cache
 from selm_mcore.train.step import selm_step_loss
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from selm_mcore.runtime.files import DataError, iter_records, write_jsonl_atomic
+from selm_mcore.runtime.outputs import is_plain_file, open_log
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,9 @@ class StepMetricsWriter:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path = out_dir / "metrics.jsonl"
-        if jsonl_path.exists():
+        if is_plain_file(jsonl_path):  # a link there is removed by open_log, never read
             write_jsonl_atomic(jsonl_path, _lines_to_keep(jsonl_path, resume_step))
-        self._jsonl = jsonl_path.open("a")
+        self._jsonl = open_log(jsonl_path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,6 +1,6 @@
 """The offline reference pass: one round's reference log-probs, computed once and cached.
 
-    selm refpass CONFIG [--set train.init_from=DIR] [--set train.ref_cache=FILE]
+    selm refpass CONFIG [--set train.init_from=DIR] [--set train.ref_cache=FILE] [--overwrite]
     torchrun --nproc-per-node 4 -m selm_mcore.cli refpass CONFIG --set parallel.tp=2 ...
 
 The frozen reference (the round's starting policy, ``train.init_from`` or ``model.hf_dir``: a
@@ -14,7 +14,8 @@ y_ref per example in a safetensors file (``train.ref_cache``, default
               tensors_sha256 (of the tensors' names, shapes and bytes: checked on every load)
 
 Row i of each tensor belongs to example i of ``PreferenceDataset`` (file order after any skipped
-rows). The key hashes (tokenised data rows, tokenizer files, reference checkpoint, max lengths);
+rows). The key (``selm_mcore.train.refkey``) hashes the tokenised data rows, the tokenizer files,
+the reference model's own files and the max lengths;
 the trainer recomputes it and refuses a cache whose key differs (``StaleReferenceCacheError``
 names the parts that changed and the command that rebuilds the cache).
 
@@ -36,7 +37,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ from selm_mcore.data.tokenize import (
     load_tokenizer,
     pad_token_id,
 )
-from selm_mcore.mcore.checkpoint import hf_files_dir, is_megatron_checkpoint
+from selm_mcore.mcore.checkpoint import hf_files_dir
 from selm_mcore.mcore.families import check_model_config_dir
 from selm_mcore.mcore.forward import (
     MicroBatch,
@@ -63,12 +63,13 @@ from selm_mcore.mcore.forward import (
 )
 from selm_mcore.mcore.parallel import ParallelContext, sequence_length_multiple
 from selm_mcore.runtime.errors import InputError, UserError
-from selm_mcore.runtime.files import ChecksumError, atomic_open, hash_path
+from selm_mcore.runtime.files import ChecksumError, atomic_open
+from selm_mcore.runtime.outputs import add_overwrite_argument, output_locks, refuse_finished
 from selm_mcore.runtime.preflight import check_model_run, check_output_dir
+from selm_mcore.train.refkey import CACHE_FORMAT, ReferenceKey, reference_key
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "selm-refcache/1"
 CACHE_NAMES = ("ref_chosen_logps", "ref_rejected_logps", "ref_yref_logps")
 # Micro-batches per forward_backward call of the reference pass, per pipeline stage (one padded
 # length per call): with pp stages a call of m micro-batches idles (pp - 1) / (m + pp - 1) of
@@ -78,115 +79,6 @@ REFPASS_MICROBATCHES_PER_CALL = 8
 
 class StaleReferenceCacheError(UserError, RuntimeError):
     """A reference log-prob cache that does not belong to this run's data/tokenizer/reference."""
-
-
-# --- the cache key ----------------------------------------------------------------------------
-
-
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
-
-
-def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
-    """sha256 over the tokenizer files (vocabulary, merges, special tokens, chat template)."""
-    tokenizer_dir = Path(tokenizer_dir)
-    digest = hashlib.sha256(b"selm-tokenizer/1")
-    found = False
-    for name in _TOKENIZER_FILES:
-        path = tokenizer_dir / name
-        if path.is_file():
-            found = True
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    if not found:
-        raise FileNotFoundError(
-            f"{tokenizer_dir} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); "
-            "point train.init_from / model.hf_dir at a model folder with its tokenizer"
-        )
-    return digest.hexdigest()
-
-
-def reference_fingerprint(model_path: str | Path) -> str:
-    """sha256 of the reference weights + architecture (not its optimizer state or tokenizer).
-
-    Megatron checkpoint: ``selm_checkpoint.json``, ``hf/config.json`` and the ``model/`` dist
-    checkpoint. HF folder: ``config.json`` and the ``*.safetensors`` / ``*.bin`` weights. Large
-    files are fingerprinted by size and sampled windows (``selm_mcore.runtime.files.hash_path``).
-    """
-    path = Path(model_path)
-    if is_megatron_checkpoint(path):
-        parts = [path / "selm_checkpoint.json", path / "hf" / "config.json", path / "model"]
-    else:
-        weights = sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin"))
-        if not weights:
-            raise FileNotFoundError(
-                f"{path} is neither a Megatron checkpoint (no selm_checkpoint.json) nor an HF "
-                "folder with *.safetensors weights; check train.init_from / model.hf_dir"
-            )
-        parts = [path / "config.json", *weights]
-    digest = hashlib.sha256(b"selm-reference/1")
-    for part in parts:
-        digest.update(part.name.encode() + b"\0" + bytes.fromhex(hash_path(part)))
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class ReferenceKey:
-    """What a reference log-prob cache depends on; ``digest`` is the cache key."""
-
-    data: str
-    tokenizer: str
-    reference: str
-    max_length: int
-    max_prompt_length: int
-
-    @property
-    def digest(self) -> str:
-        return _sha256_json({"format": CACHE_FORMAT, **dataclasses.asdict(self)})
-
-    def differences(self, other: ReferenceKey) -> list[str]:
-        """Names of the components that differ, worded for an error message."""
-        labels = {
-            "data": "data rows (data.train_path or its tokenisation)",
-            "tokenizer": "tokenizer files",
-            "reference": "reference checkpoint (train.init_from / model.hf_dir)",
-            "max_length": "data.max_length",
-            "max_prompt_length": "data.max_prompt_length",
-        }
-        return [
-            labels[f.name]
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
-
-
-def reference_key(
-    dataset: PreferenceDataset,
-    reference_path: str | Path,
-    *,
-    max_length: int,
-    max_prompt_length: int,
-) -> ReferenceKey:
-    """The key of ``dataset`` scored by the reference at ``reference_path``."""
-    return ReferenceKey(
-        data=dataset.content_hash(),
-        tokenizer=tokenizer_fingerprint(hf_files_dir(reference_path)),
-        reference=reference_fingerprint(reference_path),
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-    )
 
 
 # --- the cache file ---------------------------------------------------------------------------
@@ -251,8 +143,8 @@ def load_reference_cache(path: str | Path, expected: ReferenceKey) -> ReferenceL
 
     path = Path(path)
     rebuild = (
-        "rerun `selm refpass CONFIG` with this run's config (same data.train_path, "
-        "train.init_from, data.max_length, data.max_prompt_length) to rebuild it"
+        "rerun `selm refpass CONFIG --overwrite` with this run's config (same "
+        "data.train_path, train.init_from, data.max_length, data.max_prompt_length) to rebuild it"
     )
     if not path.is_file():
         raise FileNotFoundError(
@@ -541,8 +433,16 @@ def run_refpass(cfg: SelmConfig) -> Path:
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
+    add_overwrite_argument(parser, "the train.ref_cache file")
 
 
 def main(args) -> int:
-    run_refpass(config_from_args(args))
+    cfg = config_from_args(args)
+    cache = cfg.train.ref_cache_path()
+    with output_locks({cache: "train.ref_cache"}, command="selm refpass"):
+        if not cache.is_dir():  # a folder is refused by run_refpass, naming the rule
+            refuse_finished(
+                cache, setting="train.ref_cache", overwrite=args.overwrite, what="a reference cache"
+            )
+        run_refpass(cfg)
     return 0

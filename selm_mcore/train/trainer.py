@@ -2,6 +2,7 @@
 
     selm refpass CONFIG --set train.output_dir=OUT          # reference log-probs, once
     selm train   CONFIG --set train.output_dir=OUT          # then train (resumes if interrupted)
+    selm train   CONFIG --set train.output_dir=OUT --overwrite   # train again over OUT/final
     torchrun --nproc-per-node 4 -m selm_mcore.cli train CONFIG --set parallel.tp=2 parallel.pp=2
 
 ``train_round`` reads top to bottom: ``load_round_data`` (data and reference log-probs, before
@@ -22,6 +23,11 @@ Outputs in ``train.output_dir``:
                            selm_mcore.plan.host_memory)
     metrics.jsonl          one record per step (rank 0); tensorboard/ with train.tensorboard
     ref_logps.safetensors  the reference cache, when train.ref_cache is not set
+
+One writer per output folder: ``selm train`` holds ``.OUT.lock`` beside it while it runs and a
+second writer is refused at once, naming the holder's pid. A finished model (``OUT/final``) is
+never replaced silently: without ``--overwrite`` the command refuses before loading anything
+(an interrupted run without ``final/`` resumes as usual).
 
 Non-finite values: a NaN or infinity in the loss or a gradient stops the run with
 ``NonFiniteError`` naming the step, before the update is applied and before anything is saved.
@@ -50,6 +56,7 @@ from pathlib import Path
 from selm_mcore.config.io import add_config_arguments, config_from_args
 from selm_mcore.config.schema import SelmConfig
 from selm_mcore.mcore.checkpoint import hf_files_dir
+from selm_mcore.runtime.outputs import add_overwrite_argument, output_locks, refuse_finished
 from selm_mcore.runtime.preflight import (
     check_model_run,
     check_output_dir,
@@ -257,8 +264,18 @@ def train_round(cfg: SelmConfig) -> Path:
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
+    add_overwrite_argument(parser, "the trained model train.output_dir/final")
 
 
 def main(args) -> int:
-    train_round(config_from_args(args))
+    cfg = config_from_args(args)
+    output_dir = Path(cfg.train.output_dir)
+    with output_locks({output_dir: "train.output_dir"}, command="selm train"):
+        refuse_finished(
+            output_dir / "final",
+            setting="train.output_dir",
+            overwrite=args.overwrite,
+            what="a trained model",
+        )
+        train_round(cfg)
     return 0

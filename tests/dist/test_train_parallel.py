@@ -79,10 +79,12 @@ def config_sections(model_dir: Path, pairs: Path, cache: Path) -> dict:
     )
 
 
-def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
+def launch(
+    nprocs: int, subcommand: str, config: Path, *overrides: str, flags: tuple[str, ...] = ()
+) -> None:
     from selm_mcore.runtime.launch import run_local_ranks
 
-    args = ["-m", "selm_mcore.cli", subcommand, str(config)]
+    args = ["-m", "selm_mcore.cli", subcommand, str(config), *flags]
     for item in overrides:
         args += ["--set", item]
     run_local_ranks(
@@ -94,7 +96,12 @@ def launch(nprocs: int, subcommand: str, config: Path, *overrides: str) -> None:
 
 
 def train(
-    ws: dict, name: str, nprocs: int, *overrides: str, killed_after: int | None = None
+    ws: dict,
+    name: str,
+    nprocs: int,
+    *overrides: str,
+    killed_after: int | None = None,
+    flags: tuple[str, ...] = (),
 ) -> list[dict]:
     """Run `selm train` in ws/name; return its metrics records (one per step)."""
     from selm_mcore.runtime.launch import LaunchError
@@ -102,7 +109,7 @@ def train(
     out = ws["root"] / name
     args = [f"train.output_dir={out}", *overrides]
     if killed_after is None:
-        launch(nprocs, "train", ws["config"], *args)
+        launch(nprocs, "train", ws["config"], *args, flags=flags)
     else:
         import os
 
@@ -270,11 +277,12 @@ def test_dp2_killed_and_resumed_matches_tp1(ws):
     # ... but not at another tp: refused with the fix.
     from selm_mcore.runtime.launch import LaunchError
 
+    # (--overwrite: the finished run's final/ is replaced by these reruns.)
     with pytest.raises(LaunchError, match="dp_reshardable format.*parallel.tp=1"):
-        train(ws, "dp2", 2, "parallel.tp=2", *args)
+        train(ws, "dp2", 2, "parallel.tp=2", *args, flags=("--overwrite",))
     # The host memory the last save may gather into is too small (1 KiB): the round's last
     # checkpoint is saved dp-reshardable instead (selm_mcore.plan.host_memory).
-    at_dp1 = train(ws, "dp2", 1, *args, "train.host_memory_gb=1e-6")
+    at_dp1 = train(ws, "dp2", 1, *args, "train.host_memory_gb=1e-6", flags=("--overwrite",))
     assert_steps_equal(at_dp1, ws["baseline"], range(1, NUM_STEPS + 1))
     assert optimizer_format(ckpt / "step_0000005") == "dp_reshardable"
 

@@ -122,7 +122,7 @@ def test_selm_rank_cli(tiny_pairrm, ranker, tmp_path, write_config):
     )
     env = child_env()
 
-    def selm_rank(*overrides):
+    def selm_rank(*overrides, flags=()):
         args = [
             "rank",
             str(tmp_path / "cfg.yaml"),
@@ -136,6 +136,7 @@ def test_selm_rank_cli(tiny_pairrm, ranker, tmp_path, write_config):
             str(tmp_path / "eval.jsonl"),
             "--eval-out",
             str(tmp_path / "eval_scores.jsonl"),
+            *flags,
         ]
         for item in overrides:
             args += ["--set", item]
@@ -159,8 +160,13 @@ def test_selm_rank_cli(tiny_pairrm, ranker, tmp_path, write_config):
     expected = ranker.scores([PROMPTS[0]], [["It is 5.", anchor]])[0, 0]
     assert scored["score"] == pytest.approx(expected, abs=1e-4)
 
+    # A rerun does not replace the finished pairs silently: it names --overwrite.
+    proc = selm_rank()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'pairs.jsonl'} already holds ranking results (--out)" in proc.stderr
+    assert "Pass --overwrite" in proc.stderr
     # A ranker failure stops with a clear error and a non-zero exit; the old output survives.
-    proc = selm_rank("ranking.kind=verifiable")
+    proc = selm_rank("ranking.kind=verifiable", flags=["--overwrite"])
     assert proc.returncode != 0
     assert "prompt 1 has no answer" in proc.stderr
     assert read_records(tmp_path / "pairs.jsonl") == pairs
@@ -199,3 +205,67 @@ def test_llm_blender_imports_with_the_compat_fix():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().startswith("ok")
+
+
+def test_a_pickle_payload_in_the_ranker_weights_is_refused(
+    tiny_pairrm, ranker, tmp_path, write_config
+):
+    """The ranker weights as pytorch_model.bin whose pickle also holds a payload that would run
+    ``touch MARKER``, with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (which turns llm-blender's own
+    ``torch.load`` into a plain unpickle): `selm rank` refuses naming the file and the global,
+    and the payload never runs. The same weights saved without the payload load through the
+    restricted reader and score exactly as the safetensors ranker."""
+    import torch
+    from payloads import FORBIDDEN, TouchOnUnpickle
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tiny_pairrm / "model.safetensors"))
+    config = (tiny_pairrm / "config.json").read_text()  # its backbone: an absolute path
+    clean, hostile = tmp_path / "clean", tmp_path / "hostile"
+    for folder in (clean, hostile):
+        folder.mkdir()
+        (folder / "config.json").write_text(config)
+    torch.save(weights, clean / "pytorch_model.bin")
+    marker = tmp_path / "marker"
+    torch.save({**weights, "extra": TouchOnUnpickle(marker)}, hostile / "pytorch_model.bin")
+
+    write_jsonl_atomic(
+        tmp_path / "gen.jsonl",
+        [{"prompt_id": "q1", "prompt": PROMPTS[0], "responses": CANDIDATES[0]}],
+    )
+    write_jsonl_atomic(tmp_path / "rows.jsonl", [{"prompt_id": "q1", "prompt": PROMPTS[0]}])
+    write_config(
+        tmp_path / "cfg.yaml",
+        ranking={"kind": "pairrm", "model_path": str(hostile), "device": "cpu"},
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selm_mcore.cli",
+            "rank",
+            str(tmp_path / "cfg.yaml"),
+            "--rows",
+            str(tmp_path / "rows.jsonl"),
+            "--generations",
+            str(tmp_path / "gen.jsonl"),
+            "--out",
+            str(tmp_path / "pairs.jsonl"),
+        ],
+        env={**child_env(), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (line,) = [row for row in proc.stderr.splitlines() if ": error: " in row]
+    assert line.startswith("selm rank: error: ")
+    assert f"{hostile / 'pytorch_model.bin'}: refusing to unpickle the global {FORBIDDEN}" in line
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+    from_bin = PairRMRanker(str(clean), device="cpu", batch_size=2)
+    np.testing.assert_array_equal(
+        from_bin.scores(PROMPTS, CANDIDATES), ranker.scores(PROMPTS, CANDIDATES)
+    )

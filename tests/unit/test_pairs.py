@@ -339,7 +339,7 @@ def test_selm_rank_matches_integer_prompt_ids_and_names_a_missing_one(
     for bad, expected in ((None, "missing 'prompt_id'"), (1.5, "prompt_id=1.5 must be a string")):
         rows[1]["prompt_id"] = bad
         write_jsonl(rows_path, rows)
-        assert cli.main(argv) == 1
+        assert cli.main([*argv, "--overwrite"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"selm rank: error: {rows_path} row 2: "), err
         assert expected in err[0]

@@ -119,3 +119,19 @@ def test_llm_blenders_encode_texts_works_under_transformers_5(tiny_tokenizer):
     expected = tiny_tokenizer(texts, max_length=8, padding="max_length", truncation=True)
     assert ids.tolist() == expected["input_ids"] and mask.tolist() == expected["attention_mask"]
     assert ids.shape == (2, 8)
+
+
+def test_pairrm_refuses_what_llm_blender_would_load_as_another_model(tmp_path):
+    """llm-blender loads some reward models by their name (Starling's loader calls torch.load
+    without weights_only); a folder whose config.json is not a pairranker is refused too, both
+    before llm-blender reads a file."""
+    from selm_mcore.rollout.rankers import PairRMRanker
+
+    for name in ("berkeley-nest/Starling-RM-7B-alpha", "/cache/openbmb/UltraRM-13b/"):
+        with pytest.raises(RankerError, match=r"names .*, a reward model llm-blender loads"):
+            PairRMRanker(name, device="cpu")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"ranker_type": "deberta-rm"}')
+    with pytest.raises(RankerError, match=r"is a 'deberta-rm' ranker \(its config.json\)"):
+        PairRMRanker(str(other), device="cpu")

@@ -254,3 +254,35 @@ def test_train_warns_about_duplicates_with_counts(setup, tmp_path, caplog):
         train_round(cfg)  # the cache is for other data: stops after loading and counting it
     assert "1 rows repeat an earlier row (e.g. row 5 repeats row 1)" in caplog.text
     assert "1 rows have chosen == rejected" in caplog.text
+
+
+def test_a_cache_stored_in_the_model_folder_leaves_the_reference_key_alone(setup, tmp_path):
+    """The reference fingerprint covers the model's own files only: a reference cache (or any
+    other file) stored in model.hf_dir does not make every cache there stale. The model's
+    weights still count, also when they are not named model.safetensors."""
+    import shutil
+
+    from selm_mcore.train.refkey import reference_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(setup.model, model)
+    key = reference_key(setup.dataset, model, max_length=64, max_prompt_length=32)
+    assert key == setup.key  # the same model files in another folder
+    cache = model / "ref_logps.safetensors"
+    ReferenceLogps(
+        chosen=torch.zeros(len(setup.dataset)), rejected=torch.zeros(len(setup.dataset)), yref=None
+    ).save(cache, key)
+    (model / "notes.txt").write_text("trained for the demo\n")
+    again = reference_key(setup.dataset, model, max_length=64, max_prompt_length=32)
+    assert again == key
+    load_reference_cache(cache, again)  # not stale
+
+    # A folder whose weights have another name: they count, the cache beside them does not.
+    (model / "model.safetensors").rename(model / "weights.safetensors")
+    with_cache = reference_fingerprint(model)
+    cache.unlink()
+    assert reference_fingerprint(model) == with_cache
+    weights = bytearray((model / "weights.safetensors").read_bytes())
+    weights[-1] ^= 0x01
+    (model / "weights.safetensors").write_bytes(bytes(weights))
+    assert reference_fingerprint(model) != with_cache

@@ -29,6 +29,7 @@ from selm_mcore.loop.runner import (
     workdir_lock,
 )
 from selm_mcore.runtime.files import DataError, hash_path
+from selm_mcore.runtime.outputs import OutputBusyError
 
 NAMES = ["round1/portion", "round1/generate", "round1/train", "round2/generate", "round2/train"]
 
@@ -348,12 +349,18 @@ def test_parse_fault():
 
 
 def test_workdir_lock_refuses_a_second_run(tmp_path):
-    with workdir_lock(tmp_path):
-        with pytest.raises(OnlineError, match="another `selm run`"):
-            with workdir_lock(tmp_path):
+    workdir = tmp_path / "run"
+    with workdir_lock(workdir):
+        with pytest.raises(
+            OutputBusyError,
+            match=rf"online.workdir={workdir} is being written by another process "
+            rf"\(pid {os.getpid()}: selm run;",
+        ):
+            with workdir_lock(workdir):
                 pass
-    with workdir_lock(tmp_path):  # released
+    with workdir_lock(workdir):  # released
         pass
+    assert list(tmp_path.iterdir()) == []  # the lock file is gone
 
 
 def test_changed_inputs_refused_only_once_their_reader_finished(tmp_path):

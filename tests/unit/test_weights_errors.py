@@ -102,7 +102,7 @@ def test_hf_folder_is_not_a_checkpoint(tmp_path, tiny_llama_dir):
 
 
 def test_export_target_must_be_empty_unless_overwrite(tmp_path):
-    from selm_mcore.mcore.convert import ExportTargetError, check_export_target, export_tmp_dir
+    from selm_mcore.mcore.convert import ExportTargetError, check_export_target
 
     check_export_target(tmp_path / "new", overwrite=False)  # absent: fine
     (tmp_path / "empty").mkdir()
@@ -121,7 +121,9 @@ def test_export_target_must_be_empty_unless_overwrite(tmp_path):
     (tmp_path / "file").touch()
     with pytest.raises(ExportTargetError, match="is a file"):
         check_export_target(tmp_path / "file", overwrite=True)
-    assert export_tmp_dir(tmp_path / "out") == tmp_path / ".out.export-tmp"
+    (tmp_path / "link").symlink_to(full)  # the rename into place would replace the link
+    with pytest.raises(ExportTargetError, match=rf"link is a symbolic link \(to {full}\)"):
+        check_export_target(tmp_path / "link", overwrite=True)
 
 
 def test_convert_child_spec_round_trips_through_its_json_file():
@@ -131,7 +133,7 @@ def test_convert_child_spec_round_trips_through_its_json_file():
 
     jobs = [
         ConvertJob("hf-to-mcore", "/m/hf", "/m/mcore", tp=2, pp=2, dtype="bf16"),
-        ConvertJob("mcore-to-hf", "/m/mcore", "/m/.hf.export-tmp", 1, 4, max_shard_bytes=1 << 20),
+        ConvertJob("mcore-to-hf", "/m/mcore", "/m/hf", 1, 4, max_shard_bytes=1 << 20),
     ]
     for job in jobs:
         text = job.to_json()
