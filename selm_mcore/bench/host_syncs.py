@@ -92,7 +92,7 @@ def _training(args, workdir: Path):
     from selm_mcore.config.io import load_config
     from selm_mcore.mcore.checkpoint import DTYPES
     from selm_mcore.mcore.model import build_model
-    from selm_mcore.mcore.parallel import init_parallel
+    from selm_mcore.mcore.parallel import init_parallel_from
     from selm_mcore.train.build import build_training
 
     cfg = load_config(
@@ -111,12 +111,7 @@ def _training(args, workdir: Path):
     )
     hf_config, _ = _hf_config(SimpleNamespace(hf_dir="", shape="", layers=0))
     data = _round_data(cfg, args, hf_config.vocab_size, workdir)
-    ctx = init_parallel(
-        tp=cfg.parallel.tp,
-        pp=cfg.parallel.pp,
-        seed=cfg.parallel.seed,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-    )
+    ctx = init_parallel_from(cfg.parallel)
     models = build_model(hf_config, ctx, params_dtype=DTYPES[cfg.model.dtype], packed=data.packed)
     return build_training(cfg, ctx, data, policy=(models, hf_config)), cfg
 

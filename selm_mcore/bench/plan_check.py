@@ -331,7 +331,7 @@ def run_plan_check(args) -> dict[str, Any]:
     from selm_mcore.config.io import load_config
     from selm_mcore.mcore.checkpoint import DTYPES
     from selm_mcore.mcore.model import build_model
-    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel_from
     from selm_mcore.train.build import build_training
 
     if args.summarize:
@@ -355,14 +355,7 @@ def run_plan_check(args) -> dict[str, Any]:
             ],
         )
         data = _round_data(cfg, args, hf_config.vocab_size, Path(workdir))
-        ctx = init_parallel(
-            tp=cfg.parallel.tp,
-            pp=cfg.parallel.pp,
-            vpp=cfg.parallel.vpp,
-            seed=cfg.parallel.seed,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-            device=cfg.parallel.device,
-        )
+        ctx = init_parallel_from(cfg.parallel)
         try:
             models = build_model(
                 hf_config,

@@ -52,24 +52,10 @@ CANDIDATES = 3
 
 def deberta_config(shape: str, vocab_size: int):
     """DeBERTa-v3's options (relative attention, 256 position buckets, shared keys) at a size."""
-    from transformers import DebertaV2Config
+    from selm_mcore.testing.assets import deberta_v3_config
 
-    return DebertaV2Config(  # type: ignore[call-arg]
-        vocab_size=vocab_size,
-        max_position_embeddings=512,
-        type_vocab_size=0,
-        position_biased_input=False,
-        relative_attention=True,
-        pos_att_type=["p2c", "c2p"],
-        position_buckets=256,
-        max_relative_positions=-1,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        layer_norm_eps=1e-7,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-        **SHAPES[shape],
+    return deberta_v3_config(
+        vocab_size, 0, max_position_embeddings=512, position_biased_input=False, **SHAPES[shape]
     )
 
 

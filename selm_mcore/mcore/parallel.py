@@ -2,6 +2,7 @@
 
     ctx = init_parallel(tp=2, pp=2, vpp=None, seed=1234)   # under torchrun, or 1 process
     ctx = init_parallel(tp=2, sequence_parallel=True)      # also on CPU (gloo)
+    ctx = init_parallel_from(cfg.parallel)                 # a config's parallel section
     ...                                                      # pass ctx to whoever needs groups
     destroy_parallel()
 
@@ -39,13 +40,16 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from selm_mcore.runtime.errors import UserError
 from selm_mcore.runtime.procs import forked_children_die_with_this_process, set_parent_death_signal
+
+if TYPE_CHECKING:
+    from selm_mcore.config.schema import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +267,18 @@ def init_parallel(
         dist.get_backend(),
     )
     return ctx
+
+
+def init_parallel_from(parallel: ParallelConfig) -> ParallelContext:
+    """``init_parallel`` with a config's ``parallel`` section (every key of it)."""
+    return init_parallel(
+        tp=parallel.tp,
+        pp=parallel.pp,
+        vpp=parallel.vpp,
+        seed=parallel.seed,
+        sequence_parallel=parallel.sequence_parallel,
+        device=parallel.device,
+    )
 
 
 def destroy_parallel() -> None:

@@ -20,10 +20,8 @@ and where the engines start. No vLLM import here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,12 +231,8 @@ def run_engines(
                 progress=str(workdir / f"engine{engine}.progress"),
             )
             reporter.add_file(spec.progress)
-            spec_path = workdir / f"engine{engine}.spec.json"
-            spec_path.write_text(json.dumps(spec.to_json()))
-            children.start(
-                [sys.executable, "-P", "-m", "selm_mcore.cli", "_worker", "engine", str(spec_path)],
-                workdir / f"engine{engine}.log",
-                env={**os.environ, **environments[engine]},
+            children.start_worker(
+                "engine", spec.to_json(), workdir, f"engine{engine}", environments[engine]
             )
             specs.append(spec)
         logger.info("started %d vLLM engines on slices %s", len(specs), list(bounds))

@@ -27,10 +27,8 @@ tokenises to the maximum length but keeps only the columns some row of the batch
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,13 +257,7 @@ def run_rank_workers(
                 str(workdir / f"worker{k}.progress"),
             )
             reporter.add_file(spec.progress)
-            spec_path = workdir / f"worker{k}.spec.json"
-            spec_path.write_text(json.dumps(spec.to_json()))
-            children.start(
-                [sys.executable, "-P", "-m", "selm_mcore.cli", "_worker", "rank", str(spec_path)],
-                workdir / f"worker{k}.log",
-                env={**os.environ, **environments[slot]},
-            )
+            children.start_worker("rank", spec.to_json(), workdir, f"worker{k}", environments[slot])
         logger.info(
             "started %d ranker processes on rows %s and held-out rows %s",
             len(jobs),

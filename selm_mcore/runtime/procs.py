@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shlex
@@ -53,7 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from selm_mcore.runtime.outputs import open_log
 
@@ -288,6 +289,16 @@ class ChildProcesses:
     def __init__(self) -> None:
         self.children: list[Child] = []
         self._echoes: list[_Echo] = []
+
+    def start_worker(
+        self, kind: str, spec: Mapping[str, Any], folder: Path, name: str, env: Mapping[str, str]
+    ) -> Child:
+        """Start ``selm _worker KIND SPEC``: ``spec`` written to FOLDER/NAME.spec.json, the log
+        in FOLDER/NAME.log, ``env`` added to this process's environment."""
+        spec_path = folder / f"{name}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        argv = [sys.executable, "-P", "-m", "selm_mcore.cli", "_worker", kind, str(spec_path)]
+        return self.start(argv, folder / f"{name}.log", env={**os.environ, **env})
 
     def start(
         self,

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from selm_mcore.runtime.outputs import new_temp_dir, output_locks, remove_path
 
@@ -350,21 +351,17 @@ def build_tiny_pairrm(
     return out_dir
 
 
-def _tiny_deberta_config(tokenizer, hidden_size: int):
-    """A 2-layer DeBERTa-v3-shaped config (PairRM's backbone family) for ``tokenizer``."""
+def deberta_v3_config(vocab_size: int, pad_token_id: int, **dims: Any):
+    """A DeBERTa-v3-shaped config (PairRM's backbone family) of ``vocab_size`` tokens, no
+    dropout, at the size ``dims`` give (hidden_size, num_hidden_layers, ..., and the position
+    options, e.g. max_position_embeddings, position_biased_input)."""
     from transformers import DebertaV2Config
 
     # DeBERTa-v3's relative-attention options (position_buckets, norm_rel_ebd, share_att_key)
     # are read by the model with getattr; the config class does not declare them.
     return DebertaV2Config(  # type: ignore[call-arg]
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden_size,
-        max_position_embeddings=2560,
+        vocab_size=vocab_size,
         type_vocab_size=0,
-        position_biased_input=True,
         relative_attention=True,
         pos_att_type=["p2c", "c2p"],
         position_buckets=256,
@@ -372,9 +369,24 @@ def _tiny_deberta_config(tokenizer, hidden_size: int):
         norm_rel_ebd="layer_norm",
         share_att_key=True,
         layer_norm_eps=1e-7,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_token_id,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        **dims,
+    )
+
+
+def _tiny_deberta_config(tokenizer, hidden_size: int):
+    """A 2-layer DeBERTa-v3-shaped config for ``tokenizer``."""
+    return deberta_v3_config(
+        len(tokenizer),
+        tokenizer.pad_token_id,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=2560,
+        position_biased_input=True,
     )
 
 

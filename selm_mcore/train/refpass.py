@@ -366,7 +366,7 @@ def compute_reference_logps(
 def run_refpass(cfg: SelmConfig) -> Path:
     """Compute and write the reference cache of ``cfg``'s data; returns its path."""
     from selm_mcore.mcore.checkpoint import load_frozen_policy
-    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel_from
 
     # The cache is written after the whole pass: prove now that it can be.
     if cfg.train.ref_cache_path().is_dir():
@@ -376,14 +376,7 @@ def run_refpass(cfg: SelmConfig) -> Path:
         )
     check_output_dir(cfg.train.ref_cache_path().parent, what="train.ref_cache")
     check_model_run(cfg, hf_files_dir(cfg.start_model()), job="refpass")
-    ctx = init_parallel(
-        tp=cfg.parallel.tp,
-        pp=cfg.parallel.pp,
-        vpp=cfg.parallel.vpp,
-        seed=cfg.parallel.seed,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        device=cfg.parallel.device,
-    )
+    ctx = init_parallel_from(cfg.parallel)
     try:
         source = cfg.start_model()
         check_model_config_dir(hf_files_dir(source), max_length=cfg.data.max_length)

@@ -217,7 +217,7 @@ def run_steps(run: Training, writer: StepMetricsWriter) -> None:
 def train_round(cfg: SelmConfig) -> Path:
     """Train one round; returns the folder of the final model (``<output_dir>/final``)."""
     from selm_mcore.mcore.checkpoint import save_model_atomic
-    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel
+    from selm_mcore.mcore.parallel import destroy_parallel, init_parallel_from
     from selm_mcore.runtime.deps import check_dependencies
     from selm_mcore.train.wandb_log import open_training_run
 
@@ -225,14 +225,7 @@ def train_round(cfg: SelmConfig) -> Path:
     check_model_run(cfg, hf_files_dir(cfg.start_model()), job="train")
     check_train_outputs(cfg)
     data = load_round_data(cfg)
-    ctx = init_parallel(
-        tp=cfg.parallel.tp,
-        pp=cfg.parallel.pp,
-        vpp=cfg.parallel.vpp,
-        seed=cfg.parallel.seed,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        device=cfg.parallel.device,
-    )
+    ctx = init_parallel_from(cfg.parallel)
     try:
         reshardable = last_save_reshardable(cfg, ctx)  # before the model is built
         run = build_training(cfg, ctx, data)
