@@ -100,12 +100,18 @@ def preference_row():
     return _preference_row
 
 
-def pytest_collection_modifyitems(config, items):
-    """tools/test.sh runs the suite on two pytest-xdist workers (``--dist loadgroup``): most tests
-    keep one core busy, so two at a time use both. The tests that start several busy processes
-    themselves (tests/dist: 2-4 gloo ranks each) share one group, so they run one after another
-    on one worker instead of two of them oversubscribing the cores."""
-    tests_dir = Path(__file__).resolve().parent
-    for item in items:
-        if Path(item.path).resolve().parent == tests_dir / "dist":
-            item.add_marker(pytest.mark.xdist_group("ranks"))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """How tools/test.sh spreads the suite over its pytest-xdist workers: one work unit per test
+    module, so a module's expensive module-scoped run happens once, on one worker; and one unit
+    for all of tests/dist, whose tests start 2-4 busy gloo ranks each, so they run one after
+    another instead of two of them oversubscribing the cores. (xdist's own ``xdist_group`` marks
+    do not group under pytest 9, whose node ids xdist can no longer rename.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndRanks(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tests/dist" if module.startswith("tests/dist/") else module
+
+    return ModulesAndRanks(config, log)

