@@ -337,7 +337,14 @@ class PairRMRanker(Ranker):
         if (folder / "model.safetensors").is_file():
             from safetensors.torch import load_file
 
-            weights = load_file(str(folder / "model.safetensors"))
+            try:
+                weights = load_file(str(folder / "model.safetensors"))
+            except Exception as exc:  # safetensors' own error types; a torn or foreign file
+                raise RankerError(
+                    f"loading the PairRM ranker from {folder} failed: model.safetensors is not a "
+                    f"readable safetensors file ({type(exc).__name__}: {exc}); download the "
+                    "ranker again"
+                ) from exc
         elif (folder / "pytorch_model.bin").is_file():
             weights = load_torch_weights(folder / "pytorch_model.bin")
         else:

@@ -315,13 +315,18 @@ def test_links_planted_at_every_name_an_export_derives_are_not_followed(trained)
 
 
 def test_links_planted_at_every_name_selm_run_derives_are_not_followed(
-    tmp_path, write_jsonl, write_config, preference_row
+    tmp_path, write_jsonl, write_config, preference_row, tiny_llama_dir
 ):
-    """`selm run` up to a generate phase that fails at once (the model folder has no
-    config.json): the workdir lock, the portion's partial output, the manifest, the logs."""
+    """`selm run` up to a generate phase that fails at once, inside its lock (the model folder's
+    checksum list names a file that is missing): the workdir lock, the portion's partial
+    output, the manifest, the logs, the generate command's lock."""
+    from selm_mcore.runtime.files import CHECKSUM_ALGORITHM, write_checksums
 
     def scene(root: Path) -> Path:
-        (root / "not_a_model").mkdir(parents=True)
+        shutil.copytree(tiny_llama_dir, root / "not_a_model")
+        write_checksums(
+            root / "not_a_model", {"lost.safetensors": {"size": 1, CHECKSUM_ALGORITHM: "0" * 64}}
+        )
         data = write_jsonl(
             root / "train.jsonl",
             [preference_row(f"q{i}", "a", "b", prompt_id=f"p{i}") for i in range(4)],
@@ -331,6 +336,7 @@ def test_links_planted_at_every_name_selm_run_derives_are_not_followed(
             model={"hf_dir": str(root / "not_a_model")},
             data={"train_path": str(data)},
             ranking={"kind": "verifiable"},
+            generation={"max_model_len": 1024, "max_tokens": 64},  # the tiny model's context
             train={"global_batch_size": 2},
             online={"rounds": 1, "final_eval": False, "workdir": str(root / "run")},
         )
