@@ -12,7 +12,7 @@ shift 2
 plan_args=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do plan_args+=("$1"); shift; done
 if [ $# -gt 0 ]; then shift; fi
-mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sed -n 1p || true)
 gpu_mem=${SELM_GPU_MEM_GIB:-$(( ${mib:-81920} / 1024 ))}
 sets=()
 args=("$@")

@@ -39,7 +39,7 @@ done
 
 nnodes=${SLURM_NNODES:-1}
 cpus=${SLURM_CPUS_PER_TASK:-96}
-head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | head -1)
+head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | sed -n 1p)
 # TORCH_NCCL_ASYNC_ERROR_HANDLING is the torch 2.x name (NCCL_ASYNC_ERROR_HANDLING is the old,
 # deprecated one): 1 = abort the NCCL communicator and end the process on an NCCL error.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=8
@@ -54,8 +54,8 @@ exec python -P -m selm_mcore.cli run examples/configs/selm_llama3_70b.yaml "${ov
   --set "online.rdzv_endpoint=$head_node:29500" \
   --set "online.rdzv_id=selm-${SLURM_JOB_ID:-local}" \
   --set "model.hf_dir=$model" \
-  --set "data.train_path=$(ls "$uf"/train_prefs-*.parquet | head -1)" \
-  --set "data.eval_prompts_path=$(ls "$uf"/test_prefs-*.parquet | head -1)" \
+  --set "data.train_path=$(ls "$uf"/train_prefs-*.parquet | sed -n 1p)" \
+  --set "data.eval_prompts_path=$(ls "$uf"/test_prefs-*.parquet | sed -n 1p)" \
   --set "ranking.model_path=$downloads/PairRM" \
   --set "ranking.backbone=$downloads/deberta-v3-large" \
   "$@"

@@ -32,8 +32,8 @@ fetch microsoft/deberta-v3-large "$downloads/deberta-v3-large"   # PairRM's back
 uf=$downloads/ultrafeedback_binarized/data
 exec python -P -m selm_mcore.cli run examples/configs/selm_zephyr_7b.yaml \
   --set "model.hf_dir=$downloads/mistral-7b-sft-beta" \
-  --set "data.train_path=$(ls "$uf"/train_prefs-*.parquet | head -1)" \
-  --set "data.eval_prompts_path=$(ls "$uf"/test_prefs-*.parquet | head -1)" \
+  --set "data.train_path=$(ls "$uf"/train_prefs-*.parquet | sed -n 1p)" \
+  --set "data.eval_prompts_path=$(ls "$uf"/test_prefs-*.parquet | sed -n 1p)" \
   --set "ranking.model_path=$downloads/PairRM" \
   --set "ranking.backbone=$downloads/deberta-v3-large" \
   "$@"

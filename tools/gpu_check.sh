@@ -68,7 +68,7 @@ site=$work/site
 rm -rf "$site/selm_mcore" && mkdir -p "$site/selm_mcore"
 for entry in "$repo"/selm_mcore/*; do ln -s "$entry" "$site/selm_mcore/"; done
 ln -s "$repo/kernels" "$site/selm_mcore/kernels"
-if [ -z "$wheel" ]; then wheel=$(ls "$repo"/.whl/megatron_core-*.whl 2>/dev/null | head -1); fi
+if [ -z "$wheel" ]; then wheel=$(ls "$repo"/.whl/megatron_core-*.whl 2>/dev/null | sed -n 1p); fi
 if [ -n "$wheel" ]; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site/mcore" "$wheel" \
     || echo "[gpu_check] installing $wheel failed: the parts that need megatron-core will skip" >&2
@@ -127,7 +127,7 @@ fi
 mcore=0; importable megatron.core && mcore=1
 spec=$( (importable transformer_engine && [ "$cuda" = 1 ]) && echo "Transformer Engine spec" || echo "local spec (no Transformer Engine)")
 attn=$( (importable flash_attn && [ "$cuda" = 1 ]) && echo "flash-attn" || echo "stock torch attention (no flash-attn)")
-gpu=$(sed -n 's/.*"gpu": "\([^"]*\)".*/\1/p' "$work/env.json" | head -1)
+gpu=$(sed -n 's/.*"gpu": "\([^"]*\)".*/\1/p' "$work/env.json" | sed -n 1p)
 absent=$("$python" -c "import json; e=json.load(open('$work/env.json'))['importable']; print(', '.join(m for m, ok in e.items() if not ok) or 'none')")
 record env 0 0 "${gpu:-no GPU}; layers: $spec; packed attention: $attn; not importable: $absent"
 
