@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sentences import sentence
+from sentences import random_pairs
 
 FAMILIES = ("mistral", "qwen2", "phi3")
 ARCHITECTURES = {
@@ -55,16 +55,7 @@ PROMPTS = [
 
 
 def pair_rows(preference_row, num_rows: int = 8, seed: int = 2) -> list[dict]:
-    rng = random.Random(seed)
-    return [
-        preference_row(
-            sentence(rng, 3, 14) + "?",
-            sentence(rng, 1, 12),
-            sentence(rng, 1, 12),
-            reference_response=sentence(rng, 1, 12),
-        )
-        for _ in range(num_rows)
-    ]
+    return random_pairs(preference_row, random.Random(seed), num_rows)
 
 
 @pytest.fixture(scope="module")

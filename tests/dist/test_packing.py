@@ -27,7 +27,7 @@ import pytest
 import torch
 from checkpoints import checkpoint_tensors
 from launch import results, run_distributed
-from sentences import sentence
+from sentences import random_pairs, sentence
 
 from selm_mcore.runtime.files import read_records
 
@@ -38,15 +38,7 @@ RTOL = 1e-5
 
 def pair_rows(preference_row, num_rows: int = 12, seed: int = 1) -> list[dict]:
     rng = random.Random(seed)
-    rows = [
-        preference_row(
-            sentence(rng, 2, 12) + "?",
-            sentence(rng, 1, 10),
-            sentence(rng, 1, 10),
-            reference_response=sentence(rng, 1, 10),
-        )
-        for _ in range(num_rows - 1)
-    ]
+    rows = random_pairs(preference_row, rng, num_rows - 1, (2, 12), (1, 10))
     # The long pair: alone in its micro-batch, exactly the automatic budget.
     rows.insert(
         5,

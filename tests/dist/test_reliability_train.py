@@ -42,7 +42,7 @@ import torch
 
 # This file is also run as a worker script: the shared sentence maker lives in tests/support.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from sentences import sentence  # noqa: E402
+from sentences import random_pairs  # noqa: E402
 
 NUM_STEPS = 4
 LAUNCH_TIMEOUT_S = 240
@@ -96,15 +96,7 @@ def ws(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_r
     """The poisoned run: steps 1-2 checkpointed, step 3 NaN."""
     root = tmp_path_factory.mktemp("reliability")
     rng = random.Random(0)
-    rows = [
-        preference_row(
-            sentence(rng, 3, 12) + "?",
-            sentence(rng, 1, 10),
-            sentence(rng, 1, 10),
-            reference_response=sentence(rng, 1, 10),
-        )
-        for _ in range(16)
-    ]
+    rows = random_pairs(preference_row, rng, 16, (3, 12), (1, 10))
     pairs = write_jsonl(root / "pairs.jsonl", rows)
     config = write_config(
         root / "config.yaml",

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import checkpoint_tensors
-from sentences import sentence
+from sentences import random_pairs
 
 from selm_mcore.runtime.files import read_records
 
@@ -45,16 +45,7 @@ LAUNCH_TIMEOUT_S = 240
 
 
 def pair_rows(preference_row, num_rows: int = 16, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [
-        preference_row(
-            sentence(rng, 3, 14) + "?",
-            sentence(rng, 1, 12),
-            sentence(rng, 1, 12),
-            reference_response=sentence(rng, 1, 12),
-        )
-        for _ in range(num_rows)
-    ]
+    return random_pairs(preference_row, random.Random(seed), num_rows)
 
 
 def config_sections(model_dir: Path, pairs: Path, cache: Path) -> dict:
