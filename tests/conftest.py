@@ -100,18 +100,28 @@ def preference_row():
     return _preference_row
 
 
+# Modules that read one session-scoped run (tests/e2e/conftest.py's ``paper_run``): one work unit.
+SHARED_RUN_MODULES = {
+    "tests/e2e/test_online.py": "tests/e2e/paper_run",
+    "tests/e2e/test_eval_run.py": "tests/e2e/paper_run",
+}
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """How tools/test.sh spreads the suite over its pytest-xdist workers: one work unit per test
-    module, so a module's expensive module-scoped run happens once, on one worker; and one unit
-    for all of tests/dist, whose tests start 2-4 busy gloo ranks each, so they run one after
-    another instead of two of them oversubscribing the cores. (xdist's own ``xdist_group`` marks
-    do not group under pytest 9, whose node ids xdist can no longer rename.)"""
+    module (or group of modules sharing one session-scoped run), so an expensive run happens once,
+    on one worker; and one unit for all of tests/dist, whose tests start 2-4 busy gloo ranks
+    each, so they run one after another instead of two of them oversubscribing the cores.
+    (xdist's own ``xdist_group`` marks do not group under pytest 9, whose node ids xdist can no
+    longer rename.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModulesAndRanks(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return "tests/dist" if module.startswith("tests/dist/") else module
+            if module.startswith("tests/dist/"):
+                return "tests/dist"
+            return SHARED_RUN_MODULES.get(module, module)
 
     return ModulesAndRanks(config, log)

@@ -19,34 +19,33 @@ code never reads the globals. Local multi-process launches live in ``selm_mcore.
 Megatron's checkpoint-writer helper processes die with the rank that started them
 (``bind_helper_processes``, called by ``init_parallel``). megatron-core 0.16.1 writes a dist
 checkpoint (``torch_dist``) through ``FileSystemWriterAsync``, even when saving synchronously:
-``write_preloaded_data_multiproc`` forks one writer process per write bucket, and the writers
-report to a queue held by a ``multiprocessing.Manager`` server, a *spawned* process created on
-the first save (``filesystem_async._get_write_results_queue``) and kept for the life of the rank.
-A rank killed with SIGKILL (a crash, the OOM killer, torchrun or ``selm run`` killing it) left
-that manager running forever (PPID 1, ~275 MB). So a fork hook makes every process forked by a
-rank ask for SIGKILL when the rank dies (the parent-death signal is cleared at fork, so the
-child must ask itself; ``selm_mcore.runtime.procs``), and the results queue comes from our own
-Manager, started with an initializer that makes the server ask for the same signal (a spawned
-child runs no fork hook). The queue replaces private Megatron names (``HELPER_TARGETS``);
-``check_helper_targets`` (run at binding and by ``tests/unit/test_lifetime.py``) fails loudly
-if they move.
+``write_preloaded_data_multiproc`` forks one writer process per write bucket, so a fork hook
+makes every process forked by a rank ask for SIGKILL when the rank dies (the parent-death
+signal is cleared at fork, so the child must ask itself; ``selm_mcore.runtime.procs``). The
+rank then puts its writers' results on a global results queue and reads them back itself.
+Megatron makes that queue a ``multiprocessing.Manager`` queue, for its asynchronous saves: a
+*spawned* server process created on the first save and kept for the life of the rank (~250 MB
+and a torch import, left running forever when the rank was SIGKILLed). Every save here is
+synchronous (``dist_checkpointing.save``: the writer results are put and read in the rank's own
+process), so the rank gets a queue of its own process instead and starts no server. It replaces
+private Megatron names (``HELPER_TARGETS``); ``check_helper_targets`` (run at binding and by
+``tests/unit/test_lifetime.py``) fails loudly if they move.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import multiprocessing
 import os
+import queue
 from dataclasses import dataclass
-from multiprocessing.managers import SyncManager
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from selm_mcore.runtime.errors import UserError
-from selm_mcore.runtime.procs import forked_children_die_with_this_process, set_parent_death_signal
+from selm_mcore.runtime.procs import forked_children_die_with_this_process
 
 if TYPE_CHECKING:
     from selm_mcore.config.schema import ParallelConfig
@@ -126,18 +125,12 @@ def check_helper_targets() -> None:
         )
 
 
-def _manager_initializer(parent_pid: int) -> None:
-    set_parent_death_signal(parent_pid)
-
-
-def results_queue_dying_with_this_process() -> Any:
-    """Megatron's write-results queue, served by a Manager that dies with this process."""
+def results_queue_of_this_process() -> queue.Queue:
+    """Megatron's write-results queue for synchronous saves: one queue of this process (the rank
+    puts the results of the writers it forked and reads them back; no server process)."""
     module: Any = importlib.import_module(FS_ASYNC_MODULE)  # private names, checked above
     if module._results_queue is None:
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_manager_initializer, initargs=(os.getpid(),))
-        # The queue proxy keeps a reference to its manager: the server lives as long as it.
-        module._results_queue = manager.Queue()
+        module._results_queue = queue.Queue()
     return module._results_queue
 
 
@@ -148,7 +141,7 @@ def bind_helper_processes() -> None:
         return
     check_helper_targets()
     forked_children_die_with_this_process()
-    module._get_write_results_queue = results_queue_dying_with_this_process
+    module._get_write_results_queue = results_queue_of_this_process
     setattr(module, _BOUND_FLAG, True)
 
 

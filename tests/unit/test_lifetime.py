@@ -25,7 +25,7 @@ def test_binding_replaces_megatrons_results_queue_once():
     module = importlib.import_module(parallel.FS_ASYNC_MODULE)
     parallel.bind_helper_processes()
     parallel.bind_helper_processes()
-    assert module._get_write_results_queue is parallel.results_queue_dying_with_this_process
+    assert module._get_write_results_queue is parallel.results_queue_of_this_process
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
