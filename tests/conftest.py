@@ -105,6 +105,18 @@ SHARED_RUN_MODULES = {
     "tests/e2e/test_online.py": "tests/e2e/paper_run",
     "tests/e2e/test_eval_run.py": "tests/e2e/paper_run",
 }
+# The longest work units, longest first (seconds of a 2-worker run on the 2-core machine: the
+# shared run's group ~700, tests/dist ~650, the rest ~130 or less). They start before every
+# other unit: xdist orders units by their number of tests, which would start these few-test
+# units last and leave one worker idle while the other finishes them.
+LONGEST_FIRST = (
+    "tests/e2e/paper_run",
+    "tests/dist",
+    "tests/e2e/test_generation.py",
+    "tests/e2e/test_bench_smoke.py",
+    "tests/e2e/test_gpu_check.py",
+    "tests/e2e/test_output_safety.py",
+)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -112,9 +124,9 @@ def pytest_xdist_make_scheduler(config, log):
     """How tools/test.sh spreads the suite over its pytest-xdist workers: one work unit per test
     module (or group of modules sharing one session-scoped run), so an expensive run happens once,
     on one worker; and one unit for all of tests/dist, whose tests start 2-4 busy gloo ranks
-    each, so they run one after another instead of two of them oversubscribing the cores.
-    (xdist's own ``xdist_group`` marks do not group under pytest 9, whose node ids xdist can no
-    longer rename.)"""
+    each, so they run one after another instead of two of them oversubscribing the cores. The
+    units of ``LONGEST_FIRST`` are handed out first, in that order. (xdist's own ``xdist_group``
+    marks do not group under pytest 9, whose node ids xdist can no longer rename.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModulesAndRanks(LoadScopeScheduling):
@@ -123,5 +135,12 @@ def pytest_xdist_make_scheduler(config, log):
             if module.startswith("tests/dist/"):
                 return "tests/dist"
             return SHARED_RUN_MODULES.get(module, module)
+
+        def _assign_work_unit(self, node) -> None:
+            for scope in LONGEST_FIRST:
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+                    break
+            super()._assign_work_unit(node)
 
     return ModulesAndRanks(config, log)
