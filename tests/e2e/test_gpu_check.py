@@ -108,25 +108,24 @@ def test_gpu_check_dry_run(tmp_path):
 @pytest.mark.timeout(900)
 def test_a_part_whose_dependency_is_missing_skips_with_the_reason(tmp_path):
     """megatron-core hidden behind a package that fails to import: the training parts skip
-    naming it, the kernel table runs without its Megatron column, the ranker runs."""
+    naming it, the kernel table runs without its Megatron column."""
     hidden = tmp_path / "hidden" / "megatron"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('megatron-core hidden by the test')\n")
     _, report = dry_run(
         tmp_path,
         "--parts",
-        "kernels,ranker,train_none,logprob",
+        "kernels,train_none,logprob",
         env={"PYTHONPATH": str(tmp_path / "hidden")},
     )
     parts = {p["part"]: p for p in report["parts"]}
-    assert set(parts) == {"env", "kernels", "ranker", "train_none", "logprob"}
+    assert set(parts) == {"env", "kernels", "train_none", "logprob"}
     for name in ("train_none", "logprob"):
         assert parts[name]["exit_status"] is None
         assert parts[name]["note"] == (
             "skipped: needs megatron.core (ImportError: megatron-core hidden by the test)"
         )
-    assert parts["kernels"]["exit_status"] == 0 and parts["ranker"]["exit_status"] == 0
+    assert parts["kernels"]["exit_status"] == 0
     assert "no Megatron CE column" in parts["kernels"]["note"]
     assert {r["method"] for r in report["kernels"]["rows"]} == {"chunked", "naive"}
     assert "megatron.core" in parts["env"]["note"]  # listed as not importable
-    check_ranker(report)

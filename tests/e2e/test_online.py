@@ -337,10 +337,11 @@ def _ranker_failure_stops_the_run(paper_run, config: Path, ranker: Path) -> None
 
 
 # Stage 1 (round 1, one process) killed inside each kind of phase: while it works (its partial
-# output is discarded and recomputed) or after it published (its output is adopted by hash).
+# output is discarded and recomputed; the warm-up test kills a training phase so) or after it
+# published (its output is adopted by hash).
 KILLS = [
     "round1/portion",
-    "round1/generate",
+    "round1/generate:published",
     "round1/rank:published",
     "round1/refpass:published",
     "round1/train:published",
@@ -369,7 +370,9 @@ def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(paper_run
         paper_run, workdir, model={"hf_dir": str(model)}, ranking={"model_path": str(ranker)}
     )
     failures = {
-        "round1/generate": lambda: _generation_failure_stops_the_run(paper_run, config, model),
+        "round1/generate:published": lambda: _generation_failure_stops_the_run(
+            paper_run, config, model
+        ),
         "round1/rank:published": lambda: _ranker_failure_stops_the_run(paper_run, config, ranker),
     }
     previous = None
