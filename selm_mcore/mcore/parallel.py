@@ -24,7 +24,7 @@ makes every process forked by a rank ask for SIGKILL when the rank dies (the par
 signal is cleared at fork, so the child must ask itself; ``selm_mcore.runtime.procs``). The
 rank then puts its writers' results on a global results queue and reads them back itself.
 Megatron makes that queue a ``multiprocessing.Manager`` queue, for its asynchronous saves: a
-*spawned* server process created on the first save and kept for the life of the rank (~250 MB
+*spawned* server process created on the first save and kept for the life of the rank (~275 MB
 and a torch import, left running forever when the rank was SIGKILLed). Every save here is
 synchronous (``dist_checkpointing.save``: the writer results are put and read in the rank's own
 process), so the rank gets a queue of its own process instead and starts no server. It replaces
