@@ -105,10 +105,10 @@ SHARED_RUN_MODULES = {
     "tests/e2e/test_online.py": "tests/e2e/paper_run",
     "tests/e2e/test_eval_run.py": "tests/e2e/paper_run",
 }
-# The longest work units, longest first (seconds of a 2-worker run on the 2-core machine: the
-# shared run's group ~700, tests/dist ~650, the rest ~130 or less). They start before every
-# other unit: xdist orders units by their number of tests, which would start these few-test
-# units last and leave one worker idle while the other finishes them.
+# The longest work units, longest first (on the 2-core machine the shared run's group and
+# tests/dist take many minutes each, the others about two minutes or less). They start
+# before every other unit: xdist orders units by their number of tests, which would start these
+# few-test units last and leave one worker idle while the other finishes them.
 LONGEST_FIRST = (
     "tests/e2e/paper_run",
     "tests/dist",

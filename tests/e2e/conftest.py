@@ -15,9 +15,9 @@ it runs once) is a SELM run as a paper reproduction runs it, end to end on CPU:
   evaluation: round 1 is kept, round 2 trains with DP=2, the final phases run after it.
 
 ``paper_run.config(workdir, **sections)`` writes the same config for another run (``sections``
-update whole sections) and ``paper_run.selm_run(config, *args, env_extra=...)`` runs ``selm run`` in
-the run's environment: the kill test reruns the same two stages with faults injected and
-compares with this run.
+update whole sections), and ``paper_run.selm_run(config, *args, env_extra=..., timeout_s=...)``
+runs ``selm run`` in the run's environment: the kill test reruns the same two stages with faults
+injected and compares with this run.
 """
 
 from __future__ import annotations
@@ -120,13 +120,18 @@ def paper_run(tmp_path_factory, tiny_llama_dir, write_config):
         "WANDB_CONFIG_DIR": str(root / "wandb_config"),
     }
 
-    def selm_run(config: Path, *extra: str, env_extra: dict[str, str] | None = None):
+    def selm_run(
+        config: Path,
+        *extra: str,
+        env_extra: dict[str, str] | None = None,
+        timeout_s: float = RUN_TIMEOUT_S,
+    ):
         return subprocess.run(
             [sys.executable, "-m", "selm_mcore.cli", "run", str(config), *extra],
             env={**env, **(env_extra or {})},
             capture_output=True,
             text=True,
-            timeout=RUN_TIMEOUT_S,
+            timeout=timeout_s,
         )
 
     workdir = root / "run"

@@ -11,8 +11,6 @@ tokenizer, the metrics files the trainer writes.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -201,11 +199,7 @@ def test_reports_cards_and_closing_table_show_the_benchmarks(run):
         assert f"the policy after round {t}" in card and f"| round {t} | " in card
         assert "hf://acme/uf_tiny:train_prefs" in card and "- acme/uf_tiny" in card
     # the cards were rewritten after the exports were recorded: the outputs still verify
-    again = subprocess.run(
-        [sys.executable, "-m", "selm_mcore.cli", "run", str(run.run_config), *run.stage2_args,
-         "--list-phases"],
-        env=run.env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    again = run.selm_run(run.run_config, *run.stage2_args, "--list-phases", timeout_s=600)
     assert again.returncode == 0 and "todo" not in again.stdout, again.stdout + again.stderr
 
 

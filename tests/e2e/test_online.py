@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import checkpoint_tensors
-from selm_run_data import RESPONSES, uf_row
+from selm_run_data import RESPONSES, train_rows
 
 from selm_mcore.runtime.files import read_records
 
@@ -423,11 +423,7 @@ def test_dpo_warmup_round_then_selm_from_its_policy(paper_run, tmp_path):
     # The paper run's rows with a longer longest answer: DPO on the paper run's own rows teaches
     # the tiny model to answer with EOS alone, leaving round 1 no pair to rank.
     responses = [*RESPONSES[:4], RESPONSES[4] + " So the final answer is 5, which I checked twice."]
-    rows = [
-        uf_row(f"What is {i + 2} plus {3 * i + 1}?", f"p{i}", responses[(2 * i) % 5],
-               responses[(3 * i + 1) % 5])
-        for i in range(8)
-    ]  # fmt: skip
+    rows = train_rows(responses)
     train_path = tmp_path / "train.jsonl"
     train_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     workdir = tmp_path / "run"

@@ -36,10 +36,15 @@ def uf_row(prompt: str, prompt_id: str, chosen: str, rejected: str) -> dict:
     }
 
 
-TRAIN = [
-    uf_row(f"What is {i + 2} plus {3 * i + 1}?", f"p{i}", RESPONSES[(2 * i) % 5],
-           RESPONSES[(3 * i + 1) % 5])
-    for i in range(8)
-]  # fmt: skip
+def train_rows(responses: list[str]) -> list[dict]:
+    """8 arithmetic prompts, each pairing two of the 5 ``responses`` (ids p0..p7)."""
+    return [
+        uf_row(f"What is {i + 2} plus {3 * i + 1}?", f"p{i}", responses[(2 * i) % 5],
+               responses[(3 * i + 1) % 5])
+        for i in range(8)
+    ]  # fmt: skip
+
+
+TRAIN = train_rows(RESPONSES)
 HELD_OUT = [uf_row(f"What is {i} times {i + 1}?", f"e{i}", f"{i * (i + 1)}.", "No.")
             for i in range(3)]  # fmt: skip
