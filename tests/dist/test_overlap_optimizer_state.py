@@ -23,7 +23,9 @@ path works bucket by bucket (``tests/dist/optimizer_worker.py``):
   one attention plan is built per micro-batch, at collation, none in the schedule, and every
   layer's attention reads its micro-batch's plan (twice: forward and recompute).
 
-Tolerance for overlap on/off: 1e-6 relative (fp32 sums in another bucket order).
+Tolerance for overlap on/off: 1e-5 relative. The sums run in another bucket order in fp32; how far
+that moves a step depends on the CPU's kernels (1.05e-6 in the gradient norm on an AVX-512 Xeon); a
+bucket left unreduced moves it by far more.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import pytest
 from launch import results, run_distributed
 
 DIST_DIR = Path(__file__).resolve().parent
-RTOL = 1e-6
+RTOL = 1e-5
 
 
 def _close(a: float, b: float) -> bool:
