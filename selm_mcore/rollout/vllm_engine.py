@@ -30,6 +30,7 @@ Files of prompts in, rows of responses out, and ``selm generate``: ``selm_mcore.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -177,6 +178,10 @@ class VLLMGenerator:
         try:
             from vllm import LLM
 
+            # vLLM collects the whole heap several times while it starts, then freezes it (and
+            # unfreezes it at shutdown). Freezing the import-time objects first spares those
+            # collections most of their work: about 1 s of a CPU engine start.
+            gc.freeze()
             self.llm = LLM(**kwargs)
         except Exception as exc:
             raise GenerationError(
@@ -346,8 +351,6 @@ class VLLMGenerator:
         if llm is None:
             return
         del llm
-        import gc
-
         gc.collect()
         try:
             from vllm.distributed.parallel_state import (
