@@ -196,6 +196,14 @@ def cuda_available() -> bool:
 # --- the supervisor ---------------------------------------------------------------------------
 
 
+def _signal_name(number: int) -> str:
+    """``signal 9 (SIGKILL)``; the number alone for a signal Python does not name."""
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process group ``proc`` leads: the child and whatever it started and left
     (torchrun's ranks, vLLM's workers, Megatron's checkpoint writers)."""
@@ -417,6 +425,6 @@ def run_logged(
         )
     code = child.proc.wait()  # reaped already: its final status
     if code != 0:
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
         tail = child.tail_lines(tail_lines)
         raise CommandFailed(f"`{command}` {how} (full log: {log_path}); last output:\n{tail}")

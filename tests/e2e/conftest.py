@@ -16,8 +16,8 @@ it runs once) is a SELM run as a paper reproduction runs it, end to end on CPU:
 
 ``paper_run.config(workdir, **sections)`` writes the same config for another run (``sections``
 update whole sections), and ``paper_run.selm_run(config, *args, env_extra=..., timeout_s=...)``
-runs ``selm run`` in the run's environment: the kill test reruns the same two stages with faults
-injected and compares with this run.
+runs ``selm run`` in the run's environment: the kill test reruns stage 1 with faults injected
+and compares its round 1 with this run's.
 """
 
 from __future__ import annotations

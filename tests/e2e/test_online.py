@@ -15,9 +15,10 @@ Checks, each against something computed independently of the code under test:
 * round 2 generates with the round-1 policy: the weights a vLLM engine serves from the round-2
   policy folder equal the round-1 trained Megatron checkpoint read with torch's DCP reader and
   mapped by hand; that engine reproduces the recorded round-2 generations;
-* a kill inside each kind of phase (SIGKILL via SELM_FAULT while the phase works or after it
-  published, and the DP=2 trainer killed mid-round) then a rerun: it resumes and ends with
-  exactly the weights and pairs of the uninterrupted run;
+* a kill inside each kind of round-1 phase (SIGKILL via SELM_FAULT while the phase works or
+  after it published, and the trainer killed after its step-1 checkpoint) then a rerun: it
+  resumes and ends with exactly the generations, pairs and weights of the uninterrupted run's
+  round 1;
 * a generation failure and a ranker failure stop the run: exit status 1, the phase and the
   cause named, nothing after it run; with the weights fixed, the next run resumes there (both
   made inside the kill sequence, so they cost no run of their own);
@@ -336,9 +337,20 @@ def _ranker_failure_stops_the_run(paper_run, config: Path, ranker: Path) -> None
     assert not (workdir / "round_1" / "refpass").exists()
 
 
-# Stage 1 (round 1, one process) killed inside each kind of phase: while it works (its partial
-# output is discarded and recomputed; the warm-up test kills a training phase so) or after it
-# published (its output is adopted by hash).
+def _trainer_death_fails_the_phase(paper_run, config: Path) -> None:
+    """The trainer SIGKILLs itself after step 1 (after its step checkpoint): a failed phase, exit
+    status 1, the signal named; its checkpoints are kept for the next run to continue."""
+    workdir = config.with_suffix("")
+    result = paper_run.selm_run(config, env_extra={"SELM_TRAIN_KILL_AFTER_STEP": "1"})
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "round1/train failed" in result.stderr and "SIGKILL" in result.stderr
+    assert "round1/refpass" in json.loads((workdir / "manifest.json").read_text())["phases"]
+    assert (workdir / "round_1" / "train.partial" / "checkpoints").is_dir()
+
+
+# Round 1 (one process) killed inside each kind of phase: while it works (its partial output is
+# discarded and recomputed; the warm-up test kills a training phase so) or after it published
+# (its output is adopted by hash).
 KILLS = [
     "round1/portion",
     "round1/generate:published",
@@ -352,9 +364,9 @@ KILLS = [
 
 @pytest.mark.timeout(3600)
 def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(paper_run, tmp_path):
-    """The paper run's two stages again, killed: one kill per kind of phase in stage 1, each
-    rerun resuming the previous kill; in stage 2 the DP=2 trainer dies mid-round; then compare
-    with the uninterrupted run.
+    """The paper run's first round again, killed: one kill per kind of phase, each rerun
+    resuming the previous kill, and the trainer itself killed after its step-1 checkpoint; then
+    compare with the uninterrupted run's round 1 (generations, pairs, trained weights).
 
     Between the kills, a generation failure (unreadable start model) and a ranker failure
     (unreadable ranker weights) stop the run with the phase and the cause named and nothing
@@ -374,6 +386,7 @@ def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(paper_run
             paper_run, config, model
         ),
         "round1/rank:published": lambda: _ranker_failure_stops_the_run(paper_run, config, ranker),
+        "round1/train:published": lambda: _trainer_death_fails_the_phase(paper_run, config),
     }
     previous = None
     for fault in KILLS:
@@ -384,28 +397,21 @@ def test_kill_or_failure_inside_each_phase_resumes_to_the_same_weights(paper_run
         recorded = json.loads((workdir / "manifest.json").read_text())["phases"]
         assert fault.split(":")[0] not in recorded  # killed inside: not recorded
         assert previous is None or previous in recorded  # the previous kill was resumed
+        if fault == "round1/train:published":  # it continued the trainer's own checkpoint
+            assert "continuing the interrupted" in result.stderr
+            assert "training 2 steps (from step 1)" in result.stdout + result.stderr
         previous = fault.split(":")[0]
-    # Stage 2: the trainer itself dies after step 1 of round 2 at DP=2 (after its step
-    # checkpoint): a failed phase, exit status 1; the rerun continues that round from there.
-    stage2 = paper_run.stage2_args
-    result = paper_run.selm_run(config, *stage2, env_extra={"SELM_TRAIN_KILL_AFTER_STEP": "1"})
-    assert result.returncode == 1, result.stderr[-4000:]
-    assert "round1/report" in json.loads((workdir / "manifest.json").read_text())["phases"]
-    assert "round2/train failed" in result.stderr and "SIGKILL" in result.stderr  # torchrun's
-    assert (workdir / "round_2" / "train.partial" / "checkpoints").is_dir()
-    result = paper_run.selm_run(config, *stage2)
+    result = paper_run.selm_run(config)
     assert result.returncode == 0, result.stderr[-6000:]
-    assert "continuing the interrupted" in result.stderr
-    assert "training 2 steps (from step 1)" in result.stdout + result.stderr
+    assert "final/export" in json.loads((workdir / "manifest.json").read_text())["phases"]
 
-    for t in (1, 2):
-        for name in ("rank/pairs.jsonl", "generate/generations.jsonl"):
-            assert (workdir / f"round_{t}" / name).read_bytes() == (
-                reference_dir / f"round_{t}" / name
-            ).read_bytes(), (t, name)
-    resumed = checkpoint_tensors(workdir / "round_2" / "train" / "final", tmp_path / "a.pt")
+    for name in ("rank/pairs.jsonl", "generate/generations.jsonl"):
+        assert (workdir / "round_1" / name).read_bytes() == (
+            reference_dir / "round_1" / name
+        ).read_bytes(), name
+    resumed = checkpoint_tensors(workdir / "round_1" / "train" / "final", tmp_path / "a.pt")
     uninterrupted = checkpoint_tensors(
-        reference_dir / "round_2" / "train" / "final", tmp_path / "b.pt"
+        reference_dir / "round_1" / "train" / "final", tmp_path / "b.pt"
     )
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:

@@ -120,7 +120,7 @@ def test_run_command_tees_output_and_reports_failures(tmp_path, capfd):
     message = str(info.value)
     assert "exited with status 3" in message and "model.safetensors missing" in message
     assert "bad.log" in message
-    with pytest.raises(PhaseFailed, match="killed by signal 9"):
+    with pytest.raises(PhaseFailed, match=r"killed by signal 9 \(SIGKILL\)"):
         run_command(
             [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
             tmp_path / "logs" / "sig.log",
@@ -162,7 +162,7 @@ def test_run_command_returns_when_a_killed_child_leaves_a_helper_behind(tmp_path
         "print('helper', h.pid, flush=True); os.kill(os.getpid(), 9)"
     )
     log = tmp_path / "lingering.log"
-    with pytest.raises(PhaseFailed, match="killed by signal 9"):
+    with pytest.raises(PhaseFailed, match=r"killed by signal 9 \(SIGKILL\)"):
         run_command([sys.executable, "-c", code], log)
     (helper,) = [
         int(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("helper ")
