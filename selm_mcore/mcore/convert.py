@@ -1,16 +1,17 @@
 """HF <-> Megatron checkpoint conversion: ``selm convert`` and tools/convert_hf/*.py.
 
-    hf_to_mcore(hf_dir, M, tp=2, pp=2)   # spawns tp*pp gloo/NCCL ranks itself
+    hf_to_mcore(hf_dir, M, tp=2, pp=2)   # spawns tp*pp gloo/NCCL ranks itself (tp*pp=1: here)
     mcore_to_hf(M, out_dir)              # HF folder that transformers and vLLM load
 
     selm convert hf-to-mcore --hf-dir H --out-dir M --tp T --pp P [--overwrite]
     selm convert mcore-to-hf --mcore-dir M --out-dir H2 [--overwrite]
 
-Inputs are validated in the calling process first (config, layout, shard files); then, unless
-this process is already one of tp*pp launched ranks, tp*pp local processes
-(``selm _worker convert SPEC``, started by ``selm_mcore.runtime.launch.run_local_ranks``) do the
-work, each reading only its slices. The streaming and memory rules are in
-``selm_mcore.mcore.weights``.
+Inputs are validated in the calling process first (config, layout, shard files); then this
+process does the work when it is already one of tp*pp launched ranks, or when tp*pp = 1 and it
+was not launched as a rank (no ``RANK``: a one-process group of its own, no second interpreter);
+otherwise tp*pp local processes (``selm _worker convert SPEC``, started by
+``selm_mcore.runtime.launch.run_local_ranks``) do the work, each reading only its slices. The
+streaming and memory rules are in ``selm_mcore.mcore.weights``.
 
 Both directions write into a fresh ``.<name>.<random>.tmp`` folder next to the target
 (``checkpoint.shared_temp_dir``: never a planted link; the export with ``checksums.json``) and
@@ -155,6 +156,18 @@ def _in_matching_launch(nprocs: int) -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == nprocs
 
 
+def _run(job: ConvertJob, timeout_s: float) -> None:
+    """Run ``job`` in this process when it is one of the job's launched ranks, or when the job
+    needs one rank and this process is no launched rank (``init_parallel`` then makes a
+    one-process group; ``timeout_s`` applies to launched ranks only); else on tp*pp local
+    ranks."""
+    nprocs = job.tp * job.pp
+    if _in_matching_launch(nprocs) or (nprocs == 1 and "RANK" not in os.environ):
+        job.run()
+    else:
+        _launch(job, timeout_s)
+
+
 def _launch(job: ConvertJob, timeout_s: float) -> None:
     """Run ``job`` on its tp*pp local ranks (``selm _worker convert SPEC``)."""
     with temp_folder("selm-convert-") as tmp:
@@ -199,10 +212,7 @@ def hf_to_mcore(
         needed_bytes=num_params(hf_dir) * bytes_per_param,
     )
     job = ConvertJob("hf-to-mcore", str(hf_dir), str(out_dir), tp, pp, dtype=dtype)
-    if _in_matching_launch(tp * pp):
-        job.run()
-    else:
-        _launch(job, timeout_s)
+    _run(job, timeout_s)
     logger.info("converted %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
 
 
@@ -280,10 +290,7 @@ def mcore_to_hf(
     job = ConvertJob(
         "mcore-to-hf", str(mcore_dir), str(out_dir), tp, pp, max_shard_bytes=max_shard_bytes
     )
-    if _in_matching_launch(tp * pp):
-        job.run()
-    else:
-        _launch(job, timeout_s)
+    _run(job, timeout_s)
     logger.info("exported %s -> %s", mcore_dir, out_dir)
 
 
