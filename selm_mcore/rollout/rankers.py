@@ -38,7 +38,6 @@ import numpy as np
 from selm_mcore.config.schema import RankingConfig
 from selm_mcore.data.templates import render_chat_template
 from selm_mcore.runtime.errors import UserError
-from selm_mcore.runtime.pickles import load_torch_weights
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +345,8 @@ class PairRMRanker(Ranker):
                     "ranker again"
                 ) from exc
         elif (folder / "pytorch_model.bin").is_file():
+            from selm_mcore.runtime.pickles import load_torch_weights  # imports torch
+
             weights = load_torch_weights(folder / "pytorch_model.bin")
         else:
             raise RankerError(

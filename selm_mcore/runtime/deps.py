@@ -30,11 +30,11 @@ class Requirement:
 
 def _vllm_install() -> str:
     """The package that provides ``vllm`` here: the CUDA build or the CPU one (setup.py)."""
-    try:
-        import torch
+    from selm_mcore.runtime.procs import cuda_available
 
-        on_gpu = torch.cuda.is_available()
-    except ImportError:
+    try:
+        on_gpu = cuda_available()
+    except ImportError:  # no torch at all
         on_gpu = False
     return (
         "pip install 'selm-mcore[gpu]' (vllm)"

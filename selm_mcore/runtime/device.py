@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 from selm_mcore.runtime.errors import UserError
 
@@ -127,8 +130,42 @@ def driver_report(version_file: Path = DRIVER_VERSION_FILE) -> str:
     )
 
 
+def _torch_version_module() -> ModuleType | None:
+    """``torch.version``: imported already, or its file run on its own (it imports nothing of
+    torch); None when there is no such file."""
+    if "torch.version" in sys.modules:
+        return sys.modules["torch.version"]
+    spec = importlib.util.find_spec("torch")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / "version.py" if locations else None
+    if path is None or not path.is_file():
+        return None
+    version_spec = importlib.util.spec_from_file_location("_selm_torch_version", path)
+    if version_spec is None or version_spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(version_spec)
+    version_spec.loader.exec_module(module)
+    return module
+
+
+def torch_build_has_gpu() -> bool:
+    """Whether the installed torch is built for CUDA or ROCm, read from ``torch/version.py``
+    without importing torch (seconds of CPU), so a process that needs torch for nothing else
+    (``selm run``) does not import it on a CPU-only build, where ``torch.cuda.is_available()``
+    is always False. True when it cannot tell."""
+    try:
+        version = _torch_version_module()
+    except Exception:  # an unreadable version file: torch itself decides
+        return True
+    if version is None:
+        return True
+    return bool(getattr(version, "cuda", None) or getattr(version, "hip", None))
+
+
 def _torch_cuda_state() -> tuple[bool, str]:
     """(torch.cuda.is_available(), the warning torch gave while deciding, if any)."""
+    if not torch_build_has_gpu():
+        return False, ""
     import torch
 
     with warnings.catch_warnings(record=True) as caught:

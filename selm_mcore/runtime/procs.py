@@ -186,8 +186,13 @@ def bind_to_launcher() -> None:
 
 
 def cuda_available() -> bool:
-    """Whether this process sees a CUDA device (imports torch on the first call): decides where
-    the children of a job run (GPUs or CPU cores) and the checks of their layout."""
+    """Whether this process sees a CUDA device (imports torch on the first call, unless torch is
+    a CPU-only build): decides where the children of a job run (GPUs or CPU cores) and the
+    checks of their layout."""
+    from selm_mcore.runtime.device import torch_build_has_gpu
+
+    if not torch_build_has_gpu():
+        return False
     import torch
 
     return torch.cuda.is_available()

@@ -6,7 +6,9 @@ device folder holding ``nvidia0``; this machine's torch sees no CUDA device."""
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,6 +85,35 @@ def test_init_parallel_and_selm_run_stop_before_starting(monkeypatch):
     cfg.parallel.device = "cuda"
     with pytest.raises(CudaUnavailableError, match="sees no CUDA device"):
         check_run_inputs(cfg)
+
+
+def _build_has_gpu_in_a_child(pythonpath: str | None = None) -> list[str]:
+    """``torch_build_has_gpu()`` in a fresh interpreter, and whether it imported torch."""
+    code = (
+        "import sys; from selm_mcore.runtime.device import torch_build_has_gpu; "
+        "print(torch_build_has_gpu(), 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(REPO)]))}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def test_the_torch_build_is_read_without_importing_torch(tmp_path):
+    """`selm run` decides "no CUDA" on a CPU-only torch from torch/version.py alone; the answer
+    is torch's own (torch.version, imported here), and a CUDA or ROCm build says True."""
+    built_for_gpu = bool(torch.version.cuda or torch.version.hip)
+    assert _build_has_gpu_in_a_child() == [str(built_for_gpu), "False"]
+    for field in ("cuda", "hip"):
+        fake = tmp_path / field / "torch"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("raise ImportError('the fake torch is not imported')\n")
+        (fake / "version.py").write_text(f"cuda = None\nhip = None\n{field} = '12.4'\n")
+        assert _build_has_gpu_in_a_child(str(tmp_path / field)) == ["True", "False"]
+    if not built_for_gpu:
+        assert device.check_device("auto", dev_dir=tmp_path, env={}) == "cpu"
 
 
 def test_parallel_device_is_validated():
