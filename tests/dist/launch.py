@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_mcore.runtime.launch import LaunchError, run_local_ranks
+from selm_mcore.runtime.procs import freeze_heap_at_exit
 
 __all__ = [
     "run_distributed",
@@ -60,6 +61,8 @@ REPO_ROOT = DIST_DIR.parents[1]
 if str(DIST_DIR.parent / "support") not in sys.path:
     sys.path.insert(0, str(DIST_DIR.parent / "support"))
 _MARK = "@@selm-result@@ "
+# Every rank imports this module: its exit is as short as a selm command's.
+freeze_heap_at_exit()
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
